@@ -1,0 +1,1 @@
+"""Where machines come from. `base` holds the boundary; one sub-package per provider."""

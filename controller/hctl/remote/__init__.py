@@ -1,0 +1,1 @@
+"""How commands reach a machine: SSH through RunPod's proxy (PTY), direct SSH, or this machine."""

@@ -1,0 +1,1 @@
+"""Orchestration below the CLI: runs, jobs, estimates, synchronisation."""

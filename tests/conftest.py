@@ -1,0 +1,27 @@
+"""Fixtures every test shares: a hermetic environment with its own home folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def hermetic_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No test reads the developer's own settings, keys or API key, or reaches the hub."""
+    home = tmp_path / "home"
+    home.mkdir()
+    for name in list(__import__("os").environ):
+        if name.startswith(("HCTL_", "HERETIC_", "RUNPOD_")) or name in {"HF_TOKEN"}:
+            monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("USERPROFILE", str(home))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
+    monkeypatch.setenv("HCTL_HOME", str(home / ".hctl"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    return home
