@@ -25,3 +25,7 @@ def hermetic_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Pat
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     return home
+
+
+# The stand-ins' fixtures (RunPod emulator, sshd pod) are shared by the controller and e2e tests.
+pytest_plugins = ["tests.standins.runpod", "tests.standins.sshd"]

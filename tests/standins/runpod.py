@@ -1,0 +1,1 @@
+"""pytest fixtures for the RunPod emulator (placeholder until the emulator is written)."""

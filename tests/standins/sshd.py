@@ -1,0 +1,1 @@
+"""pytest fixtures for the sshd pod (placeholder until it is written)."""
