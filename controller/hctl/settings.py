@@ -55,6 +55,15 @@ class Settings(BaseSettings):
     runpod_api_url: str = Field(
         default="https://api.runpod.io/graphql", description="RunPod's GraphQL endpoint."
     )
+    api_timeout_s: float = Field(
+        default=30, gt=0, description="Timeout of one request to the provider's API."
+    )
+    api_retries: int = Field(
+        default=4, ge=0, le=20, description="Retries of a failed request that is safe to repeat."
+    )
+    api_backoff_s: float = Field(
+        default=1.0, ge=0, description="First wait before a retry; doubles each time."
+    )
     provider: Literal["runpod"] = Field(default="runpod", description="Where pods come from.")
 
     # Pods
@@ -68,6 +77,10 @@ class Settings(BaseSettings):
     )
     ready_timeout_s: float = Field(
         default=600, gt=0, description="How long to wait for a pod to become reachable."
+    )
+
+    ready_poll_interval_s: float = Field(
+        default=5, ge=0, description="Seconds between checks while waiting for a pod."
     )
 
     # SSH

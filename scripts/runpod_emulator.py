@@ -1,0 +1,55 @@
+"""Run the RunPod emulator by hand, to try hctl without a RunPod account or money.
+
+    python scripts/runpod_emulator.py --port 8765 [--ready-after-polls 3]
+
+It prints the URL, a test API key and the two lines that point hctl at it. The server itself lives
+in `tests/standins/runpod_emulator.py` (the tests start it in-process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.standins.runpod_emulator import RunPodEmulator  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="A local stand-in for RunPod's GraphQL API.")
+    parser.add_argument("--host", default="127.0.0.1", help="Address to listen on.")
+    parser.add_argument("--port", type=int, default=8765, help="Port to listen on (0: any free).")
+    parser.add_argument(
+        "--ready-after-polls",
+        type=int,
+        default=2,
+        help="How many reads of a new or resumed pod show it still starting (runtime null).",
+    )
+    parser.add_argument("--pub-key", default="", help="The account's SSH public keys at start.")
+    arguments = parser.parse_args()
+    emulator = RunPodEmulator(
+        host=arguments.host,
+        port=arguments.port,
+        ready_after_polls=arguments.ready_after_polls,
+        pub_key=arguments.pub_key,
+    )
+    with emulator:
+        print(f"RunPod emulator listening on {emulator.url}")
+        print(f"Test API key: {emulator.api_key}")
+        print("Point hctl at it (bash):")
+        print(f"  export HCTL_RUNPOD_API_URL={emulator.url}")
+        print(f"  export RUNPOD_API_KEY={emulator.api_key}")
+        print("Then try: hctl gpus · hctl create-pod --yes · hctl list-pods. Ctrl-C stops it.")
+        sys.stdout.flush()
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("\nstopped")
+
+
+if __name__ == "__main__":
+    main()
