@@ -1,0 +1,202 @@
+"""The search on its own: ranges, the resumable journal, the Pareto front (a small fake engine)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from hctl_worker.search import (
+    Outcome,
+    SearchSpace,
+    TrialResult,
+    choose,
+    finished_trials,
+    open_study,
+    pareto_front,
+    recover_interrupted,
+    run_search,
+    separation_onset,
+)
+
+COMPONENTS = ("attention", "mlp")
+TOTAL = 50
+
+
+def tent_weight(values: dict, component: str, layer: int) -> float:
+    """heretic's kernel at one layer (written out here so the fake does not need the engine)."""
+    peak = max(0.0, float(values[f"{component}.max_weight"]))
+    position = float(values[f"{component}.max_weight_position"])
+    reach = float(values[f"{component}.min_weight_distance"])
+    low = float(values[f"{component}.min_weight"]) * peak
+    distance = abs(layer - position)
+    if distance > reach:
+        return 0.0
+    return peak + distance / reach * (low - peak)
+
+
+def early_refuser(values: dict) -> Outcome:
+    """A fake model with 8 layers whose refusal is written by layer 0's attention only."""
+    weight = tent_weight(values, "attention", 0)
+    refusals = round(TOTAL * min(1.0, max(0.0, 1.0 - weight)))
+    damage = sum(tent_weight(values, component, 7) for component in COMPONENTS)
+    return Outcome(
+        kl=0.001 + 0.01 * damage + 0.02 * max(0.0, weight - 1.0), refusals=refusals, total_bad=TOTAL
+    )
+
+
+def counting(evaluate, calls: list):
+    def wrapped(values: dict) -> Outcome:
+        calls.append(dict(values))
+        return evaluate(values)
+
+    return wrapped
+
+
+def test_onset_is_the_first_layer_reaching_half_the_best_separation() -> None:
+    assert separation_onset([0.0, 0.2, 3.0, 4.0, 2.0]) == 1  # layer 1 (index 2) reaches 3 >= 2
+    assert separation_onset([0.0, 5.0, 1.0]) == 0
+    assert separation_onset([0.0, 0.0, 0.0]) is None
+
+
+def test_measured_space_keeps_heretic_ranges_when_refusal_separates_late() -> None:
+    separation = [0.0] + [0.1] * 12 + [4.0] * 8  # 20 layers, separates from layer 12
+    measured = SearchSpace.measured(separation, COMPONENTS)
+    heretic = SearchSpace.heretic(20, COMPONENTS)
+    assert measured.direction_index == heretic.direction_index
+    assert measured.max_weight_position == heretic.max_weight_position
+    assert measured.min_weight_distance == heretic.min_weight_distance
+
+
+def test_measured_space_reaches_an_early_onset() -> None:
+    separation = [0.0, 3.0, 3.5, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0]  # 8 layers, separates at layer 0
+    space = SearchSpace.measured(separation, COMPONENTS)
+    heretic = SearchSpace.heretic(8, COMPONENTS)
+    assert space.onset == 0
+    assert space.direction_index.low == 0 < heretic.direction_index.low
+    assert space.max_weight_position.low == 0 < heretic.max_weight_position.low
+    # From the last layer the kernel can reach back to layer 0.
+    assert space.min_weight_distance.high >= 7 > heretic.min_weight_distance.high
+
+
+def test_search_finds_an_early_refusal_that_heretic_ranges_miss(tmp_path: Path) -> None:
+    separation = [0.0, 3.0, 3.5, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0]
+    results = {}
+    for name, space in (
+        ("measured", SearchSpace.measured(separation, COMPONENTS)),
+        ("heretic", SearchSpace.heretic(8, COMPONENTS)),
+    ):
+        study = open_study(tmp_path / f"{name}.journal", seed=1, n_startup_trials=10)
+        results[name] = run_search(study, space, early_refuser, n_trials=30)
+    best = {name: min(result.refusals for result in found) for name, found in results.items()}
+    assert best["measured"] <= 0.1 * TOTAL
+    assert best["heretic"] > 0.5 * TOTAL
+
+
+def test_a_restarted_search_continues_without_redoing_trials(tmp_path: Path) -> None:
+    journal = tmp_path / "study.journal"
+    space = SearchSpace.heretic(8, COMPONENTS)
+    first_calls: list = []
+    seen: list[TrialResult] = []
+    run_search(
+        open_study(journal, seed=3, n_startup_trials=2),
+        space,
+        counting(early_refuser, first_calls),
+        n_trials=3,
+        on_trial=seen.append,
+    )
+    before = finished_trials(open_study(journal, seed=3, n_startup_trials=2))
+
+    second_calls: list = []
+    run_search(
+        open_study(journal, seed=3, n_startup_trials=2),
+        space,
+        counting(early_refuser, second_calls),
+        n_trials=5,
+        on_trial=seen.append,
+    )
+    after = finished_trials(open_study(journal, seed=3, n_startup_trials=2))
+
+    assert len(first_calls) == 3 and len(second_calls) == 2
+    assert [result.number for result in seen] == [1, 2, 3, 4, 5]
+    assert [result.number for result in after] == [1, 2, 3, 4, 5]
+    assert after[:3] == before
+    # The continued sampler does not replay the first points.
+    assert all(call not in first_calls for call in second_calls)
+
+
+def test_a_trial_killed_midway_is_redone_once_and_counted_once(tmp_path: Path) -> None:
+    journal = tmp_path / "study.journal"
+    space = SearchSpace.heretic(8, COMPONENTS)
+    run_search(open_study(journal, seed=5, n_startup_trials=2), space, early_refuser, n_trials=2)
+    # A worker dies in the middle of its third trial: sampled, never told.
+    study = open_study(journal, seed=5, n_startup_trials=2)
+    dying = study.ask()
+    interrupted_point = space.sample(dying)
+
+    study = open_study(journal, seed=5, n_startup_trials=2)
+    assert recover_interrupted(study) == 1
+    calls: list = []
+    run_search(study, space, counting(early_refuser, calls), n_trials=4)
+
+    assert calls[0] == interrupted_point
+    results = finished_trials(study)
+    assert [result.number for result in results] == [1, 2, 3, 4]
+    states = [trial.state for trial in study.get_trials(deepcopy=False)]
+    assert states.count(TrialState.FAIL) == 1 and states.count(TrialState.RUNNING) == 0
+
+
+def test_an_interrupted_trial_is_marked_failed_not_counted(tmp_path: Path) -> None:
+    journal = tmp_path / "study.journal"
+    space = SearchSpace.heretic(8, COMPONENTS)
+
+    def interrupted(values: dict) -> Outcome:
+        raise KeyboardInterrupt
+
+    study = open_study(journal, seed=0, n_startup_trials=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(study, space, interrupted, n_trials=3)
+    assert finished_trials(study) == []
+    assert [trial.state for trial in study.trials] == [TrialState.FAIL]
+    # Raising n_trials on a finished study adds trials.
+    run_search(study, space, early_refuser, n_trials=1)
+    run_search(study, space, early_refuser, n_trials=3)
+    assert [result.number for result in finished_trials(study)] == [1, 2, 3]
+
+
+def result(number: int, refusals: int | None, kl: float) -> TrialResult:
+    return TrialResult(number=number, params={}, kl=kl, refusals=refusals, total_bad=10, seconds=1)
+
+
+def test_pareto_front_fewest_refusals_first_and_dominated_trials_dropped() -> None:
+    trials = [
+        result(1, 10, 0.0001),
+        result(2, 3, 0.02),
+        result(3, 3, 0.05),  # dominated by 2
+        result(4, 0, 0.3),
+        result(5, 5, 0.01),
+        result(6, None, 0.0),  # refusals skipped: never on the front
+        result(7, 6, 0.02),  # dominated by 5
+    ]
+    front = pareto_front(trials)
+    assert [trial.number for trial in front] == [4, 2, 5, 1]
+    assert choose(front, 0).number == 4
+    with pytest.raises(IndexError, match="0-3"):
+        choose(front, 4)
+
+
+def test_study_journal_is_an_optuna_journal(tmp_path: Path) -> None:
+    journal = tmp_path / "study.journal"
+    run_search(
+        open_study(journal, seed=0, n_startup_trials=1),
+        SearchSpace.heretic(8, COMPONENTS),
+        early_refuser,
+        n_trials=2,
+    )
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(journal))
+    )
+    loaded = optuna.load_study(study_name="hctl", storage=storage)
+    assert len(loaded.trials) == 2 and loaded.trials[0].user_attrs["number"] == 1

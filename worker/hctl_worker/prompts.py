@@ -1,0 +1,202 @@
+"""Prompt sets: from a local text file (one prompt per line) or a hub dataset (id, split, column).
+
+A local file is read directly. A hub dataset goes through the `datasets` library when it is
+installed; without it, `huggingface_hub` downloads the split's JSON / JSON Lines / CSV / Parquet
+files (Parquet needs `pyarrow`). Every failure is a PromptError with a hint.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from hctl_worker.errors import PromptError
+from hctl_worker.settings import SPLIT_PATTERN, PromptSource, WorkerSettings
+
+
+@dataclass(frozen=True)
+class PromptSets:
+    """The four prompt sets a job needs."""
+
+    good: list[str]  # harmless, for the refusal directions
+    bad: list[str]  # harmful, for the refusal directions
+    good_evaluation: list[str]  # harmless, for KL (and the harmless refusal check)
+    bad_evaluation: list[str]  # harmful, for counting refusals
+
+
+def load_prompt_sets(settings: WorkerSettings) -> PromptSets:
+    return PromptSets(
+        good=load_prompts(settings.good_prompts, "good_prompts"),
+        bad=load_prompts(settings.bad_prompts, "bad_prompts"),
+        good_evaluation=load_prompts(settings.good_evaluation_prompts, "good_evaluation_prompts"),
+        bad_evaluation=load_prompts(settings.bad_evaluation_prompts, "bad_evaluation_prompts"),
+    )
+
+
+def load_prompts(source: PromptSource, setting: str = "prompts") -> list[str]:
+    """The prompts of one source, sliced by its split, with its prefix and suffix."""
+    split_name, start, end = parse_split(source.split)
+    path = Path(source.dataset).expanduser()
+    if path.is_file():
+        prompts = _read_text_file(path, setting)
+    elif not path.exists() and _looks_local(source.dataset):
+        raise PromptError(
+            f"{setting}: prompt file {source.dataset} does not exist",
+            "Give a text file with one prompt per line, or a hub dataset id like "
+            "mlabonne/harmless_alpaca.",
+        )
+    else:  # a hub id, or a folder saved by `datasets`
+        prompts = _read_hub_dataset(source, split_name or "train", setting)
+    prompts = prompts[_slice(start, end, len(prompts))]
+    if not prompts:
+        raise PromptError(
+            f"{setting}: no prompts in {source.dataset}"
+            + (f" (split '{source.split}')" if source.split else ""),
+            "Put one prompt per line in the file (blank lines are skipped), or widen the split.",
+        )
+    return [
+        " ".join(part for part in (source.prefix, prompt, source.suffix) if part)
+        for prompt in prompts
+    ]
+
+
+def parse_split(split: str | None) -> tuple[str, str | None, str | None]:
+    """`'train[:400]'` -> ('train', None, '400'); `'[10:20%]'` -> ('', '10', '20%')."""
+    if split is None:
+        return "", None, None
+    match = SPLIT_PATTERN.fullmatch(split.strip())
+    if match is None:  # settings validate splits; this is for direct callers
+        raise PromptError(f"'{split}' is not a split", "Write e.g. 'train[:400]' or '[:50]'.")
+    return match.group("name") or "", match.group("start"), match.group("end")
+
+
+def _slice(start: str | None, end: str | None, length: int) -> slice:
+    def bound(text: str | None) -> int | None:
+        if text is None:
+            return None
+        if text.endswith("%"):
+            return round(length * int(text[:-1]) / 100)
+        return int(text)
+
+    return slice(bound(start), bound(end))
+
+
+def _looks_local(dataset: str) -> bool:
+    """A path-like name (an extension, a leading ./ or /) that is not a hub id."""
+    return (
+        dataset.startswith(("/", ".", "~"))
+        or bool(re.search(r"\.(txt|jsonl?|csv|parquet)$", dataset))
+        or dataset.count("/") > 1
+    )
+
+
+def _read_text_file(path: Path, setting: str) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise PromptError(
+            f"{setting}: {path} is not UTF-8 text", "Save the prompt file as UTF-8."
+        ) from None
+    except OSError as error:
+        raise PromptError(f"{setting}: cannot read {path}: {error.strerror}") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _read_hub_dataset(source: PromptSource, split: str, setting: str) -> list[str]:
+    try:
+        import datasets  # type: ignore[import-not-found]
+    except ImportError:
+        return _read_hub_files(source, split, setting)
+    try:
+        if Path(source.dataset).is_dir():
+            loaded = datasets.load_from_disk(source.dataset)
+            table = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        else:
+            table = datasets.load_dataset(source.dataset, split=split, revision=source.commit)
+        return [str(value) for value in table[source.column]]
+    except KeyError:
+        raise PromptError(
+            f"{setting}: dataset {source.dataset} has no column or split '{source.column}'/'{split}'",
+            "Set column and split in the prompt table to ones the dataset has.",
+        ) from None
+    except Exception as error:  # datasets raises many kinds; the user needs the message only
+        raise PromptError(
+            f"{setting}: cannot load dataset {source.dataset}: {error}",
+            "Check the dataset id and your network, or use a local text file (one prompt per line).",
+        ) from None
+
+
+def _read_hub_files(source: PromptSource, split: str, setting: str) -> list[str]:
+    """Without `datasets`: fetch the split's data files from the hub and read one column."""
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    try:
+        files = HfApi().list_repo_files(source.dataset, repo_type="dataset", revision=source.commit)
+    except OfflineModeIsEnabled:
+        raise PromptError(
+            f"{setting}: dataset {source.dataset} is on the hub but the hub is offline here",
+            "Unset HF_HUB_OFFLINE, or use a local text file (one prompt per line).",
+        ) from None
+    except (HfHubHTTPError, OSError, ValueError) as error:
+        raise PromptError(
+            f"{setting}: cannot list dataset {source.dataset}: {error}",
+            "Check the dataset id and the network, or use a local text file.",
+        ) from None
+    wanted = [
+        name
+        for name in sorted(files)
+        if name.endswith((".parquet", ".json", ".jsonl", ".csv"))
+        and (
+            re.match(rf"{re.escape(split)}([-_.]|$)", name.rsplit("/", 1)[-1])
+            or split in name.split("/")[:-1]
+        )
+    ]
+    if not wanted:
+        raise PromptError(
+            f"{setting}: dataset {source.dataset} has no data files for split '{split}'",
+            "Set split to one the dataset has, or install `datasets` (pip install datasets).",
+        )
+    rows: list[str] = []
+    for name in wanted:
+        local = Path(
+            hf_hub_download(source.dataset, name, repo_type="dataset", revision=source.commit)
+        )
+        rows += _read_column(local, source.column, setting)
+    return rows
+
+
+def _read_column(path: Path, column: str, setting: str) -> list[str]:
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as parquet  # type: ignore[import-not-found]
+        except ImportError:
+            raise PromptError(
+                f"{setting}: reading {path.name} needs pyarrow",
+                "pip install datasets (or pyarrow), or use a local text file.",
+            ) from None
+        table = parquet.read_table(path)
+        if column not in table.column_names:
+            raise PromptError(
+                f"{setting}: no column '{column}' in {path.name}",
+                f"Set column to one of {table.column_names}.",
+            )
+        return [str(value) for value in table.column(column).to_pylist()]
+    with path.open(encoding="utf-8") as handle:
+        if path.suffix == ".csv":
+            records = list(csv.DictReader(handle))
+        elif path.suffix == ".jsonl":
+            records = [json.loads(line) for line in handle if line.strip()]
+        else:
+            loaded = json.load(handle)
+            records = loaded if isinstance(loaded, list) else loaded.get("data", [])
+    try:
+        return [str(record[column]) for record in records]
+    except (KeyError, TypeError):
+        raise PromptError(
+            f"{setting}: no column '{column}' in {path.name}",
+            "Set column in the prompt table to the dataset's text column.",
+        ) from None
