@@ -98,6 +98,17 @@ class Settings(BaseSettings):
     after: Literal["stop", "terminate", "keep"] = Field(
         default="stop", description="What happens to the pod when a job ends."
     )
+    hf_token: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("hf_token", "HCTL_HF_TOKEN", "HF_TOKEN"),
+        description="Hugging Face token for gated models and uploads (also read from HF_TOKEN).",
+    )
+    kl_limit: float = Field(
+        default=0.5, gt=0, description="Headless trial choice: fewest refusals under this KL."
+    )
+    follow_interval_s: float = Field(
+        default=2.0, gt=0, description="Seconds between reads of a job's events while following."
+    )
 
     @property
     def ssh_key_path(self) -> Path:
