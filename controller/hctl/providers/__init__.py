@@ -1,1 +1,26 @@
-"""Where machines come from. `base` holds the boundary; one sub-package per provider."""
+"""Where machines come from. `base` holds the boundary; one sub-package per provider.
+
+`PROVIDERS` is the registry: the `provider` setting names an entry, `make_provider` builds it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from hctl.errors import ConfigError
+from hctl.providers.base import Provider
+from hctl.providers.runpod import RunPodProvider
+from hctl.settings import Settings
+
+PROVIDERS: dict[str, Callable[[Settings], Provider]] = {"runpod": RunPodProvider}
+
+
+def make_provider(settings: Settings) -> Provider:
+    """The provider the settings name, ready to use (it sends nothing until asked)."""
+    factory = PROVIDERS.get(settings.provider)
+    if factory is None:
+        raise ConfigError(
+            f"Unknown provider {settings.provider!r}.",
+            f"Set `provider` to one of: {', '.join(sorted(PROVIDERS))}.",
+        )
+    return factory(settings)
