@@ -1,0 +1,154 @@
+"""Local job records: what hctl remembers about each job, under `hctl_home()/jobs/<job id>/`.
+
+```
+jobs/<job id>/
+    job.json         the record below (where the job runs, what it costs, how far it got)
+    events.jsonl     a copy of the worker's events, appended as they are read
+    study.journal    a copy of the Optuna journal, refreshed after each trial (resume needs it)
+    settings.toml    the worker settings the job runs with
+    pareto.svg       the Pareto front as a picture, written when the job finishes
+```
+
+With these files a job can be inspected after its pod is gone, and resumed on a new one.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from hctl.errors import ConfigError, JobError
+from hctl.settings import hctl_home
+from hctl_worker.events import EVENTS_FILE, JOURNAL_FILE, SETTINGS_FILE, read_events
+
+RECORD_FILE = "job.json"
+PARETO_PICTURE = "pareto.svg"
+
+TargetKind = Literal["pod", "ssh", "local"]
+JobStatus = Literal[
+    "preparing",  # nothing started yet
+    "running",  # the worker was launched
+    "finished",  # a done event arrived
+    "failed",  # an error event arrived, or the worker died without one
+    "cancelled",  # `hctl cancel`
+    "budget",  # stopped after the trial that reached --max-cost
+]
+
+
+def new_job_id(clock: float | None = None) -> str:
+    """A short, sortable, unique id: `MMDD-HHMM-xxxx` (UTC)."""
+    moment = time.gmtime(clock if clock is not None else time.time())
+    return time.strftime("%m%d-%H%M", moment) + "-" + secrets.token_hex(2)
+
+
+class JobRecord(BaseModel):
+    """Everything needed to find, follow, finish and resume a job."""
+
+    job_id: str
+    model: str  # as the user gave it
+    worker_model: str  # what the worker loads: a repo id or a path on the machine
+    n_trials: int
+    target: TargetKind
+    pod_id: str | None = None
+    pod_created_here: bool = False
+    address: str | None = None  # ssh://user@host:port for `--on ssh://`
+    remote_job_dir: str  # the job directory on the machine
+    gpu_id: str | None = None
+    price_per_hour: float = 0.0
+    max_cost: float | None = None
+    after: Literal["stop", "terminate", "keep"] = "stop"
+    status: JobStatus = "preparing"
+    created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    started_at: float | None = None  # when the machine started billing for this job (epoch s)
+    events_offset: int = 0  # bytes of the remote events file already copied home
+    chosen_trial: int | None = None
+    saved_model_dir: str | None = None  # on the machine
+    downloaded_to: str | None = None
+    uploaded_repo: str | None = None
+    download_dir: str | None = None  # --download, remembered for attach/resume
+    upload_repo: str | None = None  # --upload, remembered for attach/resume
+    trial_choice: int | None = None  # --trial, remembered for attach/resume
+    kl_limit: float | None = None
+    spent_before: float = 0.0  # money spent on earlier machines of this job (before a resume)
+    message: str = ""
+
+
+class JobStore:
+    """The local job records in one folder (hctl's home by default)."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root if root is not None else hctl_home() / "jobs"
+
+    def folder(self, job_id: str) -> Path:
+        return self.root / job_id
+
+    def events_path(self, job_id: str) -> Path:
+        return self.folder(job_id) / EVENTS_FILE
+
+    def journal_path(self, job_id: str) -> Path:
+        return self.folder(job_id) / JOURNAL_FILE
+
+    def settings_path(self, job_id: str) -> Path:
+        return self.folder(job_id) / SETTINGS_FILE
+
+    def picture_path(self, job_id: str) -> Path:
+        return self.folder(job_id) / PARETO_PICTURE
+
+    def save(self, record: JobRecord) -> JobRecord:
+        folder = self.folder(record.job_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        temporary = folder / (RECORD_FILE + ".tmp")
+        temporary.write_text(record.model_dump_json(indent=2), encoding="utf-8")
+        # Replace atomically, so a controller killed mid-write never leaves half a record.
+        temporary.replace(folder / RECORD_FILE)
+        return record
+
+    def load(self, job_id: str) -> JobRecord:
+        path = self.folder(job_id) / RECORD_FILE
+        if not path.is_file():
+            known = [record.job_id for record in self.list()][-5:]
+            hint = (
+                f"Recent jobs: {', '.join(known)} (`hctl jobs` lists them)."
+                if known
+                else "No jobs yet: start one with `hctl run MODEL`."
+            )
+            raise JobError(f"No job {job_id!r} on this computer.", hint)
+        try:
+            return JobRecord.model_validate_json(path.read_text(encoding="utf-8"))
+        except ValueError as error:
+            raise ConfigError(f"The job record {path} is damaged: {error}") from None
+
+    def update(self, job_id: str, **changes: object) -> JobRecord:
+        record = self.load(job_id)
+        return self.save(record.model_copy(update=changes))
+
+    def list(self) -> list[JobRecord]:
+        """Every job record, oldest first; damaged records are skipped."""
+        if not self.root.is_dir():
+            return []
+        records = []
+        for folder in sorted(self.root.iterdir()):
+            path = folder / RECORD_FILE
+            if not path.is_file():
+                continue
+            try:
+                records.append(JobRecord.model_validate_json(path.read_text(encoding="utf-8")))
+            except ValueError:
+                continue
+        return records
+
+    def append_events(self, job_id: str, data: bytes) -> None:
+        """Append complete event lines copied from the machine."""
+        if not data:
+            return
+        with self.events_path(job_id).open("ab") as handle:
+            handle.write(data)
+
+    def events(self, job_id: str) -> list:
+        events, _ = read_events(self.events_path(job_id))
+        return events

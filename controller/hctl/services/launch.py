@@ -1,0 +1,587 @@
+"""From `hctl run MODEL` to a worker running detached on a machine.
+
+`plan_run` checks everything that can be checked before money is spent (the model, its size, the
+GPU, the estimate, memory and disk, a token for gated models) and creates nothing. `start_job`
+then gets the machine (a new pod, a given one, an SSH host or this one), installs the worker,
+uploads the settings (and a local model), and starts the worker detached in its job directory,
+so it keeps going when the laptop sleeps. Any failure, or Ctrl-C, while a pod that hctl created
+is being brought up terminates that pod: nothing is left billing by accident.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+
+from hctl.errors import (
+    CapacityError,
+    ConfigError,
+    HctlError,
+    JobError,
+    PodNotReadyError,
+    RemoteError,
+)
+from hctl.providers.base import GpuType, Pod, PodSpec, Provider
+from hctl.remote.base import Remote
+from hctl.services.estimate import (
+    Estimate,
+    alternatives,
+    estimate_job,
+    find_gpu,
+    format_money,
+)
+from hctl.services.jobs import JobRecord, TargetKind, new_job_id
+from hctl.services.lease import lease_deadline
+from hctl.services.models import ModelInfo, inspect_model
+from hctl.services.toolkit import Toolkit
+from hctl_worker.errors import WorkerError
+from hctl_worker.events import JOURNAL_FILE, LOG_FILE, PID_FILE, SETTINGS_FILE
+from hctl_worker.settings import PROMPT_TABLES, load_settings
+
+SECRETS_FILE = ".secrets.env"
+Notify = Callable[[str], None]
+
+
+@dataclass
+class RunRequest:
+    """What the user asked for on the command line."""
+
+    model: str
+    n_trials: int = 200
+    gpu: str | None = None
+    spot: bool = False
+    pod: str | None = None
+    on: str | None = None  # "local" or "ssh://user@host:port"
+    config_file: Path | None = None
+    worker_overrides: dict[str, Any] | None = None
+    trial: int | None = None
+    download: Path | None = None
+    max_cost: float | None = None
+    after: Literal["stop", "terminate", "keep"] | None = None
+    upload: str | None = None
+    params: str | None = None
+    image: str | None = None
+    job_dir: str | None = None  # --on local: where the job directory goes
+
+
+@dataclass
+class RunPlan:
+    """Everything decided before anything is created."""
+
+    request: RunRequest
+    model: ModelInfo
+    target: TargetKind
+    estimate: Estimate
+    worker_settings: dict[str, Any]
+    gpu: GpuType | None = None
+    pod: Pod | None = None  # an existing pod to reuse
+    catalogue: list[GpuType] | None = None
+    hf_token: str | None = None
+
+    @property
+    def creates_pod(self) -> bool:
+        return self.target == "pod" and self.pod is None
+
+
+def target_kind(request: RunRequest) -> TargetKind:
+    if request.on is None:
+        return "pod"
+    if request.pod is not None:
+        raise ConfigError("--pod and --on cannot be used together.", "Give one of them.")
+    if request.on == "local":
+        return "local"
+    if request.on.startswith("ssh://"):
+        return "ssh"
+    raise ConfigError(
+        f"--on {request.on!r} is not a target.",
+        "Use --on local, --on ssh://USER@HOST:PORT, or --pod POD_ID.",
+    )
+
+
+def hf_token(toolkit: Toolkit) -> str | None:
+    token = toolkit.settings.hf_token
+    return token.get_secret_value() if token is not None else None
+
+
+def build_worker_settings(request: RunRequest, model: ModelInfo) -> dict[str, Any]:
+    """The worker's settings for this job, validated here so a mistake costs nothing."""
+    overrides = dict(request.worker_overrides or {})
+    overrides["model"] = str(model.local_path) if model.local_path else model.reference
+    overrides["n_trials"] = request.n_trials
+    if request.config_file is not None and not request.config_file.is_file():
+        raise ConfigError(
+            f"The worker settings file {request.config_file} does not exist.",
+            "Check the --config path (the worker's config.default.toml shows the format).",
+        )
+    try:
+        settings = load_settings(request.config_file, overrides)
+    except WorkerError as error:
+        raise ConfigError(error.message, error.hint) from None
+    values = settings.to_toml_dict()
+    # The controller decides the trial, the export and the upload after the search.
+    for key in ("trial", "save_directory", "upload_repo"):
+        values.pop(key, None)
+    return values
+
+
+def plan_run(request: RunRequest, toolkit: Toolkit) -> RunPlan:
+    """Check the request and estimate it; raises before anything is created."""
+    if request.n_trials < 1:
+        raise ConfigError(
+            f"--trials must be at least 1, not {request.n_trials}.", "Use --trials 1 or more."
+        )
+    if request.max_cost is not None and request.max_cost <= 0:
+        raise ConfigError("--max-cost must be more than 0.", "Give a budget in USD, e.g. 2.50.")
+    target = target_kind(request)
+    token = hf_token(toolkit)
+    model = inspect_model(request.model, parameters_override=request.params, token=token)
+    worker_settings = build_worker_settings(request, model)
+    response_tokens = int(worker_settings.get("max_response_length", 100))
+    settings = toolkit.settings
+    gpu: GpuType | None = None
+    pod: Pod | None = None
+    catalogue: list[GpuType] | None = None
+    if target == "pod":
+        provider = toolkit.provider()
+        catalogue = provider.gpu_types()
+        if request.pod is not None:
+            pod = toolkit.resolve_pod(provider, request.pod)
+            gpu = next((item for item in catalogue if item.id == pod.gpu_type_id), None)
+        else:
+            gpu = find_gpu(catalogue, request.gpu or settings.gpu)
+    estimate = estimate_job(
+        model,
+        gpu,
+        n_trials=request.n_trials,
+        cloud_type=settings.cloud_type,
+        spot=request.spot,
+        response_tokens=response_tokens,
+        new_pod=target == "pod" and pod is None,
+        on_this_machine=target == "local",
+        volume_gb=settings.volume_gb if target == "pod" and pod is None else None,
+    )
+    if pod is not None and pod.cost_per_hr:
+        estimate = estimate.model_copy(update={"price_per_hour": pod.cost_per_hr})
+    if target == "pod" and pod is None and estimate.price_per_hour is None:
+        raise CapacityError(
+            f"{estimate.gpu_name} is not offered{' as spot' if request.spot else ''} "
+            f"in {settings.cloud_type.lower()} cloud right now.",
+            _alternatives_hint(model, catalogue or [], estimate, request, toolkit),
+        )
+    if not estimate.fits:
+        raise ConfigError(
+            f"Pre-flight check failed: {estimate.fit_problem}. Nothing was created.",
+            _alternatives_hint(model, catalogue or [], estimate, request, toolkit)
+            if catalogue
+            else "Use a machine with more GPU memory or disk.",
+        )
+    if model.gated and not token:
+        raise ConfigError(
+            f"{model.reference} is a gated model and no Hugging Face token is set.",
+            "Accept the model's licence on its hub page, then export HF_TOKEN (or run "
+            "`hctl config set hf_token`).",
+        )
+    return RunPlan(
+        request=request,
+        model=model,
+        target=target,
+        estimate=estimate,
+        worker_settings=worker_settings,
+        gpu=gpu,
+        pod=pod,
+        catalogue=catalogue,
+        hf_token=token,
+    )
+
+
+def _alternatives_hint(
+    model: ModelInfo,
+    catalogue: list[GpuType],
+    estimate: Estimate,
+    request: RunRequest,
+    toolkit: Toolkit,
+) -> str:
+    offers = alternatives(
+        model,
+        catalogue,
+        exclude=estimate.gpu_id,
+        n_trials=request.n_trials,
+        cloud_type=toolkit.settings.cloud_type,
+        spot=request.spot,
+    )
+    if not offers:
+        return "No other GPU type fits this model right now; try later or `hctl gpus`."
+    choices = "; ".join(
+        f"--gpu '{offer.gpu_name}' (about {format_money(offer.total_cost)} in total)"
+        for offer in offers
+    )
+    return f"In stock and big enough: {choices}."
+
+
+# --- The machine ---------------------------------------------------------------------------
+
+
+def remote_base_dir(record_target: TargetKind, remote: Remote, toolkit: Toolkit) -> str:
+    """Where hctl keeps its files on the machine: the pod's volume, or the SSH user's home."""
+    if record_target == "pod":
+        return f"{toolkit.settings.volume_path.rstrip('/')}/hctl"
+    result = remote.run('printf "%s" "$HOME"', timeout=30)
+    home = result.output.strip()
+    if result.exit_code != 0 or not home.startswith("/"):
+        raise JobError(f"Cannot find the home folder on {remote.description}.")
+    return f"{home}/hctl"
+
+
+def create_pod(plan: RunPlan, job_id: str, toolkit: Toolkit, notify: Notify) -> Pod:
+    """A new pod named `hctl-<job id>`, with a lease sized from the estimate."""
+    settings = toolkit.settings
+    assert plan.gpu is not None
+    deadline = lease_deadline(plan.estimate.total_seconds)
+    spec = PodSpec(
+        name=f"hctl-{job_id}",
+        gpu_type_id=plan.gpu.id,
+        image=plan.request.image or settings.image,
+        container_disk_gb=settings.container_disk_gb,
+        volume_gb=settings.volume_gb,
+        volume_mount_path=settings.volume_path,
+        cloud_type=settings.cloud_type,
+        spot=plan.request.spot,
+        bid_per_gpu=plan.gpu.price(settings.cloud_type, True) if plan.request.spot else None,
+        terminate_after=deadline,
+    )
+    try:
+        pod = toolkit.provider().create(spec)
+    except CapacityError as error:
+        raise CapacityError(
+            f"{error.message} Nothing was created.",
+            _alternatives_hint(
+                plan.model, plan.catalogue or [], plan.estimate, plan.request, toolkit
+            ),
+        ) from None
+    notify(
+        f"created pod {pod.id} ({plan.gpu.display_name}, {format_money(pod.cost_per_hr)}/h); "
+        f"lease: RunPod terminates it at {deadline:%Y-%m-%d %H:%M} UTC at the latest "
+        "(sized generously, since a lease cannot be extended)"
+    )
+    return pod
+
+
+def release_after_failure(
+    provider: Provider, pod_id: str, *, created_here: bool, started_here: bool, notify: Notify
+) -> None:
+    """A pod brought up for a job that could not start is not left billing."""
+    try:
+        if created_here:
+            provider.terminate(pod_id)
+            notify(f"terminated pod {pod_id}: it is not billing")
+        elif started_here:
+            provider.stop(pod_id)
+            notify(f"stopped pod {pod_id} again")
+    except HctlError as error:
+        notify(
+            f"could not release pod {pod_id}: {error.message} — run `hctl terminate-pod {pod_id}`"
+        )
+
+
+def bring_up_pod(plan: RunPlan, record: JobRecord, toolkit: Toolkit, notify: Notify) -> JobRecord:
+    """Create or start the pod and wait until it is reachable (bounded)."""
+    provider = toolkit.provider()
+    store = toolkit.store
+    created_here = started_here = False
+    pod_id = plan.pod.id if plan.pod is not None else None
+    try:
+        if plan.pod is None:
+            pod = create_pod(plan, record.job_id, toolkit, notify)
+            pod_id, created_here = pod.id, True
+            record = store.save(
+                record.model_copy(
+                    update={
+                        "pod_id": pod.id,
+                        "pod_created_here": True,
+                        "price_per_hour": pod.cost_per_hr or plan.estimate.price_per_hour or 0.0,
+                        "started_at": toolkit.clock(),
+                    }
+                )
+            )
+        else:
+            pod = plan.pod
+            if pod.status != "RUNNING":
+                pod = provider.start(pod.id)
+                started_here = True
+                notify(f"started pod {pod.id}")
+            record = store.save(
+                record.model_copy(
+                    update={
+                        "pod_id": pod.id,
+                        "price_per_hour": pod.cost_per_hr or plan.estimate.price_per_hour or 0.0,
+                        "started_at": toolkit.clock(),
+                    }
+                )
+            )
+        notify(f"waiting for pod {pod_id} to become reachable")
+        toolkit.wait_until_ready(provider, pod_id)
+        return record
+    except PodNotReadyError as error:
+        release_after_failure(
+            provider, pod_id, created_here=created_here, started_here=started_here, notify=notify
+        )
+        what = "terminated" if created_here else ("stopped" if started_here else "left as it was")
+        raise PodNotReadyError(
+            f"{error.message} The pod was {what}; nothing more is billed for it.",
+            "Try again, or another GPU type or cloud (`hctl gpus`).",
+        ) from None
+    except BaseException:
+        if pod_id is not None:
+            release_after_failure(
+                provider,
+                pod_id,
+                created_here=created_here,
+                started_here=started_here,
+                notify=notify,
+            )
+        raise
+
+
+# --- Files on the machine ------------------------------------------------------------------
+
+
+def upload_folder(remote: Remote, local: Path, remote_dir: str) -> None:
+    """Upload a folder's files (recursively); a finished upload is marked and not repeated."""
+    marker = f"{remote_dir}/.hctl-complete"
+    if remote.run(f"test -f {shlex.quote(marker)}", timeout=30).exit_code == 0:
+        return
+    files = sorted(path for path in local.rglob("*") if path.is_file())
+    folders = sorted({str(Path(remote_dir, path.relative_to(local).parent)) for path in files})
+    remote.run("mkdir -p " + " ".join(shlex.quote(folder) for folder in folders), timeout=60)
+    for path in files:
+        remote.put(path, f"{remote_dir}/{path.relative_to(local).as_posix()}")
+    remote.run(f"touch {shlex.quote(marker)}", timeout=30)
+
+
+def content_tag(path: Path) -> str:
+    """A short tag of a file or folder's names and sizes, to name its copy on the machine."""
+    digest = hashlib.sha256()
+    items = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for item in items:
+        digest.update(f"{item.relative_to(path.parent)}:{item.stat().st_size}".encode())
+    return digest.hexdigest()[:10]
+
+
+def place_inputs(
+    settings: dict[str, Any], remote: Remote, base_dir: str, *, local_machine: bool
+) -> dict[str, Any]:
+    """Make the model and prompt files the settings name available on the machine.
+
+    On this machine local paths only become absolute; elsewhere they are uploaded (once) under
+    `<base>/models/` and `<base>/data/` and the settings point at the copies.
+    """
+    placed = dict(settings)
+    model = Path(str(placed["model"])).expanduser()
+    if model.is_dir():
+        if local_machine:
+            placed["model"] = str(model.resolve())
+        else:
+            target = f"{base_dir}/models/{model.resolve().name}-{content_tag(model)}"
+            upload_folder(remote, model, target)
+            placed["model"] = target
+    for key in PROMPT_TABLES:
+        table = placed.get(key)
+        if not isinstance(table, dict) or "dataset" not in table:
+            continue
+        source = Path(str(table["dataset"])).expanduser()
+        if not source.exists():
+            continue  # a hub dataset id
+        table = dict(table)
+        if local_machine:
+            table["dataset"] = str(source.resolve())
+        elif source.is_dir():
+            target = f"{base_dir}/data/{source.resolve().name}-{content_tag(source)}"
+            upload_folder(remote, source, target)
+            table["dataset"] = target
+        else:
+            target_dir = f"{base_dir}/data/{content_tag(source)}"
+            remote.run(f"mkdir -p {shlex.quote(target_dir)}", timeout=30)
+            target = f"{target_dir}/{source.name}"
+            remote.put(source, target)
+            table["dataset"] = target
+        placed[key] = table
+    return placed
+
+
+def put_text(remote: Remote, text: str, remote_path: str) -> None:
+    """Upload text through a private temporary file."""
+    descriptor, name = tempfile.mkstemp(prefix="hctl-")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        remote.put(Path(name), remote_path)
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
+def secrets_env(values: dict[str, str | None]) -> str:
+    return "".join(
+        f"export {name}={shlex.quote(value)}\n" for name, value in values.items() if value
+    )
+
+
+def with_secrets(job_dir: str, command: str) -> str:
+    """Run `command` with the secrets file's variables, deleting the file before it starts.
+
+    The secrets never appear in argv: they are read by the shell from a 0600 file inside the
+    job directory (itself 0700), which is gone before the command runs.
+    """
+    secrets = shlex.quote(f"{job_dir}/{SECRETS_FILE}")
+    return f"if [ -f {secrets} ]; then . {secrets}; rm -f {secrets}; fi; {command}"
+
+
+def upload_secrets(remote: Remote, job_dir: str, values: dict[str, str | None]) -> None:
+    text = secrets_env(values)
+    if not text:
+        return
+    path = f"{job_dir}/{SECRETS_FILE}"
+    put_text(remote, text, path)
+    remote.run(f"chmod 600 {shlex.quote(path)}", timeout=30)
+
+
+def launch_command(worker: str, job_dir: str, *, env: dict[str, str] | None = None) -> str:
+    """Start the worker detached (own session, no terminal), recording its pid."""
+    quoted = shlex.quote(job_dir)
+    exports = "".join(
+        f"export {name}={shlex.quote(value)}; " for name, value in (env or {}).items()
+    )
+    run = (
+        f"{worker} run --config {quoted}/{SETTINGS_FILE} --job-dir {quoted} --events "
+        f">>{quoted}/{LOG_FILE} 2>&1 </dev/null"
+    )
+    return (
+        f"cd {quoted} && {exports}"
+        + with_secrets(job_dir, f"(setsid nohup {run} & echo $! >{quoted}/{PID_FILE})")
+        + " && sleep 0.2 && cat "
+        + f"{quoted}/{PID_FILE}"
+    )
+
+
+def worker_env(record: JobRecord, base_dir: str) -> dict[str, str]:
+    """Environment for the worker: on a pod, the Hugging Face cache lives on the volume."""
+    if record.target == "pod":
+        return {"HF_HOME": f"{base_dir}/hf"}
+    return {}
+
+
+def start_worker(
+    record: JobRecord,
+    plan_settings: dict[str, Any],
+    remote: Remote,
+    toolkit: Toolkit,
+    notify: Notify,
+    *,
+    token: str | None,
+    resume_files: dict[str, Path] | None = None,
+) -> JobRecord:
+    """Install the worker, put the job directory in place, and start the worker detached."""
+    worker = toolkit.ensure_worker(remote)
+    job_dir = record.remote_job_dir
+    remote.run(f"umask 077 && mkdir -p {shlex.quote(job_dir)}", timeout=60)
+    base_dir = job_dir.rsplit("/jobs/", 1)[0]
+    settings = place_inputs(plan_settings, remote, base_dir, local_machine=record.target == "local")
+    text = tomli_w.dumps(settings)
+    toolkit.store.settings_path(record.job_id).write_text(text, encoding="utf-8")
+    put_text(remote, text, f"{job_dir}/{SETTINGS_FILE}")
+    for name, path in (resume_files or {}).items():
+        if path.is_file():
+            remote.put(path, f"{job_dir}/{name}")
+    upload_secrets(remote, job_dir, {"HF_TOKEN": token})
+    result = remote.run(
+        launch_command(worker, job_dir, env=worker_env(record, base_dir)), timeout=60
+    )
+    if result.exit_code != 0:
+        raise JobError(
+            f"Could not start the worker on {remote.description}: {result.output.strip()[-300:]}",
+            f"See `hctl logs {record.job_id}`.",
+        )
+    notify(f"worker started on {remote.description} in {job_dir}")
+    return toolkit.store.save(record.model_copy(update={"status": "running"}))
+
+
+def new_record(plan: RunPlan, toolkit: Toolkit) -> JobRecord:
+    request = plan.request
+    job_id = new_job_id(toolkit.clock())
+    settings = toolkit.settings
+    return JobRecord(
+        job_id=job_id,
+        model=request.model,
+        worker_model=str(plan.worker_settings.get("model")),
+        n_trials=request.n_trials,
+        target=plan.target,
+        pod_id=plan.pod.id if plan.pod is not None else None,
+        address=request.on if plan.target == "ssh" else None,
+        remote_job_dir="",
+        gpu_id=plan.gpu.id if plan.gpu is not None else None,
+        price_per_hour=plan.estimate.price_per_hour or 0.0,
+        max_cost=request.max_cost if request.max_cost is not None else settings.max_cost,
+        after=request.after or settings.after,
+        download_dir=str(request.download.resolve()) if request.download else None,
+        upload_repo=request.upload,
+        trial_choice=request.trial,
+        kl_limit=settings.kl_limit,
+        started_at=toolkit.clock() if plan.target != "pod" else None,
+    )
+
+
+def local_job_dir(record: JobRecord, request: RunRequest, toolkit: Toolkit) -> str:
+    if request.job_dir:
+        return str(Path(request.job_dir).expanduser().resolve())
+    return str((toolkit.store.folder(record.job_id) / "worker").resolve())
+
+
+def start_job(plan: RunPlan, toolkit: Toolkit, notify: Notify) -> JobRecord:
+    """Get the machine, start the worker; returns the saved record of a running job."""
+    store = toolkit.store
+    record = store.save(new_record(plan, toolkit))
+    notify(f"job {record.job_id}")
+    if plan.target == "pod":
+        record = bring_up_pod(plan, record, toolkit, notify)
+    try:
+        remote = toolkit.connect(record)
+        try:
+            if plan.target == "local":
+                job_dir = local_job_dir(record, plan.request, toolkit)
+            else:
+                job_dir = f"{remote_base_dir(plan.target, remote, toolkit)}/jobs/{record.job_id}"
+            record = store.save(record.model_copy(update={"remote_job_dir": job_dir}))
+            return start_worker(
+                record, plan.worker_settings, remote, toolkit, notify, token=plan.hf_token
+            )
+        finally:
+            remote.close()
+    except BaseException as error:
+        store.save(
+            record.model_copy(
+                update={"status": "failed", "message": getattr(error, "message", repr(error))}
+            )
+        )
+        if record.pod_id is not None and plan.target == "pod":
+            release_after_failure(
+                toolkit.provider(),
+                record.pod_id,
+                created_here=plan.creates_pod,
+                started_here=plan.pod is not None and plan.pod.status != "RUNNING",
+                notify=notify,
+            )
+        if isinstance(error, RemoteError | JobError):
+            raise JobError(
+                f"Setting up the job failed: {error.message}", getattr(error, "hint", None)
+            ) from None
+        raise
+
+
+__all__ = ["JOURNAL_FILE", "RunPlan", "RunRequest", "plan_run", "start_job"]

@@ -1,0 +1,156 @@
+"""A job's progress as the controller understands it, rebuilt from the worker's events alone.
+
+The same state serves the live view, `hctl jobs`, `hctl results`, the ETA, and the budget: feed
+it the events in order (each one once) and read it.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+from hctl_worker.events import (
+    BaselineEvent,
+    DoneEvent,
+    ErrorEvent,
+    ParetoEvent,
+    ParetoTrial,
+    StageEvent,
+    StartEvent,
+    TrialEvent,
+)
+
+DEFAULT_KL_LIMIT = 0.5  # heretic's hint: above this KL a model is usually damaged
+
+
+@dataclass
+class JobProgress:
+    """What the events so far say about a job."""
+
+    n_trials: int = 0
+    model: str = ""
+    stage: str = "starting"
+    stage_message: str = ""
+    stage_current: int | None = None
+    stage_total: int | None = None
+    baseline: BaselineEvent | None = None
+    trials: dict[int, TrialEvent] = field(default_factory=dict)
+    pareto: list[ParetoTrial] = field(default_factory=list)
+    done: DoneEvent | None = None
+    error: ErrorEvent | None = None
+    starts: int = 0
+    resumed_trials: int = 0
+    last_seq: int = -1
+    events_seen: int = 0
+
+    def apply(self, event: object) -> None:
+        """Take one event into account; unknown event types are counted and otherwise ignored."""
+        self.events_seen += 1
+        self.last_seq = max(self.last_seq, getattr(event, "seq", -1))
+        if isinstance(event, StartEvent):
+            self.starts += 1
+            self.n_trials = event.n_trials
+            self.model = event.model
+            self.resumed_trials = event.resumed_trials
+            self.error = None
+            self.done = None
+        elif isinstance(event, StageEvent):
+            self.stage = event.stage
+            self.stage_message = event.message
+            self.stage_current = event.current
+            self.stage_total = event.total
+        elif isinstance(event, BaselineEvent):
+            self.baseline = event
+        elif isinstance(event, TrialEvent):
+            self.trials[event.number] = event
+            self.n_trials = max(self.n_trials, event.n_trials)
+            self.stage = "search"
+        elif isinstance(event, ParetoEvent):
+            self.pareto = list(event.trials)
+        elif isinstance(event, DoneEvent):
+            self.done = event
+            self.stage = "done"
+        elif isinstance(event, ErrorEvent):
+            self.error = event
+            self.stage = "failed"
+
+    @property
+    def finished(self) -> bool:
+        return self.done is not None or self.error is not None
+
+    @property
+    def trials_done(self) -> int:
+        return len(self.trials)
+
+    @property
+    def latest(self) -> TrialEvent | None:
+        if not self.trials:
+            return None
+        return self.trials[max(self.trials)]
+
+    def best(self, kl_limit: float = DEFAULT_KL_LIMIT) -> TrialEvent | None:
+        """Fewest refusals with KL under the limit, then the lowest KL."""
+        scored = [
+            trial
+            for trial in self.trials.values()
+            if trial.refusals is not None and trial.kl <= kl_limit
+        ]
+        if not scored:
+            return None
+        return min(scored, key=lambda trial: (trial.refusals, trial.kl, trial.number))
+
+    def front(self) -> list[ParetoTrial]:
+        """The Pareto front: the worker's latest, else computed from the trials seen."""
+        if self.pareto:
+            return self.pareto
+        return pareto_front(list(self.trials.values()))
+
+    def seconds_per_trial(self) -> float | None:
+        durations = [trial.seconds for trial in self.trials.values() if trial.seconds > 0]
+        return statistics.median(durations) if durations else None
+
+    def remaining_seconds(self, *, fallback_per_trial: float, export_seconds: float = 0) -> float:
+        """Seconds left: the remaining trials at the median pace so far, plus the export."""
+        if self.finished:
+            return 0.0
+        per_trial = self.seconds_per_trial() or fallback_per_trial
+        remaining = max(0, self.n_trials - self.trials_done)
+        return remaining * per_trial + export_seconds
+
+
+def pareto_front(trials: list[TrialEvent]) -> list[ParetoTrial]:
+    """The trials no other trial beats on both refusals and KL: fewest refusals first."""
+    scored = sorted(
+        (trial for trial in trials if trial.refusals is not None),
+        key=lambda trial: (trial.refusals, trial.kl, trial.number),
+    )
+    front: list[ParetoTrial] = []
+    lowest_kl = float("inf")
+    for trial in scored:
+        if trial.kl < lowest_kl:
+            front.append(
+                ParetoTrial(
+                    number=trial.number,
+                    kl=trial.kl,
+                    refusals=trial.refusals or 0,
+                    total_bad=trial.total_bad,
+                    params=trial.params,
+                )
+            )
+            lowest_kl = trial.kl
+    return front
+
+
+def choose_trial(
+    front: list[ParetoTrial], kl_limit: float = DEFAULT_KL_LIMIT
+) -> ParetoTrial | None:
+    """Headless choice: the fewest refusals among the front's trials under the KL limit.
+
+    When no trial is under the limit, the lowest-KL trial is the least damaging choice.
+    """
+    if not front:
+        return None
+    under = [trial for trial in front if trial.kl <= kl_limit]
+    if under:
+        return min(under, key=lambda trial: (trial.refusals, trial.kl))
+    return min(front, key=lambda trial: trial.kl)

@@ -1,0 +1,85 @@
+"""The pieces a run is assembled from, gathered in one place so tests can swap any of them.
+
+The defaults reach the real provider (RunPod), the real remotes (SSH, local) and the real
+worker setup. Orchestration code only ever calls through a `Toolkit`, which keeps it testable
+with small fakes and free of module-level state.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hctl.providers.base import Pod, Provider
+from hctl.remote.base import Remote
+from hctl.services.jobs import JobRecord, JobStore
+from hctl.settings import Settings
+
+# Connect to the machine of a job: a pod id, an ssh:// address, or this machine.
+Connector = Callable[[JobRecord], Remote]
+# Make sure the worker of the controller's exact version is installed; returns the command that
+# runs it on that machine (e.g. `hctl-worker` or `/workspace/hctl/venv/bin/hctl-worker`).
+WorkerInstaller = Callable[[Remote], str]
+PodWaiter = Callable[[Provider, str], Pod]
+PodResolver = Callable[[Provider, str], Pod]
+
+
+@dataclass
+class Toolkit:
+    settings: Settings
+    provider_factory: Callable[[], Provider]
+    connect: Connector
+    ensure_worker: WorkerInstaller
+    wait_until_ready: PodWaiter
+    resolve_pod: PodResolver
+    store: JobStore = field(default_factory=JobStore)
+    clock: Callable[[], float] = time.time
+    sleep: Callable[[float], None] = time.sleep
+    _provider: Provider | None = None
+
+    def provider(self) -> Provider:
+        """The provider, made on first use (so `--on local` never needs an API key)."""
+        if self._provider is None:
+            self._provider = self.provider_factory()
+        return self._provider
+
+
+def default_toolkit(settings: Settings, **replacements: Any) -> Toolkit:
+    """The real pieces: RunPod, SSH or local remotes, the worker installer."""
+    from hctl import pods, setup, targets
+    from hctl.providers import make_provider
+
+    def provider_factory() -> Provider:
+        return make_provider(settings)
+
+    toolkit = Toolkit(
+        settings=settings,
+        provider_factory=provider_factory,
+        connect=lambda record: _connect(targets, toolkit, record),
+        ensure_worker=lambda remote: setup.ensure_worker(remote, settings),
+        wait_until_ready=lambda provider, pod_id: pods.wait_until_ready(
+            provider,
+            pod_id,
+            timeout_s=settings.ready_timeout_s,
+            sleep=toolkit.sleep,
+            clock=time.monotonic,
+            on_poll=None,
+        ),
+        resolve_pod=pods.resolve_pod,
+    )
+    for name, value in replacements.items():
+        setattr(toolkit, name, value)
+    return toolkit
+
+
+def _connect(targets: Any, toolkit: Toolkit, record: JobRecord) -> Remote:
+    """A Remote for the job's machine, through `hctl.targets`."""
+    if record.target == "local":
+        return targets.resolve_target("local", toolkit.settings)
+    if record.target == "ssh":
+        return targets.resolve_target(record.address, toolkit.settings)
+    return targets.resolve_target(
+        record.pod_id, toolkit.settings, provider=toolkit.provider(), pod_id=True
+    )

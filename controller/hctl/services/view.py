@@ -1,0 +1,236 @@
+"""How a job looks on the terminal: the estimate table, the live view, the Pareto table.
+
+The live view prints one permanent line per meaningful event (so a log or a pipe gets the
+whole story) and, on a terminal, keeps a panel at the bottom with the stage, trial k/N, the best
+trial, the Pareto front so far, the ETA and the money spent and projected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.panel import Panel
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from hctl.services.estimate import Estimate, format_duration, format_money
+from hctl.services.progress import JobProgress
+from hctl_worker.events import (
+    BaselineEvent,
+    DoneEvent,
+    ErrorEvent,
+    LogEvent,
+    ParetoTrial,
+    StageEvent,
+    StartEvent,
+    TrialEvent,
+)
+
+FRONT_ROWS_SHOWN = 6
+
+
+@dataclass
+class Money:
+    """The money line of the live view."""
+
+    price_per_hour: float
+    spent: float
+    projected: float
+    max_cost: float | None = None
+    eta_seconds: float | None = None
+
+
+def estimate_table(estimates: list[Estimate], *, title: str) -> Table:
+    """One row per GPU: its hourly price AND the total for this job."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("GPU")
+    table.add_column("memory", justify="right")
+    table.add_column("$/hour", justify="right")
+    table.add_column("s/trial", justify="right")
+    table.add_column("duration", justify="right")
+    table.add_column("total", justify="right", style="bold")
+    table.add_column("note")
+    for estimate in estimates:
+        table.add_row(
+            estimate.gpu_name + (" (spot)" if estimate.spot else ""),
+            f"{estimate.memory_gb} GB" if estimate.memory_gb else "—",
+            format_money(estimate.price_per_hour),
+            f"{estimate.seconds_per_trial:.1f}",
+            format_duration(estimate.total_seconds),
+            format_money(estimate.total_cost),
+            "" if estimate.fits else f"[red]does not fit: {estimate.fit_problem}[/]",
+        )
+    return table
+
+
+def phases_line(estimate: Estimate) -> str:
+    return ", ".join(
+        f"{phase.name} {format_duration(phase.seconds)}"
+        for phase in estimate.phases
+        if phase.seconds >= 0.5
+    )
+
+
+def pareto_table(
+    front: list[ParetoTrial], *, chosen: int | None = None, title: str = "Pareto front"
+) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("trial", justify="right")
+    table.add_column("refusals", justify="right")
+    table.add_column("KL divergence", justify="right")
+    table.add_column("parameters")
+    table.add_column("")
+    for trial in front:
+        params = ", ".join(
+            f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}"
+            for name, value in list(trial.params.items())[:4]
+        )
+        table.add_row(
+            str(trial.number),
+            f"{trial.refusals}/{trial.total_bad}",
+            f"{trial.kl:.4f}",
+            params,
+            "[bold green]← chosen[/]" if trial.number == chosen else "",
+        )
+    return table
+
+
+def event_line(event: object, progress: JobProgress, money: Money | None = None) -> str | None:
+    """The permanent line an event earns in the view, or None for events shown only live."""
+    if isinstance(event, StartEvent):
+        resumed = f", {event.resumed_trials} already done" if event.resumed_trials else ""
+        device = f" on {event.device}" if event.device else ""
+        return f"worker {event.worker_version} started{device}: {event.model}, {event.n_trials} trials{resumed}"
+    if isinstance(event, StageEvent):
+        if event.state == "start":
+            return f"stage {event.stage}" + (f": {event.message}" if event.message else "")
+        if event.state == "end":
+            took = f" in {event.seconds:.1f}s" if event.seconds is not None else ""
+            return f"stage {event.stage} done{took}"
+        return None
+    if isinstance(event, BaselineEvent):
+        good = (
+            f", {event.refusals_good}/{event.total_good} on harmless ones"
+            if event.refusals_good is not None
+            else ""
+        )
+        return f"baseline: {event.refusals}/{event.total_bad} refusals on harmful prompts{good}"
+    if isinstance(event, TrialEvent):
+        refusals = (
+            "refusals skipped (KL too high)"
+            if event.refusals is None
+            else f"refusals {event.refusals}/{event.total_bad}"
+        )
+        best = progress.best()
+        best_text = (
+            f" | best #{best.number} ({best.refusals}/{best.total_bad}, KL {best.kl:.4f})"
+            if best
+            else ""
+        )
+        money_text = ""
+        if money is not None:
+            money_text = f" | ETA {format_duration(money.eta_seconds or 0)} | spent {format_money(money.spent)}"
+        return (
+            f"trial {event.number}/{event.n_trials}: {refusals}, KL {event.kl:.4f}, "
+            f"{event.seconds:.1f}s{best_text}{money_text}"
+        )
+    if isinstance(event, LogEvent):
+        if event.level in {"warning", "error"}:
+            return f"{event.level}: {event.message}"
+        return None
+    if isinstance(event, DoneEvent):
+        took = f" in {format_duration(event.seconds)}" if event.seconds else ""
+        return f"done{took}: results in {event.results_dir}"
+    if isinstance(event, ErrorEvent):
+        hint = f" (hint: {event.hint})" if event.hint else ""
+        return f"worker error: {event.message}{hint}"
+    return None
+
+
+def live_panel(progress: JobProgress, money: Money | None, *, job_id: str, machine: str) -> Panel:
+    """The bottom panel of the live view."""
+    rows: list[RenderableType] = []
+    stage = progress.stage + (f" — {progress.stage_message}" if progress.stage_message else "")
+    rows.append(Text(f"job {job_id} on {machine} · stage: {stage}"))
+    total = max(progress.n_trials, 1)
+    bar = Table.grid(padding=(0, 1))
+    bar.add_row(
+        Text(f"trial {progress.trials_done}/{progress.n_trials}"),
+        ProgressBar(total=total, completed=progress.trials_done, width=40),
+    )
+    rows.append(bar)
+    latest, best = progress.latest, progress.best()
+    if latest is not None:
+        rows.append(
+            Text(
+                f"latest #{latest.number}: {latest.refusals if latest.refusals is not None else '—'}"
+                f"/{latest.total_bad} refusals, KL {latest.kl:.4f}"
+            )
+        )
+    if best is not None:
+        rows.append(
+            Text(
+                f"best   #{best.number}: {best.refusals}/{best.total_bad} refusals, KL {best.kl:.4f}"
+            )
+        )
+    front = progress.front()
+    if front:
+        rows.append(
+            Text(
+                "front: "
+                + "  ".join(
+                    f"#{trial.number} ({trial.refusals}, {trial.kl:.3f})"
+                    for trial in front[:FRONT_ROWS_SHOWN]
+                )
+            )
+        )
+    if money is not None:
+        cap = f" of {format_money(money.max_cost)} cap" if money.max_cost is not None else ""
+        rows.append(
+            Text(
+                f"ETA {format_duration(money.eta_seconds or 0)} · spent {format_money(money.spent)}"
+                f"{cap} · projected {format_money(money.projected)} at "
+                f"{format_money(money.price_per_hour)}/h"
+            )
+        )
+    rows.append(Text("Ctrl-C detaches; the job keeps running.", style="dim"))
+    return Panel(Group(*rows), title="hctl", title_align="left")
+
+
+class LiveView:
+    """Lines for every event; a live panel too when the console is a terminal."""
+
+    def __init__(self, console: Console, *, job_id: str, machine: str) -> None:
+        self.console = console
+        self.job_id = job_id
+        self.machine = machine
+        self._live: Live | None = None
+        self.lines: list[str] = []
+
+    def __enter__(self) -> LiveView:
+        if self.console.is_terminal:
+            self._live = Live(console=self.console, refresh_per_second=4, transient=True)
+            self._live.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+    def note(self, message: str) -> None:
+        self.lines.append(message)
+        self.console.print(message, soft_wrap=True, markup=False)
+
+    def event(self, event: object, progress: JobProgress, money: Money | None) -> None:
+        """Print the line of one event, already applied to `progress`."""
+        line = event_line(event, progress, money)
+        if line is not None:
+            self.note(line)
+
+    def refresh(self, progress: JobProgress, money: Money | None) -> None:
+        if self._live is not None:
+            self._live.update(live_panel(progress, money, job_id=self.job_id, machine=self.machine))
