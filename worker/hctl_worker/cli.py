@@ -1,10 +1,234 @@
-"""The `hctl-worker` command line (placeholder until the worker is written)."""
+"""The `hctl-worker` command line: run (or continue) a job, list its Pareto front, export, chat.
+
+```
+hctl-worker run --config FILE --job-dir DIR [--events] [--n-trials N] [--model M] [--set KEY=VALUE]
+hctl-worker pareto --job-dir DIR [--json]
+hctl-worker export --job-dir DIR --trial K [--save-directory DIR] [--upload-repo USER/NAME]
+hctl-worker chat MODEL_DIR
+hctl-worker version
+```
+
+Commands are thin: parse, call one function of `job` / `export`, render. Every expected failure
+is a WorkerError, printed as `error: ...` and `hint: ...` on stderr with its exit code (and, for
+commands on a job directory, also written as an `error` event); never a traceback.
+"""
 
 from __future__ import annotations
 
+import json
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
 
-app = typer.Typer(name="hctl-worker", no_args_is_help=True)
+from hctl_worker.errors import WorkerError
+
+app = typer.Typer(
+    name="hctl-worker",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Abliterate a language model with a resumable multi-objective Optuna search.",
+)
+
+INTERRUPTED_EXIT_CODE = 130
+
+
+def render_error(error: WorkerError) -> None:
+    sys.stderr.write(f"error: {error.message}\n")
+    if error.hint:
+        sys.stderr.write(f"hint: {error.hint}\n")
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Expected failures become two lines on stderr and the error's exit code."""
+    try:
+        yield
+    except WorkerError as error:
+        render_error(error)
+        raise typer.Exit(error.exit_code) from None
+    except KeyboardInterrupt:
+        sys.stderr.write("stopped; run the same command again to continue\n")
+        raise typer.Exit(INTERRUPTED_EXIT_CODE) from None
+
+
+def _stop_on_sigterm() -> None:
+    """A SIGTERM (pod stop, `kill`) ends the current trial as failed, like Ctrl+C."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def _event_printer(event: Any) -> None:
+    from hctl_worker.events import encode
+
+    sys.stdout.write(encode(event) + "\n")
+    sys.stdout.flush()
+
+
+JobDir = Annotated[Path, typer.Option("--job-dir", help="The job directory (created if missing).")]
+
+
+@app.command()
+def run(
+    job_dir: JobDir,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="Settings file (else ./config.toml).")
+    ] = None,
+    events: Annotated[
+        bool, typer.Option("--events", help="Print events as JSON lines instead of a live view.")
+    ] = False,
+    model: Annotated[str | None, typer.Option(help="Hub id or local folder.")] = None,
+    n_trials: Annotated[int | None, typer.Option(help="Finished trials to reach.")] = None,
+    n_startup_trials: Annotated[int | None, typer.Option(help="Random trials first.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the search.")] = None,
+    trial: Annotated[
+        int | None,
+        typer.Option(help="Pareto index to choose after the search (0 = fewest refusals)."),
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="0 = find the fastest.")] = None,
+    max_response_length: Annotated[int | None, typer.Option(help="Tokens per reply.")] = None,
+    system_prompt: Annotated[str | None, typer.Option(help='"" for no system turn.')] = None,
+    save_directory: Annotated[str | None, typer.Option(help="Save the chosen trial here.")] = None,
+    upload_repo: Annotated[
+        str | None, typer.Option(help="Upload the chosen trial (HF_TOKEN).")
+    ] = None,
+    assignments: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Any setting as KEY=VALUE (TOML value); repeatable."),
+    ] = None,
+) -> None:
+    """Run the search in JOB_DIR, or continue it: the same command again resumes; a larger
+    --n-trials adds trials."""
+    overrides = {
+        "model": model,
+        "n_trials": n_trials,
+        "n_startup_trials": n_startup_trials,
+        "seed": seed,
+        "trial": trial,
+        "batch_size": batch_size,
+        "max_response_length": max_response_length,
+        "system_prompt": system_prompt,
+        "save_directory": save_directory,
+        "upload_repo": upload_repo,
+    }
+    listener = _event_printer if events else None
+    with user_errors():
+        from hctl_worker.settings import load_settings, parse_assignment
+
+        try:
+            for text in assignments or []:
+                key, value = parse_assignment(text)
+                overrides[key] = value
+            settings = load_settings(config, overrides)
+        except WorkerError as error:
+            _record_failure(job_dir, error, listener)
+            raise
+        _stop_on_sigterm()
+        _run_with_view(lambda listeners: _run_job(settings, job_dir, listeners), listener)
+
+
+def _run_job(settings: Any, job_dir: Path, listeners: list) -> None:
+    from hctl_worker.job import run_job
+
+    run_job(settings, job_dir, listeners)
+
+
+def _record_failure(job_dir: Path, error: WorkerError, listener: Callable | None) -> None:
+    """A failure before the job starts still becomes an `error` event in the job directory."""
+    from hctl_worker.job import Reporter, open_job_directory, report_error
+
+    try:
+        reporter = Reporter(open_job_directory(job_dir), [listener] if listener else [])
+    except (WorkerError, OSError):
+        return
+    try:
+        report_error(reporter, error)
+    finally:
+        reporter.close()
+
+
+def _run_with_view(body: Callable[[list], None], listener: Callable | None) -> None:
+    if listener is not None:
+        body([listener])
+        return
+    from hctl_worker.progress import ProgressView
+
+    with ProgressView() as view:
+        body([view])
+
+
+@app.command()
+def pareto(
+    job_dir: JobDir,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List the job's Pareto front: index (for `trial`), trial number, refusals, KL."""
+    with user_errors():
+        from hctl_worker.job import JobPaths, pareto_trial, read_front
+
+        front = read_front(JobPaths(job_dir))
+        if as_json:
+            typer.echo(
+                json.dumps([pareto_trial(result).model_dump() for result in front], indent=2)
+            )
+            return
+        from rich.console import Console
+
+        from hctl_worker.progress import pareto_table
+
+        Console().print(pareto_table([pareto_trial(result) for result in front]))
+
+
+@app.command()
+def export(
+    job_dir: JobDir,
+    trial: Annotated[
+        int, typer.Option("--trial", help="The trial number to export (as `pareto` shows it).")
+    ],
+    save_directory: Annotated[str | None, typer.Option(help="Save the merged model here.")] = None,
+    upload_repo: Annotated[str | None, typer.Option(help="Upload to USER/NAME (HF_TOKEN).")] = None,
+    private: Annotated[
+        bool | None, typer.Option("--private/--public", help="Hub visibility.")
+    ] = None,
+    events: Annotated[bool, typer.Option("--events", help="Print events as JSON lines.")] = False,
+) -> None:
+    """Save (and/or upload) trial K of a finished or running job as a merged model."""
+    listener = _event_printer if events else None
+    with user_errors():
+        from hctl_worker.job import export_job
+
+        _run_with_view(
+            lambda listeners: export_job(
+                job_dir,
+                trial,
+                save_directory=save_directory,
+                upload_repo=upload_repo,
+                upload_private=private,
+                listeners=listeners,
+            ),
+            listener,
+        )
+
+
+@app.command()
+def chat(
+    model_dir: Annotated[str, typer.Argument(help="A saved model folder (or hub id).")],
+    system_prompt: Annotated[str | None, typer.Option(help="System turn, if any.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest reply.")] = 256,
+) -> None:
+    """Talk to a model: a line in, a reply out; ends at end of input or /exit."""
+    with user_errors():
+        from hctl_worker.export import chat as chat_with
+
+        chat_with(model_dir, system_prompt=system_prompt, max_new_tokens=max_new_tokens)
 
 
 @app.command()

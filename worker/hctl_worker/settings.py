@@ -365,6 +365,7 @@ def load_settings(
         file_values, warnings = translate_heretic_keys(
             read_config_file(config_file), str(config_file)
         )
+        file_values = _resolve_relative_paths(file_values, config_file.parent)
     given, override_warnings = translate_heretic_keys(
         {key: value for key, value in (overrides or {}).items() if value is not None},
         "command line",
@@ -379,6 +380,24 @@ def load_settings(
         _FILE_VALUES.reset(token)
     settings._warnings = warnings
     return settings
+
+
+def _resolve_relative_paths(values: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Relative model and prompt-file paths that exist next to the config file point there."""
+
+    def resolved(path: str) -> str:
+        candidate = folder / path
+        if not Path(path).is_absolute() and not Path(path).exists() and candidate.exists():
+            return str(candidate.resolve())
+        return path
+
+    values = dict(values)
+    if isinstance(values.get("model"), str):
+        values["model"] = resolved(values["model"])
+    for table in PROMPT_TABLES:
+        if isinstance(values.get(table), Mapping) and isinstance(values[table].get("dataset"), str):
+            values[table] = {**values[table], "dataset": resolved(values[table]["dataset"])}
+    return values
 
 
 def _describe(error: ValidationError, config_file: Path | None) -> str:

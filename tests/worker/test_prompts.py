@@ -1,0 +1,91 @@
+"""Prompt sets from text files (and the hub path's offline error)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hctl_worker.errors import PromptError
+from hctl_worker.prompts import _read_column, load_prompts, parse_split
+from hctl_worker.settings import PromptSource
+
+
+@pytest.fixture
+def prompt_file(tmp_path: Path) -> Path:
+    path = tmp_path / "prompts.txt"
+    path.write_text(
+        "\n".join(f"prompt {index}" for index in range(10)) + "\n\n  \n", encoding="utf-8"
+    )
+    return path
+
+
+def test_text_file_one_prompt_per_line_blank_lines_dropped(prompt_file: Path) -> None:
+    prompts = load_prompts(PromptSource(dataset=str(prompt_file)))
+    assert prompts == [f"prompt {index}" for index in range(10)]
+
+
+@pytest.mark.parametrize(
+    ("split", "expected"),
+    [
+        ("[:3]", [0, 1, 2]),
+        ("[8:]", [8, 9]),
+        ("train[2:4]", [2, 3]),
+        ("[:20%]", [0, 1]),
+        ("[-2:]", [8, 9]),
+    ],
+)
+def test_splits_slice_the_file(prompt_file: Path, split: str, expected: list[int]) -> None:
+    prompts = load_prompts(PromptSource(dataset=str(prompt_file), split=split))
+    assert prompts == [f"prompt {index}" for index in expected]
+
+
+def test_prefix_and_suffix_are_joined_with_spaces(prompt_file: Path) -> None:
+    source = PromptSource(
+        dataset=str(prompt_file), split="[:1]", prefix="Please:", suffix="Thanks."
+    )
+    assert load_prompts(source) == ["Please: prompt 0 Thanks."]
+
+
+def test_empty_file_is_a_prompt_error_with_a_hint(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n", encoding="utf-8")
+    with pytest.raises(PromptError) as raised:
+        load_prompts(PromptSource(dataset=str(empty)), "bad_prompts")
+    assert "bad_prompts" in raised.value.message and str(empty) in raised.value.message
+    assert "one prompt per line" in raised.value.hint
+
+
+def test_split_beyond_the_file_is_empty_too(prompt_file: Path) -> None:
+    with pytest.raises(PromptError, match="split"):
+        load_prompts(PromptSource(dataset=str(prompt_file), split="[50:]"))
+
+
+def test_missing_file_is_a_prompt_error(tmp_path: Path) -> None:
+    with pytest.raises(PromptError, match="does not exist"):
+        load_prompts(PromptSource(dataset=str(tmp_path / "missing.txt")))
+
+
+def test_hub_dataset_while_offline_says_so() -> None:
+    # The test environment sets HF_HUB_OFFLINE=1; `datasets` is not installed here.
+    with pytest.raises(PromptError) as raised:
+        load_prompts(PromptSource(dataset="mlabonne/harmless_alpaca", split="train[:4]"))
+    assert "mlabonne/harmless_alpaca" in raised.value.message
+    assert "text file" in raised.value.hint
+
+
+def test_downloaded_json_lines_and_csv_columns_are_read(tmp_path: Path) -> None:
+    lines = tmp_path / "train.jsonl"
+    lines.write_text('{"text": "a"}\n{"text": "b"}\n', encoding="utf-8")
+    table = tmp_path / "train.csv"
+    table.write_text("text,label\nc,1\nd,0\n", encoding="utf-8")
+    assert _read_column(lines, "text", "good_prompts") == ["a", "b"]
+    assert _read_column(table, "text", "good_prompts") == ["c", "d"]
+    with pytest.raises(PromptError, match="column 'prompt'"):
+        _read_column(lines, "prompt", "good_prompts")
+
+
+def test_parse_split() -> None:
+    assert parse_split("train[:400]") == ("train", None, "400")
+    assert parse_split("test") == ("test", None, None)
+    assert parse_split(None) == ("", None, None)
