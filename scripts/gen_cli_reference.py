@@ -31,6 +31,7 @@ import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DOCS = REPO_ROOT / "docs"
@@ -86,9 +87,13 @@ def load_command(program: str) -> object:
     return typer.main.get_command(application)
 
 
-def _context(command: object, name: str, parent: object | None) -> object:
-    import click
+def is_group(command: object) -> bool:
+    """Whether a command has subcommands (Typer vendors its own click, so no isinstance)."""
+    return hasattr(command, "list_commands") and hasattr(command, "get_command")
 
+
+def make_context(command: object, name: str, parent: object | None) -> object:
+    """A click context for `command` under `parent`, as `--help` would create it."""
     # Like `Command.make_context`, honour the command's own settings (e.g. `-h` as help option).
     settings = {
         **getattr(command, "context_settings", {}),
@@ -96,22 +101,16 @@ def _context(command: object, name: str, parent: object | None) -> object:
         "max_content_width": HELP_WIDTH,
         "color": False,
     }
-    return click.Context(
-        command,  # type: ignore[arg-type]
-        info_name=name,
-        parent=parent,  # type: ignore[arg-type]
-        **settings,
-    )
+    return command.context_class(command, info_name=name, parent=parent, **settings)  # type: ignore[attr-defined]
 
 
 def walk_commands(program: str) -> Iterator[CommandEntry]:
     """Every visible command of `program`, the root first, then depth-first in name order."""
-    import click
 
-    def visit(command: click.Command, path: tuple[str, ...], parent: click.Context | None):
-        context = _context(command, path[-1], parent)
+    def visit(command: Any, path: tuple[str, ...], parent: Any) -> Iterator[CommandEntry]:
+        context = make_context(command, path[-1], parent)
         yield CommandEntry(path, command, context)
-        if isinstance(command, click.Group):
+        if is_group(command):
             for name in sorted(command.list_commands(context)):
                 child = command.get_command(context, name)
                 if child is None or child.hidden:
@@ -237,20 +236,55 @@ def _constraints(field: object) -> str:
     return ", ".join(parts)
 
 
-def _nested_model(annotation: object) -> type | None:
+def _is_model(value: object) -> bool:
     from pydantic import BaseModel
 
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        models = [
-            argument
-            for argument in typing.get_args(annotation)
-            if isinstance(argument, type) and issubclass(argument, BaseModel)
-        ]
-        if len(models) == 1:
-            return models[0]
-    return None
+    return isinstance(value, BaseModel)
+
+
+def _inline_table(value: object) -> str:
+    """A nested settings model as a TOML inline table of the values it sets."""
+    items = value.model_dump(exclude_defaults=True)  # type: ignore[attr-defined]
+    return "{" + ", ".join(f"{key} = {_format_value(item)}" for key, item in items.items()) + "}"
+
+
+def toml_comments(path: Path) -> dict[str, str]:
+    """The comment above each `key = value` of a documented TOML file, keyed by dotted name.
+
+    `config.default.toml` explains every worker setting in comments; they are the meaning column
+    when a field has no description of its own.
+    """
+    if not path.exists():
+        return {}
+    comments: dict[str, str] = {}
+    table: tuple[str, ...] = ()
+    pending: list[str] = []
+    header = re.compile(r"\[([\w.\-]+)\]")
+    assignment = re.compile(r"([A-Za-z_][\w\-]*)\s*=\s*\S.*")
+
+    def attach(key: str) -> None:
+        if pending:
+            comments.setdefault(key, " ".join(pending))
+        pending.clear()
+
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        commented = line.startswith("#")
+        body = line.lstrip("#").strip() if commented else line
+        if not line:
+            pending.clear()
+        elif match := header.fullmatch(body):
+            if not commented:
+                table = tuple(match[1].split("."))
+            attach(match[1])
+        elif match := assignment.fullmatch(body):
+            # A commented-out assignment documents an optional setting with no default value.
+            attach(".".join((*table, match[1])))
+        elif commented:
+            pending.append(body)
+        else:
+            pending.clear()  # the rest of a multi-line value
+    return comments
 
 
 def _environment_names(
@@ -276,34 +310,32 @@ def settings_rows(
     *,
     prefix: str,
     nested_delimiter: str | None,
-    parents: tuple[str, ...] = (),
+    comments: dict[str, str] | None = None,
 ) -> list[SettingRow]:
-    """One row per setting of a pydantic model; nested models become dotted keys."""
+    """One row per setting of a pydantic settings model."""
     from pydantic_core import PydanticUndefined
 
+    comments = comments or {}
     rows: list[SettingRow] = []
     for name, field in model.model_fields.items():  # type: ignore[attr-defined]
-        nested = _nested_model(field.annotation)
-        if nested is not None:
-            rows.extend(
-                settings_rows(
-                    nested,
-                    prefix=prefix,
-                    nested_delimiter=nested_delimiter,
-                    parents=(*parents, name),
-                )
-            )
-            continue
         if field.default is not PydanticUndefined:
-            default = _format_value(field.default)
+            value = field.default
         elif field.default_factory is not None:
             try:
-                default = _format_value(field.default_factory())
+                value = field.default_factory()
             except TypeError:  # a factory that needs the other values
-                default = "(computed)"
+                value = PydanticUndefined
         else:
-            default = "(required)"
-        meaning = (field.description or "").strip()
+            value = PydanticUndefined
+        if value is PydanticUndefined:
+            default = "(required)" if field.default_factory is None else "(computed)"
+        elif _is_model(value):
+            default = f"`{_inline_table(value)}`"
+        else:
+            default = f"`{_format_value(value)}`"
+        meaning = (field.description or comments.get(name) or "").strip()
+        if not meaning and isinstance(field.annotation, type) and _is_model_class(field.annotation):
+            meaning = _first_line(field.annotation.__doc__)
         choices = _literal_choices(field.annotation)
         if choices:
             meaning += (
@@ -315,16 +347,22 @@ def settings_rows(
         bounds = _constraints(field)
         if bounds:
             meaning += (" " if meaning else "") + f"Range: {bounds}."
-        environment = _environment_names(name, field, prefix, nested_delimiter, parents)
+        environment = _environment_names(name, field, prefix, nested_delimiter, ())
         rows.append(
             SettingRow(
-                key=".".join((*parents, name)),
+                key=name,
                 environment=", ".join(f"`{variable}`" for variable in environment),
-                default=f"`{default}`" if default not in {"(required)", "(computed)"} else default,
+                default=default,
                 meaning=meaning.replace("|", "\\|").replace("\n", " "),
             )
         )
     return rows
+
+
+def _is_model_class(annotation: type) -> bool:
+    from pydantic import BaseModel
+
+    return issubclass(annotation, BaseModel)
 
 
 def render_settings_table(rows: list[SettingRow]) -> str:
@@ -362,7 +400,9 @@ def _settings_class(module_name: str, preferred: tuple[str, ...]) -> type | None
     return found[0] if len(found) == 1 else None
 
 
-def render_settings(module_name: str, preferred: tuple[str, ...]) -> str:
+def render_settings(
+    module_name: str, preferred: tuple[str, ...], comments_file: Path | None = None
+) -> str:
     """The settings table of one settings module (or a line saying it does not exist yet)."""
     _prepare_environment()
     model = _settings_class(module_name, preferred)
@@ -373,6 +413,7 @@ def render_settings(module_name: str, preferred: tuple[str, ...]) -> str:
         model,
         prefix=config.get("env_prefix") or "",
         nested_delimiter=config.get("env_nested_delimiter"),
+        comments=toml_comments(comments_file) if comments_file else None,
     )
     return render_settings_table(rows)
 
@@ -407,7 +448,9 @@ def generated_sections() -> dict[Path, dict[str, str]]:
         CONFIGURATION_FILE: {
             "controller-settings": render_settings("hctl.settings", ("Settings",)),
             "worker-settings": render_settings(
-                "hctl_worker.settings", ("Settings", "WorkerSettings")
+                "hctl_worker.settings",
+                ("Settings", "WorkerSettings"),
+                REPO_ROOT / "worker" / "hctl_worker" / "config.default.toml",
             ),
         },
         ARCHITECTURE_FILE: {"event-types": render_events()},
@@ -453,6 +496,10 @@ def stale_files() -> list[Path]:
     return stale
 
 
+def _shown(path: Path) -> str:
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -462,13 +509,13 @@ def main(argv: list[str] | None = None) -> int:
     if arguments.check:
         stale = stale_files()
         for path in stale:
-            print(f"out of date: {path.relative_to(REPO_ROOT)}; {REGENERATE_HINT}")
+            print(f"out of date: {_shown(path)}; {REGENERATE_HINT}")
         return 1 if stale else 0
     for path, expected in expected_files().items():
         current = path.read_text(encoding="utf-8") if path.exists() else None
         if current != expected:
             path.write_text(expected, encoding="utf-8", newline="\n")
-            print(f"wrote {path.relative_to(REPO_ROOT)}")
+            print(f"wrote {_shown(path)}")
     return 0
 
 
