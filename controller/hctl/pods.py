@@ -308,3 +308,30 @@ def plan_pod(
 def create_pod(provider: Provider, plan: PodPlan) -> Pod:
     """Create the planned pod; the provider guarantees a lost answer does not create two."""
     return provider.create(plan.spec)
+
+
+def select_gpu_types(
+    catalogue: list[GpuType],
+    *,
+    min_vram_gb: int | None = None,
+    max_price: float | None = None,
+    in_stock: bool = False,
+    cloud_type: CloudType = "ALL",
+    spot: bool = False,
+) -> list[GpuType]:
+    """The GPU types that pass the filters, cheapest first (those not offered last)."""
+    chosen = [
+        gpu
+        for gpu in catalogue
+        if (min_vram_gb is None or gpu.memory_gb >= min_vram_gb)
+        and (not in_stock or gpu.stock_status)
+        and (max_price is None or (gpu.price(cloud_type, spot) or float("inf")) <= max_price)
+    ]
+    return sorted(
+        chosen,
+        key=lambda gpu: (
+            gpu.price(cloud_type, spot) is None,
+            gpu.price(cloud_type, spot) or 0,
+            gpu.id,
+        ),
+    )

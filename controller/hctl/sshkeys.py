@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hctl.errors import ConfigError
 
 
+@runtime_checkable
 class KeyRegistry(Protocol):
     """Where an account keeps its SSH public keys (RunPod: `myself.pubKey`)."""
 
@@ -108,3 +109,21 @@ def register_key(registry: KeyRegistry, key: str) -> bool:
     updated = f"{existing.rstrip()}\n\n{key.strip()}" if existing.strip() else key.strip()
     registry.set_account_public_keys(updated)
     return True
+
+
+def pod_public_keys(registry: object, key: str) -> str:
+    """What a new pod's `PUBLIC_KEY` holds: hctl's key plus the account's other keys.
+
+    Setting `PUBLIC_KEY` replaces the keys RunPod would inject, so the account's keys are added to
+    keep them working on the pod. Without an account to ask (another provider), only hctl's key.
+    """
+    if not isinstance(registry, KeyRegistry):
+        return key
+    lines = [key.strip()]
+    seen = {_key_identity(key)}
+    for line in registry.account_public_keys().splitlines():
+        identity = _key_identity(line)
+        if identity is not None and identity not in seen:
+            seen.add(identity)
+            lines.append(line.strip())
+    return "\n".join(lines)

@@ -1,9 +1,308 @@
-"""Commands of this area (placeholder until they are written)."""
+"""Pod commands: `gpus`, `create-pod`, `list-pods`, `start-pod`, `stop-pod`, `terminate-pod`, `ssh-key`.
+
+Each command parses, calls one function below the CLI (`hctl.pods`, `hctl.sshkeys`, the provider)
+and renders the result with rich. A command that takes a pod defaults to the only running hctl pod.
+"""
 
 from __future__ import annotations
 
+import json
+from enum import Enum
+
 import typer
+from rich.table import Table
+
+from hctl import pods as pod_service
+from hctl import sshkeys
+from hctl.cli.common import confirm, console
+from hctl.providers import make_provider
+from hctl.providers.base import GpuType, Pod, Provider
+from hctl.settings import Settings, load_settings
+
+
+class CloudOption(str, Enum):
+    SECURE = "SECURE"
+    COMMUNITY = "COMMUNITY"
+    ALL = "ALL"
+
+
+POD_ARGUMENT_HELP = "Pod id or name. Default: your only running hctl pod."
+STOP_VERSUS_TERMINATE = (
+    "Stopping keeps the volume (its files survive; about $0.20 per GB-month while stopped) and "
+    "frees the GPU; the container disk is wiped. Terminating deletes the pod and its volume: "
+    "nothing is billed afterwards and nothing can be recovered."
+)
+
+
+def _provider(**overrides: object) -> tuple[Settings, Provider]:
+    settings = load_settings(**overrides)
+    return settings, make_provider(settings)
+
+
+def _money(value: float | None) -> str:
+    return "-" if value is None else f"${value:.2f}"
+
+
+def _uptime(seconds: int | None) -> str:
+    if seconds is None:
+        return "-"
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def _endpoints(pod: Pod) -> str:
+    lines = [
+        f"{endpoint.kind}: {endpoint.user}@{endpoint.host} -p {endpoint.port}"
+        for endpoint in pod.ssh
+    ]
+    return "\n".join(lines) or "-"
+
+
+def _gpu_table(gpus: list[GpuType]) -> Table:
+    table = Table(title="RunPod GPU types (prices per GPU-hour)")
+    for column in ("GPU id", "name", "VRAM", "secure", "community", "spot", "stock"):
+        table.add_column(column, justify="right" if column in ("VRAM", "secure") else "left")
+    for gpu in gpus:
+        spot = gpu.price("ALL", spot=True)
+        table.add_row(
+            gpu.id,
+            gpu.display_name,
+            f"{gpu.memory_gb} GB",
+            _money(gpu.secure_price),
+            _money(gpu.community_price),
+            _money(spot),
+            gpu.stock_status or "none",
+        )
+    return table
+
+
+def _pod_table(pods: list[Pod]) -> Table:
+    table = Table(title="Pods")
+    for column in ("name", "id", "status", "GPU", "$/h", "uptime", "SSH"):
+        table.add_column(column)
+    for pod in pods:
+        gpu = f"{pod.gpu_count}x {pod.gpu_display_name or pod.gpu_type_id or '?'}"
+        table.add_row(
+            pod.name,
+            pod.id,
+            pod.status + ("" if pod.ready or pod.status != "RUNNING" else " (starting)"),
+            gpu + (" spot" if pod.spot else ""),
+            _money(pod.cost_per_hr),
+            _uptime(pod.uptime_seconds),
+            _endpoints(pod),
+        )
+    return table
+
+
+def _wait_with_spinner(provider: Provider, pod: Pod, settings: Settings) -> Pod:
+    with console.status(f"Waiting for {pod.name} to come up…") as status:
+
+        def on_poll(current: Pod, elapsed: float) -> None:
+            status.update(
+                f"Waiting for {current.name} to come up ({elapsed:.0f} s, {current.status})…"
+            )
+
+        return pod_service.wait_until_ready(
+            provider,
+            pod.id,
+            timeout_s=settings.ready_timeout_s,
+            interval_s=settings.ready_poll_interval_s,
+            on_poll=on_poll,
+        )
+
+
+def _describe_plan(plan: pod_service.PodPlan) -> None:
+    spec = plan.spec
+    console.print(
+        f"{spec.name}: {spec.gpu_count}x {plan.gpu.display_name} ({'any' if spec.cloud_type == 'ALL' else spec.cloud_type.lower()} cloud"
+        f"{', spot' if spec.spot else ''}), {spec.image}, {spec.container_disk_gb} GB disk + "
+        f"{spec.volume_gb} GB volume at {spec.volume_mount_path}"
+    )
+    if spec.stop_after or spec.terminate_after:
+        action = "stops" if spec.stop_after else "terminates"
+        console.print(
+            f"RunPod {action} it at {(spec.stop_after or spec.terminate_after):%Y-%m-%d %H:%M %Z}."
+        )
+    console.print(
+        f"Price: [bold]{_money(plan.price_per_hour)}/h[/] for the GPU"
+        f" + about {_money(plan.storage_per_hour)}/h for the disks."
+    )
+
+
+def _describe_ready(pod: Pod) -> None:
+    console.print(f"[green]{pod.name} ({pod.id}) is reachable.[/]")
+    console.print(_endpoints(pod))
+
+
+def gpus(
+    min_vram: int | None = typer.Option(
+        None, "--min-vram", help="Only GPUs with at least this many GB."
+    ),
+    max_price: float | None = typer.Option(
+        None, "--max-price", help="Only GPUs at most this many USD per GPU-hour (for --cloud)."
+    ),
+    in_stock: bool = typer.Option(False, "--in-stock", help="Only GPUs that are free now."),
+    cloud: CloudOption = typer.Option(
+        CloudOption.ALL, "--cloud", case_sensitive=False, help="Prices of SECURE, COMMUNITY or ALL."
+    ),
+    spot: bool = typer.Option(False, "--spot", help="Filter and sort by spot price."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """List RunPod's GPU types with VRAM, prices per hour and stock, cheapest first."""
+    _, provider = _provider()
+    chosen = pod_service.select_gpu_types(
+        provider.gpu_types(),
+        min_vram_gb=min_vram,
+        max_price=max_price,
+        in_stock=in_stock,
+        cloud_type=cloud.value,
+        spot=spot,
+    )
+    if as_json:
+        typer.echo(json.dumps([gpu.model_dump() for gpu in chosen], indent=2))
+        return
+    console.print(_gpu_table(chosen))
+    if not chosen:
+        console.print("No GPU type matches those filters.")
+
+
+def create_pod(
+    gpu: str | None = typer.Argument(
+        None, help="GPU type id (see `hctl gpus`). Default: the gpu setting."
+    ),
+    image: str | None = typer.Option(None, "--image", help="Container image."),
+    container_disk: int | None = typer.Option(
+        None, "--container-disk", help="Container disk in GB (wiped on stop)."
+    ),
+    volume: int | None = typer.Option(None, "--volume", help="Volume in GB, kept while stopped."),
+    cloud: CloudOption | None = typer.Option(
+        None,
+        "--cloud",
+        case_sensitive=False,
+        help="SECURE, COMMUNITY or ALL (default: the setting).",
+    ),
+    spot: bool = typer.Option(False, "--spot", help="A spot (interruptible) pod; needs --bid."),
+    bid: float | None = typer.Option(None, "--bid", help="Spot bid in USD per GPU-hour."),
+    name: str | None = typer.Option(None, "--name", help="Pod name (hctl- is put in front)."),
+    env: list[str] = typer.Option([], "--env", help="KEY=VALUE for the pod; repeatable."),
+    ports: str = typer.Option("22/tcp", "--ports", help="Exposed ports, e.g. 22/tcp,8888/http."),
+    max_hours: float | None = typer.Option(
+        None, "--max-hours", help="RunPod stops the pod after this many hours."
+    ),
+    terminate_at_limit: bool = typer.Option(
+        False, "--terminate-at-limit", help="At --max-hours terminate (delete) instead of stop."
+    ),
+    wait: bool = typer.Option(False, "--wait", help="Wait until the pod is reachable over SSH."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Create without asking."),
+) -> None:
+    """Create a pod: shows its price per hour and asks first. It bills until stopped or terminated."""
+    # Bad input is refused before anything else happens.
+    pod_env, pod_ports = pod_service.parse_env(env), pod_service.parse_ports(ports)
+    settings, provider = _provider(image=image, cloud_type=cloud.value if cloud else None)
+    key, created = sshkeys.ensure_key(settings.ssh_key_path)
+    if created:
+        console.print(f"Made a new SSH key for hctl: {settings.ssh_key_path}")
+    plan = pod_service.plan_pod(
+        provider, settings, gpu=gpu, container_disk_gb=container_disk, volume_gb=volume,
+        spot=spot, bid_per_gpu=bid, name=name, env=pod_env,
+        ports=pod_ports, max_hours=max_hours,
+        at_limit="terminate" if terminate_at_limit else "stop",
+        public_key=sshkeys.pod_public_keys(provider, key),
+    )  # fmt: skip
+    _describe_plan(plan)
+    confirm(f"Create this pod for about {_money(plan.price_per_hour)}/h?", assume_yes=yes)
+    pod = pod_service.create_pod(provider, plan)
+    console.print(f"[green]Created {pod.name} ({pod.id}) at {_money(pod.cost_per_hr)}/h.[/]")
+    console.print(
+        f"It bills until you stop it (`hctl stop-pod {pod.id}`) or terminate it "
+        f"(`hctl terminate-pod {pod.id}`)."
+    )
+    if wait:
+        _describe_ready(_wait_with_spinner(provider, pod, settings))
+
+
+def list_pods(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """List your pods: status, GPU, price per hour, uptime and SSH endpoints (proxy and direct)."""
+    _, provider = _provider()
+    pods = provider.list()
+    if as_json:
+        typer.echo(json.dumps([pod.model_dump(mode="json") for pod in pods], indent=2))
+        return
+    if not pods:
+        console.print("No pods. `hctl create-pod` makes one.")
+        return
+    console.print(_pod_table(pods))
+    running = sum(pod.cost_per_hr for pod in pods if pod.status == "RUNNING")
+    console.print(f"Running pods cost {_money(running)}/h in all.")
+
+
+def start_pod(
+    pod: str | None = typer.Argument(
+        None, help="Pod id or name. Default: your only stopped hctl pod."
+    ),
+    wait: bool = typer.Option(False, "--wait", help="Wait until the pod is reachable over SSH."),
+) -> None:
+    """Start a stopped pod again (it bills from now on; its public SSH port changes)."""
+    settings, provider = _provider()
+    target = pod_service.resolve_pod(provider, pod, status="STOPPED")
+    started = provider.start(target.id)
+    console.print(
+        f"[green]Started {started.name} ({started.id}) at {_money(started.cost_per_hr)}/h.[/]"
+    )
+    if wait:
+        _describe_ready(_wait_with_spinner(provider, started, settings))
+
+
+def stop_pod(
+    pod: str | None = typer.Argument(None, help=POD_ARGUMENT_HELP),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Stop without asking."),
+) -> None:
+    """Stop a pod: the GPU stops billing, the volume stays (see terminate-pod to delete it)."""
+    _, provider = _provider()
+    target = pod_service.resolve_pod(provider, pod)
+    console.print(STOP_VERSUS_TERMINATE)
+    confirm(f"Stop {target.name} ({target.id})?", assume_yes=yes)
+    stopped = provider.stop(target.id)
+    console.print(
+        f"[green]Stopped {stopped.name} ({stopped.id}).[/] `hctl start-pod {stopped.id}` starts it again."
+    )
+
+
+def terminate_pod(
+    pod: str | None = typer.Argument(None, help=POD_ARGUMENT_HELP),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Terminate without asking."),
+) -> None:
+    """Terminate a pod: delete it and its volume; nothing more is billed."""
+    _, provider = _provider()
+    target = pod_service.resolve_pod(provider, pod)
+    console.print(STOP_VERSUS_TERMINATE)
+    confirm(f"Terminate {target.name} ({target.id}) and delete its volume?", assume_yes=yes)
+    provider.terminate(target.id)
+    console.print(
+        f"[green]Terminated {target.name} ({target.id}).[/] Nothing more is billed for it."
+    )
+
+
+def ssh_key() -> None:
+    """Make hctl's SSH key if there is none (ed25519) and register it with your RunPod account."""
+    settings, provider = _provider()
+    key, created = sshkeys.ensure_key(settings.ssh_key_path)
+    made = "Made" if created else "Using"
+    console.print(f"{made} the SSH key {settings.ssh_key_path} ({key.split()[0]}).")
+    if sshkeys.register_key(provider, key):  # type: ignore[arg-type]
+        console.print("Registered it with your RunPod account; pods started from now on accept it.")
+    else:
+        console.print("Your RunPod account has it already.")
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the `hctl` application."""
+    app.command("gpus")(gpus)
+    app.command("create-pod")(create_pod)
+    app.command("list-pods")(list_pods)
+    app.command("start-pod")(start_pod)
+    app.command("stop-pod")(stop_pod)
+    app.command("terminate-pod")(terminate_pod)
+    app.command("ssh-key")(ssh_key)
