@@ -61,7 +61,9 @@ def _endpoints(pod: Pod) -> str:
 def _gpu_table(gpus: list[GpuType]) -> Table:
     table = Table(title="RunPod GPU types (prices per GPU-hour)")
     for column in ("GPU id", "name", "VRAM", "secure", "community", "spot", "stock"):
-        table.add_column(column, justify="right" if column in ("VRAM", "secure") else "left")
+        table.add_column(
+            column, justify="right" if column in ("VRAM", "secure") else "left", overflow="fold"
+        )
     for gpu in gpus:
         spot = gpu.price("ALL", spot=True)
         table.add_row(
@@ -79,7 +81,8 @@ def _gpu_table(gpus: list[GpuType]) -> Table:
 def _pod_table(pods: list[Pod]) -> Table:
     table = Table(title="Pods")
     for column in ("name", "id", "status", "GPU", "$/h", "uptime", "SSH"):
-        table.add_column(column)
+        # Fold rather than cut: ids and endpoints are copied from here, so they must be whole.
+        table.add_column(column, overflow="fold")
     for pod in pods:
         gpu = f"{pod.gpu_count}x {pod.gpu_display_name or pod.gpu_type_id or '?'}"
         table.add_row(
