@@ -333,3 +333,47 @@ def test_every_runpod_ps1_command_has_an_hctl_equivalent() -> None:
     assert not missing, f"no row for runpod.ps1 {', '.join(missing)}"
     without_hctl = [old for old, new in mapped.items() if "`hctl" not in new]
     assert not without_hctl, f"rows without an hctl command: {', '.join(without_hctl)}"
+
+
+# --- settings named in the docs -----------------------------------------------------------------
+
+
+def _environment_names(module_name: str, class_names: tuple[str, ...]) -> set[str]:
+    model = generator_module._settings_class(module_name, class_names)
+    if model is None:
+        return set()
+    prefix = model.model_config.get("env_prefix") or ""
+    names = set()
+    for row in generator_module.settings_rows(model, prefix=prefix, nested_delimiter=None):
+        names.update(re.findall(r"`([A-Z0-9_]+)`", row.environment))
+    return names
+
+
+def test_every_environment_variable_in_the_docs_is_a_setting() -> None:
+    known = _environment_names("hctl.settings", ("Settings",))
+    known |= _environment_names("hctl_worker.settings", ("Settings", "WorkerSettings"))
+    # HCTL_HOME is read before the settings (it says where the config file is); HCTL_VERSION is
+    # the pod image's build argument.
+    known |= {"HCTL_HOME", "HCTL_VERSION"}
+    unknown = []
+    for path in documentation_files():
+        text = path.read_text(encoding="utf-8")
+        for match in re.finditer(r"\b((?:HCTL|HERETIC)_[A-Z0-9_]*[A-Z0-9])\b", text):
+            if match[1] not in known:
+                line = text.count("\n", 0, match.start()) + 1
+                unknown.append(f"{path.relative_to(REPO_ROOT)}:{line}: {match[1]}")
+    assert not unknown, "The docs name environment variables no setting reads:\n" + "\n".join(
+        unknown
+    )
+
+
+def test_every_config_key_in_the_docs_is_a_controller_setting() -> None:
+    from hctl.settings import Settings
+
+    unknown = []
+    for code, words in documented_command_lines():
+        key = words[3] if words[1:3] == ["config", "set"] and len(words) > 3 else None
+        # An upper-case word (KEY) is a placeholder.
+        if key and key not in Settings.model_fields and key.upper() != key:
+            unknown.append(f"{code.where()} -> no setting `{words[3]}`")
+    assert not unknown, "\n".join(unknown)
