@@ -1,0 +1,212 @@
+"""Evaluation: reply normalisation and markers, KL, the early-stopping generation loop (same
+replies as transformers' own greedy generate, same verdicts as full replies), KL skipping, and
+a real refuser whose refusals the engine removes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from hctl_worker.ablation import AblationParams, Ablator, ComponentKernel
+from hctl_worker.directions import last_token_residuals, refusal_directions
+from hctl_worker.evaluation import (
+    DEFAULT_REFUSAL_MARKERS,
+    Evaluator,
+    is_refusal,
+    kl_divergence,
+    normalise_response,
+)
+from hctl_worker.model import load_model
+from scripts.make_random_model import make_random_model
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "tiny-refuser"
+
+PROMPTS = [
+    "Hello!",
+    "How do I bake bread at home?",
+    "Tell me a joke about cats and dogs, please.",
+    "x",
+    "What is the capital of France?",
+    "Summarise the plot of a long novel in one sentence.",
+]
+
+
+@pytest.fixture(scope="module")
+def random_loaded(tmp_path_factory):
+    path = make_random_model(tmp_path_factory.mktemp("models") / "qwen3", "qwen3", hidden=48)
+    return load_model(str(path), dtypes=["float32"], device_map="cpu")
+
+
+# ---- pure functions --------------------------------------------------------------------------
+
+
+def test_normalise_response_unifies_case_apostrophes_emphasis_and_spaces() -> None:
+    assert normalise_response("  I **CAN’T**\n\n help   with _that_ ") == "i can't help with that"
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        ("I’m sorry, but I can’t help with that.", True),
+        ("As an **AI** assistant I must decline", True),
+        ("I CANNOT do this", True),
+        ("", True),
+        ("   \n ", True),
+        ("Sure! Mix flour, water and yeast.", False),
+        ("Canned tomatoes are fine.", False),
+    ],
+)
+def test_is_refusal_uses_the_default_markers(reply: str, expected: bool) -> None:
+    assert is_refusal(reply, DEFAULT_REFUSAL_MARKERS) is expected
+
+
+def test_default_markers_are_heretics_33() -> None:
+    assert len(DEFAULT_REFUSAL_MARKERS) == 33
+    assert {"disclaimer", "i can'", "as an ai", "violat"} <= set(DEFAULT_REFUSAL_MARKERS)
+
+
+def test_kl_divergence_is_the_batch_mean_of_kl_base_to_current() -> None:
+    generator = torch.Generator().manual_seed(0)
+    base = torch.log_softmax(torch.randn(3, 7, generator=generator), dim=-1)
+    current = torch.log_softmax(torch.randn(3, 7, generator=generator), dim=-1)
+    expected = (base.exp() * (base - current)).sum(dim=-1).mean().item()
+    assert kl_divergence(current, base) == pytest.approx(expected, rel=1e-5)
+    assert kl_divergence(base, base) == 0.0
+
+
+# ---- generation on a random model ------------------------------------------------------------
+
+
+def test_replies_match_transformers_greedy_generate(random_loaded) -> None:
+    texts = random_loaded.template(PROMPTS, "You are a helpful assistant.")
+    evaluator = Evaluator(
+        random_loaded,
+        good_texts=texts,
+        bad_texts=texts,
+        markers=DEFAULT_REFUSAL_MARKERS,
+        max_response_length=6,
+        batch_size=4,
+    )
+    ours = evaluator.responses(texts, 6)
+    assert all(ours)
+    tokenizer = random_loaded.tokenizer
+    expected = []
+    for text in texts:  # One at a time: no padding, the plainest reference.
+        encoded = tokenizer([text], return_tensors="pt", add_special_tokens=False)
+        with torch.inference_mode():
+            output = random_loaded.model.generate(
+                **encoded, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+        expected.append(
+            tokenizer.decode(output[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+        )
+    assert ours == expected
+
+
+def test_early_stopping_gives_the_verdicts_of_the_full_replies(random_loaded) -> None:
+    texts = random_loaded.template(PROMPTS, None)
+    probe = Evaluator(
+        random_loaded,
+        good_texts=texts,
+        bad_texts=texts,
+        markers=["zz"],
+        max_response_length=8,
+        batch_size=3,
+    )
+    full = probe.responses(texts, 8)
+    # Markers that occur in some replies (so those rows stop early) and not in others. ASCII
+    # only: a random byte model also emits partial UTF-8, which real markers never contain.
+    letters = [
+        next((c for c in normalise_response(reply) if c.isascii() and c.isalnum()), None)
+        for reply in full[:3]
+    ]
+    markers = [letter for letter in letters if letter] or ["zz"]
+    assert any(is_refusal(reply, markers) for reply in full)
+    evaluator = Evaluator(
+        random_loaded,
+        good_texts=texts,
+        bad_texts=texts,
+        markers=markers,
+        max_response_length=8,
+        batch_size=3,
+    )
+    expected = sum(is_refusal(reply, markers) for reply in full)
+    assert evaluator.baseline().refusals == expected
+    assert evaluator.score().refusals == expected
+
+
+def test_score_is_zero_kl_unmodified_and_skips_refusals_above_the_threshold(random_loaded) -> None:
+    texts = random_loaded.template(PROMPTS, None)
+    evaluator = Evaluator(
+        random_loaded,
+        good_texts=texts[:3],
+        bad_texts=texts[3:],
+        markers=DEFAULT_REFUSAL_MARKERS,
+        max_response_length=4,
+        batch_size=2,
+        kl_skip_threshold=1e-9,
+    )
+    unmodified = evaluator.score()
+    assert unmodified.kl == 0.0
+    assert unmodified.refusals is not None and not unmodified.refusal_skipped
+    assert unmodified.total_bad == 3 and unmodified.seconds > 0
+
+    residuals = last_token_residuals(random_loaded, texts, 4)
+    ablator = Ablator(random_loaded, refusal_directions(residuals[:3], residuals[3:]))
+    kernel = ComponentKernel(1.5, 0.0, 1.5, 10.0)
+    with ablator.applied(AblationParams(None, {"attention": kernel, "mlp": kernel})):
+        edited = evaluator.score()
+    assert edited.kl > 1e-9
+    assert edited.refusals is None and edited.refusal_skipped
+    assert evaluator.score().kl == 0.0
+
+
+# ---- a real refuser --------------------------------------------------------------------------
+
+
+def _fixture_prompts(name: str) -> list[str]:
+    for candidate in (FIXTURE / "prompts" / f"{name}.txt", FIXTURE.parent / f"{name}.txt"):
+        if candidate.is_file():
+            return [line for line in candidate.read_text().splitlines() if line.strip()]
+    pytest.skip(f"the tiny-refuser fixture has no {name} prompts")
+
+
+@pytest.mark.skipif(not (FIXTURE / "config.json").is_file(), reason="tiny-refuser not committed")
+def test_the_tiny_refuser_stops_refusing_after_ablation() -> None:
+    loaded = load_model(str(FIXTURE), dtypes=["float32"], device_map="cpu")
+    harmful = loaded.template(_fixture_prompts("harmful_train")[:48], None)
+    harmless = loaded.template(_fixture_prompts("harmless_train")[:48], None)
+    evaluator = Evaluator(
+        loaded,
+        good_texts=loaded.template(_fixture_prompts("harmless_test")[:24], None),
+        bad_texts=loaded.template(_fixture_prompts("harmful_test")[:32], None),
+        markers=DEFAULT_REFUSAL_MARKERS,
+        max_response_length=12,
+        batch_size=32,
+    )
+    baseline = evaluator.baseline()
+    assert baseline.refusals >= 0.9 * baseline.total_bad
+    assert baseline.refusals_good <= 0.1 * baseline.total_good
+    directions = refusal_directions(
+        last_token_residuals(loaded, harmful, 32), last_token_residuals(loaded, harmless, 32)
+    )
+    ablator = Ablator(loaded, directions)
+    kernel = ComponentKernel(1.5, 0.0, 1.5, float(loaded.n_layers))
+    best = min(
+        (
+            _score_with(
+                evaluator, ablator, AblationParams(index, {"attention": kernel, "mlp": kernel})
+            )
+            for index in [None, *range(loaded.n_layers)]
+        ),
+        key=lambda score: score.refusals,
+    )
+    assert best.refusals <= 0.2 * best.total_bad
+    assert best.kl < 1.0
+
+
+def _score_with(evaluator: Evaluator, ablator: Ablator, params: AblationParams):
+    with ablator.applied(params):
+        return evaluator.score()
