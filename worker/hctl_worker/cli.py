@@ -57,13 +57,22 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(INTERRUPTED_EXIT_CODE) from None
 
 
-def _stop_on_sigterm() -> None:
+@contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
     """A SIGTERM (pod stop, `kill`) ends the current trial as failed, like Ctrl+C."""
 
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread (an embedding program): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _event_printer(event: Any) -> None:
@@ -131,8 +140,8 @@ def run(
         except WorkerError as error:
             _record_failure(job_dir, error, listener)
             raise
-        _stop_on_sigterm()
-        _run_with_view(lambda listeners: _run_job(settings, job_dir, listeners), listener)
+        with _stop_on_sigterm():
+            _run_with_view(lambda listeners: _run_job(settings, job_dir, listeners), listener)
 
 
 def _run_job(settings: Any, job_dir: Path, listeners: list) -> None:

@@ -244,13 +244,19 @@ def pid_file(paths: JobPaths) -> Iterator[None]:
 
 
 def _process_alive(pid: int) -> bool:
+    """Whether `pid` is a live worker. After a machine restart pids are reused, so where /proc
+    shows the command line, another program with that pid does not count."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:
+        command_line = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
         return True
-    return True
+    return b"hctl-worker" in command_line or b"hctl_worker" in command_line
 
 
 # ----------------------------------------------------------------------------------------------

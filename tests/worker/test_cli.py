@@ -1,0 +1,96 @@
+"""`hctl-worker` commands that need no model: version, pareto, help, errors on a bad job dir."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from hctl_worker import __version__
+from hctl_worker.cli import app
+from hctl_worker.events import EVENTS_FILE, ErrorEvent, read_events
+from hctl_worker.job import JobPaths
+from hctl_worker.search import Outcome, SearchSpace, open_study, run_search
+
+runner = CliRunner()
+
+
+def fake_score(values: dict) -> Outcome:
+    weight = max(0.0, float(values["attention.max_weight"]))
+    return Outcome(kl=0.01 * weight, refusals=round(20 * (1.5 - weight)), total_bad=20)
+
+
+@pytest.fixture
+def searched_job(tmp_path: Path) -> Path:
+    """A job directory whose search ran (with a fake engine)."""
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    (job_dir / "settings.toml").write_text('model = "m"\nseed = 1\n', encoding="utf-8")
+    study = open_study(JobPaths(job_dir).journal, seed=1, n_startup_trials=3)
+    run_search(study, SearchSpace.heretic(6, ("attention", "mlp")), fake_score, n_trials=6)
+    return job_dir
+
+
+def test_version() -> None:
+    result = runner.invoke(app, ["version"])
+    assert result.exit_code == 0 and result.stdout.strip() == __version__
+
+
+def test_pareto_table_and_json_list_the_same_front(searched_job: Path) -> None:
+    as_json = runner.invoke(app, ["pareto", "--job-dir", str(searched_job), "--json"])
+    assert as_json.exit_code == 0, as_json.stderr
+    front = json.loads(as_json.stdout)
+    assert front, "a search with 6 trials has a front"
+    refusals = [trial["refusals"] for trial in front]
+    assert refusals == sorted(refusals)
+    kls = [trial["kl"] for trial in front]
+    assert kls == sorted(kls, reverse=True)
+
+    table = runner.invoke(app, ["pareto", "--job-dir", str(searched_job)])
+    assert table.exit_code == 0
+    for trial in front:
+        assert f"#{trial['number']}" in table.stdout
+
+
+def test_pareto_of_a_folder_without_a_search(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["pareto", "--job-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: ") and "hint: " in result.stderr
+    assert "Traceback" not in result.output + result.stderr
+
+
+def test_export_of_an_unknown_trial_names_the_range(searched_job: Path) -> None:
+    result = runner.invoke(
+        app,
+        ["export", "--job-dir", str(searched_job), "--trial", "99", "--save-directory", "out"],
+    )
+    assert result.exit_code == 2
+    assert "no finished trial 99" in result.stderr and "1-6" in result.stderr
+    events, _ = read_events(searched_job / EVENTS_FILE)
+    assert isinstance(events[-1], ErrorEvent) and "99" in events[-1].message
+
+
+def test_export_needs_a_destination(searched_job: Path) -> None:
+    result = runner.invoke(app, ["export", "--job-dir", str(searched_job), "--trial", "1"])
+    assert result.exit_code == 2 and "nothing to export to" in result.stderr
+
+
+def test_run_help_lists_the_contract_options() -> None:
+    result = runner.invoke(app, ["run", "--help"])
+    assert result.exit_code == 0
+    for option in ("--config", "--job-dir", "--events", "--n-trials", "--model", "--set"):
+        assert option in result.stdout
+
+
+def test_bad_set_assignment_is_reported_in_the_job(tmp_path: Path) -> None:
+    job_dir = tmp_path / "job"
+    result = runner.invoke(app, ["run", "--job-dir", str(job_dir), "--set", "oops", "--events"])
+    assert result.exit_code == 2
+    assert "KEY=VALUE" in result.stderr
+    # With --events the error event is on stdout too, exactly as written to the file.
+    printed = [json.loads(line) for line in result.stdout.splitlines()]
+    assert printed[-1]["type"] == "error"
+    events, _ = read_events(job_dir / EVENTS_FILE)
+    assert events[-1].model_dump(mode="json") == printed[-1]
