@@ -377,3 +377,28 @@ def test_every_config_key_in_the_docs_is_a_controller_setting() -> None:
         if key and key not in Settings.model_fields and key.upper() != key:
             unknown.append(f"{code.where()} -> no setting `{words[3]}`")
     assert not unknown, "\n".join(unknown)
+
+
+# --- developer scripts named in the docs --------------------------------------------------------
+
+
+def test_every_documented_script_option_exists() -> None:
+    """`python scripts/X.py --option` in the docs: the script exists and defines that option."""
+    problems = []
+    for path in documentation_files():
+        for code in _code_lines(path):
+            for words in _simple_commands(code.text):
+                if len(words) < 2 or not re.fullmatch(r"python3?(\.exe)?", words[0]):
+                    continue
+                script = REPO_ROOT / words[1]
+                if not words[1].startswith("scripts/"):
+                    continue
+                if not script.exists():
+                    problems.append(f"{code.where()}\n    -> {words[1]} does not exist")
+                    continue
+                source = script.read_text(encoding="utf-8")
+                for word in words[2:]:
+                    option = word.partition("=")[0]
+                    if option.startswith("--") and f'"{option}"' not in source:
+                        problems.append(f"{code.where()}\n    -> {words[1]} has no {option}")
+    assert not problems, "\n".join(problems)
