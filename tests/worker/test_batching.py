@@ -1,0 +1,79 @@
+"""Batch size: the sizes tried, the throughput choice (with an injected clock), and running out
+of memory (a real forward hook that fails like CUDA does above a batch size)."""
+
+from __future__ import annotations
+
+import pytest
+
+from hctl_worker.batching import candidate_sizes, find_batch_size
+from hctl_worker.errors import OutOfMemoryError
+from hctl_worker.model import load_model
+from scripts.make_random_model import make_random_model
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    path = make_random_model(tmp_path_factory.mktemp("models") / "qwen3", "qwen3", hidden=32)
+    return load_model(str(path), dtypes=["float32"], device_map="cpu")
+
+
+def test_candidate_sizes_double_up_to_the_maximum() -> None:
+    assert candidate_sizes(1) == [1]
+    assert candidate_sizes(8) == [1, 2, 4, 8]
+    assert candidate_sizes(12) == [1, 2, 4, 8, 12]
+    with pytest.raises(ValueError):
+        candidate_sizes(0)
+
+
+class SteppingClock:
+    """Each timed run takes the next duration from the list (start and end are two calls)."""
+
+    def __init__(self, durations: list[float]) -> None:
+        self.durations = list(durations)
+        self.now = 0.0
+        self.started = False
+
+    def __call__(self) -> float:
+        if self.started:
+            self.now += self.durations.pop(0)
+        self.started = not self.started
+        return self.now
+
+
+def test_the_fastest_size_wins_not_the_largest(loaded) -> None:
+    texts = loaded.template(["hi", "hello there"], None)
+    # prompts/s for sizes 1, 2, 4, 8: 1, 2, 4, 1.6 -> 4, and 8 ends the sweep (below 70 %).
+    clock = SteppingClock([1.0, 1.0, 1.0, 5.0])
+    messages: list[str] = []
+    size = find_batch_size(
+        loaded, texts, max_batch_size=64, on_message=messages.append, clock=clock, max_new_tokens=2
+    )
+    assert size == 4
+    assert clock.durations == []
+    assert messages[-1] == "chose batch size 4"
+
+
+def test_out_of_memory_stops_at_the_last_size_that_fit(loaded) -> None:
+    def fail_above_two(module, args, kwargs):
+        if kwargs["input_ids"].shape[0] > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    handle = loaded.model.register_forward_pre_hook(fail_above_two, with_kwargs=True)
+    try:
+        texts = loaded.template(["hi"], None)
+        size = find_batch_size(loaded, texts, max_batch_size=16, max_new_tokens=2)
+        assert size == 2
+    finally:
+        handle.remove()
+
+
+def test_out_of_memory_at_size_one_is_an_error(loaded) -> None:
+    def always_fail(module, args, kwargs):
+        raise RuntimeError("CUDA out of memory.")
+
+    handle = loaded.model.register_forward_pre_hook(always_fail, with_kwargs=True)
+    try:
+        with pytest.raises(OutOfMemoryError):
+            find_batch_size(loaded, loaded.template(["hi"], None), max_batch_size=4)
+    finally:
+        handle.remove()

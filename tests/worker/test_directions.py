@@ -1,0 +1,71 @@
+"""Refusal directions: difference of means, projection, separation, interpolation, and residual
+extraction that does not depend on batching or padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hctl_worker.directions import (
+    interpolate_direction,
+    last_token_residuals,
+    layer_separation,
+    refusal_directions,
+)
+from hctl_worker.model import load_model
+from scripts.make_random_model import make_random_model
+
+
+def test_directions_are_unit_differences_of_means() -> None:
+    bad = torch.tensor([[[1.0, 0.0], [0.0, 2.0]], [[3.0, 0.0], [0.0, 4.0]]])  # 2 prompts, 2 layers
+    good = torch.tensor([[[0.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    directions = refusal_directions(bad, good, orthogonalize=False)
+    assert torch.allclose(directions, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+
+
+def test_projection_removes_the_harmless_mean_component() -> None:
+    good = torch.tensor([[[1.0, 0.0, 0.0]], [[1.0, 0.0, 0.0]]])
+    bad = torch.tensor([[[2.0, 1.0, 0.0]], [[2.0, 1.0, 0.0]]])
+    plain = refusal_directions(bad, good, orthogonalize=False)
+    projected = refusal_directions(bad, good, orthogonalize=True)
+    assert torch.allclose(plain[0], torch.tensor([1.0, 1.0, 0.0]) / 2**0.5)
+    assert torch.allclose(projected[0], torch.tensor([0.0, 1.0, 0.0]))
+    assert torch.allclose(projected.norm(dim=-1), torch.ones(1))
+
+
+def test_layer_separation_is_high_where_the_classes_split() -> None:
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(40, 3, 8, generator=generator)
+    good, bad = noise[:20].clone(), noise[20:].clone()
+    bad[:, 2, 0] += 10.0  # only layer index 2 separates the classes
+    separation = layer_separation(bad, good)
+    assert separation.shape == (3,)
+    assert int(separation.argmax()) == 2
+    assert separation[2] > 5 * separation[:2].max()
+
+
+def test_interpolation_skips_the_embeddings_entry_and_blends_neighbours() -> None:
+    directions = torch.eye(4)  # entry k = output of layer k - 1
+    assert torch.allclose(interpolate_direction(directions, 0.0), directions[1])
+    assert torch.allclose(interpolate_direction(directions, 2.0), directions[3])
+    halfway = interpolate_direction(directions, 1.5)
+    assert torch.allclose(halfway, torch.tensor([0.0, 0.0, 1.0, 1.0]) / 2**0.5)
+    assert torch.allclose(interpolate_direction(directions, 99.0), directions[3])
+    assert halfway.norm().item() == pytest.approx(1.0)
+
+
+def test_residuals_do_not_depend_on_batching_or_padding(tmp_path) -> None:
+    path = make_random_model(tmp_path / "llama", "llama", hidden=32, layers=3)
+    loaded = load_model(str(path), dtypes=["float32"], device_map="cpu")
+    texts = loaded.template(
+        ["hi", "a much longer prompt with many more tokens in it", "mid size"], None
+    )
+    together = last_token_residuals(loaded, texts, batch_size=3)
+    alone = torch.cat([last_token_residuals(loaded, [text], batch_size=1) for text in texts])
+    assert together.shape == (3, 4, 32)
+    assert together.dtype == torch.float32 and together.device.type == "cpu"
+    assert torch.allclose(together, alone, atol=1e-4)
+    # Index 0 is the embeddings output of the last prompt token.
+    last_token = loaded.tokenizer(texts[0], add_special_tokens=False)["input_ids"][-1]
+    embedding = loaded.model.get_input_embeddings().weight[last_token]
+    assert torch.allclose(together[0, 0], embedding.detach(), atol=1e-6)
