@@ -111,6 +111,15 @@ class Score:
 
 
 @dataclass
+class GenerationStats:
+    """Counters for benchmarks: tokens generated and forward passes run."""
+
+    tokens: int = 0
+    forward_passes: int = 0
+    rows: int = 0
+
+
+@dataclass
 class EncodedBatch:
     indices: list[int]  # positions of these rows in the caller's text list
     input_ids: torch.Tensor
@@ -218,6 +227,7 @@ def generate_batch(
     batch: EncodedBatch,
     max_new_tokens: int,
     markers: tuple[str, ...] | None = None,
+    stats: GenerationStats | None = None,
 ) -> list[str]:
     """Greedy replies for one batch; rows leave the batch at EOS or, with `markers`, as soon as
     their normalised text contains one (the reply is then a refusal whatever follows)."""
@@ -242,6 +252,7 @@ def generate_batch(
         **forward_options(model),
     )
     next_positions = position_ids[:, -1:] + 1
+    forward_passes = 1
     can_drop_rows = hasattr(cache, "batch_select_indices")
     for step in range(max_new_tokens):
         tokens = outputs.logits[:, -1, :].argmax(dim=-1)
@@ -288,6 +299,11 @@ def generate_batch(
             **forward_options(model),
         )
         next_positions = next_positions + 1
+        forward_passes += 1
+    if stats is not None:
+        stats.tokens += sum(len(row) for row in generated)
+        stats.forward_passes += forward_passes
+        stats.rows += rows
     return [tokenizer.decode(row, skip_special_tokens=True) for row in generated]
 
 
@@ -296,6 +312,7 @@ def generate(
     batches: Sequence[EncodedBatch],
     max_new_tokens: int,
     markers: tuple[str, ...] | None = None,
+    stats: GenerationStats | None = None,
 ) -> list[str]:
     """Replies for every batch, in the callers' original order."""
     total = sum(len(batch.indices) for batch in batches)
@@ -303,7 +320,9 @@ def generate(
     with torch.inference_mode():
         for batch in batches:
             for index, reply in zip(
-                batch.indices, generate_batch(loaded, batch, max_new_tokens, markers), strict=True
+                batch.indices,
+                generate_batch(loaded, batch, max_new_tokens, markers, stats),
+                strict=True,
             ):
                 replies[index] = reply
     return replies
@@ -341,6 +360,7 @@ class Evaluator:
         self.max_response_length = int(max_response_length)
         self.batch_size = max(1, int(batch_size))
         self.kl_skip_threshold = kl_skip_threshold
+        self.stats = GenerationStats()
         self._good_batches = encode_texts(loaded, self.good_texts, self.batch_size)
         self._bad_batches = encode_texts(loaded, self.bad_texts, self.batch_size)
         self.base_logprobs = self._first_token_logprobs()
@@ -363,7 +383,9 @@ class Evaluator:
 
     def count_refusals(self, batches: Sequence[EncodedBatch]) -> int:
         with _translated_out_of_memory():
-            replies = generate(self.loaded, batches, self.max_response_length, self.markers)
+            replies = generate(
+                self.loaded, batches, self.max_response_length, self.markers, self.stats
+            )
         return sum(1 for reply in replies if _is_refusal_normalised(reply, self.markers))
 
     def baseline(self) -> Baseline:
@@ -423,6 +445,7 @@ __all__ = [
     "DEFAULT_REFUSAL_MARKERS",
     "Baseline",
     "EncodedBatch",
+    "GenerationStats",
     "Evaluator",
     "Score",
     "encode_texts",
