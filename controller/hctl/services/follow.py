@@ -19,11 +19,14 @@ from typing import Protocol
 
 from hctl.errors import ConnectError, ConnectionLostError, RemoteError, TransferError
 from hctl.remote.base import Remote
-from hctl_worker.events import EVENTS_FILE, PID_FILE, decode, split_complete_lines
+from hctl_worker.events import EVENTS_FILE, decode, split_complete_lines
 
 # One read returns at most this much; a long backlog arrives over a few polls.
 MAX_READ_BYTES = 4 * 1024 * 1024
 STATUS_MARK = "@@hctl-worker:"
+# Written by the shell that runs the worker (see `launch.launch_command`); it lives exactly as
+# long as the worker does, whatever the worker does with its own pid file.
+LAUNCHER_PID_FILE = "launcher.pid"
 RECONNECT_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 
 
@@ -50,7 +53,7 @@ class JobChannel(Protocol):
 def read_command(job_dir: str, offset: int, max_bytes: int = MAX_READ_BYTES) -> str:
     """The shell command that prints the events after `offset` and the worker's liveness."""
     events = shlex.quote(f"{job_dir}/{EVENTS_FILE}")
-    pid = shlex.quote(f"{job_dir}/{PID_FILE}")
+    pid = shlex.quote(f"{job_dir}/{LAUNCHER_PID_FILE}")
     return (
         f"(tail -c +{offset + 1} {events} 2>/dev/null | head -c {max_bytes} | base64); "
         f"echo; if [ ! -f {pid} ]; then echo '{STATUS_MARK}unknown'; "

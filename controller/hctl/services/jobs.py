@@ -58,6 +58,9 @@ class JobRecord(BaseModel):
     pod_created_here: bool = False
     address: str | None = None  # ssh://user@host:port for `--on ssh://`
     remote_job_dir: str  # the job directory on the machine
+    worker_command: str = "hctl-worker"  # how the worker is run there
+    worker_settings: dict = Field(default_factory=dict)  # before local paths were placed
+    parameters: int | None = None  # the model's size, for estimates on resume
     gpu_id: str | None = None
     price_per_hour: float = 0.0
     max_cost: float | None = None
@@ -65,7 +68,6 @@ class JobRecord(BaseModel):
     status: JobStatus = "preparing"
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
     started_at: float | None = None  # when the machine started billing for this job (epoch s)
-    events_offset: int = 0  # bytes of the remote events file already copied home
     chosen_trial: int | None = None
     saved_model_dir: str | None = None  # on the machine
     downloaded_to: str | None = None

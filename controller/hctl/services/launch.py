@@ -29,7 +29,7 @@ from hctl.errors import (
     PodNotReadyError,
     RemoteError,
 )
-from hctl.providers.base import GpuType, Pod, PodSpec, Provider
+from hctl.providers.base import GpuType, Pod, Provider
 from hctl.remote.base import Remote
 from hctl.services.estimate import (
     Estimate,
@@ -38,15 +38,23 @@ from hctl.services.estimate import (
     find_gpu,
     format_money,
 )
+from hctl.services.follow import LAUNCHER_PID_FILE
 from hctl.services.jobs import JobRecord, TargetKind, new_job_id
-from hctl.services.lease import lease_deadline
+from hctl.services.lease import lease_seconds
 from hctl.services.models import ModelInfo, inspect_model
 from hctl.services.toolkit import Toolkit
 from hctl_worker.errors import WorkerError
-from hctl_worker.events import JOURNAL_FILE, LOG_FILE, PID_FILE, SETTINGS_FILE
-from hctl_worker.settings import PROMPT_TABLES, load_settings
+from hctl_worker.events import JOURNAL_FILE, LOG_FILE, SETTINGS_FILE
+from hctl_worker.settings import (
+    PROMPT_TABLES,
+    load_settings,
+    parse_assignment,
+    read_config_file,
+    translate_heretic_keys,
+)
 
 SECRETS_FILE = ".secrets.env"
+EXIT_FILE = "worker.exit"
 Notify = Callable[[str], None]
 
 
@@ -111,6 +119,28 @@ def hf_token(toolkit: Toolkit) -> str | None:
     return token.get_secret_value() if token is not None else None
 
 
+# A local model folder may carry its own prompt files in `prompts/` (the test fixtures do); they
+# are used for every prompt set the settings do not name, so such a model runs offline.
+FOLDER_PROMPTS = {
+    "good_prompts": "harmless_train.txt",
+    "bad_prompts": "harmful_train.txt",
+    "good_evaluation_prompts": "harmless_test.txt",
+    "bad_evaluation_prompts": "harmful_test.txt",
+}
+
+
+def parse_assignments(items: list[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` items (the value read as TOML, else a string)."""
+    values: dict[str, Any] = {}
+    for item in items:
+        try:
+            key, value = parse_assignment(item)
+        except WorkerError as error:
+            raise ConfigError(error.message, error.hint) from None
+        values[key] = value
+    return values
+
+
 def build_worker_settings(request: RunRequest, model: ModelInfo) -> dict[str, Any]:
     """The worker's settings for this job, validated here so a mistake costs nothing."""
     overrides = dict(request.worker_overrides or {})
@@ -122,6 +152,14 @@ def build_worker_settings(request: RunRequest, model: ModelInfo) -> dict[str, An
             "Check the --config path (the worker's config.default.toml shows the format).",
         )
     try:
+        named: set[str] = set(overrides)
+        if request.config_file is not None:
+            named |= set(translate_heretic_keys(read_config_file(request.config_file), "")[0])
+        if model.local_path is not None:
+            for key, name in FOLDER_PROMPTS.items():
+                path = model.local_path / "prompts" / name
+                if key not in named and path.is_file():
+                    overrides[key] = {"dataset": str(path)}
         settings = load_settings(request.config_file, overrides)
     except WorkerError as error:
         raise ConfigError(error.message, error.hint) from None
@@ -242,23 +280,29 @@ def remote_base_dir(record_target: TargetKind, remote: Remote, toolkit: Toolkit)
 
 def create_pod(plan: RunPlan, job_id: str, toolkit: Toolkit, notify: Notify) -> Pod:
     """A new pod named `hctl-<job id>`, with a lease sized from the estimate."""
+    from hctl import pods, sshkeys
+
     settings = toolkit.settings
     assert plan.gpu is not None
-    deadline = lease_deadline(plan.estimate.total_seconds)
-    spec = PodSpec(
-        name=f"hctl-{job_id}",
-        gpu_type_id=plan.gpu.id,
-        image=plan.request.image or settings.image,
-        container_disk_gb=settings.container_disk_gb,
-        volume_gb=settings.volume_gb,
-        volume_mount_path=settings.volume_path,
-        cloud_type=settings.cloud_type,
+    provider = toolkit.provider()
+    key, created = sshkeys.ensure_key(settings.ssh_key_path)
+    if created:
+        notify(f"made a new SSH key for hctl: {settings.ssh_key_path}")
+    lease_s = lease_seconds(plan.estimate.total_seconds)
+    pod_plan = pods.plan_pod(
+        provider,
+        settings,
+        gpu=plan.gpu.id,
+        image=plan.request.image,
         spot=plan.request.spot,
         bid_per_gpu=plan.gpu.price(settings.cloud_type, True) if plan.request.spot else None,
-        terminate_after=deadline,
+        name=f"hctl-{job_id}",
+        max_hours=lease_s / 3600,
+        at_limit="terminate",
+        public_key=sshkeys.pod_public_keys(provider, key),
     )
     try:
-        pod = toolkit.provider().create(spec)
+        pod = pods.create_pod(provider, pod_plan)
     except CapacityError as error:
         raise CapacityError(
             f"{error.message} Nothing was created.",
@@ -266,10 +310,11 @@ def create_pod(plan: RunPlan, job_id: str, toolkit: Toolkit, notify: Notify) -> 
                 plan.model, plan.catalogue or [], plan.estimate, plan.request, toolkit
             ),
         ) from None
+    deadline = pod_plan.spec.terminate_after
     notify(
         f"created pod {pod.id} ({plan.gpu.display_name}, {format_money(pod.cost_per_hr)}/h); "
         f"lease: RunPod terminates it at {deadline:%Y-%m-%d %H:%M} UTC at the latest "
-        "(sized generously, since a lease cannot be extended)"
+        "(sized generously, since hctl cannot extend a lease)"
     )
     return pod
 
@@ -453,27 +498,41 @@ def upload_secrets(remote: Remote, job_dir: str, values: dict[str, str | None]) 
 
 
 def launch_command(worker: str, job_dir: str, *, env: dict[str, str] | None = None) -> str:
-    """Start the worker detached (own session, no terminal), recording its pid."""
+    """Start the worker detached: its own session, no terminal, output to the log.
+
+    A small shell runs the worker and records its own pid in `launcher.pid` (and the worker's
+    exit status in `worker.exit`): that pid lives exactly as long as the worker, so the follower
+    can tell a finished or crashed worker from a running one. `setsid` puts it in a session of
+    its own, so neither a dropped connection nor the end of this SSH session can reach it.
+    """
     quoted = shlex.quote(job_dir)
     exports = "".join(
         f"export {name}={shlex.quote(value)}; " for name, value in (env or {}).items()
     )
-    run = (
+    inner = (
+        f"echo $$ >{quoted}/{LAUNCHER_PID_FILE}; "
         f"{worker} run --config {quoted}/{SETTINGS_FILE} --job-dir {quoted} --events "
-        f">>{quoted}/{LOG_FILE} 2>&1 </dev/null"
+        f">>{quoted}/{LOG_FILE} 2>&1; echo $? >{quoted}/{EXIT_FILE}"
     )
+    detach = "if command -v setsid >/dev/null 2>&1; then S=setsid; else S=nohup; fi; "
+    start = f"$S sh -c {shlex.quote(inner)} >/dev/null 2>&1 </dev/null &"
+    wait_for_pid = (
+        f"for i in 1 2 3 4 5 6 7 8 9 10; do [ -s {quoted}/{LAUNCHER_PID_FILE} ] && break; "
+        "sleep 0.1; done; "
+        f"cat {quoted}/{LAUNCHER_PID_FILE}"
+    )
+    # A subshell, so nothing (the directory, the secrets) lingers in a persistent PTY shell.
     return (
-        f"cd {quoted} && {exports}"
-        + with_secrets(job_dir, f"(setsid nohup {run} & echo $! >{quoted}/{PID_FILE})")
-        + " && sleep 0.2 && cat "
-        + f"{quoted}/{PID_FILE}"
+        f"(cd {quoted} && rm -f {quoted}/{LAUNCHER_PID_FILE} {quoted}/{EXIT_FILE} && {exports}"
+        + with_secrets(job_dir, f"{detach}{start}")
+        + f" {wait_for_pid})"
     )
 
 
 def worker_env(record: JobRecord, base_dir: str) -> dict[str, str]:
     """Environment for the worker: on a pod, the Hugging Face cache lives on the volume."""
     if record.target == "pod":
-        return {"HF_HOME": f"{base_dir}/hf"}
+        return {"HF_HOME": f"{base_dir.rsplit('/hctl', 1)[0]}/.cache/huggingface"}
     return {}
 
 
@@ -497,8 +556,11 @@ def start_worker(
     toolkit.store.settings_path(record.job_id).write_text(text, encoding="utf-8")
     put_text(remote, text, f"{job_dir}/{SETTINGS_FILE}")
     for name, path in (resume_files or {}).items():
-        if path.is_file():
+        # A file already on the machine is at least as new as the copy at home: keep it.
+        there = remote.run(f"test -f {shlex.quote(f'{job_dir}/{name}')}", timeout=30)
+        if path.is_file() and there.exit_code != 0:
             remote.put(path, f"{job_dir}/{name}")
+            notify(f"uploaded the copy of {name} from this computer")
     upload_secrets(remote, job_dir, {"HF_TOKEN": token})
     result = remote.run(
         launch_command(worker, job_dir, env=worker_env(record, base_dir)), timeout=60
@@ -509,7 +571,9 @@ def start_worker(
             f"See `hctl logs {record.job_id}`.",
         )
     notify(f"worker started on {remote.description} in {job_dir}")
-    return toolkit.store.save(record.model_copy(update={"status": "running"}))
+    return toolkit.store.save(
+        record.model_copy(update={"status": "running", "worker_command": worker})
+    )
 
 
 def new_record(plan: RunPlan, toolkit: Toolkit) -> JobRecord:
@@ -534,6 +598,8 @@ def new_record(plan: RunPlan, toolkit: Toolkit) -> JobRecord:
         trial_choice=request.trial,
         kl_limit=settings.kl_limit,
         started_at=toolkit.clock() if plan.target != "pod" else None,
+        worker_settings=plan.worker_settings,
+        parameters=plan.model.parameters,
     )
 
 

@@ -31,9 +31,15 @@ from hctl.errors import (
 from hctl.remote.base import Remote
 from hctl.services.budget import Meter
 from hctl.services.estimate import format_money
-from hctl.services.follow import Follower, RemoteJobChannel
+from hctl.services.follow import LAUNCHER_PID_FILE, Follower, RemoteJobChannel
 from hctl.services.jobs import JobRecord
-from hctl.services.launch import Notify, upload_secrets, with_secrets
+from hctl.services.launch import (
+    Notify,
+    hf_token,
+    release_after_failure,
+    upload_secrets,
+    with_secrets,
+)
 from hctl.services.pareto_plot import save_svg
 from hctl.services.progress import JobProgress, choose_trial
 from hctl.services.toolkit import Toolkit
@@ -96,12 +102,17 @@ def channel_factory(record: JobRecord, toolkit: Toolkit) -> Callable[[], RemoteJ
     return lambda: RemoteJobChannel(toolkit.connect(record), record.remote_job_dir)
 
 
-def stop_worker(remote: Remote, job_dir: str, signal: str = "TERM") -> bool:
-    """Signal the worker's process; False when it was not running."""
-    pid = shlex.quote(f"{job_dir}/{PID_FILE}")
+def stop_worker(remote: Remote, job_dir: str) -> bool:
+    """Ask the worker to stop (SIGTERM: it ends the current trial as failed and exits, and a
+    resumed search runs that trial again); False when it was not running."""
+    worker_pid = shlex.quote(f"{job_dir}/{PID_FILE}")
+    launcher_pid = shlex.quote(f"{job_dir}/{LAUNCHER_PID_FILE}")
     result = remote.run(
-        f'if [ -f {pid} ] && kill -0 "$(cat {pid})" 2>/dev/null; then '
-        f'kill -{signal} "$(cat {pid})"; echo stopped; else echo idle; fi',
+        f'if [ -f {worker_pid} ] && kill -0 "$(cat {worker_pid})" 2>/dev/null; then '
+        f'kill -TERM "$(cat {worker_pid})"; echo stopped; '
+        f'elif [ -f {launcher_pid} ] && kill -0 "$(cat {launcher_pid})" 2>/dev/null; then '
+        f'kill -TERM -- "-$(cat {launcher_pid})" 2>/dev/null || kill -TERM "$(cat {launcher_pid})"; '
+        "echo stopped; else echo idle; fi",
         timeout=30,
     )
     return "stopped" in result.output
@@ -337,14 +348,13 @@ def finish_job(
         return record
     chosen = pick_trial(record, progress, chooser, notify)
     assert chosen is not None
-    picture = save_svg(
+    save_svg(
         store.picture_path(record.job_id),
         list(progress.trials.values()),
         front,
         title=f"{record.model} — job {record.job_id}",
         chosen=chosen.number,
     )
-    notify(f"Pareto plot: {picture}")
     record = store.save(record.model_copy(update={"chosen_trial": chosen.number}))
     if record.saved_model_dir is None:
         saved = export_trial(record, chosen.number, toolkit, notify, worker=worker, token=token)
@@ -484,4 +494,150 @@ def sync_job(record: JobRecord, toolkit: Toolkit) -> bool:
     return True
 
 
-__all__ = ["EVENTS_FILE", "complete", "cancel_job", "follow_job", "sync_job"]
+def worker_alive(record: JobRecord, toolkit: Toolkit) -> bool | None:
+    """Whether the job's worker runs now; None when its machine cannot be reached."""
+    try:
+        channel = channel_factory(record, toolkit)()
+    except HctlError:
+        return None
+    try:
+        return channel.read(10**15).worker_alive is True
+    except HctlError:
+        return None
+    finally:
+        channel.close()
+
+
+def resume_job(
+    record: JobRecord,
+    toolkit: Toolkit,
+    notify: Notify,
+    *,
+    n_trials: int | None = None,
+    gpu: str | None = None,
+    pod: str | None = None,
+    confirm: Callable[[str], None] | None = None,
+) -> JobRecord:
+    """Run the worker again on the job's journal: trials already done are not redone.
+
+    On its pod when that still exists (started again if stopped), else on a new pod (or the
+    one given) where the journal and events copied home are uploaded into a fresh job directory.
+    """
+    store = toolkit.store
+    if (
+        record.target == "pod"
+        and pod is None
+        and record.pod_id is not None
+        and _pod_usable(record, toolkit)
+        and worker_alive(record, toolkit)
+    ):
+        raise JobError(
+            f"Job {record.job_id} is still running.",
+            f"Follow it with `hctl attach {record.job_id}`.",
+        )
+    progress = local_progress(record, toolkit)
+    total = n_trials if n_trials is not None else record.n_trials
+    if total < 1:
+        raise JobError("--trials must be at least 1.", "Give the total number of trials.")
+    settings_values = dict(record.worker_settings)
+    settings_values["n_trials"] = total
+    updates: dict = {"n_trials": total, "worker_settings": settings_values, "status": "preparing"}
+    if record.target == "pod":
+        meter = meter_for(record, toolkit)
+        last_seen = max(
+            (event.ts for event in store.events(record.job_id) if hasattr(event, "ts")),
+            default=meter.started_at,
+        )
+        spent = meter.spent(last_seen) if record.started_at is not None else record.spent_before
+        updates |= {"spent_before": spent, "saved_model_dir": None, "downloaded_to": None}
+    record = store.save(record.model_copy(update=updates))
+    if record.target == "pod":
+        record = _resume_machine(record, toolkit, notify, gpu=gpu, pod=pod, confirm=confirm)
+    else:
+        record = store.save(record.model_copy(update={"started_at": toolkit.clock()}))
+    notify(f"resuming job {record.job_id}: {progress.trials_done} trials done, {total} wanted")
+    remote = toolkit.connect(record)
+    try:
+        from hctl.services.launch import start_worker
+
+        return start_worker(
+            record,
+            settings_values,
+            remote,
+            toolkit,
+            notify,
+            token=hf_token(toolkit),
+            resume_files={
+                JOURNAL_FILE: store.journal_path(record.job_id),
+                EVENTS_FILE: store.events_path(record.job_id),
+            },
+        )
+    except BaseException:
+        if record.pod_created_here and record.target == "pod" and record.pod_id:
+            release_after_failure(
+                toolkit.provider(), record.pod_id, created_here=True, started_here=False,
+                notify=notify,
+            )  # fmt: skip
+        raise
+    finally:
+        remote.close()
+
+
+def _pod_usable(record: JobRecord, toolkit: Toolkit) -> bool:
+    try:
+        pod = toolkit.provider().get(record.pod_id or "")
+    except PodNotFoundError:
+        return False
+    return pod.status not in {"TERMINATED", "DEAD"}
+
+
+def _resume_machine(
+    record: JobRecord,
+    toolkit: Toolkit,
+    notify: Notify,
+    *,
+    gpu: str | None,
+    pod: str | None,
+    confirm: Callable[[str], None] | None,
+) -> JobRecord:
+    """The pod to continue on: the job's own if it still exists, the given one, or a new one."""
+    from hctl.services.launch import RunRequest, bring_up_pod, plan_run, remote_base_dir
+
+    reuse_own = pod is None and gpu is None and _pod_usable(record, toolkit)
+    if reuse_own:
+        pod = record.pod_id
+        notify(f"pod {pod} still exists: continuing there")
+    request = RunRequest(
+        model=record.model,
+        n_trials=max(1, record.n_trials - len(local_progress(record, toolkit).trials)),
+        gpu=gpu or record.gpu_id,
+        pod=pod,
+        params=str(record.parameters) if record.parameters else None,
+        after=record.after,
+    )
+    plan = plan_run(request, toolkit)
+    plan.worker_settings = record.worker_settings
+    if confirm is not None and plan.creates_pod:
+        confirm(
+            f"Create a new {plan.estimate.gpu_name} pod to finish job {record.job_id} for about "
+            f"{format_money(plan.estimate.total_cost)}?"
+        )
+    record = toolkit.store.save(
+        record.model_copy(
+            update={"pod_id": None if plan.creates_pod else plan.pod.id if plan.pod else None,
+                    "pod_created_here": plan.creates_pod or (reuse_own and record.pod_created_here),
+                    "gpu_id": plan.gpu.id if plan.gpu else record.gpu_id}
+        )
+    )  # fmt: skip
+    record = bring_up_pod(plan, record, toolkit, notify)
+    if plan.creates_pod:
+        record = toolkit.store.save(record.model_copy(update={"pod_created_here": True}))
+    remote = toolkit.connect(record)
+    try:
+        job_dir = f"{remote_base_dir('pod', remote, toolkit)}/jobs/{record.job_id}"
+    finally:
+        remote.close()
+    return toolkit.store.save(record.model_copy(update={"remote_job_dir": job_dir}))
+
+
+__all__ = ["EVENTS_FILE", "complete", "cancel_job", "follow_job", "resume_job", "sync_job"]

@@ -7,11 +7,16 @@ with small fakes and free of module-level state.
 
 from __future__ import annotations
 
+import shlex
+import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from hctl.errors import JobError
 from hctl.providers.base import Pod, Provider
 from hctl.remote.base import Remote
 from hctl.services.jobs import JobRecord, JobStore
@@ -46,27 +51,59 @@ class Toolkit:
         return self._provider
 
 
+def local_worker_command() -> str:
+    """The worker installed beside this controller (same environment, same version)."""
+    beside = Path(sys.executable).with_name("hctl-worker")
+    if beside.is_file():
+        return shlex.quote(str(beside))
+    found = shutil.which("hctl-worker")
+    if found:
+        return shlex.quote(found)
+    raise JobError(
+        "The worker (hctl-worker) is not installed on this machine.",
+        "Install it with: pip install 'hctl[worker]'",
+    )
+
+
 def default_toolkit(settings: Settings, **replacements: Any) -> Toolkit:
     """The real pieces: RunPod, SSH or local remotes, the worker installer."""
-    from hctl import pods, setup, targets
+    from hctl import pods
     from hctl.providers import make_provider
 
     def provider_factory() -> Provider:
         return make_provider(settings)
 
-    toolkit = Toolkit(
-        settings=settings,
-        provider_factory=provider_factory,
-        connect=lambda record: _connect(targets, toolkit, record),
-        ensure_worker=lambda remote: setup.ensure_worker(remote, settings),
-        wait_until_ready=lambda provider, pod_id: pods.wait_until_ready(
+    def connect(record: JobRecord) -> Remote:
+        if record.target == "local":
+            from hctl.remote.local import LocalRemote
+
+            return LocalRemote()
+        from hctl import targets
+
+        return _connect(targets, toolkit, record)
+
+    def ensure_worker(remote: Remote) -> str:
+        if getattr(remote, "kind", None) == "local":
+            return local_worker_command()
+        from hctl import setup
+
+        return setup.ensure_worker(remote, settings)
+
+    def wait_until_ready(provider: Provider, pod_id: str) -> Pod:
+        return pods.wait_until_ready(
             provider,
             pod_id,
             timeout_s=settings.ready_timeout_s,
+            interval_s=settings.ready_poll_interval_s,
             sleep=toolkit.sleep,
-            clock=time.monotonic,
-            on_poll=None,
-        ),
+        )
+
+    toolkit = Toolkit(
+        settings=settings,
+        provider_factory=provider_factory,
+        connect=connect,
+        ensure_worker=ensure_worker,
+        wait_until_ready=wait_until_ready,
         resolve_pod=pods.resolve_pod,
     )
     for name, value in replacements.items():
@@ -75,9 +112,7 @@ def default_toolkit(settings: Settings, **replacements: Any) -> Toolkit:
 
 
 def _connect(targets: Any, toolkit: Toolkit, record: JobRecord) -> Remote:
-    """A Remote for the job's machine, through `hctl.targets`."""
-    if record.target == "local":
-        return targets.resolve_target("local", toolkit.settings)
+    """A Remote for the job's machine (a pod or an SSH host), through `hctl.targets`."""
     if record.target == "ssh":
         return targets.resolve_target(record.address, toolkit.settings)
     return targets.resolve_target(

@@ -81,12 +81,12 @@ def pareto_table(
     table.add_column("trial", justify="right")
     table.add_column("refusals", justify="right")
     table.add_column("KL divergence", justify="right")
-    table.add_column("parameters")
-    table.add_column("")
+    table.add_column("parameters", no_wrap=True, overflow="ellipsis", max_width=44)
+    table.add_column("", no_wrap=True)
     for trial in front:
-        params = ", ".join(
-            f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}"
-            for name, value in list(trial.params.items())[:4]
+        params = " ".join(
+            f"{name.rsplit('.', 1)[-1]}={value:.2f}" if isinstance(value, float) else f"{value}"
+            for name, value in list(trial.params.items())[:3]
         )
         table.add_row(
             str(trial.number),
