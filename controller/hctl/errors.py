@@ -15,7 +15,8 @@ HctlError                      message + hint; exit code 1 unless a subclass say
 │   ├── AuthenticationError    the SSH key was not accepted                           (exit 3)
 │   ├── HostKeyError           the machine's host key changed since first contact     (exit 7)
 │   ├── ConnectionLostError    the connection dropped during a command                (exit 6)
-│   └── TransferError          an upload or download failed or did not verify
+│   ├── TransferError          an upload or download failed or did not verify
+│   └── CommandTimeoutError    a remote command ran past its time limit               (exit 124)
 ├── JobError                   a job on a machine failed, or is not where we looked
 │   └── BudgetError            the job would cost, or has cost, more than allowed     (exit 8)
 └── Aborted                    the user declined a confirmation                       (exit 130)
@@ -126,3 +127,10 @@ class BudgetError(JobError):
 class Aborted(HctlError):
     exit_code = 130
     default_hint = "Nothing was changed."
+
+
+class CommandTimeoutError(RemoteError):
+    """A remote command ran past its time limit and was interrupted."""
+
+    exit_code = 124
+    default_hint = "Give it more time (`--timeout`), or check what the command waits for."

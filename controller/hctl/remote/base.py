@@ -3,13 +3,25 @@
 Implementations: SSH through RunPod's proxy (needs a PTY; no SFTP), direct SSH over a public TCP
 port (exec channels and SFTP), and a local subprocess. Every method raises
 `hctl.errors.RemoteError` subclasses, never paramiko's or the OS's own exceptions.
+
+Contract details every implementation keeps:
+
+- A command's stdin is empty (`/dev/null`): nothing the controller sends can be swallowed by it.
+- `on_output` receives decoded text as it arrives. If the callback raises (Ctrl-C, or a viewer
+  that has seen enough samples), the command is interrupted and the exception propagates; the
+  remote stays usable for the next command.
+- `timeout` is in seconds for the whole command; past it the command is interrupted and
+  `CommandTimeoutError` is raised.
+- A connection lost during a command raises `ConnectionLostError`; the next call reconnects.
+- `put` / `get` create missing parent folders, write to a temporary name, verify the sha256
+  checksum and only then move the file into place (`TransferError` otherwise).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 from pydantic import BaseModel
 
@@ -21,12 +33,14 @@ class CommandResult(BaseModel):
 
 
 OutputCallback = Callable[[str], None]
+RemoteKind = Literal["proxy", "direct", "local"]
 
 
 class Remote(Protocol):
     """A machine commands can be run on."""
 
     description: str  # for messages, e.g. "pod abc123 (proxy)" or "ssh://root@host:22"
+    kind: RemoteKind  # which path: "proxy" (PTY shell), "direct" (exec + SFTP) or "local"
 
     def run(
         self,
@@ -34,8 +48,13 @@ class Remote(Protocol):
         *,
         timeout: float | None = None,
         on_output: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
     ) -> CommandResult:
-        """Run a shell command; stream its output to `on_output` as it arrives."""
+        """Run a shell command; stream its output to `on_output` as it arrives.
+
+        Where stderr is separate (direct, local) it streams to `on_stderr`, or, when that is
+        None, only lands in `CommandResult.stderr`. Through a PTY it is part of the output.
+        """
         ...
 
     def put(self, local_path: Path, remote_path: str) -> None:
