@@ -238,6 +238,7 @@ def generate_batch(
     generated: list[list[int]] = [[] for _ in range(rows)]
     if max_new_tokens <= 0:
         return ["" for _ in range(rows)]
+    input_device = batch.input_ids.device
     active = list(range(rows))  # the row held in each cache slot
     done: set[int] = set()
     cache = _new_cache(model)
@@ -255,7 +256,8 @@ def generate_batch(
     forward_passes = 1
     can_drop_rows = hasattr(cache, "batch_select_indices")
     for step in range(max_new_tokens):
-        tokens = outputs.logits[:, -1, :].argmax(dim=-1)
+        # With several GPUs the logits live on the last one; inputs go to the first.
+        tokens = outputs.logits[:, -1, :].argmax(dim=-1).to(input_device)
         token_list = tokens.tolist()
         keep: list[int] = []
         for slot, row in enumerate(active):
@@ -277,15 +279,17 @@ def generate_batch(
         if not keep or step == max_new_tokens - 1:
             break
         if can_drop_rows and len(keep) < len(active):
-            selection = torch.tensor(keep, device=tokens.device)
+            # A CPU index works for cache layers on any device.
+            selection = torch.tensor(keep, dtype=torch.long)
             try:
                 cache.batch_select_indices(selection)
             except Exception:  # A cache kind that cannot drop rows: keep computing them.
                 can_drop_rows = False
             else:
-                tokens = tokens[selection]
-                attention_mask = attention_mask[selection]
-                next_positions = next_positions[selection]
+                on_input = selection.to(input_device)
+                tokens = tokens[on_input]
+                attention_mask = attention_mask[on_input]
+                next_positions = next_positions[on_input]
                 active = [active[slot] for slot in keep]
         attention_mask = torch.cat(
             [attention_mask, attention_mask.new_ones((attention_mask.shape[0], 1))], dim=1

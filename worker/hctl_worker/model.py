@@ -231,7 +231,7 @@ def load_model(
     The smoke test greedily generates one token; it catches dtypes that load but compute inf/nan
     (float16 overflow), which otherwise only shows up later as a crash inside the search.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     say = on_message or (lambda message: None)
     source = str(source)
@@ -251,6 +251,19 @@ def load_model(
     else:
         source_to_load = source
 
+    try:
+        config = AutoConfig.from_pretrained(
+            source_to_load, trust_remote_code=trust_remote_code, revision=revision
+        )
+    except Exception as error:
+        raise translate_error(error, source) from error
+    model_class = AutoModelForCausalLM
+    if _has_vision(config):
+        # Vision-language checkpoints load through their image-text class; the text decoder
+        # inside is what gets abliterated.
+        from transformers import AutoModelForImageTextToText
+
+        model_class = AutoModelForImageTextToText
     tokenizer = load_tokenizer(
         source_to_load, trust_remote_code=trust_remote_code, revision=revision
     )
@@ -265,7 +278,7 @@ def load_model(
         say(f"loading {source} with dtype {dtype_name}")
         model = None
         try:
-            model = AutoModelForCausalLM.from_pretrained(
+            model = model_class.from_pretrained(
                 source_to_load,
                 dtype=dtype,
                 device_map=device_map,
@@ -299,6 +312,10 @@ def load_model(
         return loaded
     assert last_error is not None
     raise last_error
+
+
+def _has_vision(config) -> bool:
+    return "vision_config" in config.to_dict()
 
 
 def _is_dtype_specific(error: BaseException) -> bool:
