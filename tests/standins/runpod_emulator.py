@@ -39,6 +39,7 @@ from graphql import (
     GraphQLError,
     GraphQLObjectType,
     OperationDefinitionNode,
+    OperationType,
     build_schema,
     execute,
     parse,
@@ -627,12 +628,16 @@ class RunPodEmulator:
             pod.cost_per_hr = round(bid * pod.gpu_count, 4)
         return pod
 
-    def _runtime(self, pod: EmulatedPod) -> dict[str, Any] | None:
-        """The pod's runtime: null while stopped and for the first `ready_after_polls` reads."""
+    def _runtime(self, pod: EmulatedPod, *, poll: bool) -> dict[str, Any] | None:
+        """The pod's runtime: null while stopped and for the first `ready_after_polls` reads.
+
+        Only queries count as reads; a mutation's answer shows the runtime without using one up.
+        """
         if pod.status != "RUNNING":
             return None
         if pod.polls_until_ready > 0:
-            pod.polls_until_ready -= 1
+            if poll:
+                pod.polls_until_ready -= 1
             return None
         ip, port = self._direct or (pod.public_ip, pod.public_port)
         ports = []
@@ -823,7 +828,9 @@ class RunPodEmulator:
         pod_type = schema.get_type("Pod")
         gpu_type = schema.get_type("GpuType")
         assert isinstance(pod_type, GraphQLObjectType) and isinstance(gpu_type, GraphQLObjectType)
-        pod_type.fields["runtime"].resolve = lambda view, _info: self._runtime(view["_pod"])
+        pod_type.fields["runtime"].resolve = lambda view, info: self._runtime(
+            view["_pod"], poll=info.operation.operation == OperationType.QUERY
+        )
         gpu_type.fields["lowestPrice"].resolve = lambda view, _info, input=None: self._lowest_price(
             view["_gpu"], input
         )
@@ -866,6 +873,9 @@ def _resolver_error(message: str, field_name: str, code: str) -> dict[str, Any]:
 def _make_handler(emulator: RunPodEmulator) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # Headers and body go out in two writes; without this, Nagle's algorithm and the client's
+        # delayed ACK add 40 ms to every answer.
+        disable_nagle_algorithm = True
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
             pass  # quiet: tests and the person at the terminal do not want a line per request

@@ -14,7 +14,7 @@ import httpx
 from hctl.errors import ApiError, CapacityError, PodNotFoundError, ProviderError
 from hctl.providers.base import GpuType, Pod, PodSpec, SshEndpoint
 from hctl.providers.runpod import queries
-from hctl.providers.runpod.client import GraphQLClient, Sleep
+from hctl.providers.runpod.client import GraphQLClient, RateLimitedError, Sleep
 from hctl.settings import Settings
 
 NOT_ENOUGH_GPUS_ON_HOST = "not enough free gpus on the host machine"
@@ -88,7 +88,8 @@ class RunPodProvider:
             except CapacityError:
                 raise self._capacity_error(spec) from None
             except ProviderError as error:
-                if not error.retryable:
+                # The client has already waited out 429s as long as it should.
+                if not error.retryable or isinstance(error, RateLimitedError):
                     raise
                 existing = self._find_by_name(spec.name)
                 if existing is not None:
