@@ -3,6 +3,7 @@ behaviour against the trial's (on the tiny refuser)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,82 @@ def test_upload_without_a_token_is_refused_before_anything_is_changed(
     with pytest.raises(ExportError) as raised:
         export_trial(None, None, TRIAL, settings)  # type: ignore[arg-type]
     assert "HF_TOKEN" in raised.value.message + raised.value.hint
+
+
+@pytest.mark.slow
+def test_exported_model_computes_what_the_trial_computed(tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from typer.testing import CliRunner
+
+    from hctl_worker.ablation import AblationParams, Ablator
+    from hctl_worker.cli import app
+    from hctl_worker.events import EVENTS_FILE, DoneEvent, StageEvent, read_events
+    from hctl_worker.job import JobPaths, load_cached_directions
+    from hctl_worker.model import load_model
+    from tests.worker.test_end_to_end import FIXTURES, run_events, write_fixture_config
+
+    config = write_fixture_config(tmp_path / "config.toml", n_trials=3, evaluation_split="[:16]")
+    job_dir = tmp_path / "job"
+    run_events("--config", str(config), "--job-dir", str(job_dir))
+    front = json.loads((job_dir / "results" / "pareto.json").read_text())
+    trial = front[0]  # the fewest refusals: the strongest edit
+
+    runner = CliRunner()
+    saved = tmp_path / "saved"
+    result = runner.invoke(
+        app,
+        [
+            "export",
+            "--job-dir",
+            str(job_dir),
+            "--trial",
+            str(trial["number"]),
+            "--save-directory",
+            str(saved),
+        ],
+    )
+    assert result.exit_code == 0, result.stderr
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md"} <= {
+        path.name for path in saved.iterdir()
+    }
+    events, _ = read_events(job_dir / EVENTS_FILE)
+    assert isinstance(events[-1], DoneEvent) and events[-1].model_dir == str(saved)
+    assert events[-1].chosen_trial == trial["number"]
+    assert any(
+        isinstance(e, StageEvent) and e.stage == "export" and e.state == "end" for e in events
+    )
+
+    # The trial, as the search evaluated it: hooks on the original model.
+    original = load_model(str(FIXTURES / "tiny-refuser"), dtypes=["float32"], device_map="cpu")
+    prompts = (
+        (FIXTURES / "tiny-refuser" / "prompts" / "harmful_test.txt").read_text().splitlines()[:8]
+    )
+    texts = original.template(prompts, None)
+    ablator = Ablator(original, load_cached_directions(JobPaths(job_dir)))
+    inputs = original.tokenizer(texts, return_tensors="pt", padding=True)
+    with torch.inference_mode(), ablator.applied(AblationParams.from_dict(trial["ablation"])):
+        during_trial = original.model(**inputs).logits
+    with torch.inference_mode():
+        unedited = original.model(**inputs).logits
+
+    exported = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(saved)
+    assert (
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompts[0]}], add_generation_prompt=True, tokenize=False
+        )
+        == texts[0]
+    )
+    with torch.inference_mode():
+        after_export = exported(**inputs).logits
+    mask = inputs["attention_mask"].bool()
+    assert torch.allclose(after_export[mask], during_trial[mask], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(unedited[mask], during_trial[mask], atol=1e-3)
+
+    # And one can talk to it, headless.
+    chat = runner.invoke(
+        app, ["chat", str(saved), "--max-new-tokens", "8"], input=prompts[0] + "\n"
+    )
+    assert chat.exit_code == 0, chat.stderr
+    assert chat.stdout.strip()
