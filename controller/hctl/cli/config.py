@@ -37,12 +37,13 @@ def show(
     if as_json:
         typer.echo(json.dumps([view.model_dump() for view in views], indent=2))
         return
-    table = Table(title=f"Settings (config file: {config_file()})")
+    table = Table(title="Settings (command line > HCTL_* environment > config file > default)")
     for column in ("setting", "value", "from", "meaning"):
         table.add_column(column, overflow="fold")
     for view in views:
         table.add_row(view.name, view.value, view.source, view.description)
     console.print(table)
+    console.print(f"Config file: {config_file()}", soft_wrap=True)
 
 
 @config_app.command("set")

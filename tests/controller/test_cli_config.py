@@ -1,0 +1,97 @@
+"""`hctl config show` and `hctl config set`: precedence, masking, validation, the file's permissions."""
+
+from __future__ import annotations
+
+import json
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from hctl.cli import app
+from hctl.settings import config_file, load_settings
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+SECRET = "rpa_SECRETKEY0123456789abcdefWXYZ"
+
+
+def hctl(*arguments: str, input: str | None = None) -> Result:
+    return CliRunner().invoke(app, list(arguments), input=input)
+
+
+def shown(result: Result) -> dict[str, dict[str, str]]:
+    return {view["name"]: view for view in json.loads(result.output)}
+
+
+def file_values() -> dict:
+    return tomllib.loads(config_file().read_text())
+
+
+def test_api_key_is_asked_for_hidden_and_stored_owner_only() -> None:
+    result = hctl("config", "set", "runpod_api_key", input=SECRET + "\n")
+    assert result.exit_code == 0, result.output
+    assert SECRET not in result.output  # neither echoed nor printed
+    assert file_values() == {"runpod_api_key": SECRET}
+    assert stat.S_IMODE(config_file().stat().st_mode) == 0o600
+    assert load_settings().runpod_api_key.get_secret_value() == SECRET
+    listing = hctl("config", "show", "--json")
+    assert SECRET not in listing.output
+    assert shown(listing)["runpod_api_key"] == {
+        "name": "runpod_api_key",
+        "value": "****WXYZ",
+        "source": "config file",
+        "description": "RunPod API key (also read from RUNPOD_API_KEY).",
+    }
+
+
+def test_set_validates_names_and_values_and_keeps_other_settings() -> None:
+    assert hctl("config", "set", "gpu", "NVIDIA RTX A6000").exit_code == 0
+    assert hctl("config", "set", "container-disk-gb", "60").exit_code == 0
+    assert file_values() == {"gpu": "NVIDIA RTX A6000", "container_disk_gb": 60}
+    for arguments, fragment in [
+        (("container_disk_gb", "5"), "'5' is not a valid container_disk_gb"),
+        (("cloud_type", "cheap"), "'SECURE', 'COMMUNITY' or 'ALL'"),
+        (("ssh_proxy_port", "seventy"), "not a valid ssh_proxy_port"),
+        (("volume_gbs", "5"), "Did you mean volume_gb or"),
+        (("gpu",), "Give a value"),
+    ]:
+        result = hctl("config", "set", *arguments)
+        assert result.exit_code == 2, result.output
+        assert "error:" in result.output and fragment in result.output, result.output
+    bad_key = hctl("config", "set", "runpod_api_key", input="rpa with spaces\n")
+    assert bad_key.exit_code == 2 and "has spaces" in bad_key.output
+    assert "rpa with spaces" not in bad_key.output
+    assert file_values() == {"gpu": "NVIDIA RTX A6000", "container_disk_gb": 60}  # untouched
+    assert hctl("config", "set", "gpu", "").exit_code == 0  # "" removes a setting
+    assert file_values() == {"container_disk_gb": 60}
+
+
+def test_show_reports_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+    hctl("config", "set", "volume_gb", "80")
+    hctl("config", "set", "gpu", "NVIDIA L40S")
+    monkeypatch.setenv("HCTL_GPU", "NVIDIA RTX A4000")
+    monkeypatch.setenv("RUNPOD_API_KEY", SECRET)
+    views = shown(hctl("config", "show", "--json"))
+    assert (views["gpu"]["value"], views["gpu"]["source"]) == ("NVIDIA RTX A4000", "environment")
+    assert (views["volume_gb"]["value"], views["volume_gb"]["source"]) == ("80", "config file")
+    assert views["runpod_api_key"]["source"] == "environment"
+    assert views["runpod_api_key"]["value"] == "****WXYZ"
+    assert views["container_disk_gb"]["source"] == "default"
+    table = hctl("config", "show")
+    assert (
+        table.exit_code == 0 and SECRET not in table.output and str(config_file()) in table.output
+    )
+
+
+def test_a_broken_config_file_is_a_clear_error(tmp_path: Path) -> None:
+    config_file().parent.mkdir(parents=True, exist_ok=True)
+    config_file().write_text("gpu = [unclosed\n")
+    result = hctl("config", "show")
+    assert result.exit_code == 2
+    assert "Cannot read the config file" in result.output and "Traceback" not in result.output
