@@ -56,7 +56,7 @@ def test_a_pty_mangled_reply_still_decodes_exactly() -> None:
 def test_every_event_arrives_once_across_drops_and_partial_lines(tmp_path: Path) -> None:
     job_dir = tmp_path / "job"
     writer = EventWriter(job_dir / "events.jsonl")
-    (job_dir / "worker.pid").write_text("999999999")  # no such process: the worker is "dead"
+    (job_dir / "launcher.pid").write_text("999999999")  # no such process: the worker is "dead"
     calls = {"count": 0}
 
     def flaky(command: str) -> bool:

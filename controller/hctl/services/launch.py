@@ -374,13 +374,18 @@ def bring_up_pod(plan: RunPlan, record: JobRecord, toolkit: Toolkit, notify: Not
         notify(f"waiting for pod {pod_id} to become reachable")
         toolkit.wait_until_ready(provider, pod_id)
         return record
-    except PodNotReadyError as error:
+    except PodNotReadyError:
         release_after_failure(
             provider, pod_id, created_here=created_here, started_here=started_here, notify=notify
         )
-        what = "terminated" if created_here else ("stopped" if started_here else "left as it was")
+        if created_here or started_here:
+            what = "terminated" if created_here else "stopped again"
+            outcome = f"so it was {what}: nothing more is billed for it."
+        else:
+            outcome = "it was left as it was."
         raise PodNotReadyError(
-            f"{error.message} The pod was {what}; nothing more is billed for it.",
+            f"Pod {pod_id} did not become reachable within "
+            f"{toolkit.settings.ready_timeout_s:g} s, {outcome}",
             "Try again, or another GPU type or cloud (`hctl gpus`).",
         ) from None
     except BaseException:

@@ -1,0 +1,109 @@
+"""`hctl run` / `hctl estimate` against the RunPod emulator: estimates, and bad input refused
+before anything is created."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from hctl.cli import app
+from tests.conftest import REPO_ROOT
+
+TINY = str(REPO_ROOT / "tests" / "fixtures" / "tiny-refuser")
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def invoke(runner: CliRunner, *args: str):  # noqa: ANN201
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def test_estimate_compares_gpus_with_hourly_and_total_prices(hctl_runpod_env, runner) -> None:
+    result = invoke(runner, "estimate", "Qwen/Qwen3-4B-Instruct-2507", "--params", "4B",
+                    "--trials", "200", "--gpu", "NVIDIA GeForce RTX 4090",
+                    "--gpu", "NVIDIA A100 80GB PCIe")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "$/hour" in result.output and "total" in result.output
+    assert "RTX 4090" in result.output and "A100" in result.output
+    assert "4B parameters (from --params)" in result.output
+    assert hctl_runpod_env.pods == []
+
+
+def test_a_model_of_unknown_size_asks_for_params(hctl_runpod_env, runner) -> None:
+    result = runner.invoke(app, ["estimate", "Qwen/Qwen3-4B-Instruct-2507"])
+    assert result.exit_code == 2
+    assert "--params" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["/nonexistent/model-folder"], "No model at"),
+        ([TINY, "--trials", "0"], "at least 1"),
+        ([TINY, "--gpu", "RTX 9999"], "RTX 9999"),
+        ([TINY, "--pod", "no-such-pod"], "no-such-pod"),
+        ([TINY, "--on", "mars"], "not a target"),
+        ([TINY, "--set", "no_such_setting=1"], "no_such_setting"),
+        ([TINY, "--max-cost", "0.0000001"], "above --max-cost"),
+        ([TINY, "--keep", "--terminate"], "contradict"),
+    ],
+)
+def test_bad_input_is_one_clear_error_and_creates_nothing(
+    hctl_runpod_env, runner, arguments: list[str], message: str
+) -> None:
+    result = runner.invoke(app, ["run", *arguments, "--yes"])
+    assert result.exit_code != 0
+    assert "error:" in result.output and message in result.output
+    assert "Traceback" not in result.output
+    assert hctl_runpod_env.pods == []
+    assert hctl_runpod_env.requests_for("podFindAndDeployOnDemand") == []
+
+
+def test_a_model_too_big_for_the_gpu_fails_preflight_with_alternatives(
+    hctl_runpod_env, runner
+) -> None:
+    result = runner.invoke(app, ["run", "big/model", "--params", "30B", "--gpu",
+                                 "NVIDIA GeForce RTX 4090", "--yes"])  # fmt: skip
+    assert result.exit_code == 2
+    assert "Pre-flight check failed" in result.output and "--gpu" in result.output
+    assert hctl_runpod_env.pods == []
+
+
+def test_without_yes_and_without_a_terminal_nothing_is_rented(hctl_runpod_env, runner) -> None:
+    result = runner.invoke(app, ["run", TINY, "--trials", "2"])
+    assert result.exit_code == 130
+    assert "--yes" in result.output
+    assert hctl_runpod_env.pods == []
+
+
+def test_jobs_and_results_of_an_unknown_job(runner, tmp_path: Path) -> None:
+    assert "job" in invoke(runner, "jobs").output
+    result = runner.invoke(app, ["results", "nope"])
+    assert result.exit_code == 1 and "No job 'nope'" in result.output
+
+
+def test_a_pod_that_never_becomes_reachable_is_terminated(
+    hctl_runpod_env, runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hctl_runpod_env.ready_after_polls = 10**6
+    monkeypatch.setenv("HCTL_READY_TIMEOUT_S", "0.3")
+    result = runner.invoke(app, ["run", TINY, "--trials", "2", "--yes"])
+    assert result.exit_code == 6, result.output
+    assert "so it was terminated: nothing more is billed" in result.output
+    assert len(hctl_runpod_env.requests_for("podFindAndDeployOnDemand")) == 1
+    assert hctl_runpod_env.pods == []
+
+
+def test_a_capacity_error_offers_alternatives_and_creates_nothing(hctl_runpod_env, runner) -> None:
+    hctl_runpod_env.inject_fault("capacity", operation="podFindAndDeployOnDemand")
+    result = runner.invoke(app, ["run", TINY, "--trials", "2", "--yes",
+                                 "--gpu", "NVIDIA GeForce RTX 4090"])  # fmt: skip
+    assert result.exit_code == 4, result.output
+    assert "Nothing was created" in result.output
+    assert "--gpu 'RTX" in result.output  # cheaper in-stock GPUs with their totals
+    assert hctl_runpod_env.pods == []
