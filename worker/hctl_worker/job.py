@@ -381,7 +381,7 @@ def _pipeline(settings: WorkerSettings, paths: JobPaths, reporter: Reporter) -> 
         )
 
     from hctl_worker.ablation import COMPONENTS, Ablator
-    from hctl_worker.evaluation import DEFAULT_REFUSAL_MARKERS, Evaluator
+    from hctl_worker.evaluation import DEFAULT_REFUSAL_MARKERS, Evaluator, is_refusal
 
     with reporter.stage("baseline") as stage:
         evaluator = Evaluator(
@@ -443,7 +443,16 @@ def _pipeline(settings: WorkerSettings, paths: JobPaths, reporter: Reporter) -> 
     outcome = JobOutcome(results_dir=paths.results, front=front)
     if settings.trial is not None or settings.save_directory or settings.upload_repo:
         outcome.chosen = choose_trial(front, settings.trial or 0)
-        write_chosen(paths, outcome.chosen, settings.trial or 0)
+        markers = settings.refusal_markers or list(DEFAULT_REFUSAL_MARKERS)
+        with ablator.applied(search.to_ablation_params(outcome.chosen.params, COMPONENTS)):
+            replies = evaluator.responses(good_evaluation, settings.max_response_length)
+        refusals_good = sum(is_refusal(reply, markers) for reply in replies)
+        reporter.log(
+            f"chose trial {outcome.chosen.number}: {outcome.chosen.refusals}/"
+            f"{outcome.chosen.total_bad} refusals on harmful prompts, {refusals_good}/"
+            f"{len(replies)} on harmless ones, KL {outcome.chosen.kl:.4f}"
+        )
+        write_chosen(paths, outcome.chosen, settings.trial or 0, refusals_good, len(replies))
         if settings.save_directory or settings.upload_repo:
             from hctl_worker.export import export_trial
 
@@ -622,8 +631,16 @@ def write_results(paths: JobPaths, front: Sequence[TrialResult]) -> None:
     _write_json(paths.results / PARETO_FILE, [_result_record(result) for result in front])
 
 
-def write_chosen(paths: JobPaths, chosen: TrialResult, index: int) -> None:
-    _write_json(paths.results / CHOSEN_FILE, {"index": index, **_result_record(chosen)})
+def write_chosen(
+    paths: JobPaths, chosen: TrialResult, index: int, refusals_good: int, total_good: int
+) -> None:
+    record = {
+        "index": index,
+        **_result_record(chosen),
+        "refusals_good": refusals_good,
+        "total_good": total_good,
+    }
+    _write_json(paths.results / CHOSEN_FILE, record)
 
 
 def _write_json(path: Path, value: Any) -> None:
