@@ -190,7 +190,7 @@ def jobs(
     toolkit = _toolkit()
     table = Table()
     for column in ("job", "model", "machine", "status", "trials", "best", "price"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column in {"job", "status", "trials"}, overflow="fold")
     for record in toolkit.store.list():
         if pod is not None and record.pod_id != pod:
             continue

@@ -1,0 +1,57 @@
+"""The README's main command, for real: the tiny refusing model searched on this machine."""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from hctl.cli import app
+from hctl.services.jobs import JobStore
+from tests.conftest import REPO_ROOT
+
+TINY = "tests/fixtures/tiny-refuser"
+
+
+def test_the_readme_command_runs_to_a_saved_and_downloaded_model(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.chdir(REPO_ROOT)
+    download = tmp_path / "abliterated"
+    runner = CliRunner()
+    result = runner.invoke(
+        app,
+        ["run", TINY, "--on", "local", "--trials", "8", "--yes", "--download", str(download)],
+        catch_exceptions=False,
+    )
+    output = result.output
+    assert result.exit_code == 0, output
+    # The estimate came first, with the price per hour and the total for the job.
+    assert output.index("Estimate for 8 trials") < output.index("worker started")
+    assert "this machine" in output and "$0.00" in output
+    # The live view: every trial exactly once, in order, then the end of the search.
+    trial_lines = re.findall(r"^trial (\d+)/8: ", output, flags=re.MULTILINE)
+    assert trial_lines == [str(number) for number in range(1, 9)]
+    assert re.search(r"^baseline: \d+/\d+ refusals", output, flags=re.MULTILINE)
+    assert "chose trial" in output and "under the limit" in output
+    # The final table marks the chosen trial; the model was saved and downloaded.
+    assert "Pareto front" in output and "← chosen" in output
+    (record,) = JobStore().list()
+    assert record.status == "finished" and record.chosen_trial is not None
+    saved = Path(record.saved_model_dir)
+    assert (saved / "model.safetensors").is_file() and (saved / "config.json").is_file()
+    assert (download / "model.safetensors").read_bytes() == (
+        saved / "model.safetensors"
+    ).read_bytes()
+    # The picture is a well-formed, self-contained SVG with one dot per scored trial at least.
+    picture = JobStore().picture_path(record.job_id)
+    root = ElementTree.parse(picture).getroot()
+    assert root.tag.endswith("svg")
+    assert len(root.findall("{http://www.w3.org/2000/svg}circle")) >= 8
+    # The job can be inspected afterwards.
+    results = runner.invoke(app, ["results", record.job_id], catch_exceptions=False)
+    assert results.exit_code == 0 and "8/8 trials; search finished" in results.output
+    jobs = runner.invoke(app, ["jobs"], catch_exceptions=False)
+    assert record.job_id in jobs.output and "8/8" in jobs.output
