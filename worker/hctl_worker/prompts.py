@@ -49,7 +49,8 @@ def load_prompts(source: PromptSource, setting: str = "prompts") -> list[str]:
             "mlabonne/harmless_alpaca.",
         )
     else:  # a hub id, or a folder saved by `datasets`
-        prompts = _read_hub_dataset(source, split_name or "train", setting)
+        limit = int(end) if end is not None and end.isdigit() else None
+        prompts = _read_hub_dataset(source, split_name or "train", setting, limit)
     prompts = prompts[_slice(start, end, len(prompts))]
     if not prompts:
         raise PromptError(
@@ -105,11 +106,13 @@ def _read_text_file(path: Path, setting: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def _read_hub_dataset(source: PromptSource, split: str, setting: str) -> list[str]:
+def _read_hub_dataset(
+    source: PromptSource, split: str, setting: str, limit: int | None = None
+) -> list[str]:
     try:
         import datasets  # type: ignore[import-not-found]
     except ImportError:
-        return _read_hub_files(source, split, setting)
+        return _read_hub_files(source, split, setting, limit)
     try:
         if Path(source.dataset).is_dir():
             loaded = datasets.load_from_disk(source.dataset)
@@ -129,7 +132,9 @@ def _read_hub_dataset(source: PromptSource, split: str, setting: str) -> list[st
         ) from None
 
 
-def _read_hub_files(source: PromptSource, split: str, setting: str) -> list[str]:
+def _read_hub_files(
+    source: PromptSource, split: str, setting: str, limit: int | None = None
+) -> list[str]:
     """Without `datasets`: fetch the split's data files from the hub and read one column."""
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
@@ -160,6 +165,8 @@ def _read_hub_files(source: PromptSource, split: str, setting: str) -> list[str]
             f"{setting}: dataset {source.dataset} has no data files for split '{split}'",
             "Set split to one the dataset has, or install `datasets` (pip install datasets).",
         )
+    if all(name.endswith(".parquet") for name in wanted) and not _has_pyarrow():
+        return _read_rows_api(source, split, setting, limit)
     rows: list[str] = []
     for name in wanted:
         local = Path(
@@ -167,6 +174,68 @@ def _read_hub_files(source: PromptSource, split: str, setting: str) -> list[str]
         )
         rows += _read_column(local, source.column, setting)
     return rows
+
+
+def _has_pyarrow() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("pyarrow") is not None
+
+
+DATASETS_SERVER = "https://datasets-server.huggingface.co/rows"
+ROWS_PER_REQUEST = 100  # the most the rows API returns at once
+
+
+def _read_rows_api(
+    source: PromptSource, split: str, setting: str, limit: int | None = None
+) -> list[str]:
+    """Parquet-only datasets without pyarrow: read the rows from the hub's datasets server.
+
+    Slower than the files (100 rows a request), but needs nothing beyond httpx; a hub token in
+    HF_TOKEN is sent for gated datasets.
+    """
+    import os
+
+    import httpx
+
+    headers = (
+        {"Authorization": f"Bearer {os.environ['HF_TOKEN']}"} if os.environ.get("HF_TOKEN") else {}
+    )
+    rows: list[str] = []
+    offset = 0
+    while True:
+        try:
+            response = httpx.get(
+                DATASETS_SERVER,
+                params={
+                    "dataset": source.dataset,
+                    "config": "default",
+                    "split": split,
+                    "offset": offset,
+                    "length": ROWS_PER_REQUEST
+                    if limit is None
+                    else min(ROWS_PER_REQUEST, limit - offset),
+                },
+                headers=headers,
+                timeout=60,
+            )
+            response.raise_for_status()
+            page = response.json()
+        except (httpx.HTTPError, ValueError) as error:
+            raise PromptError(
+                f"{setting}: cannot read dataset {source.dataset} from the hub: {error}",
+                "pip install datasets (or pyarrow), or use a local text file (one prompt per line).",
+            ) from None
+        batch = [entry.get("row", {}) for entry in page.get("rows", [])]
+        if batch and source.column not in batch[0]:
+            raise PromptError(
+                f"{setting}: no column '{source.column}' in {source.dataset}",
+                f"Set column to one of {sorted(batch[0])}.",
+            )
+        rows += [str(row[source.column]) for row in batch]
+        offset += len(batch)
+        if not batch or offset >= int(page.get("num_rows_total", 0)) or offset == limit:
+            return rows
 
 
 def _read_column(path: Path, column: str, setting: str) -> list[str]:
