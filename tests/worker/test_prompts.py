@@ -89,3 +89,51 @@ def test_parse_split() -> None:
     assert parse_split("train[:400]") == ("train", None, "400")
     assert parse_split("test") == ("test", None, None)
     assert parse_split(None) == ("", None, None)
+
+
+def test_rows_api_pages_until_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The no-pyarrow hub path, against a local stand-in of the datasets server."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import parse_qs, urlparse
+
+    from hctl_worker import prompts as prompts_module
+
+    requests: list[dict] = []
+
+    class Rows(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            query = {key: values[0] for key, values in parse_qs(urlparse(self.path).query).items()}
+            requests.append(query)
+            offset, length = int(query["offset"]), int(query["length"])
+            rows = [
+                {"row": {"text": f"row {index}"}}
+                for index in range(offset, min(offset + length, 250))
+            ]
+            body = json.dumps({"rows": rows, "num_rows_total": 250}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *arguments: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Rows)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(
+            prompts_module, "DATASETS_SERVER", f"http://127.0.0.1:{server.server_port}/rows"
+        )
+        source = PromptSource(dataset="someone/prompts", split="train[:150]")
+        rows = prompts_module._read_rows_api(source, "train", "good_prompts", limit=150)
+        everything = prompts_module._read_rows_api(source, "train", "good_prompts")
+    finally:
+        server.shutdown()
+    assert rows == [f"row {index}" for index in range(150)]
+    assert [(query["offset"], query["length"]) for query in requests[:2]] == [
+        ("0", "100"),
+        ("100", "50"),
+    ]
+    assert len(everything) == 250 and requests[0]["dataset"] == "someone/prompts"
