@@ -6,7 +6,10 @@ Every scenario ends by checking the emulator's pod table: exactly the pods it me
 from __future__ import annotations
 
 import json
+import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import paramiko
@@ -60,6 +63,7 @@ def test_gpus_lists_prices_and_stock_with_filters(emulator: RunPodEmulator) -> N
         hctl("gpus", "--json", "--max-price", "0.3", "--cloud", "community").output
     )
     assert [gpu["id"] for gpu in community] == ["NVIDIA RTX A4000", "NVIDIA GeForce RTX 3090"]
+    assert emulator.pods == []
 
 
 def test_create_pod_with_the_owners_defaults(emulator: RunPodEmulator, tmp_path: Path) -> None:
@@ -232,6 +236,32 @@ def test_list_pods_retries_server_errors(emulator: RunPodEmulator) -> None:
     emulator.inject_fault("server_error", status=503, times=2)
     emulator.inject_fault("something_went_wrong")
     assert hctl("list-pods").exit_code == 0
+    assert emulator.pods == []
+
+
+def test_create_pod_wait_is_bounded_and_leaves_the_choice_to_the_user(
+    emulator: RunPodEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    emulator.ready_after_polls = 10**6  # an image that never finishes pulling
+    monkeypatch.setenv("HCTL_READY_TIMEOUT_S", "0.2")
+    monkeypatch.setenv("HCTL_READY_POLL_INTERVAL_S", "0.05")
+    result = hctl("create-pod", "--yes", "--wait")
+    (pod,) = emulator.pods
+    assert_clean_error(result, 6, "was not reachable after", f"hctl terminate-pod {pod['id']}")
+    assert pod["status"] == "RUNNING"  # still there: create-pod says so, the user decides
+
+
+def test_a_subprocess_reaches_the_emulator_through_its_environment(
+    runpod_emulator: RunPodEmulator,
+) -> None:
+    runpod_emulator.add_pod(name="hctl-seen-from-outside")
+    environment = {**os.environ, **runpod_emulator.env()}
+    completed = subprocess.run(
+        [sys.executable, "-c", "from hctl.cli import main; main()", "list-pods", "--json"],
+        env=environment, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    assert [pod["name"] for pod in json.loads(completed.stdout)] == ["hctl-seen-from-outside"]
 
 
 def test_stop_start_terminate_the_only_pod(emulator: RunPodEmulator) -> None:
