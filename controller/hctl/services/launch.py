@@ -534,13 +534,6 @@ def launch_command(worker: str, job_dir: str, *, env: dict[str, str] | None = No
     )
 
 
-def worker_env(record: JobRecord, base_dir: str) -> dict[str, str]:
-    """Environment for the worker: on a pod, the Hugging Face cache lives on the volume."""
-    if record.target == "pod":
-        return {"HF_HOME": f"{base_dir.rsplit('/hctl', 1)[0]}/.cache/huggingface"}
-    return {}
-
-
 def start_worker(
     record: JobRecord,
     plan_settings: dict[str, Any],
@@ -552,7 +545,8 @@ def start_worker(
     resume_files: dict[str, Path] | None = None,
 ) -> JobRecord:
     """Install the worker, put the job directory in place, and start the worker detached."""
-    worker = toolkit.ensure_worker(remote)
+    handle = toolkit.ensure_worker(remote)
+    worker = handle.command
     job_dir = record.remote_job_dir
     remote.run(f"umask 077 && mkdir -p {shlex.quote(job_dir)}", timeout=60)
     base_dir = job_dir.rsplit("/jobs/", 1)[0]
@@ -567,9 +561,7 @@ def start_worker(
             remote.put(path, f"{job_dir}/{name}")
             notify(f"uploaded the copy of {name} from this computer")
     upload_secrets(remote, job_dir, {"HF_TOKEN": token})
-    result = remote.run(
-        launch_command(worker, job_dir, env=worker_env(record, base_dir)), timeout=60
-    )
+    result = remote.run(launch_command(worker, job_dir, env=handle.environment), timeout=60)
     if result.exit_code != 0:
         raise JobError(
             f"Could not start the worker on {remote.description}: {result.output.strip()[-300:]}",

@@ -24,9 +24,18 @@ from hctl.settings import Settings
 
 # Connect to the machine of a job: a pod id, an ssh:// address, or this machine.
 Connector = Callable[[JobRecord], Remote]
-# Make sure the worker of the controller's exact version is installed; returns the command that
-# runs it on that machine (e.g. `hctl-worker` or `/workspace/hctl/venv/bin/hctl-worker`).
-WorkerInstaller = Callable[[Remote], str]
+
+
+@dataclass
+class WorkerHandle:
+    """How to run the worker on a machine: its command and the environment to export."""
+
+    command: str  # e.g. `hctl-worker` or `/workspace/hctl/venv/bin/hctl-worker`
+    environment: dict[str, str] = field(default_factory=dict)  # e.g. HF_HOME on the volume
+
+
+# Make sure the worker of the controller's exact version is installed there.
+WorkerInstaller = Callable[[Remote], WorkerHandle]
 PodWaiter = Callable[[Provider, str], Pod]
 PodResolver = Callable[[Provider, str], Pod]
 
@@ -82,12 +91,13 @@ def default_toolkit(settings: Settings, **replacements: Any) -> Toolkit:
 
         return _connect(targets, toolkit, record)
 
-    def ensure_worker(remote: Remote) -> str:
+    def ensure_worker(remote: Remote) -> WorkerHandle:
         if getattr(remote, "kind", None) == "local":
-            return local_worker_command()
+            return WorkerHandle(command=local_worker_command())
         from hctl import setup
 
-        return setup.ensure_worker(remote, settings)
+        info = setup.ensure_worker(remote, settings)
+        return WorkerHandle(command=info.command, environment=dict(info.environment))
 
     def wait_until_ready(provider: Provider, pod_id: str) -> Pod:
         return pods.wait_until_ready(
