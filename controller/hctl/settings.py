@@ -98,6 +98,10 @@ class Settings(BaseSettings):
     ssh_proxy_host: str = Field(default="ssh.runpod.io", description="RunPod's SSH proxy host.")
     ssh_proxy_port: int = Field(default=22, ge=1, le=65535, description="RunPod's SSH proxy port.")
     connect_timeout_s: float = Field(default=15, gt=0, description="SSH connect timeout.")
+    worker_python: str | None = Field(
+        default=None,
+        description="Python on the machine to install the worker with (default: python3).",
+    )
 
     # Jobs
     max_cost: float | None = Field(
