@@ -42,7 +42,10 @@ def ensure_key(path: Path) -> tuple[str, bool]:
 def generate_key(path: Path, comment: str | None = None) -> None:
     """Write a new ed25519 key pair: `path` (0600, OpenSSH format) and `path.pub`."""
     if path.exists():
-        raise ConfigError(f"{path} exists already; hctl never overwrites a key.", "")
+        raise ConfigError(
+            f"{path} exists already; hctl never overwrites a key.",
+            "Use it as it is, or choose another path with `hctl config set ssh_key PATH`.",
+        )
     key = Ed25519PrivateKey.generate()
     private = key.private_bytes(
         serialization.Encoding.PEM,

@@ -59,11 +59,12 @@ def test_set_validates_names_and_values_and_keeps_other_settings() -> None:
         (("cloud_type", "cheap"), "'SECURE', 'COMMUNITY' or 'ALL'"),
         (("ssh_proxy_port", "seventy"), "not a valid ssh_proxy_port"),
         (("volume_gbs", "5"), "Did you mean volume_gb or"),
-        (("gpu",), "Give a value"),
+        (("gpu",), "No value given for gpu"),
     ]:
         result = hctl("config", "set", *arguments)
         assert result.exit_code == 2, result.output
-        assert "error:" in result.output and fragment in result.output, result.output
+        assert "error:" in result.output and "hint:" in result.output, result.output
+        assert fragment in result.output, result.output
     bad_key = hctl("config", "set", "runpod_api_key", input="rpa with spaces\n")
     assert bad_key.exit_code == 2 and "has spaces" in bad_key.output
     assert "rpa with spaces" not in bad_key.output

@@ -61,10 +61,16 @@ def set_value(
     name = setting_name(key)
     if value is None:
         if not is_secret(name):
-            raise ConfigError(f"Give a value: hctl config set {name} VALUE.", "")
+            raise ConfigError(
+                f"No value given for {name}.",
+                f'Give one: hctl config set {name} VALUE ("" removes it from the file).',
+            )
         value = typer.prompt(f"{name} (hidden)", hide_input=True, default="", show_default=False)
         if not value:
-            raise ConfigError(f"No value given for {name}; nothing was changed.", "")
+            raise ConfigError(
+                f"No value given for {name}; nothing was changed.",
+                f"Run `hctl config set {name}` again and paste the value at the prompt.",
+            )
     path = set_config_value(name, value)
     shown = "(hidden)" if is_secret(name) else repr(value)
     console.print(f"{name} = {shown} written to {path}" if value else f"{name} removed from {path}")

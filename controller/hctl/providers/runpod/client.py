@@ -173,7 +173,10 @@ def _resolver_error(error: dict[str, Any], status: int) -> ProviderError:
             f"RunPod rejected hctl's request as invalid: {message}",
             "This is a bug in hctl, or RunPod changed its API; please report it.",
         )
-    return ApiError(f"RunPod said: {message}", "")
+    return ApiError(
+        f"RunPod said: {message}",
+        "Check the pod in RunPod's console (https://www.runpod.io/console/pods) and try again.",
+    )
 
 
 def _retry_after(response: httpx.Response) -> float:
