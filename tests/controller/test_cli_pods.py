@@ -321,3 +321,18 @@ def test_ssh_key_reports_an_unreadable_key(emulator: RunPodEmulator, tmp_path: P
     key_path.write_text("not a key")
     assert_clean_error(hctl("ssh-key"), 2, "Cannot read the SSH key")
     assert key_path.read_text() == "not a key"  # never overwritten
+
+
+def test_start_pod_when_its_machine_has_no_free_gpu(emulator: RunPodEmulator) -> None:
+    stopped = emulator.add_pod(name="hctl-tied", status="EXITED")
+    emulator.inject_fault(
+        "resolver_error",
+        operation="podResume",
+        message="There are not enough free GPUs on the host machine to start this pod.",
+    )
+    assert_clean_error(hctl("start-pod"), 4, "its machine has no free GPU", "terminate it")
+    assert emulator.pod(stopped["id"])["status"] == "EXITED"
+    assert hctl("start-pod", "hctl-tied").exit_code == 0  # later it works
+    again = hctl("start-pod", "hctl-tied")
+    assert again.exit_code == 0 and "running already" in again.output
+    assert [pod["status"] for pod in emulator.pods] == ["RUNNING"]

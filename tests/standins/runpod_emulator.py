@@ -61,6 +61,7 @@ FaultKind = Literal[
     "server_error",  # HTTP 5xx (status given)
     "capacity",  # 200 + RunPod's "no longer any instances available" resolver error
     "something_went_wrong",  # 200 + INTERNAL_SERVER_ERROR "Something went wrong..."
+    "resolver_error",  # 200 + a resolver error with the given `message` (code RUNPOD)
     "drop_after_apply",  # the operation is applied, then the connection closes unanswered
     "drop_before_apply",  # the connection closes before anything is applied
 ]
@@ -300,6 +301,7 @@ class Fault:
     times: int
     status: int = 500
     retry_after: float | None = None
+    message: str = ""
 
 
 @dataclass
@@ -410,10 +412,11 @@ class RunPodEmulator:
         times: int = 1,
         status: int = 500,
         retry_after: float | None = None,
+        message: str = "",
     ) -> None:
         """Make the next `times` requests (for `operation`, or any) fail this way."""
         with self._lock:
-            self._faults.append(Fault(kind, operation, times, status, retry_after))
+            self._faults.append(Fault(kind, operation, times, status, retry_after, message))
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -535,6 +538,8 @@ class RunPodEmulator:
             return fault.status, {}, _errors("Internal server error")
         if fault.kind == "capacity":
             return 200, {}, _resolver_error(CAPACITY_MESSAGE, field_name, "RUNPOD")
+        if fault.kind == "resolver_error":
+            return 200, {}, _resolver_error(fault.message, field_name, "RUNPOD")
         if fault.kind == "something_went_wrong":
             return (
                 200,

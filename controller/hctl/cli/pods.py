@@ -250,10 +250,14 @@ def start_pod(
     """Start a stopped pod again (it bills from now on; its public SSH port changes)."""
     settings, provider = _provider()
     target = pod_service.resolve_pod(provider, pod, status="STOPPED")
-    started = provider.start(target.id)
-    console.print(
-        f"[green]Started {started.name} ({started.id}) at {_money(started.cost_per_hr)}/h.[/]"
-    )
+    if target.status == "RUNNING":
+        console.print(f"{target.name} ({target.id}) is running already.")
+        started = target
+    else:
+        started = provider.start(target.id)
+        console.print(
+            f"[green]Started {started.name} ({started.id}) at {_money(started.cost_per_hr)}/h.[/]"
+        )
     if wait:
         _describe_ready(_wait_with_spinner(provider, started, settings))
 

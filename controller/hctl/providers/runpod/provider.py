@@ -67,7 +67,13 @@ class RunPodProvider:
         return [self._pod(entry) for entry in pods if entry]
 
     def get(self, pod_id: str) -> Pod:
-        data = self._client.execute(queries.GET_POD, {"podId": pod_id}, retry="always")
+        try:
+            data = self._client.execute(queries.GET_POD, {"podId": pod_id}, retry="always")
+        except ApiError as error:
+            # RunPod answers an unknown id with null; an error saying so means the same.
+            if any(text in error.message.lower() for text in ("not found", "does not exist")):
+                raise PodNotFoundError(f"No pod with the id {pod_id!r}.") from None
+            raise
         if not data.get("pod"):
             raise PodNotFoundError(f"No pod with the id {pod_id!r}.")
         return self._pod(data["pod"])

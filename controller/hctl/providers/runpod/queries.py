@@ -23,7 +23,7 @@ POD_SUMMARY_FIELDS = """
 """
 
 GPU_TYPES = """
-query GpuTypes($lowest: GpuLowestPriceInput) {
+query GpuTypes($lowest: GpuLowestPriceInput!) {
   gpuTypes {
     id displayName memoryInGb secureCloud communityCloud
     securePrice communityPrice secureSpotPrice communitySpotPrice maxGpuCount
