@@ -41,6 +41,13 @@ TINY_ARCHITECTURES = (
     "qwen2_moe",
     "qwen3_moe",
     "mixtral",
+    "gemma2",
+    "falcon",
+    "opt",
+    "lfm2",
+    "gpt_oss",
+    "deepseek_v3",
+    "qwen3_next",
 )
 
 
@@ -133,6 +140,70 @@ def tiny_config(architecture: str, *, hidden: int = 64, layers: int = 2, vocab: 
     if architecture == "mixtral":
         return transformers.MixtralConfig(
             **common, num_local_experts=4, num_experts_per_tok=2, head_dim=hidden // heads
+        )
+    if architecture == "gemma2":
+        return transformers.Gemma2Config(**common, head_dim=hidden // heads)
+    if architecture == "falcon":
+        return transformers.FalconConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+        )
+    if architecture == "opt":
+        return transformers.OPTConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            ffn_dim=hidden * 2,
+            word_embed_proj_dim=hidden,
+            max_position_embeddings=256,
+        )
+    if architecture == "lfm2":
+        return transformers.Lfm2Config(
+            **common,
+            layer_types=["conv" if i % 2 == 0 else "full_attention" for i in range(layers)],
+        )
+    if architecture == "gpt_oss":
+        return transformers.GptOssConfig(
+            **common,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            head_dim=hidden // heads,
+            layer_types=["full_attention"] * layers,
+        )
+    if architecture == "deepseek_v3":
+        return transformers.DeepseekV3Config(
+            **{**common, "num_key_value_heads": heads},
+            moe_intermediate_size=hidden,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            kv_lora_rank=16,
+            q_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            head_dim=8,
+            n_group=1,
+            topk_group=1,
+        )
+    if architecture == "qwen3_next":
+        return transformers.Qwen3NextConfig(
+            **common,
+            **moe,
+            head_dim=hidden // heads,
+            num_experts=4,
+            shared_expert_intermediate_size=hidden,
+            linear_num_value_heads=4,
+            linear_num_key_heads=2,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            layer_types=[
+                "linear_attention" if i % 2 == 0 else "full_attention" for i in range(layers)
+            ],
         )
     raise ValueError(f"unknown architecture {architecture!r}; choose from {TINY_ARCHITECTURES}")
 

@@ -27,6 +27,12 @@ HIDDEN = 32
 
 def tiny(architecture: str, layers: int = 2) -> LoadedModel:
     model = random_model(tiny_config(architecture, hidden=HIDDEN, layers=layers), seed=1)
+    # Biases start at zero in some families; non-zero ones make the bias handling matter.
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias") and parameter.dim() >= 1:
+                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
     return LoadedModel(model=model, tokenizer=None, dtype=torch.float32, source=architecture)
 
 
@@ -140,7 +146,9 @@ def test_moe_finds_every_expert_and_the_shared_expert() -> None:
 
 
 @pytest.mark.parametrize("row_normalization", ["none", "full"])
-@pytest.mark.parametrize("architecture", ["qwen3", "gpt2", "gpt_neox", "phi", "qwen3_moe"])
+@pytest.mark.parametrize(
+    "architecture", ["qwen3", "gpt2", "gpt_neox", "phi", "qwen3_moe", "opt", "lfm2", "qwen3_next"]
+)
 def test_apply_changes_outputs_and_restore_gives_them_back_exactly(
     architecture: str, row_normalization: str
 ) -> None:
@@ -159,7 +167,9 @@ def test_apply_changes_outputs_and_restore_gives_them_back_exactly(
 
 
 @pytest.mark.parametrize("row_normalization", ["none", "pre", "full"])
-@pytest.mark.parametrize("architecture", ["llama", "gpt2", "phi", "qwen2_moe", "mixtral"])
+@pytest.mark.parametrize(
+    "architecture", ["llama", "gpt2", "phi", "qwen2_moe", "mixtral", "gpt_oss", "deepseek_v3"]
+)
 def test_merge_computes_what_the_trial_computed(architecture: str, row_normalization: str) -> None:
     loaded = tiny(architecture)
     ablator = Ablator(loaded, random_directions(2), row_normalization=row_normalization)

@@ -233,6 +233,12 @@ class FusedExperts:
     def parameter(self) -> nn.Parameter:
         return getattr(self.module, self.parameter_name)
 
+    @property
+    def output_is_linear_in_down(self) -> bool:
+        """False when each expert's output is normalised after its down projection, so the
+        summed output cannot be edited in place of the weights."""
+        return not getattr(self.module, "has_post_expert_norm", False)
+
     def bias_name(self, hidden_size: int) -> str | None:
         for name, parameter in self.module.named_parameters(recurse=False):
             if (
@@ -292,7 +298,11 @@ def _fused_down(module: nn.Module, hidden_size: int) -> FusedExperts | None:
         # gate_up is twice as wide as down on its non-hidden side, so down is the smaller one.
         name, parameter = min(three_d, key=lambda item: item[1].numel())
     rows, columns = int(parameter.shape[1]), int(parameter.shape[2])
-    output_last = columns == hidden_size and rows != hidden_size
+    declared = getattr(module, "is_transposed", None)  # transformers' experts decorator says it
+    if isinstance(declared, bool):
+        output_last = declared
+    else:
+        output_last = columns == hidden_size and rows != hidden_size
     return FusedExperts(module=module, parameter_name=name, output_last=output_last)
 
 
@@ -345,6 +355,11 @@ def find_projections(
             result["attention"].extend(targets)
         elif not result["mlp"]:
             result["mlp"].extend(targets)
+    if not result["mlp"]:
+        # Some layers hold their MLP's linear maps directly (OPT: fc1, fc2 beside self_attn).
+        direct = _output_projection(layer, hidden)
+        if direct is not None:
+            result["mlp" if result["attention"] else "attention"].append(direct)
     for component in COMPONENTS:
         result[component] = [
             target.module if isinstance(target, FusedExperts) else target
@@ -565,7 +580,7 @@ class Ablator:
 
     def _apply_fused(self, fused: FusedExperts, direction: torch.Tensor, weight: float) -> None:
         parameter = fused.parameter
-        if self.row_normalization == "none":
+        if self.row_normalization == "none" and fused.output_is_linear_in_down:
             vector = direction.to(parameter.device, parameter.dtype)
             self._handles.append(fused.module.register_forward_hook(_fused_hook(vector, weight)))
             return
@@ -604,7 +619,11 @@ class Ablator:
                         target, direction, weight, self.row_normalization, self.hidden_size
                     )
                     bias_name = target.bias_name(self.hidden_size)
-                    if bias_name is not None and self.row_normalization == "none":
+                    if (
+                        bias_name is not None
+                        and self.row_normalization == "none"
+                        and target.output_is_linear_in_down
+                    ):
                         bias = getattr(target.module, bias_name)
                         vector = direction.to(bias.device, torch.float32)
                         edited = bias.float() - weight * torch.outer(bias.float() @ vector, vector)
