@@ -60,6 +60,8 @@ from hctl_worker.settings import WorkerSettings, read_config_file
 if TYPE_CHECKING:
     import torch
 
+    from hctl_worker.ablation import Ablator
+    from hctl_worker.evaluation import Baseline, Evaluator
     from hctl_worker.model import LoadedModel
     from hctl_worker.search import TrialResult
 
@@ -324,31 +326,63 @@ def _is_out_of_memory(error: BaseException) -> bool:
     return is_out_of_memory(error)
 
 
+@dataclass
+class Workbench:
+    """What the stages after loading share: the model, its prompts, the scorer, the edits."""
+
+    loaded: LoadedModel
+    good_evaluation: list[str]
+    evaluator: Evaluator
+    baseline: Baseline
+    ablator: Ablator
+    separation: list[float]
+
+
 def _pipeline(settings: WorkerSettings, paths: JobPaths, reporter: Reporter) -> JobOutcome:
+    from hctl_worker import search
+
     started = time.monotonic()
     for warning in settings.warnings:
         reporter.log(warning, level="warning")
     settings = reconcile_settings(paths, settings)
     assert settings.model is not None and settings.seed is not None
-
-    from hctl_worker import search
-    from hctl_worker.prompts import load_prompt_sets
-
     study = search.open_study(
         paths.journal, seed=settings.seed, n_startup_trials=settings.n_startup_trials
     )
-    resumed = len(search.finished_trials(study))
     reporter.emit(
         StartEvent(
             job_id=paths.job_id,
             model=settings.model,
             n_trials=settings.n_trials,
             worker_version=__version__,
-            resumed_trials=resumed,
+            resumed_trials=len(search.finished_trials(study)),
             device=_device_name(),
             pid=os.getpid(),
         )
     )
+    bench = _prepare(settings, paths, reporter)
+    outcome = JobOutcome(
+        results_dir=paths.results, front=_search(settings, paths, reporter, study, bench)
+    )
+    if settings.trial is not None or settings.save_directory or settings.upload_repo:
+        _choose_and_export(settings, paths, reporter, bench, outcome)
+    reporter.emit(
+        DoneEvent(
+            results_dir=str(paths.results),
+            chosen_trial=outcome.chosen.number if outcome.chosen else None,
+            model_dir=str(outcome.model_dir) if outcome.model_dir else None,
+            uploaded_repo=outcome.uploaded_repo,
+            seconds=round(time.monotonic() - started, 3),
+        )
+    )
+    return outcome
+
+
+def _prepare(settings: WorkerSettings, paths: JobPaths, reporter: Reporter) -> Workbench:
+    """Prompts → model → batch size → directions → baseline (prompts first: they fail fast)."""
+    from hctl_worker.ablation import Ablator
+    from hctl_worker.evaluation import DEFAULT_REFUSAL_MARKERS, Evaluator
+    from hctl_worker.prompts import load_prompt_sets
 
     with reporter.stage("prompts") as stage:
         prompts = load_prompt_sets(settings)
@@ -356,11 +390,8 @@ def _pipeline(settings: WorkerSettings, paths: JobPaths, reporter: Reporter) -> 
             f"{len(prompts.good)} harmless + {len(prompts.bad)} harmful for directions, "
             f"{len(prompts.good_evaluation)} + {len(prompts.bad_evaluation)} for evaluation"
         )
-
     loaded = load(settings, reporter)
-    system_prompt = settings.system_prompt or None
-    good_texts = loaded.template(prompts.good, system_prompt)
-    bad_texts = loaded.template(prompts.bad, system_prompt)
+    system_prompt = settings.system_prompt or None  # "" means no system turn
     good_evaluation = loaded.template(prompts.good_evaluation, system_prompt)
     bad_evaluation = loaded.template(prompts.bad_evaluation, system_prompt)
 
@@ -372,16 +403,18 @@ def _pipeline(settings: WorkerSettings, paths: JobPaths, reporter: Reporter) -> 
 
     with reporter.stage("directions") as stage:
         directions, separation, cached = directions_for(
-            paths, loaded, good_texts, bad_texts, settings, batch_size
+            paths,
+            loaded,
+            loaded.template(prompts.good, system_prompt),
+            loaded.template(prompts.bad, system_prompt),
+            settings,
+            batch_size,
         )
         stage.result = (
             ("from cache; " if cached else "")
             + "separation per layer "
             + ", ".join(f"{value:.2f}" for value in separation.tolist())
         )
-
-    from hctl_worker.ablation import COMPONENTS, Ablator
-    from hctl_worker.evaluation import DEFAULT_REFUSAL_MARKERS, Evaluator, is_refusal
 
     with reporter.stage("baseline") as stage:
         evaluator = Evaluator(
@@ -403,14 +436,29 @@ def _pipeline(settings: WorkerSettings, paths: JobPaths, reporter: Reporter) -> 
             )
         )
         stage.result = f"{baseline.refusals}/{baseline.total_bad} refusals"
+    return Workbench(
+        loaded=loaded,
+        good_evaluation=good_evaluation,
+        evaluator=evaluator,
+        baseline=baseline,
+        ablator=Ablator(loaded, directions, row_normalization=settings.row_normalization),
+        separation=separation.tolist(),
+    )
 
-    ablator = Ablator(loaded, directions, row_normalization=settings.row_normalization)
-    space = search_space(settings, separation.tolist(), COMPONENTS)
+
+def _search(
+    settings: WorkerSettings, paths: JobPaths, reporter: Reporter, study: Any, bench: Workbench
+) -> list[TrialResult]:
+    """Run the trials still missing; events and results/pareto.json after every trial."""
+    from hctl_worker import search
+    from hctl_worker.ablation import COMPONENTS
+
+    space = search_space(settings, bench.separation, COMPONENTS)
     reporter.log(f"search space: {space.describe()}")
 
     def evaluate(values: dict[str, float | str]) -> search.Outcome:
-        with ablator.applied(search.to_ablation_params(values, COMPONENTS)):
-            score = evaluator.score()
+        with bench.ablator.applied(search.to_ablation_params(values, COMPONENTS)):
+            score = bench.evaluator.score()
         return search.Outcome(kl=score.kl, refusals=score.refusals, total_bad=score.total_bad)
 
     with reporter.stage("search", f"{settings.n_trials} trials") as stage:
@@ -418,13 +466,15 @@ def _pipeline(settings: WorkerSettings, paths: JobPaths, reporter: Reporter) -> 
         if recovered:
             reporter.log(f"{recovered} trial(s) interrupted by a stop will run again")
         finished = search.finished_trials(study)
+        resumed = len(finished)
 
         def on_trial(result: TrialResult) -> None:
             finished.append(result)
+            front = search.pareto_front(finished)
             reporter.emit(trial_event(result, settings.n_trials))
-            reporter.emit(pareto_event(search.pareto_front(finished)))
+            reporter.emit(pareto_event(front))
             stage.progress(result.number, settings.n_trials)
-            write_results(paths, search.pareto_front(finished))
+            write_results(paths, front)
 
         search.run_search(
             study,
@@ -439,44 +489,47 @@ def _pipeline(settings: WorkerSettings, paths: JobPaths, reporter: Reporter) -> 
         if len(finished) == resumed:  # no new trial, so no pareto event yet from this run
             reporter.emit(pareto_event(front))
         stage.result = f"{len(finished)} trials, {len(front)} on the Pareto front"
+    return front
 
-    outcome = JobOutcome(results_dir=paths.results, front=front)
-    if settings.trial is not None or settings.save_directory or settings.upload_repo:
-        outcome.chosen = choose_trial(front, settings.trial or 0)
-        markers = settings.refusal_markers or list(DEFAULT_REFUSAL_MARKERS)
-        with ablator.applied(search.to_ablation_params(outcome.chosen.params, COMPONENTS)):
-            replies = evaluator.responses(good_evaluation, settings.max_response_length)
-        refusals_good = sum(is_refusal(reply, markers) for reply in replies)
-        reporter.log(
-            f"chose trial {outcome.chosen.number}: {outcome.chosen.refusals}/"
-            f"{outcome.chosen.total_bad} refusals on harmful prompts, {refusals_good}/"
-            f"{len(replies)} on harmless ones, KL {outcome.chosen.kl:.4f}"
-        )
-        write_chosen(paths, outcome.chosen, settings.trial or 0, refusals_good, len(replies))
-        if settings.save_directory or settings.upload_repo:
-            from hctl_worker.export import export_trial
 
-            with reporter.stage("export", f"trial {outcome.chosen.number}") as stage:
-                exported = export_trial(
-                    loaded,
-                    ablator,
-                    outcome.chosen,
-                    settings,
-                    baseline_refusals=(baseline.refusals, baseline.total_bad),
-                    on_message=reporter.log,
-                )
-                outcome.model_dir, outcome.uploaded_repo = exported.directory, exported.repo
-                stage.result = exported.summary()
-    reporter.emit(
-        DoneEvent(
-            results_dir=str(paths.results),
-            chosen_trial=outcome.chosen.number if outcome.chosen else None,
-            model_dir=str(outcome.model_dir) if outcome.model_dir else None,
-            uploaded_repo=outcome.uploaded_repo,
-            seconds=round(time.monotonic() - started, 3),
-        )
+def _choose_and_export(
+    settings: WorkerSettings,
+    paths: JobPaths,
+    reporter: Reporter,
+    bench: Workbench,
+    outcome: JobOutcome,
+) -> None:
+    """Pick the `trial`-th of the front, check it on harmless prompts, save / upload it."""
+    from hctl_worker import search
+    from hctl_worker.ablation import COMPONENTS
+    from hctl_worker.evaluation import DEFAULT_REFUSAL_MARKERS, is_refusal
+
+    index = settings.trial or 0
+    chosen = outcome.chosen = choose_trial(outcome.front, index)
+    markers = settings.refusal_markers or list(DEFAULT_REFUSAL_MARKERS)
+    with bench.ablator.applied(search.to_ablation_params(chosen.params, COMPONENTS)):
+        replies = bench.evaluator.responses(bench.good_evaluation, settings.max_response_length)
+    refusals_good = sum(is_refusal(reply, markers) for reply in replies)
+    reporter.log(
+        f"chose trial {chosen.number}: {chosen.refusals}/{chosen.total_bad} refusals on harmful "
+        f"prompts, {refusals_good}/{len(replies)} on harmless ones, KL {chosen.kl:.4f}"
     )
-    return outcome
+    write_chosen(paths, chosen, index, refusals_good, len(replies))
+    if not (settings.save_directory or settings.upload_repo):
+        return
+    from hctl_worker.export import export_trial
+
+    with reporter.stage("export", f"trial {chosen.number}") as stage:
+        exported = export_trial(
+            bench.loaded,
+            bench.ablator,
+            chosen,
+            settings,
+            baseline_refusals=(bench.baseline.refusals, bench.baseline.total_bad),
+            on_message=reporter.log,
+        )
+        outcome.model_dir, outcome.uploaded_repo = exported.directory, exported.repo
+        stage.result = exported.summary()
 
 
 def load(settings: WorkerSettings, reporter: Reporter) -> LoadedModel:
