@@ -89,6 +89,17 @@ def test_reads_retry_429_honouring_retry_after_and_5xx_with_backoff(
     assert sleeper.waits == [7, 4, 8]  # Retry-After, then backoff 2 s doubling per attempt
 
 
+def test_a_request_that_times_out_is_retried(runpod_emulator: RunPodEmulator) -> None:
+    sleeper = Sleeper()
+    provider = provider_for(runpod_emulator, sleeper, api_timeout_s=0.2, api_retries=1)
+    runpod_emulator.inject_fault("slow", delay_s=1.0)
+    assert provider.list() == []
+    assert len(sleeper.waits) == 1 and len(runpod_emulator.requests) == 2
+    runpod_emulator.inject_fault("slow", delay_s=1.0, times=2)
+    with pytest.raises(ApiError, match="did not answer in time"):
+        provider.list()
+
+
 def test_retries_are_bounded_and_end_in_a_clear_message(runpod_emulator: RunPodEmulator) -> None:
     sleeper = Sleeper()
     provider = provider_for(runpod_emulator, sleeper, api_retries=2)

@@ -12,14 +12,14 @@ started per test in a thread (about a millisecond). Fixture API:
   `publicPort`); terminated pods are gone. `.pod(pod_id)` → one dict or None.
 - `.ready_after_polls` (int, default 1) — how many reads of a new or resumed pod answer
   `runtime: null` before it is reachable. Set it before creating the pod.
-- `.inject_fault(kind, *, operation=None, times=1, status=500, retry_after=None, message="")` — the next
+- `.inject_fault(kind, *, operation=None, times=1, status=500, retry_after=None, message="", delay_s=0)` — the next
   `times` requests (for one root field such as "podFindAndDeployOnDemand", or any) fail. Kinds:
   "unauthorized" (401), "bad_request" (400), "rate_limited" (429 + Retry-After, default 1 s),
   "server_error" (HTTP `status`), "capacity" (RunPod's "There are no longer any instances
   available..." resolver error), "something_went_wrong" (INTERNAL_SERVER_ERROR), "drop_after_apply"
   (the create/stop/... is applied, then the connection closes unanswered), "drop_before_apply",
   "resolver_error" (HTTP 200 with `errors[0].message == message`, e.g. RunPod's "There are not
-  enough free GPUs on the host machine to start this pod.").
+  enough free GPUs on the host machine to start this pod."), "slow" (answered after `delay_s`).
 - `.set_stock(gpu_id, None | "Low" | "Medium" | "High")` — None makes creates of that GPU fail with
   the capacity error. `.catalogue` is the list of `CatalogueGpu` (prices per GPU-hour).
 - `.route_ssh(direct=("127.0.0.1", port), pod_host_id="root")` — point the SSH endpoints every pod

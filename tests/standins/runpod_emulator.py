@@ -64,6 +64,7 @@ FaultKind = Literal[
     "resolver_error",  # 200 + a resolver error with the given `message` (code RUNPOD)
     "drop_after_apply",  # the operation is applied, then the connection closes unanswered
     "drop_before_apply",  # the connection closes before anything is applied
+    "slow",  # applied, but answered only after `delay_s` seconds (client timeouts)
 ]
 
 SCHEMA_SDL = """
@@ -302,6 +303,7 @@ class Fault:
     status: int = 500
     retry_after: float | None = None
     message: str = ""
+    delay_s: float = 0.0
 
 
 @dataclass
@@ -413,10 +415,13 @@ class RunPodEmulator:
         status: int = 500,
         retry_after: float | None = None,
         message: str = "",
+        delay_s: float = 0.0,
     ) -> None:
         """Make the next `times` requests (for `operation`, or any) fail this way."""
         with self._lock:
-            self._faults.append(Fault(kind, operation, times, status, retry_after, message))
+            self._faults.append(
+                Fault(kind, operation, times, status, retry_after, message, delay_s)
+            )
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -548,7 +553,7 @@ class RunPodEmulator:
             )
         if fault.kind == "drop_before_apply":
             return 0, {}, None
-        return None  # drop_after_apply: apply first, then drop (see the handler)
+        return None  # drop_after_apply and slow: apply first (see the handler)
 
     # --- the data behind the schema -------------------------------------------------------
 
@@ -900,6 +905,8 @@ def _make_handler(emulator: RunPodEmulator) -> type[BaseHTTPRequestHandler]:
                 with contextlib.suppress(OSError):
                     self.connection.shutdown(socket.SHUT_RDWR)
                 return
+            if fault is not None and fault.kind == "slow":
+                time.sleep(fault.delay_s)
             self._send(status, extra, payload)
 
         def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
