@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import tomli_w
+from pydantic import ValidationError
 
 from hctl_worker import __version__
 from hctl_worker.errors import JobDirectoryError, OutOfMemoryError, SettingsError, WorkerError
@@ -198,7 +199,7 @@ def reconcile_settings(paths: JobPaths, settings: WorkerSettings) -> WorkerSetti
     A new job draws its seed here (when none is set) so that a restart uses the same one.
     """
     if paths.settings.exists():
-        stored = WorkerSettings.model_validate(read_config_file(paths.settings))
+        stored = _read_settings_file(paths)
         changed = [
             key
             for key, value in settings.search_fingerprint().items()
@@ -754,7 +755,18 @@ def stored_settings(paths: JobPaths) -> WorkerSettings:
             f"{paths.root} is not a job directory ({SETTINGS_FILE} is missing)",
             "Give the --job-dir a search ran in.",
         )
-    return WorkerSettings.model_validate(read_config_file(paths.settings))
+    return _read_settings_file(paths)
+
+
+def _read_settings_file(paths: JobPaths) -> WorkerSettings:
+    """The settings a job ran with, exactly as stored (no environment, no defaults file)."""
+    try:
+        return WorkerSettings.model_validate(read_config_file(paths.settings))
+    except ValidationError as error:
+        raise SettingsError(
+            f"{paths.settings} is damaged: {error.errors()[0]['msg']}",
+            "Restore the file, or start a new job with a new --job-dir.",
+        ) from None
 
 
 def export_job(
