@@ -228,6 +228,7 @@ def generate_batch(
     max_new_tokens: int,
     markers: tuple[str, ...] | None = None,
     stats: GenerationStats | None = None,
+    first_logits: list[torch.Tensor] | None = None,
 ) -> list[str]:
     """Greedy replies for one batch; rows leave the batch at EOS or, with `markers`, as soon as
     their normalised text contains one (the reply is then a refusal whatever follows)."""
@@ -236,7 +237,7 @@ def generate_batch(
     stop_ids = _stop_token_ids(loaded)
     rows = len(batch.indices)
     generated: list[list[int]] = [[] for _ in range(rows)]
-    if max_new_tokens <= 0:
+    if max_new_tokens <= 0 and first_logits is None:
         return ["" for _ in range(rows)]
     input_device = batch.input_ids.device
     active = list(range(rows))  # the row held in each cache slot
@@ -252,6 +253,9 @@ def generate_batch(
         **cache_option(model, cache),
         **forward_options(model),
     )
+    if first_logits is not None:
+        # The prefill's last logits are the first-token distribution KL needs: one pass for both.
+        first_logits.append(outputs.logits[:, -1, :].float())
     next_positions = position_ids[:, -1:] + 1
     forward_passes = 1
     can_drop_rows = hasattr(cache, "batch_select_indices")
@@ -317,15 +321,17 @@ def generate(
     max_new_tokens: int,
     markers: tuple[str, ...] | None = None,
     stats: GenerationStats | None = None,
+    first_logits: list[torch.Tensor] | None = None,
 ) -> list[str]:
-    """Replies for every batch, in the callers' original order."""
+    """Replies for every batch, in the callers' original order. With `first_logits`, each
+    batch's first-token logits are appended to it (in batch order, not the callers')."""
     total = sum(len(batch.indices) for batch in batches)
     replies = [""] * total
     with torch.inference_mode():
         for batch in batches:
             for index, reply in zip(
                 batch.indices,
-                generate_batch(loaded, batch, max_new_tokens, markers, stats),
+                generate_batch(loaded, batch, max_new_tokens, markers, stats, first_logits),
                 strict=True,
             ):
                 replies[index] = reply
@@ -367,7 +373,22 @@ class Evaluator:
         self.stats = GenerationStats()
         self._good_batches = encode_texts(loaded, self.good_texts, self.batch_size)
         self._bad_batches = encode_texts(loaded, self.bad_texts, self.batch_size)
-        self.base_logprobs = self._first_token_logprobs()
+        # The unmodified model's harmless replies (for the baseline) and its first-token
+        # distribution (the KL reference) come from the same forward passes.
+        first_logits: list[torch.Tensor] = []
+        with _translated_out_of_memory():
+            replies = generate(
+                loaded,
+                self._good_batches,
+                self.max_response_length,
+                self.markers,
+                self.stats,
+                first_logits,
+            )
+        self._refusals_good = sum(
+            1 for reply in replies if _is_refusal_normalised(reply, self.markers)
+        )
+        self.base_logprobs = functional.log_softmax(torch.cat(first_logits, dim=0), dim=-1)
 
     def _first_token_logprobs(self) -> torch.Tensor:
         pieces = []
@@ -396,7 +417,7 @@ class Evaluator:
         return Baseline(
             refusals=self.count_refusals(self._bad_batches),
             total_bad=len(self.bad_texts),
-            refusals_good=self.count_refusals(self._good_batches),
+            refusals_good=self._refusals_good,
             total_good=len(self.good_texts),
         )
 
