@@ -115,3 +115,18 @@ def test_fetch_copies_a_file_home_and_reports_a_missing_one(tmp_path: Path) -> N
     assert channel.fetch("study.journal", tmp_path / "home" / "copy")
     assert (tmp_path / "home" / "copy").read_text() == "journal"
     assert not channel.fetch("missing", tmp_path / "home" / "missing")
+
+
+def test_the_journal_is_mirrored_with_the_events_and_covers_them(tmp_path: Path) -> None:
+    (tmp_path / "study.journal").write_bytes(b'{"op": 1}\n{"op": 2}\n{"op"')
+    writer = EventWriter(tmp_path / "events.jsonl")
+    writer.emit(trial(1))
+    follower = Follower(lambda: RemoteJobChannel(ShellRemote(), str(tmp_path)), journal_offset=0)
+    first = follower.poll()
+    assert [event.number for event in first.events] == [1]
+    assert first.journal_raw == b'{"op": 1}\n{"op": 2}\n'  # the half-written line waits
+    with (tmp_path / "study.journal").open("ab") as handle:
+        handle.write(b": 3}\n")
+    second = follower.poll()
+    assert second.events == [] and second.journal_raw == b'{"op": 3}\n'
+    assert follower.journal_offset == (tmp_path / "study.journal").stat().st_size

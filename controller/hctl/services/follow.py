@@ -4,6 +4,10 @@ The worker appends one event per line to `<job dir>/events.jsonl`. The follower 
 bytes after the last complete line it has read (`tail -c +OFFSET`, base64-encoded so a PTY
 cannot mangle them), keeps only complete lines, and advances its offset past exactly those. A
 reconnect resumes from that offset: no event is lost and none is seen twice.
+
+The Optuna journal is append-only too, and is mirrored the same way in the same command, read
+just after the events: the copy at home always holds every trial the copied events report, so a
+job resumed from it never runs a reported trial again.
 """
 
 from __future__ import annotations
@@ -19,11 +23,12 @@ from typing import Protocol
 
 from hctl.errors import ConnectError, ConnectionLostError, RemoteError, TransferError
 from hctl.remote.base import Remote
-from hctl_worker.events import EVENTS_FILE, decode, split_complete_lines
+from hctl_worker.events import EVENTS_FILE, JOURNAL_FILE, decode, split_complete_lines
 
-# One read returns at most this much; a long backlog arrives over a few polls.
+# One read returns at most this much of each file; a long backlog arrives over a few polls.
 MAX_READ_BYTES = 4 * 1024 * 1024
 STATUS_MARK = "@@hctl-worker:"
+JOURNAL_MARK = "@@hctl-journal"
 # Written by the shell that runs the worker (see `launch.launch_command`); it lives exactly as
 # long as the worker does, whatever the worker does with its own pid file.
 LAUNCHER_PID_FILE = "launcher.pid"
@@ -32,16 +37,17 @@ RECONNECT_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 
 @dataclass
 class Chunk:
-    """Bytes after an offset, and whether the worker's process was alive when they were read."""
+    """Bytes after the offsets, and whether the worker's process was alive when they were read."""
 
-    data: bytes
+    data: bytes  # of the events file
     worker_alive: bool | None  # None: unknown (no pid file yet)
+    journal: bytes = b""  # of the Optuna journal, read after the events
 
 
 class JobChannel(Protocol):
     """How the controller reads a job directory on its machine."""
 
-    def read(self, offset: int) -> Chunk: ...
+    def read(self, offset: int, journal_offset: int | None = None) -> Chunk: ...
 
     def fetch(self, name: str, local_path: Path) -> bool:
         """Copy a file of the job directory home; False when it does not exist (yet)."""
@@ -50,16 +56,36 @@ class JobChannel(Protocol):
     def close(self) -> None: ...
 
 
-def read_command(job_dir: str, offset: int, max_bytes: int = MAX_READ_BYTES) -> str:
-    """The shell command that prints the events after `offset` and the worker's liveness."""
-    events = shlex.quote(f"{job_dir}/{EVENTS_FILE}")
+def _tail(path: str, offset: int, max_bytes: int) -> str:
+    return f"(tail -c +{offset + 1} {shlex.quote(path)} 2>/dev/null | head -c {max_bytes} | base64)"
+
+
+def read_command(
+    job_dir: str, offset: int, journal_offset: int | None = None, max_bytes: int = MAX_READ_BYTES
+) -> str:
+    """The shell command that prints the events after `offset`, the journal after
+    `journal_offset` (read after the events, so it covers every trial they report), and whether
+    the worker is alive."""
     pid = shlex.quote(f"{job_dir}/{LAUNCHER_PID_FILE}")
+    journal = ""
+    if journal_offset is not None:
+        journal = (
+            f"echo; echo '{JOURNAL_MARK}'; "
+            + _tail(f"{job_dir}/{JOURNAL_FILE}", journal_offset, max_bytes)
+            + "; "
+        )
     return (
-        f"(tail -c +{offset + 1} {events} 2>/dev/null | head -c {max_bytes} | base64); "
-        f"echo; if [ ! -f {pid} ]; then echo '{STATUS_MARK}unknown'; "
+        _tail(f"{job_dir}/{EVENTS_FILE}", offset, max_bytes)
+        + f"; {journal}echo; if [ ! -f {pid} ]; then echo '{STATUS_MARK}unknown'; "
         f"elif kill -0 \"$(cat {pid})\" 2>/dev/null; then echo '{STATUS_MARK}alive'; "
         f"else echo '{STATUS_MARK}dead'; fi"
     )
+
+
+def _decode_base64(text: str) -> bytes:
+    # Drop the line breaks (and a PTY's carriage returns) between base64 blocks first.
+    cleaned = "".join(character for character in text if not character.isspace())
+    return base64.b64decode(cleaned) if cleaned else b""
 
 
 def parse_read_output(output: str) -> Chunk:
@@ -67,12 +93,10 @@ def parse_read_output(output: str) -> Chunk:
     encoded, mark, status = output.partition(STATUS_MARK)
     if not mark:
         raise ConnectionLostError("The reply to an event read was cut short.")
-    # b64decode ignores the line breaks (and a PTY's carriage returns) between base64 blocks.
-    cleaned = "".join(character for character in encoded if not character.isspace())
-    data = base64.b64decode(cleaned) if cleaned else b""
+    events, _, journal = encoded.partition(JOURNAL_MARK)
     state = status.strip().split()[0] if status.strip() else "unknown"
     alive = {"alive": True, "dead": False}.get(state)
-    return Chunk(data=data, worker_alive=alive)
+    return Chunk(data=_decode_base64(events), worker_alive=alive, journal=_decode_base64(journal))
 
 
 class RemoteJobChannel:
@@ -82,8 +106,8 @@ class RemoteJobChannel:
         self.remote = remote
         self.job_dir = job_dir
 
-    def read(self, offset: int) -> Chunk:
-        result = self.remote.run(read_command(self.job_dir, offset), timeout=60)
+    def read(self, offset: int, journal_offset: int | None = None) -> Chunk:
+        result = self.remote.run(read_command(self.job_dir, offset, journal_offset), timeout=60)
         return parse_read_output(result.output)
 
     def fetch(self, name: str, local_path: Path) -> bool:
@@ -108,6 +132,7 @@ class Poll:
     events: list = field(default_factory=list)
     raw: bytes = b""
     worker_alive: bool | None = None
+    journal_raw: bytes = b""  # complete journal lines after the journal offset
 
 
 class Follower:
@@ -118,6 +143,7 @@ class Follower:
         connect: Callable[[], JobChannel],
         *,
         offset: int = 0,
+        journal_offset: int | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         give_up_after_s: float = 900.0,
@@ -126,6 +152,7 @@ class Follower:
         self._connect = connect
         self._channel: JobChannel | None = None
         self.offset = offset
+        self.journal_offset = journal_offset  # None: the journal is not mirrored
         self._sleep = sleep
         self._clock = clock
         self._give_up_after_s = give_up_after_s
@@ -133,13 +160,22 @@ class Follower:
         self.reconnects = 0
 
     def poll(self) -> Poll:
-        """The complete events after the offset; the offset moves past exactly those."""
-        chunk = self._with_reconnect(lambda channel: channel.read(self.offset))
+        """The complete events (and journal lines) after the offsets, which move past exactly
+        those."""
+        chunk = self._with_reconnect(lambda channel: channel.read(self.offset, self.journal_offset))
         lines, consumed = split_complete_lines(chunk.data)
         raw = chunk.data[:consumed]
         self.offset += consumed
+        journal_raw = b""
+        if self.journal_offset is not None:
+            _, journal_consumed = split_complete_lines(chunk.journal)
+            journal_raw = chunk.journal[:journal_consumed]
+            self.journal_offset += journal_consumed
         return Poll(
-            events=[decode(line) for line in lines], raw=raw, worker_alive=chunk.worker_alive
+            events=[decode(line) for line in lines],
+            raw=raw,
+            worker_alive=chunk.worker_alive,
+            journal_raw=journal_raw,
         )
 
     def fetch(self, name: str, local_path: Path) -> bool:

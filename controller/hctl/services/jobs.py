@@ -37,6 +37,7 @@ JobStatus = Literal[
     "failed",  # an error event arrived, or the worker died without one
     "cancelled",  # `hctl cancel`
     "budget",  # stopped after the trial that reached --max-cost
+    "interrupted",  # the machine went away mid-search: `hctl resume` continues it
 ]
 
 
@@ -150,6 +151,17 @@ class JobStore:
             return
         with self.events_path(job_id).open("ab") as handle:
             handle.write(data)
+
+    def append_journal(self, job_id: str, data: bytes) -> None:
+        """Append complete journal lines copied from the machine."""
+        if not data:
+            return
+        with self.journal_path(job_id).open("ab") as handle:
+            handle.write(data)
+
+    def journal_size(self, job_id: str) -> int:
+        path = self.journal_path(job_id)
+        return path.stat().st_size if path.is_file() else 0
 
     def events(self, job_id: str) -> list:
         events, _ = read_events(self.events_path(job_id))

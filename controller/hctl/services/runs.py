@@ -26,12 +26,12 @@ from hctl.errors import (
     HctlError,
     JobError,
     PodNotFoundError,
-    RemoteError,
+    PodNotReadyError,
 )
 from hctl.remote.base import Remote
 from hctl.services.budget import Meter
 from hctl.services.estimate import format_money
-from hctl.services.follow import LAUNCHER_PID_FILE, Follower, RemoteJobChannel
+from hctl.services.follow import LAUNCHER_PID_FILE, MAX_READ_BYTES, Follower, RemoteJobChannel
 from hctl.services.jobs import JobRecord
 from hctl.services.launch import (
     Notify,
@@ -54,7 +54,7 @@ from hctl_worker.events import (
     read_events,
 )
 
-Outcome = Literal["finished", "failed", "budget", "detached", "cancelled"]
+Outcome = Literal["finished", "failed", "budget", "detached", "cancelled", "interrupted"]
 # Ask the user to pick a trial of the front; None means "let hctl choose".
 TrialChooser = Callable[[list[ParetoTrial], ParetoTrial | None], int | None]
 
@@ -128,17 +128,16 @@ def follow_job(
 ) -> FollowResult:
     """Show the job's events until it ends (or Ctrl-C detaches); copies them home as they come.
 
-    The local copy of the events file is a byte-exact prefix of the machine's, so its size is
-    the offset to continue from: a controller killed at any moment resumes without a gap or a
-    duplicate.
+    The local copies of the events file and of the journal are byte-exact prefixes of the
+    machine's, so their sizes are the offsets to continue from: a controller killed at any moment
+    resumes without a gap or a duplicate.
     """
     store = toolkit.store
     interval = (
         poll_interval_s if poll_interval_s is not None else toolkit.settings.follow_interval_s
     )
     progress = JobProgress(n_trials=record.n_trials, model=record.model)
-    events_path = store.events_path(record.job_id)
-    old_events, offset = read_events(events_path)
+    old_events, offset = read_events(store.events_path(record.job_id))
     for event in old_events:
         progress.apply(event)
         if replay:
@@ -146,6 +145,7 @@ def follow_job(
     follower = Follower(
         channel_factory(record, toolkit),
         offset=offset,
+        journal_offset=store.journal_size(record.job_id),
         sleep=toolkit.sleep,
         clock=toolkit.clock,
         on_reconnect=view.note,
@@ -154,36 +154,25 @@ def follow_job(
     try:
         while not progress.finished:
             poll = follower.poll()
+            store.append_journal(record.job_id, poll.journal_raw)
             store.append_events(record.job_id, poll.raw)
             trial_seen = False
             for event in poll.events:
                 progress.apply(event)
                 view.event(event, progress, money_now(record, progress, toolkit))
                 trial_seen = trial_seen or isinstance(event, TrialEvent)
-            if trial_seen:
-                follower.fetch(JOURNAL_FILE, store.journal_path(record.job_id))
-                meter = meter_for(record, toolkit)
-                if meter.cap_reached(toolkit.clock(), record.max_cost) and not progress.finished:
-                    view.note(
-                        f"budget reached: {format_money(meter.spent(toolkit.clock()))} spent of "
-                        f"{format_money(record.max_cost)}; stopping after trial "
-                        f"{progress.trials_done}"
-                    )
-                    remote = toolkit.connect(record)
-                    try:
-                        stop_worker(remote, record.remote_job_dir)
-                    finally:
-                        remote.close()
-                    record = store.save(
-                        record.model_copy(
-                            update={"status": "budget", "message": "budget cap reached"}
-                        )
-                    )
-                    return FollowResult("budget", progress, record)
+            meter = meter_for(record, toolkit)
+            if (
+                trial_seen
+                and not progress.finished
+                and meter.cap_reached(toolkit.clock(), record.max_cost)
+            ):
+                return _stop_for_budget(record, progress, toolkit, view, meter)
             view.refresh(progress, money_now(record, progress, toolkit))
             if progress.finished:
                 break
             if poll.worker_alive is False and not poll.events:
+                # Read once more: the last events may have landed just before the worker exited.
                 dead_polls += 1
                 if dead_polls >= 2:
                     message = worker_log_tail(record, toolkit, lines=5).strip()
@@ -198,26 +187,47 @@ def follow_job(
                     return FollowResult("failed", progress, record)
             else:
                 dead_polls = 0
-            toolkit.sleep(interval)
+            if len(poll.raw) < MAX_READ_BYTES // 2:
+                toolkit.sleep(interval)
     except KeyboardInterrupt:
         return FollowResult("detached", progress, record)
+    except (PodNotFoundError, PodNotReadyError) as error:
+        view.note(
+            f"the job's pod is gone or stopped ({error.message}); its journal and events are "
+            f"safe on this computer: `hctl resume {record.job_id}` continues on a new pod"
+        )
+        record = store.save(
+            record.model_copy(update={"status": "interrupted", "message": error.message})
+        )
+        return FollowResult("interrupted", progress, record)
     finally:
         follower.close()
-    # Make sure the journal at home includes the last trials.
-    try:
-        channel = channel_factory(record, toolkit)()
-        try:
-            channel.fetch(JOURNAL_FILE, store.journal_path(record.job_id))
-        finally:
-            channel.close()
-    except RemoteError:
-        pass
     outcome: Outcome = "finished" if progress.done is not None else "failed"
     if progress.error is not None:
         record = store.save(
             record.model_copy(update={"status": "failed", "message": progress.error.message})
         )
     return FollowResult(outcome, progress, record)
+
+
+def _stop_for_budget(
+    record: JobRecord, progress: JobProgress, toolkit: Toolkit, view: LiveView, meter: Meter
+) -> FollowResult:
+    """The money spent reached the cap: stop the worker right after the trial just reported."""
+    view.note(
+        f"budget reached: {format_money(meter.spent(toolkit.clock()))} spent of "
+        f"{format_money(record.max_cost)}; stopping after trial {progress.trials_done} "
+        "(the search so far is kept)"
+    )
+    remote = toolkit.connect(record)
+    try:
+        stop_worker(remote, record.remote_job_dir)
+    finally:
+        remote.close()
+    record = toolkit.store.save(
+        record.model_copy(update={"status": "budget", "message": "budget cap reached"})
+    )
+    return FollowResult("budget", progress, record)
 
 
 def worker_log_tail(record: JobRecord, toolkit: Toolkit, *, lines: int = 50) -> str:
@@ -438,8 +448,8 @@ def complete(
             f"billing {format_money(record.price_per_hour)}/h meanwhile.",
         ) from None
     record, progress = result.record, result.progress
-    if result.outcome == "detached":
-        return "detached", record, progress
+    if result.outcome in {"detached", "interrupted"}:
+        return result.outcome, record, progress
     try:
         if result.outcome in {"finished", "budget"}:
             record = finish_job(
@@ -469,13 +479,15 @@ def cancel_job(record: JobRecord, toolkit: Toolkit, notify: Notify) -> JobRecord
 
 
 def sync_job(record: JobRecord, toolkit: Toolkit) -> bool:
-    """Copy any events not yet home (once, best effort); False when the machine is unreachable."""
+    """Copy any events and journal lines not yet home (once, best effort); False when the
+    machine cannot be reached."""
     store = toolkit.store
     _, offset = read_events(store.events_path(record.job_id))
     try:
         follower = Follower(
             channel_factory(record, toolkit),
             offset=offset,
+            journal_offset=store.journal_size(record.job_id),
             sleep=toolkit.sleep,
             clock=toolkit.clock,
             give_up_after_s=0,
@@ -483,10 +495,10 @@ def sync_job(record: JobRecord, toolkit: Toolkit) -> bool:
         try:
             while True:
                 poll = follower.poll()
+                store.append_journal(record.job_id, poll.journal_raw)
                 store.append_events(record.job_id, poll.raw)
-                if not poll.raw:
+                if not poll.raw and not poll.journal_raw:
                     break
-            follower.fetch(JOURNAL_FILE, store.journal_path(record.job_id))
         finally:
             follower.close()
     except HctlError:

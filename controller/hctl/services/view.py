@@ -78,11 +78,11 @@ def pareto_table(
     front: list[ParetoTrial], *, chosen: int | None = None, title: str = "Pareto front"
 ) -> Table:
     table = Table(title=title, title_justify="left")
-    table.add_column("trial", justify="right")
-    table.add_column("refusals", justify="right")
-    table.add_column("KL divergence", justify="right")
-    table.add_column("parameters", no_wrap=True, overflow="ellipsis", max_width=44)
-    table.add_column("", no_wrap=True)
+    table.add_column("trial", justify="right", no_wrap=True, min_width=5)
+    table.add_column("refusals", justify="right", no_wrap=True, min_width=8)
+    table.add_column("KL divergence", justify="right", no_wrap=True, min_width=13)
+    table.add_column("parameters", no_wrap=True, overflow="ellipsis", max_width=30)
+    table.add_column("", no_wrap=True, min_width=8)
     for trial in front:
         params = " ".join(
             f"{name.rsplit('.', 1)[-1]}={value:.2f}" if isinstance(value, float) else f"{value}"
