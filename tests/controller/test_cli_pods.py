@@ -336,3 +336,13 @@ def test_start_pod_when_its_machine_has_no_free_gpu(emulator: RunPodEmulator) ->
     again = hctl("start-pod", "hctl-tied")
     assert again.exit_code == 0 and "running already" in again.output
     assert [pod["status"] for pod in emulator.pods] == ["RUNNING"]
+
+
+def test_a_wrong_api_address_is_named(
+    emulator: RunPodEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HCTL_RUNPOD_API_URL", emulator.base_url)  # without /graphql
+    assert_clean_error(hctl("list-pods"), 1, "There is no GraphQL API at", "HCTL_RUNPOD_API_URL")
+    monkeypatch.setenv("HCTL_RUNPOD_API_URL", "http://127.0.0.1:9/graphql")  # nothing listens
+    assert_clean_error(hctl("gpus"), 1, "Cannot reach RunPod's API at http://127.0.0.1:9/graphql")
+    assert emulator.pods == []

@@ -125,6 +125,11 @@ def _data_or_raise(response: httpx.Response) -> dict[str, Any]:
             "RunPod refused this request for this API key (HTTP 403).",
             "Give the key read/write access at https://www.runpod.io/console/user/settings.",
         )
+    if status in (404, 405):
+        raise ApiError(
+            f"There is no GraphQL API at {response.request.url} (HTTP {status}).",
+            "Check HCTL_RUNPOD_API_URL; RunPod's is https://api.runpod.io/graphql.",
+        )
     if status == 429:
         raise RateLimitedError(_retry_after(response))
     if status >= 500:
