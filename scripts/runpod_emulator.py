@@ -29,6 +29,14 @@ def main() -> None:
         help="How many reads of a new or resumed pod show it still starting (runtime null).",
     )
     parser.add_argument("--pub-key", default="", help="The account's SSH public keys at start.")
+    parser.add_argument(
+        "--ssh-direct",
+        metavar="HOST:PORT",
+        help="Report this address as every pod's public SSH port (e.g. a local sshd).",
+    )
+    parser.add_argument(
+        "--pod-host-id", help="Report this as every pod's SSH proxy user (machine.podHostId)."
+    )
     arguments = parser.parse_args()
     emulator = RunPodEmulator(
         host=arguments.host,
@@ -36,6 +44,12 @@ def main() -> None:
         ready_after_polls=arguments.ready_after_polls,
         pub_key=arguments.pub_key,
     )
+    if arguments.ssh_direct or arguments.pod_host_id:
+        direct = None
+        if arguments.ssh_direct:
+            host, _, port = arguments.ssh_direct.rpartition(":")
+            direct = (host, int(port))
+        emulator.route_ssh(direct=direct, pod_host_id=arguments.pod_host_id)
     with emulator:
         print(f"RunPod emulator listening on {emulator.url}")
         print(f"Test API key: {emulator.api_key}")

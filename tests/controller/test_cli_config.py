@@ -65,12 +65,17 @@ def test_set_validates_names_and_values_and_keeps_other_settings() -> None:
         assert result.exit_code == 2, result.output
         assert "error:" in result.output and "hint:" in result.output, result.output
         assert fragment in result.output, result.output
+    typed = hctl("config", "set", "RUNPOD_API_KEY", SECRET)
+    assert typed.exit_code == 0 and "shell history" in typed.output and SECRET not in typed.output
+    assert file_values()["runpod_api_key"] == SECRET
     bad_key = hctl("config", "set", "runpod_api_key", input="rpa with spaces\n")
     assert bad_key.exit_code == 2 and "has spaces" in bad_key.output
     assert "rpa with spaces" not in bad_key.output
-    assert file_values() == {"gpu": "NVIDIA RTX A6000", "container_disk_gb": 60}  # untouched
+    assert file_values() == {  # untouched by the refused values
+        "gpu": "NVIDIA RTX A6000", "container_disk_gb": 60, "runpod_api_key": SECRET,
+    }  # fmt: skip
     assert hctl("config", "set", "gpu", "").exit_code == 0  # "" removes a setting
-    assert file_values() == {"container_disk_gb": 60}
+    assert file_values() == {"container_disk_gb": 60, "runpod_api_key": SECRET}
 
 
 def test_show_reports_precedence(monkeypatch: pytest.MonkeyPatch) -> None:

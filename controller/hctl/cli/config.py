@@ -59,6 +59,7 @@ def set_value(
     shell history.
     """
     name = setting_name(key)
+    given = value
     if value is None:
         if not is_secret(name):
             raise ConfigError(
@@ -71,7 +72,13 @@ def set_value(
                 f"No value given for {name}; nothing was changed.",
                 f"Run `hctl config set {name}` again and paste the value at the prompt.",
             )
+    typed_secret = is_secret(name) and given is not None
     path = set_config_value(name, value)
+    if typed_secret:
+        console.print(
+            "Tip: leave the value out next time; hctl then asks for it hidden, so it stays out "
+            "of your shell history."
+        )
     shown = "(hidden)" if is_secret(name) else repr(value)
     console.print(f"{name} = {shown} written to {path}" if value else f"{name} removed from {path}")
 
