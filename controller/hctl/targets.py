@@ -19,6 +19,7 @@ Public API (the run orchestration and the CLI use these):
 - `resolve_target(text, settings, *, provider=None, pod_id=False, force_pty=False,
   on_message=None) -> Remote` — the one entry point; connects lazily except for a pod's direct
   endpoint, which is probed so the fallback can happen here.
+- `open_target(text, settings, ...) -> (Remote, Pod | None)` — the same, plus the pod (if any).
 - `parse_target(text) -> Target` — pure parsing, no network.
 - `connect_address(address, settings, ...)` / `connect_pod(pod, settings, ...)` — the two halves.
 """
@@ -34,10 +35,11 @@ from hctl.errors import ConfigError, ConnectError, PodNotReadyError
 from hctl.providers.base import Pod, Provider, SshEndpoint
 from hctl.remote.base import Remote
 from hctl.remote.direct import DEFAULT_ENVIRONMENT_FILE, DirectRemote
-from hctl.remote.hostkeys import KnownHosts
+from hctl.remote.hostkeys import KnownHosts, host_key_name
 from hctl.remote.local import LocalRemote
 from hctl.remote.proxy import ProxyRemote
 from hctl.remote.ssh import SshAddress, SshConnection
+from hctl.remote.ssh_config import HostEntry
 from hctl.settings import Settings
 
 MessageCallback = Callable[[str], None]
@@ -191,6 +193,32 @@ def resolve_pod_target(
     return resolve_pod(provider, target.pod_ref)
 
 
+def open_target(
+    text: str | None,
+    settings: Settings,
+    *,
+    provider: Provider | None = None,
+    force_pty: bool = False,
+    environment_file: str | None = DEFAULT_ENVIRONMENT_FILE,
+    on_message: MessageCallback = _ignore,
+) -> tuple[Remote, Pod | None]:
+    """Like `resolve_target`, and also the pod when the target is one (for its cost, its id)."""
+    pod = resolve_pod_target(text, settings, provider)
+    if pod is None:
+        remote = resolve_target(
+            text,
+            settings,
+            force_pty=force_pty,
+            environment_file=environment_file,
+            on_message=on_message,
+        )
+        return remote, None
+    remote = connect_pod(
+        pod, settings, force_pty=force_pty, environment_file=environment_file, on_message=on_message
+    )
+    return remote, pod
+
+
 def resolve_target(
     text: str | None,
     settings: Settings,
@@ -225,4 +253,54 @@ def resolve_target(
         force_pty=force_pty,
         environment_file=environment_file,
         on_message=on_message,
+    )
+
+
+def host_entry_for(
+    text: str | None,
+    settings: Settings,
+    *,
+    alias: str | None = None,
+    provider: Provider | None = None,
+    on_message: MessageCallback = _ignore,
+) -> HostEntry:
+    """The ~/.ssh/config entry for a TARGET: a pod's direct endpoint when it answers.
+
+    A pod is contacted once, so its host key is recorded (and checked) by hctl first; plain ssh
+    then trusts exactly that key through `HostKeyAlias`.
+    """
+    target = parse_target(text)
+    known_hosts = KnownHosts().path
+    if target.kind == "local":
+        raise ConfigError("`local` needs no SSH entry.", "Give a pod or an ssh:// address.")
+    if target.kind == "ssh":
+        assert target.address is not None
+        address = target.address
+        return HostEntry(
+            alias=alias or f"hctl-{address.host}-{address.port}",
+            host=address.host,
+            port=address.port,
+            user=address.user,
+            key_path=settings.ssh_key_path,
+            known_hosts=known_hosts,
+            host_key_alias=None,
+            request_tty=is_proxy(address, settings),
+        )
+    pod = resolve_pod_target(target.pod_ref or None, settings, provider)
+    assert pod is not None
+    remote = connect_pod(pod, settings, on_message=on_message)
+    remote.close()
+    endpoint = pod.endpoint("direct") if remote.kind == "direct" else pod.endpoint("proxy")
+    assert endpoint is not None
+    return HostEntry(
+        alias=alias or f"hctl-{pod.name}",
+        host=endpoint.host,
+        port=endpoint.port,
+        user=endpoint.user,
+        key_path=settings.ssh_key_path,
+        known_hosts=known_hosts,
+        host_key_alias=pod_host_key_name(pod, endpoint)
+        if remote.kind == "direct"
+        else host_key_name(endpoint.host, endpoint.port),
+        request_tty=remote.kind == "proxy",
     )

@@ -1,0 +1,107 @@
+"""`hctl monitor` and `hctl status` views: rich tables built from GpuSample / MachineStatus.
+
+`gpu_table` and `status_tables` are pure (data in, renderable out); `run_monitor` streams
+samples from one long-lived `nvidia-smi -l` channel into a `rich.live.Live` view, for `count`
+samples or until Ctrl-C, and shows the pod's cost so far when the target is a pod.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from hctl.providers.base import Pod
+from hctl.remote.base import Remote
+from hctl.remote.gpu import GpuSample, MachineStatus, stream_gpu_samples
+
+
+def _value(number: float | None, unit: str, digits: int = 0) -> str:
+    return "n/a" if number is None else f"{number:.{digits}f}{unit}"
+
+
+def gpu_table(samples: list[GpuSample]) -> Table:
+    table = Table(title="GPUs", title_justify="left")
+    for column in ("GPU", "name", "util", "memory", "temp", "power"):
+        table.add_column(column, justify="left" if column == "name" else "right")
+    for sample in samples:
+        memory = f"{_value(sample.memory_used_mib, '')} / {_value(sample.memory_total_mib, ' MiB')}"
+        power = f"{_value(sample.power_w, '')} / {_value(sample.power_limit_w, ' W')}"
+        table.add_row(
+            str(sample.index),
+            sample.name,
+            _value(sample.utilization_percent, " %"),
+            memory,
+            _value(sample.temperature_c, " °C"),
+            power,
+        )
+    return table
+
+
+def pod_cost_so_far(pod: Pod, extra_seconds: float = 0.0) -> float | None:
+    """cost_per_hr × uptime: what the pod has cost since it last started."""
+    if pod.uptime_seconds is None:
+        return None
+    return pod.cost_per_hr * (pod.uptime_seconds + extra_seconds) / 3600
+
+
+def cost_line(pod: Pod | None, extra_seconds: float = 0.0) -> Text:
+    if pod is None:
+        return Text("")
+    spent = pod_cost_so_far(pod, extra_seconds)
+    spent_text = "unknown" if spent is None else f"${spent:.2f}"
+    return Text(f"pod {pod.id}: ${pod.cost_per_hr:.2f}/h, {spent_text} since it started")
+
+
+def status_tables(status: MachineStatus) -> list[RenderableType]:
+    parts: list[RenderableType] = []
+    if status.gpus:
+        parts.append(gpu_table(status.gpus))
+    else:
+        parts.append(Text(f"No GPU found ({status.gpu_error or 'nvidia-smi printed nothing'})."))
+    processes = Table(title="Processes using the GPU", title_justify="left")
+    for column in ("pid", "process", "memory"):
+        processes.add_column(column, justify="left" if column == "process" else "right")
+    for process in status.processes:
+        processes.add_row(str(process.pid), process.name, _value(process.used_memory_mib, " MiB"))
+    if status.processes:
+        parts.append(processes)
+    else:
+        parts.append(Text("No process holds GPU memory."))
+    disks = Table(title="Disks", title_justify="left")
+    for column in ("mount", "free", "size"):
+        disks.add_column(column, justify="left" if column == "mount" else "right")
+    for disk in status.disks:
+        disks.add_row(disk.mount, f"{disk.free_gb:.1f} GB", f"{disk.size_gb:.1f} GB")
+    parts.append(disks)
+    if status.model_cache:
+        size = "empty" if status.model_cache_gb is None else f"{status.model_cache_gb:.2f} GB"
+        parts.append(Text(f"Model cache {status.model_cache}: {size}"))
+    return parts
+
+
+def run_monitor(
+    remote: Remote,
+    console: Console,
+    *,
+    pod: Pod | None = None,
+    count: int | None = None,
+    interval_s: int = 1,
+    clock: Callable[[], float] = time.monotonic,
+) -> int:
+    """Show live GPU samples until `count` samples or Ctrl-C; returns how many were shown."""
+    started = clock()
+    waiting = Text(f"waiting for nvidia-smi on {remote.description}...")
+    with Live(waiting, console=console, auto_refresh=False, transient=False) as live:
+
+        def show(samples: list[GpuSample]) -> None:
+            live.update(Group(gpu_table(samples), cost_line(pod, clock() - started)), refresh=True)
+
+        try:
+            return stream_gpu_samples(remote, show, count=count, interval_s=interval_s)
+        except KeyboardInterrupt:
+            return -1

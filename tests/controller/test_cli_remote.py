@@ -1,0 +1,215 @@
+"""The remote commands as a user types them, against the sshd pod (and the RunPod emulator)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from hctl.cli import app
+from tests.standins.runpod_emulator import RunPodEmulator
+from tests.standins.sshd import SshdServer
+
+
+@pytest.fixture
+def ssh_env(monkeypatch: pytest.MonkeyPatch, sshd_pod: SshdServer, sshd_proxy: SshdServer) -> None:
+    """hctl uses the fixture's key; RunPod's proxy is the PTY-only sshd."""
+    monkeypatch.setenv("HCTL_SSH_KEY", str(sshd_pod.client_key_path))
+    monkeypatch.setenv("HCTL_SSH_PROXY_HOST", "127.0.0.1")
+    monkeypatch.setenv("HCTL_SSH_PROXY_PORT", str(sshd_proxy.port))
+    monkeypatch.setenv("HCTL_WORKER_PYTHON", sys.executable)
+    monkeypatch.setenv("COLUMNS", "200")  # wide tables: no wrapped GPU names
+
+
+def hctl(*args: str) -> object:
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+def test_exec_streams_and_exits_with_the_remote_code(ssh_env: None, sshd_pod: SshdServer) -> None:
+    result = hctl("exec", sshd_pod.address, "--", "ls", "-d", "/", ";", "exit", "3")
+    assert result.exit_code == 3
+    assert result.stdout == "/\n"
+    missing = hctl("exec", sshd_pod.address, "--", "no-such-command")
+    assert missing.exit_code == 127
+
+
+def test_exec_through_the_pty_path_and_the_proxy(
+    ssh_env: None, sshd_pod: SshdServer, sshd_proxy: SshdServer
+) -> None:
+    forced = hctl("exec", sshd_pod.address, "--pty", "--", "[ -t 1 ] && echo terminal")
+    assert (forced.exit_code, forced.stdout) == (0, "terminal\n")
+    # The proxy's address needs no --pty: hctl knows it only takes PTY sessions.
+    proxied = hctl("exec", sshd_proxy.address, "--", "echo", "via", "proxy;", "exit", "1")
+    assert (proxied.exit_code, proxied.stdout) == (1, "via proxy\n")
+
+
+def test_exec_without_a_command_explains(ssh_env: None, sshd_pod: SshdServer) -> None:
+    result = hctl("exec", sshd_pod.address)
+    assert result.exit_code == 2
+    assert "No command given" in result.stderr
+
+
+def test_a_wrong_key_is_one_line_with_a_hint(
+    ssh_env: None, sshd_pod: SshdServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stranger = tmp_path / "stranger"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
+    monkeypatch.setenv("HCTL_SSH_KEY", str(stranger))
+    result = hctl("exec", sshd_pod.address, "--", "true")
+    assert result.exit_code == 3
+    assert "did not accept the SSH key" in result.stderr and "hint:" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_status_shows_gpu_processes_disks_and_cache(ssh_env: None, sshd_pod: SshdServer) -> None:
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        sshd_pod.set_gpu_processes([(sleeper.pid, "python3", 14000)])
+        result = hctl("status", sshd_pod.address)
+    finally:
+        sshd_pod.set_gpu_processes([])
+        sleeper.kill()
+        sleeper.wait()
+    assert result.exit_code == 0, result.output
+    assert "NVIDIA GeForce RTX 4090" in result.stdout
+    assert "97 %" in result.stdout and "14870 / 24564 MiB" in result.stdout
+    assert str(sleeper.pid) in result.stdout
+    assert "Disks" in result.stdout
+
+
+def test_monitor_shows_n_samples_then_stops(ssh_env: None, sshd_proxy: SshdServer) -> None:
+    result = hctl("monitor", sshd_proxy.address, "--count", "2")
+    assert result.exit_code == 0, result.output
+    assert "RTX 4090" in result.stdout and "312 / 450 W" in result.stdout
+    # The long-lived nvidia-smi was interrupted: the session is clean for the next command.
+    again = hctl("exec", sshd_proxy.address, "--", "echo ok")
+    assert again.stdout == "ok\n"
+
+
+def _detached_sleeper() -> int:
+    """A process that is not this test's child (like a GPU job): its pid."""
+    output = subprocess.run(
+        ["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"], capture_output=True, text=True
+    ).stdout
+    return int(output.strip())
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2 :].split()[0] != "Z"
+
+
+def test_gpu_free_stops_only_the_listed_processes_after_confirmation(
+    ssh_env: None, sshd_pod: SshdServer
+) -> None:
+    holder, bystander = _detached_sleeper(), _detached_sleeper()
+    try:
+        sshd_pod.set_gpu_processes([(holder, "python3", 20000), (1, "init", 1)])
+        refused = hctl("gpu-free", sshd_pod.address)  # no terminal to ask on, no --yes
+        assert refused.exit_code == 130
+        assert _running(holder)
+        result = hctl("gpu-free", sshd_pod.address, "--yes")
+        assert result.exit_code == 0, result.output
+        assert f"Stopped 1 of 1: {holder}" in result.stdout
+        assert not _running(holder)
+        assert _running(bystander)
+    finally:
+        sshd_pod.set_gpu_processes([])
+        for pid in (holder, bystander):
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_setup_is_fast_and_idempotent_when_the_worker_is_there(
+    ssh_env: None, sshd_pod: SshdServer
+) -> None:
+    result = hctl("setup", sshd_pod.address)
+    assert result.exit_code == 0, result.output
+    assert "already installed" in result.stdout
+
+
+def test_ssh_config_writes_one_entry_idempotently(ssh_env: None, sshd_pod: SshdServer) -> None:
+    printed = hctl("ssh-config", sshd_pod.address, "--print", "--name", "gpu")
+    assert "Host gpu" in printed.stdout and f"Port {sshd_pod.port}" in printed.stdout
+    config = Path.home() / ".ssh" / "config"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text("Host other\n    HostName example.org\n")
+    assert "written" in hctl("ssh-config", sshd_pod.address, "--name", "gpu").stdout
+    assert "up to date" in hctl("ssh-config", sshd_pod.address, "--name", "gpu").stdout
+    text = config.read_text()
+    assert text.count("Host gpu") == 1 and "Host other" in text
+    assert oct(config.stat().st_mode & 0o777) == "0o600"
+
+
+def test_forget_host_of_an_unknown_name_lists_what_is_known(ssh_env: None) -> None:
+    result = hctl("forget-host", "[nowhere]:22")
+    assert result.exit_code == 2
+    assert "No host key recorded" in result.stderr
+
+
+# --- Pods from the RunPod emulator, pointed at the sshd -------------------------------------
+
+
+@pytest.fixture
+def pod_env(ssh_env: None, hctl_runpod_env: RunPodEmulator, sshd_pod: SshdServer) -> RunPodEmulator:
+    hctl_runpod_env.route_ssh(direct=("127.0.0.1", sshd_pod.port), pod_host_id="root")
+    return hctl_runpod_env
+
+
+def test_exec_by_pod_id_resolves_through_the_provider(pod_env: RunPodEmulator) -> None:
+    pod = pod_env.add_pod(name="hctl-box")
+    direct = hctl("exec", pod["id"], "--", "echo hi; [ -t 1 ] || echo no-tty")
+    assert (direct.exit_code, direct.stdout) == (0, "hi\nno-tty\n")
+    # By name, and through the proxy with --pty.
+    proxied = hctl("exec", "hctl-box", "--pty", "--", "[ -t 1 ] && echo tty")
+    assert (proxied.exit_code, proxied.stdout) == (0, "tty\n")
+    # No target at all: the only running hctl pod.
+    assert hctl("exec", "--", "echo only").stdout == "only\n"
+
+
+def test_a_refusing_direct_port_falls_back_to_the_proxy_with_a_note(
+    pod_env: RunPodEmulator,
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    pod_env.route_ssh(direct=("127.0.0.1", closed_port), pod_host_id="root")
+    pod = pod_env.add_pod(name="hctl-flaky")
+    result = hctl("exec", pod["id"], "--", "[ -t 1 ] && echo via-proxy")
+    assert (result.exit_code, result.stdout) == (0, "via-proxy\n")
+    assert "using RunPod's SSH proxy instead" in result.stderr
+
+
+def test_monitor_of_a_pod_shows_its_cost(pod_env: RunPodEmulator) -> None:
+    pod_env.add_pod(name="hctl-money")
+    result = hctl("monitor", "hctl-money", "--count", "1")
+    assert result.exit_code == 0, result.output
+    assert "/h," in result.stdout and "since it started" in result.stdout
+
+
+def test_doctor_passes_then_names_each_failure_with_its_fix(
+    pod_env: RunPodEmulator, sshd_pod: SshdServer
+) -> None:
+    pod_env.add_pod(name="hctl-doc")
+    healthy = hctl("doctor")
+    assert healthy.exit_code == 0, healthy.output
+    assert "via proxy" in healthy.stdout and "via direct" in healthy.stdout
+    sshd_pod.client_key_path.chmod(0o644)
+    try:
+        os.environ["RUNPOD_API_KEY"] = "wrong"
+        broken = hctl("doctor")
+    finally:
+        sshd_pod.client_key_path.chmod(0o600)
+        os.environ["RUNPOD_API_KEY"] = pod_env.api_key
+    assert broken.exit_code == 1
+    assert "chmod 600" in broken.stdout
+    assert "FAIL" in broken.stdout and "RunPod API key" in broken.stdout
