@@ -297,6 +297,19 @@ def build_wheel(destination: Path | None = None) -> Path:
 # --- Installing -----------------------------------------------------------------------------
 
 
+def torch_constraints(base: PythonProbe) -> tuple[list[str], str | None]:
+    """The pip constraints that keep the machine's torch, and a note when it must change."""
+    if base.torch and _version_tuple(base.torch) >= MIN_TORCH:
+        # Never let pip swap the image's CUDA build of torch for another one.
+        return [f"torch=={base.torch}"], None
+    if base.torch:
+        return [], (
+            f"torch {base.torch} is older than 2.2 and cannot run transformers >= 4.55.2: "
+            "upgrading torch (this downloads a few GB)"
+        )
+    return [], "torch is not installed: installing it (this downloads a few GB)"
+
+
 def _run(remote: Remote, command: str, what: str, *, on_message: MessageCallback) -> str:
     result = remote.run(command, timeout=INSTALL_TIMEOUT_S)
     if result.exit_code != 0:
@@ -476,15 +489,9 @@ def _install(
             "installing pip",
             on_message=on_message,
         )
-    constraints = []
-    if base.torch and _version_tuple(base.torch) >= MIN_TORCH:
-        # Never let pip swap the image's CUDA build of torch for another one.
-        constraints.append(f"torch=={base.torch}")
-    elif base.torch:
-        on_message(
-            f"torch {base.torch} is older than 2.2 and cannot run transformers >= 4.55.2: "
-            "upgrading torch (this downloads a few GB)"
-        )
+    constraints, note = torch_constraints(base)
+    if note:
+        on_message(note)
     constraint_file = f"{base_dir}/constraints.txt"
     text = "".join(f"{line}\n" for line in constraints)
     _run(
