@@ -28,7 +28,8 @@ loops fast (`-l 1` sleeps 0.05 s) so monitor tests stay quick.
 
 Also here: `sshd_other_host_key`, a third server with a *different* host key listening on its
 own port, for changed-key tests (point a known-hosts entry recorded from one server at it), and
-`make_sshd(tmp_path, mode=...)` for tests that need their own short-lived server.
+`make_sshd(tmp_path, mode=...)` for tests that need their own short-lived server (modes "plain",
+"proxy", and "container-gone": RunPod's proxy answering "container not found").
 """
 
 from __future__ import annotations
@@ -223,6 +224,12 @@ def make_sshd(
         rcfile.write_text(PROXY_RCFILE.format(path=SESSION_PATH, state=state_dir))
         forced = root / "proxy_forced_command"
         forced.write_text(PROXY_FORCED_COMMAND.format(refusal=PTY_REFUSAL, rcfile=rcfile))
+        forced.chmod(0o755)
+        lines.append(f"ForceCommand {forced}")
+    elif mode == "container-gone":
+        # RunPod's proxy when the pod's container is not there (stopped, crashed, starting).
+        forced = root / "gone_forced_command"
+        forced.write_text('#!/bin/sh\necho "Error: container not found"\nexit 1\n')
         forced.chmod(0o755)
         lines.append(f"ForceCommand {forced}")
     else:

@@ -178,7 +178,8 @@ class FrameReader:
 
     def noise_text(self) -> str:
         """What the shell said outside any frame, as readable text (escape sequences removed)."""
-        return strip_ansi(self.noise.decode("utf-8", "replace"))
+        said = self.noise + (self._buffer if self.state == "before" else b"")
+        return strip_ansi(bytes(said).decode("utf-8", "replace"))
 
 
 def _partial_marker_length(buffer: bytearray, marker: bytes) -> int:
