@@ -94,3 +94,32 @@ def test_bad_set_assignment_is_reported_in_the_job(tmp_path: Path) -> None:
     assert printed[-1]["type"] == "error"
     events, _ = read_events(job_dir / EVENTS_FILE)
     assert events[-1].model_dump(mode="json") == printed[-1]
+
+
+def test_progress_view_prints_one_line_per_stage_and_trial_off_a_terminal() -> None:
+    import io
+
+    from rich.console import Console
+
+    from hctl_worker.events import BaselineEvent, ParetoEvent, ParetoTrial, StageEvent, TrialEvent
+    from hctl_worker.progress import ProgressView
+
+    output = io.StringIO()
+    with ProgressView(Console(file=output, width=120)) as view:
+        view(StageEvent(stage="baseline", state="start"))
+        view(BaselineEvent(refusals=85, total_bad=86, refusals_good=0, total_good=62))
+        view(StageEvent(stage="baseline", state="end", seconds=0.5, message="85/86 refusals"))
+        view(
+            TrialEvent(
+                number=1, n_trials=40, params={}, kl=0.0021, refusals=3, total_bad=86, seconds=0.4
+            )
+        )
+        view(ParetoEvent(trials=[ParetoTrial(number=1, kl=0.0021, refusals=3, total_bad=86)]))
+    lines = output.getvalue().splitlines()
+    assert lines == [
+        "baseline: started",
+        "original model: 85/86 refusals (harmless: 0/62)",
+        "baseline: done in 0.5 s 85/86 refusals",
+        "trial 1/40: refusals 3/86, KL 0.0021 (0.4 s)",
+    ]
+    assert view.front[0].number == 1

@@ -27,6 +27,7 @@ from hctl_worker.events import (
 )
 
 SHOWN_TRIALS = 8
+SHOWN_MESSAGES = 3
 
 
 def pareto_table(trials: Sequence[ParetoTrial], title: str = "Pareto front") -> Table:
@@ -56,6 +57,7 @@ class ProgressView:
         self.baseline = ""
         self.trials: list[TrialEvent] = []
         self.front: list[ParetoTrial] = []
+        self.messages: list[str] = []
         self.live: Live | None = None
 
     def __enter__(self) -> ProgressView:
@@ -112,7 +114,9 @@ class ProgressView:
             self.front = list(event.trials)
             return ""
         if isinstance(event, LogEvent):
-            return f"{event.level}: {event.message}" if event.level != "info" else event.message
+            line = f"{event.level}: {event.message}" if event.level != "info" else event.message
+            self.messages = [*self.messages, line][-SHOWN_MESSAGES:]
+            return line
         if isinstance(event, DoneEvent):
             self.status = f"done: results in {event.results_dir}"
             where = f", model in {event.model_dir}" if event.model_dir else ""
@@ -124,6 +128,7 @@ class ProgressView:
 
     def _render(self) -> Group:
         parts: list = [Text(self.status, style="bold")]
+        parts += [Text(message, style="dim") for message in self.messages]
         if self.baseline:
             parts.append(Text(self.baseline))
         if self.trials:
