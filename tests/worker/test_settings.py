@@ -59,6 +59,10 @@ quantization = "none"
 print_residual_geometry = true
 winsorization_quantile = 1.0
 checkpoint_action = "restart"
+kl_divergence_scale = 1.0
+multidirectional_som = false
+som_k = 4
+refusal_markers = ["sorry", "i cannot"]
 
 [good_prompts]
 dataset = "mlabonne/harmless_alpaca"
@@ -85,7 +89,13 @@ dataset = "good.txt"
     assert settings.bad_evaluation_prompts.dataset == "bad.txt"
     assert settings.good_evaluation_prompts.dataset == "good.txt"
     warned = " ".join(settings.warnings)
-    for key in ("print_residual_geometry", "winsorization_quantile", "checkpoint_action"):
+    for key in (
+        "print_residual_geometry",
+        "winsorization_quantile",
+        "checkpoint_action",
+        "kl_divergence_scale",
+        "som_k",
+    ):
         assert key in warned
     assert "residual_plot_label" in warned
 

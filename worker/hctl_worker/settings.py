@@ -212,6 +212,14 @@ IGNORED_HERETIC_KEYS = {
     "kl_divergence_target": "the objectives are the raw refusal count and KL",
     "print_responses": "responses are not printed",
     "scorers": "the objectives are always refusals and KL",
+    "multidirectional_som": "multi-direction (SOM) ablation is not supported",
+    "som_x": "multi-direction (SOM) ablation is not supported",
+    "som_y": "multi-direction (SOM) ablation is not supported",
+    "som_iterations": "multi-direction (SOM) ablation is not supported",
+    "som_lr": "multi-direction (SOM) ablation is not supported",
+    "som_sigma": "multi-direction (SOM) ablation is not supported",
+    "som_k": "multi-direction (SOM) ablation is not supported",
+    "trusted_models": "set trust_remote_code instead",
 }
 
 # Keys of a heretic prompt table that only matter to heretic's plots.
