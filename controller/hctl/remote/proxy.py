@@ -17,6 +17,7 @@ import base64
 import codecs
 import contextlib
 import hashlib
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -114,6 +115,8 @@ class ProxyRemote:
         self.description = description or f"{connection.address} (PTY)"
         self.environment_file = environment_file
         self._shell: _Shell | None = None
+        # One shell carries one command at a time: callers on several threads take turns.
+        self._lock = threading.RLock()
 
     # The shell -----------------------------------------------------------------------------
 
@@ -199,6 +202,12 @@ class ProxyRemote:
         on_output: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
     ) -> CommandResult:
+        with self._lock:
+            return self._run(command, timeout=timeout, on_output=on_output)
+
+    def _run(
+        self, command: str, *, timeout: float | None, on_output: OutputCallback | None
+    ) -> CommandResult:
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         parts: list[str] = []
 
@@ -218,6 +227,10 @@ class ProxyRemote:
         return CommandResult(exit_code=status, output="".join(parts))
 
     def put(self, local_path: Path, remote_path: str) -> None:
+        with self._lock:
+            self._put(local_path, remote_path)
+
+    def _put(self, local_path: Path, remote_path: str) -> None:
         try:
             size = local_path.stat().st_size
             digest = _sha256_file(local_path)
@@ -261,6 +274,10 @@ class ProxyRemote:
             )
 
     def get(self, remote_path: str, local_path: Path) -> None:
+        with self._lock:
+            self._get(remote_path, local_path)
+
+    def _get(self, remote_path: str, local_path: Path) -> None:
         quoted = _shell_quote(remote_path)
         command = (
             f"[ -f {quoted} ] && [ -r {quoted} ] || {{ echo 'no readable file there'; exit 2; }}; "
@@ -298,8 +315,9 @@ class ProxyRemote:
         partial.replace(local_path)
 
     def close(self) -> None:
-        self._discard_shell()
-        self.connection.close()
+        with self._lock:
+            self._discard_shell()
+            self.connection.close()
 
 
 class _Base64Sink:
