@@ -35,6 +35,7 @@ import hashlib
 import importlib.metadata
 import json
 import shlex
+import sys
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -381,6 +382,8 @@ def ensure_worker(
     """
     volume = volume_path or settings.volume_path
     python = python or settings.worker_python
+    if python is None and remote.kind == "local":
+        python = sys.executable  # this machine: the controller's own environment
     identity = build_id()
     probe = parse_probe(
         _run(remote, probe_command(python, volume), "probing", on_message=on_message), volume

@@ -23,8 +23,11 @@ Both are `SshdServer` objects with:
 - `.home` — the sessions' HOME (an empty folder in the fixture's temp dir),
 - `.settings_overrides()` — keyword arguments for `hctl.settings.load_settings` (the key file).
 
-The sessions' PATH starts with `tests/standins/bin`, where the fake `nvidia-smi` lives. The fake
-loops fast (`-l 1` sleeps 0.05 s) so monitor tests stay quick.
+The sessions' PATH starts with `tests/standins/bin`, where the fake `nvidia-smi` lives (it loops
+fast: `-l 1` sleeps 0.05 s, so monitor tests stay quick), then the bin folder of the Python running
+the tests: `python3` on the "pod" is the development venv, with torch and the editable hctl, so
+`hctl.setup.ensure_worker` finds the worker at once and installs nothing. HOME is an empty folder
+of the fixture's own (so this machine's ~/.bashrc is not run).
 
 Also here: `sshd_other_host_key`, a third server with a *different* host key listening on its
 own port, for changed-key tests (point a known-hosts entry recorded from one server at it), and
@@ -40,6 +43,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -51,7 +55,10 @@ import pytest
 SSHD = "/usr/sbin/sshd"
 FAKE_BIN = Path(__file__).resolve().parent / "bin"
 PTY_REFUSAL = "Your SSH client doesn't support PTY"
-SESSION_PATH = f"{FAKE_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# The sessions find the fake nvidia-smi first, then this test run's Python environment (so
+# `python3` on the "pod" has torch and the editable hctl, as a pod's python has its CUDA torch).
+DEV_BIN = Path(sys.executable).parent
+SESSION_PATH = f"{FAKE_BIN}:{DEV_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # The forced command of the proxy-like mode: RunPod's proxy refuses sessions without a terminal.
 PROXY_FORCED_COMMAND = """#!/bin/sh

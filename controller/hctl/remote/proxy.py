@@ -254,8 +254,12 @@ class ProxyRemote:
             raise TransferError(
                 f"{self.description} did not start receiving {remote_path}."
             ) from None
-        except RemoteError as error:
+        except BaseException as error:
+            # Whatever stopped the upload (Ctrl-C included), the shell is mid-transfer and
+            # would read the next command as data: close it; the next call opens a fresh one.
             self._discard_shell()
+            if not isinstance(error, RemoteError):
+                raise
             self.connection.drop()
             raise TransferError(
                 f"Uploading {local_path.name} to {remote_path} failed: {error.message}",
