@@ -225,3 +225,26 @@ def test_attention_output_loses_the_direction_at_weight_one() -> None:
     along = captured[0] @ directions[2]
     assert along.abs().max().item() < 1e-5
     assert math.isfinite(float(captured[0].norm()))
+
+
+def test_projected_embeddings_do_not_hide_the_residual_width() -> None:
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    # OPT-350m style: 16-wide embeddings projected into a 32-wide residual stream.
+    config = OPTConfig(
+        vocab_size=300,
+        hidden_size=HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=64,
+        word_embed_proj_dim=16,
+        max_position_embeddings=64,
+    )
+    model = AutoModelForCausalLM.from_config(config).eval()
+    loaded = LoadedModel(model=model, tokenizer=None, dtype=torch.float32, source="opt")
+    ablator = Ablator(loaded, random_directions(2))
+    assert ablator.describe() == {"attention": 2, "mlp": 2}
+    before = logits(loaded, INPUT_IDS)
+    with ablator.applied(strong_params()):
+        assert not torch.allclose(logits(loaded, INPUT_IDS), before, atol=1e-4)
+    assert torch.equal(logits(loaded, INPUT_IDS), before)

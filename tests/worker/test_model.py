@@ -115,3 +115,14 @@ def test_no_chat_template_is_its_own_error(model_folder, tmp_path) -> None:
     )
     with pytest.raises(NoChatTemplateError):
         loaded.template(["hi"], None)
+
+
+def test_max_memory_keys_become_gpu_indices() -> None:
+    from hctl_worker.model import normalise_max_memory
+
+    assert normalise_max_memory(None) is None
+    assert normalise_max_memory({"0": "20GiB", "1": "30GiB", "cpu": "64GiB"}) == {
+        0: "20GiB",
+        1: "30GiB",
+        "cpu": "64GiB",
+    }

@@ -218,6 +218,16 @@ def _configured_layer_count(model: nn.Module) -> int | None:
 
 
 def model_hidden_size(model: nn.Module) -> int:
+    """The residual stream's width: the text config's hidden size, else the embeddings' width
+    (they differ where embeddings are projected in, as in OPT-350m)."""
+    config = getattr(model, "config", None)
+    if config is not None:
+        get_text_config = getattr(config, "get_text_config", None)
+        text_config = get_text_config() if callable(get_text_config) else config
+        for name in ("hidden_size", "n_embd", "d_model"):
+            value = getattr(text_config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
     return int(model.get_input_embeddings().weight.shape[1])
 
 

@@ -68,7 +68,9 @@ class LoadedModel:
 
     @property
     def hidden_size(self) -> int:
-        return int(self.model.get_input_embeddings().weight.shape[1])
+        from hctl_worker.ablation import model_hidden_size
+
+        return model_hidden_size(self.model)
 
 
 def apply_chat_template(
