@@ -24,13 +24,13 @@ def last_token_residuals(
     float32 on the CPU. Texts are batched by token length (left padding puts every prompt's last
     token at position -1), which keeps padding, and so wasted compute, small.
     """
-    from hctl_worker.evaluation import encode_batches
+    from hctl_worker.evaluation import encode_texts, forward_options
 
     if not texts:
         raise ValueError("no texts to take residuals from")
     batch_size = max(1, int(batch_size))
     result: torch.Tensor | None = None
-    for indices, input_ids, attention_mask in encode_batches(loaded, texts, batch_size):
+    for indices, input_ids, attention_mask in encode_texts(loaded, texts, batch_size):
         with torch.inference_mode():
             outputs = loaded.model(
                 input_ids=input_ids,
@@ -38,7 +38,7 @@ def last_token_residuals(
                 position_ids=position_ids_for(attention_mask),
                 output_hidden_states=True,
                 use_cache=False,
-                logits_to_keep=1,
+                **forward_options(loaded.model),
             )
         stacked = torch.stack(
             [state[:, -1, :].to("cpu", torch.float32) for state in outputs.hidden_states], dim=1

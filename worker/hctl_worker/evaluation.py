@@ -155,12 +155,6 @@ def encode_texts(loaded: LoadedModel, texts: Sequence[str], batch_size: int) -> 
     return batches
 
 
-def encode_batches(
-    loaded: LoadedModel, texts: Sequence[str], batch_size: int
-) -> list[EncodedBatch]:
-    return encode_texts(loaded, texts, batch_size)
-
-
 _FORWARD_PARAMETERS: dict[type, frozenset[str]] = {}
 
 
