@@ -424,28 +424,38 @@ class _LinearEdit:
     """What a hook needs to apply one projection's edit to its output (all on its device)."""
 
     direction: torch.Tensor  # v, in the activation dtype
-    weight: float
-    bias_along: torch.Tensor | None  # vᵀb for "none" (the bias is not edited)
-    input_row: torch.Tensor | None  # a = vᵀŴ for "pre"/"full"
-    output_scale: torch.Tensor | None  # "pre": n ⊙ v; "full": (n / m) ⊙ v
-    divisor: torch.Tensor | None  # "full": m (new row norms of the unit-row matrix)
-    bias: torch.Tensor | None  # "full" needs b to rescale only W x
+    scaled: torch.Tensor  # the vector the correction is along, times the weight
+    bias_along: torch.Tensor | None = None  # "none": vᵀb (the bias itself is not edited)
+    input_row: torch.Tensor | None = None  # "pre"/"full": a = vᵀŴ, read against the input
+    output_scale: torch.Tensor | None = None  # "full": 1 / m, the rows' renormalisation
+    bias_shift: torch.Tensor | None = None  # "full": b (1 - 1/m), so the bias stays as it was
 
 
 def _linear_hook(edit: _LinearEdit):
+    """A forward hook computing the edited projection's output from the original one.
+
+    The output tensor is fresh from the projection and used nowhere else yet, so it is edited
+    in place (one fused multiply-add) unless autograd is recording.
+    """
+
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         if edit.input_row is None:
             along = output @ edit.direction
             if edit.bias_along is not None:
                 along = along - edit.bias_along
-            return output - edit.weight * along.unsqueeze(-1) * edit.direction
-        along_input = inputs[0] @ edit.input_row
-        correction = edit.weight * along_input.unsqueeze(-1) * edit.output_scale
-        if edit.divisor is None:
-            return output - correction
-        if edit.bias is not None:
-            return (output - edit.bias) / edit.divisor - correction + edit.bias
-        return output / edit.divisor - correction
+        else:
+            along = inputs[0] @ edit.input_row
+        if output.requires_grad:
+            if edit.output_scale is not None:
+                output = output * edit.output_scale
+                if edit.bias_shift is not None:
+                    output = output + edit.bias_shift
+            return torch.addcmul(output, along.unsqueeze(-1), edit.scaled, value=-1)
+        if edit.output_scale is not None:
+            output.mul_(edit.output_scale)
+            if edit.bias_shift is not None:
+                output.add_(edit.bias_shift)
+        return output.addcmul_(along.unsqueeze(-1), edit.scaled, value=-1)
 
     return hook
 
@@ -453,12 +463,18 @@ def _linear_hook(edit: _LinearEdit):
 def _fused_hook(direction: torch.Tensor, weight: float):
     # The experts module sums router-weighted expert outputs, so projecting the sum equals
     # projecting every expert's down projection (and its bias, which merge edits too).
+    scaled = weight * direction
+
+    def project(output: torch.Tensor) -> torch.Tensor:
+        along = (output @ direction).unsqueeze(-1)
+        if output.requires_grad:
+            return torch.addcmul(output, along, scaled, value=-1)
+        return output.addcmul_(along, scaled, value=-1)
+
     def hook(module: nn.Module, inputs: tuple, output):
         if isinstance(output, tuple):
-            first = output[0]
-            edited = first - weight * (first @ direction).unsqueeze(-1) * direction
-            return (edited, *output[1:])
-        return output - weight * (output @ direction).unsqueeze(-1) * direction
+            return (project(output[0]), *output[1:])
+        return project(output)
 
     return hook
 
@@ -542,43 +558,40 @@ class Ablator:
         device, dtype = matrix.device, matrix.dtype
         vector = direction.to(device, torch.float32)
         bias = getattr(module, "bias", None)
+        bias = bias.detach().float() if isinstance(bias, torch.Tensor) else None
         if self.row_normalization == "none":
-            bias_along = None
-            if isinstance(bias, torch.Tensor):
-                bias_along = (bias.float() @ vector).to(dtype)
-            edit = _LinearEdit(vector.to(dtype), weight, bias_along, None, None, None, None)
+            edit = _LinearEdit(
+                direction=vector.to(dtype),
+                scaled=(weight * vector).to(dtype),
+                bias_along=None if bias is None else (bias @ vector).to(dtype),
+            )
         else:
             norms = self._row_norm(module)
             matrix32 = matrix.float()
-            input_row = (vector / norms) @ matrix32
+            input_row = (vector / norms) @ matrix32  # a = vᵀŴ with Ŵ = diag(1/n) W
             if self.row_normalization == "pre":
+                # W' = W - w diag(n) v a
                 edit = _LinearEdit(
-                    vector.to(dtype),
-                    weight,
-                    None,
-                    input_row.to(dtype),
-                    (norms * vector).to(dtype),
-                    None,
-                    None,
+                    direction=vector.to(dtype),
+                    scaled=(weight * norms * vector).to(dtype),
+                    input_row=input_row.to(dtype),
                 )
             else:
-                # New norm of unit row i after the edit: |Ŵ_i - w v_i a|, expanded so that no
-                # edited copy of the matrix is ever built.
+                # W' = diag(n / m) (Ŵ - w v a), where m_i = |Ŵ_i - w v_i a| is expanded as
+                # 1 - 2 w v_i (Ŵ_i · a) + w² v_i² |a|², so no edited copy is ever built.
                 along = (matrix32 @ input_row) / norms
                 squared = (
                     1.0
                     - 2.0 * weight * vector * along
                     + (weight * vector) ** 2 * input_row.dot(input_row)
                 )
-                divisor = squared.clamp(min=1e-24).sqrt()
+                new_norms = squared.clamp(min=1e-24).sqrt()
                 edit = _LinearEdit(
-                    vector.to(dtype),
-                    weight,
-                    None,
-                    input_row.to(dtype),
-                    (norms / divisor * vector).to(dtype),
-                    divisor.to(dtype),
-                    bias.detach() if isinstance(bias, torch.Tensor) else None,
+                    direction=vector.to(dtype),
+                    scaled=(weight * norms / new_norms * vector).to(dtype),
+                    input_row=input_row.to(dtype),
+                    output_scale=(1.0 / new_norms).to(dtype),
+                    bias_shift=None if bias is None else (bias * (1.0 - 1.0 / new_norms)).to(dtype),
                 )
         self._handles.append(module.register_forward_hook(_linear_hook(edit)))
 
