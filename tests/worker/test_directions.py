@@ -12,8 +12,8 @@ from hctl_worker.directions import (
     layer_separation,
     refusal_directions,
 )
-from hctl_worker.model import load_model
-from scripts.make_random_model import make_random_model
+from hctl_worker.model import LoadedModel, load_model
+from scripts.make_random_model import byte_tokenizer, make_random_model, random_model, tiny_config
 
 
 def test_directions_are_unit_differences_of_means() -> None:
@@ -69,3 +69,25 @@ def test_residuals_do_not_depend_on_batching_or_padding(tmp_path) -> None:
     last_token = loaded.tokenizer(texts[0], add_special_tokens=False)["input_ids"][-1]
     embedding = loaded.model.get_input_embeddings().weight[last_token]
     assert torch.allclose(together[0, 0], embedding.detach(), atol=1e-6)
+    # The other entries are transformers' hidden states (the last one before the final norm).
+    encoded = loaded.tokenizer(texts[1:2], return_tensors="pt", add_special_tokens=False)
+    with torch.inference_mode():
+        reference = loaded.model(**encoded, output_hidden_states=True).hidden_states
+    for index in range(3):
+        assert torch.allclose(together[1, index], reference[index][0, -1], atol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "gpt_neox", "qwen3_moe", "lfm2", "qwen3_next"])
+def test_residuals_are_the_hidden_states_on_other_architectures(architecture: str) -> None:
+    tokenizer = byte_tokenizer()
+    tokenizer.padding_side = "left"
+    config = tiny_config(architecture, hidden=32, layers=2, vocab=len(tokenizer))
+    loaded = LoadedModel(random_model(config), tokenizer, torch.float32, architecture)
+    texts = ["short", "a somewhat longer prompt"]
+    residuals = last_token_residuals(loaded, texts, batch_size=2)
+    assert residuals.shape == (2, 3, 32)
+    encoded = tokenizer(texts[1:], return_tensors="pt", add_special_tokens=False)
+    with torch.inference_mode():
+        reference = loaded.model(**encoded, output_hidden_states=True).hidden_states
+    for index in range(2):  # the last entry differs by the final norm
+        assert torch.allclose(residuals[1, index], reference[index][0, -1], atol=1e-4)

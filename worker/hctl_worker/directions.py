@@ -19,33 +19,61 @@ if TYPE_CHECKING:
 def last_token_residuals(
     loaded: LoadedModel, texts: Sequence[str], batch_size: int
 ) -> torch.Tensor:
-    """Hidden state at the last prompt token after every layer: [n_prompts, n_layers + 1, hidden].
+    """The residual stream at the last prompt token: [n_prompts, n_layers + 1, hidden].
 
-    float32 on the CPU. Texts are batched by token length (left padding puts every prompt's last
-    token at position -1), which keeps padding, and so wasted compute, small.
+    Entry 0 is what enters the first layer (the embeddings output), entry k the output of layer
+    k - 1 (before the final norm, for the last layer too: that is the stream the ablation
+    edits). float32 on the CPU. Hooks on the layers keep only the last position of each
+    output, so memory does not grow with layers x prompt length as with output_hidden_states.
+    Texts are batched by token length (left padding puts every prompt's last token at -1),
+    which keeps padding, and so wasted compute, small.
     """
+    from hctl_worker.ablation import find_layers
     from hctl_worker.evaluation import encode_texts, forward_options
 
     if not texts:
         raise ValueError("no texts to take residuals from")
-    batch_size = max(1, int(batch_size))
+    layers = find_layers(loaded.model)
+    captured: list[torch.Tensor | None] = [None] * (len(layers) + 1)
+
+    def keep_input(module, args, kwargs) -> None:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(hidden, torch.Tensor):
+            captured[0] = hidden[:, -1, :].to("cpu", torch.float32)
+
+    def keep_output(index: int):
+        def hook(module, args, output) -> None:
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            if isinstance(hidden, torch.Tensor):
+                captured[index] = hidden[:, -1, :].to("cpu", torch.float32)
+
+        return hook
+
+    handles = [layers[0].register_forward_pre_hook(keep_input, with_kwargs=True)]
+    handles += [layer.register_forward_hook(keep_output(i + 1)) for i, layer in enumerate(layers)]
     result: torch.Tensor | None = None
-    for indices, input_ids, attention_mask in encode_texts(loaded, texts, batch_size):
-        with torch.inference_mode():
-            outputs = loaded.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids_for(attention_mask),
-                output_hidden_states=True,
-                use_cache=False,
-                **forward_options(loaded.model),
-            )
-        stacked = torch.stack(
-            [state[:, -1, :].to("cpu", torch.float32) for state in outputs.hidden_states], dim=1
-        )
-        if result is None:
-            result = torch.empty((len(texts), *stacked.shape[1:]), dtype=torch.float32)
-        result[torch.as_tensor(indices)] = stacked
+    try:
+        for indices, input_ids, attention_mask in encode_texts(loaded, texts, max(1, batch_size)):
+            captured[:] = [None] * len(captured)
+            with torch.inference_mode():
+                loaded.model(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids_for(attention_mask),
+                    use_cache=False,
+                    **forward_options(loaded.model),
+                )
+            if any(entry is None for entry in captured):
+                raise RuntimeError(
+                    f"could not read the residual stream of {type(loaded.model).__name__}"
+                )
+            stacked = torch.stack(captured, dim=1)  # type: ignore[arg-type]
+            if result is None:
+                result = torch.empty((len(texts), *stacked.shape[1:]), dtype=torch.float32)
+            result[torch.as_tensor(indices)] = stacked
+    finally:
+        for handle in handles:
+            handle.remove()
     assert result is not None
     return result
 
