@@ -14,12 +14,15 @@ from hctl_worker.directions import last_token_residuals, refusal_directions
 from hctl_worker.evaluation import (
     DEFAULT_REFUSAL_MARKERS,
     Evaluator,
+    GenerationStats,
+    encode_texts,
+    generate,
     is_refusal,
     kl_divergence,
     normalise_response,
 )
-from hctl_worker.model import load_model
-from scripts.make_random_model import make_random_model
+from hctl_worker.model import LoadedModel, load_model
+from scripts.make_random_model import byte_tokenizer, make_random_model, random_model, tiny_config
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "tiny-refuser"
 
@@ -210,3 +213,44 @@ def test_the_tiny_refuser_stops_refusing_after_ablation() -> None:
 def _score_with(evaluator: Evaluator, ablator: Ablator, params: AblationParams):
     with ablator.applied(params):
         return evaluator.score()
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "gemma2", "gpt_oss", "lfm2", "qwen3_next"])
+def test_generation_matches_transformers_on_other_cache_kinds(architecture: str) -> None:
+    """Sliding-window, convolution and linear-attention caches: rows still leave correctly."""
+    tokenizer = byte_tokenizer()
+    tokenizer.padding_side = "left"
+    config = tiny_config(architecture, hidden=32, layers=2, vocab=len(tokenizer))
+    config.eos_token_id = tokenizer.eos_token_id
+    model = random_model(config, seed=3)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20)  # sharper, more varied replies
+    loaded = LoadedModel(model, tokenizer, torch.float32, architecture)
+    texts = ["hi", "a somewhat longer prompt here", "mid size one", "x", "another one", "ok"]
+    ours = generate(loaded, encode_texts(loaded, texts, 3), 8)
+    expected = []
+    for text in texts:
+        encoded = tokenizer([text], return_tensors="pt", add_special_tokens=False)
+        with torch.inference_mode():
+            output = model.generate(
+                **encoded,
+                max_new_tokens=8,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        expected.append(
+            tokenizer.decode(output[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+        )
+    assert ours == expected
+    letters = [
+        next((c for c in normalise_response(reply) if c.isascii() and c.isalnum()), None)
+        for reply in ours[:2]
+    ]
+    markers = tuple(letter for letter in letters if letter) or ("zz",)
+    stats = GenerationStats()
+    early = generate(loaded, encode_texts(loaded, texts, 3), 8, markers, stats)
+    assert [is_refusal(reply, markers) for reply in early] == [
+        is_refusal(reply, markers) for reply in ours
+    ]
+    assert stats.tokens <= sum(len(tokenizer(reply)["input_ids"]) for reply in ours) + len(texts)
