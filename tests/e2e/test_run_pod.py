@@ -3,13 +3,27 @@ the tiny refusing model is searched there."""
 
 from __future__ import annotations
 
+import io
+import os
 import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+from rich.console import Console
 from typer.testing import CliRunner
 
 from hctl.cli import app
+from hctl.services import launch, runs
 from hctl.services.jobs import JobStore
+from hctl.services.toolkit import default_toolkit
+from hctl.services.view import LiveView
+from hctl.settings import load_settings
+from hctl_worker.events import StartEvent, TrialEvent
 from tests.e2e.conftest import FAST, TINY, PodRig
 
 
@@ -43,3 +57,147 @@ def test_a_full_run_rents_searches_saves_downloads_and_stops_the_pod(
     # The journal and events were copied home; the worker's job directory is on the volume.
     assert JobStore().journal_path(record.job_id).stat().st_size > 0
     assert record.remote_job_dir.startswith(str(pod_rig.volume))
+
+
+class HookedView(LiveView):
+    """The live view, plus actions run right after chosen trials are shown (a test's hands)."""
+
+    def __init__(self, hooks: dict[int, Callable[[], None]]) -> None:
+        super().__init__(Console(file=io.StringIO(), width=200), job_id="test", machine="pod")
+        self.hooks = hooks
+
+    def event(self, event: object, progress, money) -> None:  # noqa: ANN001
+        super().event(event, progress, money)
+        if isinstance(event, TrialEvent) and event.number in self.hooks:
+            self.hooks.pop(event.number)()
+
+
+def start(trials: int, toolkit, **request) -> tuple:  # noqa: ANN001, ANN003
+    plan = launch.plan_run(
+        launch.RunRequest(
+            model=TINY, n_trials=trials, gpu="NVIDIA GeForce RTX 4090",
+            worker_overrides=launch.parse_assignments(FAST[1::2]), **request,
+        ),
+        toolkit,
+    )  # fmt: skip
+    notes: list[str] = []
+    return launch.start_job(plan, toolkit, notes.append), notes
+
+
+def interrupt() -> None:
+    raise KeyboardInterrupt
+
+
+def test_a_dropped_connection_loses_nothing_and_attach_shows_every_trial_once(
+    pod_rig: PodRig,
+) -> None:
+    toolkit = default_toolkit(load_settings())
+    record, _ = start(6, toolkit)
+    dropped: list[int] = []
+    view = HookedView({2: lambda: dropped.append(pod_rig.sshd.drop_connections()), 3: interrupt})
+    outcome, record, _ = runs.complete(
+        record, toolkit, view, worker=record.worker_command, token=None
+    )
+    # The connection was cut after trial 2; hctl reconnected (the remote layer or the follower)
+    # and went on; Ctrl-C after trial 3 detached, leaving the job and its pod running.
+    assert dropped and dropped[0] >= 1
+    shown = [int(line.split()[1].split("/")[0]) for line in view.lines if line.startswith("trial ")]
+    assert shown[:3] == [1, 2, 3] and len(shown) == len(set(shown))
+    assert outcome == "detached"
+    assert pod_rig.pod_statuses() == {record.pod_id: "RUNNING"}
+    result = CliRunner().invoke(app, ["attach", record.job_id, "--yes"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert trial_numbers(result.output, 6) == [1, 2, 3, 4, 5, 6]
+    assert "← chosen" in result.output
+    assert pod_rig.pod_statuses() == {record.pod_id: "EXITED"}
+
+
+def test_a_killed_controller_leaves_the_job_running_and_results_work_afterwards(
+    pod_rig: PodRig,
+) -> None:
+    hctl = Path(sys.executable).with_name("hctl")
+    process = subprocess.Popen(
+        [str(hctl), "run", TINY, "--trials", "6", "--yes", "--gpu", "NVIDIA GeForce RTX 4090",
+         *FAST],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"},
+    )  # fmt: skip
+    job_id = None
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("job "):
+            job_id = line.split()[1]
+        if line.startswith("trial 2/6"):
+            break
+    process.kill()
+    process.wait()
+    assert job_id is not None
+    runner = CliRunner()
+    deadline = time.monotonic() + 90
+    while True:
+        result = runner.invoke(app, ["results", job_id], catch_exceptions=False)
+        if "search finished" in result.output or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert result.exit_code == 0, result.output
+    assert "6/6 trials; search finished" in result.output and "Pareto front" in result.output
+    # Following it again finishes the job (save, stop the pod) without running anything twice.
+    attached = runner.invoke(app, ["attach", job_id, "--yes"], catch_exceptions=False)
+    assert attached.exit_code == 0, attached.output
+    assert trial_numbers(attached.output, 6) == [1, 2, 3, 4, 5, 6]
+    assert list(pod_rig.pod_statuses().values()) == ["EXITED"]
+
+
+def test_a_terminated_pod_is_resumed_on_a_new_pod_without_redoing_trials(
+    pod_rig: PodRig,
+) -> None:
+    toolkit = default_toolkit(load_settings())
+    record, _ = start(6, toolkit)
+    old_pod = record.pod_id
+
+    def pod_dies() -> None:
+        # RunPod terminates the pod: the worker dies, its volume is gone, connections drop.
+        toolkit.provider().terminate(old_pod)
+        launcher = int(Path(record.remote_job_dir, "launcher.pid").read_text())
+        os.killpg(launcher, signal.SIGKILL)  # the launcher leads the worker's own session
+        shutil.rmtree(record.remote_job_dir)
+        pod_rig.sshd.drop_connections()
+
+    view = HookedView({3: pod_dies})
+    outcome, record, _ = runs.complete(
+        record, toolkit, view, worker=record.worker_command, token=None
+    )
+    assert outcome == "interrupted" and record.status == "interrupted"
+    assert any("hctl resume" in line for line in view.lines)
+    assert pod_rig.emulator.pods == []
+    result = CliRunner().invoke(app, ["resume", record.job_id, "--yes"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    resumed = JobStore().load(record.job_id)
+    assert resumed.pod_id != old_pod and resumed.status == "finished"
+    assert list(pod_rig.pod_statuses()) == [resumed.pod_id]
+    events = JobStore().events(record.job_id)
+    numbers = [event.number for event in events if isinstance(event, TrialEvent)]
+    assert sorted(numbers) == [1, 2, 3, 4, 5, 6], numbers  # none redone, none missing
+    starts = [event for event in events if isinstance(event, StartEvent)]
+    assert len(starts) == 2 and starts[1].resumed_trials >= 3
+
+
+def test_the_budget_cap_stops_after_the_current_trial_and_keeps_the_results(
+    pod_rig: PodRig,
+) -> None:
+    later = {"hours": 0.0}
+    toolkit = default_toolkit(load_settings(), clock=lambda: time.time() + later["hours"] * 3600)
+    record, _ = start(8, toolkit, max_cost=0.5)
+
+    def an_hour_passes() -> None:
+        later["hours"] += 2.0  # at $0.31/h the $0.50 cap is now spent
+
+    view = HookedView({2: an_hour_passes})
+    outcome, record, progress = runs.complete(
+        record, toolkit, view, worker=record.worker_command, token=None
+    )
+    assert outcome == "budget" and record.status == "budget"
+    assert any(line.startswith("budget reached") for line in view.lines)
+    assert progress.trials_done < 8
+    assert record.chosen_trial is not None and record.saved_model_dir is not None
+    assert pod_rig.pod_statuses() == {record.pod_id: "EXITED"}

@@ -171,7 +171,11 @@ def follow_job(
             view.refresh(progress, money_now(record, progress, toolkit))
             if progress.finished:
                 break
-            if poll.worker_alive is False and not poll.events:
+            # A worker that has started and now has no live launcher (or no job directory at
+            # all: a pod whose volume is gone) has ended; so has a pod the provider stopped.
+            ended = poll.worker_alive is False or (poll.worker_alive is None and progress.starts)
+            if ended and not poll.events:
+                _check_pod(record, toolkit)
                 # Read once more: the last events may have landed just before the worker exited.
                 dead_polls += 1
                 if dead_polls >= 2:
@@ -210,6 +214,27 @@ def follow_job(
     return FollowResult(outcome, progress, record)
 
 
+def wait_for_worker_exit(
+    channel: RemoteJobChannel, toolkit: Toolkit, *, timeout_s: float = 120.0
+) -> bool:
+    """Wait (bounded) until a signalled worker has exited; True when it has."""
+    deadline = toolkit.clock() + timeout_s
+    while toolkit.clock() < deadline:
+        if channel.read(10**15).worker_alive is not True:
+            return True
+        toolkit.sleep(0.25)
+    return False
+
+
+def _check_pod(record: JobRecord, toolkit: Toolkit) -> None:
+    """Raise when the job's pod is gone or no longer running (a connection may outlive it)."""
+    if record.target != "pod" or record.pod_id is None:
+        return
+    pod = toolkit.provider().get(record.pod_id)
+    if pod.status != "RUNNING":
+        raise PodNotReadyError(f"Pod {pod.id} is {pod.status}.")
+
+
 def _stop_for_budget(
     record: JobRecord, progress: JobProgress, toolkit: Toolkit, view: LiveView, meter: Meter
 ) -> FollowResult:
@@ -222,8 +247,10 @@ def _stop_for_budget(
     remote = toolkit.connect(record)
     try:
         stop_worker(remote, record.remote_job_dir)
+        wait_for_worker_exit(RemoteJobChannel(remote, record.remote_job_dir), toolkit)
     finally:
         remote.close()
+    sync_job(record, toolkit)
     record = toolkit.store.save(
         record.model_copy(update={"status": "budget", "message": "budget cap reached"})
     )
