@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,3 +42,20 @@ def pod_rig(
     monkeypatch.setenv("HCTL_WORKER_PYTHON", sys.executable)
     monkeypatch.setenv("HCTL_FOLLOW_INTERVAL_S", "0.2")
     return PodRig(emulator=hctl_runpod_env, sshd=sshd_pod, volume=volume)
+
+
+@pytest.fixture
+def proxy_pod_rig(
+    pod_rig: PodRig, sshd_proxy: SshdServer, monkeypatch: pytest.MonkeyPatch
+) -> PodRig:
+    """Pods reachable only through the PTY-only proxy stand-in: the direct port refuses."""
+    with socket.socket() as probe:  # a port nothing listens on: connections are refused at once
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    pod_rig.emulator.route_ssh(direct=("127.0.0.1", closed_port), pod_host_id=sshd_proxy.user)
+    monkeypatch.setenv("HCTL_SSH_PROXY_HOST", sshd_proxy.host)
+    monkeypatch.setenv("HCTL_SSH_PROXY_PORT", str(sshd_proxy.port))
+    volume = sshd_proxy.home / "workspace"
+    volume.mkdir(exist_ok=True)
+    monkeypatch.setenv("HCTL_VOLUME_PATH", str(volume))
+    return PodRig(emulator=pod_rig.emulator, sshd=sshd_proxy, volume=volume)

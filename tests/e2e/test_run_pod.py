@@ -59,6 +59,22 @@ def test_a_full_run_rents_searches_saves_downloads_and_stops_the_pod(
     assert record.remote_job_dir.startswith(str(pod_rig.volume))
 
 
+def test_a_run_through_the_pty_only_proxy_works_the_same(proxy_pod_rig: PodRig) -> None:
+    """RunPod's proxy needs a PTY and has no SFTP: events, uploads and the export still flow."""
+    result = CliRunner().invoke(
+        app,
+        ["run", TINY, "--trials", "3", "--yes", "--terminate", *FAST],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    assert "proxy" in result.output
+    assert trial_numbers(result.output, 3) == [1, 2, 3]
+    (record,) = JobStore().list()
+    assert record.status == "finished" and record.saved_model_dir
+    assert f"terminated pod {record.pod_id}" in result.output
+    assert proxy_pod_rig.emulator.pods == []
+
+
 class HookedView(LiveView):
     """The live view, plus actions run right after chosen trials are shown (a test's hands)."""
 
