@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -59,7 +60,7 @@ class LoadedModel:
         """Where input ids go: the device of the input embeddings (the first shard)."""
         return self.model.get_input_embeddings().weight.device
 
-    @property
+    @cached_property
     def n_layers(self) -> int:
         """The number of decoder layers (found by structure, not by attribute names)."""
         from hctl_worker.ablation import find_layers
@@ -237,6 +238,9 @@ def load_model(
 
     say = on_message or (lambda message: None)
     source = str(source)
+    # Fewer fragmentation OOMs while batch sizes change; read at CUDA's first allocation.
+    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
+        os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
     expanded = os.path.expanduser(source)
     if _looks_like_local_path(source) and not Path(expanded).exists():
         raise ModelLoadError(
