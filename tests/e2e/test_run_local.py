@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import re
+import time
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 from typer.testing import CliRunner
 
 from hctl.cli import app
+from hctl.services import launch, runs
 from hctl.services.jobs import JobStore
+from hctl.services.toolkit import default_toolkit
+from hctl.settings import load_settings
 from tests.conftest import REPO_ROOT
 
 TINY = "tests/fixtures/tiny-refuser"
@@ -55,3 +59,30 @@ def test_the_readme_command_runs_to_a_saved_and_downloaded_model(
     assert results.exit_code == 0 and "8/8 trials; search finished" in results.output
     jobs = runner.invoke(app, ["jobs"], catch_exceptions=False)
     assert record.job_id in jobs.output and "8/8" in jobs.output
+
+
+def test_cancel_stops_a_running_job_and_keeps_its_results(monkeypatch) -> None:
+    monkeypatch.chdir(REPO_ROOT)
+    toolkit = default_toolkit(load_settings())
+    plan = launch.plan_run(
+        launch.RunRequest(
+            model=TINY, n_trials=200, on="local",
+            worker_overrides=launch.parse_assignments(["batch_size=64", "max_response_length=12"]),
+        ),
+        toolkit,
+    )  # fmt: skip
+    record = launch.start_job(plan, toolkit, lambda message: None)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # until the first trial is reported
+        runs.sync_job(record, toolkit)
+        if runs.local_progress(record, toolkit).trials_done:
+            break
+        time.sleep(0.3)
+    runner = CliRunner()
+    logs = runner.invoke(app, ["logs", record.job_id], catch_exceptions=False)
+    assert '"type":"trial"' in logs.output
+    result = runner.invoke(app, ["cancel", record.job_id, "--yes"], catch_exceptions=False)
+    assert result.exit_code == 0 and "worker stopped" in result.output
+    assert runs.worker_alive(record, toolkit) is False
+    assert JobStore().load(record.job_id).status == "cancelled"
+    assert JobStore().journal_path(record.job_id).stat().st_size > 0

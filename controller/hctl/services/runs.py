@@ -498,9 +498,12 @@ def cancel_job(record: JobRecord, toolkit: Toolkit, notify: Notify) -> JobRecord
     else:
         try:
             stopped = stop_worker(remote, record.remote_job_dir)
+            if stopped:
+                wait_for_worker_exit(RemoteJobChannel(remote, record.remote_job_dir), toolkit)
             notify("worker stopped" if stopped else "the worker was not running")
         finally:
             remote.close()
+        sync_job(record, toolkit)
     record = toolkit.store.save(record.model_copy(update={"status": "cancelled"}))
     return release_machine(record, toolkit, notify)
 

@@ -1,0 +1,65 @@
+"""Launching the worker: detached, with its secrets kept out of argv, settings and logs."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from pathlib import Path
+
+from hctl.services.jobs import JobRecord, JobStore
+from hctl.services.launch import SECRETS_FILE, start_worker
+from hctl.services.toolkit import Toolkit, WorkerHandle
+from hctl.settings import load_settings
+from tests.e2e.fakes import FakeProvider, ShellRemote
+
+TOKEN = "hf_SECRETtoken1234567890"
+
+# A stand-in worker: records what it was given, then stays alive a little (detached).
+FAKE_WORKER = """#!/bin/sh
+printf '%s' "$HF_TOKEN" > "$JOB/token-seen"
+printf '%s ' "$@" > "$JOB/argv-seen"
+printf '%s' "$HF_HOME" > "$JOB/hf-home-seen"
+sleep 0.5
+"""
+
+
+def test_the_token_reaches_the_worker_but_no_command_file_or_argument(tmp_path: Path) -> None:
+    job_dir = tmp_path / "machine" / "hctl" / "jobs" / "j1"
+    worker = tmp_path / "fake-worker"
+    worker.write_text(FAKE_WORKER.replace("$JOB", str(job_dir)))
+    worker.chmod(worker.stat().st_mode | stat.S_IEXEC)
+    remote = ShellRemote()
+    store = JobStore(tmp_path / "home")
+    toolkit = Toolkit(
+        settings=load_settings(),
+        provider_factory=FakeProvider,
+        connect=lambda record: remote,
+        ensure_worker=lambda remote: WorkerHandle(
+            command=str(worker), environment={"HF_HOME": "/volume/.cache/huggingface"}
+        ),
+        wait_until_ready=lambda provider, pod_id: provider.get(pod_id),
+        resolve_pod=lambda provider, ref: provider.get(ref),
+        store=store,
+    )
+    record = store.save(
+        JobRecord(job_id="j1", model="m", worker_model="m", n_trials=2, target="ssh",
+                  remote_job_dir=str(job_dir))
+    )  # fmt: skip
+    notes: list[str] = []
+    started = start_worker(record, {"model": "org/model", "n_trials": 2}, remote, toolkit,
+                           notes.append, token=TOKEN)  # fmt: skip
+    assert started.status == "running" and started.worker_command == str(worker)
+    deadline = time.monotonic() + 10
+    while not (job_dir / "argv-seen").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (job_dir / "token-seen").read_text() == TOKEN
+    assert (job_dir / "hf-home-seen").read_text() == "/volume/.cache/huggingface"
+    assert "--events" in (job_dir / "argv-seen").read_text()
+    assert TOKEN not in (job_dir / "argv-seen").read_text()
+    assert not (job_dir / SECRETS_FILE).exists()
+    assert all(TOKEN not in command for command in remote.commands)
+    assert TOKEN not in (job_dir / "settings.toml").read_text()
+    assert TOKEN not in store.settings_path("j1").read_text()
+    assert stat.S_IMODE(os.stat(job_dir).st_mode) == 0o700
+    assert (job_dir / "launcher.pid").read_text().strip().isdigit()
