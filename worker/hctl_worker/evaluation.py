@@ -61,6 +61,9 @@ DEFAULT_REFUSAL_MARKERS: tuple[str, ...] = (
     "disclaimer",
 )
 
+# How many of a reply's latest tokens are decoded each step to look for a marker.
+MARKER_WINDOW_TOKENS = 32
+
 _WHITESPACE = re.compile(r"\s+")
 _EMPHASIS = re.compile(r"[*_`]+")
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\uff07": "'"})
@@ -267,10 +270,14 @@ def generate_batch(
                 continue
             generated[row].append(token)
             if markers is not None:
-                text = normalise_response(
-                    tokenizer.decode(generated[row], skip_special_tokens=True)
-                )
-                if _contains_marker(text, markers):
+                # Only the recent tokens can complete a marker; a longer miss is harmless,
+                # because every verdict is taken on the whole reply at the end.
+                recent = generated[row][-MARKER_WINDOW_TOKENS:]
+                text = normalise_response(tokenizer.decode(recent, skip_special_tokens=True))
+                if _contains_marker(text, markers) and _contains_marker(
+                    normalise_response(tokenizer.decode(generated[row], skip_special_tokens=True)),
+                    markers,
+                ):
                     done.add(row)
                     continue
             keep.append(slot)
