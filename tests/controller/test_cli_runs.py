@@ -107,3 +107,13 @@ def test_a_capacity_error_offers_alternatives_and_creates_nothing(hctl_runpod_en
     assert "Nothing was created" in result.output
     assert "--gpu 'RTX" in result.output  # cheaper in-stock GPUs with their totals
     assert hctl_runpod_env.pods == []
+
+
+def test_the_smoke_test_estimates_qwen3_4b_and_rents_nothing_unconfirmed(
+    hctl_runpod_env, runner
+) -> None:
+    result = runner.invoke(app, ["test", "--trials", "3"])
+    assert result.exit_code == 130
+    assert "Qwen/Qwen3-4B-Instruct-2507: 4.02B parameters" in result.output
+    assert "Estimate for 3 trials" in result.output
+    assert hctl_runpod_env.pods == []

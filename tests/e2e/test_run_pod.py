@@ -217,3 +217,17 @@ def test_the_budget_cap_stops_after_the_current_trial_and_keeps_the_results(
     assert progress.trials_done < 8
     assert record.chosen_trial is not None and record.saved_model_dir is not None
     assert pod_rig.pod_statuses() == {record.pod_id: "EXITED"}
+
+
+def test_a_run_on_any_ssh_host(pod_rig: PodRig) -> None:
+    """`--on ssh://` needs no provider at all: the job lives under the SSH user's home."""
+    result = CliRunner().invoke(
+        app, ["run", TINY, "--on", pod_rig.sshd.address, "--trials", "2", "--yes", *FAST],
+        catch_exceptions=False,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert trial_numbers(result.output, 2) == [1, 2]
+    (record,) = JobStore().list()
+    assert record.target == "ssh" and record.status == "finished"
+    assert record.remote_job_dir.startswith(f"{pod_rig.sshd.home}/hctl/jobs/")
+    assert pod_rig.emulator.pods == [] and pod_rig.emulator.requests == []

@@ -62,6 +62,7 @@ class JobRecord(BaseModel):
     worker_command: str = "hctl-worker"  # how the worker is run there
     worker_settings: dict = Field(default_factory=dict)  # before local paths were placed
     parameters: int | None = None  # the model's size, for estimates on resume
+    estimated_seconds_per_trial: float = 0.0  # the ETA's pace until real trials are timed
     gpu_id: str | None = None
     price_per_hour: float = 0.0
     max_cost: float | None = None

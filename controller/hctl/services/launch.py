@@ -597,6 +597,7 @@ def new_record(plan: RunPlan, toolkit: Toolkit) -> JobRecord:
         started_at=toolkit.clock() if plan.target != "pod" else None,
         worker_settings=plan.worker_settings,
         parameters=plan.model.parameters,
+        estimated_seconds_per_trial=plan.estimate.seconds_per_trial,
     )
 
 

@@ -87,7 +87,7 @@ def meter_for(record: JobRecord, toolkit: Toolkit) -> Meter:
 def money_now(record: JobRecord, progress: JobProgress, toolkit: Toolkit) -> Money:
     meter = meter_for(record, toolkit)
     now = toolkit.clock()
-    fallback = progress.seconds_per_trial() or 0.0
+    fallback = progress.seconds_per_trial() or record.estimated_seconds_per_trial
     remaining = progress.remaining_seconds(fallback_per_trial=fallback)
     return Money(
         price_per_hour=record.price_per_hour,
@@ -151,6 +151,7 @@ def follow_job(
         on_reconnect=view.note,
     )
     dead_polls = 0
+    warned_projection = False
     try:
         while not progress.finished:
             poll = follower.poll()
@@ -162,6 +163,19 @@ def follow_job(
                 view.event(event, progress, money_now(record, progress, toolkit))
                 trial_seen = trial_seen or isinstance(event, TrialEvent)
             meter = meter_for(record, toolkit)
+            money = money_now(record, progress, toolkit)
+            if (
+                trial_seen
+                and not warned_projection
+                and record.max_cost is not None
+                and money.projected > record.max_cost
+            ):
+                warned_projection = True
+                view.note(
+                    f"at this pace the job would cost {format_money(money.projected)}, above the "
+                    f"{format_money(record.max_cost)} cap: it will stop after the trial that "
+                    "reaches the cap"
+                )
             if (
                 trial_seen
                 and not progress.finished
