@@ -248,3 +248,39 @@ def test_projected_embeddings_do_not_hide_the_residual_width() -> None:
     with ablator.applied(strong_params()):
         assert not torch.allclose(logits(loaded, INPUT_IDS), before, atol=1e-4)
     assert torch.equal(logits(loaded, INPUT_IDS), before)
+
+
+def test_a_vision_language_model_is_edited_in_its_language_model() -> None:
+    from transformers import AutoModelForImageTextToText, CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    text = LlamaConfig(
+        vocab_size=300,
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
+    # A vision tower exactly as deep as the language model.
+    vision = CLIPVisionConfig(
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=28,
+        patch_size=14,
+    )
+    model = AutoModelForImageTextToText.from_config(
+        LlavaConfig(text_config=text, vision_config=vision)
+    )
+    names = {id(module): name for name, module in model.named_modules()}
+    layers = find_layers(model)
+    assert [names[id(layer)] for layer in layers] == [
+        "model.language_model.layers.0",
+        "model.language_model.layers.1",
+    ]
+    projections = find_projections(layers[1], HIDDEN)
+    assert [names[id(m)] for m in projections["attention"]] == [
+        "model.language_model.layers.1.self_attn.o_proj"
+    ]

@@ -8,7 +8,7 @@ removes the hooks, which gives back the original model bit for bit. `merge()` wr
 edit into the weights for export.
 
 Layers and projections are found by structure, not by one family's attribute names: the decoder
-layers are the longest list of identical blocks under the text decoder, and a block's output
+layers are the longest list of same-kind blocks under the text decoder, and a block's output
 projection is the linear map (Linear, GPT-2 Conv1D, or a fused 3-D expert tensor) whose output
 size is the hidden size. See `find_layers` and `find_projections`.
 """
@@ -162,7 +162,8 @@ def _text_decoder(model: nn.Module) -> nn.Module:
 
 
 def find_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers: the longest ModuleList of same-class blocks under the text decoder.
+    """The decoder layers: under the text decoder, the ModuleList of same-kind blocks with
+    linear maps inside, with the configured layer count if one has it, else the longest.
 
     Lists nested inside another candidate's blocks (MoE experts) are not candidates, so a
     64-expert list cannot win over 24 layers.
@@ -178,18 +179,27 @@ def find_layers(model: nn.Module) -> list[nn.Module]:
         if any(name.startswith(outer + ".") for outer, _ in candidates):
             continue
         candidates.append((name, module))
-    if not candidates:
+    # Decoder blocks hold linear maps; lists of norms, rotary tables or scalars do not.
+    blocks = [
+        module
+        for _, module in candidates
+        if any(_is_linear_like(inner) for inner in module[0].modules())
+    ]
+    if not blocks:
         raise ModelLoadError(
             f"cannot find the decoder layers of {type(model).__name__}",
             hint="This architecture is not supported yet; open an issue with the model id.",
         )
     expected = _configured_layer_count(model)
-    if expected is not None:
-        exact = [module for _, module in candidates if len(module) == expected]
-        if exact:
-            return list(exact[0])
-    best = max((module for _, module in candidates), key=len)
+    exact = [module for module in blocks if len(module) == expected]
+    # The configured count decides first, then length, then size (a vision tower of the same
+    # depth is smaller than the language model).
+    best = max(exact or blocks, key=lambda module: (len(module), _parameter_count(module)))
     return list(best)
+
+
+def _parameter_count(module: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in module.parameters())
 
 
 def _all_blocks(module_list: nn.ModuleList) -> bool:
