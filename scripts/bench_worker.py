@@ -228,17 +228,45 @@ def end_to_end(arguments: argparse.Namespace) -> dict | None:
         )
         started = time.perf_counter()
         completed = subprocess.run(
-            [str(executable), "run", "--config", str(config), "--job-dir", f"{scratch}/job"],
+            [
+                str(executable),
+                "run",
+                "--config",
+                str(config),
+                "--job-dir",
+                f"{scratch}/job",
+                "--events",
+            ],
             capture_output=True,
             text=True,
             check=False,
         )
         wall = time.perf_counter() - started
-    result = {"returncode": completed.returncode, "wall_s": wall}
+        events_path = Path(scratch) / "job" / "events.jsonl"
+        events = (
+            [json.loads(line) for line in events_path.read_text().splitlines() if line.strip()]
+            if events_path.exists()
+            else []
+        )
+    result: dict = {"returncode": completed.returncode, "wall_s": round(wall, 2)}
     if completed.returncode != 0:
         result["stderr_tail"] = completed.stderr[-2000:]
-    else:
-        result["seconds_per_trial_including_fixed_costs"] = wall / arguments.trials
+        return result
+    stages = {
+        event["stage"]: round(event["seconds"], 2)
+        for event in events
+        if event.get("type") == "stage" and event.get("state") == "end" and event.get("seconds")
+    }
+    trials = [event for event in events if event.get("type") == "trial"]
+    result["stages_s"] = stages
+    if trials:
+        result["trials"] = len(trials)
+        result["mean_trial_event_s"] = round(sum(t["seconds"] for t in trials) / len(trials), 3)
+        result["best_refusals"] = min(
+            (t["refusals"] for t in trials if t["refusals"] is not None), default=None
+        )
+    if "search" in stages and trials:
+        result["search_seconds_per_trial"] = round(stages["search"] / len(trials), 3)
     return result
 
 
@@ -281,7 +309,8 @@ def print_table(results: dict) -> None:
     if "peak_cuda_mb" in results:
         rows.append(("peak CUDA memory", f"{results['peak_cuda_mb']:.0f} MB"))
     if results.get("end_to_end"):
-        rows.append(("hctl-worker run", json.dumps(results["end_to_end"])[:120]))
+        for key, value in results["end_to_end"].items():
+            rows.append((f"hctl-worker run: {key}", json.dumps(value)))
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
