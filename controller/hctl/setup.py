@@ -382,7 +382,7 @@ def ensure_worker(
     """
     volume = volume_path or settings.volume_path
     python = python or settings.worker_python
-    if python is None and remote.kind == "local":
+    if python is None and getattr(remote, "kind", None) == "local":
         python = sys.executable  # this machine: the controller's own environment
     identity = build_id()
     probe = parse_probe(

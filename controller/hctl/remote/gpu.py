@@ -213,13 +213,15 @@ def stream_gpu_samples(
     count: int | None = None,
     interval_s: int = 1,
 ) -> int:
-    """Run `nvidia-smi -l` on one channel and call `on_sample` with each set of GPUs.
+    """Run `nvidia-smi -l` on one channel and call `on_sample` with each round of GPUs.
 
-    Stops after `count` samples (or when `on_sample` raises StopStreaming, or on Ctrl-C, which
-    propagates). Returns the number of samples seen.
+    The channel first prints how many GPUs there are, so each round is shown as soon as its last
+    line arrives. Stops after `count` rounds (or when `on_sample` raises StopStreaming, or on
+    Ctrl-C, which propagates). Returns the number of rounds seen.
     """
     pending = ""
     current: list[GpuSample] = []
+    gpu_count: int | None = None
     seen = 0
 
     def flush() -> None:
@@ -232,22 +234,28 @@ def stream_gpu_samples(
                 raise StopStreaming
 
     def take(text: str) -> None:
-        nonlocal pending
+        nonlocal pending, gpu_count
         pending += text
         *lines, pending = pending.split("\n")
         for line in lines:
+            if gpu_count is None and line.strip().isdigit():
+                gpu_count = int(line.strip())
+                continue
             sample = parse_gpu_line(line)
             if sample is None:
                 continue
             if current and sample.index <= current[-1].index:
-                flush()  # a new round of GPUs began
+                flush()  # a new round began before the count was reached
             current.append(sample)
-        # nvidia-smi prints one round per interval: once a round's lines are in, show it.
-        if current and not pending:
-            flush()
+            if gpu_count is not None and len(current) >= gpu_count:
+                flush()
 
+    command = (
+        "nvidia-smi --query-gpu=count --format=csv,noheader 2>/dev/null | head -n 1; "
+        f"{gpu_query_command(interval_s)} 2>&1"
+    )
     try:
-        result = remote.run(gpu_query_command(interval_s) + " 2>&1", on_output=take)
+        result = remote.run(command, on_output=take)
     except StopStreaming:
         return seen
     if result.exit_code != 0 and seen == 0:
