@@ -284,3 +284,28 @@ def test_a_vision_language_model_is_edited_in_its_language_model() -> None:
     assert [names[id(m)] for m in projections["attention"]] == [
         "model.language_model.layers.1.self_attn.o_proj"
     ]
+
+
+def test_unsupported_models_and_unknown_components_are_clear_errors() -> None:
+    from hctl_worker.errors import ModelLoadError
+
+    class NoLayers(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, HIDDEN)
+
+        def get_input_embeddings(self) -> torch.nn.Module:
+            return self.embed
+
+    with pytest.raises(ModelLoadError) as caught:
+        Ablator(LoadedModel(NoLayers(), None, torch.float32, "x"), random_directions(2))
+    assert caught.value.hint
+    loaded = tiny("llama")
+    ablator = Ablator(loaded, random_directions(2))
+    kernel = ComponentKernel(1.0, 0.0, 1.0, 1.0)
+    with pytest.raises(SettingsError):
+        ablator.apply(AblationParams(0.0, {"embeddings": kernel}))
+    with pytest.raises(SettingsError):
+        Ablator(loaded, random_directions(2), row_normalization="sometimes")
+    with pytest.raises(ValueError):
+        Ablator(loaded, random_directions(5))

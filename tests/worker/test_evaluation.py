@@ -254,3 +254,29 @@ def test_generation_matches_transformers_on_other_cache_kinds(architecture: str)
         is_refusal(reply, markers) for reply in ours
     ]
     assert stats.tokens <= sum(len(tokenizer(reply)["input_ids"]) for reply in ours) + len(texts)
+
+
+def test_running_out_of_memory_while_scoring_is_the_worker_error(random_loaded) -> None:
+    from hctl_worker.errors import OutOfMemoryError
+
+    texts = random_loaded.template(PROMPTS[:2], None)
+    evaluator = Evaluator(
+        random_loaded,
+        good_texts=texts,
+        bad_texts=texts,
+        markers=DEFAULT_REFUSAL_MARKERS,
+        max_response_length=2,
+        batch_size=2,
+    )
+
+    def fail(module, args, kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    handle = random_loaded.model.register_forward_pre_hook(fail, with_kwargs=True)
+    try:
+        with pytest.raises(OutOfMemoryError) as caught:
+            evaluator.score()
+    finally:
+        handle.remove()
+    assert caught.value.hint
+    assert evaluator.score().kl == 0.0
