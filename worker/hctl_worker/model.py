@@ -337,7 +337,7 @@ def _is_dtype_specific(error: BaseException) -> bool:
 
 # Below this many parameters a CPU forward pass is dominated by per-operation overhead, and a
 # second thread only adds synchronisation (measured: 1.1 ms vs 4-17 ms per step on 2 busy cores).
-SMALL_MODEL_PARAMETERS = 50_000_000
+SMALL_MODEL_PARAMETERS = 10_000_000
 
 
 def configure_threads(loaded: LoadedModel, threads: int | None = None) -> int | None:
