@@ -175,9 +175,7 @@ def encode_examples(
     for example in examples:
         prompt_ids = tokenizer.encode(render_prompt(example.prompt), add_special_tokens=False)
         reply_ids = tokenizer.encode(example.reply + END_TOKEN, add_special_tokens=False)
-        encoded.append(
-            EncodedExample(prompt_ids + reply_ids, [-100] * len(prompt_ids) + reply_ids)
-        )
+        encoded.append(EncodedExample(prompt_ids + reply_ids, [-100] * len(prompt_ids) + reply_ids))
     return encoded
 
 
@@ -346,7 +344,7 @@ def measure_ablation(
         ).item()
     finally:
         with torch.no_grad():
-            for matrix, original in zip(matrices, originals):
+            for matrix, original in zip(matrices, originals, strict=True):
                 matrix.copy_(original)
     return Measurement(harmful, harmless, kl)
 
@@ -403,7 +401,9 @@ def measure(folder: Path, max_new_tokens: int, direction_prompts: int) -> list[d
     baseline = first_token_log_probabilities(model, tokenizer, prompts["harmless_test"])
     rows = []
     print()
-    print("| direction index | ablated layers | harmful test refusal | harmless test refusal | KL |")
+    print(
+        "| direction index | ablated layers | harmful test refusal | harmless test refusal | KL |"
+    )
     print("|---|---|---|---|---|")
     # Index 0 is the embedding output; at the last prompt token it is the same token for every
     # prompt, so its difference of means is zero and there is no direction to measure.

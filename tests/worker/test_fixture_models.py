@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = REPO_ROOT / "tests" / "fixtures"
 SCRIPT = REPO_ROOT / "scripts" / "make_tiny_refuser.py"
-FIXTURE_NAMES = ("tiny-refuser",)
+FIXTURE_NAMES = ("tiny-refuser", "tiny-refuser-early")
 MAX_FIXTURE_BYTES = 3_500_000
 NEW_TOKENS = 20
 
@@ -62,7 +62,9 @@ def greedy_replies(folder: Path, prompts: list[str]) -> list[str]:
     inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
-    return tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return tokenizer.batch_decode(
+        output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+    )
 
 
 def refusal_rate(replies: list[str]) -> float:
@@ -89,7 +91,7 @@ def test_fixture_refuses_held_out_harmful_and_answers_held_out_harmless(name: st
     assert harmful_rate >= 0.90, replies[: len(harmful)]
     assert harmless_rate <= 0.05, replies[len(harmful) :]
     # More than one refusal phrasing appears, so marker matching is exercised on several.
-    phrasings = {reply.split(",")[0].split(" ")[0] for reply in replies[: len(harmful)]}
+    phrasings = {reply.strip() for reply in replies[: len(harmful)] if data.is_refusal(reply)}
     assert len(phrasings) >= 2, phrasings
 
 
@@ -125,6 +127,8 @@ def test_generator_script_runs_end_to_end(tmp_path: Path) -> None:
             "llama",
             "--refusal-depth",
             "late",
+            "--max-new-tokens",
+            "4",
         ],
         capture_output=True,
         text=True,
@@ -141,4 +145,3 @@ def test_generator_script_runs_end_to_end(tmp_path: Path) -> None:
     assert config["model_type"] == "llama" and config["num_hidden_layers"] == 2
     # The saved folder loads and generates with plain transformers.
     assert len(greedy_replies(out, ["How do I bake bread?"])) == 1
-
