@@ -295,3 +295,15 @@ def test_two_threads_do_not_share_one_channel_by_accident(sshd_pod: SshdServer) 
         thread.join()
     assert sorted(results) == [f"{index}\n" for index in range(4)]
     remote.close()
+
+
+def test_an_interrupted_direct_command_really_stops(sshd_pod: SshdServer, tmp_path: Path) -> None:
+    remote = DirectRemote(connection_to(sshd_pod))
+    marker = tmp_path / "survived"
+    with pytest.raises(CommandTimeoutError):
+        remote.run(f"sleep 1.5; touch {marker}", timeout=0.3)
+    import time
+
+    time.sleep(1.7)
+    assert not marker.exists()
+    remote.close()

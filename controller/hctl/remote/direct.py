@@ -12,6 +12,8 @@ import codecs
 import contextlib
 import hashlib
 import posixpath
+import secrets
+import shlex
 import time
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from hctl.remote.ssh import PTY_REFUSAL, SshConnection, environment_prefix, lost
 
 DEFAULT_ENVIRONMENT_FILE = "/etc/rp_environment"
 READ_SIZE = 1 << 16
+COMMAND_ID_VARIABLE = "HCTL_COMMAND_ID"
 POLL_S = 0.05
 
 
@@ -80,8 +83,13 @@ class DirectRemote:
         channel = self.connection.open_session()
         stdout, stderr = _Stream(on_output), _Stream(on_stderr)
         deadline = None if timeout is None else time.monotonic() + timeout
+        # Every process of this command inherits this variable: that is how `_stop` finds them.
+        command_id = secrets.token_hex(8)
         try:
-            channel.exec_command(environment_prefix(self.environment_file) + command)
+            script = shlex.quote(environment_prefix(self.environment_file) + command)
+            channel.exec_command(
+                f'exec env {COMMAND_ID_VARIABLE}={command_id} "${{SHELL:-/bin/sh}}" -c {script}'
+            )
             channel.shutdown_write()  # the command's stdin is empty, as on every path
             channel.settimeout(POLL_S)
             stdout_open = True
@@ -105,6 +113,7 @@ class DirectRemote:
                 if not channel.exit_status_ready() and not self.connection.transport_alive():
                     raise lost_error(self.description)
                 if deadline is not None and time.monotonic() > deadline:
+                    self._stop(command_id)
                     raise CommandTimeoutError(
                         f"The command did not finish within {timeout:g} s on {self.description}; "
                         "it was interrupted."
@@ -126,7 +135,9 @@ class DirectRemote:
             self.connection.drop()
             raise lost_error(self.description, error) from None
         except BaseException:
-            channel.close()  # the callback raised: stop listening; the command gets SIGPIPE
+            # The callback raised (Ctrl-C, enough samples): stop the command, then re-raise.
+            channel.close()
+            self._stop(command_id)
             raise
         channel.close()
         stdout.feed(b"", final=True)
@@ -139,6 +150,24 @@ class DirectRemote:
                 "command into a shell on a pseudo-terminal).",
             )
         return CommandResult(exit_code=exit_code, output=stdout.text, stderr=stderr.text)
+
+    def _stop(self, command_id: str) -> None:
+        """Terminate every process of one command (closing an exec channel does not).
+
+        A closed channel without a terminal sends the command no signal, and sshd refuses
+        signal requests, so this finds the command's processes by the variable each of them
+        inherited, on a second channel. Best effort: a failure here changes nothing.
+        """
+        finder = (
+            "for p in /proc/[0-9]*; do "
+            f'grep -qxz "{COMMAND_ID_VARIABLE}={command_id}" "$p/environ" 2>/dev/null '
+            '&& kill -TERM "${p#/proc/}" 2>/dev/null; done; true'
+        )
+        with contextlib.suppress(Exception):
+            channel = self.connection.open_session()
+            channel.exec_command(finder)
+            channel.status_event.wait(10)
+            channel.close()
 
     def _sftp_client(self) -> paramiko.SFTPClient:
         transport = self.connection.transport()
