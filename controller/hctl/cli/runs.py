@@ -11,6 +11,7 @@ import typer
 from hctl.cli.common import confirm, console, error_console
 from hctl.errors import ConfigError
 from hctl.services import launch, runs
+from hctl.services import resume as resume_service
 from hctl.services.budget import check_estimate_within
 from hctl.services.estimate import compare_gpus, format_duration, format_money
 from hctl.services.jobs import JobRecord
@@ -35,12 +36,13 @@ def _machine(record: JobRecord) -> str:
     return record.address or "this machine"
 
 
-def _chooser(assume_yes: bool) -> runs.TrialChooser | None:
+def _chooser(assume_yes: bool, view: LiveView) -> runs.TrialChooser | None:
     """Ask which trial to save when a person is there to answer; else hctl chooses."""
     if assume_yes or not sys.stdin.isatty():
         return None
 
     def choose(front: list, suggested: object) -> int | None:
+        view.pause()  # the live panel would redraw over the question
         console.print(pareto_table(front, chosen=getattr(suggested, "number", None)))
         default = getattr(suggested, "number", None)
         return typer.prompt("Trial to save", default=default, type=int)
@@ -57,7 +59,7 @@ def _follow(record: JobRecord, toolkit: Toolkit, *, assume_yes: bool, replay: bo
             view,
             worker=record.worker_command,
             token=launch.hf_token(toolkit),
-            chooser=_chooser(assume_yes),
+            chooser=_chooser(assume_yes, view),
             replay=replay,
         )
     if outcome == "detached":
@@ -262,7 +264,7 @@ def resume(
     toolkit = _toolkit()
     record = toolkit.store.load(job)
     notify = lambda message: console.print(message, markup=False)  # noqa: E731
-    record = runs.resume_job(
+    record = resume_service.resume_job(
         record, toolkit, notify, n_trials=trials, gpu=gpu, pod=pod,
         confirm=lambda question: confirm(question, assume_yes=yes),
     )  # fmt: skip

@@ -17,7 +17,6 @@ from __future__ import annotations
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from hctl.errors import (
@@ -31,34 +30,24 @@ from hctl.errors import (
 from hctl.remote.base import Remote
 from hctl.services.budget import Meter
 from hctl.services.estimate import format_money
+from hctl.services.finish import TrialChooser, finish_job, release_machine
 from hctl.services.follow import LAUNCHER_PID_FILE, MAX_READ_BYTES, Follower, RemoteJobChannel
 from hctl.services.jobs import JobRecord
 from hctl.services.launch import (
     Notify,
-    hf_token,
-    release_after_failure,
-    upload_secrets,
-    with_secrets,
 )
-from hctl.services.pareto_plot import save_svg
-from hctl.services.progress import JobProgress, choose_trial
+from hctl.services.progress import JobProgress
 from hctl.services.toolkit import Toolkit
 from hctl.services.view import LiveView, Money
 from hctl_worker.events import (
     EVENTS_FILE,
-    JOURNAL_FILE,
     LOG_FILE,
     PID_FILE,
-    ParetoTrial,
     TrialEvent,
     read_events,
 )
 
 Outcome = Literal["finished", "failed", "budget", "detached", "cancelled", "interrupted"]
-# Ask the user to pick a trial of the front; None means "let hctl choose".
-TrialChooser = Callable[[list[ParetoTrial], ParetoTrial | None], int | None]
-
-EXPORT_TIMEOUT_S = 3 * 3600
 
 
 @dataclass
@@ -280,188 +269,6 @@ def worker_log_tail(record: JobRecord, toolkit: Toolkit, *, lines: int = 50) -> 
         remote.close()
 
 
-# --- Finishing ------------------------------------------------------------------------------
-
-
-def pick_trial(
-    record: JobRecord, progress: JobProgress, chooser: TrialChooser | None, notify: Notify
-) -> ParetoTrial | None:
-    front = progress.front()
-    if not front:
-        return None
-    kl_limit = record.kl_limit or 0.5
-    automatic = choose_trial(front, kl_limit)
-    if record.trial_choice is not None:
-        wanted = record.trial_choice
-        if wanted not in progress.trials and all(trial.number != wanted for trial in front):
-            raise JobError(
-                f"Trial {wanted} is not one of this job's trials.",
-                f"`hctl results {record.job_id}` lists them.",
-            )
-        chosen = next((trial for trial in front if trial.number == wanted), None)
-        if chosen is None:
-            event = progress.trials[wanted]
-            chosen = ParetoTrial(
-                number=event.number,
-                kl=event.kl,
-                refusals=event.refusals or 0,
-                total_bad=event.total_bad,
-                params=event.params,
-            )
-        return chosen
-    if chooser is not None:
-        number = chooser(front, automatic)
-        if number is not None:
-            return next((trial for trial in front if trial.number == number), automatic)
-    if automatic is not None:
-        notify(
-            f"chose trial {automatic.number}: the fewest refusals ({automatic.refusals}/"
-            f"{automatic.total_bad}) with KL {automatic.kl:.4f} under the limit {kl_limit}"
-            if automatic.kl <= kl_limit
-            else f"chose trial {automatic.number}: no trial has KL under {kl_limit}, so the lowest KL"
-        )
-    return automatic
-
-
-def export_trial(
-    record: JobRecord,
-    trial: int,
-    toolkit: Toolkit,
-    notify: Notify,
-    *,
-    worker: str,
-    token: str | None,
-) -> str:
-    """Save the trial's model on the machine (and upload it from there); returns its folder."""
-    save_dir = f"{record.remote_job_dir}/results/trial-{trial}"
-    remote = toolkit.connect(record)
-    try:
-        command = (
-            f"{worker} export --job-dir {shlex.quote(record.remote_job_dir)} --trial {int(trial)} "
-            f"--save-directory {shlex.quote(save_dir)}"
-        )
-        if record.upload_repo:
-            command += f" --upload-repo {shlex.quote(record.upload_repo)}"
-            upload_secrets(remote, record.remote_job_dir, {"HF_TOKEN": token})
-        log = shlex.quote(f"{record.remote_job_dir}/{LOG_FILE}")
-        notify(
-            f"saving trial {trial} to {save_dir}"
-            + (f" and uploading to {record.upload_repo}" if record.upload_repo else "")
-        )
-        result = remote.run(
-            with_secrets(record.remote_job_dir, f"{command} >>{log} 2>&1"),
-            timeout=EXPORT_TIMEOUT_S,
-        )
-        if result.exit_code != 0:
-            tail = remote.run(f"tail -n 5 {log}", timeout=30).output.strip()
-            raise JobError(
-                f"Exporting trial {trial} failed: {tail[-500:]}",
-                f"The search results are kept; retry with `hctl attach {record.job_id}` or see "
-                f"`hctl logs {record.job_id}`.",
-            )
-        return save_dir
-    finally:
-        remote.close()
-
-
-def download_folder(record: JobRecord, remote_dir: str, local_dir: Path, toolkit: Toolkit) -> int:
-    """Copy a folder from the machine; returns the number of files."""
-    remote = toolkit.connect(record)
-    try:
-        listing = remote.run(
-            f"cd {shlex.quote(remote_dir)} && find . -type f", timeout=120
-        ).output.replace("\r", "")
-        names = [line[2:] for line in listing.splitlines() if line.startswith("./")]
-        for name in names:
-            target = local_dir / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            remote.get(f"{remote_dir}/{name}", target)
-        return len(names)
-    finally:
-        remote.close()
-
-
-def finish_job(
-    record: JobRecord,
-    progress: JobProgress,
-    toolkit: Toolkit,
-    notify: Notify,
-    *,
-    worker: str,
-    token: str | None,
-    chooser: TrialChooser | None = None,
-) -> JobRecord:
-    """Choose, save, upload and download the trial; draw the front."""
-    store = toolkit.store
-    front = progress.front()
-    if not front:
-        notify("no scored trials: nothing to choose or save")
-        return record
-    chosen = pick_trial(record, progress, chooser, notify)
-    assert chosen is not None
-    save_svg(
-        store.picture_path(record.job_id),
-        list(progress.trials.values()),
-        front,
-        title=f"{record.model} — job {record.job_id}",
-        chosen=chosen.number,
-    )
-    record = store.save(record.model_copy(update={"chosen_trial": chosen.number}))
-    if record.saved_model_dir is None:
-        saved = export_trial(record, chosen.number, toolkit, notify, worker=worker, token=token)
-        record = store.save(
-            record.model_copy(
-                update={
-                    "saved_model_dir": saved,
-                    "uploaded_repo": record.upload_repo,
-                }
-            )
-        )
-        notify(f"saved trial {chosen.number} on the machine: {saved}")
-        if record.upload_repo:
-            notify(f"uploaded to https://huggingface.co/{record.upload_repo}")
-    if record.download_dir and record.downloaded_to is None and record.saved_model_dir:
-        local = Path(record.download_dir)
-        if record.target == "local" and Path(record.saved_model_dir).resolve() == local.resolve():
-            count = 0
-        else:
-            count = download_folder(record, record.saved_model_dir, local, toolkit)
-        record = store.save(record.model_copy(update={"downloaded_to": str(local)}))
-        notify(f"downloaded {count} files to {local}")
-    return record
-
-
-# --- The machine after the job ------------------------------------------------------------
-
-
-def release_machine(record: JobRecord, toolkit: Toolkit, notify: Notify) -> JobRecord:
-    """Stop, terminate or keep the pod as the job says, and tell the user which."""
-    if record.target != "pod" or record.pod_id is None:
-        return record
-    provider = toolkit.provider()
-    pod_id = record.pod_id
-    volume_cost = toolkit.settings.volume_gb * 0.20
-    try:
-        if record.after == "keep":
-            notify(
-                f"pod {pod_id} kept running on purpose: it keeps costing "
-                f"{format_money(record.price_per_hour)}/h until `hctl stop-pod {pod_id}` or "
-                f"`hctl terminate-pod {pod_id}`"
-            )
-        elif record.after == "terminate":
-            provider.terminate(pod_id)
-            notify(f"terminated pod {pod_id}: it costs nothing more")
-        else:
-            provider.stop(pod_id)
-            notify(
-                f"stopped pod {pod_id}: the GPU no longer bills; its volume costs about "
-                f"{format_money(volume_cost)}/month until `hctl terminate-pod {pod_id}`"
-            )
-    except PodNotFoundError:
-        notify(f"pod {pod_id} is already gone")
-    return record
-
-
 # --- Whole flows ----------------------------------------------------------------------------
 
 
@@ -564,136 +371,4 @@ def worker_alive(record: JobRecord, toolkit: Toolkit) -> bool | None:
         channel.close()
 
 
-def resume_job(
-    record: JobRecord,
-    toolkit: Toolkit,
-    notify: Notify,
-    *,
-    n_trials: int | None = None,
-    gpu: str | None = None,
-    pod: str | None = None,
-    confirm: Callable[[str], None] | None = None,
-) -> JobRecord:
-    """Run the worker again on the job's journal: trials already done are not redone.
-
-    On its pod when that still exists (started again if stopped), else on a new pod (or the
-    one given) where the journal and events copied home are uploaded into a fresh job directory.
-    """
-    store = toolkit.store
-    if (
-        record.target == "pod"
-        and pod is None
-        and record.pod_id is not None
-        and _pod_usable(record, toolkit)
-        and worker_alive(record, toolkit)
-    ):
-        raise JobError(
-            f"Job {record.job_id} is still running.",
-            f"Follow it with `hctl attach {record.job_id}`.",
-        )
-    progress = local_progress(record, toolkit)
-    total = n_trials if n_trials is not None else record.n_trials
-    if total < 1:
-        raise JobError("--trials must be at least 1.", "Give the total number of trials.")
-    settings_values = dict(record.worker_settings)
-    settings_values["n_trials"] = total
-    updates: dict = {"n_trials": total, "worker_settings": settings_values, "status": "preparing"}
-    if record.target == "pod":
-        meter = meter_for(record, toolkit)
-        last_seen = max(
-            (event.ts for event in store.events(record.job_id) if hasattr(event, "ts")),
-            default=meter.started_at,
-        )
-        spent = meter.spent(last_seen) if record.started_at is not None else record.spent_before
-        updates |= {"spent_before": spent, "saved_model_dir": None, "downloaded_to": None}
-    record = store.save(record.model_copy(update=updates))
-    if record.target == "pod":
-        record = _resume_machine(record, toolkit, notify, gpu=gpu, pod=pod, confirm=confirm)
-    else:
-        record = store.save(record.model_copy(update={"started_at": toolkit.clock()}))
-    notify(f"resuming job {record.job_id}: {progress.trials_done} trials done, {total} wanted")
-    remote = toolkit.connect(record)
-    try:
-        from hctl.services.launch import start_worker
-
-        return start_worker(
-            record,
-            settings_values,
-            remote,
-            toolkit,
-            notify,
-            token=hf_token(toolkit),
-            resume_files={
-                JOURNAL_FILE: store.journal_path(record.job_id),
-                EVENTS_FILE: store.events_path(record.job_id),
-            },
-        )
-    except BaseException:
-        if record.pod_created_here and record.target == "pod" and record.pod_id:
-            release_after_failure(
-                toolkit.provider(), record.pod_id, created_here=True, started_here=False,
-                notify=notify,
-            )  # fmt: skip
-        raise
-    finally:
-        remote.close()
-
-
-def _pod_usable(record: JobRecord, toolkit: Toolkit) -> bool:
-    try:
-        pod = toolkit.provider().get(record.pod_id or "")
-    except PodNotFoundError:
-        return False
-    return pod.status not in {"TERMINATED", "DEAD"}
-
-
-def _resume_machine(
-    record: JobRecord,
-    toolkit: Toolkit,
-    notify: Notify,
-    *,
-    gpu: str | None,
-    pod: str | None,
-    confirm: Callable[[str], None] | None,
-) -> JobRecord:
-    """The pod to continue on: the job's own if it still exists, the given one, or a new one."""
-    from hctl.services.launch import RunRequest, bring_up_pod, plan_run, remote_base_dir
-
-    reuse_own = pod is None and gpu is None and _pod_usable(record, toolkit)
-    if reuse_own:
-        pod = record.pod_id
-        notify(f"pod {pod} still exists: continuing there")
-    request = RunRequest(
-        model=record.model,
-        n_trials=max(1, record.n_trials - len(local_progress(record, toolkit).trials)),
-        gpu=gpu or record.gpu_id,
-        pod=pod,
-        params=str(record.parameters) if record.parameters else None,
-        after=record.after,
-    )
-    plan = plan_run(request, toolkit)
-    plan.worker_settings = record.worker_settings
-    if confirm is not None and plan.creates_pod:
-        confirm(
-            f"Create a new {plan.estimate.gpu_name} pod to finish job {record.job_id} for about "
-            f"{format_money(plan.estimate.total_cost)}?"
-        )
-    record = toolkit.store.save(
-        record.model_copy(
-            update={"pod_id": None if plan.creates_pod else plan.pod.id if plan.pod else None,
-                    "pod_created_here": plan.creates_pod or (reuse_own and record.pod_created_here),
-                    "gpu_id": plan.gpu.id if plan.gpu else record.gpu_id}
-        )
-    )  # fmt: skip
-    record = bring_up_pod(plan, record, toolkit, notify)
-    if plan.creates_pod:
-        record = toolkit.store.save(record.model_copy(update={"pod_created_here": True}))
-    remote = toolkit.connect(record)
-    try:
-        job_dir = f"{remote_base_dir('pod', remote, toolkit)}/jobs/{record.job_id}"
-    finally:
-        remote.close()
-    return toolkit.store.save(record.model_copy(update={"remote_job_dir": job_dir}))
-
-
-__all__ = ["EVENTS_FILE", "complete", "cancel_job", "follow_job", "resume_job", "sync_job"]
+__all__ = ["EVENTS_FILE", "TrialChooser", "cancel_job", "complete", "follow_job", "sync_job"]

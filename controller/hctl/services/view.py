@@ -217,6 +217,10 @@ class LiveView:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        self.pause()
+
+    def pause(self) -> None:
+        """Take the live panel down (before asking a question); lines still print."""
         if self._live is not None:
             self._live.stop()
             self._live = None

@@ -1,0 +1,158 @@
+"""Resuming a job from the journal and events copied home: on its own pod when that still
+exists, else on a new pod (or a given one) whose fresh job directory gets the copies; the worker
+then skips every trial the journal holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from hctl.errors import (
+    JobError,
+    PodNotFoundError,
+)
+from hctl.services.estimate import format_money
+from hctl.services.jobs import JobRecord
+from hctl.services.launch import (
+    Notify,
+    hf_token,
+    release_after_failure,
+)
+from hctl.services.runs import local_progress, meter_for, worker_alive
+from hctl.services.toolkit import Toolkit
+from hctl_worker.events import (
+    EVENTS_FILE,
+    JOURNAL_FILE,
+)
+
+
+def resume_job(
+    record: JobRecord,
+    toolkit: Toolkit,
+    notify: Notify,
+    *,
+    n_trials: int | None = None,
+    gpu: str | None = None,
+    pod: str | None = None,
+    confirm: Callable[[str], None] | None = None,
+) -> JobRecord:
+    """Run the worker again on the job's journal: trials already done are not redone.
+
+    On its pod when that still exists (started again if stopped), else on a new pod (or the
+    one given) where the journal and events copied home are uploaded into a fresh job directory.
+    """
+    store = toolkit.store
+    if (
+        record.target == "pod"
+        and pod is None
+        and record.pod_id is not None
+        and _pod_usable(record, toolkit)
+        and worker_alive(record, toolkit)
+    ):
+        raise JobError(
+            f"Job {record.job_id} is still running.",
+            f"Follow it with `hctl attach {record.job_id}`.",
+        )
+    progress = local_progress(record, toolkit)
+    total = n_trials if n_trials is not None else record.n_trials
+    if total < 1:
+        raise JobError("--trials must be at least 1.", "Give the total number of trials.")
+    settings_values = dict(record.worker_settings)
+    settings_values["n_trials"] = total
+    updates: dict = {"n_trials": total, "worker_settings": settings_values, "status": "preparing"}
+    if record.target == "pod":
+        meter = meter_for(record, toolkit)
+        last_seen = max(
+            (event.ts for event in store.events(record.job_id) if hasattr(event, "ts")),
+            default=meter.started_at,
+        )
+        spent = meter.spent(last_seen) if record.started_at is not None else record.spent_before
+        updates |= {"spent_before": spent, "saved_model_dir": None, "downloaded_to": None}
+    record = store.save(record.model_copy(update=updates))
+    if record.target == "pod":
+        record = _resume_machine(record, toolkit, notify, gpu=gpu, pod=pod, confirm=confirm)
+    else:
+        record = store.save(record.model_copy(update={"started_at": toolkit.clock()}))
+    notify(f"resuming job {record.job_id}: {progress.trials_done} trials done, {total} wanted")
+    remote = toolkit.connect(record)
+    try:
+        from hctl.services.launch import start_worker
+
+        return start_worker(
+            record,
+            settings_values,
+            remote,
+            toolkit,
+            notify,
+            token=hf_token(toolkit),
+            resume_files={
+                JOURNAL_FILE: store.journal_path(record.job_id),
+                EVENTS_FILE: store.events_path(record.job_id),
+            },
+        )
+    except BaseException:
+        if record.pod_created_here and record.target == "pod" and record.pod_id:
+            release_after_failure(
+                toolkit.provider(), record.pod_id, created_here=True, started_here=False,
+                notify=notify,
+            )  # fmt: skip
+        raise
+    finally:
+        remote.close()
+
+
+def _pod_usable(record: JobRecord, toolkit: Toolkit) -> bool:
+    try:
+        pod = toolkit.provider().get(record.pod_id or "")
+    except PodNotFoundError:
+        return False
+    return pod.status not in {"TERMINATED", "DEAD"}
+
+
+def _resume_machine(
+    record: JobRecord,
+    toolkit: Toolkit,
+    notify: Notify,
+    *,
+    gpu: str | None,
+    pod: str | None,
+    confirm: Callable[[str], None] | None,
+) -> JobRecord:
+    """The pod to continue on: the job's own if it still exists, the given one, or a new one."""
+    from hctl.services.launch import RunRequest, bring_up_pod, plan_run, remote_base_dir
+
+    reuse_own = pod is None and gpu is None and _pod_usable(record, toolkit)
+    if reuse_own:
+        pod = record.pod_id
+        notify(f"pod {pod} still exists: continuing there")
+    request = RunRequest(
+        model=record.model,
+        n_trials=max(1, record.n_trials - len(local_progress(record, toolkit).trials)),
+        gpu=gpu or record.gpu_id,
+        pod=pod,
+        params=str(record.parameters) if record.parameters else None,
+        after=record.after,
+    )
+    plan = plan_run(request, toolkit)
+    plan.worker_settings = record.worker_settings
+    if confirm is not None and plan.creates_pod:
+        confirm(
+            f"Create a new {plan.estimate.gpu_name} pod to finish job {record.job_id} for about "
+            f"{format_money(plan.estimate.total_cost)}?"
+        )
+    record = toolkit.store.save(
+        record.model_copy(
+            update={"pod_id": None if plan.creates_pod else plan.pod.id if plan.pod else None,
+                    "pod_created_here": plan.creates_pod or (reuse_own and record.pod_created_here),
+                    "gpu_id": plan.gpu.id if plan.gpu else record.gpu_id}
+        )
+    )  # fmt: skip
+    record = bring_up_pod(plan, record, toolkit, notify)
+    if plan.creates_pod:
+        record = toolkit.store.save(record.model_copy(update={"pod_created_here": True}))
+    remote = toolkit.connect(record)
+    try:
+        job_dir = f"{remote_base_dir('pod', remote, toolkit)}/jobs/{record.job_id}"
+    finally:
+        remote.close()
+    return toolkit.store.save(record.model_copy(update={"remote_job_dir": job_dir}))
