@@ -51,7 +51,9 @@ def session_setup(tag: str, environment_file: str | None) -> str:
         quoted = shlex.quote(environment_file)
         load_environment = f"[ -r {quoted} ] && . {quoted} >/dev/null 2>&1; "
     return (
-        "stty -echo -opost -iexten -ixon -ixoff 2>/dev/null; set +o emacs +o vi +H 2>/dev/null; "
+        "stty -echo -opost -iexten -ixon -ixoff 2>/dev/null; "
+        # Only bash has these; in dash a failing `set` would abort the rest of the line.
+        '[ -n "$BASH_VERSION" ] && { set +o emacs; set +o vi; set +H; } 2>/dev/null; '
         "unset PROMPT_COMMAND HISTFILE; PS1=''; PS2=''; PS4='+ '; IGNOREEOF=1000; "
         "export TERM=dumb PAGER=cat GIT_PAGER=cat SYSTEMD_PAGER= DEBIAN_FRONTEND=noninteractive; "
         f"{load_environment}"
