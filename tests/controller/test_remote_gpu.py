@@ -91,3 +91,26 @@ def test_pod_cost_is_price_times_uptime() -> None:
     pod = Pod(id="p", name="n", status="RUNNING", cost_per_hr=0.44, uptime_seconds=1800)
     assert pod_cost_so_far(pod) == 0.22
     assert pod_cost_so_far(pod, extra_seconds=1800) == 0.44
+
+
+def test_monitor_view_shows_samples_and_ctrl_c_ends_it_cleanly() -> None:
+    import io
+
+    from rich.console import Console
+
+    from hctl.remote.monitor import run_monitor
+
+    class InterruptedRemote(ScriptedRemote):
+        def run(self, command: str, **options: object) -> CommandResult:
+            super().run(command, **options)  # type: ignore[arg-type]
+            raise KeyboardInterrupt
+
+    row = "0, NVIDIA GeForce RTX 4090, 55, 1000, 24564, 60, 200.00, 450.00\n"
+    screen = io.StringIO()
+    console = Console(file=screen, width=120, force_terminal=False)
+    pod = Pod(id="p1", name="n", status="RUNNING", cost_per_hr=0.44, uptime_seconds=3600)
+    shown = run_monitor(InterruptedRemote(["1\n", row]), console, pod=pod)  # type: ignore[arg-type]
+    assert shown == -1
+    text = screen.getvalue()
+    assert "RTX 4090" in text and "55 %" in text
+    assert "$0.44/h, $0.44 since it started" in text
