@@ -56,10 +56,27 @@ def test_a_larger_n_trials_continues_at_the_next_trial(tmp_path: Path) -> None:
     sequence = [event.seq for event in read_events(job_dir / EVENTS_FILE)[0]]
     assert sequence == list(range(len(sequence)))
 
-    # The same command once more has nothing left to do and runs no trial.
-    again = run_events("--config", str(config), "--job-dir", str(job_dir), "--n-trials", "5")
+    # Once more with a choice: no trial left to run; the chosen one is checked and saved.
+    saved = tmp_path / "saved"
+    again = run_events(
+        "--config",
+        str(config),
+        "--job-dir",
+        str(job_dir),
+        "--n-trials",
+        "5",
+        "--trial",
+        "0",
+        "--save-directory",
+        str(saved),
+    )
     assert not [event for event in again if event["type"] == "trial"]
-    assert again[-1]["type"] == "done"
+    front = [event for event in again if event["type"] == "pareto"][-1]["trials"]
+    chosen = json.loads((job_dir / "results" / "chosen.json").read_text())
+    assert chosen["index"] == 0 and chosen["number"] == front[0]["number"]
+    assert chosen["total_good"] == 24 and 0 <= chosen["refusals_good"] <= 24
+    assert again[-1]["type"] == "done" and again[-1]["chosen_trial"] == chosen["number"]
+    assert again[-1]["model_dir"] == str(saved) and (saved / "model.safetensors").is_file()
 
 
 @pytest.mark.slow
