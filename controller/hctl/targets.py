@@ -276,6 +276,10 @@ def host_entry_for(
     if target.kind == "ssh":
         assert target.address is not None
         address = target.address
+        # Contact it once, so its host key is recorded (or checked) and plain ssh can insist on it.
+        connection = _connection(address, settings, on_message=on_message)
+        connection.transport()
+        connection.close()
         return HostEntry(
             alias=alias or f"hctl-{address.host}-{address.port}",
             host=address.host,
@@ -284,6 +288,7 @@ def host_entry_for(
             key_path=settings.ssh_key_path,
             known_hosts=known_hosts,
             host_key_alias=None,
+            strict=True,
             request_tty=is_proxy(address, settings),
         )
     pod = resolve_pod_target(target.pod_ref or None, settings, provider)
@@ -293,12 +298,13 @@ def host_entry_for(
     endpoint = pod.endpoint("direct") if remote.kind == "direct" else pod.endpoint("proxy")
     assert endpoint is not None
     return HostEntry(
-        alias=alias or f"hctl-{pod.name}",
+        alias=alias or (pod.name if pod.name.startswith("hctl-") else f"hctl-{pod.name}"),
         host=endpoint.host,
         port=endpoint.port,
         user=endpoint.user,
         key_path=settings.ssh_key_path,
         known_hosts=known_hosts,
+        strict=True,
         host_key_alias=pod_host_key_name(pod, endpoint)
         if remote.kind == "direct"
         else host_key_name(endpoint.host, endpoint.port),

@@ -148,6 +148,14 @@ def test_ssh_config_writes_one_entry_idempotently(ssh_env: None, sshd_pod: SshdS
     text = config.read_text()
     assert text.count("Host gpu") == 1 and "Host other" in text
     assert oct(config.stat().st_mode & 0o777) == "0o600"
+    # Plain OpenSSH uses the entry, trusting exactly the host key hctl recorded.
+    plain = subprocess.run(
+        ["ssh", "-F", str(config), "-o", "BatchMode=yes", "gpu", "echo plain-ssh"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert (plain.returncode, plain.stdout) == (0, "plain-ssh\n"), plain.stderr
 
 
 def test_forget_host_of_an_unknown_name_lists_what_is_known(ssh_env: None) -> None:
@@ -213,3 +221,18 @@ def test_doctor_passes_then_names_each_failure_with_its_fix(
     assert broken.exit_code == 1
     assert "chmod 600" in broken.stdout
     assert "FAIL" in broken.stdout and "RunPod API key" in broken.stdout
+
+
+def test_ssh_config_for_a_pod_pins_its_recorded_key(pod_env: RunPodEmulator) -> None:
+    pod = pod_env.add_pod(name="hctl-vscode")
+    written = hctl("ssh-config", "hctl-vscode")
+    assert written.exit_code == 0, written.output
+    config = Path.home() / ".ssh" / "config"
+    assert f"HostKeyAlias pod-{pod['id']}-127.0.0.1-" in config.read_text()
+    plain = subprocess.run(
+        ["ssh", "-F", str(config), "-o", "BatchMode=yes", "hctl-vscode", "echo vscode-ok"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert (plain.returncode, plain.stdout) == (0, "vscode-ok\n"), plain.stderr

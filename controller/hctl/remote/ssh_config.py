@@ -20,6 +20,7 @@ class HostEntry(BaseModel):
     key_path: Path
     known_hosts: Path
     host_key_alias: str | None = None
+    strict: bool = True  # the key is already in hctl's known_hosts: accept no other
     request_tty: bool = False  # RunPod's proxy: only interactive sessions
 
     def render(self) -> str:
