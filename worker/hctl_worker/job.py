@@ -343,8 +343,7 @@ def _pipeline(settings: WorkerSettings, paths: JobPaths, reporter: Reporter) -> 
     from hctl_worker import search
 
     started = time.monotonic()
-    for warning in settings.warnings:
-        reporter.log(warning, level="warning")
+    warnings = settings.warnings
     settings = reconcile_settings(paths, settings)
     assert settings.model is not None and settings.seed is not None
     study = search.open_study(
@@ -361,6 +360,8 @@ def _pipeline(settings: WorkerSettings, paths: JobPaths, reporter: Reporter) -> 
             pid=os.getpid(),
         )
     )
+    for warning in warnings:
+        reporter.log(warning, level="warning")
     bench = _prepare(settings, paths, reporter)
     outcome = JobOutcome(
         results_dir=paths.results, front=_search(settings, paths, reporter, study, bench)
