@@ -121,6 +121,11 @@ class Settings(BaseSettings):
     follow_interval_s: float = Field(
         default=2.0, gt=0, description="Seconds between reads of a job's events while following."
     )
+    self_stop_grace_s: float = Field(
+        default=900,
+        ge=0,
+        description="A pod stops itself this long after its worker ends when no hctl follows it.",
+    )
 
     @property
     def ssh_key_path(self) -> Path:

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from hctl.services.jobs import JobRecord, JobStore
-from hctl.services.launch import SECRETS_FILE, start_worker
+from hctl.services.launch import SECRETS_FILE, launch_command, self_stop_command, start_worker
 from hctl.services.toolkit import Toolkit, WorkerHandle
 from hctl.settings import load_settings
 from tests.e2e.fakes import FakeProvider, ShellRemote
@@ -63,3 +63,30 @@ def test_the_token_reaches_the_worker_but_no_command_file_or_argument(tmp_path: 
     assert TOKEN not in store.settings_path("j1").read_text()
     assert stat.S_IMODE(os.stat(job_dir).st_mode) == 0o700
     assert (job_dir / "launcher.pid").read_text().strip().isdigit()
+
+
+def test_a_pod_stops_itself_when_its_worker_ends_and_nobody_follows(tmp_path: Path) -> None:
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    runpodctl = tools / "runpodctl"
+    runpodctl.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/runpodctl-called\n')
+    runpodctl.chmod(0o755)
+    remote = ShellRemote()
+    environment = {"PATH": f"{tools}:{os.environ['PATH']}", "RUNPOD_POD_ID": "pod123"}
+    command = launch_command("true", str(job_dir), env=environment, self_stop_after_s=0)
+    assert remote.run(command).exit_code == 0
+    called = tmp_path / "runpodctl-called"
+    deadline = time.monotonic() + 10
+    while not called.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert called.read_text().strip() == "stop pod pod123"
+    assert "no controller attached" in (job_dir / "worker.log").read_text()
+
+
+def test_a_kept_pod_or_another_machine_gets_no_self_stop(tmp_path: Path) -> None:
+    assert "runpodctl" not in launch_command("true", str(tmp_path))
+    # A controller's marks hold a pod up: the script checks both before stopping.
+    script = self_stop_command(str(tmp_path), 60)
+    assert ".attached" in script and ".finishing" in script and "launcher.pid" in script

@@ -41,6 +41,8 @@ def pod_rig(
     # The stand-in pod is this machine: its worker is the development environment's.
     monkeypatch.setenv("HCTL_WORKER_PYTHON", sys.executable)
     monkeypatch.setenv("HCTL_FOLLOW_INTERVAL_S", "0.2")
+    # The stand-in has no runpodctl: the pod's self-stop check ends at once, leaving nothing behind.
+    monkeypatch.setenv("HCTL_SELF_STOP_GRACE_S", "0")
     return PodRig(emulator=hctl_runpod_env, sshd=sshd_pod, volume=volume)
 
 

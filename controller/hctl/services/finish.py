@@ -13,6 +13,7 @@ from hctl.errors import (
     PodNotFoundError,
 )
 from hctl.services.estimate import format_money
+from hctl.services.follow import FINISHING_FILE
 from hctl.services.jobs import JobRecord
 from hctl.services.launch import (
     Notify,
@@ -98,8 +99,13 @@ def export_trial(
             f"saving trial {trial} to {save_dir}"
             + (f" and uploading to {record.upload_repo}" if record.upload_repo else "")
         )
+        finishing = shlex.quote(f"{record.remote_job_dir}/{FINISHING_FILE}")
         result = remote.run(
-            with_secrets(record.remote_job_dir, f"{command} >>{log} 2>&1"),
+            with_secrets(
+                record.remote_job_dir,
+                f"touch {finishing}; {command} >>{log} 2>&1; status=$?; rm -f {finishing}; "
+                "exit $status",
+            ),
             timeout=EXPORT_TIMEOUT_S,
         )
         if result.exit_code != 0:

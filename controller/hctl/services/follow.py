@@ -32,6 +32,10 @@ JOURNAL_MARK = "@@hctl-journal"
 # Written by the shell that runs the worker (see `launch.launch_command`); it lives exactly as
 # long as the worker does, whatever the worker does with its own pid file.
 LAUNCHER_PID_FILE = "launcher.pid"
+# Touched by every read: a pod only stops itself when no controller has looked for a while.
+ATTACHED_FILE = ".attached"
+# Present while a controller exports the chosen trial (see `launch.self_stop_command`).
+FINISHING_FILE = ".finishing"
 RECONNECT_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 
 
@@ -74,8 +78,10 @@ def read_command(
             + _tail(f"{job_dir}/{JOURNAL_FILE}", journal_offset, max_bytes)
             + "; "
         )
+    attached = shlex.quote(f"{job_dir}/{ATTACHED_FILE}")
     return (
-        _tail(f"{job_dir}/{EVENTS_FILE}", offset, max_bytes)
+        f"touch {attached} 2>/dev/null; "
+        + _tail(f"{job_dir}/{EVENTS_FILE}", offset, max_bytes)
         + f"; {journal}echo; if [ ! -f {pid} ]; then echo '{STATUS_MARK}unknown'; "
         f"elif kill -0 \"$(cat {pid})\" 2>/dev/null; then echo '{STATUS_MARK}alive'; "
         f"else echo '{STATUS_MARK}dead'; fi"

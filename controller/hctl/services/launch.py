@@ -38,7 +38,7 @@ from hctl.services.estimate import (
     find_gpu,
     format_money,
 )
-from hctl.services.follow import LAUNCHER_PID_FILE
+from hctl.services.follow import ATTACHED_FILE, FINISHING_FILE, LAUNCHER_PID_FILE
 from hctl.services.jobs import JobRecord, TargetKind, new_job_id
 from hctl.services.lease import lease_seconds
 from hctl.services.models import ModelInfo, inspect_model
@@ -55,6 +55,7 @@ from hctl_worker.settings import (
 
 SECRETS_FILE = ".secrets.env"
 EXIT_FILE = "worker.exit"
+FINISHING_HOLD_S = 3 * 3600  # an export holds the pod up at most this long
 Notify = Callable[[str], None]
 
 
@@ -502,22 +503,59 @@ def upload_secrets(remote: Remote, job_dir: str, values: dict[str, str | None]) 
     remote.run(f"chmod 600 {shlex.quote(path)}", timeout=30)
 
 
-def launch_command(worker: str, job_dir: str, *, env: dict[str, str] | None = None) -> str:
+def self_stop_command(job_dir: str, grace_s: float) -> str:
+    """After the worker exits, stop the pod from inside unless a controller is looking after it.
+
+    This is the dead-man switch for a detached job: when nobody follows the job (the laptop
+    slept, the controller was killed), the pod stops itself `grace_s` seconds after the worker
+    ends instead of billing until its lease. A following controller touches `.attached` on every
+    read and holds `.finishing` while it exports, so it keeps the pod up for as long as it needs;
+    a worker started again in the job directory (a resume) keeps it up too.
+    RunPod pods carry `runpodctl` with a pod-scoped key and `RUNPOD_POD_ID`; elsewhere this does
+    nothing. Stopping (not terminating) keeps the volume, so `hctl resume` can finish the job.
+    """
+    quoted = shlex.quote(job_dir)
+    grace = int(grace_s)
+    return (
+        f"sleep {grace}; while :; do now=$(date +%s); "
+        f"seen=$(stat -c %Y {quoted}/{ATTACHED_FILE} 2>/dev/null || echo 0); "
+        f"held=$(stat -c %Y {quoted}/{FINISHING_FILE} 2>/dev/null || echo 0); "
+        f"if [ $((now - seen)) -lt {grace} ] || [ $((now - held)) -lt {FINISHING_HOLD_S} ] "
+        f'|| kill -0 "$(cat {quoted}/{LAUNCHER_PID_FILE} 2>/dev/null)" 2>/dev/null; '
+        f"then sleep {min(30, max(1, grace))}; else break; fi; done; "
+        'if [ -n "$RUNPOD_POD_ID" ] && command -v runpodctl >/dev/null 2>&1; then '
+        f'echo "hctl: no controller attached; stopping pod $RUNPOD_POD_ID" >>{quoted}/{LOG_FILE}; '
+        f'runpodctl stop pod "$RUNPOD_POD_ID" >>{quoted}/{LOG_FILE} 2>&1; fi'
+    )
+
+
+def launch_command(
+    worker: str,
+    job_dir: str,
+    *,
+    env: dict[str, str] | None = None,
+    self_stop_after_s: float | None = None,
+) -> str:
     """Start the worker detached: its own session, no terminal, output to the log.
 
     A small shell runs the worker and records its own pid in `launcher.pid` (and the worker's
     exit status in `worker.exit`): that pid lives exactly as long as the worker, so the follower
     can tell a finished or crashed worker from a running one. `setsid` puts it in a session of
-    its own, so neither a dropped connection nor the end of this SSH session can reach it.
+    its own, so neither a dropped connection nor the end of this SSH session can reach it. With
+    `self_stop_after_s`, the pod stops itself when the worker has ended and nobody is attached
+    (see `self_stop_command`).
     """
     quoted = shlex.quote(job_dir)
     exports = "".join(
         f"export {name}={shlex.quote(value)}; " for name, value in (env or {}).items()
     )
+    after = ""
+    if self_stop_after_s is not None:
+        after = f"; ({self_stop_command(job_dir, self_stop_after_s)}) &"
     inner = (
         f"echo $$ >{quoted}/{LAUNCHER_PID_FILE}; "
         f"{worker} run --config {quoted}/{SETTINGS_FILE} --job-dir {quoted} --events "
-        f">>{quoted}/{LOG_FILE} 2>&1; echo $? >{quoted}/{EXIT_FILE}"
+        f">>{quoted}/{LOG_FILE} 2>&1; echo $? >{quoted}/{EXIT_FILE}{after}"
     )
     detach = "if command -v setsid >/dev/null 2>&1; then S=setsid; else S=nohup; fi; "
     start = f"$S sh -c {shlex.quote(inner)} >/dev/null 2>&1 </dev/null &"
@@ -561,7 +599,15 @@ def start_worker(
             remote.put(path, f"{job_dir}/{name}")
             notify(f"uploaded the copy of {name} from this computer")
     upload_secrets(remote, job_dir, {"HF_TOKEN": token})
-    result = remote.run(launch_command(worker, job_dir, env=handle.environment), timeout=60)
+    self_stop = (
+        toolkit.settings.self_stop_grace_s
+        if record.target == "pod" and record.after != "keep"
+        else None
+    )
+    result = remote.run(
+        launch_command(worker, job_dir, env=handle.environment, self_stop_after_s=self_stop),
+        timeout=60,
+    )
     if result.exit_code != 0:
         raise JobError(
             f"Could not start the worker on {remote.description}: {result.output.strip()[-300:]}",
