@@ -61,8 +61,10 @@ def test_out_of_memory_stops_at_the_last_size_that_fit(loaded) -> None:
     handle = loaded.model.register_forward_pre_hook(fail_above_two, with_kwargs=True)
     try:
         texts = loaded.template(["hi"], None)
-        size = find_batch_size(loaded, texts, max_batch_size=16, max_new_tokens=2)
+        clock = SteppingClock([1.0, 1.0])  # sizes 1 and 2 fit; 2 is faster
+        size = find_batch_size(loaded, texts, max_batch_size=16, max_new_tokens=2, clock=clock)
         assert size == 2
+        assert clock.durations == []
     finally:
         handle.remove()
 
