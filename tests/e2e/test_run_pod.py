@@ -231,3 +231,15 @@ def test_a_run_on_any_ssh_host(pod_rig: PodRig) -> None:
     assert record.target == "ssh" and record.status == "finished"
     assert record.remote_job_dir.startswith(f"{pod_rig.sshd.home}/hctl/jobs/")
     assert pod_rig.emulator.pods == [] and pod_rig.emulator.requests == []
+
+
+def test_a_run_on_a_given_pod_with_keep_leaves_it_running_and_says_so(pod_rig: PodRig) -> None:
+    pod = pod_rig.emulator.add_pod(name="hctl-work")
+    result = CliRunner().invoke(
+        app, ["run", TINY, "--pod", "hctl-work", "--keep", "--trials", "2", "--yes", *FAST],
+        catch_exceptions=False,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "created pod" not in result.output
+    assert f"pod {pod['id']} kept running on purpose" in result.output
+    assert pod_rig.pod_statuses() == {pod["id"]: "RUNNING"}  # the test meant to keep it
