@@ -147,3 +147,12 @@ def test_exported_model_computes_what_the_trial_computed(tmp_path: Path) -> None
     )
     assert chat.exit_code == 0, chat.stderr
     assert chat.stdout.strip()
+
+
+def test_the_real_hub_client_offline_fails_cleanly(tmp_path: Path) -> None:
+    # The tests run with HF_HUB_OFFLINE=1: the real client refuses, and that becomes an ExportError.
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ExportError) as raised:
+        upload_folder(tmp_path, "me/model", token=SECRET, private=True)
+    assert "me/model" in raised.value.message
+    assert SECRET not in raised.value.message + raised.value.hint
