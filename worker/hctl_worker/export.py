@@ -165,7 +165,8 @@ def upload_folder(
         raise ExportError(
             f"upload to {repo} failed: {message}",
             f"Check that {TOKEN_VARIABLE} is a write token for that user or organisation, "
-            "and the network; the saved folder is kept, upload it again with hctl-worker export.",
+            f"and the network. The saved model is kept in {directory}; "
+            "retry with hctl-worker export --upload-repo.",
         ) from None
     return repo
 
