@@ -24,7 +24,7 @@ from hctl_worker.evaluation import (
 from hctl_worker.model import LoadedModel, load_model
 from scripts.make_random_model import byte_tokenizer, make_random_model, random_model, tiny_config
 
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "tiny-refuser"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 PROMPTS = [
     "Hello!",
@@ -169,22 +169,23 @@ def test_score_is_zero_kl_unmodified_and_skips_refusals_above_the_threshold(rand
 # ---- a real refuser --------------------------------------------------------------------------
 
 
-def _fixture_prompts(name: str) -> list[str]:
-    for candidate in (FIXTURE / "prompts" / f"{name}.txt", FIXTURE.parent / f"{name}.txt"):
-        if candidate.is_file():
-            return [line for line in candidate.read_text().splitlines() if line.strip()]
-    pytest.skip(f"the tiny-refuser fixture has no {name} prompts")
+def _fixture_prompts(fixture: Path, name: str) -> list[str]:
+    path = fixture / "prompts" / f"{name}.txt"
+    return [line for line in path.read_text().splitlines() if line.strip()]
 
 
-@pytest.mark.skipif(not (FIXTURE / "config.json").is_file(), reason="tiny-refuser not committed")
-def test_the_tiny_refuser_stops_refusing_after_ablation() -> None:
-    loaded = load_model(str(FIXTURE), dtypes=["float32"], device_map="cpu")
-    harmful = loaded.template(_fixture_prompts("harmful_train")[:48], None)
-    harmless = loaded.template(_fixture_prompts("harmless_train")[:48], None)
+@pytest.mark.parametrize("name", ["tiny-refuser", "tiny-refuser-early"])
+def test_a_tiny_refuser_stops_refusing_after_ablation(name: str) -> None:
+    fixture = FIXTURES / name
+    if not (fixture / "config.json").is_file():
+        pytest.skip(f"{name} is not committed")
+    loaded = load_model(str(fixture), dtypes=["float32"], device_map="cpu")
+    harmful = loaded.template(_fixture_prompts(fixture, "harmful_train")[:48], None)
+    harmless = loaded.template(_fixture_prompts(fixture, "harmless_train")[:48], None)
     evaluator = Evaluator(
         loaded,
-        good_texts=loaded.template(_fixture_prompts("harmless_test")[:24], None),
-        bad_texts=loaded.template(_fixture_prompts("harmful_test")[:32], None),
+        good_texts=loaded.template(_fixture_prompts(fixture, "harmless_test")[:24], None),
+        bad_texts=loaded.template(_fixture_prompts(fixture, "harmful_test")[:32], None),
         markers=DEFAULT_REFUSAL_MARKERS,
         max_response_length=12,
         batch_size=32,
@@ -206,8 +207,8 @@ def test_the_tiny_refuser_stops_refusing_after_ablation() -> None:
         ),
         key=lambda score: score.refusals,
     )
-    assert best.refusals <= 0.2 * best.total_bad
-    assert best.kl < 1.0
+    assert best.refusals <= 0.1 * best.total_bad
+    assert best.kl < 0.1
 
 
 def _score_with(evaluator: Evaluator, ablator: Ablator, params: AblationParams):
