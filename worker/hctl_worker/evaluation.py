@@ -219,6 +219,13 @@ def _stop_token_ids(loaded: LoadedModel) -> set[int]:
     return ids
 
 
+def _returned_cache(outputs, cache):
+    """The cache to pass on: the model's own when it returns one (legacy tuples are new objects
+    every step), else the Cache object that was updated in place."""
+    returned = getattr(outputs, "past_key_values", None)
+    return returned if returned is not None else cache
+
+
 def generate_batch(
     loaded: LoadedModel,
     batch: EncodedBatch,
@@ -242,14 +249,24 @@ def generate_batch(
     cache = _new_cache(model)
     attention_mask = batch.attention_mask
     position_ids = position_ids_for(attention_mask)
-    outputs = model(
-        input_ids=batch.input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=True,
-        **cache_option(model, cache),
+    prefill = {
+        "input_ids": batch.input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "use_cache": True,
         **forward_options(model),
-    )
+    }
+    try:
+        outputs = model(**prefill, **cache_option(model, cache))
+    except Exception as error:
+        from hctl_worker.model import is_out_of_memory
+
+        if is_out_of_memory(error):
+            raise
+        # Remote-code models older than transformers' Cache objects build their own (tuples).
+        outputs = model(**prefill)
+        cache = None
+    cache = _returned_cache(outputs, cache)
     if first_logits is not None:
         # The prefill's last logits are the first-token distribution KL needs: one pass for both.
         first_logits.append(outputs.logits[:, -1, :].float())
@@ -307,6 +324,7 @@ def generate_batch(
             **cache_option(model, cache),
             **forward_options(model),
         )
+        cache = _returned_cache(outputs, cache)
         next_positions = next_positions + 1
         forward_passes += 1
     if stats is not None:
