@@ -411,6 +411,7 @@ def _prepare(settings: WorkerSettings, paths: JobPaths, reporter: Reporter) -> W
             loaded.template(prompts.bad, system_prompt),
             settings,
             batch_size,
+            on_progress=stage.progress,
         )
         stage.result = (
             ("from cache; " if cached else "")
@@ -582,6 +583,7 @@ def directions_for(
     bad_texts: Sequence[str],
     settings: WorkerSettings,
     batch_size: int,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Refusal directions and per-layer separation, from the job's cache when it matches."""
     from safetensors import safe_open
@@ -596,6 +598,8 @@ def directions_for(
             if (handle.metadata() or {}).get("key") == key:
                 return handle.get_tensor("directions"), handle.get_tensor("separation"), True
     bad = last_token_residuals(loaded, bad_texts, batch_size)
+    if on_progress:
+        on_progress(len(bad_texts), len(bad_texts) + len(good_texts))
     good = last_token_residuals(loaded, good_texts, batch_size)
     directions = refusal_directions(bad, good, orthogonalize=settings.orthogonalize_direction)
     separation = layer_separation(bad, good)
