@@ -26,12 +26,13 @@ and of the second half only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -315,6 +316,24 @@ class Measurement:
     kl: float
 
 
+@contextlib.contextmanager
+def direction_projected_out(
+    model, direction: torch.Tensor, layer_indices: Sequence[int]
+) -> Iterator[None]:
+    """Within the block, the layers' output weights write nothing along the direction."""
+    matrices = ablated_matrices(model, layer_indices)
+    originals = [matrix.detach().clone() for matrix in matrices]
+    with torch.no_grad():
+        for matrix in matrices:
+            matrix -= torch.outer(direction, direction @ matrix)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for matrix, original in zip(matrices, originals, strict=True):
+                matrix.copy_(original)
+
+
 def measure_ablation(
     model,
     tokenizer,
@@ -326,12 +345,7 @@ def measure_ablation(
     max_new_tokens: int,
 ) -> Measurement:
     """Refusals and KL with the direction projected out of the layers' output weights."""
-    matrices = ablated_matrices(model, layer_indices)
-    originals = [matrix.detach().clone() for matrix in matrices]
-    with torch.no_grad():
-        for matrix in matrices:
-            matrix -= torch.outer(direction, direction @ matrix)
-    try:
+    with direction_projected_out(model, direction, layer_indices):
         harmful = refusal_rate(
             generate_replies(model, tokenizer, harmful_test, max_new_tokens=max_new_tokens)
         )
@@ -339,13 +353,9 @@ def measure_ablation(
             generate_replies(model, tokenizer, harmless_test, max_new_tokens=max_new_tokens)
         )
         log_probabilities = first_token_log_probabilities(model, tokenizer, harmless_test)
-        kl = functional.kl_div(
-            log_probabilities, baseline_log_probabilities, reduction="batchmean", log_target=True
-        ).item()
-    finally:
-        with torch.no_grad():
-            for matrix, original in zip(matrices, originals, strict=True):
-                matrix.copy_(original)
+    kl = functional.kl_div(
+        log_probabilities, baseline_log_probabilities, reduction="batchmean", log_target=True
+    ).item()
     return Measurement(harmful, harmless, kl)
 
 
@@ -477,9 +487,8 @@ def make(arguments: argparse.Namespace) -> None:
     prompt_folder = out / "prompts"
     prompt_folder.mkdir(parents=True, exist_ok=True)
     for name in PROMPT_FILES:
-        part, _, kind = name.partition("_")
-        part, kind = kind, part
-        lines = split.prompts(part, harmful=(kind == "harmful"))
+        kind, part = name.split("_")  # "harmful_train" -> ("harmful", "train")
+        lines = split.prompts(part, harmful=kind == "harmful")
         (prompt_folder / f"{name}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     tokenizer = train_tokenizer(split.train, arguments.vocab)

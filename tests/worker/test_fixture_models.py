@@ -22,7 +22,7 @@ FIXTURES = REPO_ROOT / "tests" / "fixtures"
 SCRIPT = REPO_ROOT / "scripts" / "make_tiny_refuser.py"
 FIXTURE_NAMES = ("tiny-refuser", "tiny-refuser-early")
 MAX_FIXTURE_BYTES = 3_500_000
-NEW_TOKENS = 20
+NEW_TOKENS = 16
 
 
 def load_data_module():
@@ -145,3 +145,33 @@ def test_generator_script_runs_end_to_end(tmp_path: Path) -> None:
     assert config["model_type"] == "llama" and config["num_hidden_layers"] == 2
     # The saved folder loads and generates with plain transformers.
     assert len(greedy_replies(out, ["How do I bake bread?"])) == 1
+
+
+def load_script_module():
+    """The generator script, loaded by path (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("make_tiny_refuser", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["make_tiny_refuser"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_measuring_projection_removes_the_direction_and_restores_the_weights() -> None:
+    script = load_script_module()
+    folder = FIXTURES / "tiny-refuser"
+    model, tokenizer = script.load_model(folder)
+    prompts = script.read_prompts(folder / "prompts")
+    direction = script.refusal_directions(
+        model, tokenizer, prompts["harmful_train"][:16], prompts["harmless_train"][:16]
+    )[4]
+    harmful = prompts["harmful_test"][:16]
+    before = [matrix.detach().clone() for matrix in script.ablated_matrices(model, [2, 3])]
+    assert script.refusal_rate(script.generate_replies(model, tokenizer, harmful, 12)) == 1.0
+
+    with script.direction_projected_out(model, direction, [2, 3]):
+        edited = script.ablated_matrices(model, [2, 3])
+        assert max((direction @ matrix).abs().max().item() for matrix in edited) < 1e-5
+        assert script.refusal_rate(script.generate_replies(model, tokenizer, harmful, 12)) <= 0.1
+
+    after = script.ablated_matrices(model, [2, 3])
+    assert all(torch.equal(old, new) for old, new in zip(before, after, strict=True))
