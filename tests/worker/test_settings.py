@@ -31,7 +31,10 @@ def test_command_line_beats_environment_beats_file_beats_defaults(
     )
     monkeypatch.setenv("HERETIC_N_TRIALS", "22")
     monkeypatch.setenv("HERETIC_SEED", "6")
+    monkeypatch.setenv("HERETIC_GOOD_PROMPTS__SPLIT", "train[:8]")
     settings = load_settings(config, {"seed": 7, "model": None})
+    assert settings.good_prompts.split == "train[:8]"  # one key of a table from the environment
+    assert settings.good_prompts.dataset == "mlabonne/harmless_alpaca"
     assert settings.model == "from-file"  # file (the None override is "not given")
     assert settings.n_startup_trials == 3  # file
     assert settings.n_trials == 22  # environment over file

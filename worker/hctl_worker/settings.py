@@ -75,7 +75,11 @@ class WorkerSettings(BaseSettings):
     """Every worker setting with its default; `config.default.toml` explains each one."""
 
     model_config = SettingsConfigDict(
-        env_prefix="HERETIC_", extra="forbid", validate_assignment=True, protected_namespaces=()
+        env_prefix="HERETIC_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+        protected_namespaces=(),
     )
 
     # The model.
