@@ -383,6 +383,16 @@ def load_settings(
         "command line",
     )
     warnings += override_warnings
+    # A table the file leaves out starts from its default, so that one key set in the environment
+    # (HERETIC_GOOD_PROMPTS__SPLIT) changes that key only.
+    defaults = {
+        "good_prompts": GOOD_PROMPTS,
+        "bad_prompts": BAD_PROMPTS,
+        "good_evaluation_prompts": GOOD_EVALUATION_PROMPTS,
+        "bad_evaluation_prompts": BAD_EVALUATION_PROMPTS,
+    }
+    for table, default in defaults.items():
+        file_values.setdefault(table, default.model_dump(exclude_none=True))
     token = _FILE_VALUES.set(file_values)
     try:
         settings = WorkerSettings(**given)
