@@ -562,7 +562,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {arguments.measure} has no prompts/ folder", file=sys.stderr)
             print("hint: give a folder this script made with --out", file=sys.stderr)
             return 2
-        rows = measure(arguments.measure, arguments.max_new_tokens, arguments.direction_prompts)
+        try:
+            rows = measure(arguments.measure, arguments.max_new_tokens, arguments.direction_prompts)
+        except (OSError, ValueError) as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            print(f"error: cannot measure {arguments.measure}: {first_line}", file=sys.stderr)
+            print("hint: give a folder this script made with --out", file=sys.stderr)
+            return 2
         if arguments.table_json:
             arguments.table_json.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
         return 0
