@@ -116,6 +116,7 @@ def test_unknown_key_is_an_error_with_a_suggestion(tmp_path: Path) -> None:
     [
         ("n_trials = 0", "n_trials"),
         ("kl_skip_threshold = -1.0", "kl_skip_threshold"),
+        ('kl_skip_threshold = "off"', "kl_skip_threshold"),
         ('row_normalization = "sideways"', "row_normalization"),
         ('dtypes = ["float8"]', "dtypes"),
         ('[good_prompts]\ndataset = "x.txt"\nsplit = "train[:abc]"', "good_prompts.split"),

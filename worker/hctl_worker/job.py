@@ -427,7 +427,7 @@ def _prepare(settings: WorkerSettings, paths: JobPaths, reporter: Reporter) -> W
             markers=settings.refusal_markers or list(DEFAULT_REFUSAL_MARKERS),
             max_response_length=settings.max_response_length,
             batch_size=batch_size,
-            kl_skip_threshold=settings.kl_skip_threshold,
+            kl_skip_threshold=settings.kl_skip_threshold or None,
         )
         baseline = evaluator.baseline()
         reporter.emit(

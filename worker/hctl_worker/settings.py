@@ -108,7 +108,7 @@ class WorkerSettings(BaseSettings):
     max_batch_size: int = Field(default=128, ge=1)
     max_response_length: int = Field(default=100, ge=1)
     refusal_markers: list[str] | None = None
-    kl_skip_threshold: float | None = Field(default=1.0, gt=0)
+    kl_skip_threshold: float = Field(default=1.0, ge=0)  # 0 = always count refusals
 
     # Directions and edits.
     orthogonalize_direction: bool = True
