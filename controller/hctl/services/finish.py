@@ -8,25 +8,15 @@ import shlex
 from collections.abc import Callable
 from pathlib import Path
 
-from hctl.errors import (
-    JobError,
-    PodNotFoundError,
-)
+from hctl.errors import JobError, PodNotFoundError
 from hctl.services.estimate import format_money
 from hctl.services.follow import FINISHING_FILE
 from hctl.services.jobs import JobRecord
-from hctl.services.launch import (
-    Notify,
-    upload_secrets,
-    with_secrets,
-)
+from hctl.services.launch import Notify, upload_secrets, with_secrets
 from hctl.services.pareto_plot import save_svg
 from hctl.services.progress import JobProgress, choose_trial
 from hctl.services.toolkit import Toolkit
-from hctl_worker.events import (
-    LOG_FILE,
-    ParetoTrial,
-)
+from hctl_worker.events import LOG_FILE, ParetoTrial
 
 # Ask the user to pick a trial of the front; None means "let hctl choose".
 TrialChooser = Callable[[list[ParetoTrial], ParetoTrial | None], int | None]

@@ -31,13 +31,7 @@ from hctl.errors import (
 )
 from hctl.providers.base import GpuType, Pod, Provider
 from hctl.remote.base import Remote
-from hctl.services.estimate import (
-    Estimate,
-    alternatives,
-    estimate_job,
-    find_gpu,
-    format_money,
-)
+from hctl.services.estimate import Estimate, alternatives, estimate_job, find_gpu, format_money
 from hctl.services.follow import ATTACHED_FILE, FINISHING_FILE, LAUNCHER_PID_FILE
 from hctl.services.jobs import JobRecord, TargetKind, new_job_id
 from hctl.services.lease import lease_seconds

@@ -7,23 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from hctl.errors import (
-    JobError,
-    PodNotFoundError,
-)
+from hctl.errors import JobError, PodNotFoundError
 from hctl.services.estimate import format_money
 from hctl.services.jobs import JobRecord
-from hctl.services.launch import (
-    Notify,
-    hf_token,
-    release_after_failure,
-)
+from hctl.services.launch import Notify, hf_token, release_after_failure
 from hctl.services.runs import local_progress, meter_for, worker_alive
 from hctl.services.toolkit import Toolkit
-from hctl_worker.events import (
-    EVENTS_FILE,
-    JOURNAL_FILE,
-)
+from hctl_worker.events import EVENTS_FILE, JOURNAL_FILE
 
 
 def resume_job(
@@ -43,11 +33,9 @@ def resume_job(
     """
     store = toolkit.store
     if (
-        record.target == "pod"
-        and pod is None
-        and record.pod_id is not None
-        and _pod_usable(record, toolkit)
-        and worker_alive(record, toolkit)
+        pod is None
+        and (record.target != "pod" or _pod_usable(record, toolkit))
+        and worker_alive(record, toolkit) is True
     ):
         raise JobError(
             f"Job {record.job_id} is still running.",
@@ -69,8 +57,11 @@ def resume_job(
         spent = meter.spent(last_seen) if record.started_at is not None else record.spent_before
         updates |= {"spent_before": spent, "saved_model_dir": None, "downloaded_to": None}
     record = store.save(record.model_copy(update=updates))
+    created_now = False
     if record.target == "pod":
-        record = _resume_machine(record, toolkit, notify, gpu=gpu, pod=pod, confirm=confirm)
+        record, created_now = _resume_machine(
+            record, toolkit, notify, gpu=gpu, pod=pod, confirm=confirm
+        )
     else:
         record = store.save(record.model_copy(update={"started_at": toolkit.clock()}))
     notify(f"resuming job {record.job_id}: {progress.trials_done} trials done, {total} wanted")
@@ -91,7 +82,8 @@ def resume_job(
             },
         )
     except BaseException:
-        if record.pod_created_here and record.target == "pod" and record.pod_id:
+        # Only a pod created for this resume goes; the job's own pod keeps its volume.
+        if created_now and record.pod_id:
             release_after_failure(
                 toolkit.provider(), record.pod_id, created_here=True, started_here=False,
                 notify=notify,
@@ -117,8 +109,9 @@ def _resume_machine(
     gpu: str | None,
     pod: str | None,
     confirm: Callable[[str], None] | None,
-) -> JobRecord:
-    """The pod to continue on: the job's own if it still exists, the given one, or a new one."""
+) -> tuple[JobRecord, bool]:
+    """The pod to continue on: the job's own if it still exists, the given one, or a new one
+    (then the flag is True)."""
     from hctl.services.launch import RunRequest, bring_up_pod, plan_run, remote_base_dir
 
     reuse_own = pod is None and gpu is None and _pod_usable(record, toolkit)
@@ -126,7 +119,9 @@ def _resume_machine(
         pod = record.pod_id
         notify(f"pod {pod} still exists: continuing there")
     request = RunRequest(
-        model=record.model,
+        # The worker settings hold the model as an absolute path (or a repo id): a resume works
+        # from any folder.
+        model=str(record.worker_settings.get("model") or record.model),
         n_trials=max(1, record.n_trials - len(local_progress(record, toolkit).trials)),
         gpu=gpu or record.gpu_id,
         pod=pod,
@@ -155,4 +150,5 @@ def _resume_machine(
         job_dir = f"{remote_base_dir('pod', remote, toolkit)}/jobs/{record.job_id}"
     finally:
         remote.close()
-    return toolkit.store.save(record.model_copy(update={"remote_job_dir": job_dir}))
+    record = toolkit.store.save(record.model_copy(update={"remote_job_dir": job_dir}))
+    return record, plan.creates_pod

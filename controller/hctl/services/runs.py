@@ -1,11 +1,12 @@
-"""A job from the worker's start to the pod's stop: follow, finish, release; attach, resume, cancel.
+"""A running job, followed to its end: follow, then finish and release; also cancel and sync.
 
 ```
-follow_job   events by offset → progress → live view; journal copied home after each trial;
-             budget cap → worker stopped right after the trial that reached it
-finish_job   Pareto front → chosen trial → export on the machine (save / upload) → download;
-             the front as a table and as an SVG picture
-release      stop (default), terminate or keep the pod, and say which and what it costs
+follow_job   events (and the journal) by offset → progress → live view, copied home as read;
+             budget cap → worker stopped right after the trial that reached it;
+             a pod gone or stopped mid-search → "interrupted", resumable (`services.resume`)
+complete     follow_job, then `finish.finish_job` (choose, save, upload, download, picture)
+             and `finish.release_machine` (stop / terminate / keep the pod, and say which)
+cancel_job   stop the worker, keep its results, release the machine
 ```
 
 Every step records its outcome in the local job record, so `hctl attach` and `hctl resume`
@@ -33,19 +34,11 @@ from hctl.services.estimate import format_money
 from hctl.services.finish import TrialChooser, finish_job, release_machine
 from hctl.services.follow import LAUNCHER_PID_FILE, MAX_READ_BYTES, Follower, RemoteJobChannel
 from hctl.services.jobs import JobRecord
-from hctl.services.launch import (
-    Notify,
-)
+from hctl.services.launch import Notify
 from hctl.services.progress import JobProgress
 from hctl.services.toolkit import Toolkit
 from hctl.services.view import LiveView, Money
-from hctl_worker.events import (
-    EVENTS_FILE,
-    LOG_FILE,
-    PID_FILE,
-    TrialEvent,
-    read_events,
-)
+from hctl_worker.events import EVENTS_FILE, LOG_FILE, PID_FILE, TrialEvent, read_events
 
 Outcome = Literal["finished", "failed", "budget", "detached", "cancelled", "interrupted"]
 
