@@ -86,3 +86,19 @@ def test_cancel_stops_a_running_job_and_keeps_its_results(monkeypatch) -> None:
     assert runs.worker_alive(record, toolkit) is False
     assert JobStore().load(record.job_id).status == "cancelled"
     assert JobStore().journal_path(record.job_id).stat().st_size > 0
+
+
+def test_a_worker_failure_is_one_clear_error_with_where_to_look(monkeypatch) -> None:
+    monkeypatch.chdir(REPO_ROOT)
+    result = CliRunner().invoke(
+        app,
+        ["run", TINY, "--on", "local", "--trials", "2", "--yes",
+         "--set", 'bad_prompts={dataset="no-such-owner/no-such-dataset"}'],
+        catch_exceptions=False,
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "worker error:" in result.output
+    assert "error: Job" in result.output and "failed" in result.output
+    assert "hctl logs" in result.output and "Traceback" not in result.output
+    (record,) = JobStore().list()
+    assert record.status == "failed"

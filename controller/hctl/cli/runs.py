@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from hctl.cli.common import confirm, console, error_console
-from hctl.errors import ConfigError
+from hctl.errors import ConfigError, JobError
 from hctl.services import launch, runs
 from hctl.services import resume as resume_service
 from hctl.services.budget import check_estimate_within
@@ -73,9 +73,19 @@ def _follow(record: JobRecord, toolkit: Toolkit, *, assume_yes: bool, replay: bo
                 "the job is followed to its end (or cancelled)."
             )
         return
+    if outcome == "interrupted":
+        raise JobError(
+            f"Job {record.job_id} stopped mid-search: {record.message}",
+            f"Its journal and events are on this computer: `hctl resume {record.job_id}` "
+            "continues on a new pod without redoing any trial.",
+        )
     _show_results(record, progress, toolkit)
     if outcome == "failed":
-        raise typer.Exit(1)
+        raise JobError(
+            f"Job {record.job_id} failed: {record.message or 'see its log'}",
+            f"`hctl logs {record.job_id}` shows the worker's log; `hctl resume {record.job_id}` "
+            "retries from the trials already done.",
+        )
 
 
 def _show_results(record: JobRecord, progress: JobProgress, toolkit: Toolkit) -> None:
@@ -214,6 +224,11 @@ def attach(
     """Follow a job again: its events so far, then live to the end (then save and stop the pod)."""
     toolkit = _toolkit()
     record = toolkit.store.load(job)
+    if not record.remote_job_dir:
+        raise JobError(
+            f"Job {record.job_id} never started ({record.status}: {record.message}).",
+            "Start a new one with `hctl run`.",
+        )
     if record.status in {"finished", "cancelled", "budget"}:
         _show_results(record, runs.local_progress(record, toolkit), toolkit)
         return
