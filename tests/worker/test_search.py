@@ -200,3 +200,13 @@ def test_study_journal_is_an_optuna_journal(tmp_path: Path) -> None:
     )
     loaded = optuna.load_study(study_name="hctl", storage=storage)
     assert len(loaded.trials) == 2 and loaded.trials[0].user_attrs["number"] == 1
+
+
+def test_a_nan_kl_is_recorded_as_a_broken_model(tmp_path: Path) -> None:
+    def broken(values: dict) -> Outcome:
+        return Outcome(kl=float("nan"), refusals=None, total_bad=TOTAL)
+
+    study = open_study(tmp_path / "study.journal", seed=0, n_startup_trials=1)
+    (result,) = run_search(study, SearchSpace.heretic(8, COMPONENTS), broken, n_trials=1)
+    assert result.kl == 1e6 and result.refusal_skipped
+    assert study.trials[0].state == TrialState.COMPLETE

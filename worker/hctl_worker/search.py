@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from hctl_worker.ablation import AblationParams
 
 STUDY_NAME = "hctl"
-ONSET_FRACTION = 0.5  # a layer "separates" once it reaches this fraction of the best separation
+ONSET_FRACTION = 0.5
+BROKEN_KL = 1e6  # stands for a KL that came out NaN or infinite  # a layer "separates" once it reaches this fraction of the best separation
 
 Scope = Literal["global", "per_layer"]
 
@@ -303,7 +304,8 @@ def run_search(
         result = TrialResult(
             number=done,
             params=values,
-            kl=outcome.kl,
+            # A model that computes NaN or inf is as broken as can be; JSON and Optuna need a number.
+            kl=outcome.kl if math.isfinite(outcome.kl) else BROKEN_KL,
             refusals=outcome.refusals,
             total_bad=outcome.total_bad,
             seconds=outcome.seconds or (clock() - started),
