@@ -79,7 +79,7 @@ def _follow(record: JobRecord, toolkit: Toolkit, *, assume_yes: bool, replay: bo
             f"Its journal and events are on this computer: `hctl resume {record.job_id}` "
             "continues on a new pod without redoing any trial.",
         )
-    _show_results(record, progress, toolkit)
+    _show_results(record, progress, toolkit, status_line=outcome != "failed")
     if outcome == "failed":
         raise JobError(
             f"Job {record.job_id} failed: {record.message or 'see its log'}",
@@ -88,7 +88,9 @@ def _follow(record: JobRecord, toolkit: Toolkit, *, assume_yes: bool, replay: bo
         )
 
 
-def _show_results(record: JobRecord, progress: JobProgress, toolkit: Toolkit) -> None:
+def _show_results(
+    record: JobRecord, progress: JobProgress, toolkit: Toolkit, *, status_line: bool = True
+) -> None:
     front = progress.front()
     if front:
         console.print(pareto_table(front, chosen=record.chosen_trial))
@@ -99,7 +101,8 @@ def _show_results(record: JobRecord, progress: JobProgress, toolkit: Toolkit) ->
         console.print(f"Saved model (on {_machine(record)}): {record.saved_model_dir}")
     if record.downloaded_to:
         console.print(f"Downloaded to: {record.downloaded_to}")
-    console.print(f"Job {record.job_id}: {record.status}. {record.message}".rstrip())
+    if status_line:
+        console.print(f"Job {record.job_id}: {record.status}. {record.message}".rstrip())
 
 
 def run(
