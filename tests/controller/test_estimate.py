@@ -198,3 +198,37 @@ def test_the_lease_covers_the_estimate_generously() -> None:
     deadline = lease_deadline(3600, now)
     assert (deadline - now).total_seconds() >= 3 * 3600
     assert format_duration(3725) == "1h02m"
+
+
+def test_a_gated_model_without_a_token_is_refused_before_renting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from hctl.services.launch import RunRequest, plan_run
+    from hctl.services.toolkit import Toolkit
+    from hctl.settings import load_settings
+    from tests.e2e.fakes import FakeProvider
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    provider = FakeProvider()
+    toolkit = Toolkit(
+        settings=load_settings(),
+        provider_factory=lambda: provider,
+        connect=lambda record: pytest.fail("nothing may be reached"),
+        ensure_worker=lambda remote: pytest.fail("nothing may be installed"),
+        wait_until_ready=lambda provider, pod_id: pytest.fail("nothing may be waited for"),
+        resolve_pod=lambda provider, ref: provider.get(ref),
+        hub_client=hub(
+            lambda request: httpx.Response(
+                200, json={"safetensors": {"total": 8_000_000_000}, "gated": "manual"}
+            )
+        ),
+    )
+    request = RunRequest(model="meta-llama/Llama-3.1-8B-Instruct", n_trials=10, gpu="A100 PCIe")
+    with pytest.raises(ConfigError, match="gated model") as raised:
+        plan_run(request, toolkit)
+    assert "HF_TOKEN" in raised.value.hint
+    assert provider.pods == {} and provider.specs == []
+    monkeypatch.setenv("HF_TOKEN", "hf_x")
+    toolkit.settings = load_settings()
+    plan = plan_run(request, toolkit)
+    assert plan.model.parameters == 8_000_000_000 and plan.estimate.gpu_name == "A100 PCIe"

@@ -175,7 +175,9 @@ def plan_run(request: RunRequest, toolkit: Toolkit) -> RunPlan:
         raise ConfigError("--max-cost must be more than 0.", "Give a budget in USD, e.g. 2.50.")
     target = target_kind(request)
     token = hf_token(toolkit)
-    model = inspect_model(request.model, parameters_override=request.params, token=token)
+    model = inspect_model(
+        request.model, parameters_override=request.params, token=token, client=toolkit.hub_client
+    )
     worker_settings = build_worker_settings(request, model)
     response_tokens = int(worker_settings.get("max_response_length", 100))
     settings = toolkit.settings

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from hctl.errors import JobError
 from hctl.providers.base import Pod, Provider
 from hctl.remote.base import Remote
@@ -49,6 +51,7 @@ class Toolkit:
     wait_until_ready: PodWaiter
     resolve_pod: PodResolver
     store: JobStore = field(default_factory=JobStore)
+    hub_client: httpx.Client | None = None  # the Hugging Face hub's API (None: a fresh client)
     clock: Callable[[], float] = time.time
     sleep: Callable[[float], None] = time.sleep
     _provider: Provider | None = None
