@@ -59,11 +59,14 @@ def test_a_full_run_rents_searches_saves_downloads_and_stops_the_pod(
     assert record.remote_job_dir.startswith(str(pod_rig.volume))
 
 
-def test_a_run_through_the_pty_only_proxy_works_the_same(proxy_pod_rig: PodRig) -> None:
-    """RunPod's proxy needs a PTY and has no SFTP: events, uploads and the export still flow."""
+def test_a_run_through_the_pty_only_proxy_works_the_same(
+    proxy_pod_rig: PodRig, tmp_path: Path
+) -> None:
+    """RunPod's proxy needs a PTY and has no SFTP: events, uploads, export and download flow."""
+    download = tmp_path / "model"
     result = CliRunner().invoke(
         app,
-        ["run", TINY, "--trials", "3", "--yes", "--terminate", *FAST],
+        ["run", TINY, "--trials", "3", "--yes", "--terminate", "--download", str(download), *FAST],
         catch_exceptions=False,
     )
     assert result.exit_code == 0, result.output
@@ -73,6 +76,8 @@ def test_a_run_through_the_pty_only_proxy_works_the_same(proxy_pod_rig: PodRig) 
     assert record.status == "finished" and record.saved_model_dir
     assert f"terminated pod {record.pod_id}" in result.output
     assert proxy_pod_rig.emulator.pods == []
+    saved = Path(record.saved_model_dir, "model.safetensors")
+    assert (download / "model.safetensors").read_bytes() == saved.read_bytes()
 
 
 class HookedView(LiveView):
