@@ -36,9 +36,12 @@ def test_connect_gives_an_interactive_shell(
     )
     os.close(terminal)
     seen = b""
-    interrupted_at = None
-    sent = False
-    deadline = time.monotonic() + 30
+    # Typed in turn, each once the shell shows a prompt again: a long command, Ctrl-C (which
+    # must stop that command on the remote side, not hctl), then a command and an exit code.
+    steps = [b"sleep 30\r", b"\x03", b"echo hello-$((40+2)); exit 5\r"]
+    prompts_needed = [1, 0, 2]  # Ctrl-C goes while sleep runs; the last waits for a new prompt
+    started = time.monotonic()
+    deadline = started + 30
     try:
         while time.monotonic() < deadline:
             readable, _, _ = select.select([controller], [], [], 0.2)
@@ -50,14 +53,12 @@ def test_connect_gives_an_interactive_shell(
                 if not chunk:
                     break
                 seen += chunk
-            if interrupted_at is None and (b"#" in seen or b"$" in seen):
-                # Ctrl-C at the prompt must reach the remote shell, not kill hctl.
-                os.write(controller, b"\x03")
-                interrupted_at = time.monotonic()
-            elif not sent and interrupted_at and time.monotonic() - interrupted_at > 0.5:
-                # (bash drops what is typed while it handles the interrupt)
-                os.write(controller, b"echo hello-$((40+2)); exit 5\r")
-                sent = True
+            prompts = seen.count(b"# ")
+            if steps and prompts >= prompts_needed[0]:
+                if steps[0] == b"\x03":
+                    time.sleep(0.5)  # let sleep start
+                os.write(controller, steps.pop(0))
+                prompts_needed.pop(0)
             if process.poll() is not None and not readable:
                 break
         status = process.wait(timeout=10)
@@ -65,5 +66,6 @@ def test_connect_gives_an_interactive_shell(
         if process.poll() is None:
             process.kill()
         os.close(controller)
+    assert time.monotonic() - started < 25  # the remote sleep was interrupted
     assert b"hello-42" in seen, seen[-500:]
     assert status == 5

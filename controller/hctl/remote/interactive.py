@@ -55,14 +55,14 @@ def interactive_shell(remote: Remote) -> int:
             _windows_loop(channel)
         else:
             _posix_loop(channel)
+        # The output can end a moment before the exit status arrives.
+        channel.status_event.wait(5)
+        status = channel.exit_status if channel.exit_status_ready() else 0
     except (OSError, EOFError, paramiko.SSHException) as error:
         raise lost_error(remote.description, error) from None
     finally:
         channel.close()
-    if channel.exit_status_ready():
-        status = channel.recv_exit_status()
-        return status if status >= 0 else 0
-    return 0
+    return status if status >= 0 else 0
 
 
 def _posix_loop(channel: paramiko.Channel) -> None:
