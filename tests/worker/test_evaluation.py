@@ -281,3 +281,55 @@ def test_running_out_of_memory_while_scoring_is_the_worker_error(random_loaded) 
         handle.remove()
     assert caught.value.hint
     assert evaluator.score().kl == 0.0
+
+
+@pytest.mark.parametrize(
+    ("architecture", "shared"),
+    [("qwen3", True), ("gpt2", True), ("mixtral", True), ("gemma2", False), ("lfm2", False)],
+)
+def test_the_shared_prompt_prefix_changes_no_score(architecture: str, shared: bool) -> None:
+    """Reusing the system turn's keys and values gives the scores of full prefills; caches
+    that cannot be copied row by row (sliding window, convolution) do not use it."""
+    tokenizer = byte_tokenizer()
+    tokenizer.padding_side = "left"
+    config = tiny_config(architecture, hidden=32, layers=2, vocab=len(tokenizer))
+    config.eos_token_id = tokenizer.eos_token_id
+    model = random_model(config, seed=5)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20)
+    loaded = LoadedModel(model, tokenizer, torch.float32, architecture)
+    texts = loaded.template(PROMPTS, "You are a helpful assistant.")
+    full = probe_markers(loaded, texts)
+    evaluators = [
+        Evaluator(
+            loaded,
+            good_texts=texts[:4],
+            bad_texts=texts,
+            markers=full,
+            max_response_length=8,
+            batch_size=4,
+            share_prefix=share,
+        )
+        for share in (True, False)
+    ]
+    assert (evaluators[0].shares_prefix > 0) is shared
+    assert evaluators[1].shares_prefix == 0
+    assert evaluators[0].baseline() == evaluators[1].baseline()
+    residuals = last_token_residuals(loaded, texts, 4)
+    ablator = Ablator(loaded, refusal_directions(residuals[:3], residuals[3:]))
+    kernel = ComponentKernel(1.2, 0.0, 1.2, 5.0)
+    with ablator.applied(AblationParams(0.5, {"attention": kernel, "mlp": kernel})):
+        with_prefix, without = (evaluator.score() for evaluator in evaluators)
+    assert with_prefix.kl == pytest.approx(without.kl, abs=1e-6)
+    assert with_prefix.kl > 0
+    assert with_prefix.refusals == without.refusals
+
+
+def probe_markers(loaded: LoadedModel, texts: list[str]) -> list[str]:
+    """ASCII letters that occur in some greedy replies, so that rows stop at different steps."""
+    replies = generate(loaded, encode_texts(loaded, texts, 3), 8)
+    letters = [
+        next((c for c in normalise_response(reply) if c.isascii() and c.isalnum()), None)
+        for reply in replies[:2]
+    ]
+    return [letter for letter in letters if letter] or ["zz"]

@@ -61,6 +61,10 @@ DEFAULT_REFUSAL_MARKERS: tuple[str, ...] = (
     "disclaimer",
 )
 
+# The shared prefix is used only if it changes the first-token distribution by less than this
+# KL (nats) on the unmodified model: rounding differences, never a different computation.
+PREFIX_TOLERANCE = 1e-4
+
 # How many of a reply's latest tokens are decoded each step to look for a marker.
 MARKER_WINDOW_TOKENS = 32
 
@@ -185,8 +189,13 @@ def cache_option(model: torch.nn.Module, cache) -> dict:
     return {"past_key_values": cache}
 
 
-def first_token_logits(loaded: LoadedModel, batch: EncodedBatch) -> torch.Tensor:
+def first_token_logits(
+    loaded: LoadedModel, batch: EncodedBatch, prefix: SharedPrefix | None = None
+) -> torch.Tensor:
     """Raw next-token logits after each prompt: [rows, vocab], float32."""
+    if prefix is not None:
+        outputs, _, _, _ = _prefill(loaded.model, batch, prefix)
+        return outputs.logits[:, -1, :].float()
     outputs = loaded.model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
@@ -195,6 +204,120 @@ def first_token_logits(loaded: LoadedModel, batch: EncodedBatch) -> torch.Tensor
         **forward_options(loaded.model),
     )
     return outputs.logits[:, -1, :].float()
+
+
+class SharedPrefix:
+    """Tokens every prompt starts with (usually the chat template's system turn).
+
+    Their keys and values are computed once per model state (`refresh`) and copied to every
+    row of a batch, so a prefill only runs the rest of each prompt. A row then reads
+    prefix + padding + its own tokens, with positions continuing from the prefix, which is
+    the same computation as the left-padded prompt. The Evaluator checks that on the model
+    before it relies on it.
+    """
+
+    MINIMUM_TOKENS = 4
+
+    def __init__(self, input_ids: torch.Tensor) -> None:
+        self.input_ids = input_ids  # [1, length] on the input device
+        self.cache = None
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    @classmethod
+    def find(cls, loaded: LoadedModel, texts: Sequence[str]) -> SharedPrefix | None:
+        """The longest token prefix of all texts, leaving every text at least one token."""
+        ids = loaded.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        if not ids or any(not row for row in ids):
+            return None
+        length = min(len(row) for row in ids) - 1
+        first = ids[0]
+        for row in ids[1:]:
+            same = 0
+            while same < length and row[same] == first[same]:
+                same += 1
+            length = same
+        if length < cls.MINIMUM_TOKENS:
+            return None
+        return cls(torch.tensor([first[:length]], dtype=torch.long, device=loaded.input_device))
+
+    def refresh(self, model: torch.nn.Module) -> None:
+        """Compute the prefix's keys and values with the model as it is now."""
+        cache = _new_cache(model)
+        with torch.inference_mode():
+            outputs = model(
+                input_ids=self.input_ids,
+                attention_mask=torch.ones_like(self.input_ids),
+                position_ids=torch.arange(self.length, device=self.input_ids.device)[None],
+                use_cache=True,
+                **cache_option(model, cache),
+                **forward_options(model),
+            )
+        self.cache = _returned_cache(outputs, cache)
+
+    def supported(self) -> bool:
+        """Only full-attention key/value caches can be copied row by row like this."""
+        layers = getattr(self.cache, "layers", None)
+        return bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+
+    def copy_for(self, model: torch.nn.Module, rows: int):
+        cache = _new_cache(model)
+        for index, layer in enumerate(self.cache.layers):
+            cache.update(
+                layer.keys.expand(rows, -1, -1, -1).contiguous(),
+                layer.values.expand(rows, -1, -1, -1).contiguous(),
+                index,
+            )
+        return cache
+
+
+def _prefill(model: torch.nn.Module, batch: EncodedBatch, prefix: SharedPrefix | None):
+    """The prompt pass of a generation: (outputs, cache, attention mask, last positions)."""
+    if prefix is None:
+        cache = _new_cache(model)
+        attention_mask = batch.attention_mask
+        position_ids = position_ids_for(attention_mask)
+        arguments = {
+            "input_ids": batch.input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "use_cache": True,
+            **forward_options(model),
+        }
+        try:
+            outputs = model(**arguments, **cache_option(model, cache))
+        except Exception as error:
+            from hctl_worker.model import is_out_of_memory
+
+            if is_out_of_memory(error):
+                raise
+            # Remote-code models older than transformers' Cache objects build their own.
+            outputs = model(**arguments)
+            cache = None
+        return outputs, _returned_cache(outputs, cache), attention_mask, position_ids[:, -1:]
+    # A left-padded row is padding + prefix + rest; without the prefix's columns it is
+    # padding + rest, still left-padded, and the prefix moves in front of the padding.
+    rows, width = batch.input_ids.shape
+    rest = width - prefix.length
+    columns = torch.arange(rest, device=batch.input_ids.device)[None, :]
+    padding = (batch.attention_mask == 0).sum(dim=1, keepdim=True)
+    source = columns + prefix.length * (columns >= padding)
+    rest_ids = batch.input_ids.gather(1, source)
+    rest_mask = batch.attention_mask.gather(1, source)
+    attention_mask = torch.cat([rest_mask.new_ones((rows, prefix.length)), rest_mask], dim=1)
+    position_ids = position_ids_for(attention_mask)[:, prefix.length :]
+    cache = prefix.copy_for(model, rows)
+    outputs = model(
+        input_ids=rest_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=True,
+        **cache_option(model, cache),
+        **forward_options(model),
+    )
+    return outputs, _returned_cache(outputs, cache), attention_mask, position_ids[:, -1:]
 
 
 def _new_cache(model: torch.nn.Module):
@@ -222,7 +345,8 @@ def _stop_token_ids(loaded: LoadedModel) -> set[int]:
 def _returned_cache(outputs, cache):
     """The cache to pass on: the model's own when it returns one (legacy tuples are new objects
     every step), else the Cache object that was updated in place."""
-    returned = getattr(outputs, "past_key_values", None)
+    # transformers 5 names it `cache` (reading `past_key_values` warns); older ones did not.
+    returned = outputs["cache"] if "cache" in outputs else getattr(outputs, "past_key_values", None)
     return returned if returned is not None else cache
 
 
@@ -233,6 +357,7 @@ def generate_batch(
     markers: tuple[str, ...] | None = None,
     stats: GenerationStats | None = None,
     first_logits: list[torch.Tensor] | None = None,
+    prefix: SharedPrefix | None = None,
 ) -> list[str]:
     """Greedy replies for one batch; rows leave the batch at EOS or, with `markers`, as soon as
     their normalised text contains one (the reply is then a refusal whatever follows)."""
@@ -246,31 +371,11 @@ def generate_batch(
     input_device = batch.input_ids.device
     active = list(range(rows))  # the row held in each cache slot
     done: set[int] = set()
-    cache = _new_cache(model)
-    attention_mask = batch.attention_mask
-    position_ids = position_ids_for(attention_mask)
-    prefill = {
-        "input_ids": batch.input_ids,
-        "attention_mask": attention_mask,
-        "position_ids": position_ids,
-        "use_cache": True,
-        **forward_options(model),
-    }
-    try:
-        outputs = model(**prefill, **cache_option(model, cache))
-    except Exception as error:
-        from hctl_worker.model import is_out_of_memory
-
-        if is_out_of_memory(error):
-            raise
-        # Remote-code models older than transformers' Cache objects build their own (tuples).
-        outputs = model(**prefill)
-        cache = None
-    cache = _returned_cache(outputs, cache)
+    outputs, cache, attention_mask, last_positions = _prefill(model, batch, prefix)
     if first_logits is not None:
         # The prefill's last logits are the first-token distribution KL needs: one pass for both.
         first_logits.append(outputs.logits[:, -1, :].float())
-    next_positions = position_ids[:, -1:] + 1
+    next_positions = last_positions + 1
     forward_passes = 1
     can_drop_rows = hasattr(cache, "batch_select_indices")
     for step in range(max_new_tokens):
@@ -341,6 +446,7 @@ def generate(
     markers: tuple[str, ...] | None = None,
     stats: GenerationStats | None = None,
     first_logits: list[torch.Tensor] | None = None,
+    prefix: SharedPrefix | None = None,
 ) -> list[str]:
     """Replies for every batch, in the callers' original order. With `first_logits`, each
     batch's first-token logits are appended to it (in batch order, not the callers')."""
@@ -350,7 +456,7 @@ def generate(
         for batch in batches:
             for index, reply in zip(
                 batch.indices,
-                generate_batch(loaded, batch, max_new_tokens, markers, stats, first_logits),
+                generate_batch(loaded, batch, max_new_tokens, markers, stats, first_logits, prefix),
                 strict=True,
             ):
                 replies[index] = reply
@@ -379,6 +485,7 @@ class Evaluator:
         max_response_length: int,
         batch_size: int,
         kl_skip_threshold: float | None = None,
+        share_prefix: bool = True,
     ) -> None:
         if not good_texts or not bad_texts:
             raise ValueError("the evaluator needs harmless and harmful prompts")
@@ -392,6 +499,7 @@ class Evaluator:
         self.stats = GenerationStats()
         self._good_batches = encode_texts(loaded, self.good_texts, self.batch_size)
         self._bad_batches = encode_texts(loaded, self.bad_texts, self.batch_size)
+        self._prefix = self._checked_prefix() if share_prefix else None
         # The unmodified model's harmless replies (for the baseline) and its first-token
         # distribution (the KL reference) come from the same forward passes.
         first_logits: list[torch.Tensor] = []
@@ -403,18 +511,58 @@ class Evaluator:
                 self.markers,
                 self.stats,
                 first_logits,
+                self._current_prefix(),
             )
         self._refusals_good = sum(
             1 for reply in replies if _is_refusal_normalised(reply, self.markers)
         )
         self.base_logprobs = functional.log_softmax(torch.cat(first_logits, dim=0), dim=-1)
 
+    def _checked_prefix(self) -> SharedPrefix | None:
+        """The prompts' shared prefix, if reusing its keys and values gives this model's own
+        results (compared on the first harmless batch); None otherwise."""
+        from hctl_worker.model import is_out_of_memory
+
+        prefix = SharedPrefix.find(self.loaded, self.good_texts + self.bad_texts)
+        if prefix is None:
+            return None
+        try:
+            prefix.refresh(self.loaded.model)
+            if not prefix.supported():
+                return None
+            with torch.inference_mode():
+                batch = self._good_batches[0]
+                plain = functional.log_softmax(first_token_logits(self.loaded, batch), dim=-1)
+                shared = functional.log_softmax(
+                    first_token_logits(self.loaded, batch, prefix), dim=-1
+                )
+        except Exception as error:
+            if is_out_of_memory(error):
+                raise
+            return None
+        same_choice = bool(torch.equal(plain.argmax(dim=-1), shared.argmax(dim=-1)))
+        if not same_choice or kl_divergence(shared, plain) > PREFIX_TOLERANCE:
+            return None
+        return prefix
+
+    def _current_prefix(self) -> SharedPrefix | None:
+        """The shared prefix's keys and values for the model as it is now (the trial's)."""
+        if self._prefix is not None:
+            self._prefix.refresh(self.loaded.model)
+        return self._prefix
+
+    @property
+    def shares_prefix(self) -> int:
+        """How many prompt tokens each prefill skips (0 when the prefix is not shared)."""
+        return self._prefix.length if self._prefix is not None else 0
+
     def _first_token_logprobs(self) -> torch.Tensor:
         pieces = []
         with torch.inference_mode(), _translated_out_of_memory():
+            prefix = self._current_prefix()
             for batch in self._good_batches:
-                logprobs = functional.log_softmax(first_token_logits(self.loaded, batch), dim=-1)
-                pieces.append(logprobs)
+                logits = first_token_logits(self.loaded, batch, prefix)
+                pieces.append(functional.log_softmax(logits, dim=-1))
         # Rows come back in length order; the comparison below uses the same order, so the
         # permutation never needs undoing.
         return torch.cat(pieces, dim=0)
@@ -428,7 +576,12 @@ class Evaluator:
     def count_refusals(self, batches: Sequence[EncodedBatch]) -> int:
         with _translated_out_of_memory():
             replies = generate(
-                self.loaded, batches, self.max_response_length, self.markers, self.stats
+                self.loaded,
+                batches,
+                self.max_response_length,
+                self.markers,
+                self.stats,
+                prefix=self._current_prefix(),
             )
         return sum(1 for reply in replies if _is_refusal_normalised(reply, self.markers))
 
