@@ -64,6 +64,7 @@ DEFAULT_REFUSAL_MARKERS: tuple[str, ...] = (
 # The shared prefix is used only if it changes the first-token distribution by less than this
 # KL (nats) on the unmodified model: rounding differences, never a different computation.
 PREFIX_TOLERANCE = 1e-4
+PREFIX_TOLERANCE_16_BIT = 2e-3
 
 # How many of a reply's latest tokens are decoded each step to look for a marker.
 MARKER_WINDOW_TOKENS = 32
@@ -540,8 +541,11 @@ class Evaluator:
             if is_out_of_memory(error):
                 raise
             return None
-        same_choice = bool(torch.equal(plain.argmax(dim=-1), shared.argmax(dim=-1)))
-        if not same_choice or kl_divergence(shared, plain) > PREFIX_TOLERANCE:
+        # 16-bit kernels round differently for other shapes; float32 must agree closely.
+        exact = self.loaded.dtype == torch.float32
+        agreement = (plain.argmax(dim=-1) == shared.argmax(dim=-1)).float().mean().item()
+        tolerance = PREFIX_TOLERANCE if exact else PREFIX_TOLERANCE_16_BIT
+        if agreement < (1.0 if exact else 0.9) or kl_divergence(shared, plain) > tolerance:
             return None
         return prefix
 
