@@ -3,7 +3,11 @@
 Speed matters here more than anywhere: refusal scoring is most of a trial's time. Prompts are
 tokenised once, grouped by length (little padding), and generated greedily with a KV cache in a
 hand-written loop that drops a row from the batch as soon as its verdict is certain (a refusal
-marker appeared, or the row ended), and stops the batch when every row is decided.
+marker appeared, or the row ended), and stops the batch when every row is decided. The prefix
+all prompts share (the chat template's system turn) is run once per trial and its keys and
+values copied to every row (`SharedPrefix`), after a check that this gives the model's own
+numbers. The unmodified model's first-token distribution (the KL reference) comes from the
+same passes that generate its harmless baseline replies.
 """
 
 from __future__ import annotations
