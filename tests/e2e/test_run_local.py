@@ -102,3 +102,22 @@ def test_a_worker_failure_is_one_clear_error_with_where_to_look(monkeypatch) -> 
     assert "hctl logs" in result.output and "Traceback" not in result.output
     (record,) = JobStore().list()
     assert record.status == "failed"
+
+
+def test_resume_adds_trials_to_a_finished_job_without_redoing_any(monkeypatch) -> None:
+    monkeypatch.chdir(REPO_ROOT)
+    runner = CliRunner()
+    fast = ["--set", "batch_size=64", "--set", "max_response_length=12"]
+    first = runner.invoke(app, ["run", TINY, "--on", "local", "--trials", "2", "--yes", *fast],
+                          catch_exceptions=False)  # fmt: skip
+    assert first.exit_code == 0, first.output
+    (record,) = JobStore().list()
+    more = runner.invoke(app, ["resume", record.job_id, "--trials", "4", "--yes"],
+                         catch_exceptions=False)  # fmt: skip
+    assert more.exit_code == 0, more.output
+    assert re.findall(r"^trial (\d+)/4: ", more.output, flags=re.MULTILINE) == ["3", "4"]
+    events = JobStore().events(record.job_id)
+    numbers = [event.number for event in events if getattr(event, "type", "") == "trial"]
+    assert numbers == [1, 2, 3, 4]
+    resumed = JobStore().load(record.job_id)
+    assert resumed.status == "finished" and resumed.n_trials == 4 and resumed.saved_model_dir

@@ -50,7 +50,14 @@ def _chooser(assume_yes: bool, view: LiveView) -> runs.TrialChooser | None:
     return choose
 
 
-def _follow(record: JobRecord, toolkit: Toolkit, *, assume_yes: bool, replay: bool) -> None:
+def _follow(
+    record: JobRecord,
+    toolkit: Toolkit,
+    *,
+    assume_yes: bool,
+    replay: bool,
+    restarted: bool = False,
+) -> None:
     """Follow a running job to its end and show the results (or how to reattach)."""
     with LiveView(console, job_id=record.job_id, machine=_machine(record)) as view:
         outcome, record, progress = runs.complete(
@@ -61,6 +68,7 @@ def _follow(record: JobRecord, toolkit: Toolkit, *, assume_yes: bool, replay: bo
             token=launch.hf_token(toolkit),
             chooser=_chooser(assume_yes, view),
             replay=replay,
+            restarted=restarted,
         )
     if outcome == "detached":
         console.print(
@@ -286,7 +294,7 @@ def resume(
         record, toolkit, notify, n_trials=trials, gpu=gpu, pod=pod,
         confirm=lambda question: confirm(question, assume_yes=yes),
     )  # fmt: skip
-    _follow(record, toolkit, assume_yes=yes, replay=False)
+    _follow(record, toolkit, assume_yes=yes, replay=False, restarted=True)
 
 
 def smoke_test(

@@ -32,6 +32,7 @@ JOURNAL_MARK = "@@hctl-journal"
 # Written by the shell that runs the worker (see `launch.launch_command`); it lives exactly as
 # long as the worker does, whatever the worker does with its own pid file.
 LAUNCHER_PID_FILE = "launcher.pid"
+EXIT_FILE = "worker.exit"  # the worker's exit status, written by the launcher when it ends
 # Touched by every read: a pod only stops itself when no controller has looked for a while.
 ATTACHED_FILE = ".attached"
 # Present while a controller exports the chosen trial (see `launch.self_stop_command`).
@@ -60,6 +61,20 @@ class JobChannel(Protocol):
     def close(self) -> None: ...
 
 
+def running_test(job_dir: str) -> str:
+    """A shell condition: true while the job's launcher (hence its worker) runs.
+
+    The launcher writes `worker.exit` when the worker ends; a launcher killed outright fails
+    `kill -0`; and one left a zombie by an init that does not reap (containers) shows state Z.
+    """
+    pid_file = shlex.quote(f"{job_dir}/{LAUNCHER_PID_FILE}")
+    exit_file = shlex.quote(f"{job_dir}/{EXIT_FILE}")
+    return (
+        f'{{ [ -s {pid_file} ] && [ ! -f {exit_file} ] && kill -0 "$(cat {pid_file})" 2>/dev/null '
+        f"&& ! grep -qs '^State:.*Z' \"/proc/$(cat {pid_file})/status\"; }}"
+    )
+
+
 def _tail(path: str, offset: int, max_bytes: int) -> str:
     return f"(tail -c +{offset + 1} {shlex.quote(path)} 2>/dev/null | head -c {max_bytes} | base64)"
 
@@ -83,7 +98,7 @@ def read_command(
         f"touch {attached} 2>/dev/null; "
         + _tail(f"{job_dir}/{EVENTS_FILE}", offset, max_bytes)
         + f"; {journal}echo; if [ ! -f {pid} ]; then echo '{STATUS_MARK}unknown'; "
-        f"elif kill -0 \"$(cat {pid})\" 2>/dev/null; then echo '{STATUS_MARK}alive'; "
+        f"elif {running_test(job_dir)}; then echo '{STATUS_MARK}alive'; "
         f"else echo '{STATUS_MARK}dead'; fi"
     )
 

@@ -32,7 +32,13 @@ from hctl.errors import (
 from hctl.providers.base import GpuType, Pod, Provider
 from hctl.remote.base import Remote
 from hctl.services.estimate import Estimate, alternatives, estimate_job, find_gpu, format_money
-from hctl.services.follow import ATTACHED_FILE, FINISHING_FILE, LAUNCHER_PID_FILE
+from hctl.services.follow import (
+    ATTACHED_FILE,
+    EXIT_FILE,
+    FINISHING_FILE,
+    LAUNCHER_PID_FILE,
+    running_test,
+)
 from hctl.services.jobs import JobRecord, TargetKind, new_job_id
 from hctl.services.lease import lease_seconds
 from hctl.services.models import ModelInfo, inspect_model
@@ -48,7 +54,6 @@ from hctl_worker.settings import (
 )
 
 SECRETS_FILE = ".secrets.env"
-EXIT_FILE = "worker.exit"
 FINISHING_HOLD_S = 3 * 3600  # an export holds the pod up at most this long
 Notify = Callable[[str], None]
 
@@ -517,7 +522,7 @@ def self_stop_command(job_dir: str, grace_s: float) -> str:
         f"seen=$(stat -c %Y {quoted}/{ATTACHED_FILE} 2>/dev/null || echo 0); "
         f"held=$(stat -c %Y {quoted}/{FINISHING_FILE} 2>/dev/null || echo 0); "
         f"if [ $((now - seen)) -lt {grace} ] || [ $((now - held)) -lt {FINISHING_HOLD_S} ] "
-        f'|| kill -0 "$(cat {quoted}/{LAUNCHER_PID_FILE} 2>/dev/null)" 2>/dev/null; '
+        f"|| {running_test(job_dir)}; "
         f"then sleep {min(30, max(1, grace))}; else break; fi; done; "
         'if [ -n "$RUNPOD_POD_ID" ] && command -v runpodctl >/dev/null 2>&1; then '
         f'echo "hctl: no controller attached; stopping pod $RUNPOD_POD_ID" >>{quoted}/{LOG_FILE}; '

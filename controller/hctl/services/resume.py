@@ -47,7 +47,15 @@ def resume_job(
         raise JobError("--trials must be at least 1.", "Give the total number of trials.")
     settings_values = dict(record.worker_settings)
     settings_values["n_trials"] = total
-    updates: dict = {"n_trials": total, "worker_settings": settings_values, "status": "preparing"}
+    # A resumed search may find a better trial: the choice, export and download are redone.
+    updates: dict = {
+        "n_trials": total,
+        "worker_settings": settings_values,
+        "status": "preparing",
+        "chosen_trial": None,
+        "saved_model_dir": None,
+        "downloaded_to": None,
+    }
     if record.target == "pod":
         meter = meter_for(record, toolkit)
         last_seen = max(
@@ -55,7 +63,7 @@ def resume_job(
             default=meter.started_at,
         )
         spent = meter.spent(last_seen) if record.started_at is not None else record.spent_before
-        updates |= {"spent_before": spent, "saved_model_dir": None, "downloaded_to": None}
+        updates["spent_before"] = spent
     record = store.save(record.model_copy(update=updates))
     created_now = False
     if record.target == "pod":

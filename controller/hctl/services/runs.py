@@ -32,13 +32,19 @@ from hctl.remote.base import Remote
 from hctl.services.budget import Meter
 from hctl.services.estimate import format_money
 from hctl.services.finish import TrialChooser, finish_job, release_machine
-from hctl.services.follow import LAUNCHER_PID_FILE, MAX_READ_BYTES, Follower, RemoteJobChannel
+from hctl.services.follow import (
+    LAUNCHER_PID_FILE,
+    MAX_READ_BYTES,
+    Follower,
+    RemoteJobChannel,
+    running_test,
+)
 from hctl.services.jobs import JobRecord
 from hctl.services.launch import Notify
 from hctl.services.progress import JobProgress
 from hctl.services.toolkit import Toolkit
 from hctl.services.view import LiveView, Money
-from hctl_worker.events import EVENTS_FILE, LOG_FILE, PID_FILE, TrialEvent, read_events
+from hctl_worker.events import EVENTS_FILE, LOG_FILE, PID_FILE, StartEvent, TrialEvent, read_events
 
 Outcome = Literal["finished", "failed", "budget", "detached", "cancelled", "interrupted"]
 
@@ -92,7 +98,7 @@ def stop_worker(remote: Remote, job_dir: str) -> bool:
     result = remote.run(
         f'if [ -f {worker_pid} ] && kill -0 "$(cat {worker_pid})" 2>/dev/null; then '
         f'kill -TERM "$(cat {worker_pid})"; echo stopped; '
-        f'elif [ -f {launcher_pid} ] && kill -0 "$(cat {launcher_pid})" 2>/dev/null; then '
+        f"elif {running_test(job_dir)}; then "
         f'kill -TERM -- "-$(cat {launcher_pid})" 2>/dev/null || kill -TERM "$(cat {launcher_pid})"; '
         "echo stopped; else echo idle; fi",
         timeout=30,
@@ -107,6 +113,7 @@ def follow_job(
     *,
     replay: bool = True,
     poll_interval_s: float | None = None,
+    restarted: bool = False,
 ) -> FollowResult:
     """Show the job's events until it ends (or Ctrl-C detaches); copies them home as they come.
 
@@ -124,6 +131,13 @@ def follow_job(
         progress.apply(event)
         if replay:
             view.event(event, progress, None)
+    # A worker just started again: the ends of its earlier runs (or of an export) are not the
+    # end; only what follows its new start event counts.
+    started_again = not restarted
+
+    def ended() -> bool:
+        return progress.finished and started_again
+
     follower = Follower(
         channel_factory(record, toolkit),
         offset=offset,
@@ -135,13 +149,14 @@ def follow_job(
     dead_polls = 0
     warned_projection = False
     try:
-        while not progress.finished:
+        while not ended():
             poll = follower.poll()
             store.append_journal(record.job_id, poll.journal_raw)
             store.append_events(record.job_id, poll.raw)
             trial_seen = False
             for event in poll.events:
                 progress.apply(event)
+                started_again = started_again or isinstance(event, StartEvent)
                 view.event(event, progress, money_now(record, progress, toolkit))
                 trial_seen = trial_seen or isinstance(event, TrialEvent)
             meter = meter_for(record, toolkit)
@@ -158,19 +173,17 @@ def follow_job(
                     f"{format_money(record.max_cost)} cap: it will stop after the trial that "
                     "reaches the cap"
                 )
-            if (
-                trial_seen
-                and not progress.finished
-                and meter.cap_reached(toolkit.clock(), record.max_cost)
-            ):
+            if trial_seen and not ended() and meter.cap_reached(toolkit.clock(), record.max_cost):
                 return _stop_for_budget(record, progress, toolkit, view, meter)
             view.refresh(progress, money_now(record, progress, toolkit))
-            if progress.finished:
+            if ended():
                 break
             # A worker that has started and now has no live launcher (or no job directory at
             # all: a pod whose volume is gone) has ended; so has a pod the provider stopped.
-            ended = poll.worker_alive is False or (poll.worker_alive is None and progress.starts)
-            if ended and not poll.events:
+            worker_ended = poll.worker_alive is False or (
+                poll.worker_alive is None and progress.starts
+            )
+            if worker_ended and not poll.events:
                 _check_pod(record, toolkit)
                 # Read once more: the last events may have landed just before the worker exited.
                 dead_polls += 1
@@ -274,6 +287,7 @@ def complete(
     token: str | None,
     chooser: TrialChooser | None = None,
     replay: bool = True,
+    restarted: bool = False,
 ) -> tuple[Outcome, JobRecord, JobProgress]:
     """Follow a running job to its end, finish it, release its machine.
 
@@ -281,7 +295,7 @@ def complete(
     """
     store = toolkit.store
     try:
-        result = follow_job(record, toolkit, view, replay=replay)
+        result = follow_job(record, toolkit, view, replay=replay, restarted=restarted)
     except (ConnectionLostError, ConnectError) as error:
         raise JobError(
             error.message,
@@ -296,6 +310,7 @@ def complete(
             record = finish_job(
                 record, progress, toolkit, view.note, worker=worker, token=token, chooser=chooser
             )
+            sync_job(record, toolkit)  # the export's own events, so the copy stays complete
     finally:
         release_machine(record, toolkit, view.note)
     status = {"finished": "finished", "budget": "budget", "failed": "failed"}[result.outcome]
