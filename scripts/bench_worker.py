@@ -148,6 +148,7 @@ def bench(arguments: argparse.Namespace) -> dict:
     )
     baseline = evaluator.baseline()
     results["stages"]["baseline_s"] = time.perf_counter() - started
+    results["shared_prefix_tokens"] = evaluator.shares_prefix
     results["baseline"] = {
         "refusals": f"{baseline.refusals}/{baseline.total_bad}",
         "refusals_good": f"{baseline.refusals_good}/{baseline.total_good}",
@@ -291,6 +292,7 @@ def print_table(results: dict) -> None:
             "baseline refusals (bad, good)",
             f"{results['baseline']['refusals']}, {results['baseline']['refusals_good']}",
         ),
+        ("shared prompt prefix (tokens prefilled once)", str(results["shared_prefix_tokens"])),
         (
             "trials",
             f"{trials['count']} ({trials['kl_prompts']} KL prompts, "
