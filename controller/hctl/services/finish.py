@@ -102,8 +102,9 @@ def export_trial(
             tail = remote.run(f"tail -n 5 {log}", timeout=30).output.strip()
             raise JobError(
                 f"Exporting trial {trial} failed: {tail[-500:]}",
-                f"The search results are kept; retry with `hctl attach {record.job_id}` or see "
-                f"`hctl logs {record.job_id}`.",
+                f"The search results are kept; see `hctl logs {record.job_id}`, then retry with "
+                f"`hctl attach {record.job_id}`"
+                + (f" after `hctl start-pod {record.pod_id}`." if record.pod_id else "."),
             )
         return save_dir
     finally:
