@@ -203,6 +203,36 @@ def test_a_terminated_pod_is_resumed_on_a_new_pod_without_redoing_trials(
     assert len(starts) == 2 and starts[1].resumed_trials >= 3
 
 
+def test_a_stopped_pod_is_started_again_by_resume_and_the_search_goes_on(
+    pod_rig: PodRig,
+) -> None:
+    toolkit = default_toolkit(load_settings())
+    record, _ = start(5, toolkit)
+
+    def pod_stops() -> None:
+        # RunPod stops the pod (a spot preemption, a stop from the console): its processes die,
+        # its volume (with the job directory) stays.
+        toolkit.provider().stop(record.pod_id)
+        launcher = int(Path(record.remote_job_dir, "launcher.pid").read_text())
+        os.killpg(launcher, signal.SIGKILL)
+        pod_rig.sshd.drop_connections()
+
+    view = HookedView({2: pod_stops})
+    outcome, record, _ = runs.complete(
+        record, toolkit, view, worker=record.worker_command, token=None
+    )
+    assert outcome == "interrupted"
+    assert pod_rig.pod_statuses() == {record.pod_id: "EXITED"}
+    result = CliRunner().invoke(app, ["resume", record.job_id, "--yes"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert f"pod {record.pod_id} still exists" in result.output
+    assert f"started pod {record.pod_id}" in result.output
+    numbers = [e.number for e in JobStore().events(record.job_id) if isinstance(e, TrialEvent)]
+    assert sorted(numbers) == [1, 2, 3, 4, 5], numbers
+    assert JobStore().load(record.job_id).status == "finished"
+    assert pod_rig.pod_statuses() == {record.pod_id: "EXITED"}  # the same pod, stopped again
+
+
 def test_the_budget_cap_stops_after_the_current_trial_and_keeps_the_results(
     pod_rig: PodRig,
 ) -> None:
