@@ -402,3 +402,27 @@ def test_every_documented_script_option_exists() -> None:
                     if option.startswith("--") and f'"{option}"' not in source:
                         problems.append(f"{code.where()}\n    -> {words[1]} has no {option}")
     assert not problems, "\n".join(problems)
+
+
+def test_every_job_directory_file_is_documented() -> None:
+    """The job directory's file names (constants in the code) all appear in architecture.md."""
+    from hctl_worker import events
+
+    names = {
+        value
+        for name, value in vars(events).items()
+        if name.endswith(("_FILE", "_DIR")) and isinstance(value, str)
+    }
+    for module_name in ("hctl.services.follow", "hctl.services.launch", "hctl.services.jobs"):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError:
+            continue
+        names |= {
+            value
+            for name, value in vars(module).items()
+            if name.endswith("_FILE") and isinstance(value, str) and "/" not in value
+        }
+    text = (DOCS / "architecture.md").read_text(encoding="utf-8")
+    missing = sorted(name for name in names if f"`{name}" not in text)
+    assert not missing, f"docs/architecture.md does not describe: {', '.join(missing)}"
