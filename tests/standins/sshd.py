@@ -118,11 +118,14 @@ class SshdServer:
         connections = self.connection_pids()
         victims: list[int] = []
         for pid in connections:
-            victims.extend(_descendants(pid))
             victims.append(pid)
-        for pid in victims:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            victims.extend(_descendants(pid))
+        # Freeze them all first (connection processes first), then kill: nothing they run gets
+        # to print a last word (such as a command's end marker) between the kills.
+        for sig in (signal.SIGSTOP, signal.SIGKILL):
+            for pid in victims:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
         return len(connections)
 
     def set_gpu_processes(self, processes: list[tuple[int, str, int]]) -> None:
