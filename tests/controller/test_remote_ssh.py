@@ -307,3 +307,14 @@ def test_an_interrupted_direct_command_really_stops(sshd_pod: SshdServer, tmp_pa
     time.sleep(1.7)
     assert not marker.exists()
     remote.close()
+
+
+def test_forgetting_one_host_keeps_the_others(
+    sshd_pod: SshdServer, sshd_other_host_key: SshdServer, tmp_path: Path
+) -> None:
+    known = KnownHosts(tmp_path / "known_hosts")
+    known.check("pod-a", sshd_pod.host_key, on_message=lambda _m: None)
+    known.check("pod-b", sshd_other_host_key.host_key, on_message=lambda _m: None)
+    assert known.forget("pod-a") and not known.forget("pod-a")
+    assert known.names() == ["pod-b"]
+    known.check("pod-b", sshd_other_host_key.host_key, on_message=lambda _m: None)  # still valid

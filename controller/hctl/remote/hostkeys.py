@@ -79,12 +79,12 @@ class KnownHosts:
         keys = self._load()
         if keys.lookup(name) is None:
             return False
-        kept = paramiko.HostKeys()
-        for entry in keys._entries:
-            if name not in entry.hostnames:
-                for hostname in entry.hostnames:
-                    kept.add(hostname, entry.key.get_name(), entry.key)
-        kept.save(str(self.path))
+        while True:  # one entry per key type
+            try:
+                del keys[name]
+            except KeyError:
+                break
+        keys.save(str(self.path))
         return True
 
     def names(self) -> list[str]:
