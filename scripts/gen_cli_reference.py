@@ -23,7 +23,6 @@ import argparse
 import enum
 import importlib
 import inspect
-import os
 import re
 import sys
 import types
@@ -49,11 +48,12 @@ REGENERATE_HINT = "run `python scripts/gen_cli_reference.py` and commit the resu
 
 
 def _prepare_environment() -> None:
-    """Help text must not depend on the terminal or on colour settings of whoever runs this."""
-    os.environ["TYPER_USE_RICH"] = "0"
-    os.environ["NO_COLOR"] = "1"
-    os.environ["COLUMNS"] = str(HELP_WIDTH)
-    os.environ.pop("FORCE_COLOR", None)
+    """Make the packages importable from a checkout that is not installed.
+
+    Nothing else is changed here (no environment variables): the tests call this module inside
+    the test session, and the help text is made terminal-independent by the fixed width of the
+    click context and plain click formatting instead (see `render_help`).
+    """
     for source in ("controller", "worker"):
         path = str(REPO_ROOT / source)
         if path not in sys.path:
@@ -133,7 +133,13 @@ def render_help(entry: CommandEntry) -> str:
 
 
 def _normalise(text: str) -> str:
-    """Remove what depends on the machine: the home folder, trailing spaces."""
+    """Remove what depends on the machine: hctl's home folder, the user's, trailing spaces."""
+    try:
+        from hctl.settings import hctl_home
+
+        text = text.replace(str(hctl_home()), "<hctl home>")
+    except ImportError:  # the controller is not importable: nothing of it to replace
+        pass
     home = str(Path.home())
     if len(home) > 1:
         text = text.replace(home, "~")
