@@ -426,3 +426,16 @@ def test_every_job_directory_file_is_documented() -> None:
     text = (DOCS / "architecture.md").read_text(encoding="utf-8")
     missing = sorted(name for name in names if f"`{name}" not in text)
     assert not missing, f"docs/architecture.md does not describe: {', '.join(missing)}"
+
+
+def test_image_tags_in_the_docs_are_the_project_version() -> None:
+    """`USER/hctl-worker:VERSION` examples follow the version, as the image's label does."""
+    import hctl
+
+    stale = []
+    for path in [*documentation_files(), REPO_ROOT / "images" / "Dockerfile"]:
+        text = path.read_text(encoding="utf-8")
+        for match in re.finditer(r"hctl-worker:(\d+\.\d+\.\d+\S*)", text):
+            if match[1].rstrip(".,)`") != hctl.__version__:
+                stale.append(f"{path.relative_to(REPO_ROOT)}: {match[0]}")
+    assert not stale, f"Image tags other than {hctl.__version__}:\n" + "\n".join(stale)
