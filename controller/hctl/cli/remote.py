@@ -202,9 +202,7 @@ def doctor() -> None:
 
 def ssh_config(
     target: str = typer.Argument(None, help=TARGET_HELP, show_default=False),
-    name: str = typer.Option(
-        None, "--name", help="The Host alias (default: hctl-<pod name>)."
-    ),
+    name: str = typer.Option(None, "--name", help="The Host alias (default: hctl-<pod name>)."),
     print_only: bool = typer.Option(False, "--print", help="Print the entry instead of writing."),
 ) -> None:
     """Write a Host entry into ~/.ssh/config so ssh, scp and VS Code reach the machine."""
