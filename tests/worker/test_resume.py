@@ -118,3 +118,23 @@ def test_a_killed_worker_restarts_without_duplicates(tmp_path: Path) -> None:
     ]
     assert len(start_events) == 2
     assert not (job_dir / "worker.pid").exists()
+
+
+def test_a_trial_in_the_journal_without_its_event_is_reported_once_on_restart(
+    tmp_path: Path,
+) -> None:
+    # A worker killed between telling the study and writing the event (or a journal copied home
+    # a moment after the events) leaves a finished trial that no event reports.
+    config = write_fixture_config(tmp_path / "config.toml", n_trials=3, evaluation_split="[:24]")
+    job_dir = tmp_path / "job"
+    run_events("--config", str(config), "--job-dir", str(job_dir))
+    events_file = job_dir / EVENTS_FILE
+    lines = events_file.read_bytes().splitlines(keepends=True)
+    kept = [line for line in lines if b'"type":"trial"' not in line or b'"number":3' not in line]
+    assert len(kept) == len(lines) - 1
+    events_file.write_bytes(b"".join(kept))
+
+    events = run_events("--config", str(config), "--job-dir", str(job_dir), "--n-trials", "4")
+
+    assert [event["number"] for event in events if event["type"] == "trial"] == [3, 4]
+    assert [event.number for event in trial_events(job_dir)] == [1, 2, 3, 4]

@@ -55,6 +55,7 @@ from hctl_worker.events import (
     StartEvent,
     TrialEvent,
     _Event,
+    read_events,
 )
 from hctl_worker.settings import WorkerSettings, read_config_file
 
@@ -362,6 +363,7 @@ def _pipeline(settings: WorkerSettings, paths: JobPaths, reporter: Reporter) -> 
     )
     for warning in warnings:
         reporter.log(warning, level="warning")
+    _report_unreported_trials(paths, reporter, search.finished_trials(study), settings.n_trials)
     bench = _prepare(settings, paths, reporter)
     outcome = JobOutcome(
         results_dir=paths.results, front=_search(settings, paths, reporter, study, bench)
@@ -644,6 +646,24 @@ def _device_name() -> str:
 
 # ----------------------------------------------------------------------------------------------
 # Results.
+
+
+def _report_unreported_trials(
+    paths: JobPaths, reporter: Reporter, finished: Sequence[TrialResult], n_trials: int
+) -> None:
+    """Emit the trial events a killed worker recorded in the journal but never wrote out.
+
+    A trial is told to the study (the journal) just before its event is written, so a worker
+    killed in between, or a journal copied home a moment after the events, holds a finished trial
+    no event reports. The journal is the record of what was done: report such trials now, once,
+    so every trial is seen exactly once and none is redone.
+    """
+    reported = {
+        event.number for event in read_events(paths.events)[0] if isinstance(event, TrialEvent)
+    }
+    for result in finished:
+        if result.number not in reported:
+            reporter.emit(trial_event(result, n_trials))
 
 
 def trial_event(result: TrialResult, n_trials: int) -> TrialEvent:
