@@ -7,6 +7,8 @@ import stat
 import time
 from pathlib import Path
 
+import pytest
+
 from hctl.services.jobs import JobRecord, JobStore
 from hctl.services.launch import SECRETS_FILE, launch_command, self_stop_command, start_worker
 from hctl.services.toolkit import Toolkit, WorkerHandle
@@ -90,3 +92,13 @@ def test_a_kept_pod_or_another_machine_gets_no_self_stop(tmp_path: Path) -> None
     # A controller's marks hold a pod up: the script checks both before stopping.
     script = self_stop_command(str(tmp_path), 60)
     assert ".attached" in script and ".finishing" in script and "launcher.pid" in script
+
+
+def test_on_local_on_windows_is_refused_with_a_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hctl.errors import ConfigError
+    from hctl.services import launch
+
+    monkeypatch.setattr(launch.os, "name", "nt")
+    with pytest.raises(ConfigError) as caught:
+        launch.target_kind(launch.RunRequest(model="m", on="local"))
+    assert "POSIX" in caught.value.message and "--on ssh://" in caught.value.hint

@@ -105,6 +105,12 @@ def target_kind(request: RunRequest) -> TargetKind:
     if request.pod is not None:
         raise ConfigError("--pod and --on cannot be used together.", "Give one of them.")
     if request.on == "local":
+        if os.name == "nt":
+            # The detached launch and the event reads use a POSIX shell (setsid, tail, base64).
+            raise ConfigError(
+                "--on local needs a POSIX shell (Linux or macOS); this is Windows.",
+                "Run on a pod (leave out --on), or on a Linux machine with --on ssh://USER@HOST:PORT.",
+            )
         return "local"
     if request.on.startswith("ssh://"):
         return "ssh"
