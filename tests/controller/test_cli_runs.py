@@ -117,3 +117,21 @@ def test_the_smoke_test_estimates_qwen3_4b_and_rents_nothing_unconfirmed(
     assert "Qwen/Qwen3-4B-Instruct-2507: 4.02B parameters" in result.output
     assert "Estimate for 3 trials" in result.output
     assert hctl_runpod_env.pods == []
+
+
+def test_ctrl_c_while_the_pod_is_being_created_leaves_no_pod_billing(
+    hctl_runpod_env, runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hctl import pods
+
+    create = pods.create_pod
+
+    def interrupted_create(provider, plan):  # noqa: ANN001, ANN202
+        create(provider, plan)  # RunPod applied the create...
+        raise KeyboardInterrupt  # ...but Ctrl-C came before its answer did
+
+    monkeypatch.setattr(pods, "create_pod", interrupted_create)
+    result = runner.invoke(app, ["run", TINY, "--trials", "2", "--yes"])
+    assert result.exit_code == 130, result.output
+    assert "terminated pod" in result.output
+    assert hctl_runpod_env.pods == []

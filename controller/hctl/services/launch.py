@@ -397,6 +397,11 @@ def bring_up_pod(plan: RunPlan, record: JobRecord, toolkit: Toolkit, notify: Not
             "Try again, or another GPU type or cloud (`hctl gpus`).",
         ) from None
     except BaseException:
+        if pod_id is None and plan.pod is None:
+            # Interrupted while the create request was in flight: the pod may exist although
+            # its id never reached us. It carries the job's unique name, so look for it.
+            pod_id = _pod_named(provider, f"hctl-{record.job_id}", notify)
+            created_here = pod_id is not None
         if pod_id is not None:
             release_after_failure(
                 provider,
@@ -406,6 +411,17 @@ def bring_up_pod(plan: RunPlan, record: JobRecord, toolkit: Toolkit, notify: Not
                 notify=notify,
             )
         raise
+
+
+def _pod_named(provider: Provider, name: str, notify: Notify) -> str | None:
+    try:
+        return next((pod.id for pod in provider.list() if pod.name == name), None)
+    except HctlError as error:
+        notify(
+            f"could not check whether pod {name} was created: {error.message} — "
+            "run `hctl list-pods` and terminate it if it is there"
+        )
+        return None
 
 
 # --- Files on the machine ------------------------------------------------------------------
