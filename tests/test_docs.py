@@ -439,3 +439,20 @@ def test_image_tags_in_the_docs_are_the_project_version() -> None:
             if match[1].rstrip(".,)`") != hctl.__version__:
                 stale.append(f"{path.relative_to(REPO_ROOT)}: {match[0]}")
     assert not stale, f"Image tags other than {hctl.__version__}:\n" + "\n".join(stale)
+
+
+def test_code_fences_are_well_formed() -> None:
+    """Every fence opens with an optional language and closes alone on its line."""
+    problems = []
+    for path in documentation_files():
+        opened = 0
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            stripped = line.strip()
+            if not stripped.startswith("```"):
+                continue
+            if not re.fullmatch(r"```[\w+-]*", stripped):
+                problems.append(f"{path.relative_to(REPO_ROOT)}:{number}: {stripped}")
+            opened = 0 if opened else number
+        if opened:
+            problems.append(f"{path.relative_to(REPO_ROOT)}:{opened}: fence never closed")
+    assert not problems, "Malformed code fences:\n" + "\n".join(problems)
