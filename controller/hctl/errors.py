@@ -19,7 +19,8 @@ HctlError                      message + hint; exit code 1 unless a subclass say
 │   └── CommandTimeoutError    a remote command ran past its time limit               (exit 124)
 ├── JobError                   a job on a machine failed, or is not where we looked
 │   └── BudgetError            the job would cost, or has cost, more than allowed     (exit 8)
-└── Aborted                    the user declined a confirmation                       (exit 130)
+├── Aborted                    the user declined a confirmation                       (exit 130)
+└── hctl_worker.errors.WorkerError   the worker's own errors (settings, prompts, model, export)
 ```
 
 Third-party exceptions (httpx, paramiko, OS errors) are translated into these at the edge where

@@ -1,7 +1,7 @@
 """The controller's settings: command line > `HCTL_*` environment > config file > defaults.
 
 The config file is `config.toml` in hctl's home folder: `$HCTL_HOME` when set, else the user's
-config directory (`~/.config/hctl` on Linux, `%APPDATA%\\hctl` on Windows,
+config directory (`~/.config/hctl` on Linux, `%LOCALAPPDATA%\\hctl` on Windows,
 `~/Library/Application Support/hctl` on macOS). hctl also keeps its state there: known host keys
 and the local copies of jobs. `RUNPOD_API_KEY` is accepted as well as `HCTL_RUNPOD_API_KEY`.
 """

@@ -1,5 +1,8 @@
 """Every error the worker expects, in one tree.
 
+The tree hangs from `hctl.errors.HctlError` (message, hint, exit code), the one base class of
+both halves, so an error the controller meets while reading worker settings renders like its own.
+
 ```
 WorkerError                  message + hint; exit code 1 unless a subclass says otherwise
 ├── SettingsError            an unknown setting, a value out of range, a bad config file   (exit 2)
@@ -17,18 +20,11 @@ the worker; the CLI prints them as one line of error and one of hint, and writes
 
 from __future__ import annotations
 
+from hctl.errors import HctlError
 
-class WorkerError(Exception):
-    exit_code: int = 1
-    default_hint: str = ""
 
-    def __init__(self, message: str, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.hint = hint if hint is not None else self.default_hint
-
-    def __str__(self) -> str:
-        return self.message
+class WorkerError(HctlError):
+    """The base of the worker's errors."""
 
 
 class SettingsError(WorkerError):
