@@ -67,6 +67,19 @@ FaultKind = Literal[
     "slow",  # applied, but answered only after `delay_s` seconds (client timeouts)
 ]
 
+# The fields both create inputs (on-demand and spot) take, written once.
+_DEPLOY_FIELDS = """
+  name: String imageName: String gpuTypeId: String gpuTypeIdList: [String] gpuCount: Int
+  cloudType: CloudTypeEnum containerDiskInGb: Int volumeInGb: Int volumeMountPath: String
+  volumeKey: String ports: String env: [EnvironmentVariableInput] dockerArgs: String
+  startSsh: Boolean startJupyter: Boolean supportPublicIp: Boolean minVcpuCount: Int
+  minMemoryInGb: Int minDisk: Int minDownload: Int minUpload: Int dataCenterId: String
+  countryCode: String networkVolumeId: String templateId: String containerRegistryAuthId: String
+  deployCost: Float stopAfter: String terminateAfter: String cudaVersion: String
+  allowedCudaVersions: [String] instanceIds: [String] computeType: ComputeType
+  savingsPlan: String aiApiId: String port: Int minCudaVersion: String compliance: [String]
+"""
+
 SCHEMA_SDL = """
 scalar Void
 
@@ -110,28 +123,12 @@ input GpuTypeFilter { id: String ids: [String] }
 input EnvironmentVariableInput { key: String! value: String }
 
 input PodFindAndDeployOnDemandInput {
-  name: String imageName: String gpuTypeId: String gpuTypeIdList: [String] gpuCount: Int
-  cloudType: CloudTypeEnum containerDiskInGb: Int volumeInGb: Int volumeMountPath: String
-  volumeKey: String ports: String env: [EnvironmentVariableInput] dockerArgs: String
-  startSsh: Boolean startJupyter: Boolean supportPublicIp: Boolean minVcpuCount: Int
-  minMemoryInGb: Int minDisk: Int minDownload: Int minUpload: Int dataCenterId: String
-  countryCode: String networkVolumeId: String templateId: String containerRegistryAuthId: String
-  deployCost: Float stopAfter: String terminateAfter: String cudaVersion: String
-  allowedCudaVersions: [String] instanceIds: [String] computeType: ComputeType
-  savingsPlan: String aiApiId: String port: Int minCudaVersion: String compliance: [String]
+  DEPLOY_FIELDS
 }
 
 input PodRentInterruptableInput {
   bidPerGpu: Float
-  name: String imageName: String gpuTypeId: String gpuTypeIdList: [String] gpuCount: Int
-  cloudType: CloudTypeEnum containerDiskInGb: Int volumeInGb: Int volumeMountPath: String
-  volumeKey: String ports: String env: [EnvironmentVariableInput] dockerArgs: String
-  startSsh: Boolean startJupyter: Boolean supportPublicIp: Boolean minVcpuCount: Int
-  minMemoryInGb: Int minDisk: Int minDownload: Int minUpload: Int dataCenterId: String
-  countryCode: String networkVolumeId: String templateId: String containerRegistryAuthId: String
-  deployCost: Float stopAfter: String terminateAfter: String cudaVersion: String
-  allowedCudaVersions: [String] instanceIds: [String] computeType: ComputeType
-  savingsPlan: String aiApiId: String port: Int minCudaVersion: String compliance: [String]
+  DEPLOY_FIELDS
 }
 
 input PodStopInput { podId: String! incrementVersion: Boolean }
@@ -191,7 +188,7 @@ type PodRuntime {
 type PodRuntimePort { ip: String isIpPublic: Boolean privatePort: Int publicPort: Int type: String }
 type PodRuntimeGpu { id: String gpuUtilPercent: Int memoryUtilPercent: Int }
 type PodRuntimeContainer { cpuPercent: Int memoryPercent: Int }
-"""
+""".replace("  DEPLOY_FIELDS\n", _DEPLOY_FIELDS.lstrip("\n") + "\n")
 
 
 @dataclass
