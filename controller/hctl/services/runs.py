@@ -18,7 +18,7 @@ from __future__ import annotations
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from hctl.errors import (
     ConnectError,
@@ -86,6 +86,18 @@ def money_now(record: JobRecord, progress: JobProgress, toolkit: Toolkit) -> Mon
     )
 
 
+def follower_for(record: JobRecord, toolkit: Toolkit, offset: int, **options: Any) -> Follower:
+    """A follower of the job's events from `offset`, mirroring its journal after the copy home."""
+    return Follower(
+        channel_factory(record, toolkit),
+        offset=offset,
+        journal_offset=toolkit.store.journal_size(record.job_id),
+        sleep=toolkit.sleep,
+        clock=toolkit.clock,
+        **options,
+    )
+
+
 def channel_factory(record: JobRecord, toolkit: Toolkit) -> Callable[[], RemoteJobChannel]:
     return lambda: RemoteJobChannel(toolkit.connect(record), record.remote_job_dir)
 
@@ -138,14 +150,7 @@ def follow_job(
     def ended() -> bool:
         return progress.finished and started_again
 
-    follower = Follower(
-        channel_factory(record, toolkit),
-        offset=offset,
-        journal_offset=store.journal_size(record.job_id),
-        sleep=toolkit.sleep,
-        clock=toolkit.clock,
-        on_reconnect=view.note,
-    )
+    follower = follower_for(record, toolkit, offset, on_reconnect=view.note)
     dead_polls = 0
     warned_projection = False
     try:
@@ -343,14 +348,7 @@ def sync_job(record: JobRecord, toolkit: Toolkit) -> bool:
     store = toolkit.store
     _, offset = read_events(store.events_path(record.job_id))
     try:
-        follower = Follower(
-            channel_factory(record, toolkit),
-            offset=offset,
-            journal_offset=store.journal_size(record.job_id),
-            sleep=toolkit.sleep,
-            clock=toolkit.clock,
-            give_up_after_s=0,
-        )
+        follower = follower_for(record, toolkit, offset, give_up_after_s=0)
         try:
             while True:
                 poll = follower.poll()
