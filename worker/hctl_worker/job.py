@@ -385,7 +385,8 @@ def _pipeline(settings: WorkerSettings, paths: JobPaths, reporter: Reporter) -> 
 def _prepare(settings: WorkerSettings, paths: JobPaths, reporter: Reporter) -> Workbench:
     """Prompts → model → batch size → directions → baseline (prompts first: they fail fast)."""
     from hctl_worker.ablation import Ablator
-    from hctl_worker.evaluation import DEFAULT_REFUSAL_MARKERS, Evaluator
+    from hctl_worker.evaluation import Evaluator
+    from hctl_worker.markers import DEFAULT_REFUSAL_MARKERS
     from hctl_worker.prompts import load_prompt_sets
 
     with reporter.stage("prompts") as stage:
@@ -456,7 +457,7 @@ def _search(
 ) -> list[TrialResult]:
     """Run the trials still missing; events and results/pareto.json after every trial."""
     from hctl_worker import search
-    from hctl_worker.ablation import COMPONENTS
+    from hctl_worker.architecture import COMPONENTS
 
     space = search_space(settings, bench.separation, COMPONENTS)
     reporter.log(f"search space: {space.describe()}")
@@ -506,8 +507,8 @@ def _choose_and_export(
 ) -> None:
     """Pick the `trial`-th of the front, check it on harmless prompts, save / upload it."""
     from hctl_worker import search
-    from hctl_worker.ablation import COMPONENTS
-    from hctl_worker.evaluation import DEFAULT_REFUSAL_MARKERS, is_refusal
+    from hctl_worker.architecture import COMPONENTS
+    from hctl_worker.markers import DEFAULT_REFUSAL_MARKERS, is_refusal
 
     index = settings.trial or 0
     chosen = outcome.chosen = choose_trial(outcome.front, index)
