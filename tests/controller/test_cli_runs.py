@@ -45,6 +45,8 @@ def test_a_model_of_unknown_size_asks_for_params(hctl_runpod_env, runner) -> Non
     [
         (["/nonexistent/model-folder"], "No model at"),
         ([TINY, "--trials", "0"], "at least 1"),
+        ([TINY, "--trials", "3", "--trial", "0"], "--trial 0"),
+        ([TINY, "--trials", "3", "--trial", "4"], "1-3"),
         ([TINY, "--gpu", "RTX 9999"], "RTX 9999"),
         ([TINY, "--pod", "no-such-pod"], "no-such-pod"),
         ([TINY, "--on", "mars"], "not a target"),

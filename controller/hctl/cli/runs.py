@@ -121,7 +121,9 @@ def run(
     pod: str | None = typer.Option(None, "--pod", help="Run on this existing pod (id or name)."),
     on: str | None = typer.Option(None, "--on", help="local, or ssh://USER@HOST:PORT."),
     config: Path | None = typer.Option(None, "--config", help="Worker settings file (TOML)."),
-    trial: int | None = typer.Option(None, "--trial", help="Save this trial (default: ask/best)."),
+    trial: int | None = typer.Option(
+        None, "--trial", help="Save trial number K, as trial lines show it (default: ask/best)."
+    ),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask; choose the trial headless."),
     download: Path | None = typer.Option(None, "--download", help="Copy the model here."),
     max_cost: float | None = typer.Option(None, "--max-cost", help="Budget in USD for this job."),

@@ -184,6 +184,12 @@ def plan_run(request: RunRequest, toolkit: Toolkit) -> RunPlan:
         )
     if request.max_cost is not None and request.max_cost <= 0:
         raise ConfigError("--max-cost must be more than 0.", "Give a budget in USD, e.g. 2.50.")
+    if request.trial is not None and not 1 <= request.trial <= request.n_trials:
+        raise ConfigError(
+            f"--trial {request.trial} is not a trial of this job: its trials are numbered "
+            f"1-{request.n_trials} as they finish.",
+            "Give a trial number from 1 to --trials, or leave --trial out to choose after the search.",
+        )
     target = target_kind(request)
     token = hf_token(toolkit)
     model = inspect_model(

@@ -23,11 +23,11 @@ from hctl_worker.events import (
     DoneEvent,
     ErrorEvent,
     LogEvent,
-    ParetoTrial,
     StageEvent,
     StartEvent,
     TrialEvent,
 )
+from hctl_worker.trials import Trial
 
 FRONT_ROWS_SHOWN = 6
 
@@ -75,7 +75,7 @@ def phases_line(estimate: Estimate) -> str:
 
 
 def pareto_table(
-    front: list[ParetoTrial], *, chosen: int | None = None, title: str = "Pareto front"
+    front: list[Trial], *, chosen: int | None = None, title: str = "Pareto front"
 ) -> Table:
     table = Table(title=title, title_justify="left")
     table.add_column("trial", justify="right", no_wrap=True, min_width=5)
