@@ -147,11 +147,11 @@ class Reuse:
             return
         model = self.loaded.model
         passes = [self.first_passes[id(batch)] for batch in batches]
-        every_layer = tuple(range(1, n_layers + 1))
+        every_layer = tuple(range(1, n_layers))
         with torch.inference_mode():
             probe = start_cache(model, self.prefix, len(passes[0].batch.indices))
             recording = record(
-                self.layers, probe, lambda: passes[0].run(model, probe), every_layer[:-1], n_layers
+                self.layers, probe, lambda: passes[0].run(model, probe), every_layer, n_layers - 1
             )
             if not replayable(probe):
                 return
@@ -209,6 +209,24 @@ class Reuse:
             first.recording = None
         if self.prefix is not None:
             self.prefix.recording = None
+
+    def describe(self) -> str:
+        """One log line: what trials reuse."""
+        prefix = f"shared prefix {self.prefix.length} tokens" if self.prefix else "no shared prefix"
+        if self.plan.enabled:
+            spacing = (
+                self.plan.checkpoints[1] - self.plan.checkpoints[0]
+                if len(self.plan.checkpoints) > 1
+                else 1
+            )
+            replay = (
+                f"layers replayed below the first edited one (checkpoints every {spacing} up to "
+                f"layer {self.plan.checkpoints[-1]}, {self.recorded_bytes() / 2**20:.0f} MiB)"
+            )
+        else:
+            replay = "no layer replay"
+        drafts = "draft replies" if self.use_drafts else "no draft replies"
+        return f"reuse: {prefix}; {replay}; {drafts}"
 
     def recorded_bytes(self) -> int:
         recordings = [first.recording for first in self.first_passes.values()]

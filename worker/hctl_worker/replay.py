@@ -50,21 +50,20 @@ def plan_depth(
     """The deepest, densest plan that fits the budget.
 
     `key_value_bytes` and `hidden_bytes` are what one layer's recording costs over every recorded
-    token (keys + values, and one hidden state). Keys and values are needed for every layer a
-    replay skips, so depth is bought first; checkpoints are then spread evenly (every layer when
-    memory allows, every second one, ...). Checkpoint 0 is never stored: it would skip nothing.
+    token (keys + values, and one hidden state). A replay from checkpoint c needs the keys and
+    values of the c layers below it, so depth is bought first; checkpoints are then spread evenly
+    below the deepest one (every layer when memory allows, every second one, ...). Checkpoints
+    run from 1 to n_layers - 1: starting at 0 skips nothing, and a pass must compute a layer.
     """
     if n_layers < 2 or budget_bytes <= 0 or key_value_bytes + hidden_bytes <= 0:
         return DepthPlan(0, ())
-    for depth in range(n_layers, 0, -1):
-        left = budget_bytes - depth * key_value_bytes
+    for top in range(n_layers - 1, 0, -1):
+        left = budget_bytes - top * key_value_bytes
         if left < hidden_bytes:
             continue
-        affordable = int(left // hidden_bytes) if hidden_bytes > 0 else depth
-        spacing = max(1, math.ceil(depth / max(affordable, 1)))
-        checkpoints = tuple(range(spacing, depth + 1, spacing))
-        if checkpoints:
-            return DepthPlan(depth, checkpoints)
+        affordable = int(left // hidden_bytes) if hidden_bytes > 0 else top
+        spacing = max(1, math.ceil(top / max(affordable, 1)))
+        return DepthPlan(top, tuple(range(top, 0, -spacing))[::-1])
     return DepthPlan(0, ())
 
 

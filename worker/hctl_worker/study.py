@@ -44,6 +44,7 @@ class Outcome:
     refusals: int | None  # None: skipped because the KL was already too high
     total_bad: int
     seconds: float = 0.0
+    pruned: bool = False  # stopped once behind the front; `refusals` is a lower bound
 
 
 def open_study(journal: Path, *, seed: int, n_startup_trials: int) -> optuna.Study:
@@ -83,8 +84,8 @@ def recover_interrupted(study: optuna.Study) -> int:
 
 
 def finished_trials(study: optuna.Study) -> list[Trial]:
-    """The finished trials in the order they finished."""
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    """The finished trials (pruned ones included) in the order they finished."""
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     results = [_result(trial) for trial in trials if "number" in trial.user_attrs]
     return sorted(results, key=lambda result: result.number)
 
@@ -98,6 +99,7 @@ def _result(trial: FrozenTrial) -> Trial:
         refusals=attributes["refusals"],
         total_bad=int(attributes["total_bad"]),
         seconds=float(attributes.get("seconds", 0.0)),
+        pruned=bool(attributes.get("pruned", False)),
         ablation=dict(attributes.get("ablation", {})),
     )
 
@@ -116,7 +118,8 @@ def run_search(
 
     `evaluate` gets the sampled point; `describe` turns it into what the trial stores for export
     (the engine's `AblationParams.to_dict()`). A trial that raises is marked failed, then the error
-    goes up: an interrupted trial is never counted.
+    goes up: an interrupted trial is never counted. A pruned outcome is told to Optuna as PRUNED
+    (TPE counts it among the poor trials) and counts as finished.
     """
     done = len(finished_trials(study))
     while done < n_trials:
@@ -137,6 +140,7 @@ def run_search(
             refusals=outcome.refusals,
             total_bad=outcome.total_bad,
             seconds=outcome.seconds or (clock() - started),
+            pruned=outcome.pruned,
             ablation=describe(values) if describe else {},
         )
         for key, value in (
@@ -146,11 +150,15 @@ def run_search(
             ("refusals", result.refusals),
             ("total_bad", result.total_bad),
             ("seconds", result.seconds),
+            ("pruned", result.pruned),
             ("ablation", result.ablation),
         ):
             trial.set_user_attr(key, value)
-        refusals = result.refusals if result.refusals is not None else result.total_bad
-        study.tell(trial, [float(refusals), float(result.kl)])
+        if result.pruned:
+            study.tell(trial, state=TrialState.PRUNED)
+        else:
+            refusals = result.refusals if result.refusals is not None else result.total_bad
+            study.tell(trial, [float(refusals), float(result.kl)])
         if on_trial is not None:
             on_trial(result)
     return finished_trials(study)

@@ -119,11 +119,12 @@ def event_line(event: object, progress: JobProgress, money: Money | None = None)
         )
         return f"baseline: {event.refusals}/{event.total_bad} refusals on harmful prompts{good}"
     if isinstance(event, TrialEvent):
-        refusals = (
-            "refusals skipped (KL too high)"
-            if event.refusals is None
-            else f"refusals {event.refusals}/{event.total_bad}"
-        )
+        if event.refusals is None:
+            refusals = "refusals skipped (KL too high)"
+        elif event.pruned:
+            refusals = f"pruned at {event.refusals}/{event.total_bad} refusals (behind the front)"
+        else:
+            refusals = f"refusals {event.refusals}/{event.total_bad}"
         best = progress.best()
         best_text = (
             f" | best #{best.number} ({best.refusals}/{best.total_bad}, KL {best.kl:.4f})"
