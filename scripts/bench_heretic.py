@@ -237,6 +237,7 @@ def _ratio(first, second):
 
 def bench(arguments) -> dict:
     models = dict(item.split("=", 1) for item in arguments.model) or default_models()
+    models = {name: str(Path(folder).resolve()) for name, folder in models.items()}
     counts = {
         "good_prompts": arguments.train_prompts,
         "bad_prompts": arguments.train_prompts,

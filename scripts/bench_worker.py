@@ -186,7 +186,7 @@ def bench(arguments: argparse.Namespace) -> dict:
     results["n_layers"] = loaded.n_layers
     results["parameters"] = sum(p.numel() for p in loaded.model.parameters())
 
-    folder = Path(source)
+    folder = Path(arguments.prompts_from or source)
     if (folder / "prompts").is_dir():
         good_train = read_prompts(folder, "harmless_train")
         bad_train = read_prompts(folder, "harmful_train")
@@ -460,6 +460,9 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--end-to-end", action="store_true")
     parser.add_argument(
         "--params", default="random", choices=["random", "heretic", "full-depth"], help="trial kind"
+    )
+    parser.add_argument(
+        "--prompts-from", default="", help="a folder with prompts/ (default: the model's own)"
     )
     parser.add_argument("--compare-plain", action="store_true", help="also time the plain path")
     parser.add_argument("--replay-memory", type=float, default=0.25)
