@@ -290,6 +290,19 @@ def bench(arguments: argparse.Namespace) -> dict:
         results["trials"]["mismatched_trials"] = mismatches
     results["per_trial"] = records
     results["peak_rss_mb"] = peak_rss_mb()
+    if arguments.bandwidth_gbs > 0:
+        # The memory-bandwidth floor of one forward pass is reading every weight once; a pass
+        # here also carries many tokens, so this is an upper bound on the fraction reached.
+        weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+        floor_s = weight_bytes / (arguments.bandwidth_gbs * 1e9)
+        reuse = results["trials"]["reuse"]
+        per_pass = reuse["seconds_per_trial"] / max(reuse["forward_passes"], 1)
+        results["bandwidth"] = {
+            "weight_bytes": weight_bytes,
+            "floor_s_per_pass": floor_s,
+            "seconds_per_pass": per_pass,
+            "fraction_of_limit": floor_s / per_pass,
+        }
     if torch.cuda.is_available() and arguments.device != "cpu":
         results["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return results
@@ -434,6 +447,15 @@ def print_table(results: dict) -> None:
         ("load average", " ".join(f"{x:.2f}" for x in os.getloadavg())),
         ("peak RSS", f"{results['peak_rss_mb']:.0f} MB"),
     ]
+    if "bandwidth" in results:
+        band = results["bandwidth"]
+        rows.append(
+            (
+                "seconds per pass / bandwidth floor",
+                f"{band['seconds_per_pass'] * 1000:.2f} / {band['floor_s_per_pass'] * 1000:.2f} ms "
+                f"({band['fraction_of_limit']:.0%} of the limit)",
+            )
+        )
     if "peak_cuda_mb" in results:
         rows.append(("peak CUDA memory", f"{results['peak_cuda_mb']:.0f} MB"))
     if results.get("end_to_end"):
@@ -466,6 +488,9 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--compare-plain", action="store_true", help="also time the plain path")
     parser.add_argument("--replay-memory", type=float, default=0.25)
+    parser.add_argument(
+        "--bandwidth-gbs", type=float, default=0, help="device memory bandwidth, for the floor"
+    )
     parser.add_argument("--no-drafts", action="store_true")
     parser.add_argument("--prune-margin", type=float, default=0.05, help="negative: no pruning")
     parser.add_argument("--json", default="", help="write the results here")
