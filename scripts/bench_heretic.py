@@ -11,7 +11,7 @@ Both get the same prompt files (the model folder's `prompts/`, else the tiny fix
 system prompt, dtype, batch size, reply length, trial count and seed, and the same kind of edit.
 
 Reported per tool and model: seconds per trial (mean and median, from the trials' own start and
-end times: heretic's Optuna journal, hctl's trial events), the search, the run end to end (process
+end times in each tool's Optuna journal: ask to tell), the search, the run end to end (process
 wall time), peak memory (the process's maximum resident set), and heretic / hctl ratios. The
 machine's load average is printed with the table: figures from a shared machine are noisy.
 Models default to `scripts/make_real_refuser.py --print-path base|refuser` (built on demand).
@@ -136,7 +136,9 @@ def run_hctl(model: Path, prompts: dict[str, Path], arguments, scratch: Path) ->
         else []
     )
     trials = [event for event in events if event.get("type") == "trial"]
-    result["trial_seconds"] = [float(event["seconds"]) for event in trials]
+    # Both tools' trials are timed the same way: from their Optuna journals.
+    journal = job / "study.journal"
+    result["trial_seconds"] = journal_trial_seconds(journal) if journal.exists() else []
     result["pruned"] = sum(1 for event in trials if event.get("pruned"))
     result["best_refusals"] = min(
         (e["refusals"] for e in trials if e["refusals"] is not None and not e.get("pruned")),
@@ -171,19 +173,25 @@ def run_heretic(model: Path, prompts: dict[str, Path], arguments, scratch: Path)
 
 
 def journal_trial_seconds(journal: Path) -> list[float]:
-    """Each finished trial's start-to-end seconds, from an Optuna journal file."""
+    """Each finished (complete or pruned) trial's start-to-end seconds, from an Optuna journal."""
+    create_trial, set_state, complete, pruned = 4, 6, 1, 2  # Optuna's journal codes
     starts: dict[int, datetime] = {}
     durations: dict[int, float] = {}
     created = 0
     for line in journal.read_text().splitlines():
         operation = json.loads(line)
-        if "datetime_start" in operation and operation.get("op_code") == 4:  # create trial
-            starts[created] = datetime.fromisoformat(operation["datetime_start"])
+        code = operation.get("op_code")
+        if code == create_trial:
+            if operation.get("datetime_start"):
+                starts[created] = datetime.fromisoformat(operation["datetime_start"])
             created += 1
-        elif operation.get("datetime_complete") and operation.get("trial_id") in starts:
+        elif code == set_state and operation.get("datetime_start"):  # an enqueued trial begins
+            starts[operation["trial_id"]] = datetime.fromisoformat(operation["datetime_start"])
+        elif code == set_state and operation.get("state") in (complete, pruned):
             trial = operation["trial_id"]
-            end = datetime.fromisoformat(operation["datetime_complete"])
-            durations[trial] = (end - starts[trial]).total_seconds()
+            if trial in starts and operation.get("datetime_complete"):
+                end = datetime.fromisoformat(operation["datetime_complete"])
+                durations[trial] = (end - starts[trial]).total_seconds()
     return [durations[trial] for trial in sorted(durations)]
 
 
@@ -255,8 +263,10 @@ def bench(arguments) -> dict:
                     prompts = write_prompts(Path(folder), scratch, counts)
                     run = runner(Path(folder), prompts, arguments, scratch)
                 finally:
-                    shutil.rmtree(scratch, ignore_errors=True)
+                    if not arguments.keep:
+                        shutil.rmtree(scratch, ignore_errors=True)
                 run["repeat"] = repeat
+                run["scratch"] = str(scratch) if arguments.keep else None
                 runs[name][tool].append(run)
                 print(
                     f"[{repeat + 1}/{arguments.repeats}] {name} {tool}: {run['wall_s']:.1f} s, "
@@ -301,6 +311,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--row-normalization", default="none", choices=["none", "pre", "full"])
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", default="", help="write the results here")
+    parser.add_argument("--keep", action="store_true", help="keep each run's scratch folder")
     return parser.parse_args(argv)
 
 
