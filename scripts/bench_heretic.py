@@ -118,12 +118,20 @@ def measured(command: list[str], cwd: Path, env: dict[str, str], log: Path) -> d
     return {"returncode": completed.returncode, "wall_s": wall, "peak_rss_mb": peak_kb / 1024}
 
 
+def thread_environment(arguments) -> dict[str, str]:
+    """The same CPU thread count for both tools, when one is asked for."""
+    if not arguments.threads:
+        return {}
+    return {"OMP_NUM_THREADS": str(arguments.threads), "MKL_NUM_THREADS": str(arguments.threads)}
+
+
 def run_hctl(model: Path, prompts: dict[str, Path], arguments, scratch: Path) -> dict:
     config = scratch / "hctl.toml"
     config.write_text(config_text(model, prompts, arguments, None))
     job = scratch / "hctl-job"
     executable = Path(sys.executable).with_name("hctl-worker")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, **thread_environment(arguments), "HF_HUB_OFFLINE": "1"}
+    env["TRANSFORMERS_OFFLINE"] = "1"
     command = [str(executable), "run", "--config", str(config), "--job-dir", str(job)]
     result = measured(command, scratch, env, scratch / "hctl.log")
     events = (
@@ -159,7 +167,8 @@ def run_heretic(model: Path, prompts: dict[str, Path], arguments, scratch: Path)
     work.mkdir()
     studies = work / "checkpoints"
     (work / "config.toml").write_text(config_text(model, prompts, arguments, studies))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TERM": "dumb"}
+    env = {**os.environ, **thread_environment(arguments), "HF_HUB_OFFLINE": "1"}
+    env.update(HF_DATASETS_OFFLINE="1", TERM="dumb")
     command = [str(arguments.heretic), "--model", str(model)]
     result = measured(command, work, env, scratch / "heretic.log")
     journals = list(studies.glob("*.jsonl")) if studies.is_dir() else []
@@ -310,6 +319,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--train-prompts", type=int, default=128, help="for the directions, each")
     parser.add_argument("--row-normalization", default="none", choices=["none", "pre", "full"])
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for both (0: theirs)")
     parser.add_argument("--json", default="", help="write the results here")
     parser.add_argument("--keep", action="store_true", help="keep each run's scratch folder")
     return parser.parse_args(argv)
