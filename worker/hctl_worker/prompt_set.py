@@ -24,7 +24,14 @@ import torch.nn.functional as functional
 
 from hctl_worker.architecture import find_layers
 from hctl_worker.drafts import DraftStore
-from hctl_worker.encoding import EncodedBatch, encode_texts
+from hctl_worker.encoding import (
+    EncodedBatch,
+    cache_option,
+    encode_texts,
+    forward_options,
+    new_cache,
+    returned_cache,
+)
 from hctl_worker.generation import (
     Context,
     FirstPass,
@@ -80,14 +87,39 @@ class Reuse:
         replay_memory: float = DEFAULT_REPLAY_MEMORY,
         drafts: bool = True,
     ) -> None:
-        self.use_drafts = drafts
         self.loaded = loaded
         self.layers = find_layers(loaded.model)
+        # Drafts and replays write columns into the cache that later masks hide or fill; only a
+        # plain key/value cache keeps nothing else (a convolution or recurrent state would be
+        # changed by a rejected draft token for good).
+        plain_cache = self._plain_cache()
+        self.use_drafts = drafts and plain_cache
+        if not plain_cache:
+            replay_memory = 0
         self.unchanged_layers = unchanged_layers or (lambda: 0)
         self.replay_memory = replay_memory
         self.prefix = SharedPrefix.find(loaded, texts) if share_prefix else None
         self.plan = DepthPlan(0, ())
         self.first_passes: dict[int, FirstPass] = {}
+
+    def _plain_cache(self) -> bool:
+        model = self.loaded.model
+        token = torch.zeros((1, 1), dtype=torch.long, device=self.loaded.input_device)
+        cache = new_cache(model)
+        try:
+            with torch.inference_mode():
+                outputs = model(
+                    input_ids=token,
+                    attention_mask=torch.ones_like(token),
+                    use_cache=True,
+                    **cache_option(model, cache),
+                    **forward_options(model),
+                )
+        except Exception as error:
+            if is_out_of_memory(error):
+                raise
+            return False
+        return replayable(returned_cache(outputs, cache))
 
     def check_prefix(self, batch: EncodedBatch) -> None:
         """Keep the shared prefix only if it gives this model's own first-token logits."""
