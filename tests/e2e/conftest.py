@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tests.standins.runpod_emulator import RunPodEmulator
+from tests.standins.runpod_rest_emulator import RunPodRestEmulator
 from tests.standins.sshd import SshdServer
 
 TINY = str(REPO_ROOT / "tests" / "fixtures" / "tiny-refuser")
@@ -20,7 +20,7 @@ FAST = ["--set", "batch_size=64", "--set", "max_response_length=12"]
 
 @dataclass
 class PodRig:
-    emulator: RunPodEmulator
+    emulator: RunPodRestEmulator
     sshd: SshdServer
     volume: Path
 
@@ -30,10 +30,10 @@ class PodRig:
 
 @pytest.fixture
 def pod_rig(
-    hctl_runpod_env: RunPodEmulator, sshd_pod: SshdServer, monkeypatch: pytest.MonkeyPatch
+    hctl_rest_env: RunPodRestEmulator, sshd_pod: SshdServer, monkeypatch: pytest.MonkeyPatch
 ) -> PodRig:
     """Every pod the emulator creates is reached at the sshd stand-in; the volume is a folder."""
-    hctl_runpod_env.route_ssh(direct=(sshd_pod.host, sshd_pod.port))
+    hctl_rest_env.route_ssh(direct=(sshd_pod.host, sshd_pod.port))
     volume = sshd_pod.home / "workspace"
     volume.mkdir(exist_ok=True)
     monkeypatch.setenv("HCTL_SSH_KEY", str(sshd_pod.client_key_path))
@@ -43,7 +43,7 @@ def pod_rig(
     monkeypatch.setenv("HCTL_FOLLOW_INTERVAL_S", "0.2")
     # The stand-in has no runpodctl: the pod's self-stop check ends at once, leaving nothing behind.
     monkeypatch.setenv("HCTL_SELF_STOP_GRACE_S", "0")
-    return PodRig(emulator=hctl_runpod_env, sshd=sshd_pod, volume=volume)
+    return PodRig(emulator=hctl_rest_env, sshd=sshd_pod, volume=volume)
 
 
 @pytest.fixture
