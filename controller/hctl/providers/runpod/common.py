@@ -144,7 +144,14 @@ request = urllib.request.Request(url, data=body.encode() if body else None, meth
     "Authorization": "Bearer " + key, "Content-Type": "application/json",
     "User-Agent": "hctl-pod"}})
 with urllib.request.urlopen(request, timeout=60) as answer:
-    print("hctl: the API answered HTTP", answer.status, answer.read(300).decode("utf-8", "replace"))
+    text = answer.read(2000).decode("utf-8", "replace")
+print("hctl: the API answered HTTP", answer.status, text[:300])
+try:
+    refused = (json.loads(text) or {{}}).get("errors") if text.startswith("{{") else None
+except ValueError:
+    refused = None
+if refused:  # GraphQL refuses with HTTP 200 and an errors list
+    sys.exit("hctl: refused: " + str(refused)[:300])
 """
 
 
