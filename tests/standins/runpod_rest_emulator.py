@@ -29,7 +29,11 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from openapi_core import Config, OpenAPI
-from openapi_core.templating.paths.exceptions import OperationNotFound, PathNotFound
+from openapi_core.templating.paths.exceptions import (
+    OperationNotFound,
+    PathNotFound,
+    ServerNotFound,
+)
 from openapi_core.testing import MockRequest, MockResponse
 from openapi_core.validation.request.exceptions import SecurityValidationError
 
@@ -247,7 +251,7 @@ class RunPodRestEmulator(EmulatorServer):
         self.invalid_responses.extend(
             f"{request.method.upper()} {request.path} → {answer.status}: {_violation(error)}"
             for error in errors
-            if not isinstance(error, PathNotFound | OperationNotFound)
+            if not isinstance(error, PathNotFound | OperationNotFound | ServerNotFound)
         )
 
     # --- operations --------------------------------------------------------------------------

@@ -133,6 +133,7 @@ def describe(provider: Provider, lease: PodLease) -> str:
     if provider.capabilities.lease:
         return f"RunPod {action}s it at {moment} at the latest."
     return (
-        f"The pod {action}s itself at {moment} unless its job is still making progress "
-        "(a watchdog on the pod, started at boot by the hctl image or once hctl reaches it)."
+        f"The pod {action}s itself at {moment} (later while a job on it makes progress): "
+        "RunPod's REST API keeps no deadline, so a watchdog on the pod does, started at boot by "
+        "the hctl image or by hctl as soon as it reaches the pod."
     )

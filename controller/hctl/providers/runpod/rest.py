@@ -44,9 +44,18 @@ class RestClient:
         json: Any = None,
         params: dict[str, Any] | None = None,
         timeout_s: float | None = None,
+        pod_id: str | None = None,
     ) -> Any:
+        """One request; `pod_id` names the pod the path is about (its 404 means "no such
+        pod"; elsewhere a 404 means the address is not RunPod's API)."""
         return self.http.call(
-            method, path, _json_or_raise, retry=retry, json=json, params=params, timeout_s=timeout_s
+            method,
+            path,
+            lambda response: _json_or_raise(response, pod_id),
+            retry=retry,
+            json=json,
+            params=params,
+            timeout_s=timeout_s,
         )
 
 
@@ -63,7 +72,7 @@ def _problem(response: httpx.Response) -> tuple[str, list[str]]:
     return detail, errors
 
 
-def _json_or_raise(response: httpx.Response) -> Any:
+def _json_or_raise(response: httpx.Response, pod_id: str | None) -> Any:
     status = response.status_code
     if 200 <= status < 300:
         if status == 204 or not response.content:
@@ -76,10 +85,10 @@ def _json_or_raise(response: httpx.Response) -> Any:
                 "Check the API address (HCTL_RUNPOD_REST_URL); RunPod's is https://api.runpod.io.",
                 retryable=True,
             ) from None
-    raise problem_error(response)
+    raise problem_error(response, pod_id)
 
 
-def problem_error(response: httpx.Response) -> ProviderError:
+def problem_error(response: httpx.Response, pod_id: str | None = None) -> ProviderError:
     """An RFC 9457 answer as the hctl error it means."""
     status = response.status_code
     detail, violations = _problem(response)
@@ -89,15 +98,13 @@ def problem_error(response: httpx.Response) -> ProviderError:
         return RateLimitedError(retry_after(response))
     if status >= 500:
         return server_error(status)
-    if status == 404:
-        if not detail and not response.headers.get("content-type", "").startswith(
-            "application/problem+json"
-        ):
-            return ApiError(
-                f"There is no RunPod REST API at {response.request.url} (HTTP 404).",
-                "Check HCTL_RUNPOD_REST_URL; RunPod's is https://api.runpod.io.",
-            )
-        return PodNotFoundError(f"RunPod does not know it: {detail or 'not found'}.")
+    if status == 404 and pod_id is not None:
+        return PodNotFoundError(f"No pod with the id {pod_id!r}.")
+    if status in (404, 405):
+        return ApiError(
+            f"There is no RunPod REST API at {response.request.url} (HTTP {status}).",
+            "Check HCTL_RUNPOD_REST_URL; RunPod's is https://api.runpod.io.",
+        )
     if status == 402:
         return ApiError(
             f"RunPod refused for lack of credit (HTTP 402): {detail}",

@@ -121,10 +121,7 @@ class RunPodRestProvider:
         return [self._pod(entry) for entry in (data or {}).get("pods") or [] if entry]
 
     def get(self, pod_id: str) -> Pod:
-        try:
-            data = self._client.call("GET", f"/v2/pods/{pod_id}", retry="always")
-        except PodNotFoundError:
-            raise PodNotFoundError(f"No pod with the id {pod_id!r}.") from None
+        data = self._client.call("GET", f"/v2/pods/{pod_id}", retry="always", pod_id=pod_id)
         return self._pod(data)
 
     def create(self, spec: PodSpec) -> Pod:
@@ -175,7 +172,7 @@ class RunPodRestProvider:
     def terminate(self, pod_id: str) -> None:
         self.get(pod_id)
         try:
-            self._client.call("DELETE", f"/v2/pods/{pod_id}", retry="always")
+            self._client.call("DELETE", f"/v2/pods/{pod_id}", retry="always", pod_id=pod_id)
         except (PodNotFoundError, ApiError):
             # An earlier attempt whose answer was lost may have terminated it already.
             try:
@@ -219,8 +216,9 @@ class RunPodRestProvider:
 
     def _action(self, pod_id: str, action: str) -> None:
         self._client.call(
-            "POST", f"/v2/pods/{pod_id}/action", retry="always", json={"action": action}
-        )
+            "POST", f"/v2/pods/{pod_id}/action", retry="always", json={"action": action},
+            pod_id=pod_id,
+        )  # fmt: skip
 
     def _create_body(self, spec: PodSpec) -> dict[str, Any]:
         gpu: dict[str, Any] = {"id": spec.gpu_type_id, "count": spec.gpu_count}
