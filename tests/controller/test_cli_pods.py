@@ -19,7 +19,7 @@ from typer.testing import CliRunner, Result
 
 from hctl.cli import app
 from tests.standins.runpod_cloud import EmulatorServer as RunPodEmulator
-from tests.standins.sshd import SshdServer
+from tests.standins.sshd import SshdServer, stop_watchdog
 
 
 @pytest.fixture
@@ -168,8 +168,14 @@ def test_create_pod_refuses_a_name_in_use(emulator: RunPodEmulator) -> None:
 
 
 # What each API's failure looks like to the user (REST: problem documents; GraphQL: envelopes).
-GENERIC = {"graphql": "generic error: Something went wrong", "rest": "RunPod's API failed (HTTP 500)"}
-BAD_REQUEST = {"graphql": "rejected hctl's request as invalid", "rest": "request could not be processed"}
+GENERIC = {
+    "graphql": "generic error: Something went wrong",
+    "rest": "RunPod's API failed (HTTP 500)",
+}
+BAD_REQUEST = {
+    "graphql": "rejected hctl's request as invalid",
+    "rest": "request could not be processed",
+}
 
 
 @pytest.mark.parametrize(
@@ -358,10 +364,18 @@ def test_a_wrong_api_address_is_named(
     emulator: RunPodEmulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if emulator.api == "graphql":
-        variable, wrong, nowhere = "HCTL_RUNPOD_API_URL", emulator.base_url, "http://127.0.0.1:9/graphql"
+        variable, wrong, nowhere = (
+            "HCTL_RUNPOD_API_URL",
+            emulator.base_url,
+            "http://127.0.0.1:9/graphql",
+        )
         missing = "There is no GraphQL API at"
     else:
-        variable, wrong, nowhere = "HCTL_RUNPOD_REST_URL", emulator.url + "/api", "http://127.0.0.1:9"
+        variable, wrong, nowhere = (
+            "HCTL_RUNPOD_REST_URL",
+            emulator.url + "/api",
+            "http://127.0.0.1:9",
+        )
         missing = "There is no RunPod REST API at"
     monkeypatch.setenv(variable, wrong)
     assert_clean_error(hctl("list-pods"), 1, missing, variable)
@@ -397,12 +411,3 @@ def test_max_hours_is_a_deadline_someone_keeps(
         os.kill(pid, 0)  # running, in its own session: this command has ended
     finally:
         stop_watchdog(volume / "hctl")
-
-
-def stop_watchdog(folder: Path) -> None:
-    """End the watchdog a test started on the stand-in pod (this machine), by its pid."""
-    import contextlib
-    import signal
-
-    with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
-        os.kill(int((folder / "watchdog.pid").read_text()), signal.SIGTERM)

@@ -168,7 +168,9 @@ def test_forget_host_of_an_unknown_name_lists_what_is_known(ssh_env: None) -> No
 
 
 @pytest.fixture
-def pod_env(ssh_env: None, hctl_rest_env: RunPodRestEmulator, sshd_pod: SshdServer) -> RunPodRestEmulator:
+def pod_env(
+    ssh_env: None, hctl_rest_env: RunPodRestEmulator, sshd_pod: SshdServer
+) -> RunPodRestEmulator:
     hctl_rest_env.route_ssh(direct=("127.0.0.1", sshd_pod.port), pod_host_id="root")
     return hctl_rest_env
 

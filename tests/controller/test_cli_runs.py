@@ -61,7 +61,7 @@ def test_bad_input_is_one_clear_error_and_creates_nothing(
     assert "error:" in result.output and message in result.output
     assert "Traceback" not in result.output
     assert hctl_rest_env.pods == []
-    assert hctl_rest_env.requests_for("podFindAndDeployOnDemand") == []
+    assert hctl_rest_env.requests_for("create") == []
 
 
 def test_a_model_too_big_for_the_gpu_fails_preflight_with_alternatives(
@@ -95,12 +95,12 @@ def test_a_pod_that_never_becomes_reachable_is_terminated(
     result = runner.invoke(app, ["run", TINY, "--trials", "2", "--yes"])
     assert result.exit_code == 6, result.output
     assert "so it was terminated: nothing more is billed" in result.output
-    assert len(hctl_rest_env.requests_for("podFindAndDeployOnDemand")) == 1
+    assert len(hctl_rest_env.requests_for("create")) == 1
     assert hctl_rest_env.pods == []
 
 
 def test_a_capacity_error_offers_alternatives_and_creates_nothing(hctl_rest_env, runner) -> None:
-    hctl_rest_env.inject_fault("capacity", operation="podFindAndDeployOnDemand")
+    hctl_rest_env.inject_fault("capacity", operation="create")
     result = runner.invoke(app, ["run", TINY, "--trials", "2", "--yes",
                                  "--gpu", "NVIDIA GeForce RTX 4090"])  # fmt: skip
     assert result.exit_code == 4, result.output

@@ -139,7 +139,9 @@ def test_documented_pod_lifecycle_with_inline_literals_and_variables(
     refused = post(graphql_emulator, RESUME % spot["id"]).json()
     assert refused["errors"][0]["message"] == "Cannot resume a spot pod as an on demand pod."
     bid = {"podId": spot["id"], "bidPerGpu": 0.3, "gpuCount": 1}
-    assert post(graphql_emulator, BID_RESUME, bid).json()["data"]["podBidResume"]["costPerHr"] == 0.3
+    assert (
+        post(graphql_emulator, BID_RESUME, bid).json()["data"]["podBidResume"]["costPerHr"] == 0.3
+    )
 
     assert post(graphql_emulator, TERMINATE % pod["id"]).json() == {"data": {"podTerminate": None}}
     assert post(graphql_emulator, GET_POD % pod["id"]).json()["data"]["pod"] is None

@@ -58,7 +58,9 @@ def provider_for(
 
 
 def spec(name: str = "hctl-test-1", gpu: str = "NVIDIA GeForce RTX 4090", **fields) -> PodSpec:  # noqa: ANN003
-    return PodSpec(**{"name": name, "gpu_type_id": gpu, "image": IMAGE, "env": {"A": "1"}, **fields})
+    return PodSpec(
+        **{"name": name, "gpu_type_id": gpu, "image": IMAGE, "env": {"A": "1"}, **fields}
+    )
 
 
 def test_the_registry_has_both_apis_and_rest_is_the_default() -> None:
@@ -125,8 +127,10 @@ def test_retries_are_bounded_and_end_in_a_clear_message(runpod_emulator: Emulato
     sleeper = Sleeper()
     provider = provider_for(runpod_emulator, sleeper, api_retries=2)
     runpod_emulator.inject_fault("something_went_wrong", times=10)
-    expected = "generic error: Something went wrong" if runpod_emulator.api == "graphql" else (
-        r"RunPod's API failed \(HTTP 500\)"
+    expected = (
+        "generic error: Something went wrong"
+        if runpod_emulator.api == "graphql"
+        else (r"RunPod's API failed \(HTTP 500\)")
     )
     with pytest.raises(ApiError, match=expected) as raised:
         provider.gpu_types()
@@ -217,12 +221,20 @@ def test_an_unknown_gpu_at_create_is_named_as_such(runpod_emulator: EmulatorServ
 def test_one_resolver_takes_ids_names_and_unique_words(runpod_emulator: EmulatorServer) -> None:
     provider = provider_for(runpod_emulator)
     settings = provider.settings
-    for name in ("RTX 4090", "rtx 4090", "4090", "NVIDIA GeForce RTX 4090", "nvidia geforce rtx 4090"):
+    for name in (
+        "RTX 4090",
+        "rtx 4090",
+        "4090",
+        "NVIDIA GeForce RTX 4090",
+        "nvidia geforce rtx 4090",
+    ):
         assert pods.plan_pod(provider, settings, gpu=name).gpu.id == "NVIDIA GeForce RTX 4090"
     assert pods.plan_pod(provider, settings, gpu="a6000").gpu.id == "NVIDIA RTX A6000"
     with pytest.raises(UnknownGpuError, match="2 GPU types match 'H100'") as raised:
         pods.plan_pod(provider, settings, gpu="H100")
-    assert '"NVIDIA H100 80GB HBM3"' in raised.value.hint and '"NVIDIA H100 PCIe"' in raised.value.hint
+    assert (
+        '"NVIDIA H100 80GB HBM3"' in raised.value.hint and '"NVIDIA H100 PCIe"' in raised.value.hint
+    )
     with pytest.raises(UnknownGpuError, match="no GPU type 'A40'"):
         pods.plan_pod(provider, settings, gpu="A40")  # not the RTX A4000: whole words only
     with pytest.raises(UnknownGpuError) as raised:
@@ -297,9 +309,7 @@ def test_a_lease_is_sent_or_kept_by_the_pod(runpod_emulator: EmulatorServer) -> 
 
 
 @pytest.mark.parametrize("action", ["stop", "terminate"])
-def test_a_pod_stops_itself_with_its_own_key(
-    runpod_emulator: EmulatorServer, action: str
-) -> None:
+def test_a_pod_stops_itself_with_its_own_key(runpod_emulator: EmulatorServer, action: str) -> None:
     """`self_stop_command` run as the pod would run it: RUNPOD_POD_ID and its pod-scoped key."""
     provider = provider_for(runpod_emulator)
     mine, other = provider.create(spec(name="hctl-mine")), provider.create(spec(name="hctl-other"))

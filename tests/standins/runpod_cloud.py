@@ -98,8 +98,17 @@ def default_catalogue() -> list[CatalogueGpu]:
         CatalogueGpu("NVIDIA GeForce RTX 4090", "RTX 4090", 24, 0.44, 0.31, 0.29, 0.20, "High"),
         CatalogueGpu("NVIDIA GeForce RTX 3090", "RTX 3090", 24, 0.43, 0.22, 0.26, 0.16, "Medium"),
         CatalogueGpu("NVIDIA GeForce RTX 5090", "RTX 5090", 32, 0.89, 0.69, 0.55, 0.45, "Low"),
-        CatalogueGpu("NVIDIA RTX A4000", "RTX A4000", 16, 0.35, 0.17, 0.20, 0.10, "High",
-                     cuda_versions=("11.8", "12.2", "12.4")),  # fmt: skip
+        CatalogueGpu(
+            "NVIDIA RTX A4000",
+            "RTX A4000",
+            16,
+            0.35,
+            0.17,
+            0.20,
+            0.10,
+            "High",
+            cuda_versions=("11.8", "12.2", "12.4"),
+        ),  # fmt: skip
         CatalogueGpu("NVIDIA RTX A6000", "RTX A6000", 48, 0.76, 0.49, 0.45, 0.25, "Low"),
         CatalogueGpu("NVIDIA L40S", "L40S", 48, 0.86, 0.79, 0.50, 0.45, "Medium"),
         CatalogueGpu("NVIDIA A100 80GB PCIe", "A100 PCIe", 80, 1.39, 1.19, 0.99, 0.82, None),
@@ -391,7 +400,9 @@ class RunPodCloud:
         price = gpu.price_in(cloud, spot=spot)
         if stock_checked and (gpu.stock_in(cloud) is None or price is None):
             raise CloudError("capacity", CAPACITY_MESSAGE)
-        host_cuda = _host_cuda(gpu, given.get("allowed_cuda_versions"), given.get("min_cuda_version"))
+        host_cuda = _host_cuda(
+            gpu, given.get("allowed_cuda_versions"), given.get("min_cuda_version")
+        )
         if stock_checked and host_cuda is None:
             raise CloudError("capacity", CAPACITY_MESSAGE)
         if spot:
@@ -497,9 +508,7 @@ class RunPodCloud:
         self._billed_since[pod.id] = self.now()
 
 
-def _host_cuda(
-    gpu: CatalogueGpu, allowed: list[str] | None, minimum: str | None
-) -> str | None:
+def _host_cuda(gpu: CatalogueGpu, allowed: list[str] | None, minimum: str | None) -> str | None:
     """The newest host CUDA version that satisfies the constraint (exact set or a floor)."""
 
     def key(version: str) -> tuple[int, ...]:

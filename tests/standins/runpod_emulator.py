@@ -213,7 +213,9 @@ class RunPodEmulator(EmulatorServer):
             return json_answer(400, _errors("Bad request"))
         if fault.kind == "rate_limited":
             retry_after = fault.retry_after if fault.retry_after is not None else 1
-            return json_answer(429, _errors("Too many requests"), **{"Retry-After": f"{retry_after:g}"})
+            return json_answer(
+                429, _errors("Too many requests"), **{"Retry-After": f"{retry_after:g}"}
+            )
         if fault.kind == "server_error":
             return json_answer(fault.status, _errors("Internal server error"))
         if fault.kind == "capacity":
@@ -241,8 +243,10 @@ class RunPodEmulator(EmulatorServer):
             "lowestBidPriceToResume": cloud.resume_bid(pod) if pod.status != "RUNNING" else None,
             "gpuCount": pod.gpu_count,
             "gpuPowerLimitPercent": 100,
-            "gpus": [{"id": f"GPU-{pod.machine_id}-{index}", "podId": pod.id}
-                     for index in range(pod.gpu_count)],  # fmt: skip
+            "gpus": [
+                {"id": f"GPU-{pod.machine_id}-{index}", "podId": pod.id}
+                for index in range(pod.gpu_count)
+            ],  # fmt: skip
             "vcpuCount": 8.0 * pod.gpu_count,
             "memoryInGb": 62.0 * pod.gpu_count,
             "containerDiskInGb": pod.container_disk_gb,
@@ -289,7 +293,11 @@ class RunPodEmulator(EmulatorServer):
             "uptimeInSeconds": self.cloud.uptime(pod),
             "ports": ports,
             "gpus": [
-                {"id": f"GPU-{pod.machine_id}-{index}", "gpuUtilPercent": 37, "memoryUtilPercent": 12}
+                {
+                    "id": f"GPU-{pod.machine_id}-{index}",
+                    "gpuUtilPercent": 37,
+                    "memoryUtilPercent": 12,
+                }
                 for index in range(pod.gpu_count)
             ],
             "container": {"cpuPercent": 1, "memoryPercent": 2},
@@ -411,7 +419,9 @@ class RunPodEmulator(EmulatorServer):
             wanted = set((input or {}).get("ids") or [])
             if (input or {}).get("id"):
                 wanted.add(input["id"])  # type: ignore[index]
-            return [self._gpu_view(gpu) for gpu in cloud.catalogue if not wanted or gpu.id in wanted]
+            return [
+                self._gpu_view(gpu) for gpu in cloud.catalogue if not wanted or gpu.id in wanted
+            ]
 
         def user_settings(_root: Any, info: Any, input: dict[str, Any] | None = None) -> Any:
             account(info)

@@ -261,7 +261,9 @@ class RunPodRestEmulator(EmulatorServer):
         query = dict(result.parameters.query or {}) if result.parameters else {}
         try:
             if operation_id == "listPods":
-                return ok(200, {"pods": [self._pod_view(pod, poll=True) for pod in cloud.all_pods()]})
+                return ok(
+                    200, {"pods": [self._pod_view(pod, poll=True) for pod in cloud.all_pods()]}
+                )
             if operation_id == "getPod":
                 return ok(200, self._pod_view(cloud.existing(pod_id or ""), poll=True))
             if operation_id == "createPod":
@@ -274,14 +276,18 @@ class RunPodRestEmulator(EmulatorServer):
             if operation_id in ("listGpuTypes", "getGpuType"):
                 return self._catalogue(query, pod_id)
             if operation_id == "getSshKeys":
-                return ok(200, {"keys": [line for line in cloud.pub_key.splitlines() if line.strip()]})
+                return ok(
+                    200, {"keys": [line for line in cloud.pub_key.splitlines() if line.strip()]}
+                )
             if operation_id == "updateSshKeys":
                 cloud.pub_key = "\n".join(body["keys"])
                 return ok(200, {"keys": list(body["keys"])})
             if operation_id == "listPodBilling":
                 return self._billing(query)
         except CloudError as error:
-            status = {"capacity": 400, "not_found": 404, "conflict": 409, "invalid": 400}[error.kind]
+            status = {"capacity": 400, "not_found": 404, "conflict": 409, "invalid": 400}[
+                error.kind
+            ]
             return problem(status, error.message)
         return problem(501, f"{operation_id} is not emulated")
 
@@ -382,8 +388,12 @@ class RunPodRestEmulator(EmulatorServer):
             "dataCenterId": "EU-RO-1",
             "cudaVersion": pod.cuda_version,
             "ssh": {
-                "proxy": {"host": "ssh.runpod.io", "port": 22, "username": host_id,
-                          "command": f"ssh {host_id}@ssh.runpod.io"},  # fmt: skip
+                "proxy": {
+                    "host": "ssh.runpod.io",
+                    "port": 22,
+                    "username": host_id,
+                    "command": f"ssh {host_id}@ssh.runpod.io",
+                },  # fmt: skip
                 "direct": direct,
             },
             "template": None,
@@ -474,12 +484,20 @@ class RunPodRestEmulator(EmulatorServer):
                             "diskAmount": 0.0})  # fmt: skip
         total = round(sum(record["totalAmount"] for record in records), 6)
         metadata = {
-            "query": {"startTime": _iso(start), "endTime": _iso(end), "bucketSize": bucket,
-                      "podId": wanted},  # fmt: skip
+            "query": {
+                "startTime": _iso(start),
+                "endTime": _iso(end),
+                "bucketSize": bucket,
+                "podId": wanted,
+            },  # fmt: skip
             "recordCount": len(records),
             "uniquePodCount": len(records),
-            "totals": {"totalAmount": total, "gpuAmount": total, "cpuAmount": 0.0,
-                       "diskAmount": 0.0},  # fmt: skip
+            "totals": {
+                "totalAmount": total,
+                "gpuAmount": total,
+                "cpuAmount": 0.0,
+                "diskAmount": 0.0,
+            },  # fmt: skip
         }
         return ok(200, {"records": records, "metadata": metadata})
 
@@ -513,7 +531,7 @@ def _operation_id(path: str, method: str) -> tuple[str | None, bool]:
     parts = path.strip("/").split("/")
     for pattern, operations in _paths():
         if len(pattern) == len(parts) and all(
-            want == have or want.startswith("{") for want, have in zip(pattern, parts)
+            want == have or want.startswith("{") for want, have in zip(pattern, parts, strict=True)
         ):
             found = operations.get(method.lower())
             return (found["operationId"] if found else None), True
