@@ -206,6 +206,24 @@ def test_monitor_of_a_pod_shows_its_cost(pod_env: RunPodRestEmulator) -> None:
     assert "/h," in result.stdout and "since it started" in result.stdout
 
 
+def test_monitor_of_a_pod_ssh_cannot_reach_yet_shows_the_apis_gpu_use(
+    pod_env: RunPodRestEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    pod_env.route_ssh(direct=("127.0.0.1", closed_port), pod_host_id="root")
+    monkeypatch.setenv("HCTL_SSH_PROXY_PORT", str(closed_port))  # the proxy refuses too
+    monkeypatch.setenv("HCTL_CONNECT_TIMEOUT_S", "2")
+    monkeypatch.setenv("COLUMNS", "200")
+    pod_env.add_pod(name="hctl-booting")
+    result = hctl("monitor", "hctl-booting", "--count", "2", "--interval", "1")
+    assert result.exit_code == 0, result.output
+    assert "Showing the GPU use RunPod reports instead" in result.stderr
+    assert "as the provider reports them" in result.stdout and "37 %" in result.stdout
+    assert len(pod_env.requests_for("get")) == 2  # read again for the second reading
+
+
 def test_doctor_passes_then_names_each_failure_with_its_fix(
     pod_env: RunPodRestEmulator, sshd_pod: SshdServer
 ) -> None:
