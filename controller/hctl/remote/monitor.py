@@ -124,7 +124,7 @@ def api_gpu_table(pod: Pod) -> RenderableType:
         table.add_row(
             str(index), _value(gpu.utilisation_percent, " %"), _value(gpu.memory_percent, " %")
         )
-    return table
+    return Group(Text(f"GPUs of pod {pod.id}, as the provider reports them:"), table)
 
 
 def monitor_through_api(
