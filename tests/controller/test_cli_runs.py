@@ -87,6 +87,37 @@ def test_jobs_and_results_of_an_unknown_job(runner, tmp_path: Path) -> None:
     assert result.exit_code == 1 and "No job 'nope'" in result.output
 
 
+def test_jobs_and_results_show_what_runpod_billed_next_to_the_estimate(
+    hctl_runpod_env, runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """REST v2 reports each pod's bill (/v2/billing/pods); GraphQL does not: then the estimate."""
+    from hctl.providers import make_provider
+    from hctl.providers.base import PodSpec
+    from hctl.services.jobs import JobRecord, JobStore
+    from hctl.settings import load_settings
+
+    monkeypatch.setenv("COLUMNS", "250")
+    provider = make_provider(load_settings())
+    first = provider.create(PodSpec(name="hctl-j-1", gpu_type_id="NVIDIA GeForce RTX 4090",
+                                    image="i", cloud_type="COMMUNITY"))  # fmt: skip
+    hctl_runpod_env.elapse(3600)  # an hour at $0.31
+    provider.terminate(first.id)  # the job moved to a second pod (a resume): both count
+    second = provider.create(PodSpec(name="hctl-j-2", gpu_type_id="NVIDIA GeForce RTX 4090",
+                                     image="i", cloud_type="COMMUNITY"))  # fmt: skip
+    hctl_runpod_env.elapse(1800)
+    JobStore().save(JobRecord(job_id="j", model="m", worker_model="m", n_trials=2, target="pod",
+                              pod_id=second.id, pod_ids=[first.id, second.id], remote_job_dir="",
+                              status="finished", estimated_cost=0.5))  # fmt: skip
+    shown = invoke(runner, "results", "j")
+    listed = invoke(runner, "jobs")
+    if hctl_runpod_env.api == "rest":
+        assert "Cost of its pods: $0.47 billed (estimate $0.50)." in shown.output
+        assert "$0.47 billed (estimate $0.50)" in listed.output
+    else:
+        assert "Cost of its pods: estimate $0.50." in shown.output
+        assert "billed" not in listed.output and "estimate $0.50" in listed.output
+
+
 def test_a_pod_that_never_becomes_reachable_is_terminated(
     hctl_rest_env, runner, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -10,7 +10,7 @@ import typer
 
 from hctl.cli.common import confirm, console, error_console
 from hctl.errors import ConfigError, JobError
-from hctl.services import launch, runs
+from hctl.services import billing, launch, runs
 from hctl.services import resume as resume_service
 from hctl.services.budget import check_estimate_within
 from hctl.services.estimate import compare_gpus, format_duration, format_money
@@ -212,11 +212,11 @@ def jobs(
 
     toolkit = _toolkit()
     table = Table()
-    for column in ("job", "model", "machine", "status", "trials", "best", "price"):
+    for column in ("job", "model", "machine", "status", "trials", "best", "price", "cost"):
         table.add_column(column, no_wrap=column in {"job", "status", "trials"}, overflow="fold")
-    for record in toolkit.store.list():
-        if pod is not None and record.pod_id != pod:
-            continue
+    records = [record for record in toolkit.store.list() if pod in (None, record.pod_id)]
+    bills = billing.billed_by_job(records, toolkit.provider)
+    for record in records:
         progress = runs.local_progress(record, toolkit)
         best = progress.best(record.kl_limit or 0.5)
         table.add_row(
@@ -224,6 +224,7 @@ def jobs(
             f"{progress.trials_done}/{progress.n_trials or record.n_trials}",
             f"#{best.number} {best.refusals}/{best.total_bad} KL {best.kl:.3f}" if best else "—",
             f"{format_money(record.price_per_hour)}/h" if record.target == "pod" else "—",
+            billing.bill_text(record, bills.get(record.job_id)),
         )  # fmt: skip
     console.print(table)
 
@@ -266,6 +267,9 @@ def results(job: str = typer.Argument(..., help="The job id.")) -> None:
     state = "finished" if progress.done else ("failed" if progress.error else progress.stage)
     console.print(f"{progress.trials_done}/{progress.n_trials} trials; search {state}.")
     _show_results(record, progress, toolkit)
+    bill = billing.billed_by_job([record], toolkit.provider).get(record.job_id)
+    if bill is not None or record.estimated_cost is not None:
+        console.print(f"Cost of its pods: {billing.bill_text(record, bill)}.")
 
 
 def cancel(
