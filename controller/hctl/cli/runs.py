@@ -10,12 +10,11 @@ import typer
 
 from hctl.cli.common import confirm, console, error_console
 from hctl.errors import ConfigError, JobError
-from hctl.services import billing, launch, runs
+from hctl.services import billing, launch, lease, runs
 from hctl.services import resume as resume_service
 from hctl.services.budget import check_estimate_within
-from hctl.services.estimate import compare_gpus, format_duration, format_money
+from hctl.services.estimate import compare_gpus, format_money
 from hctl.services.jobs import JobRecord
-from hctl.services.lease import lease_seconds
 from hctl.services.models import format_parameter_count, inspect_model
 from hctl.services.progress import JobProgress
 from hctl.services.toolkit import Toolkit, default_toolkit
@@ -147,7 +146,7 @@ def run(
         after="keep" if keep else ("terminate" if terminate else None), job_dir=job_dir,
     )  # fmt: skip
     plan = launch.plan_run(request, toolkit)
-    _show_plan(plan)
+    _show_plan(plan, toolkit)
     check_estimate_within(
         plan.estimate, max_cost if max_cost is not None else toolkit.settings.max_cost
     )
@@ -157,7 +156,7 @@ def run(
     _follow(record, toolkit, assume_yes=yes, replay=False)
 
 
-def _show_plan(plan: launch.RunPlan) -> None:
+def _show_plan(plan: launch.RunPlan, toolkit: Toolkit) -> None:
     model = plan.model
     size = (
         f"{format_parameter_count(model.parameters)} parameters"
@@ -170,10 +169,7 @@ def _show_plan(plan: launch.RunPlan) -> None:
     )
     console.print(f"Phases: {phases_line(plan.estimate)}")
     if plan.creates_pod:
-        console.print(
-            f"A new pod gets a lease of {format_duration(lease_seconds(plan.estimate.total_seconds))}"
-            " (RunPod terminates it then, whatever happens to this computer)."
-        )
+        console.print(lease.plan_text(toolkit.provider(), plan.estimate.total_seconds))
 
 
 def estimate(

@@ -27,6 +27,7 @@ from hctl import watchdog
 from hctl.errors import RemoteError
 from hctl.providers.base import LeaseAction, Pod, PodLease, Provider
 from hctl.remote.base import Remote
+from hctl.services.estimate import format_duration
 from hctl.settings import Settings
 
 LEASE_FACTOR = 3.0
@@ -124,6 +125,20 @@ def arm_over_ssh(pod: Pod, provider: Provider, lease: PodLease, settings: Settin
         return arm(remote, provider, lease, f"{settings.volume_path.rstrip('/')}/hctl")
     finally:
         remote.close()
+
+
+def plan_text(provider: Provider, estimated_seconds: float) -> str:
+    """What `hctl run` says about a new pod's lease before it asks."""
+    length = format_duration(lease_seconds(estimated_seconds))
+    if provider.capabilities.lease:
+        return (
+            f"A new pod gets a lease of {length} (RunPod terminates it then, whatever happens to "
+            "this computer)."
+        )
+    return (
+        f"A new pod gets a lease of {length} (it terminates itself then, whatever happens to "
+        "this computer; later only while the job keeps making progress)."
+    )
 
 
 def describe(provider: Provider, lease: PodLease) -> str:
