@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from hctl.cli import app
-from tests.standins.runpod_cloud import EmulatorServer as RunPodEmulator
+from tests.standins.emulator_http import EmulatorServer as RunPodEmulator
 from tests.standins.sshd import SshdServer, stop_watchdog
 
 

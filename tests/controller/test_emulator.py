@@ -192,6 +192,15 @@ def test_errors_are_answered_as_runpod_answers_them(graphql_emulator: RunPodEmul
     assert post(graphql_emulator, "query { myself { id ").status_code == 400
     # A variable of the wrong type is a validation error too (runpodctl#156 saw 400).
     assert post(graphql_emulator, STOP, {"podId": 5}).status_code == 400
+    # RunPod's own types: env values are non-null, deadlines are DateTime (RFC 3339 with a zone).
+    for field, value in (("env", [{"key": "A", "value": None}]), ("stopAfter", "in two hours"),
+                         ("terminateAfter", "2026-11-30T14:00:00")):  # fmt: skip
+        wrong = {"input": {**ON_DEMAND_VARIABLES["input"], field: value}}
+        assert post(graphql_emulator, ON_DEMAND_CREATE, wrong).status_code == 400, field
+    right = {"input": {**ON_DEMAND_VARIABLES["input"], "name": "dated",
+                       "terminateAfter": "2026-11-30T14:00:00Z"}}  # fmt: skip
+    assert post(graphql_emulator, ON_DEMAND_CREATE, right).status_code == 200
+    assert graphql_emulator.pods[-1]["terminateAfter"] == "2026-11-30T14:00:00Z"
     invalid_gpu = {"input": {**ON_DEMAND_VARIABLES["input"], "gpuTypeId": "NVIDIA RTX 4090"}}
     answer = post(graphql_emulator, ON_DEMAND_CREATE, invalid_gpu)
     assert answer.status_code == 200
@@ -217,7 +226,7 @@ def test_errors_are_answered_as_runpod_answers_them(graphql_emulator: RunPodEmul
     graphql_emulator.inject_fault("drop_after_apply", operation="podFindAndDeployOnDemand")
     with pytest.raises(httpx.RemoteProtocolError):
         post(graphql_emulator, ON_DEMAND_CREATE, ON_DEMAND_VARIABLES)
-    assert [row["name"] for row in graphql_emulator.pods] == ["hctl-run-42"]  # applied anyway
+    assert [row["name"] for row in graphql_emulator.pods] == ["dated", "hctl-run-42"]  # applied
     assert post(graphql_emulator, MYSELF).status_code == 200  # and the server carries on
 
 

@@ -114,6 +114,15 @@ def wait_for_status(emulator: RunPodRestEmulator, pod_id: str, status: str) -> N
     assert emulator.pod(pod_id)["status"] == status
 
 
+def watchdog_log(volume: Path) -> list[dict]:
+    """The watchdog's log once it has finished (it writes "done" after RunPod answered)."""
+    path = volume / "hctl" / "watchdog.log"
+    deadline = time.monotonic() + 30
+    while '"done"' not in path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def test_the_pod_stops_itself_at_its_deadline_with_nothing_else_running(
     rest_emulator: RunPodRestEmulator, pod_with_credentials
 ) -> None:  # noqa: ANN001
@@ -123,8 +132,7 @@ def test_the_pod_stops_itself_at_its_deadline_with_nothing_else_running(
     wait_for_status(rest_emulator, pod.id, "EXITED")
     (stop,) = rest_emulator.requests_for("stop")
     assert stop.auth == "pod" and stop.body == {"action": "stop"}  # the pod's own key
-    log = [json.loads(line) for line in (volume / "hctl" / "watchdog.log").read_text().splitlines()]
-    assert [entry["event"] for entry in log][-2:] == ["acting", "done"]
+    assert [entry["event"] for entry in watchdog_log(volume)][-2:] == ["acting", "done"]
 
 
 def test_progress_keeps_the_pod_past_its_lease_then_it_stops(
@@ -137,7 +145,7 @@ def test_progress_keeps_the_pod_past_its_lease_then_it_stops(
     until = datetime.now(timezone.utc) + timedelta(seconds=1)
     arm(server, settings, provider, until, watch=[str(events)], extend_s=3)
     wait_for_status(rest_emulator, pod.id, "EXITED")
-    log = [json.loads(line) for line in (volume / "hctl" / "watchdog.log").read_text().splitlines()]
+    log = watchdog_log(volume)
     (decided,) = [entry for entry in log if entry["event"] == "deadline"]
     (acted,) = [entry for entry in log if entry["event"] == "acting"]
     # The deadline in force was the progress + 3 s, later than the lease, and it acted then.

@@ -25,7 +25,7 @@ from hctl.providers import PROVIDERS, make_provider
 from hctl.providers.base import PodLease, PodSpec, PodStatus, Provider
 from hctl.providers.runpod import RunPodGraphQLProvider, RunPodRestProvider
 from hctl.settings import load_settings
-from tests.standins.runpod_cloud import EmulatorServer
+from tests.standins.emulator_http import EmulatorServer
 
 IMAGE = "runpod/pytorch:1.0.2-cu1281-torch280-ubuntu2404"
 

@@ -51,7 +51,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.standins.runpod_cloud import EmulatorServer
+from tests.standins.emulator_http import EmulatorServer
 from tests.standins.runpod_emulator import RunPodEmulator
 from tests.standins.runpod_rest_emulator import RunPodRestEmulator
 

@@ -45,20 +45,18 @@ from graphql import (
     validate,
 )
 
+from tests.standins.emulator_http import Answer, EmulatorServer, json_answer
 from tests.standins.runpod_cloud import (
     CAPACITY_MESSAGE,
     DEFAULT_API_KEY,
     SOMETHING_WENT_WRONG,
-    Answer,
     CatalogueGpu,
     CloudError,
     EmulatedPod,
-    EmulatorServer,
     Fault,
     RecordedRequest,
     RunPodCloud,
     default_catalogue,
-    json_answer,
 )
 
 SCHEMA_FILE = Path(__file__).with_name("runpod-graphql-schema.graphql")
@@ -95,10 +93,13 @@ def _build_schema() -> Any:
     schema = build_schema(SCHEMA_FILE.read_text(encoding="utf-8"))
     date_time = schema.get_type("DateTime")
     assert isinstance(date_time, GraphQLScalarType)
-    date_time.parse_value = _rfc3339
-    date_time.parse_literal = lambda node, _variables=None: _rfc3339(
+    # graphql-core 3.2 calls parse_value / parse_literal; 3.3 the coerce_input_* names.
+    date_time.parse_value = date_time.coerce_input_value = _rfc3339  # type: ignore[method-assign]
+    date_time.parse_literal = lambda node, _variables=None: _rfc3339(  # type: ignore[method-assign]
         node.value if isinstance(node, StringValueNode) else None
     )
+    if hasattr(date_time, "coerce_input_literal"):
+        date_time.coerce_input_literal = date_time.parse_literal
     return schema
 
 

@@ -37,15 +37,14 @@ from openapi_core.templating.paths.exceptions import (
 from openapi_core.testing import MockRequest, MockResponse
 from openapi_core.validation.request.exceptions import SecurityValidationError
 
+from tests.standins.emulator_http import Answer, EmulatorServer
 from tests.standins.runpod_cloud import (
     CAPACITY_MESSAGE,
     DEFAULT_API_KEY,
     SOMETHING_WENT_WRONG,
-    Answer,
     CatalogueGpu,
     CloudError,
     EmulatedPod,
-    EmulatorServer,
     Fault,
     RecordedRequest,
     RunPodCloud,

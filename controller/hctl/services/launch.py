@@ -16,7 +16,6 @@ import shlex
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,7 +45,7 @@ from hctl.services.jobs import JobRecord, TargetKind, new_job_id
 from hctl.services.models import ModelInfo, inspect_model
 from hctl.services.toolkit import Toolkit
 from hctl_worker.errors import WorkerError
-from hctl_worker.events import EVENTS_FILE, JOURNAL_FILE, LOG_FILE, SETTINGS_FILE
+from hctl_worker.events import JOURNAL_FILE, LOG_FILE, SETTINGS_FILE
 from hctl_worker.settings import (
     PROMPT_TABLES,
     load_settings,
@@ -623,7 +622,13 @@ def start_worker(
     """Keep the pod's lease, install the worker, put the job directory in place, and start the
     worker detached."""
     job_dir = record.remote_job_dir
-    keep_lease(record, remote, toolkit, notify)
+    if record.target == "pod" and record.lease_until is not None:
+        kept = lease.keep_for_job(
+            remote, toolkit.provider(), lease_until=record.lease_until,
+            action=record.lease_action, job_dir=job_dir, now=toolkit.clock(),
+        )  # fmt: skip
+        if kept:
+            notify(kept)
     handle = toolkit.ensure_worker(remote)
     worker = handle.command
     remote.run(f"umask 077 && mkdir -p {shlex.quote(job_dir)}", timeout=60)
@@ -658,32 +663,6 @@ def start_worker(
     notify(f"worker started on {remote.description} in {job_dir}")
     return toolkit.store.save(
         record.model_copy(update={"status": "running", "worker_command": worker})
-    )
-
-
-def keep_lease(record: JobRecord, remote: Remote, toolkit: Toolkit, notify: Notify) -> None:
-    """On a provider without deadlines, start the pod's watchdog (before the long install), with
-    the job's events as its sign of progress. Nothing to do when the provider keeps the lease."""
-    if record.target != "pod" or record.lease_until is None:
-        return
-    provider = toolkit.provider()
-    if not lease.kept_by_pod(provider):
-        return
-    base_dir = record.remote_job_dir.rsplit("/jobs/", 1)[0]
-    # A job started again on its pod (a resume) has at least the minimum lease from now.
-    until = datetime.fromtimestamp(
-        max(record.lease_until, toolkit.clock() + lease.MINIMUM_LEASE_S), timezone.utc
-    )
-    lease.arm(
-        remote,
-        provider,
-        PodLease(until=until, action=record.lease_action),
-        base_dir,
-        watch=[f"{record.remote_job_dir}/{EVENTS_FILE}"],
-    )
-    notify(
-        f"the pod keeps its own lease: it {record.lease_action}s itself at {until:%Y-%m-%d %H:%M} "
-        "UTC, later while the job makes progress"
     )
 
 

@@ -29,6 +29,7 @@ from hctl.providers.base import LeaseAction, Pod, PodLease, Provider
 from hctl.remote.base import Remote
 from hctl.services.estimate import format_duration
 from hctl.settings import Settings
+from hctl_worker.events import EVENTS_FILE
 
 LEASE_FACTOR = 3.0
 LEASE_MARGIN_S = 3600.0
@@ -114,6 +115,31 @@ def arm(
             "The pod has no deadline now: stop it yourself when done (`hctl stop-pod`).",
         )
     return lease_file
+
+
+def keep_for_job(
+    remote: Remote,
+    provider: Provider,
+    *,
+    lease_until: float,
+    action: LeaseAction,
+    job_dir: str,
+    now: float,
+) -> str | None:
+    """On a provider without deadlines, start the pod's watchdog for a job (before the long
+    install), with the job's events as its sign of progress; what to tell the user, or None
+    when the provider keeps the lease itself."""
+    if not kept_by_pod(provider):
+        return None
+    # A job started again on its pod (a resume) has at least the minimum lease from now.
+    until = datetime.fromtimestamp(max(lease_until, now + MINIMUM_LEASE_S), timezone.utc)
+    base_dir = job_dir.rsplit("/jobs/", 1)[0]
+    arm(remote, provider, PodLease(until=until, action=action), base_dir,
+        watch=[f"{job_dir}/{EVENTS_FILE}"])  # fmt: skip
+    return (
+        f"the pod keeps its own lease: it {action}s itself at {until:%Y-%m-%d %H:%M} UTC, "
+        "later while the job makes progress"
+    )
 
 
 def arm_over_ssh(pod: Pod, provider: Provider, lease: PodLease, settings: Settings) -> str:
