@@ -93,6 +93,28 @@ def _random_params(generator: random.Random, n_layers: int) -> AblationParams:
     return AblationParams(index, {"attention": kernel(), "mlp": kernel()})
 
 
+def _fixture_bench(name: str, n_good: int, n_bad: int):
+    """A fixture model, its templated test prompts, an ablator, and the plain and the optimised
+    evaluator of the same prompts."""
+    fixture = FIXTURES / name
+    loaded = load_model(str(fixture), dtypes=["float32"], device_map="cpu")
+    good = loaded.template(_prompts(fixture, "harmless_test", n_good), SYSTEM)
+    bad = loaded.template(_prompts(fixture, "harmful_test", n_bad), SYSTEM)
+    residuals_bad = last_token_residuals(loaded, bad, 8)
+    residuals_good = last_token_residuals(loaded, good, 8)
+    ablator = Ablator(loaded, refusal_directions(residuals_bad, residuals_good))
+    plain, optimised = _evaluators(
+        loaded,
+        ablator,
+        good,
+        bad,
+        markers=DEFAULT_REFUSAL_MARKERS,
+        max_response_length=12,
+        batch_size=8,
+    )
+    return loaded, bad, ablator, plain, optimised
+
+
 def _evaluators(loaded: LoadedModel, ablator: Ablator, good: list[str], bad: list[str], **common):
     plain = Evaluator(
         loaded,
@@ -111,22 +133,7 @@ def _evaluators(loaded: LoadedModel, ablator: Ablator, good: list[str], bad: lis
 
 @pytest.mark.parametrize("name", ["tiny-refuser", "tiny-refuser-early"])
 def test_reuse_gives_the_plain_evaluations_refusals_and_kl_in_fewer_passes(name: str) -> None:
-    fixture = FIXTURES / name
-    loaded = load_model(str(fixture), dtypes=["float32"], device_map="cpu")
-    good = loaded.template(_prompts(fixture, "harmless_test", 24), SYSTEM)
-    bad = loaded.template(_prompts(fixture, "harmful_test", 24), SYSTEM)
-    residuals_bad = last_token_residuals(loaded, bad, 8)
-    residuals_good = last_token_residuals(loaded, good, 8)
-    ablator = Ablator(loaded, refusal_directions(residuals_bad, residuals_good))
-    plain, optimised = _evaluators(
-        loaded,
-        ablator,
-        good,
-        bad,
-        markers=DEFAULT_REFUSAL_MARKERS,
-        max_response_length=12,
-        batch_size=8,
-    )
+    loaded, _, ablator, plain, optimised = _fixture_bench(name, 24, 24)
     assert optimised.reuse.plan.enabled and optimised.shares_prefix > 0
     assert plain.baseline() == optimised.baseline()
     generator = random.Random(3)
@@ -186,25 +193,7 @@ def test_models_whose_caches_cannot_be_replayed_fall_back_to_the_same_scores(
 
 
 def test_a_pruned_trial_is_one_the_plain_evaluation_ranks_behind_the_front() -> None:
-    fixture = FIXTURES / "tiny-refuser"
-    loaded = load_model(str(fixture), dtypes=["float32"], device_map="cpu")
-    good = loaded.template(_prompts(fixture, "harmless_test", 16), SYSTEM)
-    bad = loaded.template(_prompts(fixture, "harmful_test", 24), SYSTEM)
-    ablator = Ablator(
-        loaded,
-        refusal_directions(
-            last_token_residuals(loaded, bad, 8), last_token_residuals(loaded, good, 8)
-        ),
-    )
-    plain, optimised = _evaluators(
-        loaded,
-        ablator,
-        good,
-        bad,
-        markers=DEFAULT_REFUSAL_MARKERS,
-        max_response_length=12,
-        batch_size=8,
-    )
+    _, bad, ablator, plain, optimised = _fixture_bench("tiny-refuser", 16, 24)
     # A front of one trial that removes the refusals at little KL...
     late = ComponentKernel(1.5, 3.0, 1.0, 0.5)
     with ablator.applied(AblationParams(3.0, {"attention": late, "mlp": late})):

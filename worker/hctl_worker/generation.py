@@ -303,28 +303,14 @@ def generate_batch(
             kept = 0
             for offset, token in enumerate(choices[slot]):
                 if token in stop_ids:
-                    normalised = normalise_response(
-                        tokenizer.decode(reply.tokens, skip_special_tokens=True)
-                    )
-                    finish(
-                        reply,
-                        markers is not None
-                        and (not normalised or contains_marker(normalised, markers)),
-                    )
+                    finish(reply, _refused(tokenizer, reply.tokens, markers))
                     break
                 reply.tokens.append(token)
                 if markers is not None and _marker_in(tokenizer, reply.tokens, markers):
                     finish(reply, True)
                     break
                 if len(reply.tokens) >= max_new_tokens:
-                    normalised = normalise_response(
-                        tokenizer.decode(reply.tokens, skip_special_tokens=True)
-                    )
-                    finish(
-                        reply,
-                        markers is not None
-                        and (not normalised or contains_marker(normalised, markers)),
-                    )
+                    finish(reply, _refused(tokenizer, reply.tokens, markers))
                     break
                 if offset < len(draft) and draft[offset] == token:
                     kept += 1
@@ -394,6 +380,14 @@ def generate_batch(
         for reply in replies:
             context.drafts.add(reply.index, reply.tokens)
     return [tokenizer.decode(reply.tokens, skip_special_tokens=True) for reply in replies]
+
+
+def _refused(tokenizer, tokens: list[int], markers: tuple[str, ...] | None) -> bool:
+    """The verdict on a finished reply: empty or holding a marker (never, without markers)."""
+    if markers is None:
+        return False
+    normalised = normalise_response(tokenizer.decode(tokens, skip_special_tokens=True))
+    return not normalised or contains_marker(normalised, markers)
 
 
 def _marker_in(tokenizer, tokens: list[int], markers: tuple[str, ...]) -> bool:
