@@ -263,3 +263,19 @@ def test_pruned_trials_are_in_the_journal_count_as_finished_and_stay_off_the_fro
         )
         == 3
     )
+
+
+def test_unchanged_layers_are_those_below_every_edited_one() -> None:
+    loaded = load_model(str(FIXTURES / "tiny-refuser"), dtypes=["float32"], device_map="cpu")
+    ablator = Ablator(loaded, torch.randn(loaded.n_layers + 1, loaded.hidden_size))
+    assert ablator.unchanged_layers() == loaded.n_layers  # no trial: nothing edited
+    late = ComponentKernel(1.0, 3.0, 0.5, 1.0)  # layers 2 and 3
+    off = ComponentKernel(0.0, 0.0, 0.0, 1.0)  # weight 0 everywhere: edits nothing
+    with ablator.applied(AblationParams(1.0, {"attention": late, "mlp": off})):
+        assert ablator.unchanged_layers() == 2
+    with ablator.applied(AblationParams(1.0, {"attention": late, "mlp": late})):
+        assert ablator.unchanged_layers() == 2
+    early = ComponentKernel(1.0, 0.0, 1.0, 1.0)  # layers 0 and 1
+    with ablator.applied(AblationParams(1.0, {"attention": late, "mlp": early})):
+        assert ablator.unchanged_layers() == 0
+    assert ablator.unchanged_layers() == loaded.n_layers
