@@ -106,7 +106,8 @@ def trial_params(kind: str, generator: random.Random, n_layers: int) -> Ablation
 
 
 def make_evaluator(kind, loaded, ablator, good_texts, bad_texts, arguments) -> Evaluator:
-    """`reuse`: the worker's evaluator; `plain`: no shared prefix, replay, drafts or pruning."""
+    """`reuse`: the worker's evaluator; `plain`: no shared prefix, replay, drafts or pruning;
+    `no-drafts`: the worker's without draft replies."""
     plain = kind == "plain"
     return Evaluator(
         loaded,
@@ -118,7 +119,7 @@ def make_evaluator(kind, loaded, ablator, good_texts, bad_texts, arguments) -> E
         share_prefix=not plain,
         unchanged_layers=None if plain else ablator.unchanged_layers,
         replay_memory=0 if plain else arguments.replay_memory,
-        drafts=not plain and not arguments.no_drafts,
+        drafts=not plain and not arguments.no_drafts and kind != "no-drafts",
     )
 
 
@@ -212,6 +213,8 @@ def bench(arguments: argparse.Namespace) -> dict:
     ablator = Ablator(loaded, directions, row_normalization=arguments.row_normalization)
     good_texts, bad_texts = template(good_test, system), template(bad_test, system)
     kinds = ["reuse", "plain"] if arguments.compare_plain else ["reuse"]
+    if arguments.compare_no_drafts:
+        kinds.append("no-drafts")
     evaluators = {}
     for kind in kinds:
         started = time.perf_counter()
@@ -237,7 +240,7 @@ def bench(arguments: argparse.Namespace) -> dict:
             evaluator = evaluators[kind]
             evaluator.stats = GenerationStats()
             limit = None
-            if kind == "reuse" and arguments.prune_margin >= 0:
+            if kind != "plain" and arguments.prune_margin >= 0:
                 bar = PruningBar.for_prompts(finished[kind], len(bad_texts), arguments.prune_margin)
                 limit = bar.refusal_limit
             started = time.perf_counter()
@@ -412,7 +415,7 @@ def print_table(results: dict) -> None:
             f"{trials['kl_prompts']} KL prompts, {trials['refusal_prompts']} refusal prompts)",
         ),
     ]
-    for kind in ("reuse", "plain"):
+    for kind in ("reuse", "plain", "no-drafts"):
         if kind not in trials:
             continue
         row = trials[kind]
@@ -487,6 +490,9 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         "--prompts-from", default="", help="a folder with prompts/ (default: the model's own)"
     )
     parser.add_argument("--compare-plain", action="store_true", help="also time the plain path")
+    parser.add_argument(
+        "--compare-no-drafts", action="store_true", help="also time reuse without draft replies"
+    )
     parser.add_argument("--replay-memory", type=float, default=0.25)
     parser.add_argument(
         "--bandwidth-gbs", type=float, default=0, help="device memory bandwidth, for the floor"
