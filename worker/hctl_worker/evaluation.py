@@ -75,7 +75,7 @@ class Evaluator:
         share_prefix: bool = True,
         unchanged_layers: Callable[[], int] | None = None,
         replay_memory: float = DEFAULT_REPLAY_MEMORY,
-        drafts: bool = True,
+        drafts: bool | None = None,
     ) -> None:
         if not good_texts or not bad_texts:
             raise ValueError("the evaluator needs harmless and harmful prompts")
@@ -102,7 +102,7 @@ class Evaluator:
             # The unmodified model's harmless replies (for the baseline), and its whole greedy
             # replies to the harmful prompts: the drafts of every trial's replies.
             replies = self._good.replies(self.max_response_length, self.markers, self.stats)
-            if drafts:
+            if self.reuse.use_drafts:
                 self._bad.replies(self.max_response_length, None, self.stats)
             self.reuse.prepare([self._good, self._bad])
             # The KL reference, computed the way every trial's logits are.
