@@ -119,7 +119,7 @@ def make_evaluator(kind, loaded, ablator, good_texts, bad_texts, arguments) -> E
         share_prefix=not plain,
         unchanged_layers=None if plain else ablator.unchanged_layers,
         replay_memory=0 if plain else arguments.replay_memory,
-        drafts=False if plain or kind == "no-drafts" else arguments.drafts,
+        drafts=not (plain or kind == "no-drafts" or arguments.no_drafts),
     )
 
 
@@ -497,12 +497,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--bandwidth-gbs", type=float, default=0, help="device memory bandwidth, for the floor"
     )
-    parser.add_argument(
-        "--drafts",
-        type=lambda text: {"auto": None, "on": True, "off": False}[text],
-        default=True,
-        help="draft replies for the reuse evaluator: on (default), off, auto",
-    )
+    parser.add_argument("--no-drafts", action="store_true", help="reuse without draft replies")
     parser.add_argument("--prune-margin", type=float, default=0.05, help="negative: no pruning")
     parser.add_argument("--json", default="", help="write the results here")
     return parser.parse_args(argv)

@@ -125,13 +125,8 @@ def _evaluators(loaded: LoadedModel, ablator: Ablator, good: list[str], bad: lis
         drafts=False,
         **common,
     )
-    optimised = Evaluator(  # drafts forced on: "auto" leaves them off on the CPU
-        loaded,
-        good_texts=good,
-        bad_texts=bad,
-        unchanged_layers=ablator.unchanged_layers,
-        drafts=True,
-        **common,
+    optimised = Evaluator(
+        loaded, good_texts=good, bad_texts=bad, unchanged_layers=ablator.unchanged_layers, **common
     )
     return plain, optimised
 

@@ -75,7 +75,7 @@ class Evaluator:
         share_prefix: bool = True,
         unchanged_layers: Callable[[], int] | None = None,
         replay_memory: float = DEFAULT_REPLAY_MEMORY,
-        drafts: bool | None = None,
+        drafts: bool = True,
     ) -> None:
         if not good_texts or not bad_texts:
             raise ValueError("the evaluator needs harmless and harmful prompts")

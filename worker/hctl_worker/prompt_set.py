@@ -74,10 +74,7 @@ class Reuse:
     """What every trial reuses: the shared prefix, first passes recorded below the edits, drafts.
 
     `unchanged_layers()` says how many leading layers the model's current edit leaves as they
-    were (the ablator knows); 0 means replay nothing. `drafts` None means: on an accelerator
-    only. There a forward pass costs about the same for one token per row or many (reading the
-    weights dominates), so every kept draft token saves a pass; on the CPU each drafted token
-    costs its full compute (the output head's included) and the saving is rarely there.
+    were (the ablator knows); 0 means replay nothing.
     """
 
     def __init__(
@@ -88,7 +85,7 @@ class Reuse:
         share_prefix: bool = True,
         unchanged_layers: Callable[[], int] | None = None,
         replay_memory: float = DEFAULT_REPLAY_MEMORY,
-        drafts: bool | None = None,
+        drafts: bool = True,
     ) -> None:
         self.loaded = loaded
         self.layers = find_layers(loaded.model)
@@ -96,8 +93,6 @@ class Reuse:
         # plain key/value cache keeps nothing else (a convolution or recurrent state would be
         # changed by a rejected draft token for good).
         plain_cache = self._plain_cache()
-        if drafts is None:
-            drafts = loaded.input_device.type != "cpu"
         self.use_drafts = drafts and plain_cache
         if not plain_cache:
             replay_memory = 0

@@ -113,7 +113,7 @@ class WorkerSettings(BaseSettings):
     prune_trials: bool = True
     prune_margin: float = Field(default=0.05, ge=0, le=1)  # of the harmful prompts
     replay_memory: float = Field(default=0.25, ge=0)  # of the model's size; 0 = no replay
-    draft_replies: bool | Literal["auto"] = "auto"
+    draft_replies: bool = True
 
     # Directions and edits.
     orthogonalize_direction: bool = True

@@ -85,7 +85,7 @@ def prepare(settings: WorkerSettings, paths: JobPaths, reporter: Reporter) -> Wo
             kl_skip_threshold=settings.kl_skip_threshold or None,
             unchanged_layers=ablator.unchanged_layers,
             replay_memory=settings.replay_memory,
-            drafts=None if settings.draft_replies == "auto" else settings.draft_replies,
+            drafts=settings.draft_replies,
         )
         baseline = evaluator.baseline()
         reporter.emit(
