@@ -7,8 +7,8 @@ appeared, or the row ended), and stops the batch when every row is decided. Thre
 trial cheaper without changing its replies:
 
 - the prefix all prompts share is run once per model state (`prefix.py`);
-- a batch's first pass (its prompts and a draft reply per row) can start above the layers the
-  trial leaves unchanged (`replay.py`);
+- a batch's first pass (its prompts and a draft reply per row, `first_pass.py`) can start above
+  the layers the trial leaves unchanged (`replay.py`);
 - each pass feeds a draft of the reply (`drafts.py`) and keeps it for as long as every drafted
   token is the model's own greedy choice, so one pass can produce many tokens.
 
@@ -18,27 +18,24 @@ matter (`pruning.py`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from hctl_worker.drafts import DraftStore
 from hctl_worker.encoding import (
     EncodedBatch,
     cache_option,
     encode_texts,
     forward_options,
-    new_cache,
     position_ids_for,
     returned_cache,
 )
+from hctl_worker.first_pass import Context, FirstPass, pad_id, start_cache
 from hctl_worker.markers import contains_marker, normalise_response
 from hctl_worker.model import is_out_of_memory
 from hctl_worker.prefix import SharedPrefix
-from hctl_worker.replay import Recording, replaying
 
 if TYPE_CHECKING:
     from hctl_worker.model import LoadedModel
@@ -77,105 +74,6 @@ class Verdicts:
         return self.limit is not None and self.refusals >= self.limit
 
 
-@dataclass
-class FirstPass:
-    """A batch's first forward pass: its prompts (less the shared prefix) followed by a draft
-    reply per row (padded to one width). Fixed across trials, so it can be recorded once on the
-    unmodified model and replayed below a trial's first edited layer."""
-
-    batch: EncodedBatch
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor  # prefix columns included
-    position_ids: torch.Tensor
-    drafts: list[list[int]]
-    recording: Recording | None = None
-
-    @property
-    def draft_width(self) -> int:
-        return max((len(draft) for draft in self.drafts), default=0)
-
-    @classmethod
-    def build(
-        cls,
-        batch: EncodedBatch,
-        prefix: SharedPrefix | None,
-        drafts: Sequence[Sequence[int]] | None = None,
-        pad_id: int = 0,
-    ) -> FirstPass:
-        rows, width = batch.input_ids.shape
-        device = batch.input_ids.device
-        drafts = [list(draft) for draft in drafts] if drafts else [[] for _ in range(rows)]
-        if prefix is None:
-            input_ids, attention_mask = batch.input_ids, batch.attention_mask
-        else:
-            # A left-padded row is padding + prefix + rest; without the prefix's columns it is
-            # padding + rest, still left-padded, and the prefix moves in front of the padding.
-            rest = width - prefix.length
-            columns = torch.arange(rest, device=device)[None, :]
-            padding = (batch.attention_mask == 0).sum(dim=1, keepdim=True)
-            source = columns + prefix.length * (columns >= padding)
-            input_ids = batch.input_ids.gather(1, source)
-            rest_mask = batch.attention_mask.gather(1, source)
-            attention_mask = torch.cat([rest_mask.new_ones((rows, prefix.length)), rest_mask], 1)
-        draft_width = max((len(draft) for draft in drafts), default=0)
-        if draft_width:
-            padded = torch.full((rows, draft_width), pad_id, dtype=torch.long)
-            for row, draft in enumerate(drafts):
-                padded[row, : len(draft)] = torch.tensor(draft, dtype=torch.long)
-            input_ids = torch.cat([input_ids, padded.to(device)], dim=1)
-            # Padding after a short draft is never kept (a draft is only short when it ended),
-            # so it can stay visible here; it is masked once the pass is over.
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(padded.shape)], 1)
-        positions = position_ids_for(attention_mask)[:, -input_ids.shape[1] :]
-        return cls(batch, input_ids, attention_mask, positions, drafts)
-
-    def run(self, model, cache, layers: Sequence[torch.nn.Module] = (), start: int = 0):
-        """The forward pass, starting at layer `start` when that is not 0."""
-        replay = (
-            replaying(layers, self.recording, start, cache)
-            if start > 0 and self.recording is not None
-            else nullcontext()
-        )
-        with replay:
-            return model(
-                input_ids=self.input_ids,
-                attention_mask=self.attention_mask,
-                position_ids=self.position_ids,
-                use_cache=True,
-                **cache_option(model, cache),
-                **forward_options(model, self.draft_width + 1),
-            )
-
-
-@dataclass
-class Context:
-    """What a generation may reuse: the shared prefix (already refreshed for the model as it is),
-    the layers below `start` replayed from each first pass's recording, and drafts."""
-
-    prefix: SharedPrefix | None = None
-    layers: Sequence[torch.nn.Module] = ()
-    start: int = 0
-    drafts: DraftStore | None = None
-    first_passes: dict[int, FirstPass] = field(default_factory=dict)  # by id(batch)
-
-    def start_for(self, first: FirstPass) -> int:
-        """Where `first` starts computing: `start` when it was recorded, else layer 0."""
-        return self.start if first.recording is not None else 0
-
-    def first_pass(self, batch: EncodedBatch, pad_id: int) -> FirstPass:
-        found = self.first_passes.get(id(batch))
-        return found if found is not None else FirstPass.build(batch, self.prefix, None, pad_id)
-
-
-def _pad_id(loaded: LoadedModel) -> int:
-    pad = loaded.tokenizer.pad_token_id
-    return int(pad) if pad is not None else 0
-
-
-def start_cache(model: torch.nn.Module, prefix: SharedPrefix | None, rows: int):
-    return prefix.copy_for(model, rows) if prefix is not None else new_cache(model)
-
-
 def first_token_logits(
     loaded: LoadedModel,
     batch: EncodedBatch,
@@ -194,7 +92,7 @@ def first_token_logits(
             **forward_options(model),
         )
         return outputs.logits[:, -1, :].float()
-    first = context.first_pass(batch, _pad_id(loaded))
+    first = context.first_pass(batch, pad_id(loaded))
     cache = start_cache(model, context.prefix, len(batch.indices))
     outputs = first.run(model, cache, context.layers, context.start_for(first))
     return outputs.logits[:, -(first.draft_width + 1), :].float()
@@ -261,11 +159,11 @@ def generate_batch(
     model, tokenizer = loaded.model, loaded.tokenizer
     stats = stats if stats is not None else GenerationStats()
     stop_ids = _stop_token_ids(loaded)
-    pad_id = _pad_id(loaded)
+    pad = pad_id(loaded)
     rows = len(batch.indices)
     if max_new_tokens <= 0 and first_logits is None:
         return ["" for _ in range(rows)]
-    first = context.first_pass(batch, pad_id)
+    first = context.first_pass(batch, pad)
     outputs, cache = _first_pass_outputs(loaded, first, context)
     depth = loaded.n_layers
     fed = int(first.attention_mask[:, -first.input_ids.shape[1] :].sum())
@@ -300,22 +198,9 @@ def generate_batch(
             if reply.done:  # a finished row the cache could not drop
                 continue
             draft = pending_drafts[slot] if slot < len(pending_drafts) else []
-            kept = 0
-            for offset, token in enumerate(choices[slot]):
-                if token in stop_ids:
-                    finish(reply, _refused(tokenizer, reply.tokens, markers))
-                    break
-                reply.tokens.append(token)
-                if markers is not None and _marker_in(tokenizer, reply.tokens, markers):
-                    finish(reply, True)
-                    break
-                if len(reply.tokens) >= max_new_tokens:
-                    finish(reply, _refused(tokenizer, reply.tokens, markers))
-                    break
-                if offset < len(draft) and draft[offset] == token:
-                    kept += 1
-                    continue
-                break
+            kept = _accept(
+                reply, choices[slot], draft, stop_ids, max_new_tokens, tokenizer, markers, finish
+            )
             stats.drafted += len(draft)
             stats.accepted += min(kept, len(draft))
             # The columns of rejected draft tokens (and padding) are never attended to again.
@@ -347,12 +232,12 @@ def generate_batch(
             limit = max_new_tokens - len(reply.tokens) - 1
             drafts.append(context.drafts.draft(reply.index, reply.tokens, limit))
         draft_width = max(len(draft) for draft in drafts)
-        inputs = torch.full((len(active), 1 + draft_width), pad_id, dtype=torch.long)
+        inputs = torch.full((len(active), 1 + draft_width), pad, dtype=torch.long)
         new_mask = torch.zeros_like(inputs)
         positions = torch.zeros_like(inputs)
         for slot, row in enumerate(active):
             reply = replies[row]
-            tokens = [reply.tokens[-1] if reply.tokens else pad_id, *drafts[slot]]
+            tokens = [reply.tokens[-1] if reply.tokens else pad, *drafts[slot]]
             inputs[slot, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
             new_mask[slot, : len(tokens)] = 0 if reply.done else 1
             positions[slot] = reply.position + torch.arange(1 + draft_width)
@@ -380,6 +265,38 @@ def generate_batch(
         for reply in replies:
             context.drafts.add(reply.index, reply.tokens)
     return [tokenizer.decode(reply.tokens, skip_special_tokens=True) for reply in replies]
+
+
+def _accept(
+    reply: _Reply,
+    choices: list[int],
+    draft: list[int],
+    stop_ids: set[int],
+    max_new_tokens: int,
+    tokenizer,
+    markers: tuple[str, ...] | None,
+    finish: Callable[[_Reply, bool], None],
+) -> int:
+    """Add a pass's greedy tokens to `reply`: the model's choice at each position, for as long as
+    it equals the drafted token there (then the next position's choice counts too). Stops at the
+    end of the reply (EOS, a marker, the length). Returns how many drafted tokens were kept."""
+    kept = 0
+    for offset, token in enumerate(choices):
+        if token in stop_ids:
+            finish(reply, _refused(tokenizer, reply.tokens, markers))
+            break
+        reply.tokens.append(token)
+        if markers is not None and _marker_in(tokenizer, reply.tokens, markers):
+            finish(reply, True)
+            break
+        if len(reply.tokens) >= max_new_tokens:
+            finish(reply, _refused(tokenizer, reply.tokens, markers))
+            break
+        if offset < len(draft) and draft[offset] == token:
+            kept += 1
+            continue
+        break
+    return kept
 
 
 def _refused(tokenizer, tokens: list[int], markers: tuple[str, ...] | None) -> bool:

@@ -32,15 +32,8 @@ from hctl_worker.encoding import (
     new_cache,
     returned_cache,
 )
-from hctl_worker.generation import (
-    Context,
-    FirstPass,
-    GenerationStats,
-    Verdicts,
-    first_token_logits,
-    generate,
-    start_cache,
-)
+from hctl_worker.first_pass import Context, FirstPass, start_cache
+from hctl_worker.generation import GenerationStats, Verdicts, first_token_logits, generate
 from hctl_worker.model import is_out_of_memory
 from hctl_worker.prefix import SharedPrefix
 from hctl_worker.replay import DepthPlan, plan_depth, record, replayable
