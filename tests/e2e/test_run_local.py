@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from hctl.cli import app
 from hctl.services import launch, runs
 from hctl.services.jobs import JobStore
+from hctl.services.request import RunRequest, parse_assignments
 from hctl.services.toolkit import default_toolkit
 from hctl.settings import load_settings
 from tests.conftest import REPO_ROOT
@@ -65,9 +66,9 @@ def test_cancel_stops_a_running_job_and_keeps_its_results(monkeypatch) -> None:
     monkeypatch.chdir(REPO_ROOT)
     toolkit = default_toolkit(load_settings())
     plan = launch.plan_run(
-        launch.RunRequest(
+        RunRequest(
             model=TINY, n_trials=200, on="local",
-            worker_overrides=launch.parse_assignments(["batch_size=64", "max_response_length=12"]),
+            worker_overrides=parse_assignments(["batch_size=64", "max_response_length=12"]),
         ),
         toolkit,
     )  # fmt: skip

@@ -25,10 +25,12 @@ from typing import Annotated, Any
 
 import typer
 
+from hctl.output import HctlCommand, HctlGroup
 from hctl_worker.errors import WorkerError
 
 app = typer.Typer(
     name="hctl-worker",
+    cls=HctlGroup,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -85,7 +87,7 @@ def _event_printer(event: Any) -> None:
 JobDir = Annotated[Path, typer.Option("--job-dir", help="The job directory (created if missing).")]
 
 
-@app.command()
+@app.command(cls=HctlCommand)
 def run(
     job_dir: JobDir,
     config: Annotated[
@@ -151,9 +153,12 @@ def _run_job(settings: Any, job_dir: Path, listeners: list) -> None:
 
 
 def _record_failure(job_dir: Path, error: WorkerError, listener: Callable | None) -> None:
-    """A failure before the job starts still becomes an `error` event in the job directory."""
+    """A failure before the job starts still becomes an `error` event in its job directory (the
+    controller made it and follows it); a directory that does not exist is not created for it."""
     from hctl_worker.job import Reporter, open_job_directory, report_error
 
+    if not job_dir.expanduser().is_dir():
+        return
     try:
         reporter = Reporter(open_job_directory(job_dir), [listener] if listener else [])
     except (WorkerError, OSError):
@@ -174,7 +179,7 @@ def _run_with_view(body: Callable[[list], None], listener: Callable | None) -> N
         body([view])
 
 
-@app.command()
+@app.command(cls=HctlCommand)
 def pareto(
     job_dir: JobDir,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
@@ -196,7 +201,7 @@ def pareto(
         Console().print(pareto_table([pareto_trial(result) for result in front]))
 
 
-@app.command()
+@app.command(cls=HctlCommand)
 def export(
     job_dir: JobDir,
     trial: Annotated[
@@ -209,7 +214,7 @@ def export(
     ] = None,
     events: Annotated[bool, typer.Option("--events", help="Print events as JSON lines.")] = False,
 ) -> None:
-    """Save (and/or upload) trial K of a finished or running job as a merged model."""
+    """Save (and/or upload) trial K of a job as a merged model, once its search has ended."""
     listener = _event_printer if events else None
     with user_errors():
         from hctl_worker.job import export_job
@@ -227,7 +232,7 @@ def export(
         )
 
 
-@app.command()
+@app.command(cls=HctlCommand)
 def chat(
     model_dir: Annotated[str, typer.Argument(help="A saved model folder (or hub id).")],
     system_prompt: Annotated[str | None, typer.Option(help="System turn, if any.")] = None,
@@ -240,7 +245,7 @@ def chat(
         chat_with(model_dir, system_prompt=system_prompt, max_new_tokens=max_new_tokens)
 
 
-@app.command()
+@app.command(cls=HctlCommand)
 def version() -> None:
     """Show the version."""
     from hctl_worker import __version__

@@ -45,6 +45,15 @@ def resume_job(
     total = n_trials if n_trials is not None else record.n_trials
     if total < 1:
         raise JobError("--trials must be at least 1.", "Give the total number of trials.")
+    finished = record.status == "finished" or (
+        progress.done is not None and progress.trials_done >= record.n_trials
+    )
+    if finished and total <= progress.trials_done:
+        raise JobError(
+            f"Job {record.job_id} is finished: its {progress.trials_done} trials ran.",
+            f"`hctl results {record.job_id}` shows them; `hctl resume {record.job_id} --trials N` "
+            f"with N above {progress.trials_done} runs more.",
+        )
     settings_values = dict(record.worker_settings)
     settings_values["n_trials"] = total
     # A resumed search may find a better trial: the choice, export and download are redone.

@@ -29,6 +29,7 @@ from hctl.errors import (
     PodNotReadyError,
 )
 from hctl.remote.base import Remote
+from hctl.services import calibration
 from hctl.services.budget import Meter
 from hctl.services.estimate import format_money
 from hctl.services.finish import TrialChooser, finish_job, release_machine
@@ -47,6 +48,8 @@ from hctl.services.view import LiveView, Money
 from hctl_worker.events import EVENTS_FILE, LOG_FILE, PID_FILE, StartEvent, TrialEvent, read_events
 
 Outcome = Literal["finished", "failed", "budget", "detached", "cancelled", "interrupted"]
+STOP_GRACE_S = 30.0  # a SIGTERM'd worker gets this long to end its trial before SIGKILL
+KILL_WAIT_S = 15.0
 
 
 @dataclass
@@ -102,20 +105,49 @@ def channel_factory(record: JobRecord, toolkit: Toolkit) -> Callable[[], RemoteJ
     return lambda: RemoteJobChannel(toolkit.connect(record), record.remote_job_dir)
 
 
-def stop_worker(remote: Remote, job_dir: str) -> bool:
-    """Ask the worker to stop (SIGTERM: it ends the current trial as failed and exits, and a
-    resumed search runs that trial again); False when it was not running."""
+def signal_worker(remote: Remote, job_dir: str, signal: Literal["TERM", "KILL"] = "TERM") -> bool:
+    """Send the worker a signal; False when it was not running.
+
+    SIGTERM asks it to stop (it ends the current trial as failed and exits, and a resumed search
+    runs that trial again). SIGKILL goes to the whole session the launcher started (the worker
+    and anything it started), for a worker stuck where it cannot take a SIGTERM.
+    """
     worker_pid = shlex.quote(f"{job_dir}/{PID_FILE}")
     launcher_pid = shlex.quote(f"{job_dir}/{LAUNCHER_PID_FILE}")
+    group = f'kill -{signal} -- "-$(cat {launcher_pid})" 2>/dev/null'
+    also_group = f"{group}; " if signal == "KILL" else ""
     result = remote.run(
         f'if [ -f {worker_pid} ] && kill -0 "$(cat {worker_pid})" 2>/dev/null; then '
-        f'kill -TERM "$(cat {worker_pid})"; echo stopped; '
+        f'{also_group}kill -{signal} "$(cat {worker_pid})"; echo stopped; '
         f"elif {running_test(job_dir)}; then "
-        f'kill -TERM -- "-$(cat {launcher_pid})" 2>/dev/null || kill -TERM "$(cat {launcher_pid})"; '
+        f'{group} || kill -{signal} "$(cat {launcher_pid})"; '
         "echo stopped; else echo idle; fi",
         timeout=30,
     )
     return "stopped" in result.output
+
+
+def stop_worker(
+    remote: Remote, job_dir: str, toolkit: Toolkit, *, grace_s: float = STOP_GRACE_S
+) -> Literal["stopped", "killed", "idle"]:
+    """Stop the worker for good: SIGTERM, then SIGKILL when it has not exited after `grace_s`.
+
+    Returns what it took; raises JobError when the worker is still running after both, so a job
+    is never reported stopped while its worker goes on.
+    """
+    if not signal_worker(remote, job_dir, "TERM"):
+        return "idle"
+    channel = RemoteJobChannel(remote, job_dir)
+    if wait_for_worker_exit(channel, toolkit, timeout_s=grace_s):
+        return "stopped"
+    signal_worker(remote, job_dir, "KILL")
+    if wait_for_worker_exit(channel, toolkit, timeout_s=KILL_WAIT_S):
+        return "killed"
+    raise JobError(
+        f"The worker in {job_dir} is still running after SIGTERM and SIGKILL.",
+        f"Look at it on its machine (`hctl exec ... -- cat {shlex.quote(f'{job_dir}/{PID_FILE}')}`)"
+        " and end it by hand; the job is not marked stopped.",
+    )
 
 
 def follow_job(
@@ -260,8 +292,7 @@ def _stop_for_budget(
     )
     remote = toolkit.connect(record)
     try:
-        stop_worker(remote, record.remote_job_dir)
-        wait_for_worker_exit(RemoteJobChannel(remote, record.remote_job_dir), toolkit)
+        stop_worker(remote, record.remote_job_dir, toolkit)
     finally:
         remote.close()
     sync_job(record, toolkit)
@@ -316,11 +347,29 @@ def complete(
                 record, progress, toolkit, view.note, worker=worker, token=token, chooser=chooser
             )
             sync_job(record, toolkit)  # the export's own events, so the copy stays complete
+    except HctlError as error:
+        # The search is kept; `hctl attach` finishes the job again.
+        store.save(record.model_copy(update={"status": "failed", "message": error.message}))
+        raise
     finally:
         release_machine(record, toolkit, view.note)
     status = {"finished": "finished", "budget": "budget", "failed": "failed"}[result.outcome]
     record = store.save(record.model_copy(update={"status": status}))
+    if record.target == "local" and status != "failed":
+        _measure_this_machine(record, toolkit)
     return result.outcome, record, progress
+
+
+def _measure_this_machine(record: JobRecord, toolkit: Toolkit) -> None:
+    """Keep what this job took, so the next local estimate is a measurement."""
+    measurement = calibration.measure(
+        toolkit.store.events(record.job_id),
+        model=record.model,
+        parameters=record.parameters or 1,
+        response_tokens=int(record.worker_settings.get("max_response_length", 100)),
+    )
+    if measurement is not None and record.parameters:
+        calibration.save(toolkit.store.calibration_path, measurement)
 
 
 def cancel_job(record: JobRecord, toolkit: Toolkit, notify: Notify) -> JobRecord:
@@ -331,12 +380,16 @@ def cancel_job(record: JobRecord, toolkit: Toolkit, notify: Notify) -> JobRecord
         notify(f"could not reach the machine ({error.message}); releasing it anyway")
     else:
         try:
-            stopped = stop_worker(remote, record.remote_job_dir)
-            if stopped:
-                wait_for_worker_exit(RemoteJobChannel(remote, record.remote_job_dir), toolkit)
-            notify("worker stopped" if stopped else "the worker was not running")
+            state = stop_worker(remote, record.remote_job_dir, toolkit)
         finally:
             remote.close()
+        notify(
+            {
+                "stopped": "worker stopped",
+                "killed": f"worker killed: it had not stopped {STOP_GRACE_S:.0f} s after SIGTERM",
+                "idle": "the worker was not running",
+            }[state]
+        )
         sync_job(record, toolkit)
     record = toolkit.store.save(record.model_copy(update={"status": "cancelled"}))
     return release_machine(record, toolkit, notify)
