@@ -129,6 +129,7 @@ def test_gpu_free_stops_only_the_listed_processes_after_confirmation(
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.worker  # the stand-in pod's worker is this environment's
 def test_setup_is_fast_and_idempotent_when_the_worker_is_there(
     ssh_env: None, sshd_pod: SshdServer
 ) -> None:

@@ -62,14 +62,18 @@ def search_state(progress: JobProgress) -> str:
 
 
 def show_results(
-    record: JobRecord, progress: JobProgress, toolkit: Toolkit, *, status_line: bool = True
+    record: JobRecord,
+    progress: JobProgress,
+    toolkit: Toolkit,
+    *,
+    status_line: bool = True,
+    from_results: bool = False,
 ) -> None:
-    """The front, where the model is, and what to do next."""
+    """The front, where the model is, and what to do next (`from_results`: less `hctl results`)."""
     front = progress.front()
     if front:
-        print_table(
-            PARETO_COLUMNS, pareto_rows(front, chosen=record.chosen_trial), title="Pareto front"
-        )
+        rows = pareto_rows(front, chosen=record.chosen_trial)
+        print_table(PARETO_COLUMNS, rows, title="Pareto front")
     picture = toolkit.store.picture_path(record.job_id)
     if picture.is_file():
         print_line(f"Pareto plot: {picture}")
@@ -79,12 +83,14 @@ def show_results(
         print_line(f"Downloaded to: {record.downloaded_to}")
     if status_line:
         print_line(f"Job {record.job_id}: {record.status}. {record.message}".rstrip())
-    if record.status in {"finished", "budget"}:
-        steps = next_steps(record)
+    steps = next_steps(record)
+    if from_results:
+        steps = [step for step in steps if not step[0].startswith("hctl results")]
+    if record.status in {"finished", "budget"} and steps:
         print_line("Next:")
-        width = max(len(command) for command, _ in steps)
         for command, meaning in steps:
-            print_line(f"  {command.ljust(width)}   # {meaning}")
+            print_line(f"  # {meaning}", style="dim")
+            print_line(f"  {command}")
 
 
 def results_data(record: JobRecord, progress: JobProgress, toolkit: Toolkit) -> dict[str, Any]:
@@ -148,7 +154,7 @@ def results(job: str = typer.Argument(..., help=JOB_HELP), as_json: bool = json_
     print_line(
         f"{progress.trials_done}/{progress.n_trials} trials; search {search_state(progress)}."
     )
-    show_results(record, progress, kit)
+    show_results(record, progress, kit, from_results=True)
 
 
 def logs(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import tomli_w
 import typer
 
 from hctl.cli.common import confirm
@@ -138,6 +139,11 @@ def run(
     assignments: list[str] | None = typer.Option(
         None, "--set", help="Worker setting KEY=VALUE (repeatable), e.g. --set batch_size=8."
     ),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="Check everything, show the estimate and the worker's settings; start nothing.",
+    ),
 ) -> None:
     """Estimate, rent (or reuse) a machine, run the search there, follow it live, save the result,
     and stop the pod."""
@@ -155,6 +161,11 @@ def run(
     check_estimate_within(
         plan.estimate, max_cost if max_cost is not None else kit.settings.max_cost
     )
+    if dry_run:
+        print_line("The worker's settings (command line > HERETIC_* > --config file > defaults):")
+        console.out(tomli_w.dumps(plan.worker_settings), end="", highlight=False)
+        print_line("Dry run: nothing was started or rented.")
+        return
     if plan.target == "pod":
         confirm(f"Run this job for about {format_money(plan.estimate.total_cost)}?", assume_yes=yes)
     record = launch.start_job(plan, kit, print_line)
@@ -259,6 +270,7 @@ def smoke_test(
         model=SMOKE_MODEL, gpu=gpu, spot=False, trials=trials, pod=pod, on=on, config=None,
         trial=None, yes=yes, download=None, max_cost=None, keep=False, terminate=False,
         upload=None, params=SMOKE_PARAMETERS, image=None, job_dir=None, assignments=None,
+        dry_run=False,
     )  # fmt: skip
 
 

@@ -4,7 +4,9 @@ This is the edge where httpx's exceptions and RunPod's error envelopes enter hct
 `hctl.errors` exist. What is retried depends on what repeating the request could do:
 
 - `retry="always"` (reads, stop, resume, terminate): 429, 5xx, network errors and RunPod's opaque
-  "Something went wrong" are retried with exponential backoff, honouring `Retry-After`.
+  "Something went wrong" are retried with exponential backoff, honouring `Retry-After` (up to
+  `MAX_WAIT_S`; a longer one is an error). A wait of `NOTICE_AFTER_S` or more is announced
+  through `on_wait` (stderr by default), so hctl never sits silent.
 - `retry="rate_limit_only"` (creates): only 429 is retried here, because a 429 was refused before
   anything happened. Any other transient failure is raised as `ApiError(retryable=True)`; the
   caller must first check whether the pod was created anyway (see `RunPodProvider.create`).
@@ -15,6 +17,7 @@ Authentication and validation errors are never retried.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, Literal
@@ -29,19 +32,30 @@ RetryPolicy = Literal["always", "rate_limit_only"]
 
 CAPACITY_TEXT = "no longer any instances available"
 SOMETHING_WENT_WRONG_TEXT = "something went wrong"
-MAX_WAIT_S = 60.0
+MAX_WAIT_S = 60.0  # a longer Retry-After is an error: hctl does not hang for minutes
+NOTICE_AFTER_S = 2.0  # a wait this long or longer is announced, never silent
 
 
 class RateLimitedError(ApiError):
     """HTTP 429: refused before anything happened, so even a create may be sent again."""
 
-    def __init__(self, retry_after: float) -> None:
-        super().__init__(
-            "RunPod is limiting the rate of requests (HTTP 429).",
-            "Wait a minute and try again.",
-            retryable=True,
-        )
+    def __init__(self, retry_after: float, *, waited: bool = True) -> None:
+        if waited:
+            message = "RunPod is limiting the rate of requests (HTTP 429)."
+            hint = "Wait a minute and try again."
+        else:
+            message = (
+                f"RunPod is limiting the rate of requests (HTTP 429) and asks to wait "
+                f"{retry_after:.0f} s, longer than hctl waits on its own ({MAX_WAIT_S:.0f} s)."
+            )
+            hint = f"Try again in {retry_after / 60:.0f} minute(s); nothing was changed."
+        super().__init__(message, hint, retryable=True)
         self.retry_after = retry_after
+
+
+def _say_on_stderr(message: str) -> None:
+    sys.stderr.write(f"note: {message}\n")
+    sys.stderr.flush()
 
 
 class GraphQLClient:
@@ -57,8 +71,10 @@ class GraphQLClient:
         backoff_s: float = 1.0,
         sleep: Sleep = time.sleep,
         transport: httpx.BaseTransport | None = None,
+        on_wait: Callable[[str], None] = _say_on_stderr,
     ) -> None:
         self.url = url
+        self._on_wait = on_wait
         self._api_key = api_key
         self._retries = retries
         self._backoff_s = backoff_s
@@ -88,10 +104,18 @@ class GraphQLClient:
                 if not may_retry or attempt >= self._retries:
                     raise
                 if isinstance(error, RateLimitedError):
+                    if error.retry_after > MAX_WAIT_S:
+                        raise RateLimitedError(error.retry_after, waited=False) from None
                     wait = error.retry_after
                 else:
                     wait = self._backoff_s * 2**attempt
-                self._sleep(min(max(wait, 0.0), MAX_WAIT_S))
+                wait = max(wait, 0.0)
+                if wait >= NOTICE_AFTER_S:
+                    self._on_wait(
+                        f"{error.message} Retrying in {wait:.0f} s "
+                        f"(retry {attempt + 1} of {self._retries})."
+                    )
+                self._sleep(wait)
                 attempt += 1
 
     def _attempt(self, query: str, variables: dict[str, Any]) -> dict[str, Any]:
