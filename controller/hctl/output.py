@@ -183,6 +183,12 @@ def _fits(columns: Sequence[Column], rows: Sequence[Sequence[Cell]], width: int)
     return needed <= width
 
 
+def _write_lines(output: Console, lines: list[str]) -> None:
+    """Lines exactly as given (rich would expand the tabs)."""
+    output.file.write("".join(line + "\n" for line in lines))
+    output.file.flush()
+
+
 def print_table(
     columns: Sequence[Column],
     rows: Sequence[Sequence[Cell]],
@@ -195,14 +201,12 @@ def print_table(
     if not output.is_terminal:
         if title:
             print_line(title, output=error_console)  # the rows are all stdout holds
-        for line in plain_lines(columns, rows):
-            output.out(line, highlight=False)
+        _write_lines(output, plain_lines(columns, rows))
         return
     if title:
         output.print(Text(title, style="bold"))
     if not _fits(columns, rows, output.width):
-        for line in aligned_lines(columns, rows):
-            output.out(line, highlight=False)
+        _write_lines(output, aligned_lines(columns, rows))
         return
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
     for index, column in enumerate(columns):

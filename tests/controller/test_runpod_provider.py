@@ -272,3 +272,23 @@ def test_resolve_pod_by_id_name_or_the_only_running_hctl_pod(
         pods.resolve_pod(provider, None)
     with pytest.raises(PodNotFoundError, match="nothing-like-it"):
         pods.resolve_pod(provider, "nothing-like-it")
+
+
+def test_a_wait_for_rate_limits_is_announced_and_a_very_long_one_refused(
+    runpod_emulator: RunPodEmulator,
+) -> None:
+    from hctl.providers.runpod.client import GraphQLClient
+
+    sleeper, notes = Sleeper(), []
+    client = GraphQLClient(
+        runpod_emulator.url, runpod_emulator.api_key, sleep=sleeper, on_wait=notes.append
+    )
+    runpod_emulator.inject_fault("rate_limited", retry_after=7)
+    assert client.execute("query { myself { id } }", retry="always")["myself"]
+    assert sleeper.waits == [7] and len(notes) == 1
+    assert "HTTP 429" in notes[0] and "Retrying in 7 s" in notes[0]
+    runpod_emulator.inject_fault("rate_limited", retry_after=900)
+    with pytest.raises(ApiError) as caught:
+        client.execute("query { myself { id } }", retry="always")
+    assert "asks to wait 900 s" in caught.value.message and "15 minute" in caught.value.hint
+    assert sleeper.waits == [7]  # no silent quarter of an hour

@@ -225,16 +225,17 @@ def create_pod(
     # Bad input is refused before anything else happens.
     pod_env, pod_ports = pod_service.parse_env(env), pod_service.parse_ports(ports)
     settings, provider = _provider(image=image, cloud_type=cloud.value if cloud else None)
-    key, created = sshkeys.ensure_key(settings.ssh_key_path)
-    if created:
-        print_line(f"Made a new SSH key for hctl: {settings.ssh_key_path}")
     plan = pod_service.plan_pod(
         provider, settings, gpu=gpu, container_disk_gb=container_disk, volume_gb=volume,
         spot=spot, bid_per_gpu=bid, name=name, env=pod_env,
         ports=pod_ports, max_hours=max_hours,
         at_limit="terminate" if terminate_at_limit else "stop",
-        public_key=sshkeys.pod_public_keys(provider, key),
     )  # fmt: skip
+    # Only a request that passed every check may make a key (a file in the user's ~/.ssh).
+    key, created = sshkeys.ensure_key(settings.ssh_key_path)
+    if created:
+        print_line(f"Made a new SSH key for hctl: {settings.ssh_key_path}")
+    plan.spec.env["PUBLIC_KEY"] = sshkeys.pod_public_keys(provider, key)
     _describe_plan(plan)
     confirm(f"Create this pod for about {_money(plan.price_per_hour)}/h?", assume_yes=yes)
     pod = pod_service.create_pod(provider, plan)

@@ -68,7 +68,7 @@ def exec_command(
         if len(before) > 1:
             raise ConfigError(f"Too many targets: {' '.join(before)}", "Put the command after --.")
         target, command_words = (before[0] if before else None), after
-    if not command_words:
+    if not "".join(command_words).strip():
         raise ConfigError("No command given.", "Write it after --, e.g. hctl exec -- nvidia-smi")
     remote, _pod = _open(target, pty)
     try:

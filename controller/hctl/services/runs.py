@@ -128,9 +128,10 @@ def signal_worker(remote: Remote, job_dir: str, signal: Literal["TERM", "KILL"] 
 
 
 def stop_worker(
-    remote: Remote, job_dir: str, toolkit: Toolkit, *, grace_s: float = STOP_GRACE_S
+    remote: Remote, job_dir: str, toolkit: Toolkit
 ) -> Literal["stopped", "killed", "idle"]:
-    """Stop the worker for good: SIGTERM, then SIGKILL when it has not exited after `grace_s`.
+    """Stop the worker for good: SIGTERM, then SIGKILL when it has not exited `STOP_GRACE_S`
+    later (a worker inside one long computation cannot take the SIGTERM until it ends).
 
     Returns what it took; raises JobError when the worker is still running after both, so a job
     is never reported stopped while its worker goes on.
@@ -138,7 +139,7 @@ def stop_worker(
     if not signal_worker(remote, job_dir, "TERM"):
         return "idle"
     channel = RemoteJobChannel(remote, job_dir)
-    if wait_for_worker_exit(channel, toolkit, timeout_s=grace_s):
+    if wait_for_worker_exit(channel, toolkit, timeout_s=STOP_GRACE_S):
         return "stopped"
     signal_worker(remote, job_dir, "KILL")
     if wait_for_worker_exit(channel, toolkit, timeout_s=KILL_WAIT_S):
