@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -111,10 +112,21 @@ CASES: list[tuple[str, list[str], str]] = [
     ("worker", ["run", "--job-dir", "new-job", "--n-trials", "0"], "n_trials"),
     ("worker", ["run", "--job-dir", "new-job", "--n-trials", "many"], "'--n-trials'"),
     ("worker", ["run", "--job-dir", "new-job", "--set", "frobnicate=1"], "frobnicate"),
-    ("worker", ["pareto", "--job-dir", "no-such-job"], "no-such-job"),
     ("worker", ["export", "--job-dir", "no-such-job", "--trial", "1"], "not a job directory"),
     ("worker", ["export", "--job-dir", "no-such-job"], "Missing option '--trial'"),
 ]
+
+
+def test_hctl_worker_without_the_worker_extra_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "optuna", None)  # as in a laptop install: not importable
+    monkeypatch.delitem(sys.modules, "hctl_worker.search", raising=False)
+    monkeypatch.delattr("hctl_worker.search", raising=False)
+    result = CliRunner().invoke(worker_app, ["pareto", "--job-dir", str(tmp_path)])
+    assert result.exit_code == 3, result.output
+    assert "error: hctl-worker needs optuna" in result.output
+    assert "pip install 'hctl[worker]'" in result.output and "Traceback" not in result.output
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, str]]:

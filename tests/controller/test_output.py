@@ -92,7 +92,9 @@ def test_a_terminal_table_keeps_whole_columns_whole_at_80_columns() -> None:
     columns = [Column("name", whole=True), Column("id", whole=True), Column("what")]
     rows = [[LONG[:30], "k3j4h5g6f7d8s9", "some words that may fold " * 3]]
     buffer = io.StringIO()
-    print_table(columns, rows, output=Console(file=buffer, width=80, force_terminal=True, color_system=None))
+    print_table(
+        columns, rows, output=Console(file=buffer, width=80, force_terminal=True, color_system=None)
+    )
     assert whole_on_one_line(buffer.getvalue(), LONG[:30])
     assert whole_on_one_line(buffer.getvalue(), "k3j4h5g6f7d8s9")
     assert max(len(line) for line in buffer.getvalue().splitlines()) <= 80

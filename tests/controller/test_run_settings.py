@@ -83,7 +83,11 @@ def test_a_bad_value_in_any_layer_is_refused_not_replaced_by_a_default(
 ) -> None:
     config_file.write_text('n_trials = "many"\n')
     refused = CliRunner().invoke(app, ["run", TINY, "--on", "local", "--config", str(config_file)])
-    assert refused.exit_code == 2 and "n_trials" in refused.output and str(config_file) in refused.output
+    assert (
+        refused.exit_code == 2
+        and "n_trials" in refused.output
+        and str(config_file) in refused.output
+    )
     monkeypatch.setenv("HERETIC_N_TRIALS", "lots")
     refused = CliRunner().invoke(app, ["run", TINY, "--on", "local", "--dry-run"])
     assert refused.exit_code == 2 and "n_trials" in refused.output

@@ -46,6 +46,10 @@ def render_error(error: WorkerError) -> None:
         sys.stderr.write(f"hint: {error.hint}\n")
 
 
+# The worker extra's libraries: a laptop install (`pip install hctl`) has hctl-worker without them.
+WORKER_LIBRARIES = {"torch", "transformers", "accelerate", "optuna", "safetensors", "numpy"}
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Expected failures become two lines on stderr and the error's exit code."""
@@ -54,6 +58,18 @@ def user_errors() -> Iterator[None]:
     except WorkerError as error:
         render_error(error)
         raise typer.Exit(error.exit_code) from None
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] not in WORKER_LIBRARIES:
+            raise
+        render_error(
+            WorkerError(
+                f"hctl-worker needs {error.name}, which this installation lacks (a laptop install "
+                "has the controller only)",
+                "Install the worker's libraries: pip install 'hctl[worker]' (CPU torch first: "
+                "pip install torch --index-url https://download.pytorch.org/whl/cpu).",
+            )
+        )
+        raise typer.Exit(3) from None
     except KeyboardInterrupt:
         sys.stderr.write("stopped; run the same command again to continue\n")
         raise typer.Exit(INTERRUPTED_EXIT_CODE) from None
