@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from hctl.cli import app
 from hctl.remote.local import LocalRemote
-from hctl.services import launch, runs
+from hctl.services import launch, runs, stopping
 from hctl.services.jobs import JobRecord, JobStore
 from hctl.services.toolkit import default_toolkit
 from hctl.settings import load_settings
@@ -69,7 +69,7 @@ def test_cancel_kills_a_worker_that_ignores_sigterm_and_says_so(
     stubborn_job, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     job_dir, pid = stubborn_job
-    monkeypatch.setattr(runs, "STOP_GRACE_S", 1.0)
+    monkeypatch.setattr(stopping, "STOP_GRACE_S", 1.0)
     store = JobStore()
     record = store.save(
         JobRecord(job_id="1129-0000-abcd", model="m", worker_model="m", n_trials=5,

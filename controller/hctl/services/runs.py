@@ -28,28 +28,24 @@ from hctl.errors import (
     PodNotFoundError,
     PodNotReadyError,
 )
-from hctl.remote.base import Remote
 from hctl.services import calibration
 from hctl.services.budget import Meter
 from hctl.services.estimate import format_money
 from hctl.services.finish import TrialChooser, finish_job, release_machine
 from hctl.services.follow import (
-    LAUNCHER_PID_FILE,
     MAX_READ_BYTES,
     Follower,
     RemoteJobChannel,
-    running_test,
 )
 from hctl.services.jobs import JobRecord
 from hctl.services.launch import Notify
 from hctl.services.progress import JobProgress
+from hctl.services.stopping import stop_worker
 from hctl.services.toolkit import Toolkit
 from hctl.services.view import LiveView, Money
-from hctl_worker.events import EVENTS_FILE, LOG_FILE, PID_FILE, StartEvent, TrialEvent, read_events
+from hctl_worker.events import EVENTS_FILE, LOG_FILE, StartEvent, TrialEvent, read_events
 
 Outcome = Literal["finished", "failed", "budget", "detached", "cancelled", "interrupted"]
-STOP_GRACE_S = 30.0  # a SIGTERM'd worker gets this long to end its trial before SIGKILL
-KILL_WAIT_S = 15.0
 
 
 @dataclass
@@ -103,52 +99,6 @@ def follower_for(record: JobRecord, toolkit: Toolkit, offset: int, **options: An
 
 def channel_factory(record: JobRecord, toolkit: Toolkit) -> Callable[[], RemoteJobChannel]:
     return lambda: RemoteJobChannel(toolkit.connect(record), record.remote_job_dir)
-
-
-def signal_worker(remote: Remote, job_dir: str, signal: Literal["TERM", "KILL"] = "TERM") -> bool:
-    """Send the worker a signal; False when it was not running.
-
-    SIGTERM asks it to stop (it ends the current trial as failed and exits, and a resumed search
-    runs that trial again). SIGKILL goes to the whole session the launcher started (the worker
-    and anything it started), for a worker stuck where it cannot take a SIGTERM.
-    """
-    worker_pid = shlex.quote(f"{job_dir}/{PID_FILE}")
-    launcher_pid = shlex.quote(f"{job_dir}/{LAUNCHER_PID_FILE}")
-    group = f'kill -{signal} -- "-$(cat {launcher_pid})" 2>/dev/null'
-    also_group = f"{group}; " if signal == "KILL" else ""
-    result = remote.run(
-        f'if [ -f {worker_pid} ] && kill -0 "$(cat {worker_pid})" 2>/dev/null; then '
-        f'{also_group}kill -{signal} "$(cat {worker_pid})"; echo stopped; '
-        f"elif {running_test(job_dir)}; then "
-        f'{group} || kill -{signal} "$(cat {launcher_pid})"; '
-        "echo stopped; else echo idle; fi",
-        timeout=30,
-    )
-    return "stopped" in result.output
-
-
-def stop_worker(
-    remote: Remote, job_dir: str, toolkit: Toolkit
-) -> Literal["stopped", "killed", "idle"]:
-    """Stop the worker for good: SIGTERM, then SIGKILL when it has not exited `STOP_GRACE_S`
-    later (a worker inside one long computation cannot take the SIGTERM until it ends).
-
-    Returns what it took; raises JobError when the worker is still running after both, so a job
-    is never reported stopped while its worker goes on.
-    """
-    if not signal_worker(remote, job_dir, "TERM"):
-        return "idle"
-    channel = RemoteJobChannel(remote, job_dir)
-    if wait_for_worker_exit(channel, toolkit, timeout_s=STOP_GRACE_S):
-        return "stopped"
-    signal_worker(remote, job_dir, "KILL")
-    if wait_for_worker_exit(channel, toolkit, timeout_s=KILL_WAIT_S):
-        return "killed"
-    raise JobError(
-        f"The worker in {job_dir} is still running after SIGTERM and SIGKILL.",
-        f"Look at it on its machine (`hctl exec ... -- cat {shlex.quote(f'{job_dir}/{PID_FILE}')}`)"
-        " and end it by hand; the job is not marked stopped.",
-    )
 
 
 def follow_job(
@@ -259,18 +209,6 @@ def follow_job(
             record.model_copy(update={"status": "failed", "message": progress.error.message})
         )
     return FollowResult(outcome, progress, record)
-
-
-def wait_for_worker_exit(
-    channel: RemoteJobChannel, toolkit: Toolkit, *, timeout_s: float = 120.0
-) -> bool:
-    """Wait (bounded) until a signalled worker has exited; True when it has."""
-    deadline = toolkit.clock() + timeout_s
-    while toolkit.clock() < deadline:
-        if channel.read(10**15).worker_alive is not True:
-            return True
-        toolkit.sleep(0.25)
-    return False
 
 
 def _check_pod(record: JobRecord, toolkit: Toolkit) -> None:
@@ -387,7 +325,7 @@ def cancel_job(record: JobRecord, toolkit: Toolkit, notify: Notify) -> JobRecord
         notify(
             {
                 "stopped": "worker stopped",
-                "killed": f"worker killed: it had not stopped {STOP_GRACE_S:.0f} s after SIGTERM",
+                "killed": "worker killed: it had not stopped after SIGTERM",
                 "idle": "the worker was not running",
             }[state]
         )
