@@ -218,7 +218,7 @@ def print_table(
             justify=column.justify,
             style=column.style,
             no_wrap=column.whole,
-            min_width=longest if column.whole else None,
+            min_width=longest if column.whole else min(longest, len(column.name)),
             overflow="fold",
         )
     for row in rows:

@@ -46,6 +46,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("hctl", ["run", *LOCAL, "--keep"], "--keep only apply to a pod"),
     ("hctl", ["run", *POD, "--pod", "x", "--on", "local"], "cannot be used together"),
     ("hctl", ["run", *POD, "--output", "elsewhere"], "only applies to --on local"),
+    ("hctl", ["run", *LOCAL, "--output", "taken.txt"], "is a file; the job needs a folder"),
     ("hctl", ["run", *POD, "--keep", "--terminate"], "contradict"),
     ("hctl", ["run", *POD, "--gpu", "RTX 9999"], "RTX 9999"),
     ("hctl", ["run", *POD, "--pod", "no-such-pod"], "no-such-pod"),

@@ -57,7 +57,7 @@ def stubborn_job(tmp_path: Path):  # noqa: ANN201
     LocalRemote().run(launch.launch_command(worker, str(job_dir)), timeout=30)
     pid_file = job_dir / "worker.pid"
     deadline = time.monotonic() + 30
-    while not pid_file.is_file() and time.monotonic() < deadline:
+    while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
         time.sleep(0.05)
     pid = int(pid_file.read_text())
     yield job_dir, pid

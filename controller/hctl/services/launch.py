@@ -50,7 +50,7 @@ from hctl.services.request import (
     check_trial_number,
 )
 from hctl.services.toolkit import Toolkit
-from hctl_worker.events import JOURNAL_FILE, LOG_FILE, PID_FILE, SETTINGS_FILE
+from hctl_worker.events import JOURNAL_FILE, LOG_FILE, SETTINGS_FILE
 from hctl_worker.settings import PROMPT_TABLES
 
 SECRETS_FILE = ".secrets.env"
@@ -527,14 +527,10 @@ def launch_command(
 
 
 def check_not_running(remote: Remote, job_dir: str) -> None:
-    """Refuse to start a second worker in a job directory whose worker still runs."""
-    worker_pid = shlex.quote(f"{job_dir}/{PID_FILE}")
-    result = remote.run(
-        f"if {running_test(job_dir)}; then echo busy; "
-        f'elif [ -f {worker_pid} ] && kill -0 "$(cat {worker_pid})" 2>/dev/null; then echo busy; '
-        "fi",
-        timeout=30,
-    )
+    """Refuse to start a second worker in a job directory whose worker still runs (its launcher
+    lives exactly as long as it does; a worker started by hand there is refused by the worker's
+    own lock on the events file)."""
+    result = remote.run(f"if {running_test(job_dir)}; then echo busy; fi", timeout=30)
     if "busy" in result.output:
         raise JobError(
             f"A worker is already running in {job_dir} on {remote.description}.",

@@ -145,6 +145,11 @@ def _check_target_options(request: RunRequest) -> None:
             "--output (--job-dir) only applies to --on local.",
             "On a pod or an SSH host the job directory is hctl's; use --download to get the model.",
         )
+    if request.job_dir is not None and Path(request.job_dir).expanduser().is_file():
+        raise ConfigError(
+            f"--output {request.job_dir} is a file; the job needs a folder.",
+            "Give a new folder, or the folder of a job to continue.",
+        )
 
 
 def check_download_folder(folder: Path) -> None:

@@ -140,7 +140,7 @@ def _resume_machine(
         # from any folder.
         model=str(record.worker_settings.get("model") or record.model),
         n_trials=max(1, record.n_trials - len(local_progress(record, toolkit).trials)),
-        gpu=gpu or record.gpu_id,
+        gpu=(gpu or record.gpu_id) if pod is None else None,  # a given pod has its own GPU
         pod=pod,
         params=str(record.parameters) if record.parameters else None,
         after=record.after,
