@@ -39,7 +39,8 @@ import torch  # noqa: E402
 
 from hctl_worker.ablation import AblationParams, Ablator, ComponentKernel  # noqa: E402
 from hctl_worker.directions import last_token_residuals, refusal_directions  # noqa: E402
-from hctl_worker.evaluation import DEFAULT_REFUSAL_MARKERS, Evaluator  # noqa: E402
+from hctl_worker.evaluation import Evaluator  # noqa: E402
+from hctl_worker.markers import DEFAULT_REFUSAL_MARKERS  # noqa: E402
 from hctl_worker.model import load_model  # noqa: E402
 
 FIXTURE = REPO / "tests" / "fixtures" / "tiny-refuser"

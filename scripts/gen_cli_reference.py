@@ -437,7 +437,9 @@ def render_events() -> str:
     for event_class in typing.get_args(union):
         type_name = event_class.model_fields["type"].default
         fields = ", ".join(
-            f"`{name}`" for name in event_class.model_fields if name not in common | {"type"}
+            f"`{name}`"
+            for name, field in event_class.model_fields.items()
+            if name not in common | {"type"} and not field.exclude  # excluded: never on the wire
         )
         summary = _first_line(event_class.__doc__) or "—"
         lines.append(f"| `{type_name}` | {summary} | {fields} |")

@@ -107,7 +107,7 @@ def test_the_laptop_side_imports_only_the_base_dependencies() -> None:
 
 
 # The worker's modules the controller imports (they must stay torch-free and light).
-SHARED_MODULES = ("events", "settings", "errors", "prompts", "markers")
+SHARED_MODULES = ("events", "settings", "errors", "prompts", "markers", "trials", "command_line")
 
 
 def test_the_worker_modules_the_controller_imports_need_no_extra() -> None:

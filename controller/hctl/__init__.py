@@ -1,6 +1,9 @@
 """hctl: rent a GPU, abliterate a model there, watch it live, stop paying when it is done.
 
-This package is the laptop side. It never imports torch, so `pip install hctl` stays light.
+This package is the laptop side. It never imports torch, so `pip install hctl` stays light. Its
+version is the worker's (`hctl_worker.__version__`, torch-free): both halves are one release.
 """
 
-__version__ = "0.1.0"
+from hctl_worker import __version__
+
+__all__ = ["__version__"]

@@ -2,6 +2,8 @@
 
 ```
 HctlError                      message + hint; exit code 1 unless a subclass says otherwise
+                               (defined in the torch-free hctl_worker.errors, the one base
+                               class of both halves, and re-exported here)
 ├── ConfigError                a bad setting, config file or command-line value      (exit 2)
 ├── ProviderError              the cloud provider (RunPod) said no or could not be reached
 │   ├── AuthError              the API key is missing or rejected                     (exit 3)
@@ -29,20 +31,7 @@ they enter hctl. Only the command-line layer renders them, as one line of error 
 
 from __future__ import annotations
 
-
-class HctlError(Exception):
-    """The base of every error hctl expects; carries what happened and what to do next."""
-
-    exit_code: int = 1
-    default_hint: str = ""
-
-    def __init__(self, message: str, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.hint = hint if hint is not None else self.default_hint
-
-    def __str__(self) -> str:
-        return self.message
+from hctl_worker.errors import HctlError
 
 
 class ConfigError(HctlError):

@@ -17,7 +17,8 @@ markup, so a `[bracketed]` word in a path, a host key name or a hint survives.
 
 Errors render as one `error:` line and one `hint:` line on stderr; `HctlGroup` gives the same
 shape to command-line mistakes (an unknown option, a value that is not a number), and
-`HctlCommand` keeps help free of type tags on flags (`<bool>`), for `hctl` and `hctl-worker` alike.
+`HctlCommand` keeps help free of type tags on flags (`<bool>`), for `hctl` and `hctl-worker` alike
+(both live in `hctl_worker.command_line`, since the worker never imports the controller).
 """
 
 from __future__ import annotations
@@ -32,96 +33,18 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
-from typer.core import TyperCommand, TyperGroup
 
-from hctl.errors import HctlError
+# Errors and usage errors render the same in both command lines (re-exported from there).
+from hctl_worker.command_line import HctlCommand as HctlCommand
+from hctl_worker.command_line import HctlGroup as HctlGroup
+from hctl_worker.command_line import UsageError as UsageError
+from hctl_worker.command_line import error_console
+from hctl_worker.command_line import render_error as render_error
+from hctl_worker.command_line import render_usage_error as render_usage_error
 
 console = Console(highlight=False, soft_wrap=True)
-error_console = Console(stderr=True, highlight=False, soft_wrap=True)
-
-# Typer ships its own copy of click; its usage error is the base of its public `BadParameter`.
-UsageError: type[Exception] = typer.BadParameter.__base__  # type: ignore[assignment]
 COLUMN_GAP = 3  # the frameless table's space between columns
 FOLDED_MINIMUM = 6  # the narrowest a folding column gets before the table goes plain
-
-
-# --- errors ---------------------------------------------------------------------------------
-
-
-def render_error(error: HctlError) -> None:
-    """One line of what happened and one of what to do next; never a traceback."""
-    error_console.print(Text.assemble(("error:", "bold red"), " ", error.message))
-    if error.hint:
-        error_console.print(Text.assemble(("hint:", "yellow"), " ", error.hint))
-
-
-def render_usage_error(error: Exception, program: str) -> None:
-    """A command-line mistake in the same two lines as every other error."""
-    context = getattr(error, "ctx", None)
-    command = context.command_path if context is not None else program
-    message = error.format_message() if hasattr(error, "format_message") else str(error)
-    render_error(HctlError(message, f"Run `{command} --help` to see what it takes."))
-
-
-def _untagged(params: list[Any]) -> list[Any]:
-    """No `<bool>` after a flag in help: an empty metavar hides it (flags take no value)."""
-    for param in params:
-        if getattr(param, "is_flag", False) and param.metavar is None:
-            param.metavar = ""
-    return params
-
-
-class HctlCommand(TyperCommand):
-    """A command whose help names its arguments in capitals (`MODEL`, `[POD]`) and tags no flag."""
-
-    def get_params(self, ctx: typer.Context) -> list[Any]:
-        return _untagged(super().get_params(ctx))
-
-    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
-        pieces = [self.options_metavar] if self.options_metavar else []
-        for param in self.get_params(ctx):
-            if param.param_type_name != "argument":
-                continue
-            name = (param.metavar or param.name or "").upper()
-            name = name if param.required else f"[{name}]"
-            pieces.append(name + ("..." if param.nargs != 1 else ""))
-        return pieces
-
-
-class HctlGroup(TyperGroup):
-    """A command group that renders every `HctlError` and usage error as `error:` and `hint:`.
-
-    Doing it in the group, rather than in `main()`, means `typer.testing.CliRunner` sees exactly
-    what a user sees. Parsing the root's own options happens in `make_context`; everything below
-    it (the subcommand's name and options, the command itself) in `invoke`.
-    """
-
-    def get_params(self, ctx: typer.Context) -> list[Any]:
-        return _untagged(super().get_params(ctx))
-
-    def make_context(self, info_name: str | None, args: list[str], **extra: Any) -> Any:
-        try:
-            return super().make_context(info_name, args, **extra)
-        except UsageError as error:
-            if type(error).__name__ == "NoArgsIsHelpError":
-                raise  # a bare command name: its help, as usual
-            render_usage_error(error, info_name or "hctl")
-            raise typer.Exit(2) from None
-
-    def invoke(self, ctx: typer.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except HctlError as error:
-            render_error(error)
-            raise typer.Exit(error.exit_code) from None
-        except UsageError as error:
-            if type(error).__name__ == "NoArgsIsHelpError":
-                raise
-            render_usage_error(error, ctx.command_path)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            error_console.print(Text("interrupted", style="yellow"))
-            raise typer.Exit(130) from None
 
 
 # --- tables -----------------------------------------------------------------------------------
@@ -183,7 +106,7 @@ def _fits(columns: Sequence[Column], rows: Sequence[Sequence[Cell]], width: int)
     return needed <= width
 
 
-def _write_lines(output: Console, lines: list[str]) -> None:
+def write_lines(output: Console, lines: list[str]) -> None:
     """Lines exactly as given (rich would expand the tabs)."""
     output.file.write("".join(line + "\n" for line in lines))
     output.file.flush()
@@ -201,12 +124,12 @@ def print_table(
     if not output.is_terminal:
         if title:
             print_line(title, output=error_console)  # the rows are all stdout holds
-        _write_lines(output, plain_lines(columns, rows))
+        write_lines(output, plain_lines(columns, rows))
         return
     if title:
         output.print(Text(title, style="bold"))
     if not _fits(columns, rows, output.width):
-        _write_lines(output, aligned_lines(columns, rows))
+        write_lines(output, aligned_lines(columns, rows))
         return
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
     for index, column in enumerate(columns):

@@ -2,7 +2,7 @@
 
 One table of bad inputs across `hctl` and `hctl-worker`. For each: a non-zero exit, exactly one
 `error:` line naming the problem and one `hint:` line, no traceback; the RunPod emulator's pod
-table empty and no create request sent; no worker process and no job directory; and not one
+table empty and no create request in its log (REST v2, the default provider); no worker process and no job directory; and not one
 file of the user's (the home folder with hctl's config, the working folder with their prompt and
 config files, the download folders) created, changed or removed.
 """
@@ -24,7 +24,6 @@ from tests.conftest import REPO_ROOT
 TINY = str(REPO_ROOT / "tests" / "fixtures" / "tiny-refuser")
 LOCAL = [TINY, "--on", "local", "--yes"]
 POD = [TINY, "--yes"]
-CREATES = ("podFindAndDeployOnDemand", "podRentInterruptable")
 
 # (program, arguments, a fragment of the error line)
 CASES: list[tuple[str, list[str], str]] = [
@@ -83,6 +82,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("hctl", ["estimate", TINY, "--response-tokens", "0"], "'--response-tokens'"),
     # hctl config
     ("hctl", ["config", "set", "runpod_api_url", "not a url"], "not a valid runpod_api_url"),
+    ("hctl", ["config", "set", "runpod_rest_url", "ftp://x"], "not a valid runpod_rest_url"),
     ("hctl", ["config", "set", "volume_gb", "abc"], "not a valid volume_gb"),
     ("hctl", ["config", "set", "container_disk_gb", "5"], "not a valid container_disk_gb"),
     ("hctl", ["config", "set", "max_cost", "nan"], "not a valid max_cost"),
@@ -99,6 +99,12 @@ CASES: list[tuple[str, list[str], str]] = [
     ("hctl", ["create-pod", "--env", "BAD", "--yes"], "is not KEY=VALUE"),
     ("hctl", ["create-pod", "--ports", "99999/tcp", "--yes"], "is not PORT/tcp"),
     ("hctl", ["create-pod", "--bid", "1", "--yes"], "--bid only applies to spot"),
+    ("hctl", ["create-pod", "--container-disk", "99999999", "--yes"], "more than anyone means"),
+    ("hctl", ["create-pod", "--volume", "5", "--yes"], "Volume 5 GB is out of range"),
+    ("hctl", ["create-pod", "--max-hours", "nan", "--yes"], "nan is not a number"),
+    ("hctl", ["create-pod", "--max-hours", "1000", "--yes"], "at most 720"),
+    ("hctl", ["create-pod", "--spot", "--bid", "0.2", "--yes"], "has no spot pods"),
+    ("hctl", ["run", *POD, "--spot"], "has no spot pods"),
     ("hctl", ["stop-pod", "no-such-pod", "--yes"], "no-such-pod"),
     ("hctl", ["exec", "--", ""], "No command given"),
     ("hctl", ["forget-host", "[203.0.113.9]:22"], "No host key recorded under '[203.0.113.9]:22'"),
@@ -122,8 +128,9 @@ def test_hctl_worker_without_the_worker_extra_says_what_to_install(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setitem(sys.modules, "optuna", None)  # as in a laptop install: not importable
-    monkeypatch.delitem(sys.modules, "hctl_worker.search", raising=False)
-    monkeypatch.delattr("hctl_worker.search", raising=False)
+    for module in ("job_directory", "study"):  # imported afresh, as in a new process
+        monkeypatch.delitem(sys.modules, f"hctl_worker.{module}", raising=False)
+        monkeypatch.delattr(f"hctl_worker.{module}", raising=False)
     result = CliRunner().invoke(worker_app, ["pareto", "--job-dir", str(tmp_path)])
     assert result.exit_code == 3, result.output
     assert "error: hctl-worker needs optuna" in result.output
@@ -190,7 +197,7 @@ def test_the_table_holds_at_least_forty_bad_inputs_across_both_programs() -> Non
     ids=[f"{program}:{' '.join(arguments)}"[:90] for program, arguments, _ in CASES],
 )
 def test_a_bad_input_is_refused_in_two_lines_before_anything_happens(
-    hctl_runpod_env, user_folder: Path, tmp_path: Path, program: str, arguments, fragment: str
+    hctl_rest_env, user_folder: Path, tmp_path: Path, program: str, arguments, fragment: str
 ) -> None:
     before = _snapshot(tmp_path)
     application = hctl_app if program == "hctl" else worker_app
@@ -205,7 +212,6 @@ def test_a_bad_input_is_refused_in_two_lines_before_anything_happens(
     assert len(errors) == 1 and len(hints) == 1, output
     assert fragment in errors[0], output
     assert "Traceback" not in output
-    assert hctl_runpod_env.pods == []
-    assert all(hctl_runpod_env.requests_for(operation) == [] for operation in CREATES)
+    assert hctl_rest_env.pods == [] and hctl_rest_env.requests_for("create") == []
     assert _workers_under(tmp_path) == []
     assert _snapshot(tmp_path) == before

@@ -63,7 +63,8 @@ def test_list_pods_piped_keeps_ids_names_and_endpoints_whole(hctl_runpod_env, na
     result = invoke("list-pods")
     assert whole_on_one_line(result.stdout, LONG) and whole_on_one_line(result.stdout, pod["id"])
     rows = [line.split("\t") for line in result.stdout.splitlines()]
-    assert rows[0][:2] == ["name", "id"] and [LONG, pod["id"]] in [row[:2] for row in rows]
+    assert rows[0][:3] == ["name", "id", "status"]
+    assert [LONG, pod["id"], "running"] in [row[:3] for row in rows]  # the provider-neutral word
     listed = json.loads(invoke("list-pods", "--json").stdout)
     assert [entry["id"] for entry in listed] == [pod["id"]]
 

@@ -7,9 +7,10 @@ import xml.etree.ElementTree as ElementTree
 from rich.console import Console
 
 from hctl.services.pareto_plot import render_svg
-from hctl.services.progress import JobProgress, choose_trial, pareto_front
+from hctl.services.progress import JobProgress
 from hctl.services.view import LiveView, Money, live_panel
-from hctl_worker.events import DoneEvent, ParetoTrial, StartEvent, TrialEvent
+from hctl_worker.events import DoneEvent, StartEvent, TrialEvent
+from hctl_worker.trials import Trial, choose, pareto_front
 
 
 def trial(number: int, refusals: int | None, kl: float, seconds: float = 2.0) -> TrialEvent:
@@ -39,11 +40,11 @@ def test_progress_follows_the_events_and_estimates_what_is_left() -> None:
 def test_the_front_keeps_only_undominated_trials_and_the_choice_respects_the_kl_limit() -> None:
     front = pareto_front(TRIALS)
     assert [item.number for item in front] == [5, 2, 3, 1]  # trial 4 was not scored
-    assert choose_trial(front, kl_limit=0.5).number == 2
-    assert choose_trial(front, kl_limit=0.02).number == 1
+    assert choose(front, kl_limit=0.5).number == 2
+    assert choose(front, kl_limit=0.02).number == 1
     # Nothing under the limit: the least damaging (lowest KL) trial.
-    assert choose_trial(front, kl_limit=0.001).number == 1
-    assert choose_trial([], kl_limit=1) is None
+    assert choose(front, kl_limit=0.001).number == 1
+    assert choose([], kl_limit=1) is None
 
 
 def test_the_view_prints_one_line_per_trial_with_the_best_so_far_and_money() -> None:
@@ -65,7 +66,7 @@ def test_the_view_prints_one_line_per_trial_with_the_best_so_far_and_money() -> 
 
 
 def test_the_pareto_picture_is_a_self_contained_svg() -> None:
-    front = [ParetoTrial(number=t.number, kl=t.kl, refusals=t.refusals, total_bad=20)
+    front = [Trial(number=t.number, kl=t.kl, refusals=t.refusals, total_bad=20)
              for t in TRIALS if t.refusals is not None]  # fmt: skip
     svg = render_svg(TRIALS, front, title="model <test> & co", chosen=2)
     root = ElementTree.fromstring(svg)

@@ -9,15 +9,13 @@ import pytest
 import torch
 
 from hctl_worker.ablation import (
-    COMPONENTS,
     AblationParams,
     Ablator,
     ComponentKernel,
     edited_matrix,
-    find_layers,
-    find_projections,
     kernel_weights,
 )
+from hctl_worker.architecture import COMPONENTS, find_layers, find_projections
 from hctl_worker.errors import SettingsError
 from hctl_worker.model import LoadedModel
 from scripts.make_random_model import TINY_ARCHITECTURES, byte_tokenizer, random_model, tiny_config

@@ -133,3 +133,23 @@ def test_settings_of_an_existing_job_cannot_change(
     code, stderr, _ = run_failing(job_dir, "--config", str(config))
     assert code == 2 and "model" in stderr and "new --job-dir" in stderr
     assert (job_dir / "settings.toml").read_text() == 'model = "another-model"\nseed = 3\n'
+
+
+def test_trial_zero_is_refused_by_the_settings(
+    tmp_path: Path, prompts: dict, job_dir: Path
+) -> None:
+    config = write_config(tmp_path / "config.toml", str(FIXTURE_MODEL), prompts)
+    code, stderr, event = run_failing(job_dir, "--config", str(config), "--trial", "0")
+    assert code == 2 and "trial" in stderr and event.kind == "SettingsError"
+
+
+def test_a_trial_the_search_never_reaches_is_refused_before_loading(
+    tmp_path: Path, prompts: dict, job_dir: Path
+) -> None:
+    config = write_config(tmp_path / "config.toml", str(FIXTURE_MODEL), prompts)
+    code, stderr, event = run_failing(
+        job_dir, "--config", str(config), "--n-trials", "3", "--trial", "4"
+    )
+    assert code == 2 and "no trial 4" in stderr and "1 to 3" in event.hint
+    events, _ = read_events(job_dir / EVENTS_FILE)
+    assert not [item for item in events if getattr(item, "stage", None) == "loading"]

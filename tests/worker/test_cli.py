@@ -11,8 +11,9 @@ from typer.testing import CliRunner
 from hctl_worker import __version__
 from hctl_worker.cli import app
 from hctl_worker.events import EVENTS_FILE, ErrorEvent, read_events
-from hctl_worker.job import JobPaths
-from hctl_worker.search import Outcome, SearchSpace, open_study, run_search
+from hctl_worker.job_directory import JobPaths
+from hctl_worker.search_space import SearchSpace
+from hctl_worker.study import Outcome, open_study, run_search
 
 runner = CliRunner()
 
@@ -50,8 +51,9 @@ def test_pareto_table_and_json_list_the_same_front(searched_job: Path) -> None:
 
     table = runner.invoke(app, ["pareto", "--job-dir", str(searched_job)])
     assert table.exit_code == 0
-    for trial in front:
-        assert f"#{trial['number']}" in table.stdout
+    # Each row starts with the trial number, which is what --trial takes.
+    rows = [line.strip("│┃ ").split() for line in table.stdout.splitlines() if "/" in line]
+    assert [int(row[0]) for row in rows] == [trial["number"] for trial in front]
 
 
 def test_pareto_of_a_folder_without_a_search(tmp_path: Path) -> None:
@@ -105,8 +107,9 @@ def test_progress_view_prints_one_line_per_stage_and_trial_off_a_terminal() -> N
 
     from rich.console import Console
 
-    from hctl_worker.events import BaselineEvent, ParetoEvent, ParetoTrial, StageEvent, TrialEvent
+    from hctl_worker.events import BaselineEvent, ParetoEvent, StageEvent, TrialEvent
     from hctl_worker.progress import ProgressView
+    from hctl_worker.trials import Trial
 
     output = io.StringIO()
     with ProgressView(Console(file=output, width=120)) as view:
@@ -118,7 +121,7 @@ def test_progress_view_prints_one_line_per_stage_and_trial_off_a_terminal() -> N
                 number=1, n_trials=40, params={}, kl=0.0021, refusals=3, total_bad=86, seconds=0.4
             )
         )
-        view(ParetoEvent(trials=[ParetoTrial(number=1, kl=0.0021, refusals=3, total_bad=86)]))
+        view(ParetoEvent(trials=[Trial(number=1, kl=0.0021, refusals=3, total_bad=86)]))
     lines = output.getvalue().splitlines()
     assert lines == [
         "baseline: started",

@@ -67,8 +67,8 @@ def run_events(*arguments: str) -> list[dict]:
 def harmless_refusal_rate(job_dir: Path, trial: dict) -> float:
     """Refusals on the harmless held-out prompts with the trial's edit applied."""
     from hctl_worker.ablation import AblationParams, Ablator
-    from hctl_worker.evaluation import DEFAULT_REFUSAL_MARKERS, is_refusal
-    from hctl_worker.job import JobPaths, load_cached_directions, stored_settings
+    from hctl_worker.job_directory import JobPaths, load_cached_directions, stored_settings
+    from hctl_worker.markers import DEFAULT_REFUSAL_MARKERS, is_refusal
     from hctl_worker.model import load_model
     from hctl_worker.prompts import load_prompts
 

@@ -11,16 +11,9 @@ import torch
 
 from hctl_worker.ablation import AblationParams, Ablator, ComponentKernel
 from hctl_worker.directions import last_token_residuals, refusal_directions
-from hctl_worker.evaluation import (
-    DEFAULT_REFUSAL_MARKERS,
-    Evaluator,
-    GenerationStats,
-    encode_texts,
-    generate,
-    is_refusal,
-    kl_divergence,
-    normalise_response,
-)
+from hctl_worker.evaluation import Evaluator, kl_divergence
+from hctl_worker.generation import GenerationStats, encode_texts, generate
+from hctl_worker.markers import DEFAULT_REFUSAL_MARKERS, is_refusal, normalise_response
 from hctl_worker.model import LoadedModel, load_model
 from scripts.make_random_model import byte_tokenizer, make_random_model, random_model, tiny_config
 

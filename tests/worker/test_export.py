@@ -10,12 +10,12 @@ import pytest
 
 from hctl_worker.errors import ExportError
 from hctl_worker.export import export_trial, model_card, upload_folder
-from hctl_worker.search import TrialResult
 from hctl_worker.settings import WorkerSettings
+from hctl_worker.trials import Trial
 
 SECRET = "hf_secretTOKEN1234567890"
 
-TRIAL = TrialResult(
+TRIAL = Trial(
     number=7,
     params={"direction_scope": "global", "direction_index": 2.25, "attention.max_weight": 1.2},
     kl=0.0123,
@@ -79,7 +79,7 @@ def test_exported_model_computes_what_the_trial_computed(tmp_path: Path) -> None
     from hctl_worker.ablation import AblationParams, Ablator
     from hctl_worker.cli import app
     from hctl_worker.events import EVENTS_FILE, DoneEvent, StageEvent, read_events
-    from hctl_worker.job import JobPaths, load_cached_directions
+    from hctl_worker.job_directory import JobPaths, load_cached_directions
     from hctl_worker.model import load_model
     from tests.worker.test_end_to_end import FIXTURES, run_events, write_fixture_config
 

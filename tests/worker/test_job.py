@@ -11,15 +11,15 @@ import pytest
 
 from hctl_worker.errors import JobDirectoryError, SettingsError
 from hctl_worker.events import EVENTS_FILE, StageEvent, read_events
-from hctl_worker.job import (
+from hctl_worker.job_directory import (
     JobPaths,
-    Reporter,
     open_job_directory,
     pid_file,
     read_front,
     reconcile_settings,
     stored_settings,
 )
+from hctl_worker.reporter import Reporter
 from hctl_worker.settings import WorkerSettings
 
 

@@ -1,4 +1,4 @@
-"""The search on its own: ranges, the resumable journal, the Pareto front (a small fake engine)."""
+"""The search on its own: ranges and the resumable journal (a small fake engine)."""
 
 from __future__ import annotations
 
@@ -8,18 +8,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from hctl_worker.search import (
-    Outcome,
-    SearchSpace,
-    TrialResult,
-    choose,
-    finished_trials,
-    open_study,
-    pareto_front,
-    recover_interrupted,
-    run_search,
-    separation_onset,
-)
+from hctl_worker.search_space import SearchSpace, separation_onset
+from hctl_worker.study import Outcome, finished_trials, open_study, recover_interrupted, run_search
+from hctl_worker.trials import Trial
 
 COMPONENTS = ("attention", "mlp")
 TOTAL = 50
@@ -99,7 +90,7 @@ def test_a_restarted_search_continues_without_redoing_trials(tmp_path: Path) -> 
     journal = tmp_path / "study.journal"
     space = SearchSpace.heretic(8, COMPONENTS)
     first_calls: list = []
-    seen: list[TrialResult] = []
+    seen: list[Trial] = []
     run_search(
         open_study(journal, seed=3, n_startup_trials=2),
         space,
@@ -166,27 +157,6 @@ def test_an_interrupted_trial_is_marked_failed_not_counted(tmp_path: Path) -> No
     assert [result.number for result in finished_trials(study)] == [1, 2, 3]
 
 
-def result(number: int, refusals: int | None, kl: float) -> TrialResult:
-    return TrialResult(number=number, params={}, kl=kl, refusals=refusals, total_bad=10, seconds=1)
-
-
-def test_pareto_front_fewest_refusals_first_and_dominated_trials_dropped() -> None:
-    trials = [
-        result(1, 10, 0.0001),
-        result(2, 3, 0.02),
-        result(3, 3, 0.05),  # dominated by 2
-        result(4, 0, 0.3),
-        result(5, 5, 0.01),
-        result(6, None, 0.0),  # refusals skipped: never on the front
-        result(7, 6, 0.02),  # dominated by 5
-    ]
-    front = pareto_front(trials)
-    assert [trial.number for trial in front] == [4, 2, 5, 1]
-    assert choose(front, 0).number == 4
-    with pytest.raises(IndexError, match="0-3"):
-        choose(front, 4)
-
-
 def test_study_journal_is_an_optuna_journal(tmp_path: Path) -> None:
     journal = tmp_path / "study.journal"
     run_search(
@@ -208,5 +178,5 @@ def test_a_nan_kl_is_recorded_as_a_broken_model(tmp_path: Path) -> None:
 
     study = open_study(tmp_path / "study.journal", seed=0, n_startup_trials=1)
     (result,) = run_search(study, SearchSpace.heretic(8, COMPONENTS), broken, n_trials=1)
-    assert result.kl == 1e6 and result.refusal_skipped
+    assert result.kl == 1e6 and result.refusals is None
     assert study.trials[0].state == TrialState.COMPLETE

@@ -85,7 +85,8 @@ dataset = "good.txt"
 """,
     )
     settings = load_settings(config)
-    assert settings.trial == 2
+    # heretic's trial_index counts places on its front; `trial` here is a trial number.
+    assert settings.trial is None
     assert settings.upload_repo == "me/m-heretic" and settings.upload_private is False
     assert settings.refusal_markers == ["sorry", "cannot"]
     assert settings.good_prompts.split == "train[:40]"
@@ -98,6 +99,7 @@ dataset = "good.txt"
         "checkpoint_action",
         "kl_divergence_scale",
         "som_k",
+        "trial_index",
     ):
         assert key in warned
     assert "residual_plot_label" in warned
@@ -172,3 +174,14 @@ def test_default_config_documents_every_setting_and_parses_to_the_defaults() -> 
     assert parsed.model_dump() == defaults.model_dump()
     # Every value the file sets is written out explicitly (nothing relies on a hidden default).
     assert set(tomllib.loads(text)) <= set(WorkerSettings.model_fields)
+
+
+@pytest.mark.parametrize("value", [0, -3])
+def test_trial_is_a_trial_number_from_one(
+    value: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no ./config.toml
+    with pytest.raises(SettingsError) as raised:
+        load_settings(None, {"trial": value})
+    assert "trial" in raised.value.message and raised.value.hint
+    assert load_settings(None, {"trial": 1}).trial == 1

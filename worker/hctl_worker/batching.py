@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from hctl_worker.errors import OutOfMemoryError
-from hctl_worker.evaluation import encode_texts, generate
+from hctl_worker.generation import encode_texts, generate
 from hctl_worker.model import free_memory, is_out_of_memory
 
 if TYPE_CHECKING:

@@ -5,10 +5,10 @@ hctl-worker run --config FILE --job-dir DIR [--events] [--n-trials N] [--model M
 hctl-worker pareto --job-dir DIR [--json]
 hctl-worker export --job-dir DIR --trial K [--save-directory DIR] [--upload-repo USER/NAME]
 hctl-worker chat MODEL_DIR
-hctl-worker version
+hctl-worker version | --version
 ```
 
-Commands are thin: parse, call one function of `job` / `export`, render. Every expected failure
+Commands are thin: parse, call one function of `pipeline` / `export`, render. Every expected failure
 is a WorkerError, printed as `error: ...` and `hint: ...` on stderr with its exit code (and, for
 commands on a job directory, also written as an `error` event); never a traceback.
 """
@@ -25,7 +25,8 @@ from typing import Annotated, Any
 
 import typer
 
-from hctl.output import HctlCommand, HctlGroup
+from hctl_worker import __version__
+from hctl_worker.command_line import HctlCommand, HctlGroup, render_error
 from hctl_worker.errors import WorkerError
 
 app = typer.Typer(
@@ -40,10 +41,22 @@ app = typer.Typer(
 INTERRUPTED_EXIT_CODE = 130
 
 
-def render_error(error: WorkerError) -> None:
-    sys.stderr.write(f"error: {error.message}\n")
-    if error.hint:
-        sys.stderr.write(f"hint: {error.hint}\n")
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"hctl-worker {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version_callback, is_eager=True, help="Show the version."
+        ),
+    ] = False,
+) -> None:
+    """Abliterate a language model with a resumable multi-objective Optuna search."""
 
 
 # The worker extra's libraries: a laptop install (`pip install hctl`) has hctl-worker without them.
@@ -118,7 +131,10 @@ def run(
     seed: Annotated[int | None, typer.Option(help="Seed of the search.")] = None,
     trial: Annotated[
         int | None,
-        typer.Option(help="Pareto index to choose after the search (0 = fewest refusals)."),
+        typer.Option(
+            help="Trial number to choose after the search (as `pareto` shows it); "
+            "default: the best automatically."
+        ),
     ] = None,
     batch_size: Annotated[int | None, typer.Option(help="0 = find the fastest.")] = None,
     max_response_length: Annotated[int | None, typer.Option(help="Tokens per reply.")] = None,
@@ -163,7 +179,7 @@ def run(
 
 
 def _run_job(settings: Any, job_dir: Path, listeners: list) -> None:
-    from hctl_worker.job import run_job
+    from hctl_worker.pipeline import run_job
 
     run_job(settings, job_dir, listeners)
 
@@ -171,7 +187,8 @@ def _run_job(settings: Any, job_dir: Path, listeners: list) -> None:
 def _record_failure(job_dir: Path, error: WorkerError, listener: Callable | None) -> None:
     """A failure before the job starts still becomes an `error` event in its job directory (the
     controller made it and follows it); a directory that does not exist is not created for it."""
-    from hctl_worker.job import Reporter, open_job_directory, report_error
+    from hctl_worker.job_directory import open_job_directory
+    from hctl_worker.reporter import Reporter, report_error
 
     if not job_dir.expanduser().is_dir():
         return
@@ -200,28 +217,27 @@ def pareto(
     job_dir: JobDir,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """List the job's Pareto front: index (for `trial`), trial number, refusals, KL."""
+    """List the job's Pareto front: trial number (for `--trial`), refusals, KL."""
     with user_errors():
-        from hctl_worker.job import JobPaths, pareto_trial, read_front
+        from hctl_worker.job_directory import JobPaths, read_front
 
         front = read_front(JobPaths(job_dir))
         if as_json:
-            typer.echo(
-                json.dumps([pareto_trial(result).model_dump() for result in front], indent=2)
-            )
+            typer.echo(json.dumps([trial.model_dump() for trial in front], indent=2))
             return
         from rich.console import Console
 
         from hctl_worker.progress import pareto_table
 
-        Console().print(pareto_table([pareto_trial(result) for result in front]))
+        Console().print(pareto_table(front))
 
 
 @app.command(cls=HctlCommand)
 def export(
     job_dir: JobDir,
     trial: Annotated[
-        int, typer.Option("--trial", help="The trial number to export (as `pareto` shows it).")
+        int,
+        typer.Option("--trial", min=1, help="The trial number to export (as `pareto` shows it)."),
     ],
     save_directory: Annotated[str | None, typer.Option(help="Save the merged model here.")] = None,
     upload_repo: Annotated[str | None, typer.Option(help="Upload to USER/NAME (HF_TOKEN).")] = None,
@@ -233,7 +249,7 @@ def export(
     """Save (and/or upload) trial K of a job as a merged model, once its search has ended."""
     listener = _event_printer if events else None
     with user_errors():
-        from hctl_worker.job import export_job
+        from hctl_worker.pipeline import export_job
 
         _run_with_view(
             lambda listeners: export_job(
@@ -264,8 +280,6 @@ def chat(
 @app.command(cls=HctlCommand)
 def version() -> None:
     """Show the version."""
-    from hctl_worker import __version__
-
     typer.echo(__version__)
 
 

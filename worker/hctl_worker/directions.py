@@ -12,6 +12,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from hctl_worker.architecture import find_layers
+from hctl_worker.generation import encode_texts, forward_options, position_ids_for
+
 if TYPE_CHECKING:
     from hctl_worker.model import LoadedModel
 
@@ -28,9 +31,6 @@ def last_token_residuals(
     Texts are batched by token length (left padding puts every prompt's last token at -1),
     which keeps padding, and so wasted compute, small.
     """
-    from hctl_worker.ablation import find_layers
-    from hctl_worker.evaluation import encode_texts, forward_options
-
     if not texts:
         raise ValueError("no texts to take residuals from")
     layers = find_layers(loaded.model)
@@ -76,12 +76,6 @@ def last_token_residuals(
             handle.remove()
     assert result is not None
     return result
-
-
-def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that start at 0 on each row's first real token (left padding shifts them)."""
-    positions = attention_mask.long().cumsum(-1) - 1
-    return positions.clamp_(min=0)
 
 
 def refusal_directions(
@@ -148,6 +142,5 @@ __all__ = [
     "interpolate_direction",
     "last_token_residuals",
     "layer_separation",
-    "position_ids_for",
     "refusal_directions",
 ]

@@ -1,17 +1,20 @@
-"""Every error the worker expects, in one tree.
+"""Every error the worker expects, in one tree, and the base class of both halves' errors.
 
-The tree hangs from `hctl.errors.HctlError` (message, hint, exit code), the one base class of
-both halves, so an error the controller meets while reading worker settings renders like its own.
+`HctlError` (message, hint, exit code) is defined here, torch-free, and is the one base class of
+the worker's errors and of the controller's (`hctl.errors` re-exports it and hangs its own tree
+from it), so an error the controller meets while reading worker settings renders like its own.
 
 ```
-WorkerError                  message + hint; exit code 1 unless a subclass says otherwise
-├── SettingsError            an unknown setting, a value out of range, a bad config file   (exit 2)
-├── PromptError              a prompt source that is missing, empty or unreadable          (exit 2)
-├── ModelLoadError           a model that cannot be found or loaded                        (exit 3)
-│   └── NoChatTemplateError  a tokenizer without a chat template                           (exit 3)
-├── OutOfMemoryError         the GPU (or CPU) ran out of memory                            (exit 4)
-├── JobDirectoryError        a job directory that cannot be used                           (exit 2)
-└── ExportError              saving or uploading the chosen model failed                   (exit 5)
+HctlError                        message + hint; exit code 1 unless a subclass says otherwise
+├── (the controller's errors: see hctl.errors)
+└── WorkerError                  the worker's own errors
+    ├── SettingsError            an unknown setting, a value out of range, a bad config file (exit 2)
+    ├── PromptError              a prompt source that is missing, empty or unreadable        (exit 2)
+    ├── ModelLoadError           a model that cannot be found or loaded                      (exit 3)
+    │   └── NoChatTemplateError  a tokenizer without a chat template                         (exit 3)
+    ├── OutOfMemoryError         the GPU (or CPU) ran out of memory                          (exit 4)
+    ├── JobDirectoryError        a job directory that cannot be used                         (exit 2)
+    └── ExportError              saving or uploading the chosen model failed                 (exit 5)
 ```
 
 torch, transformers and huggingface_hub exceptions are translated into these where they enter
@@ -20,7 +23,20 @@ the worker; the CLI prints them as one line of error and one of hint, and writes
 
 from __future__ import annotations
 
-from hctl.errors import HctlError
+
+class HctlError(Exception):
+    """The base of every error hctl expects; carries what happened and what to do next."""
+
+    exit_code: int = 1
+    default_hint: str = ""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint if hint is not None else self.default_hint
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class WorkerError(HctlError):

@@ -21,6 +21,8 @@ from typing import Annotated, Literal, TextIO
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from hctl_worker.trials import Trial
+
 SCHEMA_VERSION = 1
 
 # The files of a job directory, `<volume>/hctl/jobs/<job id>/`.
@@ -30,8 +32,6 @@ LOG_FILE = "worker.log"
 JOURNAL_FILE = "study.journal"  # the Optuna journal: the search resumes from it
 RESULTS_DIR = "results"
 PID_FILE = "worker.pid"
-
-ParamValue = float | int | str | bool
 
 
 class _Event(BaseModel):
@@ -77,33 +77,29 @@ class BaselineEvent(_Event):
     total_good: int | None = None
 
 
-class TrialEvent(_Event):
+class TrialEvent(Trial, _Event):
     """One finished trial of the search."""
 
     type: Literal["trial"] = "trial"
-    number: int  # 1-based, as a user counts them
     n_trials: int
-    params: dict[str, ParamValue]
-    kl: float
-    refusals: int | None  # None when refusal scoring was skipped
-    total_bad: int
     refusal_skipped: bool = False
-    seconds: float
 
-
-class ParetoTrial(BaseModel):
-    number: int
-    kl: float
-    refusals: int
-    total_bad: int
-    params: dict[str, ParamValue] = Field(default_factory=dict)
+    @classmethod
+    def of(cls, trial: Trial, n_trials: int) -> TrialEvent:
+        """The event that reports `trial` (seconds rounded to the millisecond)."""
+        return cls(
+            **trial.model_dump(exclude={"seconds"}),
+            seconds=round(trial.seconds, 3),
+            n_trials=n_trials,
+            refusal_skipped=trial.refusals is None,
+        )
 
 
 class ParetoEvent(_Event):
     """The Pareto front so far, best trade-offs first (fewest refusals, then lowest KL)."""
 
     type: Literal["pareto"] = "pareto"
-    trials: list[ParetoTrial]
+    trials: list[Trial]
 
 
 class LogEvent(_Event):

@@ -15,13 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
+import torch
+
 from hctl_worker import __version__
+from hctl_worker.ablation import AblationParams, Ablator
 from hctl_worker.errors import ExportError
+from hctl_worker.model import LoadedModel, load_model
+from hctl_worker.trials import Trial
 
 if TYPE_CHECKING:
-    from hctl_worker.ablation import Ablator
-    from hctl_worker.model import LoadedModel
-    from hctl_worker.search import TrialResult
     from hctl_worker.settings import WorkerSettings
 
 TOKEN_VARIABLE = "HF_TOKEN"
@@ -44,7 +46,7 @@ class Exported:
 def export_trial(
     loaded: LoadedModel,
     ablator: Ablator,
-    trial: TrialResult,
+    trial: Trial,
     settings: WorkerSettings,
     *,
     save_directory: str | None = None,
@@ -54,8 +56,6 @@ def export_trial(
     on_message: Callable[[str], None] | None = None,
 ) -> Exported:
     """Merge the trial into `loaded` (for good) and save and/or upload it."""
-    from hctl_worker.ablation import AblationParams
-
     save_directory = save_directory or settings.save_directory
     upload_repo = upload_repo or settings.upload_repo
     private = settings.upload_private if upload_private is None else upload_private
@@ -103,7 +103,7 @@ def save_model(loaded: LoadedModel, directory: Path, card: str, *, max_shard_siz
 
 
 def model_card(
-    base_model: str, trial: TrialResult, baseline_refusals: tuple[int, int] | None = None
+    base_model: str, trial: Trial, baseline_refusals: tuple[int, int] | None = None
 ) -> str:
     """A hub model card: where the model comes from, the edit's parameters and its scores."""
     rows = "\n".join(
@@ -194,10 +194,6 @@ def chat(
     It never waits on anything but its input, so it also works with piped input (headless).
     Returns the number of replies given.
     """
-    import torch
-
-    from hctl_worker.model import load_model
-
     input_stream = input_stream or sys.stdin
     output = output or sys.stdout
     loaded = load_model(

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from hctl_worker.architecture import find_layers, model_hidden_size
 from hctl_worker.errors import ModelLoadError, NoChatTemplateError, OutOfMemoryError, WorkerError
 
 if TYPE_CHECKING:
@@ -63,14 +64,10 @@ class LoadedModel:
     @cached_property
     def n_layers(self) -> int:
         """The number of decoder layers (found by structure, not by attribute names)."""
-        from hctl_worker.ablation import find_layers
-
         return len(find_layers(self.model))
 
     @property
     def hidden_size(self) -> int:
-        from hctl_worker.ablation import model_hidden_size
-
         return model_hidden_size(self.model)
 
 

@@ -19,30 +19,29 @@ from hctl_worker.events import (
     ErrorEvent,
     LogEvent,
     ParetoEvent,
-    ParetoTrial,
     StageEvent,
     StartEvent,
     TrialEvent,
     _Event,
 )
+from hctl_worker.trials import Trial
 
 SHOWN_TRIALS = 8
 SHOWN_MESSAGES = 3
 
 
-def pareto_table(trials: Sequence[ParetoTrial], title: str = "Pareto front") -> Table:
-    """Index (what `trial` chooses), trial number, refusals and KL, best trade-offs first."""
+def pareto_table(trials: Sequence[Trial], title: str = "Pareto front") -> Table:
+    """Trial number (what `--trial` chooses), refusals and KL, best trade-offs first."""
     table = Table(title=title, title_justify="left")
-    table.add_column("index", justify="right")
     table.add_column("trial", justify="right")
     table.add_column("refusals", justify="right")
     table.add_column("KL", justify="right")
-    for index, trial in enumerate(trials):
-        share = trial.refusals / trial.total_bad if trial.total_bad else 0.0
+    for trial in trials:
+        refusals = trial.refusals or 0
+        share = refusals / trial.total_bad if trial.total_bad else 0.0
         table.add_row(
-            str(index),
-            f"#{trial.number}",
-            f"{trial.refusals}/{trial.total_bad} ({share:.0%})",
+            str(trial.number),
+            f"{refusals}/{trial.total_bad} ({share:.0%})",
             f"{trial.kl:.4f}",
         )
     return table
@@ -56,7 +55,7 @@ class ProgressView:
         self.status = ""
         self.baseline = ""
         self.trials: list[TrialEvent] = []
-        self.front: list[ParetoTrial] = []
+        self.front: list[Trial] = []
         self.messages: list[str] = []
         self.live: Live | None = None
 

@@ -2,9 +2,10 @@
 
 The names follow heretic's (`model`, `n_trials`, `good_prompts`, `row_normalization`...) so a
 heretic `config.toml` carries over. heretic keys that mean the same thing under another name here
-(`trial_index`, `upload_repo_id`, `keyword_markers`, `[scorer.KeywordRate.prompts]`...) are renamed;
-heretic keys for features this worker does not have (plots, benchmarks, interactive menus) are
-accepted and ignored with a warning; anything else is an error naming the key.
+(`upload_repo_id`, `keyword_markers`, `[scorer.KeywordRate.prompts]`...) are renamed; heretic keys
+for features this worker does not have (plots, benchmarks, interactive menus) and heretic's
+`trial_index` (an index into its Pareto front, where `trial` here is a trial number) are accepted
+and ignored with a warning; anything else is an error naming the key.
 
 `config.default.toml`, next to this module, documents every setting with its default.
 This module is torch-free so a bad setting is reported before anything heavy is imported.
@@ -122,7 +123,7 @@ class WorkerSettings(BaseSettings):
     seed: int | None = Field(default=None, ge=0)
 
     # Choosing and exporting a result.
-    trial: int | None = Field(default=None, ge=0)
+    trial: int | None = Field(default=None, ge=1)  # a trial number, as events and tables count
     save_directory: str | None = None
     upload_repo: str | None = None
     upload_private: bool = True
@@ -183,7 +184,6 @@ class WorkerSettings(BaseSettings):
 
 # heretic keys that mean the same here under another name.
 RENAMED_KEYS = {
-    "trial_index": "trial",
     "upload_repo_id": "upload_repo",
     "upload_repo_private": "upload_private",
     "keyword_markers": "refusal_markers",
@@ -224,6 +224,8 @@ IGNORED_HERETIC_KEYS = {
     "som_sigma": "multi-direction (SOM) ablation is not supported",
     "som_k": "multi-direction (SOM) ablation is not supported",
     "trusted_models": "set trust_remote_code instead",
+    "trial_index": "it is an index into heretic's Pareto front; set trial to a trial number, as "
+    "hctl-worker pareto lists them, or leave it unset to choose the best automatically",
 }
 
 # Keys of a heretic prompt table that only matter to heretic's plots.

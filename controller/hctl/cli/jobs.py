@@ -22,7 +22,7 @@ from hctl.output import (
     print_remark,
     print_table,
 )
-from hctl.services import joblog, runs
+from hctl.services import billing, joblog, runs
 from hctl.services.estimate import format_money
 from hctl.services.finish import next_steps
 from hctl.services.jobs import JobRecord, check_job_id
@@ -40,6 +40,7 @@ JOB_COLUMNS = [
     Column("trials", justify="right"),
     Column("best"),
     Column("price", justify="right"),
+    Column("cost"),
 ]
 
 
@@ -93,10 +94,13 @@ def show_results(
             print_line(f"  {command}")
 
 
-def results_data(record: JobRecord, progress: JobProgress, toolkit: Toolkit) -> dict[str, Any]:
+def results_data(
+    record: JobRecord, progress: JobProgress, toolkit: Toolkit, billed: float | None
+) -> dict[str, Any]:
     picture = toolkit.store.picture_path(record.job_id)
     return {
         "job": record.model_dump(mode="json"),
+        "billed": billed,
         "machine": machine(record),
         "search": search_state(progress),
         "trials_done": progress.trials_done,
@@ -118,13 +122,15 @@ def jobs(
         for record in kit.store.list()
         if pod is None or record.pod_id == pod
     ]
+    bills = billing.billed_by_job([record for record, _ in listed], kit.provider)
     if as_json:
         print_json(
             [
-                {**record.model_dump(mode="json"), "trials_done": progress.trials_done}
+                {**record.model_dump(mode="json"), "trials_done": progress.trials_done,
+                 "billed": bills.get(record.job_id)}
                 for record, progress in listed
             ]
-        )
+        )  # fmt: skip
         return
     rows = []
     for record, progress in listed:
@@ -134,6 +140,7 @@ def jobs(
             f"{progress.trials_done}/{progress.n_trials or record.n_trials}",
             f"#{best.number} {best.refusals}/{best.total_bad} KL {best.kl:.3f}" if best else "—",
             f"{format_money(record.price_per_hour)}/h" if record.target == "pod" else "—",
+            billing.bill_text(record, bills.get(record.job_id)),
         ])  # fmt: skip
     if not rows:
         print_remark("No jobs yet: `hctl run MODEL` starts one.")
@@ -148,13 +155,16 @@ def results(job: str = typer.Argument(..., help=JOB_HELP), as_json: bool = json_
     if record.status == "running" and not runs.sync_job(record, kit):
         error_console.print("(machine not reachable: showing the copy on this computer)")
     progress = runs.local_progress(record, kit)
+    bill = billing.billed_by_job([record], kit.provider).get(record.job_id)
     if as_json:
-        print_json(results_data(record, progress, kit))
+        print_json(results_data(record, progress, kit, bill))
         return
     print_line(
         f"{progress.trials_done}/{progress.n_trials} trials; search {search_state(progress)}."
     )
     show_results(record, progress, kit, from_results=True)
+    if bill is not None or record.estimated_cost is not None:
+        print_line(f"Cost of its pods: {billing.bill_text(record, bill)}.")
 
 
 def logs(

@@ -16,12 +16,11 @@ from hctl.cli.common import confirm
 from hctl.cli.jobs import JOB_HELP, load_job, machine, show_results, toolkit
 from hctl.errors import ConfigError, JobError
 from hctl.output import HctlCommand, console, json_option, print_json, print_line, print_table
-from hctl.services import launch, runs
+from hctl.services import launch, lease, runs
 from hctl.services import resume as resume_service
 from hctl.services.budget import check_estimate_within
-from hctl.services.estimate import compare_gpus, format_duration, format_money
+from hctl.services.estimate import compare_gpus, format_money
 from hctl.services.jobs import JobRecord
-from hctl.services.lease import lease_seconds
 from hctl.services.models import ModelInfo, format_parameter_count, inspect_model
 from hctl.services.request import RunRequest, parse_assignments
 from hctl.services.toolkit import Toolkit
@@ -98,7 +97,7 @@ def _describe_model(model: ModelInfo) -> None:
     print_line(f"Model {model.reference}: {size} (from {model.source})")
 
 
-def _show_plan(plan: launch.RunPlan) -> None:
+def _show_plan(plan: launch.RunPlan, kit: Toolkit) -> None:
     _describe_model(plan.model)
     title = f"Estimate for {plan.n_trials} trials"
     print_table(ESTIMATE_COLUMNS, estimate_rows([plan.estimate]), title=title)
@@ -106,10 +105,7 @@ def _show_plan(plan: launch.RunPlan) -> None:
     if plan.estimate.basis:
         print_line(f"Durations {plan.estimate.basis}.")
     if plan.creates_pod:
-        print_line(
-            f"A new pod gets a lease of {format_duration(lease_seconds(plan.estimate.total_seconds))}"
-            " (RunPod terminates it then, whatever happens to this computer)."
-        )
+        print_line(lease.plan_text(kit.provider(), plan.estimate.total_seconds))
 
 
 def run(
@@ -123,7 +119,7 @@ def run(
     on: str | None = typer.Option(None, "--on", help="local, or ssh://USER@HOST:PORT."),
     config: Path | None = typer.Option(None, "--config", help="Worker settings file (TOML)."),
     trial: int | None = typer.Option(
-        None, "--trial", help="Save trial K (as the trial lines number them; default: ask/best)."
+        None, "--trial", help="Save trial number K, as trial lines show it (default: ask/best)."
     ),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask; choose the trial headless."),
     download: Path | None = typer.Option(None, "--download", help="Copy the model here."),
@@ -157,7 +153,7 @@ def run(
         after="keep" if keep else ("terminate" if terminate else None), job_dir=job_dir,
     )  # fmt: skip
     plan = launch.plan_run(request, kit)
-    _show_plan(plan)
+    _show_plan(plan, kit)
     check_estimate_within(
         plan.estimate, max_cost if max_cost is not None else kit.settings.max_cost
     )

@@ -14,49 +14,41 @@ from hctl.services.follow import FINISHING_FILE
 from hctl.services.jobs import JobRecord
 from hctl.services.launch import Notify, upload_secrets, with_secrets
 from hctl.services.pareto_plot import save_svg
-from hctl.services.progress import JobProgress, choose_trial
+from hctl.services.progress import JobProgress
 from hctl.services.request import check_download_folder
 from hctl.services.toolkit import Toolkit
-from hctl_worker.events import LOG_FILE, ParetoTrial
+from hctl_worker.events import LOG_FILE
+from hctl_worker.trials import DEFAULT_KL_LIMIT, Trial, choose, find
 
 # Ask the user to pick a trial of the front; None means "let hctl choose".
-TrialChooser = Callable[[list[ParetoTrial], ParetoTrial | None], int | None]
+TrialChooser = Callable[[list[Trial], Trial | None], int | None]
 
 EXPORT_TIMEOUT_S = 3 * 3600
 
 
 def pick_trial(
     record: JobRecord, progress: JobProgress, chooser: TrialChooser | None, notify: Notify
-) -> ParetoTrial | None:
+) -> Trial | None:
     front = progress.front()
     if not front:
         return None
-    kl_limit = record.kl_limit or 0.5
-    automatic = choose_trial(front, kl_limit)
+    kl_limit = record.kl_limit or DEFAULT_KL_LIMIT
+    automatic = choose(front, kl_limit)
     if record.trial_choice is not None:
         wanted = record.trial_choice
-        if wanted not in progress.trials and all(trial.number != wanted for trial in front):
+        chosen = find(front, wanted) or progress.trials.get(wanted)
+        if chosen is None:
             raise JobError(
                 f"There is no finished trial {wanted} in job {record.job_id} "
                 f"({progress.trials_done} trials finished).",
                 f"`hctl results {record.job_id}` lists them; `hctl attach {record.job_id} "
                 "--trial K` saves one of those.",
             )
-        chosen = next((trial for trial in front if trial.number == wanted), None)
-        if chosen is None:
-            event = progress.trials[wanted]
-            chosen = ParetoTrial(
-                number=event.number,
-                kl=event.kl,
-                refusals=event.refusals or 0,
-                total_bad=event.total_bad,
-                params=event.params,
-            )
         return chosen
     if chooser is not None:
         number = chooser(front, automatic)
         if number is not None:
-            return next((trial for trial in front if trial.number == number), automatic)
+            return find(front, number) or automatic
     if automatic is not None:
         notify(
             f"chose trial {automatic.number}: the fewest refusals ({automatic.refusals}/"

@@ -10,7 +10,7 @@ import math
 from html import escape
 from pathlib import Path
 
-from hctl_worker.events import ParetoTrial, TrialEvent
+from hctl_worker.trials import Trial
 
 WIDTH, HEIGHT = 720, 440
 LEFT, RIGHT, TOP, BOTTOM = 70, 20, 40, 60
@@ -26,8 +26,8 @@ def _kl_scale(values: list[float]) -> tuple[float, float, bool]:
 
 
 def render_svg(
-    trials: list[TrialEvent],
-    front: list[ParetoTrial],
+    trials: list[Trial],
+    front: list[Trial],
     *,
     title: str,
     chosen: int | None = None,
@@ -82,15 +82,15 @@ def render_svg(
     if ordered:
         points = []
         for index, trial in enumerate(ordered):
-            points.append(f"{x_of(trial.kl):.1f},{y_of(trial.refusals):.1f}")
+            points.append(f"{x_of(trial.kl):.1f},{y_of(trial.refusals or 0):.1f}")
             if index + 1 < len(ordered):
-                points.append(f"{x_of(ordered[index + 1].kl):.1f},{y_of(trial.refusals):.1f}")
+                points.append(f"{x_of(ordered[index + 1].kl):.1f},{y_of(trial.refusals or 0):.1f}")
         parts.append(
             f'<polyline points="{" ".join(points)}" fill="none" stroke="#c0392b" '
             'stroke-width="1.5"/>'
         )
     for trial in ordered:
-        x, y = x_of(trial.kl), y_of(trial.refusals)
+        x, y = x_of(trial.kl), y_of(trial.refusals or 0)
         parts.append(
             f'<circle cx="{x:.1f}" cy="{y:.1f}" r="5" fill="#c0392b"><title>trial '
             f"{trial.number}: {trial.refusals}/{trial.total_bad} refusals, KL {trial.kl:.4g}"
@@ -108,8 +108,8 @@ def render_svg(
 
 def save_svg(
     path: Path,
-    trials: list[TrialEvent],
-    front: list[ParetoTrial],
+    trials: list[Trial],
+    front: list[Trial],
     *,
     title: str,
     chosen: int | None = None,

@@ -14,13 +14,11 @@ from hctl_worker.events import (
     DoneEvent,
     ErrorEvent,
     ParetoEvent,
-    ParetoTrial,
     StageEvent,
     StartEvent,
     TrialEvent,
 )
-
-DEFAULT_KL_LIMIT = 0.5  # heretic's hint: above this KL a model is usually damaged
+from hctl_worker.trials import DEFAULT_KL_LIMIT, Trial, best_within, pareto_front
 
 
 @dataclass
@@ -35,7 +33,7 @@ class JobProgress:
     stage_total: int | None = None
     baseline: BaselineEvent | None = None
     trials: dict[int, TrialEvent] = field(default_factory=dict)
-    pareto: list[ParetoTrial] = field(default_factory=list)
+    pareto: list[Trial] = field(default_factory=list)
     done: DoneEvent | None = None
     error: ErrorEvent | None = None
     starts: int = 0
@@ -90,20 +88,13 @@ class JobProgress:
 
     def best(self, kl_limit: float = DEFAULT_KL_LIMIT) -> TrialEvent | None:
         """Fewest refusals with KL under the limit, then the lowest KL."""
-        scored = [
-            trial
-            for trial in self.trials.values()
-            if trial.refusals is not None and trial.kl <= kl_limit
-        ]
-        if not scored:
-            return None
-        return min(scored, key=lambda trial: (trial.refusals, trial.kl, trial.number))
+        return best_within(self.trials.values(), kl_limit)
 
-    def front(self) -> list[ParetoTrial]:
+    def front(self) -> list[Trial]:
         """The Pareto front: the worker's latest, else computed from the trials seen."""
         if self.pareto:
             return self.pareto
-        return pareto_front(list(self.trials.values()))
+        return pareto_front(self.trials.values())
 
     def seconds_per_trial(self) -> float | None:
         durations = [trial.seconds for trial in self.trials.values() if trial.seconds > 0]
@@ -116,41 +107,3 @@ class JobProgress:
         per_trial = self.seconds_per_trial() or fallback_per_trial
         remaining = max(0, self.n_trials - self.trials_done)
         return remaining * per_trial + export_seconds
-
-
-def pareto_front(trials: list[TrialEvent]) -> list[ParetoTrial]:
-    """The trials no other trial beats on both refusals and KL: fewest refusals first."""
-    scored = sorted(
-        (trial for trial in trials if trial.refusals is not None),
-        key=lambda trial: (trial.refusals, trial.kl, trial.number),
-    )
-    front: list[ParetoTrial] = []
-    lowest_kl = float("inf")
-    for trial in scored:
-        if trial.kl < lowest_kl:
-            front.append(
-                ParetoTrial(
-                    number=trial.number,
-                    kl=trial.kl,
-                    refusals=trial.refusals or 0,
-                    total_bad=trial.total_bad,
-                    params=trial.params,
-                )
-            )
-            lowest_kl = trial.kl
-    return front
-
-
-def choose_trial(
-    front: list[ParetoTrial], kl_limit: float = DEFAULT_KL_LIMIT
-) -> ParetoTrial | None:
-    """Headless choice: the fewest refusals among the front's trials under the KL limit.
-
-    When no trial is under the limit, the lowest-KL trial is the least damaging choice.
-    """
-    if not front:
-        return None
-    under = [trial for trial in front if trial.kl <= kl_limit]
-    if under:
-        return min(under, key=lambda trial: (trial.refusals, trial.kl))
-    return min(front, key=lambda trial: trial.kl)

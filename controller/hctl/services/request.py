@@ -213,6 +213,7 @@ def check_trial_number(request: RunRequest, n_trials: int) -> None:
     """`--trial K` must name a trial the search will run."""
     if request.trial is not None and request.trial > n_trials:
         raise ConfigError(
-            f"--trial {request.trial} is beyond the search's {n_trials} trials.",
+            f"--trial {request.trial} is beyond the search's {n_trials} trials "
+            f"(numbered 1-{n_trials} as they finish).",
             f"Choose a trial from 1 to {n_trials}, or leave out --trial to choose at the end.",
         )

@@ -24,11 +24,11 @@ from hctl_worker.events import (
     DoneEvent,
     ErrorEvent,
     LogEvent,
-    ParetoTrial,
     StageEvent,
     StartEvent,
     TrialEvent,
 )
+from hctl_worker.trials import Trial
 
 FRONT_ROWS_SHOWN = 6
 
@@ -97,7 +97,7 @@ PARETO_COLUMNS = [
 ]
 
 
-def pareto_rows(front: list[ParetoTrial], *, chosen: int | None = None) -> list[list[Cell]]:
+def pareto_rows(front: list[Trial], *, chosen: int | None = None) -> list[list[Cell]]:
     """The Pareto front, one row per trial (`PARETO_COLUMNS`); the chosen one is marked."""
     rows: list[list[Cell]] = []
     for trial in front:

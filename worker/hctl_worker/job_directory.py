@@ -1,0 +1,321 @@
+"""The job directory: everything needed to resume or inspect a job, in one folder.
+
+```
+<job dir>/
+  settings.toml            the settings the job runs with (the seed drawn for it included)
+  events.jsonl             every event, appended and flushed (see events.py)
+  worker.log               messages and, for unexpected failures, the traceback
+  worker.pid               the process working on the job now
+  study.journal            the Optuna journal: the search resumes from it (see study.py)
+  directions.safetensors   refusal directions and per-layer separation, computed once
+  results/pareto.json      the Pareto front (refusals, KL, parameters) after the last trial
+  results/chosen.json      the chosen trial, when one was chosen
+```
+
+The names the controller reads too are constants in `events.py` (the shared contract); the rest
+are the worker's own, here. A job directory that exists already is continued, never wiped:
+settings that change what the search measures (model, prompts, markers...) cannot change under
+an existing study; that is an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import tomli_w
+from pydantic import ValidationError
+
+from hctl_worker import study as studies
+from hctl_worker.errors import JobDirectoryError, SettingsError
+from hctl_worker.events import (
+    EVENTS_FILE,
+    JOURNAL_FILE,
+    LOG_FILE,
+    PID_FILE,
+    RESULTS_DIR,
+    SETTINGS_FILE,
+)
+from hctl_worker.settings import WorkerSettings, read_config_file
+from hctl_worker.trials import Trial, find, pareto_front
+
+if TYPE_CHECKING:
+    import torch
+
+DIRECTIONS_FILE = "directions.safetensors"
+PARETO_FILE = "pareto.json"
+CHOSEN_FILE = "chosen.json"
+
+
+@dataclass(frozen=True)
+class JobPaths:
+    root: Path
+
+    @property
+    def job_id(self) -> str:
+        return self.root.name
+
+    @property
+    def events(self) -> Path:
+        return self.root / EVENTS_FILE
+
+    @property
+    def settings(self) -> Path:
+        return self.root / SETTINGS_FILE
+
+    @property
+    def journal(self) -> Path:
+        return self.root / JOURNAL_FILE
+
+    @property
+    def log(self) -> Path:
+        return self.root / LOG_FILE
+
+    @property
+    def pid(self) -> Path:
+        return self.root / PID_FILE
+
+    @property
+    def directions(self) -> Path:
+        return self.root / DIRECTIONS_FILE
+
+    @property
+    def results(self) -> Path:
+        return self.root / RESULTS_DIR
+
+
+def open_job_directory(job_dir: Path) -> JobPaths:
+    """The job directory, created when missing. Nothing in it is ever removed."""
+    job_dir = job_dir.expanduser().absolute()
+    try:
+        job_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise JobDirectoryError(
+            f"cannot create job directory {job_dir}: {error.strerror}",
+            "Choose a job directory on a writable volume (--job-dir).",
+        ) from None
+    if not job_dir.is_dir():
+        raise JobDirectoryError(f"{job_dir} is not a directory", "Choose another --job-dir.")
+    return JobPaths(job_dir)
+
+
+def existing_job_directory(job_dir: Path) -> JobPaths:
+    """A job directory a search ran in (it has its settings file); an error otherwise."""
+    paths = JobPaths(job_dir.expanduser().absolute())
+    if not paths.settings.exists():
+        raise JobDirectoryError(
+            f"{job_dir} is not a job directory ({SETTINGS_FILE} is missing)",
+            "Give the --job-dir a search ran in.",
+        )
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings.
+
+
+def reconcile_settings(paths: JobPaths, settings: WorkerSettings) -> WorkerSettings:
+    """Check the settings against those the job already ran with, fill in the seed, save them.
+
+    A new job draws its seed here (when none is set) so that a restart uses the same one.
+    """
+    if paths.settings.exists():
+        stored = _read_settings_file(paths)
+        changed = [
+            key
+            for key, value in settings.search_fingerprint().items()
+            if stored.search_fingerprint()[key] != value
+        ]
+        if changed:
+            raise SettingsError(
+                f"job {paths.job_id} ran with other values for: {', '.join(changed)}",
+                "Use a new --job-dir for a different search, or the same settings to continue this one.",
+            )
+        if settings.seed is None:
+            settings.seed = stored.seed
+    if settings.seed is None:
+        settings.seed = random.SystemRandom().randrange(2**31)
+    if settings.model is None:
+        raise SettingsError(
+            "no model given", "Set model in the config file or pass --model (a hub id or a folder)."
+        )
+    paths.settings.write_text(
+        "# The settings this job runs with (written by hctl-worker).\n"
+        + tomli_w.dumps(settings.to_toml_dict()),
+        encoding="utf-8",
+    )
+    return settings
+
+
+def stored_settings(paths: JobPaths) -> WorkerSettings:
+    if not paths.settings.exists():
+        raise JobDirectoryError(
+            f"{paths.root} is not a job directory ({SETTINGS_FILE} is missing)",
+            "Give the --job-dir a search ran in.",
+        )
+    return _read_settings_file(paths)
+
+
+def _read_settings_file(paths: JobPaths) -> WorkerSettings:
+    """The settings a job ran with, exactly as stored (no environment, no defaults file)."""
+    try:
+        return WorkerSettings.model_validate(read_config_file(paths.settings))
+    except ValidationError as error:
+        raise SettingsError(
+            f"{paths.settings} is damaged: {error.errors()[0]['msg']}",
+            "Restore the file, or start a new job with a new --job-dir.",
+        ) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# The worker working on the job.
+
+
+@contextlib.contextmanager
+def pid_file(paths: JobPaths) -> Iterator[None]:
+    """Claim the job for this process; another live worker on the same job is an error."""
+    if paths.pid.exists():
+        with contextlib.suppress(ValueError, OSError):
+            other = int(paths.pid.read_text().strip())
+            if other != os.getpid() and _process_alive(other):
+                raise JobDirectoryError(
+                    f"worker process {other} is already running job {paths.job_id}",
+                    f"Wait for it, or stop it (kill {other}) before starting another.",
+                )
+    paths.pid.write_text(f"{os.getpid()}\n")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            if int(paths.pid.read_text().strip()) == os.getpid():
+                paths.pid.unlink()
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether `pid` is a live worker. After a machine restart pids are reused, so where /proc
+    shows the command line, another program with that pid does not count."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        command_line = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True
+    return b"hctl-worker" in command_line or b"hctl_worker" in command_line
+
+
+# ----------------------------------------------------------------------------------------------
+# The trials: the journal is the record of what was done; the results files are copies for people.
+
+
+def finished_trials(paths: JobPaths) -> list[Trial]:
+    """The job's finished trials, from its journal."""
+    if not paths.journal.exists():
+        raise JobDirectoryError(
+            f"{paths.root} has no search yet ({JOURNAL_FILE} is missing)",
+            "Check --job-dir, or start the search with hctl-worker run.",
+        )
+    return studies.finished_trials(studies.open_study(paths.journal, seed=0, n_startup_trials=0))
+
+
+def read_front(paths: JobPaths) -> list[Trial]:
+    """The job's Pareto front, from its journal (the source of truth)."""
+    return pareto_front(finished_trials(paths))
+
+
+def find_trial(trials: Sequence[Trial], number: int, job_id: str) -> Trial:
+    """The finished trial with this number (as trial events and the Pareto table show it)."""
+    found = find(trials, number)
+    if found is None:
+        have = f"it has trials 1-{len(trials)}" if trials else "it has no finished trial yet"
+        raise SettingsError(
+            f"job {job_id} has no finished trial {number} ({have})",
+            "hctl-worker pareto --job-dir DIR lists the best trials and their numbers.",
+        )
+    return found
+
+
+def _result_record(result: Trial) -> dict[str, Any]:
+    return {
+        "number": result.number,
+        "refusals": result.refusals,
+        "total_bad": result.total_bad,
+        "kl": result.kl,
+        "seconds": result.seconds,
+        "params": result.params,
+        "ablation": result.ablation,
+    }
+
+
+def write_results(paths: JobPaths, front: Sequence[Trial]) -> None:
+    _write_json(paths.results / PARETO_FILE, [_result_record(result) for result in front])
+
+
+def write_chosen(
+    paths: JobPaths, chosen: Trial, *, automatic: bool, refusals_good: int, total_good: int
+) -> None:
+    record = {
+        **_result_record(chosen),
+        "automatic": automatic,  # chosen by the rule, not by its number
+        "refusals_good": refusals_good,
+        "total_good": total_good,
+    }
+    _write_json(paths.results / CHOSEN_FILE, record)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+    partial.replace(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The refusal directions, computed once per job (safetensors, so torch is imported only here).
+
+
+def read_cached_directions(paths: JobPaths, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(directions, separation) from the job's cache when it was made for `key`."""
+    from safetensors import safe_open
+
+    if paths.directions.exists():
+        # A damaged cache is recomputed, never trusted.
+        with contextlib.suppress(Exception), safe_open(str(paths.directions), "pt") as handle:
+            if (handle.metadata() or {}).get("key") == key:
+                return handle.get_tensor("directions"), handle.get_tensor("separation")
+    return None
+
+
+def write_cached_directions(
+    paths: JobPaths, key: str, model: str, directions: torch.Tensor, separation: torch.Tensor
+) -> None:
+    from safetensors.torch import save_file
+
+    partial = paths.directions.with_suffix(".partial")
+    save_file(
+        {"directions": directions.contiguous(), "separation": separation.contiguous()},
+        str(partial),
+        metadata={"key": key, "model": model},
+    )
+    partial.replace(paths.directions)
+
+
+def load_cached_directions(paths: JobPaths) -> torch.Tensor:
+    """The job's directions for export; an error when the job never computed them."""
+    from safetensors.torch import load_file
+
+    if not paths.directions.exists():
+        raise JobDirectoryError(
+            f"job {paths.job_id} has no refusal directions yet",
+            "Run the search first (hctl-worker run --job-dir ...).",
+        )
+    return load_file(str(paths.directions))["directions"]

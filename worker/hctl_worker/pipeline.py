@@ -1,0 +1,330 @@
+"""One job, start to end: settings → workbench (prompts, model, batch size, directions, baseline) →
+search → Pareto front → the chosen trial, checked and optionally exported; and the export of any
+finished trial of a job later (`export_job`, behind `hctl-worker export`).
+
+Running the same job directory again resumes the search, and a larger `n_trials` adds trials (see
+`job_directory.py` and `study.py`). Every failure is reported once as an `error` event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+import torch
+
+from hctl_worker import __version__
+from hctl_worker import study as studies
+from hctl_worker.ablation import Ablator
+from hctl_worker.architecture import COMPONENTS
+from hctl_worker.errors import SettingsError, WorkerError
+from hctl_worker.events import DoneEvent, ParetoEvent, StartEvent, TrialEvent, read_events
+from hctl_worker.export import export_trial
+from hctl_worker.job_directory import (
+    JobPaths,
+    existing_job_directory,
+    find_trial,
+    finished_trials,
+    load_cached_directions,
+    open_job_directory,
+    pid_file,
+    reconcile_settings,
+    stored_settings,
+    write_chosen,
+    write_results,
+)
+from hctl_worker.markers import DEFAULT_REFUSAL_MARKERS, is_refusal
+from hctl_worker.reporter import Listener, Reporter, guarded, report_error
+from hctl_worker.search_space import SearchSpace, to_ablation_params
+from hctl_worker.settings import WorkerSettings
+from hctl_worker.trials import Trial, choose, pareto_front
+from hctl_worker.workbench import Workbench, load, prepare
+
+
+@dataclass
+class JobOutcome:
+    results_dir: Path
+    front: list[Trial] = field(default_factory=list)
+    chosen: Trial | None = None
+    model_dir: Path | None = None
+    uploaded_repo: str | None = None
+
+
+def run_job(
+    settings: WorkerSettings, job_dir: Path, listeners: Sequence[Listener] = ()
+) -> JobOutcome:
+    """Run (or continue) a job. Every failure is reported as an `error` event, then raised."""
+    paths = open_job_directory(job_dir)
+    reporter = Reporter(paths, listeners)
+    try:
+        with pid_file(paths):
+            return guarded(reporter, lambda: _pipeline(settings, paths, reporter))
+    except WorkerError as error:
+        report_error(reporter, error)
+        raise
+    finally:
+        reporter.close()
+
+
+def _pipeline(settings: WorkerSettings, paths: JobPaths, reporter: Reporter) -> JobOutcome:
+    started = time.monotonic()
+    warnings = settings.warnings
+    settings = reconcile_settings(paths, settings)
+    assert settings.model is not None and settings.seed is not None
+    study = studies.open_study(
+        paths.journal, seed=settings.seed, n_startup_trials=settings.n_startup_trials
+    )
+    resumed = studies.finished_trials(study)
+    reporter.emit(
+        StartEvent(
+            job_id=paths.job_id,
+            model=settings.model,
+            n_trials=settings.n_trials,
+            worker_version=__version__,
+            resumed_trials=len(resumed),
+            device=_device_name(),
+            pid=os.getpid(),
+        )
+    )
+    for warning in warnings:
+        reporter.log(warning, level="warning")
+    _check_trial_can_exist(settings, len(resumed), paths.job_id)
+    _report_unreported_trials(paths, reporter, resumed, settings.n_trials)
+    bench = prepare(settings, paths, reporter)
+    finished = _search(settings, paths, reporter, study, bench)
+    outcome = JobOutcome(results_dir=paths.results, front=pareto_front(finished))
+    if settings.trial is not None or settings.save_directory or settings.upload_repo:
+        _choose_and_export(settings, paths, reporter, bench, finished, outcome)
+    reporter.emit(
+        DoneEvent(
+            results_dir=str(paths.results),
+            chosen_trial=outcome.chosen.number if outcome.chosen else None,
+            model_dir=str(outcome.model_dir) if outcome.model_dir else None,
+            uploaded_repo=outcome.uploaded_repo,
+            seconds=round(time.monotonic() - started, 3),
+        )
+    )
+    return outcome
+
+
+def _check_trial_can_exist(settings: WorkerSettings, finished: int, job_id: str) -> None:
+    """Refuse a trial number the search will never reach before the model is even loaded."""
+    last = max(finished, settings.n_trials)  # trials are numbered 1, 2, 3... as they finish
+    if settings.trial is not None and settings.trial > last:
+        raise SettingsError(
+            f"job {job_id} will have trials 1-{last}, so it has no trial {settings.trial}",
+            f"Set trial to a number from 1 to {last} (or raise n_trials), or leave it unset to "
+            "choose the best automatically.",
+        )
+
+
+def search_space(settings: WorkerSettings, separation: Sequence[float]) -> SearchSpace:
+    scopes = (
+        ("global", "per_layer")
+        if settings.direction_scope == "search"
+        else (settings.direction_scope,)
+    )
+    if settings.search_ranges == "heretic":
+        return SearchSpace.heretic(len(separation) - 1, COMPONENTS, scopes)
+    return SearchSpace.measured(separation, COMPONENTS, scopes)
+
+
+def _search(
+    settings: WorkerSettings,
+    paths: JobPaths,
+    reporter: Reporter,
+    study: optuna.Study,
+    bench: Workbench,
+) -> list[Trial]:
+    """Run the trials still missing; events and results/pareto.json after every trial. Returns
+    every finished trial."""
+    space = search_space(settings, bench.separation)
+    reporter.log(f"search space: {space.describe()}")
+
+    def evaluate(values: dict[str, float | str]) -> studies.Outcome:
+        with bench.ablator.applied(to_ablation_params(values, COMPONENTS)):
+            score = bench.evaluator.score()
+        return studies.Outcome(kl=score.kl, refusals=score.refusals, total_bad=score.total_bad)
+
+    with reporter.stage("search", f"{settings.n_trials} trials") as stage:
+        recovered = studies.recover_interrupted(study)
+        if recovered:
+            reporter.log(f"{recovered} trial(s) interrupted by a stop will run again")
+        finished = studies.finished_trials(study)
+        resumed = len(finished)
+
+        def on_trial(result: Trial) -> None:
+            finished.append(result)
+            front = pareto_front(finished)
+            reporter.emit(TrialEvent.of(result, settings.n_trials))
+            reporter.emit(ParetoEvent(trials=front))
+            stage.progress(result.number, settings.n_trials)
+            write_results(paths, front)
+
+        studies.run_search(
+            study,
+            space,
+            evaluate,
+            n_trials=settings.n_trials,
+            on_trial=on_trial,
+            describe=lambda values: to_ablation_params(values, COMPONENTS).to_dict(),
+        )
+        front = pareto_front(finished)
+        write_results(paths, front)
+        if len(finished) == resumed:  # no new trial, so no pareto event yet from this run
+            reporter.emit(ParetoEvent(trials=front))
+        stage.result = f"{len(finished)} trials, {len(front)} on the Pareto front"
+    return finished
+
+
+def _choose_and_export(
+    settings: WorkerSettings,
+    paths: JobPaths,
+    reporter: Reporter,
+    bench: Workbench,
+    finished: Sequence[Trial],
+    outcome: JobOutcome,
+) -> None:
+    """Take trial number `trial` (else the automatic choice of the front), check it on harmless
+    prompts, save / upload it."""
+    if settings.trial is not None:
+        chosen = find_trial(finished, settings.trial, paths.job_id)
+    else:
+        chosen = choose(outcome.front)
+        if chosen is None:
+            raise SettingsError(
+                "no trial to choose: every trial's refusals were skipped for a high KL",
+                "Raise kl_skip_threshold (or set it to 0), then run the job again.",
+            )
+    outcome.chosen = chosen
+    markers = settings.refusal_markers or list(DEFAULT_REFUSAL_MARKERS)
+    with bench.ablator.applied(to_ablation_params(chosen.params, COMPONENTS)):
+        replies = bench.evaluator.responses(bench.good_evaluation, settings.max_response_length)
+    refusals_good = sum(is_refusal(reply, markers) for reply in replies)
+    refusals = "skipped" if chosen.refusals is None else f"{chosen.refusals}/{chosen.total_bad}"
+    reporter.log(
+        f"chose trial {chosen.number}: {refusals} refusals on harmful prompts, "
+        f"{refusals_good}/{len(replies)} on harmless ones, KL {chosen.kl:.4f}"
+    )
+    write_chosen(
+        paths,
+        chosen,
+        automatic=settings.trial is None,
+        refusals_good=refusals_good,
+        total_good=len(replies),
+    )
+    if not (settings.save_directory or settings.upload_repo):
+        return
+    with reporter.stage("export", f"trial {chosen.number}") as stage:
+        exported = export_trial(
+            bench.loaded,
+            bench.ablator,
+            chosen,
+            settings,
+            baseline_refusals=(bench.baseline.refusals, bench.baseline.total_bad),
+            on_message=reporter.log,
+        )
+        outcome.model_dir, outcome.uploaded_repo = exported.directory, exported.repo
+        stage.result = exported.summary()
+
+
+def export_job(
+    job_dir: Path,
+    number: int,
+    *,
+    save_directory: str | None = None,
+    upload_repo: str | None = None,
+    upload_private: bool | None = None,
+    listeners: Sequence[Listener] = (),
+) -> JobOutcome:
+    """Export trial `number` of a job: reload the model, merge the edit, save and/or upload.
+
+    Uses the job's stored settings and cached directions, so nothing is recomputed; the export
+    stage and a `done` event go to the job's events file.
+    """
+    paths = existing_job_directory(job_dir)
+    reporter = Reporter(paths, listeners)
+    try:
+        return guarded(
+            reporter,
+            lambda: _export(paths, reporter, number, save_directory, upload_repo, upload_private),
+        )
+    finally:
+        reporter.close()
+
+
+def _export(
+    paths: JobPaths,
+    reporter: Reporter,
+    number: int,
+    save_directory: str | None,
+    upload_repo: str | None,
+    upload_private: bool | None,
+) -> JobOutcome:
+    started = time.monotonic()
+    settings = stored_settings(paths)
+    chosen = find_trial(finished_trials(paths), number, paths.job_id)
+    if not (save_directory or settings.save_directory or upload_repo or settings.upload_repo):
+        raise SettingsError(
+            "nothing to export to", "Give --save-directory DIR and/or --upload-repo USER/NAME."
+        )
+    directions = load_cached_directions(paths)
+    loaded = load(settings, reporter)
+    ablator = Ablator(loaded, directions, row_normalization=settings.row_normalization)
+    with reporter.stage("export", f"trial {chosen.number}") as stage:
+        exported = export_trial(
+            loaded,
+            ablator,
+            chosen,
+            settings,
+            save_directory=save_directory,
+            upload_repo=upload_repo,
+            upload_private=upload_private,
+            on_message=reporter.log,
+        )
+        stage.result = exported.summary()
+    reporter.emit(
+        DoneEvent(
+            results_dir=str(paths.results),
+            chosen_trial=chosen.number,
+            model_dir=str(exported.directory) if exported.directory else None,
+            uploaded_repo=exported.repo,
+            seconds=round(time.monotonic() - started, 3),
+        )
+    )
+    return JobOutcome(
+        results_dir=paths.results,
+        chosen=chosen,
+        model_dir=exported.directory,
+        uploaded_repo=exported.repo,
+    )
+
+
+def _report_unreported_trials(
+    paths: JobPaths, reporter: Reporter, finished: Sequence[Trial], n_trials: int
+) -> None:
+    """Emit the trial events a killed worker recorded in the journal but never wrote out.
+
+    A trial is told to the study (the journal) just before its event is written, so a worker
+    killed in between, or a journal copied home a moment after the events, holds a finished trial
+    no event reports. The journal is the record of what was done: report such trials now, once,
+    so every trial is seen exactly once and none is redone.
+    """
+    reported = {
+        event.number for event in read_events(paths.events)[0] if isinstance(event, TrialEvent)
+    }
+    for result in finished:
+        if result.number not in reported:
+            reporter.emit(TrialEvent.of(result, n_trials))
+
+
+def _device_name() -> str:
+    with contextlib.suppress(Exception):
+        if torch.cuda.is_available():
+            return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+    return "cpu"

@@ -1,0 +1,152 @@
+"""The workbench: what every trial of a job needs, prepared once.
+
+Prompts → model → batch size → refusal directions → baseline (prompts first: they fail fast).
+The directions are cached in the job directory, so a resumed job does not compute them again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from hctl_worker.ablation import Ablator
+from hctl_worker.batching import find_batch_size
+from hctl_worker.directions import last_token_residuals, layer_separation, refusal_directions
+from hctl_worker.evaluation import Baseline, Evaluator
+from hctl_worker.events import BaselineEvent
+from hctl_worker.job_directory import JobPaths, read_cached_directions, write_cached_directions
+from hctl_worker.markers import DEFAULT_REFUSAL_MARKERS
+from hctl_worker.model import LoadedModel, load_model
+from hctl_worker.prompts import load_prompt_sets
+from hctl_worker.reporter import Reporter
+from hctl_worker.settings import WorkerSettings
+
+
+@dataclass
+class Workbench:
+    """What the stages after loading share: the model, its prompts, the scorer, the edits."""
+
+    loaded: LoadedModel
+    good_evaluation: list[str]
+    evaluator: Evaluator
+    baseline: Baseline
+    ablator: Ablator
+    separation: list[float]
+
+
+def prepare(settings: WorkerSettings, paths: JobPaths, reporter: Reporter) -> Workbench:
+    """Prompts → model → batch size → directions → baseline, each a stage of the job."""
+    with reporter.stage("prompts") as stage:
+        prompts = load_prompt_sets(settings)
+        stage.result = (
+            f"{len(prompts.good)} harmless + {len(prompts.bad)} harmful for directions, "
+            f"{len(prompts.good_evaluation)} + {len(prompts.bad_evaluation)} for evaluation"
+        )
+    loaded = load(settings, reporter)
+    system_prompt = settings.system_prompt or None  # "" means no system turn
+    good_evaluation = loaded.template(prompts.good_evaluation, system_prompt)
+    bad_evaluation = loaded.template(prompts.bad_evaluation, system_prompt)
+
+    with reporter.stage("batch_size") as stage:
+        batch_size = settings.batch_size or find_batch_size(
+            loaded, bad_evaluation, max_batch_size=settings.max_batch_size, on_message=reporter.log
+        )
+        stage.result = f"batch size {batch_size}"
+
+    with reporter.stage("directions") as stage:
+        directions, separation, cached = directions_for(
+            paths,
+            loaded,
+            loaded.template(prompts.good, system_prompt),
+            loaded.template(prompts.bad, system_prompt),
+            settings,
+            batch_size,
+            on_progress=stage.progress,
+        )
+        stage.result = (
+            ("from cache; " if cached else "")
+            + "separation per layer "
+            + ", ".join(f"{value:.2f}" for value in separation.tolist())
+        )
+
+    with reporter.stage("baseline") as stage:
+        evaluator = Evaluator(
+            loaded,
+            good_texts=good_evaluation,
+            bad_texts=bad_evaluation,
+            markers=settings.refusal_markers or list(DEFAULT_REFUSAL_MARKERS),
+            max_response_length=settings.max_response_length,
+            batch_size=batch_size,
+            kl_skip_threshold=settings.kl_skip_threshold or None,
+        )
+        baseline = evaluator.baseline()
+        reporter.emit(
+            BaselineEvent(
+                refusals=baseline.refusals,
+                total_bad=baseline.total_bad,
+                refusals_good=baseline.refusals_good,
+                total_good=baseline.total_good,
+            )
+        )
+        stage.result = f"{baseline.refusals}/{baseline.total_bad} refusals"
+    return Workbench(
+        loaded=loaded,
+        good_evaluation=good_evaluation,
+        evaluator=evaluator,
+        baseline=baseline,
+        ablator=Ablator(loaded, directions, row_normalization=settings.row_normalization),
+        separation=separation.tolist(),
+    )
+
+
+def load(settings: WorkerSettings, reporter: Reporter) -> LoadedModel:
+    """The job's model, loaded as the `loading` stage."""
+    assert settings.model is not None
+    with reporter.stage("loading", settings.model) as stage:
+        loaded = load_model(
+            settings.model,
+            dtypes=settings.dtypes,
+            device_map=settings.device_map,
+            max_memory=settings.max_memory,
+            trust_remote_code=settings.trust_remote_code,
+            revision=settings.model_commit,
+            on_message=reporter.log,
+        )
+        stage.result = f"{loaded.n_layers} layers, {str(loaded.dtype).removeprefix('torch.')}"
+    return loaded
+
+
+def directions_for(
+    paths: JobPaths,
+    loaded: LoadedModel,
+    good_texts: Sequence[str],
+    bad_texts: Sequence[str],
+    settings: WorkerSettings,
+    batch_size: int,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Refusal directions and per-layer separation, from the job's cache when it matches."""
+    key = _directions_key(loaded.source, good_texts, bad_texts, settings.orthogonalize_direction)
+    cached = read_cached_directions(paths, key)
+    if cached is not None:
+        return cached[0], cached[1], True
+    bad = last_token_residuals(loaded, bad_texts, batch_size)
+    if on_progress:
+        on_progress(len(bad_texts), len(bad_texts) + len(good_texts))
+    good = last_token_residuals(loaded, good_texts, batch_size)
+    directions = refusal_directions(bad, good, orthogonalize=settings.orthogonalize_direction)
+    separation = layer_separation(bad, good)
+    write_cached_directions(paths, key, loaded.source, directions, separation)
+    return directions, separation, False
+
+
+def _directions_key(
+    source: str, good_texts: Sequence[str], bad_texts: Sequence[str], orthogonalize: bool
+) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps([source, orthogonalize, list(good_texts), list(bad_texts)]).encode())
+    return digest.hexdigest()
