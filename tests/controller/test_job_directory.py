@@ -108,6 +108,7 @@ def test_only_one_writer_holds_a_jobs_events(tmp_path: Path) -> None:
     assert [event.seq for event in events] == [0, 1, 2]
 
 
+@pytest.mark.worker  # the worker's run command needs the worker extra
 def test_a_second_worker_on_a_job_is_refused_and_writes_no_event(tmp_path: Path) -> None:
     job_dir = tmp_path / "job"
     holder = EventWriter(job_dir / "events.jsonl")  # the first worker, busy
