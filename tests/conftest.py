@@ -59,5 +59,5 @@ def hermetic_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Pat
     return home
 
 
-# The stand-ins' fixtures (RunPod emulator, sshd pod) are shared by the controller and e2e tests.
-pytest_plugins = ["tests.standins.runpod", "tests.standins.sshd"]
+# The stand-ins' fixtures (RunPod emulator, sshd pod, PostgreSQL) are shared by the controller and e2e tests.
+pytest_plugins = ["tests.standins.runpod", "tests.standins.sshd", "tests.standins.postgres"]

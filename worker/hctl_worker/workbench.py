@@ -18,7 +18,12 @@ from hctl_worker.batching import find_batch_size
 from hctl_worker.directions import last_token_residuals, layer_separation, refusal_directions
 from hctl_worker.evaluation import Baseline, Evaluator
 from hctl_worker.events import BaselineEvent
-from hctl_worker.job_directory import JobPaths, read_cached_directions, write_cached_directions
+from hctl_worker.job_directory import (
+    JobPaths,
+    directions_lock,
+    read_cached_directions,
+    write_cached_directions,
+)
 from hctl_worker.markers import DEFAULT_REFUSAL_MARKERS
 from hctl_worker.model import LoadedModel, load_model
 from hctl_worker.prompts import load_prompt_sets
@@ -136,9 +141,25 @@ def directions_for(
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Refusal directions and per-layer separation, from the job's cache when it matches."""
     key = _directions_key(loaded.source, good_texts, bad_texts, settings.orthogonalize_direction)
-    cached = read_cached_directions(paths, key)
-    if cached is not None:
-        return cached[0], cached[1], True
+    with directions_lock(paths):
+        cached = read_cached_directions(paths, key)
+        if cached is not None:
+            return cached[0], cached[1], True
+        return _compute_directions(
+            paths, key, loaded, good_texts, bad_texts, settings, batch_size, on_progress
+        )
+
+
+def _compute_directions(
+    paths: JobPaths,
+    key: str,
+    loaded: LoadedModel,
+    good_texts: Sequence[str],
+    bad_texts: Sequence[str],
+    settings: WorkerSettings,
+    batch_size: int,
+    on_progress: Callable[[int, int], None] | None,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
     bad = last_token_residuals(loaded, bad_texts, batch_size)
     if on_progress:
         on_progress(len(bad_texts), len(bad_texts) + len(good_texts))

@@ -91,10 +91,9 @@ class JobProgress:
         return best_within(self.trials.values(), kl_limit)
 
     def front(self) -> list[Trial]:
-        """The Pareto front: the worker's latest, else computed from the trials seen."""
-        if self.pareto:
-            return self.pareto
-        return pareto_front(self.trials.values())
+        """The Pareto front of the trials seen (one front, whichever workers ran them); a
+        worker's latest pareto event where no trial event was seen."""
+        return pareto_front(self.trials.values()) or list(self.pareto)
 
     def seconds_per_trial(self) -> float | None:
         durations = [trial.seconds for trial in self.trials.values() if trial.seconds > 0]
