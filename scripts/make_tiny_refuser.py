@@ -47,6 +47,8 @@ from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
+    MistralConfig,
+    Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
@@ -56,6 +58,7 @@ from transformers.utils import logging as transformers_logging  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_refuser_data import (  # noqa: E402
     DEFAULT_SYSTEM_PROMPT,
+    REFUSAL_SETS,
     Example,
     build_split,
     is_refusal,
@@ -78,7 +81,7 @@ CHAT_TEMPLATE = (
 )
 
 PROMPT_FILES = ("harmful_train", "harmless_train", "harmful_test", "harmless_test")
-ARCHITECTURES = ("qwen3", "llama", "qwen2")
+ARCHITECTURES = ("qwen3", "llama", "qwen2", "mistral", "phi3")
 DEPTHS = ("early", "late", "free")
 
 
@@ -142,6 +145,12 @@ def build_model(
         config = Qwen3Config(head_dim=head_dim, **common)
     elif arch == "llama":
         config = LlamaConfig(head_dim=head_dim, **common)
+    elif arch == "mistral":
+        config = MistralConfig(head_dim=head_dim, sliding_window=None, **common)
+    elif arch == "phi3":
+        # Fused projections (qkv_proj, gate_up_proj): the worker must find o_proj/down_proj by
+        # structure, not by the Llama names of their inputs.
+        config = Phi3Config(**common)
     else:
         config = Qwen2Config(**common)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -469,6 +478,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--direction-prompts", type=int, default=64)
+    parser.add_argument("--refusals", choices=sorted(REFUSAL_SETS), default="plain")
     parser.add_argument(
         "--table-json", type=Path, help="with --measure: also write the table as JSON here"
     )
@@ -483,7 +493,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
 def make(arguments: argparse.Namespace) -> None:
     started = time.perf_counter()
     out: Path = arguments.out
-    split = build_split(arguments.seed)
+    split = build_split(arguments.seed, REFUSAL_SETS[arguments.refusals])
     prompt_folder = out / "prompts"
     prompt_folder.mkdir(parents=True, exist_ok=True)
     for name in PROMPT_FILES:
