@@ -56,6 +56,7 @@ from transformers import (  # noqa: E402
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fixture_training import optimizer_step  # noqa: E402
 from tiny_refuser_data import (  # noqa: E402
     DEFAULT_SYSTEM_PROMPT,
     REFUSAL_SETS,
@@ -229,13 +230,7 @@ def train(
     for step in range(steps):
         indices = torch.randint(len(encoded), (batch_size,), generator=generator).tolist()
         batch = collate([encoded[index] for index in indices], pad_id)
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = loss.item()
+        loss_value = optimizer_step(model(**batch).loss, trainable, optimizer, scheduler)
         if step % 50 == 0 or step == steps - 1:
             print(f"step {step:4d}  loss {loss_value:.4f}", flush=True)
     model.eval()

@@ -123,16 +123,18 @@ class RefuserProbe:
         baseline = self.evaluator.baseline()
         return baseline.refusals / baseline.total_bad, baseline.refusals_good / baseline.total_good
 
-    def measure(self, edit: Edit) -> EditResult:
-        """Refusal rates and KL with the edit applied (the model is restored afterwards)."""
+    def measure(self, edit: Edit, *, harmless: bool = True) -> EditResult:
+        """Refusal rates and KL with the edit applied (the model is restored afterwards).
+        Without `harmless`, the harmless refusal rate is not measured (NaN): it needs full-length
+        replies, the costliest part on a real model."""
         with self.ablator.applied(edit.params()):
             score = self.evaluator.score()  # KL, and refusals counted with early stops
-            harmless = self.replies(harmful=False)
-        harmless_refusals = sum(is_refusal(reply, DEFAULT_REFUSAL_MARKERS) for reply in harmless)
+            replies = self.replies(harmful=False) if harmless else []
+        refused = sum(is_refusal(reply, DEFAULT_REFUSAL_MARKERS) for reply in replies)
         return EditResult(
             edit,
             harmful_refusal=(score.refusals or 0) / score.total_bad,
-            harmless_refusal=harmless_refusals / len(harmless),
+            harmless_refusal=refused / len(replies) if replies else float("nan"),
             kl=score.kl,
         )
 
@@ -180,10 +182,14 @@ def edit_table(results: Sequence[EditResult]) -> str:
         direction = "each its own" if edit.direction is None else f"{edit.direction:g}"
         lines.append(
             f"| {direction} | {edit.first}-{edit.last} | {edit.weight:g} | "
-            f"{100 * result.harmful_refusal:.1f} % | {100 * result.harmless_refusal:.1f} % | "
+            f"{100 * result.harmful_refusal:.1f} % | {_percent(result.harmless_refusal)} | "
             f"{result.kl:.4f} |"
         )
     return "\n".join(lines)
+
+
+def _percent(rate: float) -> str:
+    return "not measured" if rate != rate else f"{100 * rate:.1f} %"
 
 
 def read_prompt_files(folder: Path) -> dict[str, list[str]]:

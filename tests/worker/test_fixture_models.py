@@ -134,7 +134,7 @@ def test_generator_script_runs_end_to_end(tmp_path: Path) -> None:
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,  # generous: the machine may be shared
     )
     assert result.returncode == 0, result.stderr
     assert "refusal rate harmful_test" in result.stdout
