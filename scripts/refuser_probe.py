@@ -28,7 +28,7 @@ from hctl_worker.directions import last_token_residuals, layer_separation, refus
 from hctl_worker.evaluation import Evaluator, encode_texts, generate
 from hctl_worker.markers import DEFAULT_REFUSAL_MARKERS, is_refusal
 from hctl_worker.model import load_model
-from hctl_worker.search import separation_onset
+from hctl_worker.search_space import separation_onset
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 COMPONENTS = ("attention", "mlp")
