@@ -2,8 +2,9 @@
 
 The names follow heretic's (`model`, `n_trials`, `good_prompts`, `row_normalization`...) so a
 heretic `config.toml` carries over. heretic keys that mean the same thing under another name here
-(`upload_repo_id`, `keyword_markers`, `[scorer.KeywordRate.prompts]`...) are renamed; heretic keys
-for features this worker does not have (plots, benchmarks, interactive menus) and heretic's
+(`upload_repo_id`, `keyword_markers`, `[scorer.KeywordRate.prompts]`...) are renamed, heretic's
+`scorers` list is read as this worker's; heretic keys
+for features this worker does not have (plots, interactive menus) and heretic's
 `trial_index` (an index into its Pareto front, where `trial` here is a trial number) are accepted
 and ignored with a warning; anything else is an error naming the key.
 
@@ -20,7 +21,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from hctl_worker.errors import SettingsError
@@ -65,6 +74,74 @@ class PromptSource(BaseModel):
 SPLIT_PATTERN = re.compile(
     r"(?P<name>[\w.-]*)\s*(\[\s*(?P<start>-?\d+%?)?\s*:\s*(?P<end>-?\d+%?)?\s*\])?"
 )
+
+
+class ScorerChoice(BaseModel):
+    """One scorer the job runs (a name from `hctl_worker.scorers.SCORERS`) and what the search
+    does with it: "minimize" or "maximize" it as an objective, or only "report" it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    optimization: Literal["minimize", "maximize", "report"] = "report"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _heretic_form(cls, value: Any) -> Any:
+        """heretic's `{ plugin = "heretic.scorers.keyword_rate.KeywordRate", optimization =
+        "none" }`: the class name is the scorer's name, "none" means report only."""
+        if isinstance(value, str):
+            return {"name": value}
+        if not isinstance(value, Mapping):
+            return value
+        value = dict(value)
+        if "plugin" in value and "name" not in value:
+            value["name"] = re.split(r"[.:]", str(value.pop("plugin")))[-1]
+        if value.get("optimization") == "none":
+            value["optimization"] = "report"
+        if value.get("instance_name"):
+            raise ValueError("instance_name is not supported: each scorer runs once")
+        value.pop("instance_name", None)
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from hctl_worker.scorers import SCORERS
+
+        if name not in SCORERS:
+            raise ValueError(f"unknown scorer '{name}'; the scorers are {', '.join(SCORERS)}")
+        return name
+
+
+DEFAULT_SCORERS = (
+    ScorerChoice(name="KeywordRate", optimization="minimize"),
+    ScorerChoice(name="KLDivergence", optimization="minimize"),
+    ScorerChoice(name="HarmlessRefusals", optimization="report"),
+)
+
+MINOS_TEMPLATE = "<|user|>\n{prompt}\n<|assistant|>\n{reply}"
+
+
+class ClassifierSettings(BaseModel):
+    """The sequence-classification model the RefusalClassifier scorer judges replies with."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(default=None, description="Hub id or local folder.")
+    commit: str | None = Field(default=None, description="Hub revision of the classifier.")
+    refusal_labels: list[str] = Field(default_factory=lambda: ["Refusal"], min_length=1)
+    input_template: str = MINOS_TEMPLATE
+    batch_size: int = Field(default=16, ge=1)
+    max_length: int = Field(default=512, ge=8)
+
+    @field_validator("input_template")
+    @classmethod
+    def _has_reply(cls, template: str) -> str:
+        if "{reply}" not in template:
+            raise ValueError("the input template must contain {reply} (and may contain {prompt})")
+        return template
+
 
 GOOD_PROMPTS = PromptSource(dataset="mlabonne/harmless_alpaca", split="train[:400]")
 BAD_PROMPTS = PromptSource(dataset="mlabonne/harmful_behaviors", split="train[:400]")
@@ -111,6 +188,21 @@ class WorkerSettings(BaseSettings):
     refusal_markers: list[str] | None = None
     kl_skip_threshold: float = Field(default=1.0, ge=0)  # 0 = always count refusals
 
+    # Scorers: what a trial is judged by.
+    scorers: list[ScorerChoice] = Field(
+        default_factory=lambda: [choice.model_copy() for choice in DEFAULT_SCORERS], min_length=1
+    )
+    refusal_classifier: ClassifierSettings = Field(default_factory=ClassifierSettings)
+    kl_tokens: int = Field(default=16, ge=1, le=4096)  # MultiTokenKL: continuation tokens
+    harmless_response_length: int = Field(default=32, ge=1)
+    harmless_refusal_margin: float = Field(default=0.05, ge=0, le=1)  # 1 = no limit
+
+    # Checking the chosen model (hctl-worker evaluate, and after export when asked).
+    evaluate_after_export: bool = False
+    evaluation_text: str | None = None  # a text file; blank lines separate passages
+    benchmarks: list[str] = Field(default_factory=list)  # lm-eval task names
+    benchmark_limit: int | None = Field(default=None, ge=1)  # examples per task
+
     # Directions and edits.
     orthogonalize_direction: bool = True
     row_normalization: Literal["none", "pre", "full"] = "none"
@@ -135,6 +227,28 @@ class WorkerSettings(BaseSettings):
     def warnings(self) -> list[str]:
         """What was accepted but ignored (heretic keys this worker does not use)."""
         return self._warnings
+
+    @model_validator(mode="after")
+    def _check_scorers(self) -> WorkerSettings:
+        from hctl_worker.scorers import SCORERS
+
+        names = [choice.name for choice in self.scorers]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"scorers: {', '.join(repeated)} listed more than once")
+        objectives = [SCORERS[c.name].role for c in self.scorers if c.optimization != "report"]
+        for role, example in (("refusals", "KeywordRate"), ("damage", "KLDivergence")):
+            if role not in objectives:
+                raise ValueError(
+                    f"scorers: no {role} objective; give one (e.g. {example}) optimization "
+                    '"minimize"'
+                )
+        if "RefusalClassifier" in names and not self.refusal_classifier.model:
+            raise ValueError(
+                "scorers: RefusalClassifier needs refusal_classifier.model (a hub id or folder "
+                'of a sequence-classification model, e.g. "NousResearch/Minos-v1")'
+            )
+        return self
 
     @field_validator("dtypes")
     @classmethod
@@ -169,12 +283,18 @@ class WorkerSettings(BaseSettings):
             "max_response_length",
             "refusal_markers",
             "kl_skip_threshold",
+            "scorers",
+            "refusal_classifier",
+            "kl_tokens",
+            "harmless_response_length",
+            "harmless_refusal_margin",
             "orthogonalize_direction",
             "row_normalization",
             "direction_scope",
             "search_ranges",
         )
         dumped = self.model_dump(mode="json")
+        dumped["refusal_classifier"].pop("batch_size")  # speed only
         return {key: dumped[key] for key in keys}
 
     def to_toml_dict(self) -> dict[str, Any]:
@@ -206,16 +326,14 @@ IGNORED_HERETIC_KEYS = {
     "full_normalization_lora_rank": "edits are exact, not LoRA approximations",
     "winsorization_quantile": "winsorization is not supported",
     "study_checkpoint_dir": "the study lives in the job directory",
-    "benchmarks": "benchmarks are not run",
     "checkpoint_action": "the same job directory always continues its study",
     "n_additional_trials": "raise n_trials instead",
     "model_action": "set save_directory or upload_repo instead",
     "upload_reproducibility_information": "reproduction files are not supported",
     "ignore_mismatches": "reproduction files are not supported",
-    "kl_divergence_scale": "the objectives are the raw refusal count and KL",
-    "kl_divergence_target": "the objectives are the raw refusal count and KL",
+    "kl_divergence_scale": "objectives are the scorers' raw values",
+    "kl_divergence_target": "objectives are the scorers' raw values",
     "print_responses": "responses are not printed",
-    "scorers": "the objectives are always refusals and KL",
     "multidirectional_som": "multi-direction (SOM) ablation is not supported",
     "som_x": "multi-direction (SOM) ablation is not supported",
     "som_y": "multi-direction (SOM) ablation is not supported",
@@ -418,6 +536,11 @@ def _resolve_relative_paths(values: dict[str, Any], folder: Path) -> dict[str, A
     values = dict(values)
     if isinstance(values.get("model"), str):
         values["model"] = resolved(values["model"])
+    if isinstance(values.get("evaluation_text"), str):
+        values["evaluation_text"] = resolved(values["evaluation_text"])
+    classifier = values.get("refusal_classifier")
+    if isinstance(classifier, Mapping) and isinstance(classifier.get("model"), str):
+        values["refusal_classifier"] = {**classifier, "model": resolved(classifier["model"])}
     for table in PROMPT_TABLES:
         if isinstance(values.get(table), Mapping) and isinstance(values[table].get("dataset"), str):
             values[table] = {**values[table], "dataset": resolved(values[table]["dataset"])}

@@ -19,7 +19,13 @@ from hctl.services.lease import lease_seconds
 from hctl.services.models import format_parameter_count, inspect_model
 from hctl.services.progress import JobProgress
 from hctl.services.toolkit import Toolkit, default_toolkit
-from hctl.services.view import LiveView, estimate_table, pareto_table, phases_line
+from hctl.services.view import (
+    LiveView,
+    estimate_table,
+    evaluation_table,
+    pareto_table,
+    phases_line,
+)
 from hctl.settings import load_settings
 
 SMOKE_MODEL = "Qwen/Qwen3-4B-Instruct-2507"
@@ -102,6 +108,8 @@ def _show_results(
     front = progress.front()
     if front:
         console.print(pareto_table(front, chosen=record.chosen_trial))
+    if progress.evaluation is not None:
+        console.print(evaluation_table(progress.evaluation))
     picture = toolkit.store.picture_path(record.job_id)
     if picture.is_file():
         console.print(f"Pareto plot: {picture}")

@@ -22,12 +22,13 @@ from hctl_worker.events import (
     BaselineEvent,
     DoneEvent,
     ErrorEvent,
+    EvaluationEvent,
     LogEvent,
     StageEvent,
     StartEvent,
     TrialEvent,
 )
-from hctl_worker.trials import Trial
+from hctl_worker.trials import Trial, describe_scores, score_names
 
 FRONT_ROWS_SHOWN = 6
 
@@ -77,10 +78,14 @@ def phases_line(estimate: Estimate) -> str:
 def pareto_table(
     front: list[Trial], *, chosen: int | None = None, title: str = "Pareto front"
 ) -> Table:
+    """One column per named score (an objective's header says which way is better)."""
+    names = score_names(front)
     table = Table(title=title, title_justify="left")
     table.add_column("trial", justify="right", no_wrap=True, min_width=5)
-    table.add_column("refusals", justify="right", no_wrap=True, min_width=8)
-    table.add_column("KL divergence", justify="right", no_wrap=True, min_width=13)
+    for name in names:
+        direction = next(t.scores[name].direction for t in front if name in t.scores)
+        arrow = {"minimize": " ↓", "maximize": " ↑"}.get(direction, "")
+        table.add_column(name + arrow, justify="right", no_wrap=True, min_width=8)
     table.add_column("parameters", no_wrap=True, overflow="ellipsis", max_width=30)
     table.add_column("", no_wrap=True, min_width=8)
     for trial in front:
@@ -90,11 +95,21 @@ def pareto_table(
         )
         table.add_row(
             str(trial.number),
-            f"{trial.refusals}/{trial.total_bad}",
-            f"{trial.kl:.4f}",
+            *(trial.scores[name].display() if name in trial.scores else "" for name in names),
             params,
             "[bold green]← chosen[/]" if trial.number == chosen else "",
         )
+    return table
+
+
+def evaluation_table(event: EvaluationEvent) -> Table:
+    """A capability check: each measure for the original model and for the trial."""
+    table = Table(title=f"Trial {event.trial} against the original model", title_justify="left")
+    table.add_column("measure")
+    table.add_column("original", justify="right")
+    table.add_column(f"trial {event.trial}", justify="right")
+    for measure in event.measures:
+        table.add_row(*measure.rows())
     return table
 
 
@@ -119,11 +134,7 @@ def event_line(event: object, progress: JobProgress, money: Money | None = None)
         )
         return f"baseline: {event.refusals}/{event.total_bad} refusals on harmful prompts{good}"
     if isinstance(event, TrialEvent):
-        refusals = (
-            "refusals skipped (KL too high)"
-            if event.refusals is None
-            else f"refusals {event.refusals}/{event.total_bad}"
-        )
+        skipped = " (refusals skipped: KL too high)" if event.refusals is None else ""
         best = progress.best()
         best_text = (
             f" | best #{best.number} ({best.refusals}/{best.total_bad}, KL {best.kl:.4f})"
@@ -134,7 +145,7 @@ def event_line(event: object, progress: JobProgress, money: Money | None = None)
         if money is not None:
             money_text = f" | ETA {format_duration(money.eta_seconds or 0)} | spent {format_money(money.spent)}"
         return (
-            f"trial {event.number}/{event.n_trials}: {refusals}, KL {event.kl:.4f}, "
+            f"trial {event.number}/{event.n_trials}: {describe_scores(event)}{skipped}, "
             f"{event.seconds:.1f}s{best_text}{money_text}"
         )
     if isinstance(event, LogEvent):
