@@ -275,7 +275,10 @@ def evaluate(
 
             from hctl_worker.progress import evaluation_table
 
-            Console().print(evaluation_table(checked[0]))
+            console = Console()
+            console.print(evaluation_table(checked[0]))
+            for note in checked[0].notes:
+                console.print(note, soft_wrap=True, markup=False, highlight=False)
 
 
 @app.command()

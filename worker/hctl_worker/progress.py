@@ -54,12 +54,7 @@ def _header(name: str, trials: Sequence[Trial]) -> str:
 
 def evaluation_table(event: EvaluationEvent) -> Table:
     """The capability check: each measure for the original model and for the trial."""
-    table = Table(
-        title=f"Trial {event.trial} against the original model",
-        title_justify="left",
-        caption="\n".join(event.notes) or None,
-        caption_justify="left",
-    )
+    table = Table(title=f"Trial {event.trial} against the original model", title_justify="left")
     table.add_column("measure")
     table.add_column("original", justify="right")
     table.add_column(f"trial {event.trial}", justify="right")

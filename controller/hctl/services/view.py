@@ -85,7 +85,8 @@ def pareto_table(
     for name in names:
         direction = next(t.scores[name].direction for t in front if name in t.scores)
         arrow = {"minimize": " ↓", "maximize": " ↑"}.get(direction, "")
-        table.add_column(name + arrow, justify="right", no_wrap=True, min_width=8)
+        header = name + arrow
+        table.add_column(header, justify="right", no_wrap=True, min_width=len(header))
     table.add_column("parameters", no_wrap=True, overflow="ellipsis", max_width=30)
     table.add_column("", no_wrap=True, min_width=8)
     for trial in front:
