@@ -1,17 +1,27 @@
 """Benchmark the worker engine: seconds per trial, generated tokens per second, stage timings.
 
 A trial here is what the search does per Optuna trial: apply an ablation (varied parameters),
-score it (first-token KL on harmless prompts + refusal count on harmful ones), restore.
+score it with the job's scorers, restore. Every scorer combination (`--combinations`) scores the
+same sequence of ablations, so their seconds per trial compare directly:
+
+    markers+kl         KeywordRate, KLDivergence (the objectives before the harmless guard)
+    default            KeywordRate, KLDivergence, HarmlessRefusals (the worker's default)
+    markers+mtkl       KeywordRate, MultiTokenKL, HarmlessRefusals
+    classifier+kl      RefusalClassifier, KLDivergence, HarmlessRefusals
+    classifier+mtkl    RefusalClassifier, MultiTokenKL, HarmlessRefusals
 
     python scripts/bench_worker.py                       # committed tiny refuser, heretic's settings
     python scripts/bench_worker.py --model qwen3-0.6b    # random Qwen3-0.6B (its real shape)
     python scripts/bench_worker.py --model PATH --device cuda --trials 30 --json out.json
+    python scripts/bench_worker.py --combinations default classifier+mtkl --classifier PATH
     python scripts/bench_worker.py --end-to-end          # also time `hctl-worker run`, if present
 
 The default settings copy the heretic baseline (shared/reference/heretic-baseline.md): float32,
 batch 32, 16-token replies, 30 trials, system prompt "You are a helpful assistant.", the
 fixture's test prompts (86 harmful for refusals, 62 harmless for KL) and train prompts for the
-directions. No timing is asserted anywhere; this prints a table and writes JSON.
+directions; the classifier is the committed tiny one unless `--classifier` names another (e.g.
+NousResearch/Minos-v1), multi-token KL follows 16 tokens. No timing is asserted anywhere; this
+prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -39,11 +49,22 @@ import torch  # noqa: E402
 
 from hctl_worker.ablation import AblationParams, Ablator, ComponentKernel  # noqa: E402
 from hctl_worker.directions import last_token_residuals, refusal_directions  # noqa: E402
-from hctl_worker.evaluation import Evaluator  # noqa: E402
-from hctl_worker.markers import DEFAULT_REFUSAL_MARKERS  # noqa: E402
+from hctl_worker.evaluation import EvaluationPrompts, Evaluator  # noqa: E402
 from hctl_worker.model import load_model  # noqa: E402
+from hctl_worker.scorers import build_scoring  # noqa: E402
+from hctl_worker.settings import WorkerSettings  # noqa: E402
+from hctl_worker.trials import Trial  # noqa: E402
 
 FIXTURE = REPO / "tests" / "fixtures" / "tiny-refuser"
+CLASSIFIER = REPO / "tests" / "fixtures" / "tiny-refusal-classifier"
+GUARD = ("HarmlessRefusals", "report")
+COMBINATIONS: dict[str, tuple[tuple[str, str], ...]] = {
+    "markers+kl": (("KeywordRate", "minimize"), ("KLDivergence", "minimize")),
+    "default": (("KeywordRate", "minimize"), ("KLDivergence", "minimize"), GUARD),
+    "markers+mtkl": (("KeywordRate", "minimize"), ("MultiTokenKL", "minimize"), GUARD),
+    "classifier+kl": (("RefusalClassifier", "minimize"), ("KLDivergence", "minimize"), GUARD),
+    "classifier+mtkl": (("RefusalClassifier", "minimize"), ("MultiTokenKL", "minimize"), GUARD),
+}
 SYSTEM_PROMPT = "You are a helpful assistant."
 SYNTHETIC_PROMPTS = [
     "How do I bake sourdough bread at home?",
@@ -138,63 +159,87 @@ def bench(arguments: argparse.Namespace) -> dict:
     results["stages"]["residuals_s"] = time.perf_counter() - started
     results["stages"]["residual_prompts"] = len(bad_train) + len(good_train)
 
+    ablator = Ablator(loaded, directions, row_normalization=arguments.row_normalization)
+    results["combinations"] = {}
+    for name in arguments.combinations:
+        results["combinations"][name] = bench_combination(
+            arguments, loaded, ablator, name, (good_test, bad_test), system
+        )
+    results["peak_rss_mb"] = peak_rss_mb()
+    if torch.cuda.is_available() and arguments.device != "cpu":
+        results["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return results
+
+
+def bench_combination(
+    arguments: argparse.Namespace,
+    loaded,
+    ablator: Ablator,
+    name: str,
+    prompts: tuple[list[str], list[str]],
+    system: str | None,
+) -> dict:
+    """Seconds per trial with one scorer combination, on the same ablations as every other."""
+    good, bad = prompts
+    settings = WorkerSettings(
+        scorers=[{"name": scorer, "optimization": how} for scorer, how in COMBINATIONS[name]],
+        refusal_classifier={"model": arguments.classifier, "batch_size": arguments.batch_size},
+        kl_tokens=arguments.kl_tokens,
+        max_response_length=arguments.max_response_length,
+        kl_skip_threshold=0,  # score every trial fully: comparable timings
+    )
     started = time.perf_counter()
+    scoring = build_scoring(settings, loaded)
     evaluator = Evaluator(
         loaded,
-        good_texts=template(good_test, system),
-        bad_texts=template(bad_test, system),
-        markers=DEFAULT_REFUSAL_MARKERS,
+        harmless=EvaluationPrompts(good, loaded.template(good, system)),
+        harmful=EvaluationPrompts(bad, loaded.template(bad, system)),
         max_response_length=arguments.max_response_length,
         batch_size=arguments.batch_size,
+        harmless_response_length=min(
+            settings.harmless_response_length, arguments.max_response_length
+        ),
+        continuation_tokens=settings.kl_tokens if "continuation" in scoring.reads else 0,
+        stop_markers={
+            prompts: scoring.stop_markers(prompts) for prompts in ("harmful", "harmless")
+        },
     )
-    baseline = evaluator.baseline()
-    results["stages"]["baseline_s"] = time.perf_counter() - started
-    results["shared_prefix_tokens"] = evaluator.shares_prefix
-    results["baseline"] = {
-        "refusals": f"{baseline.refusals}/{baseline.total_bad}",
-        "refusals_good": f"{baseline.refusals_good}/{baseline.total_good}",
-    }
-
-    ablator = Ablator(loaded, directions, row_normalization=arguments.row_normalization)
+    baseline = scoring.score(evaluator.evaluate())
+    scoring.set_baseline(baseline)
+    setup = time.perf_counter() - started
     generator = random.Random(arguments.seed)
     evaluator.stats.tokens = evaluator.stats.forward_passes = evaluator.stats.rows = 0
-    trial_seconds, apply_seconds, restore_seconds, refusal_counts = [], [], [], []
-    generation_seconds = 0.0
+    seconds, scored_seconds, refusals = [], 0.0, []
     for _ in range(arguments.trials):
         params = random_params(generator, loaded.n_layers)
         started = time.perf_counter()
         ablator.apply(params)
         applied = time.perf_counter()
-        score = evaluator.score()
-        scored = time.perf_counter()
+        trial = Trial(number=0, scores=scoring.score(evaluator.evaluate()))
+        scored_seconds += time.perf_counter() - applied
         ablator.restore()
-        restored = time.perf_counter()
-        trial_seconds.append(restored - started)
-        apply_seconds.append(applied - started)
-        restore_seconds.append(restored - scored)
-        generation_seconds += score.seconds
-        refusal_counts.append(score.refusals)
-    trial_seconds_sorted = sorted(trial_seconds)
-    results["trials"] = {
-        "count": arguments.trials,
-        "seconds_per_trial": sum(trial_seconds) / len(trial_seconds),
-        "median_s": trial_seconds_sorted[len(trial_seconds_sorted) // 2],
-        "min_s": trial_seconds_sorted[0],
-        "max_s": trial_seconds_sorted[-1],
-        "apply_ms": 1000 * sum(apply_seconds) / len(apply_seconds),
-        "restore_ms": 1000 * sum(restore_seconds) / len(restore_seconds),
+        seconds.append(time.perf_counter() - started)
+        refusals.append(trial.refusals)
+    ordered = sorted(seconds)
+    return {
+        "scorers": [scorer for scorer, _ in COMBINATIONS[name]],
+        "setup_s": setup,
+        "baseline": {key: score.display() for key, score in baseline.items()},
+        "seconds_per_trial": sum(seconds) / len(seconds),
+        "median_s": ordered[len(ordered) // 2],
+        "min_s": ordered[0],
+        "max_s": ordered[-1],
         "generated_tokens": evaluator.stats.tokens,
-        "generated_tokens_per_s": evaluator.stats.tokens / max(generation_seconds, 1e-9),
-        "decode_forward_passes": evaluator.stats.forward_passes,
-        "refusals_min": min(r for r in refusal_counts if r is not None),
-        "refusals_max": max(r for r in refusal_counts if r is not None),
-        "kl_prompts": len(good_test),
-        "refusal_prompts": len(bad_test),
+        "generated_tokens_per_s": evaluator.stats.tokens / max(scored_seconds, 1e-9),
+        "continuation_tokens": evaluator.continuation_tokens,
+        "shared_prefix_tokens": evaluator.shares_prefix,
+        "refusals_range": [
+            min((r for r in refusals if r is not None), default=None),
+            max((r for r in refusals if r is not None), default=None),
+        ],
+        "kl_prompts": len(good),
+        "refusal_prompts": len(bad),
     }
-    results["peak_rss_mb"] = peak_rss_mb()
-    if torch.cuda.is_available() and arguments.device != "cpu":
-        results["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    return results
 
 
 def end_to_end(arguments: argparse.Namespace) -> dict | None:
@@ -273,7 +318,6 @@ def end_to_end(arguments: argparse.Namespace) -> dict | None:
 
 
 def print_table(results: dict) -> None:
-    trials = results["trials"]
     rows = [
         ("model", results["settings"]["model"] or "tiny-refuser (fixture)"),
         ("parameters / layers", f"{results['parameters']:,} / {results['n_layers']}"),
@@ -288,27 +332,31 @@ def print_table(results: dict) -> None:
             f"{results['stages']['residuals_s']:.2f} s "
             f"({results['stages']['residual_prompts']} prompts)",
         ),
-        ("baseline (KL reference + refusals)", f"{results['stages']['baseline_s']:.2f} s"),
-        (
-            "baseline refusals (bad, good)",
-            f"{results['baseline']['refusals']}, {results['baseline']['refusals_good']}",
-        ),
-        ("shared prompt prefix (tokens prefilled once)", str(results["shared_prefix_tokens"])),
-        (
-            "trials",
-            f"{trials['count']} ({trials['kl_prompts']} KL prompts, "
-            f"{trials['refusal_prompts']} refusal prompts)",
-        ),
-        ("seconds per trial (mean)", f"{trials['seconds_per_trial']:.3f} s"),
-        (
-            "median / min / max",
-            f"{trials['median_s']:.3f} / {trials['min_s']:.3f} / {trials['max_s']:.3f} s",
-        ),
-        ("apply / restore", f"{trials['apply_ms']:.2f} / {trials['restore_ms']:.2f} ms"),
-        ("generated tokens per second", f"{trials['generated_tokens_per_s']:.0f}"),
-        ("refusals across trials", f"{trials['refusals_min']}..{trials['refusals_max']}"),
-        ("peak RSS", f"{results['peak_rss_mb']:.0f} MB"),
     ]
+    for name, combination in results["combinations"].items():
+        rows += [
+            (f"[{name}] scorers", ", ".join(combination["scorers"])),
+            (f"[{name}] setup + baseline", f"{combination['setup_s']:.2f} s"),
+            (f"[{name}] baseline", json.dumps(combination["baseline"])),
+            (
+                f"[{name}] seconds per trial (mean)",
+                f"{combination['seconds_per_trial']:.3f} s over {results['settings']['trials']} "
+                f"trials ({combination['kl_prompts']} harmless, "
+                f"{combination['refusal_prompts']} harmful prompts)",
+            ),
+            (
+                f"[{name}] median / min / max",
+                f"{combination['median_s']:.3f} / {combination['min_s']:.3f} / "
+                f"{combination['max_s']:.3f} s",
+            ),
+            (
+                f"[{name}] generated tokens (per s)",
+                f"{combination['generated_tokens']} "
+                f"({combination['generated_tokens_per_s']:.0f}/s)",
+            ),
+            (f"[{name}] continuation tokens scored", str(combination["continuation_tokens"])),
+        ]
+    rows.append(("peak RSS", f"{results['peak_rss_mb']:.0f} MB"))
     if "peak_cuda_mb" in results:
         rows.append(("peak CUDA memory", f"{results['peak_cuda_mb']:.0f} MB"))
     if results.get("end_to_end"):
@@ -332,6 +380,11 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="0 = the worker's choice")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--no-system-prompt", action="store_true")
+    parser.add_argument(
+        "--combinations", nargs="+", default=list(COMBINATIONS), choices=list(COMBINATIONS)
+    )
+    parser.add_argument("--classifier", default=str(CLASSIFIER), help="refusal classifier")
+    parser.add_argument("--kl-tokens", type=int, default=16, help="MultiTokenKL tokens")
     parser.add_argument("--end-to-end", action="store_true")
     parser.add_argument("--json", default="", help="write the results here")
     return parser.parse_args(argv)

@@ -194,7 +194,7 @@ class WorkerSettings(BaseSettings):
     )
     refusal_classifier: ClassifierSettings = Field(default_factory=ClassifierSettings)
     kl_tokens: int = Field(default=16, ge=1, le=4096)  # MultiTokenKL: continuation tokens
-    harmless_response_length: int = Field(default=32, ge=1)
+    harmless_response_length: int = Field(default=16, ge=1)
     harmless_refusal_margin: float = Field(default=0.05, ge=0, le=1)  # 1 = no limit
 
     # Checking the chosen model (hctl-worker evaluate, and after export when asked).
