@@ -41,8 +41,9 @@ def run_benchmarks(
     metrics: dict[str, float] = {}
     for task, values in (result or {}).get("results", {}).items():
         for key, value in values.items():
-            metric = key.split(",")[0]
-            if "stderr" in metric or isinstance(value, bool) or not isinstance(value, int | float):
+            # Metrics are reported as "name,filter" ("acc,none"); other keys are bookkeeping.
+            metric, comma, _ = key.partition(",")
+            if not comma or metric.endswith("_stderr") or not isinstance(value, int | float):
                 continue
             metrics[f"{task} {metric}"] = float(value)
     return metrics

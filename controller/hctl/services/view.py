@@ -78,17 +78,17 @@ def phases_line(estimate: Estimate) -> str:
 def pareto_table(
     front: list[Trial], *, chosen: int | None = None, title: str = "Pareto front"
 ) -> Table:
-    """One column per named score (an objective's header says which way is better)."""
+    """One column per named score (an objective's header says which way is better); the chosen
+    mark comes before the parameters, which a narrow terminal cuts first."""
     names = score_names(front)
     table = Table(title=title, title_justify="left")
     table.add_column("trial", justify="right", no_wrap=True, min_width=5)
     for name in names:
         direction = next(t.scores[name].direction for t in front if name in t.scores)
-        arrow = {"minimize": " ↓", "maximize": " ↑"}.get(direction, "")
-        header = name + arrow
+        header = name + {"minimize": " ↓", "maximize": " ↑"}.get(direction, "")
         table.add_column(header, justify="right", no_wrap=True, min_width=len(header))
-    table.add_column("parameters", no_wrap=True, overflow="ellipsis", max_width=30)
     table.add_column("", no_wrap=True, min_width=8)
+    table.add_column("parameters", no_wrap=True, overflow="ellipsis", max_width=30)
     for trial in front:
         params = " ".join(
             f"{name.rsplit('.', 1)[-1]}={value:.2f}" if isinstance(value, float) else f"{value}"
@@ -97,8 +97,8 @@ def pareto_table(
         table.add_row(
             str(trial.number),
             *(trial.scores[name].display() if name in trial.scores else "" for name in names),
-            params,
             "[bold green]← chosen[/]" if trial.number == chosen else "",
+            params,
         )
     return table
 
