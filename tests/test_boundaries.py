@@ -30,6 +30,8 @@ CONTRACT_MODULES = (
     "hctl_worker.trials",
     "hctl_worker.markers",
     "hctl_worker.settings",
+    "hctl_worker.scorers",  # the settings validate scorer names with its registry
+    "hctl_worker.progress",  # the worker's tables, which the controller shows too
 )
 HEAVY_PACKAGES = ("torch", "transformers", "accelerate", "optuna", "safetensors", "numpy")
 

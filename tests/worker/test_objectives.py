@@ -39,13 +39,14 @@ def guarded_scores(values: dict) -> Outcome:
     )
 
 
-def test_three_objectives_a_maximised_one_and_the_guard_as_a_constraint(tmp_path: Path) -> None:
-    study = open_study(
-        tmp_path / "study.journal",
-        seed=3,
-        n_startup_trials=6,
-        directions=["minimize", "minimize", "maximize"],
+def three_objective_study(journal: Path, seed: int) -> optuna.Study:
+    return open_study(
+        journal, seed=seed, n_startup_trials=6, directions=["minimize", "minimize", "maximize"]
     )
+
+
+def test_three_objectives_a_maximised_one_and_the_guard_as_a_constraint(tmp_path: Path) -> None:
+    study = three_objective_study(tmp_path / "study.journal", seed=3)
     trials = run_search(study, SearchSpace.heretic(8, COMPONENTS), guarded_scores, n_trials=16)
     assert [trial.number for trial in trials] == list(range(1, 17))
     # Optuna got the three objectives in order, and a constraint only from the guard.
@@ -164,12 +165,7 @@ def test_other_objectives_on_an_old_job_are_refused_with_a_hint(tmp_path: Path) 
 
 
 def test_the_journal_keeps_every_score_by_name(tmp_path: Path) -> None:
-    study = open_study(
-        tmp_path / "study.journal",
-        seed=0,
-        n_startup_trials=1,
-        directions=["minimize", "minimize", "maximize"],
-    )
+    study = three_objective_study(tmp_path / "study.journal", seed=0)
     (trial,) = run_search(study, SearchSpace.heretic(8, COMPONENTS), guarded_scores, n_trials=1)
     stored = optuna.load_study(
         study_name="hctl",

@@ -19,14 +19,9 @@ from hctl.services.lease import lease_seconds
 from hctl.services.models import format_parameter_count, inspect_model
 from hctl.services.progress import JobProgress
 from hctl.services.toolkit import Toolkit, default_toolkit
-from hctl.services.view import (
-    LiveView,
-    estimate_table,
-    evaluation_table,
-    pareto_table,
-    phases_line,
-)
+from hctl.services.view import LiveView, estimate_table, pareto_table, phases_line
 from hctl.settings import load_settings
+from hctl_worker.progress import evaluation_table
 
 SMOKE_MODEL = "Qwen/Qwen3-4B-Instruct-2507"
 SMOKE_PARAMETERS = "4.02B"

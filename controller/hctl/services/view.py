@@ -22,7 +22,6 @@ from hctl_worker.events import (
     BaselineEvent,
     DoneEvent,
     ErrorEvent,
-    EvaluationEvent,
     LogEvent,
     StageEvent,
     StartEvent,
@@ -100,17 +99,6 @@ def pareto_table(
             "[bold green]← chosen[/]" if trial.number == chosen else "",
             params,
         )
-    return table
-
-
-def evaluation_table(event: EvaluationEvent) -> Table:
-    """A capability check: each measure for the original model and for the trial."""
-    table = Table(title=f"Trial {event.trial} against the original model", title_justify="left")
-    table.add_column("measure")
-    table.add_column("original", justify="right")
-    table.add_column(f"trial {event.trial}", justify="right")
-    for measure in event.measures:
-        table.add_row(*measure.rows())
     return table
 
 

@@ -9,32 +9,30 @@ first-token KL.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from hctl_worker.scorers.base import Reading, ScoringContext
 from hctl_worker.trials import Role
 
 
-@dataclass
 class FirstTokenKL:
-    name: str = "KLDivergence"
+    """KL(original ‖ now) of the first reply token, averaged over the harmless prompts."""
+
+    name = "KLDivergence"
     role: Role = "damage"
     reads: frozenset[Reading] = frozenset({"first_token"})
-    counts: None = None
+    counts = None
 
     def score(self, context: ScoringContext) -> float:
         return float(context.first_token_divergences().mean())
 
 
-@dataclass
-class MultiTokenKL:
-    name: str = "MultiTokenKL"
-    role: Role = "damage"
+class MultiTokenKL(FirstTokenKL):
+    """KL(original ‖ now) at every position of the original's continuations, each token
+    weighing the same."""
+
+    name = "MultiTokenKL"
     reads: frozenset[Reading] = frozenset({"continuation"})
-    counts: None = None
 
     def score(self, context: ScoringContext) -> float:
-        """The mean KL over every position of every continuation (each token weighs the same)."""
         divergences = context.continuation_divergences()
         positions = divergences.mask.sum()
         if int(positions) == 0:
