@@ -127,7 +127,8 @@ class EvaluationEvent(_Event):
 
 
 class ParetoEvent(_Event):
-    """The Pareto front so far, best trade-offs first (fewest refusals, then lowest KL)."""
+    """The Pareto front so far, in the order of its objectives (by default fewest refusals first,
+    then lowest KL); trials over a guard's limit are left out."""
 
     type: Literal["pareto"] = "pareto"
     trials: list[Trial]
