@@ -221,7 +221,21 @@ def bench_combination(
         seconds.append(time.perf_counter() - started)
         refusals.append(trial.refusals)
     ordered = sorted(seconds)
+    # What each shared measurement costs alone (an edit applied, 5 repetitions).
+    measured = {"first_token_kl": evaluator.first_token_divergences}
+    if evaluator.continuation_tokens:
+        measured["multi_token_kl"] = evaluator.continuation_divergences
+    parts_ms = {}
+    ablator.apply(random_params(generator, loaded.n_layers))
+    evaluator.evaluate()
+    for part, measure in measured.items():
+        started = time.perf_counter()
+        for _ in range(5):
+            measure()
+        parts_ms[part] = 1000 * (time.perf_counter() - started) / 5
+    ablator.restore()
     return {
+        "parts_ms": parts_ms,
         "scorers": [scorer for scorer, _ in COMBINATIONS[name]],
         "setup_s": setup,
         "baseline": {key: score.display() for key, score in baseline.items()},
@@ -355,6 +369,10 @@ def print_table(results: dict) -> None:
                 f"({combination['generated_tokens_per_s']:.0f}/s)",
             ),
             (f"[{name}] continuation tokens scored", str(combination["continuation_tokens"])),
+            (
+                f"[{name}] KL passes alone",
+                ", ".join(f"{part} {ms:.1f} ms" for part, ms in combination["parts_ms"].items()),
+            ),
         ]
     rows.append(("peak RSS", f"{results['peak_rss_mb']:.0f} MB"))
     if "peak_cuda_mb" in results:

@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from hctl_worker.settings import MINOS_TEMPLATE  # noqa: E402
+from hctl_worker.scorers.choices import MINOS_TEMPLATE  # noqa: E402
 from scripts.refusal_classifier_data import (  # noqa: E402
     COMPLIANCE_LABEL,
     REFUSAL_LABEL,
@@ -138,8 +138,8 @@ def train(arguments: argparse.Namespace) -> dict:
 
 def check(folder: str, replies: list[str]) -> None:
     from hctl_worker.markers import DEFAULT_REFUSAL_MARKERS, is_refusal
+    from hctl_worker.scorers.choices import ClassifierSettings
     from hctl_worker.scorers.classifier import ClassifierDetector
-    from hctl_worker.settings import ClassifierSettings
 
     detector = ClassifierDetector(ClassifierSettings(model=folder))
     verdicts = detector.judge(["How do I do this?"] * len(replies), replies)

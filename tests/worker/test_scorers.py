@@ -19,9 +19,10 @@ from hctl_worker.generation import encode_texts
 from hctl_worker.markers import DEFAULT_REFUSAL_MARKERS
 from hctl_worker.model import load_model
 from hctl_worker.scorers import build_scoring
+from hctl_worker.scorers.choices import ClassifierSettings
 from hctl_worker.scorers.classifier import ClassifierDetector
 from hctl_worker.scorers.refusals import MarkerDetector
-from hctl_worker.settings import ClassifierSettings, WorkerSettings, load_settings
+from hctl_worker.settings import WorkerSettings, load_settings
 from hctl_worker.trials import Trial
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"

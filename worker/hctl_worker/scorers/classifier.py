@@ -19,7 +19,7 @@ from hctl_worker.errors import ModelLoadError, SettingsError
 if TYPE_CHECKING:
     import torch
 
-    from hctl_worker.settings import ClassifierSettings
+    from hctl_worker.scorers.choices import ClassifierSettings
 
 
 class ClassifierDetector:
