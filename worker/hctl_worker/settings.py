@@ -473,7 +473,7 @@ def _describe(error: ValidationError, config_file: Path | None) -> str:
     problems = []
     for problem in error.errors():
         location = ".".join(str(part) for part in problem["loc"]) or "settings"
-        message = problem["msg"]
+        message = problem["msg"].removeprefix("Value error, ")
         if problem["type"] == "extra_forbidden":
             message = "unknown setting"
         shown = problem.get("input")
