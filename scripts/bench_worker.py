@@ -136,7 +136,7 @@ def bench(arguments: argparse.Namespace) -> dict:
     results["n_layers"] = loaded.n_layers
     results["parameters"] = sum(p.numel() for p in loaded.model.parameters())
 
-    folder = Path(source)
+    folder = Path(arguments.prompts_from or source)
     if (folder / "prompts").is_dir():
         good_train = read_prompts(folder, "harmless_train")
         bad_train = read_prompts(folder, "harmful_train")
@@ -164,6 +164,10 @@ def bench(arguments: argparse.Namespace) -> dict:
     for name in arguments.combinations:
         results["combinations"][name] = bench_combination(
             arguments, loaded, ablator, name, (good_test, bad_test), system
+        )
+        done = results["combinations"][name]
+        print(  # as each finishes: a slow model shows something before the end
+            f"{name}: {done['seconds_per_trial']:.3f} s per trial", file=sys.stderr, flush=True
         )
     results["peak_rss_mb"] = peak_rss_mb()
     if torch.cuda.is_available() and arguments.device != "cpu":
@@ -394,6 +398,9 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-response-length", type=int, default=16)
     parser.add_argument("--prompts", type=int, default=0, help="cap every prompt set (0 = all)")
+    parser.add_argument(
+        "--prompts-from", default="", help="a folder with prompts/*.txt (e.g. a fixture's)"
+    )
     parser.add_argument("--row-normalization", default="none", choices=["none", "pre", "full"])
     parser.add_argument("--threads", type=int, default=0, help="0 = the worker's choice")
     parser.add_argument("--seed", type=int, default=1)
