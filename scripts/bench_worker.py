@@ -1,8 +1,9 @@
 """Benchmark the worker engine: seconds per trial, generated tokens per second, stage timings.
 
 A trial here is what the search does per Optuna trial: apply an ablation (varied parameters),
-score it with the job's scorers, restore. Every scorer combination (`--combinations`) scores the
-same sequence of ablations, so their seconds per trial compare directly:
+score it with a set of scorers, restore. Every scorer combination (`--scorers`) and evaluation
+kind (`--compare-plain`, `--compare-no-drafts`) scores the same sequence of ablations, so their
+seconds per trial compare directly:
 
     markers+kl         KeywordRate, KLDivergence (the objectives before the harmless guard)
     default            KeywordRate, KLDivergence, HarmlessRefusals (the worker's default)
@@ -13,7 +14,7 @@ same sequence of ablations, so their seconds per trial compare directly:
     python scripts/bench_worker.py                       # committed tiny refuser, heretic's settings
     python scripts/bench_worker.py --model qwen3-0.6b    # random Qwen3-0.6B (its real shape)
     python scripts/bench_worker.py --model PATH --device cuda --trials 30 --json out.json
-    python scripts/bench_worker.py --combinations default classifier+mtkl --classifier PATH
+    python scripts/bench_worker.py --scorers default classifier+mtkl --classifier PATH
     python scripts/bench_worker.py --end-to-end          # also time `hctl-worker run`, if present
 
 The default settings copy the heretic baseline (shared/reference/heretic-baseline.md): float32,
@@ -50,8 +51,10 @@ import torch  # noqa: E402
 from hctl_worker.ablation import AblationParams, Ablator, ComponentKernel  # noqa: E402
 from hctl_worker.directions import last_token_residuals, refusal_directions  # noqa: E402
 from hctl_worker.evaluation import EvaluationPrompts, Evaluator  # noqa: E402
+from hctl_worker.generation import GenerationStats  # noqa: E402
 from hctl_worker.model import load_model  # noqa: E402
-from hctl_worker.scorers import build_scoring  # noqa: E402
+from hctl_worker.pruning import PruningBar  # noqa: E402
+from hctl_worker.scorers import Scoring, build_scoring  # noqa: E402
 from hctl_worker.settings import WorkerSettings  # noqa: E402
 from hctl_worker.trials import Trial  # noqa: E402
 
@@ -98,6 +101,105 @@ def random_params(generator: random.Random, n_layers: int) -> AblationParams:
 
     index = None if generator.random() < 0.3 else generator.uniform(0, last)
     return AblationParams(index, {"attention": kernel(), "mlp": kernel()})
+
+
+def trial_params(kind: str, generator: random.Random, n_layers: int) -> AblationParams:
+    """`random`: every layer reachable; `heretic`: heretic's ranges (peak in the last 40 %);
+    `full-depth`: every layer at weight 1 with one late direction (the canonical trials)."""
+    last = max(n_layers - 1, 1)
+    if kind == "random":
+        return random_params(generator, n_layers)
+    if kind == "full-depth":
+        full = ComponentKernel(1.0, last / 2, 1.0, float(n_layers))
+        return AblationParams(generator.uniform(0.6 * last, last), {"attention": full, "mlp": full})
+
+    def kernel(low: float) -> ComponentKernel:
+        maximum = max(0.0, generator.uniform(low, 1.5))
+        return ComponentKernel(
+            max_weight=maximum,
+            max_weight_position=generator.uniform(0.6 * last, last),
+            min_weight=generator.uniform(0, 1) * maximum,
+            min_weight_distance=generator.uniform(1, max(0.6 * last, 1)),
+        )
+
+    index = None if generator.random() < 0.5 else generator.uniform(0.4 * last, 0.9 * last)
+    return AblationParams(index, {"attention": kernel(0.8), "mlp": kernel(-0.25)})
+
+
+def make_scoring(combination: str, loaded, arguments) -> Scoring:
+    settings = WorkerSettings(
+        scorers=[{"name": name, "optimization": how} for name, how in COMBINATIONS[combination]],
+        refusal_classifier={"model": arguments.classifier, "batch_size": arguments.batch_size},
+        kl_tokens=arguments.kl_tokens,
+        max_response_length=arguments.max_response_length,
+        kl_skip_threshold=0,  # score every trial fully: comparable timings
+    )
+    return build_scoring(settings, loaded)
+
+
+def make_evaluator(kind, loaded, ablator, scoring, prompts, arguments) -> Evaluator:
+    """`reuse`: the worker's evaluator; `plain`: no shared prefix, replay, drafts or pruning;
+    `no-drafts`: the worker's without draft replies."""
+    plain = kind == "plain"
+    good, bad = prompts
+    return Evaluator.for_scoring(
+        loaded,
+        scoring,
+        harmless=good,
+        harmful=bad,
+        max_response_length=arguments.max_response_length,
+        batch_size=arguments.batch_size,
+        kl_tokens=arguments.kl_tokens,
+        harmless_response_length=min(16, arguments.max_response_length),
+        share_prefix=not plain,
+        unchanged_layers=None if plain else ablator.unchanged_layers,
+        replay_memory=0 if plain else arguments.replay_memory,
+        drafts=not (plain or kind == "no-drafts" or arguments.no_drafts),
+    )
+
+
+def kl_passes_ms(evaluator: Evaluator, ablator: Ablator, params: AblationParams) -> dict:
+    """What each KL measurement costs alone, an edit applied (mean of 5)."""
+    measured = {"first_token_kl": evaluator.first_token_divergences}
+    if evaluator.continuation_tokens:
+        measured["multi_token_kl"] = evaluator.continuation_divergences
+    parts = {}
+    ablator.apply(params)
+    for part, measure in measured.items():
+        started = time.perf_counter()
+        for _ in range(5):
+            measure()
+        parts[part] = 1000 * (time.perf_counter() - started) / 5
+    ablator.restore()
+    return parts
+
+
+def summarise(rows: list[dict]) -> dict:
+    seconds = sorted(row["seconds"] for row in rows)
+
+    def mean(key: str) -> float:
+        return sum(row[key] for row in rows) / len(rows)
+
+    return {
+        "seconds_per_trial": sum(seconds) / len(seconds),
+        "median_s": seconds[len(seconds) // 2],
+        "min_s": seconds[0],
+        "max_s": seconds[-1],
+        "forward_passes": mean("forward_passes"),
+        "layer_tokens": mean("layer_tokens"),
+        "input_tokens": mean("input_tokens"),
+        "generated_tokens": mean("generated_tokens"),
+        "draft_acceptance": sum(r["accepted"] for r in rows)
+        / max(1, sum(r["drafted"] for r in rows)),
+        "pruned": sum(1 for row in rows if row["pruned"]),
+        "mean_start_layer": mean("start_layer"),
+        "refusals_min": min(
+            (r["refusals"] for r in rows if r["refusals"] is not None), default=None
+        ),
+        "refusals_max": max(
+            (r["refusals"] for r in rows if r["refusals"] is not None), default=None
+        ),
+    }
 
 
 def peak_rss_mb() -> float:
@@ -160,104 +262,121 @@ def bench(arguments: argparse.Namespace) -> dict:
     results["stages"]["residual_prompts"] = len(bad_train) + len(good_train)
 
     ablator = Ablator(loaded, directions, row_normalization=arguments.row_normalization)
-    results["combinations"] = {}
-    for name in arguments.combinations:
-        results["combinations"][name] = bench_combination(
-            arguments, loaded, ablator, name, (good_test, bad_test), system
+    prompts = (
+        EvaluationPrompts(good_test, template(good_test, system)),
+        EvaluationPrompts(bad_test, template(bad_test, system)),
+    )
+    kinds = ["reuse", "plain"] if arguments.compare_plain else ["reuse"]
+    if arguments.compare_no_drafts:
+        kinds.append("no-drafts")
+    variants = [f"{combination} {kind}" for combination in arguments.scorers for kind in kinds]
+    scorings = {
+        combination: make_scoring(combination, loaded, arguments)
+        for combination in arguments.scorers
+    }
+    evaluators = {}
+    results["baseline"] = {}
+    for variant in variants:
+        combination, kind = variant.split(" ")
+        scoring = scorings[combination]
+        started = time.perf_counter()
+        evaluators[variant] = make_evaluator(kind, loaded, ablator, scoring, prompts, arguments)
+        baseline = scoring.score(evaluators[variant].evaluate())
+        scoring.set_baseline(baseline)
+        results["stages"][f"baseline_{variant}_s"] = time.perf_counter() - started
+        results["baseline"][variant] = {name: score.display() for name, score in baseline.items()}
+    evaluator = evaluators[variants[0]]
+    results["stages"]["baseline_s"] = results["stages"][f"baseline_{variants[0]}_s"]
+    results["shared_prefix_tokens"] = evaluator.shares_prefix
+    results["reuse"] = evaluator.reuse.describe()
+
+    generator = random.Random(arguments.seed)
+    records: dict[str, list[dict]] = {variant: [] for variant in variants}
+    finished: dict[str, list[Trial]] = {variant: [] for variant in variants}
+    for number in range(1, arguments.trials + 1):
+        params = trial_params(arguments.params, generator, loaded.n_layers)
+        order = variants if number % 2 else variants[::-1]  # alternate which goes first
+        for variant in order:
+            combination, kind = variant.split(" ")
+            scoring, evaluator = scorings[combination], evaluators[variant]
+            evaluator.stats = GenerationStats()
+            limit = None
+            if kind != "plain" and arguments.prune_margin >= 0 and scoring.can_prune:
+                harmful = len(bad_test)
+                bar = PruningBar.for_prompts(finished[variant], harmful, arguments.prune_margin)
+                limit = bar.refusal_limit
+            started = time.perf_counter()
+            ablator.apply(params)
+            start_layer = evaluator.reuse.plan.start_for(ablator.unchanged_layers())
+            context = evaluator.evaluate()
+            trial = Trial(
+                number=number, scores=scoring.score(context, limit), pruned=context.pruned
+            )
+            ablator.restore()
+            seconds = time.perf_counter() - started
+            stats = evaluator.stats
+            records[variant].append(
+                {
+                    "seconds": seconds,
+                    "start_layer": start_layer,
+                    "kl": trial.kl,
+                    "refusals": trial.refusals,
+                    "pruned": trial.pruned,
+                    "forward_passes": stats.forward_passes,
+                    "layer_tokens": stats.layer_tokens,
+                    "input_tokens": stats.input_tokens,
+                    "generated_tokens": stats.tokens,
+                    "drafted": stats.drafted,
+                    "accepted": stats.accepted,
+                }
+            )
+            finished[variant].append(trial)
+    results["trials"] = {variant: summarise(rows) for variant, rows in records.items()}
+    last = trial_params(arguments.params, generator, loaded.n_layers)
+    for variant in variants:
+        results["trials"][variant]["kl_passes_ms"] = kl_passes_ms(
+            evaluators[variant], ablator, last
         )
-        done = results["combinations"][name]
-        print(  # as each finishes: a slow model shows something before the end
-            f"{name}: {done['seconds_per_trial']:.3f} s per trial", file=sys.stderr, flush=True
-        )
+    results["trials"]["count"] = arguments.trials
+    results["trials"]["kl_prompts"] = len(good_test)
+    results["trials"]["refusal_prompts"] = len(bad_test)
+    if arguments.compare_plain:
+        results["trials"]["mismatched_trials"] = {
+            combination: [
+                index + 1
+                for index, (fast, plain) in enumerate(
+                    zip(
+                        records[f"{combination} reuse"],
+                        records[f"{combination} plain"],
+                        strict=True,
+                    )
+                )
+                if not fast["pruned"]
+                and (
+                    fast["refusals"] != plain["refusals"]
+                    or abs(fast["kl"] - plain["kl"]) > 1e-4 * max(plain["kl"], 1e-3)
+                )
+            ]
+            for combination in arguments.scorers
+        }
+    results["per_trial"] = records
     results["peak_rss_mb"] = peak_rss_mb()
+    if arguments.bandwidth_gbs > 0:
+        # The memory-bandwidth floor of one forward pass is reading every weight once; a pass
+        # here also carries many tokens, so this is an upper bound on the fraction reached.
+        weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+        floor_s = weight_bytes / (arguments.bandwidth_gbs * 1e9)
+        reuse = results["trials"][f"{arguments.scorers[0]} reuse"]
+        per_pass = reuse["seconds_per_trial"] / max(reuse["forward_passes"], 1)
+        results["bandwidth"] = {
+            "weight_bytes": weight_bytes,
+            "floor_s_per_pass": floor_s,
+            "seconds_per_pass": per_pass,
+            "fraction_of_limit": floor_s / per_pass,
+        }
     if torch.cuda.is_available() and arguments.device != "cpu":
         results["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return results
-
-
-def bench_combination(
-    arguments: argparse.Namespace,
-    loaded,
-    ablator: Ablator,
-    name: str,
-    prompts: tuple[list[str], list[str]],
-    system: str | None,
-) -> dict:
-    """Seconds per trial with one scorer combination, on the same ablations as every other."""
-    good, bad = prompts
-    settings = WorkerSettings(
-        scorers=[{"name": scorer, "optimization": how} for scorer, how in COMBINATIONS[name]],
-        refusal_classifier={"model": arguments.classifier, "batch_size": arguments.batch_size},
-        kl_tokens=arguments.kl_tokens,
-        max_response_length=arguments.max_response_length,
-        kl_skip_threshold=0,  # score every trial fully: comparable timings
-    )
-    started = time.perf_counter()
-    scoring = build_scoring(settings, loaded)
-    evaluator = Evaluator(
-        loaded,
-        harmless=EvaluationPrompts(good, loaded.template(good, system)),
-        harmful=EvaluationPrompts(bad, loaded.template(bad, system)),
-        max_response_length=arguments.max_response_length,
-        batch_size=arguments.batch_size,
-        harmless_response_length=min(
-            settings.harmless_response_length, arguments.max_response_length
-        ),
-        continuation_tokens=settings.kl_tokens if "continuation" in scoring.reads else 0,
-        stop_markers={
-            prompts: scoring.stop_markers(prompts) for prompts in ("harmful", "harmless")
-        },
-    )
-    baseline = scoring.score(evaluator.evaluate())
-    scoring.set_baseline(baseline)
-    setup = time.perf_counter() - started
-    generator = random.Random(arguments.seed)
-    evaluator.stats.tokens = evaluator.stats.forward_passes = evaluator.stats.rows = 0
-    seconds, scored_seconds, refusals = [], 0.0, []
-    for _ in range(arguments.trials):
-        params = random_params(generator, loaded.n_layers)
-        started = time.perf_counter()
-        ablator.apply(params)
-        applied = time.perf_counter()
-        trial = Trial(number=0, scores=scoring.score(evaluator.evaluate()))
-        scored_seconds += time.perf_counter() - applied
-        ablator.restore()
-        seconds.append(time.perf_counter() - started)
-        refusals.append(trial.refusals)
-    ordered = sorted(seconds)
-    # What each shared measurement costs alone (an edit applied, 5 repetitions).
-    measured = {"first_token_kl": evaluator.first_token_divergences}
-    if evaluator.continuation_tokens:
-        measured["multi_token_kl"] = evaluator.continuation_divergences
-    parts_ms = {}
-    ablator.apply(random_params(generator, loaded.n_layers))
-    evaluator.evaluate()
-    for part, measure in measured.items():
-        started = time.perf_counter()
-        for _ in range(5):
-            measure()
-        parts_ms[part] = 1000 * (time.perf_counter() - started) / 5
-    ablator.restore()
-    return {
-        "parts_ms": parts_ms,
-        "scorers": [scorer for scorer, _ in COMBINATIONS[name]],
-        "setup_s": setup,
-        "baseline": {key: score.display() for key, score in baseline.items()},
-        "seconds_per_trial": sum(seconds) / len(seconds),
-        "median_s": ordered[len(ordered) // 2],
-        "min_s": ordered[0],
-        "max_s": ordered[-1],
-        "generated_tokens": evaluator.stats.tokens,
-        "generated_tokens_per_s": evaluator.stats.tokens / max(scored_seconds, 1e-9),
-        "continuation_tokens": evaluator.continuation_tokens,
-        "shared_prefix_tokens": evaluator.shares_prefix,
-        "refusals_range": [
-            min((r for r in refusals if r is not None), default=None),
-            max((r for r in refusals if r is not None), default=None),
-        ],
-        "kl_prompts": len(good),
-        "refusal_prompts": len(bad),
-    }
 
 
 def end_to_end(arguments: argparse.Namespace) -> dict | None:
@@ -336,6 +455,7 @@ def end_to_end(arguments: argparse.Namespace) -> dict | None:
 
 
 def print_table(results: dict) -> None:
+    trials = results["trials"]
     rows = [
         ("model", results["settings"]["model"] or "tiny-refuser (fixture)"),
         ("parameters / layers", f"{results['parameters']:,} / {results['n_layers']}"),
@@ -350,35 +470,68 @@ def print_table(results: dict) -> None:
             f"{results['stages']['residuals_s']:.2f} s "
             f"({results['stages']['residual_prompts']} prompts)",
         ),
+        ("baseline (references + scores)", f"{results['stages']['baseline_s']:.2f} s"),
+        ("shared prompt prefix (tokens prefilled once)", str(results["shared_prefix_tokens"])),
+        ("reuse", results["reuse"]),
+        (
+            "trials",
+            f"{trials['count']} ({results['settings']['params']} parameters; "
+            f"{trials['kl_prompts']} KL prompts, {trials['refusal_prompts']} refusal prompts)",
+        ),
     ]
-    for name, combination in results["combinations"].items():
+    for kind, baseline in results["baseline"].items():
+        rows.append((f"{kind}: baseline", json.dumps(baseline)))
+        row = trials[kind]
         rows += [
-            (f"[{name}] scorers", ", ".join(combination["scorers"])),
-            (f"[{name}] setup + baseline", f"{combination['setup_s']:.2f} s"),
-            (f"[{name}] baseline", json.dumps(combination["baseline"])),
             (
-                f"[{name}] seconds per trial (mean)",
-                f"{combination['seconds_per_trial']:.3f} s over {results['settings']['trials']} "
-                f"trials ({combination['kl_prompts']} harmless, "
-                f"{combination['refusal_prompts']} harmful prompts)",
+                f"{kind}: seconds per trial mean / median",
+                f"{row['seconds_per_trial']:.3f} / {row['median_s']:.3f} s "
+                f"(min {row['min_s']:.3f}, max {row['max_s']:.3f})",
             ),
             (
-                f"[{name}] median / min / max",
-                f"{combination['median_s']:.3f} / {combination['min_s']:.3f} / "
-                f"{combination['max_s']:.3f} s",
+                f"{kind}: per trial passes / layer-tokens / input tokens",
+                f"{row['forward_passes']:.1f} / {row['layer_tokens']:.0f} / "
+                f"{row['input_tokens']:.0f}",
             ),
             (
-                f"[{name}] generated tokens (per s)",
-                f"{combination['generated_tokens']} "
-                f"({combination['generated_tokens_per_s']:.0f}/s)",
+                f"{kind}: start layer (mean) / drafts kept / pruned",
+                f"{row['mean_start_layer']:.1f} / {row['draft_acceptance']:.0%} / {row['pruned']}",
             ),
-            (f"[{name}] continuation tokens scored", str(combination["continuation_tokens"])),
+            (f"{kind}: refusals across trials", f"{row['refusals_min']}..{row['refusals_max']}"),
             (
-                f"[{name}] KL passes alone",
-                ", ".join(f"{part} {ms:.1f} ms" for part, ms in combination["parts_ms"].items()),
+                f"{kind}: KL passes alone",
+                ", ".join(f"{part} {ms:.1f} ms" for part, ms in row["kl_passes_ms"].items()),
             ),
         ]
-    rows.append(("peak RSS", f"{results['peak_rss_mb']:.0f} MB"))
+    for combination in results["settings"]["scorers"]:
+        reuse, plain = trials[f"{combination} reuse"], trials.get(f"{combination} plain")
+        if plain is None:
+            continue
+        rows += [
+            (
+                f"{combination}: plain / reuse: seconds, layer-tokens, passes",
+                f"{plain['seconds_per_trial'] / reuse['seconds_per_trial']:.2f}x, "
+                f"{plain['layer_tokens'] / max(reuse['layer_tokens'], 1):.2f}x, "
+                f"{plain['forward_passes'] / max(reuse['forward_passes'], 1):.2f}x",
+            ),
+            (
+                f"{combination}: trials whose scores differ (unpruned)",
+                str(trials["mismatched_trials"][combination] or "none"),
+            ),
+        ]
+    rows += [
+        ("load average", " ".join(f"{x:.2f}" for x in os.getloadavg())),
+        ("peak RSS", f"{results['peak_rss_mb']:.0f} MB"),
+    ]
+    if "bandwidth" in results:
+        band = results["bandwidth"]
+        rows.append(
+            (
+                "seconds per pass / bandwidth floor",
+                f"{band['seconds_per_pass'] * 1000:.2f} / {band['floor_s_per_pass'] * 1000:.2f} ms "
+                f"({band['fraction_of_limit']:.0%} of the limit)",
+            )
+        )
     if "peak_cuda_mb" in results:
         rows.append(("peak CUDA memory", f"{results['peak_cuda_mb']:.0f} MB"))
     if results.get("end_to_end"):
@@ -398,19 +551,33 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-response-length", type=int, default=16)
     parser.add_argument("--prompts", type=int, default=0, help="cap every prompt set (0 = all)")
-    parser.add_argument(
-        "--prompts-from", default="", help="a folder with prompts/*.txt (e.g. a fixture's)"
-    )
     parser.add_argument("--row-normalization", default="none", choices=["none", "pre", "full"])
     parser.add_argument("--threads", type=int, default=0, help="0 = the worker's choice")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--no-system-prompt", action="store_true")
+    parser.add_argument("--end-to-end", action="store_true")
     parser.add_argument(
-        "--combinations", nargs="+", default=list(COMBINATIONS), choices=list(COMBINATIONS)
+        "--params", default="random", choices=["random", "heretic", "full-depth"], help="trial kind"
     )
+    parser.add_argument(
+        "--prompts-from", default="", help="a folder with prompts/ (default: the model's own)"
+    )
+    parser.add_argument("--compare-plain", action="store_true", help="also time the plain path")
+    parser.add_argument(
+        "--compare-no-drafts", action="store_true", help="also time reuse without draft replies"
+    )
+    parser.add_argument("--replay-memory", type=float, default=0.25)
+    parser.add_argument(
+        "--bandwidth-gbs", type=float, default=0, help="device memory bandwidth, for the floor"
+    )
+    parser.add_argument("--no-drafts", action="store_true", help="reuse without draft replies")
+    parser.add_argument("--prune-margin", type=float, default=0.05, help="negative: no pruning")
+    parser.add_argument(
+        "--scorers", nargs="+", default=["default"], choices=list(COMBINATIONS),
+        help="scorer combinations to time (see the module docstring)",
+    )  # fmt: skip
     parser.add_argument("--classifier", default=str(CLASSIFIER), help="refusal classifier")
     parser.add_argument("--kl-tokens", type=int, default=16, help="MultiTokenKL tokens")
-    parser.add_argument("--end-to-end", action="store_true")
     parser.add_argument("--json", default="", help="write the results here")
     return parser.parse_args(argv)
 

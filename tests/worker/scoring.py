@@ -37,13 +37,13 @@ def evaluator_for(
     **options: Any,
 ) -> Evaluator:
     """An evaluator for chat-templated texts (they stand for the user's words too)."""
-    return Evaluator(
+    return Evaluator.for_scoring(
         loaded,
+        scoring,
         harmless=EvaluationPrompts(list(good), list(good)),
         harmful=EvaluationPrompts(list(bad), list(bad)),
         max_response_length=max_response_length,
         batch_size=batch_size,
-        stop_markers={name: scoring.stop_markers(name) for name in ("harmful", "harmless")},
         **options,
     )
 

@@ -47,14 +47,14 @@ def every_scorer_settings(**values) -> WorkerSettings:
 def evaluator_for(loaded, scoring, *, harmless: int, harmful: int, tokens: int) -> Evaluator:
     good = fixture_prompts("harmless_test")[:harmless]
     bad = fixture_prompts("harmful_test")[:harmful]
-    return Evaluator(
+    return Evaluator.for_scoring(
         loaded,
+        scoring,
         harmless=EvaluationPrompts(good, loaded.template(good, None)),
         harmful=EvaluationPrompts(bad, loaded.template(bad, None)),
         max_response_length=12,
         batch_size=32,
-        continuation_tokens=tokens,
-        stop_markers={name: scoring.stop_markers(name) for name in ("harmful", "harmless")},
+        kl_tokens=tokens,
     )
 
 

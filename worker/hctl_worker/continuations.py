@@ -20,12 +20,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as functional
 
-from hctl_worker.generation import (
-    EncodedBatch,
-    _stop_token_ids,
-    forward_options,
-    position_ids_for,
-)
+from hctl_worker.encoding import EncodedBatch, forward_options, position_ids_for
+from hctl_worker.generation import _stop_token_ids
 
 if TYPE_CHECKING:
     from hctl_worker.model import LoadedModel
@@ -112,15 +108,12 @@ def forced_logprobs(loaded: LoadedModel, batch: ForcedBatch) -> torch.Tensor:
     """[rows, positions, vocabulary] float32 log-probabilities of the next token at the scored
     positions, from one forward pass (masked positions hold whatever the model computed)."""
     model = loaded.model
-    options = {}
-    if forward_options(model):  # the model's forward can keep only the last logits
-        options["logits_to_keep"] = batch.positions
     outputs = model(
         input_ids=batch.inputs.input_ids,
         attention_mask=batch.inputs.attention_mask,
         position_ids=position_ids_for(batch.inputs.attention_mask),
         use_cache=False,
-        **options,
+        **forward_options(model, keep=batch.positions),
     )
     logits = outputs.logits[:, -batch.positions :, :].float()
     return functional.log_softmax(logits, dim=-1)

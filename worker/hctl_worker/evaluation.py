@@ -1,14 +1,16 @@
 """Measuring the model as it is now, for the scorers: replies, and divergences from the original.
 
-`Evaluator` is built once per job, on the unmodified model: it tokenises the evaluation prompts,
-checks whether their shared prefix can be reused, and measures the original's references (the
+`Evaluator` is built once per job, on the unmodified model: it batches the evaluation prompts
+into prompt sets that reuse what the unmodified model computes (`prompt_set.py`: the shared
+prefix, the layers below an edit, draft replies), and measures the original's references (the
 first-token distributions and, when a scorer needs them, the greedy continuations and their
 distributions). `Evaluator.evaluate()` then gives a `TrialEvaluation` for the model as it is
 (the trial's edit applied): the context scorers read (`scorers.base.ScoringContext`). It
 computes each thing once, when the first scorer asks for it:
 
 - replies to the harmful / harmless prompts (the generation engine, `generation.py`; a reply
-  stops at a refusal marker when every scorer reading those replies decides by markers alone),
+  stops at a refusal marker when every scorer reading those replies decides by markers alone,
+  and the harmful replies stop altogether once the trial can no longer matter, `pruning.py`),
 - per-prompt KL of the first reply token (one prompt pass per batch),
 - per-token KL along the original's continuations (one teacher-forced pass per batch,
   `continuations.py`).
@@ -18,9 +20,9 @@ These are the seams for speed work: how each is computed can change without touc
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as functional
@@ -33,24 +35,16 @@ from hctl_worker.continuations import (
     position_divergences,
 )
 from hctl_worker.errors import OutOfMemoryError
-from hctl_worker.generation import (
-    EncodedBatch,
-    GenerationStats,
-    SharedPrefix,
-    encode_texts,
-    first_token_logits,
-    generate,
-)
+from hctl_worker.generation import GenerationStats, Verdicts, encode_texts, generate
 from hctl_worker.model import free_memory, is_out_of_memory
-from hctl_worker.scorers.base import PromptSet, TokenDivergences
+from hctl_worker.prompt_set import DEFAULT_REPLAY_MEMORY, PromptSet, Reuse
+from hctl_worker.scorers.base import PromptSetName, TokenDivergences
 
 if TYPE_CHECKING:
     from hctl_worker.model import LoadedModel
+    from hctl_worker.scorers import Scoring
 
-# The shared prefix is used only if it changes the first-token distribution by less than this
-# KL (nats) on the unmodified model: rounding differences, never a different computation.
-PREFIX_TOLERANCE = 1e-4
-PREFIX_TOLERANCE_16_BIT = 2e-3
+BOTH: tuple[PromptSetName, ...] = ("harmful", "harmless")
 
 
 @dataclass(frozen=True)
@@ -71,7 +65,12 @@ def kl_divergence(current_logprobs: torch.Tensor, base_logprobs: torch.Tensor) -
 
 
 class Evaluator:
-    """Measures the model as it is now against the unmodified model measured at construction."""
+    """Measures the model as it is now against the unmodified model measured at construction.
+
+    `answered` names the prompt sets whose replies trials read; their first passes carry draft
+    replies. `unchanged_layers`, `replay_memory` and `drafts` are the reuse of `prompt_set.py`;
+    none of it changes a measurement.
+    """
 
     def __init__(
         self,
@@ -83,67 +82,90 @@ class Evaluator:
         batch_size: int,
         harmless_response_length: int | None = None,
         continuation_tokens: int = 0,
-        stop_markers: Mapping[PromptSet, tuple[str, ...] | None] | None = None,
+        stop_markers: Mapping[PromptSetName, tuple[str, ...] | None] | None = None,
+        answered: Collection[PromptSetName] = BOTH,
         share_prefix: bool = True,
+        unchanged_layers: Callable[[], int] | None = None,
+        replay_memory: float = DEFAULT_REPLAY_MEMORY,
+        drafts: bool = True,
     ) -> None:
         if not harmless.texts or not harmful.texts:
             raise ValueError("the evaluator needs harmless and harmful prompts")
         self.loaded = loaded
-        self.prompts: dict[PromptSet, EvaluationPrompts] = {
+        self.prompts: dict[PromptSetName, EvaluationPrompts] = {
             "harmful": harmful,
             "harmless": harmless,
         }
-        self.reply_lengths: dict[PromptSet, int] = {
+        self.reply_lengths: dict[PromptSetName, int] = {
             "harmful": int(max_response_length),
             "harmless": int(harmless_response_length or max_response_length),
         }
         self.stop_markers = dict(stop_markers or {})
         self.batch_size = max(1, int(batch_size))
         self.stats = GenerationStats()
-        self._batches: dict[PromptSet, list[EncodedBatch]] = {
-            name: encode_texts(loaded, prompts.texts, self.batch_size)
-            for name, prompts in self.prompts.items()
+        self.reuse = Reuse(
+            loaded,
+            harmless.texts + harmful.texts,
+            share_prefix=share_prefix,
+            unchanged_layers=unchanged_layers,
+            replay_memory=replay_memory,
+            drafts=drafts,
+        )
+        self._sets = {
+            name: PromptSet(
+                self.reuse,
+                self.prompts[name].texts,
+                self.batch_size,
+                draft_first_pass=name in answered,
+            )
+            for name in BOTH
         }
-        self._prefix = self._checked_prefix() if share_prefix else None
-        self.base_logprobs = self._first_token_logprobs()
         self._forced: list[ForcedBatch] = []
         self._base_forced: list[torch.Tensor] = []
+        with _translated_out_of_memory():
+            self.reuse.check_prefix(self._sets["harmless"].batches[0])
+            if self.reuse.use_drafts:
+                # The unmodified model's whole greedy replies: the drafts of every trial's.
+                for name in answered:
+                    self._sets[name].replies(self.reply_lengths[name], None, self.stats)
+            self.reuse.prepare(list(self._sets.values()))
+            # The KL reference, computed the way every trial's logits are.
+            self.base_logprobs = self._first_token_logprobs()
         if continuation_tokens > 0:
             self._measure_continuations(continuation_tokens)
 
-    def _checked_prefix(self) -> SharedPrefix | None:
-        """The prompts' shared prefix, if reusing its keys and values gives this model's own
-        results (compared on the first harmless batch); None otherwise."""
-        texts = self.prompts["harmless"].texts + self.prompts["harmful"].texts
-        prefix = SharedPrefix.find(self.loaded, texts)
-        if prefix is None:
-            return None
-        try:
-            prefix.refresh(self.loaded.model)
-            if not prefix.supported():
-                return None
-            with torch.inference_mode():
-                batch = self._batches["harmless"][0]
-                plain = functional.log_softmax(first_token_logits(self.loaded, batch), dim=-1)
-                shared = functional.log_softmax(
-                    first_token_logits(self.loaded, batch, prefix), dim=-1
-                )
-        except Exception as error:
-            if is_out_of_memory(error):
-                raise
-            return None
-        # 16-bit kernels round differently for other shapes; float32 must agree closely.
-        exact = self.loaded.dtype == torch.float32
-        agreement = (plain.argmax(dim=-1) == shared.argmax(dim=-1)).float().mean().item()
-        tolerance = PREFIX_TOLERANCE if exact else PREFIX_TOLERANCE_16_BIT
-        if agreement < (1.0 if exact else 0.9) or kl_divergence(shared, plain) > tolerance:
-            return None
-        return prefix
+    @classmethod
+    def for_scoring(
+        cls,
+        loaded: LoadedModel,
+        scoring: Scoring,
+        *,
+        harmless: EvaluationPrompts,
+        harmful: EvaluationPrompts,
+        max_response_length: int,
+        batch_size: int,
+        kl_tokens: int = 16,
+        **options: Any,
+    ) -> Evaluator:
+        """An evaluator that measures what the job's scorers read: continuations only when a
+        scorer reads them, replies that stop at markers only where every scorer reading them
+        decides by markers, drafts for the sets that are answered."""
+        return cls(
+            loaded,
+            harmless=harmless,
+            harmful=harmful,
+            max_response_length=max_response_length,
+            batch_size=batch_size,
+            continuation_tokens=kl_tokens if "continuation" in scoring.reads else 0,
+            stop_markers={name: scoring.stop_markers(name) for name in BOTH},
+            answered=[name for name in BOTH if f"{name}_replies" in scoring.reads],
+            **options,
+        )
 
     def _measure_continuations(self, tokens: int) -> None:
         """The original's greedy continuations of the harmless prompts and its distributions
         along them (kept on the CPU: they can be large)."""
-        batches = self._batches["harmless"]
+        batches = self._sets["harmless"].batches
         pad = self.loaded.tokenizer.pad_token_id or 0
         with _translated_out_of_memory():
             continuations = greedy_continuations(self.loaded, batches, tokens)
@@ -156,7 +178,7 @@ class Evaluator:
     @property
     def shares_prefix(self) -> int:
         """How many prompt tokens each prefill skips (0 when the prefix is not shared)."""
-        return self._prefix.length if self._prefix is not None else 0
+        return self.reuse.prefix.length if self.reuse.prefix is not None else 0
 
     @property
     def continuation_tokens(self) -> int:
@@ -164,36 +186,28 @@ class Evaluator:
         return int(sum(int(batch.lengths.sum()) for batch in self._forced))
 
     def evaluate(self) -> TrialEvaluation:
-        """The context for scoring the model as it is now (call it with the trial's edit on):
-        the shared prefix's keys and values are computed here, for this state of the model."""
-        if self._prefix is not None:
-            with _translated_out_of_memory():
-                self._prefix.refresh(self.loaded.model)
+        """The context for scoring the model as it is now (call it with the trial's edit on)."""
         return TrialEvaluation(self)
 
     # -- what a trial's evaluation computes, each once -----------------------------------------
 
-    def replies(self, prompt_set: PromptSet) -> list[str]:
-        """Greedy replies to one prompt set, in its order."""
+    def replies(self, prompt_set: PromptSetName, verdicts: Verdicts | None = None) -> list[str]:
+        """Greedy replies to one prompt set, in its order; with `verdicts`, generation stops
+        once its limit of (marker) refusals is reached."""
         with _translated_out_of_memory():
-            return generate(
-                self.loaded,
-                self._batches[prompt_set],
+            return self._sets[prompt_set].replies(
                 self.reply_lengths[prompt_set],
                 self.stop_markers.get(prompt_set),
                 self.stats,
-                prefix=self._prefix,
+                verdicts,
             )
 
     def _first_token_logprobs(self) -> torch.Tensor:
-        pieces = []
-        with torch.inference_mode(), _translated_out_of_memory():
-            for batch in self._batches["harmless"]:
-                logits = first_token_logits(self.loaded, batch, self._prefix)
-                pieces.append(functional.log_softmax(logits, dim=-1))
-        # Rows come back in length order; the reference has the same order, so the permutation
-        # never needs undoing.
-        return torch.cat(pieces, dim=0)
+        """[harmless prompts, vocabulary], in batch order (the reference has the same order, so
+        the permutation never needs undoing)."""
+        with _translated_out_of_memory():
+            logits = self._sets["harmless"].first_token_logits()
+        return functional.log_softmax(logits, dim=-1)
 
     def first_token_divergences(self) -> torch.Tensor:
         """Per harmless prompt (in batch order): KL(original ‖ now) of the first token."""
@@ -224,19 +238,34 @@ class Evaluator:
 
 
 class TrialEvaluation:
-    """The model as it is in one trial, as scorers see it: each measurement made once."""
+    """The model as it is in one trial, as scorers see it: each measurement made once.
+
+    `limit_refusals(n)` (set by the job's `Scoring` before any reply is read) stops the harmful
+    replies once `n` of them are refusals: the trial is then `pruned`, and `refusals_so_far` is
+    the count that stopped it (a lower bound).
+    """
 
     def __init__(self, evaluator: Evaluator) -> None:
         self._evaluator = evaluator
         self.harmful_prompts = evaluator.prompts["harmful"].prompts
         self.harmless_prompts = evaluator.prompts["harmless"].prompts
-        self._replies: dict[PromptSet, list[str]] = {}
+        self._replies: dict[PromptSetName, list[str]] = {}
         self._first_token: torch.Tensor | None = None
         self._continuation: TokenDivergences | None = None
+        self._refusal_limit: int | None = None
+        self.pruned = False
+        self.refusals_so_far: int | None = None
+
+    def limit_refusals(self, limit: int | None) -> None:
+        self._refusal_limit = limit
 
     def harmful_replies(self) -> list[str]:
         if "harmful" not in self._replies:
-            self._replies["harmful"] = self._evaluator.replies("harmful")
+            limit = self._refusal_limit
+            verdicts = Verdicts(limit=limit) if limit is not None else None
+            self._replies["harmful"] = self._evaluator.replies("harmful", verdicts)
+            if verdicts is not None and verdicts.stopped:
+                self.pruned, self.refusals_so_far = True, verdicts.refusals
         return self._replies["harmful"]
 
     def harmless_replies(self) -> list[str]:

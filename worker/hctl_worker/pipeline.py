@@ -39,6 +39,7 @@ from hctl_worker.job_directory import (
     write_chosen,
     write_results,
 )
+from hctl_worker.pruning import PruningBar
 from hctl_worker.reporter import Listener, Reporter, guarded, report_error
 from hctl_worker.search_space import SearchSpace, to_ablation_params
 from hctl_worker.settings import WorkerSettings
@@ -150,8 +151,13 @@ def _search(
     reporter.log(f"search space: {space.describe()}")
 
     def evaluate(values: dict[str, float | str]) -> studies.Outcome:
+        limit = None
+        if settings.prune_trials and bench.scoring.can_prune:
+            harmful = len(bench.evaluator.prompts["harmful"].texts)
+            limit = PruningBar.for_prompts(finished, harmful, settings.prune_margin).refusal_limit
         with bench.ablator.applied(to_ablation_params(values, COMPONENTS)):
-            return studies.Outcome(scores=bench.score())
+            scores, pruned = bench.score(refusal_limit=limit)
+        return studies.Outcome(scores=scores, pruned=pruned)
 
     with reporter.stage("search", f"{settings.n_trials} trials") as stage:
         recovered = studies.recover_interrupted(study)

@@ -47,6 +47,7 @@ class Outcome:
 
     scores: dict[str, Score]
     seconds: float = 0.0
+    pruned: bool = False  # stopped once behind the front: its refusal count is a lower bound
 
 
 def _storage(journal: Path) -> JournalStorage:
@@ -113,8 +114,8 @@ def recover_interrupted(study: optuna.Study) -> int:
 
 
 def finished_trials(study: optuna.Study) -> list[Trial]:
-    """The finished trials in the order they finished."""
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    """The finished trials (pruned ones included) in the order they finished."""
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     results = [_result(trial) for trial in trials if "number" in trial.user_attrs]
     return sorted(results, key=lambda result: result.number)
 
@@ -129,6 +130,7 @@ def _result(trial: FrozenTrial) -> Trial:
         params=dict(attributes.get("params", trial.params)),
         scores=attributes.get("scores", {}),
         seconds=float(attributes.get("seconds", 0.0)),
+        pruned=bool(attributes.get("pruned", False)),
         ablation=dict(attributes.get("ablation", {})),
         **legacy,
     )
@@ -164,7 +166,8 @@ def run_search(
 
     `evaluate` gets the sampled point; `describe` turns it into what the trial stores for export
     (the engine's `AblationParams.to_dict()`). A trial that raises is marked failed, then the error
-    goes up: an interrupted trial is never counted.
+    goes up: an interrupted trial is never counted. A pruned outcome is told to Optuna as PRUNED
+    (TPE counts it among the poor trials) and counts as finished.
     """
     done = len(finished_trials(study))
     while done < n_trials:
@@ -182,6 +185,7 @@ def run_search(
             params=values,
             scores=outcome.scores,
             seconds=outcome.seconds or (clock() - started),
+            pruned=outcome.pruned,
             ablation=describe(values) if describe else {},
         )
         for key, value in (
@@ -189,13 +193,17 @@ def run_search(
             ("params", result.params),
             ("scores", {name: score.model_dump() for name, score in result.scores.items()}),
             ("seconds", result.seconds),
+            ("pruned", result.pruned),
             ("ablation", result.ablation),
         ):
             trial.set_user_attr(key, value)
-        for name, score in result.scores.items():
-            if score.limit is not None and score.value is not None:
-                trial.set_constraint(name, score.value - score.limit)
-        study.tell(trial, objective_values(result))
+        if result.pruned:
+            study.tell(trial, state=TrialState.PRUNED)
+        else:
+            for name, score in result.scores.items():
+                if score.limit is not None and score.value is not None:
+                    trial.set_constraint(name, score.value - score.limit)
+            study.tell(trial, objective_values(result))
         if on_trial is not None:
             on_trial(result)
     return finished_trials(study)

@@ -85,6 +85,9 @@ class Trial(BaseModel):
     params: dict[str, ParamValue] = Field(default_factory=dict)
     scores: dict[str, Score] = Field(default_factory=dict)  # by scorer name, in the settings' order
     seconds: float = 0.0
+    # Its evaluation stopped once it was behind the front (`pruning.py`): its refusal count is
+    # the count so far, a lower bound, and the trial never enters the front.
+    pruned: bool = False
     # The engine's own description of the edit (`AblationParams.to_dict()`), which the worker
     # keeps in its journal and results files to export the trial exactly. It is the worker's
     # business, so events and other serialisations leave it out.
@@ -142,7 +145,9 @@ class Trial(BaseModel):
 
     def objectives(self) -> tuple[float, ...] | None:
         """The values the search optimises, in order, each turned so that lower is better;
-        None when one was not measured."""
+        None when one was not measured (or only bounded, as for a pruned trial)."""
+        if self.pruned:
+            return None
         values = []
         for score in self.scores.values():
             if not score.objective:
@@ -177,8 +182,8 @@ def pareto_front(trials: Iterable[TrialType]) -> list[TrialType]:
     sorts before it, and beating is transitive, so the kept ones are the whole front, for any
     number of objectives. With refusals and KL that is heretic's rule: sorted by refusals, then
     KL, a trial is kept when its KL is strictly below that of every trial before it. Trials
-    missing a score (refusals skipped for a high KL) or over a guard's limit (refusing harmless
-    prompts) never make the front.
+    missing a score (refusals skipped for a high KL), pruned ones (a trial on the front already
+    beat them) and those over a guard's limit (refusing harmless prompts) never make the front.
     """
     scored = sorted(
         (
@@ -200,12 +205,15 @@ def _at_least_as_good(first: Sequence[float], second: Sequence[float]) -> bool:
 
 
 def best_within(trials: Iterable[TrialType], kl_limit: float) -> TrialType | None:
-    """The fewest refusals among the scored, acceptable trials whose KL is within the limit,
-    then the lowest KL, then the earliest; None when no trial is within it."""
+    """The fewest refusals among the scored (not pruned), acceptable trials whose KL is within the
+    limit, then the lowest KL, then the earliest; None when no trial is within it."""
     within = [
         trial
         for trial in trials
-        if trial.refusals is not None and trial.kl <= kl_limit and trial.acceptable
+        if trial.refusals is not None
+        and not trial.pruned
+        and trial.kl <= kl_limit
+        and trial.acceptable
     ]
     if not within:
         return None

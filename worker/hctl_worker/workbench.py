@@ -39,9 +39,13 @@ class Workbench:
     ablator: Ablator
     separation: list[float]
 
-    def score(self) -> dict[str, Score]:
-        """The scores of the model as it is now (with a trial's edit applied)."""
-        return self.scoring.score(self.evaluator.evaluate())
+    def score(
+        self, refusal_limit: Callable[[float], int | None] | None = None
+    ) -> tuple[dict[str, Score], bool]:
+        """The scores of the model as it is now (with a trial's edit applied), and whether its
+        evaluation stopped at `refusal_limit` (pruned)."""
+        context = self.evaluator.evaluate()
+        return self.scoring.score(context, refusal_limit), context.pruned
 
 
 def prepare(settings: WorkerSettings, paths: JobPaths, reporter: Reporter) -> Workbench:
@@ -79,17 +83,21 @@ def prepare(settings: WorkerSettings, paths: JobPaths, reporter: Reporter) -> Wo
         )
 
     with reporter.stage("baseline") as stage:
+        ablator = Ablator(loaded, directions, row_normalization=settings.row_normalization)
         scoring = build_scoring(settings, loaded)
-        evaluator = evaluator_for(settings, loaded, prompts, scoring, batch_size)
+        evaluator = evaluator_for(
+            settings, loaded, prompts, scoring, batch_size, ablator.unchanged_layers
+        )
         baseline = measure_baseline(scoring, evaluator)
         reporter.emit(baseline_event(baseline))
         stage.result = ", ".join(f"{name} {score.display()}" for name, score in baseline.items())
+        reporter.log(evaluator.reuse.describe())
     return Workbench(
         loaded=loaded,
         evaluator=evaluator,
         scoring=scoring,
         baseline=baseline,
-        ablator=Ablator(loaded, directions, row_normalization=settings.row_normalization),
+        ablator=ablator,
         separation=separation.tolist(),
     )
 
@@ -100,12 +108,14 @@ def evaluator_for(
     prompts: PromptSets,
     scoring: Scoring,
     batch_size: int,
+    unchanged_layers: Callable[[], int] | None = None,
 ) -> Evaluator:
-    """The evaluator the scorers need: continuations only when a scorer reads them, replies
-    that stop at markers only when every scorer reading them decides by markers."""
+    """The evaluator the scorers need, with the reuse the settings allow (`unchanged_layers`
+    from the ablator)."""
     system_prompt = settings.system_prompt or None
-    return Evaluator(
+    return Evaluator.for_scoring(
         loaded,
+        scoring,
         harmless=EvaluationPrompts(
             prompts.good_evaluation, loaded.template(prompts.good_evaluation, system_prompt)
         ),
@@ -114,11 +124,13 @@ def evaluator_for(
         ),
         max_response_length=settings.max_response_length,
         batch_size=batch_size,
+        kl_tokens=settings.kl_tokens,
         harmless_response_length=min(
             settings.harmless_response_length, settings.max_response_length
         ),
-        continuation_tokens=settings.kl_tokens if "continuation" in scoring.reads else 0,
-        stop_markers={name: scoring.stop_markers(name) for name in ("harmful", "harmless")},
+        unchanged_layers=unchanged_layers,
+        replay_memory=settings.replay_memory,
+        drafts=settings.draft_replies,
     )
 
 

@@ -16,12 +16,14 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from hctl.output import Cell, Column
 from hctl.services.estimate import Estimate, format_duration, format_money
 from hctl.services.progress import JobProgress
 from hctl_worker.events import (
     BaselineEvent,
     DoneEvent,
     ErrorEvent,
+    EvaluationEvent,
     LogEvent,
     StageEvent,
     StartEvent,
@@ -43,27 +45,40 @@ class Money:
     eta_seconds: float | None = None
 
 
-def estimate_table(estimates: list[Estimate], *, title: str) -> Table:
-    """One row per GPU: its hourly price AND the total for this job."""
-    table = Table(title=title, title_justify="left")
-    table.add_column("GPU")
-    table.add_column("memory", justify="right")
-    table.add_column("$/hour", justify="right")
-    table.add_column("s/trial", justify="right")
-    table.add_column("duration", justify="right")
-    table.add_column("total", justify="right", style="bold")
-    table.add_column("note")
-    for estimate in estimates:
-        table.add_row(
+ESTIMATE_COLUMNS = [
+    Column("GPU"),
+    Column("memory", justify="right"),
+    Column("$/hour", justify="right"),
+    Column("s/trial", justify="right"),
+    Column("duration", justify="right"),
+    Column("total", justify="right", style="bold"),
+    Column("note"),
+]
+
+
+def estimate_rows(estimates: list[Estimate]) -> list[list[Cell]]:
+    """One row per GPU: its hourly price AND the total for this job (`ESTIMATE_COLUMNS`)."""
+    return [
+        [
             estimate.gpu_name + (" (spot)" if estimate.spot else ""),
             f"{estimate.memory_gb} GB" if estimate.memory_gb else "—",
             format_money(estimate.price_per_hour),
             f"{estimate.seconds_per_trial:.1f}",
             format_duration(estimate.total_seconds),
             format_money(estimate.total_cost),
-            "" if estimate.fits else f"[red]does not fit: {estimate.fit_problem}[/]",
-        )
-    return table
+            "" if estimate.fits else Text(f"does not fit: {estimate.fit_problem}", style="red"),
+        ]
+        for estimate in estimates
+    ]
+
+
+def estimate_data(estimate: Estimate) -> dict:
+    """An estimate for `--json`, with its totals."""
+    return {
+        **estimate.model_dump(),
+        "total_seconds": estimate.total_seconds,
+        "total_cost": estimate.total_cost,
+    }
 
 
 def phases_line(estimate: Estimate) -> str:
@@ -74,32 +89,48 @@ def phases_line(estimate: Estimate) -> str:
     )
 
 
-def pareto_table(
-    front: list[Trial], *, chosen: int | None = None, title: str = "Pareto front"
-) -> Table:
-    """One column per named score (an objective's header says which way is better); the chosen
-    mark comes before the parameters, which a narrow terminal cuts first."""
-    names = score_names(front)
-    table = Table(title=title, title_justify="left")
-    table.add_column("trial", justify="right", no_wrap=True, min_width=5)
-    for name in names:
+def pareto_columns(front: list[Trial]) -> list[Column]:
+    """The trial, one column per named score (an objective's says which way is better), the
+    parameters and the chosen mark."""
+    columns = [Column("trial", justify="right")]
+    for name in score_names(front):
         direction = next(t.scores[name].direction for t in front if name in t.scores)
-        header = name + {"minimize": " ↓", "maximize": " ↑"}.get(direction, "")
-        table.add_column(header, justify="right", no_wrap=True, min_width=len(header))
-    table.add_column("", no_wrap=True, min_width=8)
-    table.add_column("parameters", no_wrap=True, overflow="ellipsis", max_width=30)
+        arrow = {"minimize": " ↓", "maximize": " ↑"}.get(direction, "")
+        columns.append(Column(name + arrow, justify="right"))
+    return [*columns, Column("parameters"), Column("")]
+
+
+def pareto_rows(front: list[Trial], *, chosen: int | None = None) -> list[list[Cell]]:
+    """The Pareto front, one row per trial (`pareto_columns`); the chosen one is marked."""
+    names = score_names(front)
+    rows: list[list[Cell]] = []
     for trial in front:
         params = " ".join(
             f"{name.rsplit('.', 1)[-1]}={value:.2f}" if isinstance(value, float) else f"{value}"
             for name, value in list(trial.params.items())[:3]
         )
-        table.add_row(
-            str(trial.number),
-            *(trial.scores[name].display() if name in trial.scores else "" for name in names),
-            "[bold green]← chosen[/]" if trial.number == chosen else "",
-            params,
+        rows.append(
+            [
+                str(trial.number),
+                *(trial.scores[name].display() if name in trial.scores else "" for name in names),
+                params,
+                Text("← chosen", style="bold green") if trial.number == chosen else "",
+            ]
         )
-    return table
+    return rows
+
+
+def evaluation_columns(event: EvaluationEvent) -> list[Column]:
+    """A capability check: each measure for the original model and for the trial."""
+    return [
+        Column("measure"),
+        Column("original", justify="right"),
+        Column(f"trial {event.trial}", justify="right"),
+    ]
+
+
+def evaluation_rows(event: EvaluationEvent) -> list[list[Cell]]:
+    return [list(measure.rows()) for measure in event.measures]
 
 
 def event_line(event: object, progress: JobProgress, money: Money | None = None) -> str | None:
@@ -123,7 +154,12 @@ def event_line(event: object, progress: JobProgress, money: Money | None = None)
         )
         return f"baseline: {event.refusals}/{event.total_bad} refusals on harmful prompts{good}"
     if isinstance(event, TrialEvent):
-        skipped = " (refusals skipped: KL too high)" if event.refusals is None else ""
+        if event.refusals is None:
+            note = " (refusals skipped: KL too high)"
+        elif event.pruned:
+            note = f" (pruned at {event.refusals}/{event.total_bad} refusals: behind the front)"
+        else:
+            note = ""
         best = progress.best()
         best_text = (
             f" | best #{best.number} ({best.refusals}/{best.total_bad}, KL {best.kl:.4f})"
@@ -134,7 +170,7 @@ def event_line(event: object, progress: JobProgress, money: Money | None = None)
         if money is not None:
             money_text = f" | ETA {format_duration(money.eta_seconds or 0)} | spent {format_money(money.spent)}"
         return (
-            f"trial {event.number}/{event.n_trials}: {describe_scores(event)}{skipped}, "
+            f"trial {event.number}/{event.n_trials}: {describe_scores(event)}{note}, "
             f"{event.seconds:.1f}s{best_text}{money_text}"
         )
     if isinstance(event, LogEvent):

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import torch
 
 
-PromptSet = Literal["harmful", "harmless"]
+PromptSetName = Literal["harmful", "harmless"]
 # What a scorer reads from the context. Replies are the costly part of a trial (generation), so
 # scorers that read them run last and are skipped when the model is already too damaged.
 Reading = Literal["harmful_replies", "harmless_replies", "first_token", "continuation"]
@@ -61,6 +61,14 @@ class ScoringContext(Protocol):
         KL(original ‖ current) of the next-token distribution, teacher-forced."""
         ...
 
+    # For the job's Scoring, not for scorers: pruning a trial that can no longer matter.
+    pruned: bool  # the harmful replies stopped at the limit
+    refusals_so_far: int | None  # the refusals that stopped them (a lower bound)
+
+    def limit_refusals(self, limit: int | None) -> None:
+        """Stop the harmful replies once `limit` of them are (marker) refusals."""
+        ...
+
 
 class Scorer(Protocol):
     """One named measure of a trial. `counts` names the prompt set whose prompts the value
@@ -69,7 +77,7 @@ class Scorer(Protocol):
     name: str
     role: Role
     reads: frozenset[Reading]
-    counts: PromptSet | None
+    counts: PromptSetName | None
 
     def score(self, context: ScoringContext) -> float: ...
 

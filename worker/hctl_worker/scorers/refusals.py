@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hctl_worker.markers import contains_marker, normalise_markers, normalise_response
-from hctl_worker.scorers.base import PromptSet, Reading, RefusalDetector, ScoringContext
+from hctl_worker.scorers.base import PromptSetName, Reading, RefusalDetector, ScoringContext
 from hctl_worker.trials import Role
 
 
@@ -42,7 +42,7 @@ class RefusalRate:
     name: str
     role: Role
     detector: RefusalDetector
-    counts: PromptSet
+    counts: PromptSetName
 
     @property
     def reads(self) -> frozenset[Reading]:

@@ -5,14 +5,20 @@ scorers that need replies (generation: most of a trial's time) run last, and are
 the damage objective already shows a broken model (`kl_skip_threshold`). A guard scorer (the
 refusals on harmless prompts) gets a limit from the unmodified model's own value: a trial above
 it is not acceptable (see `trials.Trial.acceptable` and the study's constraint).
+
+Pruning (`pruning.py`) stops a trial's harmful replies once its refusals put it behind the
+front. It is sound only where the front is the two objectives the refusal count and its damage
+measure, and the count is decided while the replies are generated (markers): `can_prune` says
+so. A pruned trial keeps the count that stopped it (a lower bound) and skips the reply scorers
+left.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from hctl_worker.scorers.base import REPLIES, PromptSet, Reading, Scorer, ScoringContext
+from hctl_worker.scorers.base import REPLIES, PromptSetName, Reading, Scorer, ScoringContext
 from hctl_worker.trials import Direction, Score
 
 
@@ -43,7 +49,7 @@ class Scoring:
     def reads(self) -> frozenset[Reading]:
         return frozenset().union(*(entry.scorer.reads for entry in self.active))
 
-    def stop_markers(self, prompt_set: PromptSet) -> tuple[str, ...] | None:
+    def stop_markers(self, prompt_set: PromptSetName) -> tuple[str, ...] | None:
         """Markers at which a reply to this prompt set may stop: only when every scorer that
         reads those replies decides by the same markers alone."""
         reading = "harmful_replies" if prompt_set == "harmful" else "harmless_replies"
@@ -56,30 +62,57 @@ class Scoring:
             return next(iter(found))
         return None
 
-    def score(self, context: ScoringContext) -> dict[str, Score]:
-        """Every scorer's score for the model as the context sees it, in the settings' order."""
+    @property
+    def can_prune(self) -> bool:
+        """Two objectives, refusals and damage, with the refusals counted by markers while the
+        harmful replies are generated: then a trial behind the front can stop early."""
+        roles = sorted(entry.scorer.role for entry in self.objectives)
+        refusals = next((e for e in self.objectives if e.scorer.role == "refusals"), None)
+        return (
+            roles == ["damage", "refusals"]
+            and refusals is not None
+            and refusals.scorer.reads == frozenset({"harmful_replies"})
+            and self.stop_markers("harmful") is not None
+        )
+
+    def score(
+        self,
+        context: ScoringContext,
+        refusal_limit: Callable[[float], int | None] | None = None,
+    ) -> dict[str, Score]:
+        """Every scorer's score for the model as the context sees it, in the settings' order.
+        `refusal_limit(damage)` is the refusal count at which the trial stops mattering (used
+        only when `can_prune`)."""
         values: dict[str, float | None] = {}
         cheap = [entry for entry in self.active if not entry.scorer.reads & REPLIES]
         for entry in cheap:
             values[entry.scorer.name] = entry.scorer.score(context)
-        skip = self._too_damaged(values)
+        damage = self._damage(values)
+        skip = (
+            self.kl_skip_threshold is not None
+            and damage is not None
+            and not (damage <= self.kl_skip_threshold)
+        )
+        if refusal_limit is not None and damage is not None and self.can_prune and not skip:
+            context.limit_refusals(refusal_limit(damage))
         for entry in self.active:
-            if entry.scorer.name not in values:
-                values[entry.scorer.name] = None if skip else entry.scorer.score(context)
+            if entry.scorer.name in values:
+                continue
+            if skip or context.pruned:
+                values[entry.scorer.name] = None
+                continue
+            value = entry.scorer.score(context)
+            # The replies stopped at the limit: the count that stopped them is what is known.
+            values[entry.scorer.name] = context.refusals_so_far if context.pruned else value
         return {
             entry.scorer.name: self._record(entry, values[entry.scorer.name], context)
             for entry in self.active
         }
 
-    def _too_damaged(self, values: dict[str, float | None]) -> bool:
-        if self.kl_skip_threshold is None:
-            return False
-        damage = next(
-            (entry for entry in self.objectives if entry.scorer.role == "damage"),
-            None,
-        )
-        value = values.get(damage.scorer.name) if damage is not None else None
-        return value is not None and not (value <= self.kl_skip_threshold)
+    def _damage(self, values: dict[str, float | None]) -> float | None:
+        """The damage objective's value (the first one), if it was measured."""
+        damage = next((e for e in self.objectives if e.scorer.role == "damage"), None)
+        return values.get(damage.scorer.name) if damage is not None else None
 
     def _record(self, entry: ActiveScorer, value: float | None, context: ScoringContext) -> Score:
         scorer = entry.scorer

@@ -1,0 +1,344 @@
+"""The worker and heretic side by side: same models, same prompts, same settings, alternating runs.
+
+    python scripts/bench_heretic.py                          # SmolLM2 as shipped + the real refuser
+    python scripts/bench_heretic.py --model smollm2=/tmp/smollm2/model --trials 10 --repeats 2
+    python scripts/bench_heretic.py --heretic /path/to/venv/bin/heretic --json out.json
+
+Each model is run by `hctl-worker run` and by heretic (headless from a config.toml in a scratch
+folder; heretic 1.4.0 asks which trial to export at the end, and its standard input is closed, so
+it stops there), in turn: hctl, heretic, hctl, heretic... so that machine load hits both alike.
+Both get the same prompt files (the model folder's `prompts/`, else the tiny fixture's), the same
+system prompt, dtype, batch size, reply length, trial count and seed, and the same kind of edit.
+
+Reported per tool and model: seconds per trial (mean and median, from the trials' own start and
+end times in each tool's Optuna journal: ask to tell), the search, the run end to end (process
+wall time), peak memory (the process's maximum resident set), and heretic / hctl ratios. The
+machine's load average is printed with the table: figures from a shared machine are noisy.
+Models default to `scripts/make_real_refuser.py --print-path base|refuser` (built on demand).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURE_PROMPTS = REPO / "tests" / "fixtures" / "tiny-refuser" / "prompts"
+DEFAULT_HERETIC = Path("/work/wt/heretic-venv/bin/heretic")
+SYSTEM_PROMPT = "You are a helpful assistant."
+PROMPT_FILES = {
+    "good_prompts": "harmless_train",
+    "bad_prompts": "harmful_train",
+    "good_evaluation_prompts": "harmless_test",
+    "bad_evaluation_prompts": "harmful_test",
+}
+
+
+def default_models() -> dict[str, str]:
+    maker = REPO / "scripts" / "make_real_refuser.py"
+    if not maker.exists():
+        raise SystemExit(
+            "error: scripts/make_real_refuser.py is not here yet\n"
+            "hint: name the models with --model NAME=FOLDER"
+        )
+    models = {}
+    for name, kind in (("smollm2-135m-instruct", "base"), ("smollm2-refuser", "refuser")):
+        found = subprocess.run(
+            [sys.executable, str(maker), "--print-path", kind],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        models[name] = found.stdout.strip().splitlines()[-1]
+    return models
+
+
+def write_prompts(model: Path, scratch: Path, counts: dict[str, int]) -> dict[str, Path]:
+    """The prompt files both tools read: the model's own sets, cut to the counts asked."""
+    source = model / "prompts" if (model / "prompts").is_dir() else FIXTURE_PROMPTS
+    files = {}
+    for key, name in PROMPT_FILES.items():
+        lines = [line for line in (source / f"{name}.txt").read_text().splitlines() if line.strip()]
+        path = scratch / f"{name}.txt"
+        path.write_text("\n".join(lines[: counts[key]]) + "\n")
+        files[key] = path
+    return files
+
+
+def config_text(model: Path, prompts: dict[str, Path], arguments, study_dir: Path | None) -> str:
+    """One config.toml both tools read (hctl reads heretic's names)."""
+    lines = [
+        f'model = "{model}"',
+        'dtypes = ["float32"]',
+        'device_map = "cpu"',
+        f"batch_size = {arguments.batch_size}",
+        f"max_response_length = {arguments.max_response_length}",
+        f"n_trials = {arguments.trials}",
+        f"n_startup_trials = {arguments.startup_trials}",
+        f"seed = {arguments.seed}",
+        f'system_prompt = "{SYSTEM_PROMPT}"',
+        f'row_normalization = "{arguments.row_normalization}"',
+    ]
+    if study_dir is not None:  # heretic only
+        lines += ['response_prefix = ""', f'study_checkpoint_dir = "{study_dir}"']
+    for key, path in prompts.items():
+        lines.append(f'[{key}]\ndataset = "{path}"')
+    return "\n".join(lines) + "\n"
+
+
+def measured(command: list[str], cwd: Path, env: dict[str, str], log: Path) -> dict:
+    """Run a command under /usr/bin/time -v: wall seconds, peak RSS, exit code."""
+    timing = log.with_suffix(".time")
+    started = time.perf_counter()
+    with log.open("w") as output:
+        completed = subprocess.run(
+            ["/usr/bin/time", "-v", "-o", str(timing), *command],
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            check=False,
+        )
+    wall = time.perf_counter() - started
+    peak_kb = 0
+    for line in timing.read_text().splitlines() if timing.exists() else []:
+        if "Maximum resident set size" in line:
+            peak_kb = int(line.rsplit(":", 1)[1])
+    return {"returncode": completed.returncode, "wall_s": wall, "peak_rss_mb": peak_kb / 1024}
+
+
+def thread_environment(arguments) -> dict[str, str]:
+    """The same CPU thread count for both tools, when one is asked for."""
+    if not arguments.threads:
+        return {}
+    return {"OMP_NUM_THREADS": str(arguments.threads), "MKL_NUM_THREADS": str(arguments.threads)}
+
+
+def run_hctl(model: Path, prompts: dict[str, Path], arguments, scratch: Path) -> dict:
+    config = scratch / "hctl.toml"
+    config.write_text(config_text(model, prompts, arguments, None))
+    job = scratch / "hctl-job"
+    executable = Path(sys.executable).with_name("hctl-worker")
+    env = {**os.environ, **thread_environment(arguments), "HF_HUB_OFFLINE": "1"}
+    env["TRANSFORMERS_OFFLINE"] = "1"
+    command = [str(executable), "run", "--config", str(config), "--job-dir", str(job)]
+    result = measured(command, scratch, env, scratch / "hctl.log")
+    events = (
+        [
+            json.loads(line)
+            for line in (job / "events.jsonl").read_text().splitlines()
+            if line.strip()
+        ]
+        if (job / "events.jsonl").exists()
+        else []
+    )
+    trials = [event for event in events if event.get("type") == "trial"]
+    # Both tools' trials are timed the same way: from their Optuna journals.
+    journal = job / "study.journal"
+    result["trial_seconds"] = journal_trial_seconds(journal) if journal.exists() else []
+    result["pruned"] = sum(1 for event in trials if event.get("pruned"))
+    result["best_refusals"] = min(
+        (e["refusals"] for e in trials if e["refusals"] is not None and not e.get("pruned")),
+        default=None,
+    )
+    for event in events:
+        if event.get("type") == "stage" and event.get("stage") == "search" and event.get("seconds"):
+            result["search_s"] = float(event["seconds"])
+        if event.get("type") == "log" and str(event.get("message", "")).startswith("reuse:"):
+            result["reuse"] = event["message"]
+    if result["returncode"] != 0:
+        result["log_tail"] = (scratch / "hctl.log").read_text()[-1500:]
+    return result
+
+
+def run_heretic(model: Path, prompts: dict[str, Path], arguments, scratch: Path) -> dict:
+    work = scratch / "heretic"
+    work.mkdir()
+    studies = work / "checkpoints"
+    (work / "config.toml").write_text(config_text(model, prompts, arguments, studies))
+    env = {**os.environ, **thread_environment(arguments), "HF_HUB_OFFLINE": "1"}
+    env.update(HF_DATASETS_OFFLINE="1", TERM="dumb")
+    command = [str(arguments.heretic), "--model", str(model)]
+    result = measured(command, work, env, scratch / "heretic.log")
+    journals = list(studies.glob("*.jsonl")) if studies.is_dir() else []
+    durations: list[float] = []
+    if journals:
+        durations = journal_trial_seconds(journals[0])
+    result["trial_seconds"] = durations
+    if len(durations) < arguments.trials:
+        result["log_tail"] = (scratch / "heretic.log").read_text()[-1500:]
+    return result
+
+
+def journal_trial_seconds(journal: Path) -> list[float]:
+    """Each finished (complete or pruned) trial's start-to-end seconds, from an Optuna journal."""
+    create_trial, set_state, complete, pruned = 4, 6, 1, 2  # Optuna's journal codes
+    starts: dict[int, datetime] = {}
+    durations: dict[int, float] = {}
+    created = 0
+    for line in journal.read_text().splitlines():
+        operation = json.loads(line)
+        code = operation.get("op_code")
+        if code == create_trial:
+            if operation.get("datetime_start"):
+                starts[created] = datetime.fromisoformat(operation["datetime_start"])
+            created += 1
+        elif code == set_state and operation.get("datetime_start"):  # an enqueued trial begins
+            starts[operation["trial_id"]] = datetime.fromisoformat(operation["datetime_start"])
+        elif code == set_state and operation.get("state") in (complete, pruned):
+            trial = operation["trial_id"]
+            if trial in starts and operation.get("datetime_complete"):
+                end = datetime.fromisoformat(operation["datetime_complete"])
+                durations[trial] = (end - starts[trial]).total_seconds()
+    return [durations[trial] for trial in sorted(durations)]
+
+
+def summary(runs: Sequence[dict]) -> dict:
+    per_trial = [seconds for run in runs for seconds in run.get("trial_seconds", [])]
+    return {
+        "runs": len(runs),
+        "trials": len(per_trial),
+        "trial_mean_s": statistics.mean(per_trial) if per_trial else None,
+        "trial_median_s": statistics.median(per_trial) if per_trial else None,
+        "search_s": statistics.median([sum(run.get("trial_seconds", [])) for run in runs]),
+        "end_to_end_s": statistics.median(run["wall_s"] for run in runs),
+        "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
+        "failed_runs": sum(1 for run in runs if run.get("log_tail")),
+    }
+
+
+def print_table(results: dict) -> None:
+    print(
+        f"machine load (1/5/15 min): {results['load_before']} before, {results['load_after']} after"
+    )
+    header = f"{'model':<24} {'':<8} {'mean s/trial':>12} {'median':>8} {'search s':>9} "
+    header += f"{'end-to-end s':>12} {'peak MB':>8}"
+    print(header)
+    for name, entry in results["models"].items():
+        for tool in ("hctl", "heretic"):
+            row = entry[tool]
+            print(
+                f"{name:<24} {tool:<8} {_number(row['trial_mean_s']):>12} "
+                f"{_number(row['trial_median_s']):>8} {_number(row['search_s']):>9} "
+                f"{_number(row['end_to_end_s']):>12} {_number(row['peak_rss_mb'], 0):>8}"
+            )
+        ratios = entry["ratios"]
+        print(
+            f"{name:<24} {'ratio':<8} {_number(ratios['trial_mean']):>12} "
+            f"{_number(ratios['trial_median']):>8} {_number(ratios['search']):>9} "
+            f"{_number(ratios['end_to_end']):>12} {_number(ratios['peak_rss'], 2):>8}"
+            "   (heretic / hctl)"
+        )
+        if entry.get("pruned_trials"):
+            print(f"{'':<24} hctl pruned {entry['pruned_trials']} trials; {entry.get('reuse', '')}")
+
+
+def _number(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _ratio(first, second):
+    return first / second if first and second else None
+
+
+def bench(arguments) -> dict:
+    models = dict(item.split("=", 1) for item in arguments.model) or default_models()
+    models = {name: str(Path(folder).resolve()) for name, folder in models.items()}
+    counts = {
+        "good_prompts": arguments.train_prompts,
+        "bad_prompts": arguments.train_prompts,
+        "good_evaluation_prompts": arguments.eval_prompts,
+        "bad_evaluation_prompts": arguments.eval_prompts,
+    }
+    results: dict = {"settings": vars(arguments) | {"heretic": str(arguments.heretic)}}
+    results["load_before"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    runs: dict[str, dict[str, list[dict]]] = {name: {"hctl": [], "heretic": []} for name in models}
+    for repeat in range(arguments.repeats):
+        for name, folder in models.items():
+            for tool, runner in (("hctl", run_hctl), ("heretic", run_heretic)):
+                scratch = Path(tempfile.mkdtemp(prefix=f"bench-{tool}-"))
+                try:
+                    prompts = write_prompts(Path(folder), scratch, counts)
+                    run = runner(Path(folder), prompts, arguments, scratch)
+                finally:
+                    if not arguments.keep:
+                        shutil.rmtree(scratch, ignore_errors=True)
+                run["repeat"] = repeat
+                run["scratch"] = str(scratch) if arguments.keep else None
+                runs[name][tool].append(run)
+                print(
+                    f"[{repeat + 1}/{arguments.repeats}] {name} {tool}: {run['wall_s']:.1f} s, "
+                    f"{len(run['trial_seconds'])} trials, exit {run['returncode']}",
+                    flush=True,
+                )
+                if run.get("log_tail"):
+                    print(run["log_tail"], file=sys.stderr)
+    results["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    results["models"] = {}
+    for name in models:
+        hctl, heretic = summary(runs[name]["hctl"]), summary(runs[name]["heretic"])
+        results["models"][name] = {
+            "folder": models[name],
+            "hctl": hctl,
+            "heretic": heretic,
+            "ratios": {
+                "trial_mean": _ratio(heretic["trial_mean_s"], hctl["trial_mean_s"]),
+                "trial_median": _ratio(heretic["trial_median_s"], hctl["trial_median_s"]),
+                "search": _ratio(heretic["search_s"], hctl["search_s"]),
+                "end_to_end": _ratio(heretic["end_to_end_s"], hctl["end_to_end_s"]),
+                "peak_rss": _ratio(heretic["peak_rss_mb"], hctl["peak_rss_mb"]),
+            },
+            "pruned_trials": sum(run.get("pruned", 0) for run in runs[name]["hctl"]),
+            "reuse": next((run["reuse"] for run in runs[name]["hctl"] if run.get("reuse")), ""),
+            "runs": runs[name],
+        }
+    return results
+
+
+def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", default=[], help="NAME=FOLDER (repeatable)")
+    parser.add_argument("--heretic", type=Path, default=DEFAULT_HERETIC, help="heretic executable")
+    parser.add_argument("--trials", type=int, default=10)
+    parser.add_argument("--startup-trials", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=1, help="alternating runs per tool")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-response-length", type=int, default=16)
+    parser.add_argument("--eval-prompts", type=int, default=32, help="harmful and harmless each")
+    parser.add_argument("--train-prompts", type=int, default=128, help="for the directions, each")
+    parser.add_argument("--row-normalization", default="none", choices=["none", "pre", "full"])
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for both (0: theirs)")
+    parser.add_argument("--json", default="", help="write the results here")
+    parser.add_argument("--keep", action="store_true", help="keep each run's scratch folder")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = parse_arguments(argv)
+    if not arguments.heretic.exists():
+        print(f"error: no heretic at {arguments.heretic}", file=sys.stderr)
+        print(
+            "hint: give --heretic PATH (pip install heretic-llm in its own venv)", file=sys.stderr
+        )
+        return 2
+    results = bench(arguments)
+    print_table(results)
+    if arguments.json:
+        Path(arguments.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
