@@ -25,10 +25,13 @@ from pathlib import Path
 
 from hctl_worker.ablation import AblationParams, Ablator, ComponentKernel
 from hctl_worker.directions import last_token_residuals, layer_separation, refusal_directions
-from hctl_worker.evaluation import Evaluator, encode_texts, generate
-from hctl_worker.markers import DEFAULT_REFUSAL_MARKERS, is_refusal
+from hctl_worker.evaluation import EvaluationPrompts, Evaluator
+from hctl_worker.generation import encode_texts, generate
 from hctl_worker.model import load_model
+from hctl_worker.scorers import Scoring, build_scoring
 from hctl_worker.search_space import separation_onset
+from hctl_worker.settings import WorkerSettings
+from hctl_worker.trials import Trial
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 COMPONENTS = ("attention", "mlp")
@@ -100,13 +103,31 @@ class RefuserProbe:
         self.ablator = Ablator(self.loaded, self.directions)
         self.harmless_texts = template(harmless_eval, system_prompt)
         self.harmful_texts = template(harmful_eval, system_prompt)
-        self.evaluator = Evaluator(
+        # The worker's default scorers (markers, first-token KL, harmless refusals), every one
+        # measured in every call (no KL skip), replies of the same length for both sets.
+        self.scorings = {
+            harmless: build_scoring(
+                WorkerSettings(
+                    kl_skip_threshold=0,
+                    max_response_length=max_new_tokens,
+                    harmless_response_length=max_new_tokens,
+                    scorers=[
+                        {"name": "KeywordRate", "optimization": "minimize"},
+                        {"name": "KLDivergence", "optimization": "minimize"},
+                        *([{"name": "HarmlessRefusals"}] if harmless else []),
+                    ],
+                )
+            )
+            for harmless in (True, False)
+        }
+        self.evaluator = Evaluator.for_scoring(
             self.loaded,
-            good_texts=self.harmless_texts,
-            bad_texts=self.harmful_texts,
-            markers=DEFAULT_REFUSAL_MARKERS,
+            self.scorings[True],
+            harmless=EvaluationPrompts(list(harmless_eval), self.harmless_texts),
+            harmful=EvaluationPrompts(list(harmful_eval), self.harmful_texts),
             max_response_length=max_new_tokens,
             batch_size=batch_size,
+            harmless_response_length=max_new_tokens,
         )
 
     @property
@@ -118,24 +139,25 @@ class RefuserProbe:
         texts = self.harmful_texts if harmful else self.harmless_texts
         return self.evaluator.responses(texts, self.max_new_tokens)
 
+    def _score(self, scoring: Scoring) -> Trial:
+        return Trial(number=0, scores=scoring.score(self.evaluator.evaluate()))
+
     def baseline(self) -> tuple[float, float]:
         """(harmful, harmless) held-out refusal rates of the unedited model."""
-        baseline = self.evaluator.baseline()
-        return baseline.refusals / baseline.total_bad, baseline.refusals_good / baseline.total_good
+        scores = self._score(self.scorings[True])
+        return scores.refusals / scores.total_bad, _rate(scores, "HarmlessRefusals")
 
     def measure(self, edit: Edit, *, harmless: bool = True) -> EditResult:
         """Refusal rates and KL with the edit applied (the model is restored afterwards).
         Without `harmless`, the harmless refusal rate is not measured (NaN): it needs full-length
         replies, the costliest part on a real model."""
         with self.ablator.applied(edit.params()):
-            score = self.evaluator.score()  # KL, and refusals counted with early stops
-            replies = self.replies(harmful=False) if harmless else []
-        refused = sum(is_refusal(reply, DEFAULT_REFUSAL_MARKERS) for reply in replies)
+            scores = self._score(self.scorings[harmless])  # markers, with early stops
         return EditResult(
             edit,
-            harmful_refusal=(score.refusals or 0) / score.total_bad,
-            harmless_refusal=refused / len(replies) if replies else float("nan"),
-            kl=score.kl,
+            harmful_refusal=(scores.refusals or 0) / scores.total_bad,
+            harmless_refusal=_rate(scores, "HarmlessRefusals"),
+            kl=scores.kl,
         )
 
     def full_depth(self, direction: float, weight: float = 1.0) -> Edit:
@@ -145,6 +167,13 @@ class RefuserProbe:
         """An edit of the layers from the separation onset to the last one."""
         onset = self.onset if self.onset is not None else 0
         return Edit(direction, onset, self.n_layers - 1, weight)
+
+
+def _rate(trial: Trial, name: str) -> float:
+    score = trial.scores.get(name)
+    if score is None or score.value is None or not score.of:
+        return float("nan")
+    return score.value / score.of
 
 
 def greedy_replies(

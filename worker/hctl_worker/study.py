@@ -1,9 +1,14 @@
 """The Optuna study: the resumable record of the search and the loop that runs its trials.
 
-Two objectives, both minimised: the refusal count on the harmful evaluation prompts and the KL
-divergence of the first-token distribution on the harmless ones (heretic HEAD's objectives, raw).
-The sampler is multivariate TPE, with `n_startup_trials` random trials first. Where it samples is
-the search space's business (`search_space.py`).
+The objectives are the scorers the settings mark "minimize" or "maximize", in their order (see
+`scorers`); by default the refusal count on the harmful evaluation prompts and the KL divergence
+of the first-token distribution on the harmless ones, both minimised (heretic HEAD's objectives,
+raw). A count goes to Optuna as a count, as it always did, so a journal from before scorers had
+names continues with the same numbers. A guard with a limit (the harmless refusals) is an Optuna
+constraint: the sampler learns to stay out of the region where the model refuses harmless
+prompts, and the objectives stay what they measure (a penalty would mix the two and put
+penalised trials on the front). The sampler is multivariate TPE, with `n_startup_trials` random
+trials first. Where it samples is the search space's business (`search_space.py`).
 
 The study lives in a JournalStorage file in the job directory. A worker that is killed and started
 again on the same job directory continues the same study: finished trials are kept, a trial that
@@ -15,9 +20,8 @@ counts finished trials, so raising it adds trials to a finished study. Each fini
 from __future__ import annotations
 
 import contextlib
-import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,36 +31,52 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
 
-from hctl_worker.trials import Trial
+from hctl_worker.errors import SettingsError
+from hctl_worker.trials import BROKEN_VALUE, Direction, Score, Trial
 
 if TYPE_CHECKING:
     from hctl_worker.search_space import SearchSpace
 
 STUDY_NAME = "hctl"
-BROKEN_KL = 1e6  # stands for a KL that came out NaN or infinite
+DEFAULT_DIRECTIONS: tuple[Direction, ...] = ("minimize", "minimize")
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What evaluating one point gave (the engine's `Score`, as the search needs it)."""
+    """What evaluating one point gave: every scorer's score, by name."""
 
-    kl: float
-    refusals: int | None  # None: skipped because the KL was already too high
-    total_bad: int
+    scores: dict[str, Score]
     seconds: float = 0.0
-    pruned: bool = False  # stopped once behind the front; `refusals` is a lower bound
+    pruned: bool = False  # stopped once behind the front: its refusal count is a lower bound
 
 
-def open_study(journal: Path, *, seed: int, n_startup_trials: int) -> optuna.Study:
+def _storage(journal: Path) -> JournalStorage:
+    return JournalStorage(
+        JournalFileBackend(str(journal), lock_obj=JournalFileOpenLock(str(journal)))
+    )
+
+
+def open_study(
+    journal: Path,
+    *,
+    seed: int,
+    n_startup_trials: int,
+    directions: Sequence[Direction] = DEFAULT_DIRECTIONS,
+) -> optuna.Study:
     """The job's study, created or continued. The sampler's seed moves on with every stored trial
     so a continued search does not replay the random startup points it already tried."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = JournalStorage(
-        JournalFileBackend(str(journal), lock_obj=JournalFileOpenLock(str(journal)))
-    )
+    storage = _storage(journal)
     existing = 0
     with contextlib.suppress(KeyError):  # a new job has no study yet
-        existing = len(optuna.load_study(study_name=STUDY_NAME, storage=storage).trials)
+        loaded = optuna.load_study(study_name=STUDY_NAME, storage=storage)
+        existing = len(loaded.trials)
+        if len(loaded.directions) != len(directions):
+            raise SettingsError(
+                f"the study in {journal} has {len(loaded.directions)} objectives, the settings "
+                f"{len(directions)}",
+                "Use the scorers the job started with, or a new --job-dir for other objectives.",
+            )
     sampler = optuna.samplers.TPESampler(
         n_startup_trials=n_startup_trials,
         n_ei_candidates=128,
@@ -67,9 +87,19 @@ def open_study(journal: Path, *, seed: int, n_startup_trials: int) -> optuna.Stu
         storage=storage,
         sampler=sampler,
         study_name=STUDY_NAME,
-        directions=["minimize", "minimize"],
+        directions=list(directions),
         load_if_exists=True,
     )
+
+
+def load_trials(journal: Path) -> list[Trial]:
+    """The finished trials of a job's journal, without a sampler (for reading only)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=STUDY_NAME, storage=_storage(journal))
+    except KeyError:
+        return []
+    return finished_trials(study)
 
 
 def recover_interrupted(study: optuna.Study) -> int:
@@ -91,17 +121,35 @@ def finished_trials(study: optuna.Study) -> list[Trial]:
 
 
 def _result(trial: FrozenTrial) -> Trial:
+    """A journal trial as a record; one written before scores had names holds `kl`, `refusals`
+    and `total_bad` instead, which the record reads as the two objectives they were."""
     attributes = trial.user_attrs
+    legacy = {key: attributes[key] for key in ("kl", "refusals", "total_bad") if key in attributes}
     return Trial(
         number=int(attributes["number"]),
         params=dict(attributes.get("params", trial.params)),
-        kl=float(attributes["kl"]),
-        refusals=attributes["refusals"],
-        total_bad=int(attributes["total_bad"]),
+        scores=attributes.get("scores", {}),
         seconds=float(attributes.get("seconds", 0.0)),
         pruned=bool(attributes.get("pruned", False)),
         ablation=dict(attributes.get("ablation", {})),
+        **legacy,
     )
+
+
+def objective_values(trial: Trial) -> list[float]:
+    """What Optuna is told: each objective's value; an unmeasured one as its worst (every
+    prompt refused for a count, a broken model otherwise)."""
+    values = []
+    for score in trial.scores.values():
+        if not score.objective:
+            continue
+        if score.value is not None:
+            values.append(float(score.value))
+        elif score.of is not None:
+            values.append(float(score.of) if score.direction == "minimize" else 0.0)
+        else:
+            values.append(BROKEN_VALUE if score.direction == "minimize" else -BROKEN_VALUE)
+    return values
 
 
 def run_search(
@@ -135,10 +183,7 @@ def run_search(
         result = Trial(
             number=done,
             params=values,
-            # A model that computes NaN or inf is as broken as can be; JSON and Optuna need a number.
-            kl=outcome.kl if math.isfinite(outcome.kl) else BROKEN_KL,
-            refusals=outcome.refusals,
-            total_bad=outcome.total_bad,
+            scores=outcome.scores,
             seconds=outcome.seconds or (clock() - started),
             pruned=outcome.pruned,
             ablation=describe(values) if describe else {},
@@ -146,9 +191,7 @@ def run_search(
         for key, value in (
             ("number", result.number),
             ("params", result.params),
-            ("kl", result.kl),
-            ("refusals", result.refusals),
-            ("total_bad", result.total_bad),
+            ("scores", {name: score.model_dump() for name, score in result.scores.items()}),
             ("seconds", result.seconds),
             ("pruned", result.pruned),
             ("ablation", result.ablation),
@@ -157,8 +200,10 @@ def run_search(
         if result.pruned:
             study.tell(trial, state=TrialState.PRUNED)
         else:
-            refusals = result.refusals if result.refusals is not None else result.total_bad
-            study.tell(trial, [float(refusals), float(result.kl)])
+            for name, score in result.scores.items():
+                if score.limit is not None and score.value is not None:
+                    trial.set_constraint(name, score.value - score.limit)
+            study.tell(trial, objective_values(result))
         if on_trial is not None:
             on_trial(result)
     return finished_trials(study)
