@@ -1,17 +1,28 @@
 """Benchmark the worker engine: seconds per trial, generated tokens per second, stage timings.
 
 A trial here is what the search does per Optuna trial: apply an ablation (varied parameters),
-score it (first-token KL on harmless prompts + refusal count on harmful ones), restore.
+score it with a set of scorers, restore. Every scorer combination (`--scorers`) and evaluation
+kind (`--compare-plain`, `--compare-no-drafts`) scores the same sequence of ablations, so their
+seconds per trial compare directly:
+
+    markers+kl         KeywordRate, KLDivergence (the objectives before the harmless guard)
+    default            KeywordRate, KLDivergence, HarmlessRefusals (the worker's default)
+    markers+mtkl       KeywordRate, MultiTokenKL, HarmlessRefusals
+    classifier+kl      RefusalClassifier, KLDivergence, HarmlessRefusals
+    classifier+mtkl    RefusalClassifier, MultiTokenKL, HarmlessRefusals
 
     python scripts/bench_worker.py                       # committed tiny refuser, heretic's settings
     python scripts/bench_worker.py --model qwen3-0.6b    # random Qwen3-0.6B (its real shape)
     python scripts/bench_worker.py --model PATH --device cuda --trials 30 --json out.json
+    python scripts/bench_worker.py --scorers default classifier+mtkl --classifier PATH
     python scripts/bench_worker.py --end-to-end          # also time `hctl-worker run`, if present
 
 The default settings copy the heretic baseline (shared/reference/heretic-baseline.md): float32,
 batch 32, 16-token replies, 30 trials, system prompt "You are a helpful assistant.", the
 fixture's test prompts (86 harmful for refusals, 62 harmless for KL) and train prompts for the
-directions. No timing is asserted anywhere; this prints a table and writes JSON.
+directions; the classifier is the committed tiny one unless `--classifier` names another (e.g.
+NousResearch/Minos-v1), multi-token KL follows 16 tokens. No timing is asserted anywhere; this
+prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -39,14 +50,24 @@ import torch  # noqa: E402
 
 from hctl_worker.ablation import AblationParams, Ablator, ComponentKernel  # noqa: E402
 from hctl_worker.directions import last_token_residuals, refusal_directions  # noqa: E402
-from hctl_worker.evaluation import Evaluator  # noqa: E402
+from hctl_worker.evaluation import EvaluationPrompts, Evaluator  # noqa: E402
 from hctl_worker.generation import GenerationStats  # noqa: E402
-from hctl_worker.markers import DEFAULT_REFUSAL_MARKERS  # noqa: E402
 from hctl_worker.model import load_model  # noqa: E402
 from hctl_worker.pruning import PruningBar  # noqa: E402
+from hctl_worker.scorers import Scoring, build_scoring  # noqa: E402
+from hctl_worker.settings import WorkerSettings  # noqa: E402
 from hctl_worker.trials import Trial  # noqa: E402
 
 FIXTURE = REPO / "tests" / "fixtures" / "tiny-refuser"
+CLASSIFIER = REPO / "tests" / "fixtures" / "tiny-refusal-classifier"
+GUARD = ("HarmlessRefusals", "report")
+COMBINATIONS: dict[str, tuple[tuple[str, str], ...]] = {
+    "markers+kl": (("KeywordRate", "minimize"), ("KLDivergence", "minimize")),
+    "default": (("KeywordRate", "minimize"), ("KLDivergence", "minimize"), GUARD),
+    "markers+mtkl": (("KeywordRate", "minimize"), ("MultiTokenKL", "minimize"), GUARD),
+    "classifier+kl": (("RefusalClassifier", "minimize"), ("KLDivergence", "minimize"), GUARD),
+    "classifier+mtkl": (("RefusalClassifier", "minimize"), ("MultiTokenKL", "minimize"), GUARD),
+}
 SYSTEM_PROMPT = "You are a helpful assistant."
 SYNTHETIC_PROMPTS = [
     "How do I bake sourdough bread at home?",
@@ -105,22 +126,52 @@ def trial_params(kind: str, generator: random.Random, n_layers: int) -> Ablation
     return AblationParams(index, {"attention": kernel(0.8), "mlp": kernel(-0.25)})
 
 
-def make_evaluator(kind, loaded, ablator, good_texts, bad_texts, arguments) -> Evaluator:
+def make_scoring(combination: str, loaded, arguments) -> Scoring:
+    settings = WorkerSettings(
+        scorers=[{"name": name, "optimization": how} for name, how in COMBINATIONS[combination]],
+        refusal_classifier={"model": arguments.classifier, "batch_size": arguments.batch_size},
+        kl_tokens=arguments.kl_tokens,
+        max_response_length=arguments.max_response_length,
+        kl_skip_threshold=0,  # score every trial fully: comparable timings
+    )
+    return build_scoring(settings, loaded)
+
+
+def make_evaluator(kind, loaded, ablator, scoring, prompts, arguments) -> Evaluator:
     """`reuse`: the worker's evaluator; `plain`: no shared prefix, replay, drafts or pruning;
     `no-drafts`: the worker's without draft replies."""
     plain = kind == "plain"
-    return Evaluator(
+    good, bad = prompts
+    return Evaluator.for_scoring(
         loaded,
-        good_texts=good_texts,
-        bad_texts=bad_texts,
-        markers=DEFAULT_REFUSAL_MARKERS,
+        scoring,
+        harmless=good,
+        harmful=bad,
         max_response_length=arguments.max_response_length,
         batch_size=arguments.batch_size,
+        kl_tokens=arguments.kl_tokens,
+        harmless_response_length=min(16, arguments.max_response_length),
         share_prefix=not plain,
         unchanged_layers=None if plain else ablator.unchanged_layers,
         replay_memory=0 if plain else arguments.replay_memory,
         drafts=not (plain or kind == "no-drafts" or arguments.no_drafts),
     )
+
+
+def kl_passes_ms(evaluator: Evaluator, ablator: Ablator, params: AblationParams) -> dict:
+    """What each KL measurement costs alone, an edit applied (mean of 5)."""
+    measured = {"first_token_kl": evaluator.first_token_divergences}
+    if evaluator.continuation_tokens:
+        measured["multi_token_kl"] = evaluator.continuation_divergences
+    parts = {}
+    ablator.apply(params)
+    for part, measure in measured.items():
+        started = time.perf_counter()
+        for _ in range(5):
+            measure()
+        parts[part] = 1000 * (time.perf_counter() - started) / 5
+    ablator.restore()
+    return parts
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -211,52 +262,66 @@ def bench(arguments: argparse.Namespace) -> dict:
     results["stages"]["residual_prompts"] = len(bad_train) + len(good_train)
 
     ablator = Ablator(loaded, directions, row_normalization=arguments.row_normalization)
-    good_texts, bad_texts = template(good_test, system), template(bad_test, system)
+    prompts = (
+        EvaluationPrompts(good_test, template(good_test, system)),
+        EvaluationPrompts(bad_test, template(bad_test, system)),
+    )
     kinds = ["reuse", "plain"] if arguments.compare_plain else ["reuse"]
     if arguments.compare_no_drafts:
         kinds.append("no-drafts")
+    variants = [f"{combination} {kind}" for combination in arguments.scorers for kind in kinds]
+    scorings = {
+        combination: make_scoring(combination, loaded, arguments)
+        for combination in arguments.scorers
+    }
     evaluators = {}
-    for kind in kinds:
+    results["baseline"] = {}
+    for variant in variants:
+        combination, kind = variant.split(" ")
+        scoring = scorings[combination]
         started = time.perf_counter()
-        evaluators[kind] = make_evaluator(kind, loaded, ablator, good_texts, bad_texts, arguments)
-        baseline = evaluators[kind].baseline()
-        results["stages"][f"baseline_{kind}_s"] = time.perf_counter() - started
-    evaluator = evaluators["reuse"]
-    results["stages"]["baseline_s"] = results["stages"]["baseline_reuse_s"]
+        evaluators[variant] = make_evaluator(kind, loaded, ablator, scoring, prompts, arguments)
+        baseline = scoring.score(evaluators[variant].evaluate())
+        scoring.set_baseline(baseline)
+        results["stages"][f"baseline_{variant}_s"] = time.perf_counter() - started
+        results["baseline"][variant] = {name: score.display() for name, score in baseline.items()}
+    evaluator = evaluators[variants[0]]
+    results["stages"]["baseline_s"] = results["stages"][f"baseline_{variants[0]}_s"]
     results["shared_prefix_tokens"] = evaluator.shares_prefix
     results["reuse"] = evaluator.reuse.describe()
-    results["baseline"] = {
-        "refusals": f"{baseline.refusals}/{baseline.total_bad}",
-        "refusals_good": f"{baseline.refusals_good}/{baseline.total_good}",
-    }
 
     generator = random.Random(arguments.seed)
-    records: dict[str, list[dict]] = {kind: [] for kind in kinds}
-    finished: dict[str, list[Trial]] = {kind: [] for kind in kinds}
+    records: dict[str, list[dict]] = {variant: [] for variant in variants}
+    finished: dict[str, list[Trial]] = {variant: [] for variant in variants}
     for number in range(1, arguments.trials + 1):
         params = trial_params(arguments.params, generator, loaded.n_layers)
-        order = kinds if number % 2 else kinds[::-1]  # alternate which goes first
-        for kind in order:
-            evaluator = evaluators[kind]
+        order = variants if number % 2 else variants[::-1]  # alternate which goes first
+        for variant in order:
+            combination, kind = variant.split(" ")
+            scoring, evaluator = scorings[combination], evaluators[variant]
             evaluator.stats = GenerationStats()
             limit = None
-            if kind != "plain" and arguments.prune_margin >= 0:
-                bar = PruningBar.for_prompts(finished[kind], len(bad_texts), arguments.prune_margin)
+            if kind != "plain" and arguments.prune_margin >= 0 and scoring.can_prune:
+                harmful = len(bad_test)
+                bar = PruningBar.for_prompts(finished[variant], harmful, arguments.prune_margin)
                 limit = bar.refusal_limit
             started = time.perf_counter()
             ablator.apply(params)
             start_layer = evaluator.reuse.plan.start_for(ablator.unchanged_layers())
-            score = evaluator.score(refusal_limit=limit)
+            context = evaluator.evaluate()
+            trial = Trial(
+                number=number, scores=scoring.score(context, limit), pruned=context.pruned
+            )
             ablator.restore()
             seconds = time.perf_counter() - started
             stats = evaluator.stats
-            records[kind].append(
+            records[variant].append(
                 {
                     "seconds": seconds,
                     "start_layer": start_layer,
-                    "kl": score.kl,
-                    "refusals": score.refusals,
-                    "pruned": score.pruned,
+                    "kl": trial.kl,
+                    "refusals": trial.refusals,
+                    "pruned": trial.pruned,
                     "forward_passes": stats.forward_passes,
                     "layer_tokens": stats.layer_tokens,
                     "input_tokens": stats.input_tokens,
@@ -265,32 +330,35 @@ def bench(arguments: argparse.Namespace) -> dict:
                     "accepted": stats.accepted,
                 }
             )
-            finished[kind].append(
-                Trial(
-                    number=number,
-                    kl=score.kl,
-                    refusals=score.refusals,
-                    total_bad=len(bad_texts),
-                    pruned=score.pruned,
-                )
-            )
-    results["trials"] = {kind: summarise(rows) for kind, rows in records.items()}
+            finished[variant].append(trial)
+    results["trials"] = {variant: summarise(rows) for variant, rows in records.items()}
+    last = trial_params(arguments.params, generator, loaded.n_layers)
+    for variant in variants:
+        results["trials"][variant]["kl_passes_ms"] = kl_passes_ms(
+            evaluators[variant], ablator, last
+        )
     results["trials"]["count"] = arguments.trials
     results["trials"]["kl_prompts"] = len(good_test)
     results["trials"]["refusal_prompts"] = len(bad_test)
     if arguments.compare_plain:
-        mismatches = [
-            index + 1
-            for index, (fast, plain) in enumerate(
-                zip(records["reuse"], records["plain"], strict=True)
-            )
-            if not fast["pruned"]
-            and (
-                fast["refusals"] != plain["refusals"]
-                or abs(fast["kl"] - plain["kl"]) > 1e-4 * max(plain["kl"], 1e-3)
-            )
-        ]
-        results["trials"]["mismatched_trials"] = mismatches
+        results["trials"]["mismatched_trials"] = {
+            combination: [
+                index + 1
+                for index, (fast, plain) in enumerate(
+                    zip(
+                        records[f"{combination} reuse"],
+                        records[f"{combination} plain"],
+                        strict=True,
+                    )
+                )
+                if not fast["pruned"]
+                and (
+                    fast["refusals"] != plain["refusals"]
+                    or abs(fast["kl"] - plain["kl"]) > 1e-4 * max(plain["kl"], 1e-3)
+                )
+            ]
+            for combination in arguments.scorers
+        }
     results["per_trial"] = records
     results["peak_rss_mb"] = peak_rss_mb()
     if arguments.bandwidth_gbs > 0:
@@ -298,7 +366,7 @@ def bench(arguments: argparse.Namespace) -> dict:
         # here also carries many tokens, so this is an upper bound on the fraction reached.
         weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
         floor_s = weight_bytes / (arguments.bandwidth_gbs * 1e9)
-        reuse = results["trials"]["reuse"]
+        reuse = results["trials"][f"{arguments.scorers[0]} reuse"]
         per_pass = reuse["seconds_per_trial"] / max(reuse["forward_passes"], 1)
         results["bandwidth"] = {
             "weight_bytes": weight_bytes,
@@ -402,11 +470,7 @@ def print_table(results: dict) -> None:
             f"{results['stages']['residuals_s']:.2f} s "
             f"({results['stages']['residual_prompts']} prompts)",
         ),
-        ("baseline (KL reference + refusals)", f"{results['stages']['baseline_s']:.2f} s"),
-        (
-            "baseline refusals (bad, good)",
-            f"{results['baseline']['refusals']}, {results['baseline']['refusals_good']}",
-        ),
+        ("baseline (references + scores)", f"{results['stages']['baseline_s']:.2f} s"),
         ("shared prompt prefix (tokens prefilled once)", str(results["shared_prefix_tokens"])),
         ("reuse", results["reuse"]),
         (
@@ -415,9 +479,8 @@ def print_table(results: dict) -> None:
             f"{trials['kl_prompts']} KL prompts, {trials['refusal_prompts']} refusal prompts)",
         ),
     ]
-    for kind in ("reuse", "plain", "no-drafts"):
-        if kind not in trials:
-            continue
+    for kind, baseline in results["baseline"].items():
+        rows.append((f"{kind}: baseline", json.dumps(baseline)))
         row = trials[kind]
         rows += [
             (
@@ -435,16 +498,26 @@ def print_table(results: dict) -> None:
                 f"{row['mean_start_layer']:.1f} / {row['draft_acceptance']:.0%} / {row['pruned']}",
             ),
             (f"{kind}: refusals across trials", f"{row['refusals_min']}..{row['refusals_max']}"),
+            (
+                f"{kind}: KL passes alone",
+                ", ".join(f"{part} {ms:.1f} ms" for part, ms in row["kl_passes_ms"].items()),
+            ),
         ]
-    if "plain" in trials:
+    for combination in results["settings"]["scorers"]:
+        reuse, plain = trials[f"{combination} reuse"], trials.get(f"{combination} plain")
+        if plain is None:
+            continue
         rows += [
             (
-                "plain / reuse: seconds, layer-tokens, passes",
-                f"{trials['plain']['seconds_per_trial'] / trials['reuse']['seconds_per_trial']:.2f}x, "
-                f"{trials['plain']['layer_tokens'] / max(trials['reuse']['layer_tokens'], 1):.2f}x, "
-                f"{trials['plain']['forward_passes'] / max(trials['reuse']['forward_passes'], 1):.2f}x",
+                f"{combination}: plain / reuse: seconds, layer-tokens, passes",
+                f"{plain['seconds_per_trial'] / reuse['seconds_per_trial']:.2f}x, "
+                f"{plain['layer_tokens'] / max(reuse['layer_tokens'], 1):.2f}x, "
+                f"{plain['forward_passes'] / max(reuse['forward_passes'], 1):.2f}x",
             ),
-            ("trials whose scores differ (unpruned)", str(trials["mismatched_trials"] or "none")),
+            (
+                f"{combination}: trials whose scores differ (unpruned)",
+                str(trials["mismatched_trials"][combination] or "none"),
+            ),
         ]
     rows += [
         ("load average", " ".join(f"{x:.2f}" for x in os.getloadavg())),
@@ -499,6 +572,12 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-drafts", action="store_true", help="reuse without draft replies")
     parser.add_argument("--prune-margin", type=float, default=0.05, help="negative: no pruning")
+    parser.add_argument(
+        "--scorers", nargs="+", default=["default"], choices=list(COMBINATIONS),
+        help="scorer combinations to time (see the module docstring)",
+    )  # fmt: skip
+    parser.add_argument("--classifier", default=str(CLASSIFIER), help="refusal classifier")
+    parser.add_argument("--kl-tokens", type=int, default=16, help="MultiTokenKL tokens")
     parser.add_argument("--json", default="", help="write the results here")
     return parser.parse_args(argv)
 

@@ -197,6 +197,8 @@ class SettingRow:
 def _format_value(value: object) -> str:
     if value is None:
         return "none"
+    if _is_model(value):  # e.g. one entry of a list of tables
+        return _inline_table(value)
     if isinstance(value, enum.Enum):
         value = value.value
     if isinstance(value, bool):

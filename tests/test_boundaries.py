@@ -33,6 +33,7 @@ CONTRACT_MODULES = (
     "hctl_worker.settings",
     "hctl_worker.prompts",
     "hctl_worker.command_line",
+    "hctl_worker.scorers",  # the settings validate scorer names with its registry
 )
 HEAVY_PACKAGES = ("torch", "transformers", "accelerate", "optuna", "safetensors", "numpy")
 

@@ -168,3 +168,59 @@ def test_ctrl_c_while_the_pod_is_being_created_leaves_no_pod_billing(
     assert result.exit_code == 130, result.output
     assert "terminated pod" in result.output
     assert hctl_rest_env.pods == []
+
+
+def test_results_show_every_score_and_the_capability_check(runner, tmp_path: Path) -> None:
+    """A job whose worker reported named scores and an `evaluation` event (the events a worker
+    with the classifier and multi-token KL as objectives writes)."""
+    from hctl.services.jobs import JobRecord, JobStore
+    from hctl_worker.events import (
+        DoneEvent,
+        EvaluationEvent,
+        EventWriter,
+        Measure,
+        ParetoEvent,
+        TrialEvent,
+    )
+    from hctl_worker.trials import Score, Trial
+
+    def trial(number: int, refusals: float, kl: float, harmless: float) -> Trial:
+        return Trial(
+            number=number,
+            scores={
+                "RefusalClassifier": Score(
+                    value=refusals, of=20, direction="minimize", role="refusals"
+                ),
+                "MultiTokenKL": Score(value=kl, direction="minimize", role="damage"),
+                "HarmlessRefusals": Score(
+                    value=harmless, of=10, role="harmless_refusals", limit=1.5
+                ),
+            },
+        )
+
+    trials = [trial(1, 18, 0.001, 0), trial(2, 1, 0.02, 0), trial(3, 0, 0.01, 6)]
+    store = JobStore()
+    store.save(JobRecord(job_id="j1", model="m", worker_model="m", n_trials=3, target="local",
+                         remote_job_dir=str(tmp_path), status="finished", chosen_trial=2))  # fmt: skip
+    with EventWriter(store.events_path("j1")) as writer:
+        for item in trials:
+            writer.emit(TrialEvent.of(item, n_trials=3))
+        writer.emit(ParetoEvent(trials=[trials[1], trials[0]]))
+        writer.emit(
+            EvaluationEvent(
+                trial=2,
+                measures=[
+                    Measure(
+                        name="perplexity, held-out text", original=8.25, edited=8.5, better="lower"
+                    ),
+                    Measure(name="RefusalClassifier", original=19, edited=1, of=20, better="lower"),
+                ],  # fmt: skip
+                notes=["lm-eval tasks not run (piqa): lm_eval is not installed"],
+            )
+        )
+        writer.emit(DoneEvent(results_dir="r", chosen_trial=2))
+    output = invoke(runner, "results", "j1").output
+    assert "RefusalClassifier ↓" in output and "MultiTokenKL ↓" in output
+    assert "HarmlessRefusals" in output and "1/20" in output and "0.0200" in output
+    assert "Trial 2 against the original model" in output
+    assert "8.2500" in output and "8.5000" in output and "19/20" in output

@@ -56,7 +56,7 @@ def test_the_view_prints_one_line_per_trial_with_the_best_so_far_and_money() -> 
             progress.apply(event)
             view.event(event, progress, money)
     assert len(view.lines) == 5
-    assert view.lines[1].startswith("trial 2/5: refusals 5/20, KL 0.3000")
+    assert view.lines[1].startswith("trial 2/5: KeywordRate 5/20, KLDivergence 0.3000")
     assert "best #2" in view.lines[2] and "ETA 1m15s" in view.lines[2] and "$0.05" in view.lines[2]
     assert "refusals skipped" in view.lines[3]
     panel = Console(file=__import__("io").StringIO(), width=120)

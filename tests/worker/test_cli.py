@@ -14,13 +14,14 @@ from hctl_worker.events import EVENTS_FILE, ErrorEvent, read_events
 from hctl_worker.job_directory import JobPaths
 from hctl_worker.search_space import SearchSpace
 from hctl_worker.study import Outcome, open_study, run_search
+from hctl_worker.trials import legacy_scores
 
 runner = CliRunner()
 
 
 def fake_score(values: dict) -> Outcome:
     weight = max(0.0, float(values["attention.max_weight"]))
-    return Outcome(kl=0.01 * weight, refusals=round(20 * (1.5 - weight)), total_bad=20)
+    return Outcome(legacy_scores(round(20 * (1.5 - weight)), 20, 0.01 * weight))
 
 
 @pytest.fixture
@@ -127,6 +128,6 @@ def test_progress_view_prints_one_line_per_stage_and_trial_off_a_terminal() -> N
         "baseline: started",
         "original model: 85/86 refusals (harmless: 0/62)",
         "baseline: done in 0.5 s 85/86 refusals",
-        "trial 1/40: refusals 3/86, KL 0.0021 (0.4 s)",
+        "trial 1/40: KeywordRate 3/86, KLDivergence 0.0021 (0.4 s)",
     ]
     assert view.front[0].number == 1

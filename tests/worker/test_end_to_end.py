@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+import tomli_w
 from typer.testing import CliRunner
 
 from hctl_worker.cli import app
@@ -49,12 +50,9 @@ def write_fixture_config(
         "good_evaluation_prompts": (prompts / "harmless_test.txt", evaluation_split),
         "bad_evaluation_prompts": (prompts / "harmful_test.txt", evaluation_split),
     }
-    lines = [f"{key} = {json.dumps(value)}" for key, value in values.items()]
     for table, (dataset, split) in tables.items():
-        lines += [f"[{table}]", f"dataset = {json.dumps(str(dataset))}"]
-        if split:
-            lines.append(f"split = {json.dumps(split)}")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        values[table] = {"dataset": str(dataset), **({"split": split} if split else {})}
+    path.write_text(tomli_w.dumps(values), encoding="utf-8")
     return path
 
 
@@ -64,9 +62,11 @@ def run_events(*arguments: str) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
-def harmless_refusal_rate(job_dir: Path, trial: dict) -> float:
-    """Refusals on the harmless held-out prompts with the trial's edit applied."""
+def harmless_refusals(job_dir: Path, trial: dict) -> int:
+    """Refusals on the harmless held-out prompts with the trial's edit applied, counted here
+    from full greedy replies (not by the worker's scorer)."""
     from hctl_worker.ablation import AblationParams, Ablator
+    from hctl_worker.evaluation import EvaluationPrompts, Evaluator
     from hctl_worker.job_directory import JobPaths, load_cached_directions, stored_settings
     from hctl_worker.markers import DEFAULT_REFUSAL_MARKERS, is_refusal
     from hctl_worker.model import load_model
@@ -77,19 +77,17 @@ def harmless_refusal_rate(job_dir: Path, trial: dict) -> float:
     loaded = load_model(settings.model, dtypes=["float32"], device_map="cpu")
     harmless = loaded.template(load_prompts(settings.good_evaluation_prompts), None)
     ablator = Ablator(loaded, load_cached_directions(paths))
-    from hctl_worker.evaluation import Evaluator
-
+    one = EvaluationPrompts(harmless[:1], harmless[:1])
     evaluator = Evaluator(
         loaded,
-        good_texts=harmless[:1],
-        bad_texts=harmless[:1],
-        markers=DEFAULT_REFUSAL_MARKERS,
+        harmless=one,
+        harmful=one,
         max_response_length=settings.max_response_length,
         batch_size=64,
     )
     with ablator.applied(AblationParams.from_dict(trial["ablation"])):
         replies = evaluator.responses(harmless, settings.max_response_length)
-    return sum(is_refusal(reply, DEFAULT_REFUSAL_MARKERS) for reply in replies) / len(replies)
+    return sum(is_refusal(reply, DEFAULT_REFUSAL_MARKERS) for reply in replies)
 
 
 @pytest.mark.slow
@@ -112,8 +110,60 @@ def test_search_removes_refusals_of_a_tiny_refuser(tmp_path: Path, fixture: str)
     ]
     assert good, f"best on the front: {[(t['refusals'], round(t['kl'], 4)) for t in front[:3]]}"
     chosen = good[-1]  # the lowest KL among the good ones
-    assert harmless_refusal_rate(job_dir, chosen) <= 0.05
+    harmless = chosen["scores"]["HarmlessRefusals"]  # measured in every trial
+    assert harmless["value"] <= 0.05 * harmless["of"]
+    assert harmless_refusals(job_dir, chosen) == harmless["value"]
 
     done = events[-1]
     assert done["type"] == "done" and done["results_dir"] == str((job_dir / "results").absolute())
     assert events[-2]["type"] == "stage" and events[-2]["stage"] == "search"
+
+
+CLASSIFIER = FIXTURES / "tiny-refusal-classifier"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fixture", ["tiny-refuser", "tiny-refuser-early"])
+def test_the_classifier_and_multi_token_kl_as_objectives_reach_the_same_bar(
+    tmp_path: Path, fixture: str
+) -> None:
+    """The search judged by a refusal classifier (the committed tiny one) and by KL along the
+    original's own 16-token replies finds a trial the classifier says refuses <= 10 % of the
+    held-out harmful prompts at multi-token KL <= 0.05, within 40 trials."""
+    scorers = [
+        {"name": "RefusalClassifier", "optimization": "minimize"},
+        {"name": "MultiTokenKL", "optimization": "minimize"},
+        {"name": "KeywordRate", "optimization": "report"},
+        {"name": "KLDivergence", "optimization": "report"},
+        {"name": "HarmlessRefusals", "optimization": "report"},
+    ]
+    config = write_fixture_config(
+        tmp_path / "config.toml",
+        fixture,
+        scorers=scorers,
+        refusal_classifier={"model": str(CLASSIFIER)},
+        kl_tokens=16,
+    )
+    job_dir = tmp_path / "job"
+    events = run_events("--config", str(config), "--job-dir", str(job_dir))
+
+    baseline = next(event for event in events if event["type"] == "baseline")
+    assert baseline["scores"]["RefusalClassifier"]["value"] >= 0.9 * baseline["total_bad"]
+    assert baseline["scores"]["MultiTokenKL"]["value"] == 0.0
+    trials = [event for event in events if event["type"] == "trial"]
+    assert len(trials) == 40
+    assert list(trials[0]["scores"]) == [scorer["name"] for scorer in scorers]
+    front = json.loads((job_dir / "results" / "pareto.json").read_text())
+    good = [
+        trial
+        for trial in front
+        if trial["scores"]["RefusalClassifier"]["value"] <= 0.1 * trial["total_bad"]
+        and trial["scores"]["MultiTokenKL"]["value"] <= 0.05
+    ]
+    assert good, f"front: {[(t['refusals'], round(t['kl'], 4)) for t in front[:4]]}"
+    assert all(trial["acceptable"] for trial in front)
+    chosen = good[-1]
+    assert chosen["refusals"] == chosen["scores"]["RefusalClassifier"]["value"]  # the headline
+    assert chosen["kl"] == chosen["scores"]["MultiTokenKL"]["value"]
+    harmless = chosen["scores"]["HarmlessRefusals"]  # judged by the classifier, like refusals
+    assert harmless["value"] <= 0.05 * harmless["of"]

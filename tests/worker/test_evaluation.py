@@ -11,11 +11,12 @@ import torch
 
 from hctl_worker.ablation import AblationParams, Ablator, ComponentKernel
 from hctl_worker.directions import last_token_residuals, refusal_directions
-from hctl_worker.evaluation import Evaluator, kl_divergence
+from hctl_worker.evaluation import kl_divergence
 from hctl_worker.generation import GenerationStats, encode_texts, generate
 from hctl_worker.markers import DEFAULT_REFUSAL_MARKERS, is_refusal, normalise_response
 from hctl_worker.model import LoadedModel, load_model
 from scripts.make_random_model import byte_tokenizer, make_random_model, random_model, tiny_config
+from tests.worker.scoring import evaluator_for, scored, scoring_for
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
@@ -77,13 +78,8 @@ def test_kl_divergence_is_the_batch_mean_of_kl_base_to_current() -> None:
 
 def test_replies_match_transformers_greedy_generate(random_loaded) -> None:
     texts = random_loaded.template(PROMPTS, "You are a helpful assistant.")
-    evaluator = Evaluator(
-        random_loaded,
-        good_texts=texts,
-        bad_texts=texts,
-        markers=DEFAULT_REFUSAL_MARKERS,
-        max_response_length=6,
-        batch_size=4,
+    evaluator = evaluator_for(
+        random_loaded, scoring_for(), good=texts, bad=texts, max_response_length=6, batch_size=4
     )
     ours = evaluator.responses(texts, 6)
     assert all(ours)
@@ -103,15 +99,7 @@ def test_replies_match_transformers_greedy_generate(random_loaded) -> None:
 
 def test_early_stopping_gives_the_verdicts_of_the_full_replies(random_loaded) -> None:
     texts = random_loaded.template(PROMPTS, None)
-    probe = Evaluator(
-        random_loaded,
-        good_texts=texts,
-        bad_texts=texts,
-        markers=["zz"],
-        max_response_length=8,
-        batch_size=3,
-    )
-    full = probe.responses(texts, 8)
+    full = generate(random_loaded, encode_texts(random_loaded, texts, 3), 8)
     # Markers that occur in some replies (so those rows stop early) and not in others. ASCII
     # only: a random byte model also emits partial UTF-8, which real markers never contain.
     letters = [
@@ -120,43 +108,38 @@ def test_early_stopping_gives_the_verdicts_of_the_full_replies(random_loaded) ->
     ]
     markers = [letter for letter in letters if letter] or ["zz"]
     assert any(is_refusal(reply, markers) for reply in full)
-    evaluator = Evaluator(
-        random_loaded,
-        good_texts=texts,
-        bad_texts=texts,
-        markers=markers,
-        max_response_length=8,
-        batch_size=3,
+    scoring = scoring_for(markers, harmless_response_length=8)
+    assert scoring.stop_markers("harmful") == tuple(markers)  # rows do stop early
+    evaluator = evaluator_for(
+        random_loaded, scoring, good=texts, bad=texts, max_response_length=8, batch_size=3
     )
     expected = sum(is_refusal(reply, markers) for reply in full)
-    assert evaluator.baseline().refusals == expected
-    assert evaluator.score().refusals == expected
+    first, second = scored(scoring, evaluator), scored(scoring, evaluator)
+    assert first.refusals == second.refusals == expected
+    assert first.scores["HarmlessRefusals"].value == expected  # the same prompts, harmless
 
 
 def test_score_is_zero_kl_unmodified_and_skips_refusals_above_the_threshold(random_loaded) -> None:
     texts = random_loaded.template(PROMPTS, None)
-    evaluator = Evaluator(
-        random_loaded,
-        good_texts=texts[:3],
-        bad_texts=texts[3:],
-        markers=DEFAULT_REFUSAL_MARKERS,
-        max_response_length=4,
-        batch_size=2,
-        kl_skip_threshold=1e-9,
+    scoring = scoring_for(kl_skip_threshold=1e-9)
+    evaluator = evaluator_for(
+        random_loaded, scoring, good=texts[:3], bad=texts[3:], max_response_length=4, batch_size=2
     )
-    unmodified = evaluator.score()
+    unmodified = scored(scoring, evaluator)
     assert unmodified.kl == 0.0
-    assert unmodified.refusals is not None and not unmodified.refusal_skipped
-    assert unmodified.total_bad == 3 and unmodified.seconds > 0
+    assert unmodified.refusals is not None and unmodified.total_bad == 3
+    assert unmodified.scores["HarmlessRefusals"].value is not None
 
     residuals = last_token_residuals(random_loaded, texts, 4)
     ablator = Ablator(random_loaded, refusal_directions(residuals[:3], residuals[3:]))
     kernel = ComponentKernel(1.5, 0.0, 1.5, 10.0)
     with ablator.applied(AblationParams(None, {"attention": kernel, "mlp": kernel})):
-        edited = evaluator.score()
+        edited = scored(scoring, evaluator)
     assert edited.kl > 1e-9
-    assert edited.refusals is None and edited.refusal_skipped
-    assert evaluator.score().kl == 0.0
+    # Every scorer that needs replies is skipped for a model this damaged.
+    assert edited.refusals is None and edited.scores["HarmlessRefusals"].value is None
+    assert edited.objectives() is None
+    assert scored(scoring, evaluator).kl == 0.0
 
 
 # ---- a real refuser --------------------------------------------------------------------------
@@ -175,17 +158,18 @@ def test_a_tiny_refuser_stops_refusing_after_ablation(name: str) -> None:
     loaded = load_model(str(fixture), dtypes=["float32"], device_map="cpu")
     harmful = loaded.template(_fixture_prompts(fixture, "harmful_train")[:48], None)
     harmless = loaded.template(_fixture_prompts(fixture, "harmless_train")[:48], None)
-    evaluator = Evaluator(
+    scoring = scoring_for()
+    evaluator = evaluator_for(
         loaded,
-        good_texts=loaded.template(_fixture_prompts(fixture, "harmless_test")[:24], None),
-        bad_texts=loaded.template(_fixture_prompts(fixture, "harmful_test")[:32], None),
-        markers=DEFAULT_REFUSAL_MARKERS,
+        scoring,
+        good=loaded.template(_fixture_prompts(fixture, "harmless_test")[:24], None),
+        bad=loaded.template(_fixture_prompts(fixture, "harmful_test")[:32], None),
         max_response_length=12,
         batch_size=32,
     )
-    baseline = evaluator.baseline()
+    baseline = scored(scoring, evaluator)
     assert baseline.refusals >= 0.9 * baseline.total_bad
-    assert baseline.refusals_good <= 0.1 * baseline.total_good
+    assert baseline.scores["HarmlessRefusals"].value <= 0.1 * 24
     directions = refusal_directions(
         last_token_residuals(loaded, harmful, 32), last_token_residuals(loaded, harmless, 32)
     )
@@ -194,19 +178,22 @@ def test_a_tiny_refuser_stops_refusing_after_ablation(name: str) -> None:
     best = min(
         (
             _score_with(
-                evaluator, ablator, AblationParams(index, {"attention": kernel, "mlp": kernel})
+                scoring,
+                evaluator,
+                ablator,
+                AblationParams(index, {"attention": kernel, "mlp": kernel}),
             )
             for index in [None, *range(loaded.n_layers)]
         ),
-        key=lambda score: score.refusals,
+        key=lambda trial: trial.refusals,
     )
     assert best.refusals <= 0.1 * best.total_bad
     assert best.kl < 0.1
 
 
-def _score_with(evaluator: Evaluator, ablator: Ablator, params: AblationParams):
+def _score_with(scoring, evaluator, ablator: Ablator, params: AblationParams):
     with ablator.applied(params):
-        return evaluator.score()
+        return scored(scoring, evaluator)
 
 
 @pytest.mark.parametrize("architecture", ["gpt2", "gemma2", "gpt_oss", "lfm2", "qwen3_next"])
@@ -254,13 +241,9 @@ def test_running_out_of_memory_while_scoring_is_the_worker_error(random_loaded) 
     from hctl_worker.errors import OutOfMemoryError
 
     texts = random_loaded.template(PROMPTS[:2], None)
-    evaluator = Evaluator(
-        random_loaded,
-        good_texts=texts,
-        bad_texts=texts,
-        markers=DEFAULT_REFUSAL_MARKERS,
-        max_response_length=2,
-        batch_size=2,
+    scoring = scoring_for()
+    evaluator = evaluator_for(
+        random_loaded, scoring, good=texts, bad=texts, max_response_length=2, batch_size=2
     )
 
     def fail(module, args, kwargs):
@@ -269,11 +252,11 @@ def test_running_out_of_memory_while_scoring_is_the_worker_error(random_loaded) 
     handle = random_loaded.model.register_forward_pre_hook(fail, with_kwargs=True)
     try:
         with pytest.raises(OutOfMemoryError) as caught:
-            evaluator.score()
+            scored(scoring, evaluator)
     finally:
         handle.remove()
     assert caught.value.hint
-    assert evaluator.score().kl == 0.0
+    assert scored(scoring, evaluator).kl == 0.0
 
 
 @pytest.mark.parametrize(
@@ -292,13 +275,13 @@ def test_the_shared_prompt_prefix_changes_no_score(architecture: str, shared: bo
         model.get_output_embeddings().weight.mul_(20)
     loaded = LoadedModel(model, tokenizer, torch.float32, architecture)
     texts = loaded.template(PROMPTS, "You are a helpful assistant.")
-    full = probe_markers(loaded, texts)
+    scoring = scoring_for(probe_markers(loaded, texts), harmless_response_length=8)
     evaluators = [
-        Evaluator(
+        evaluator_for(
             loaded,
-            good_texts=texts[:4],
-            bad_texts=texts,
-            markers=full,
+            scoring,
+            good=texts[:4],
+            bad=texts,
             max_response_length=8,
             batch_size=4,
             share_prefix=share,
@@ -307,15 +290,17 @@ def test_the_shared_prompt_prefix_changes_no_score(architecture: str, shared: bo
     ]
     assert (evaluators[0].shares_prefix > 0) is shared
     assert evaluators[1].shares_prefix == 0
-    assert evaluators[0].baseline() == evaluators[1].baseline()
+    baselines = [scored(scoring, evaluator) for evaluator in evaluators]
+    assert baselines[0].scores == baselines[1].scores
     residuals = last_token_residuals(loaded, texts, 4)
     ablator = Ablator(loaded, refusal_directions(residuals[:3], residuals[3:]))
     kernel = ComponentKernel(1.2, 0.0, 1.2, 5.0)
     with ablator.applied(AblationParams(0.5, {"attention": kernel, "mlp": kernel})):
-        with_prefix, without = (evaluator.score() for evaluator in evaluators)
+        with_prefix, without = (scored(scoring, evaluator) for evaluator in evaluators)
     assert with_prefix.kl == pytest.approx(without.kl, abs=1e-6)
     assert with_prefix.kl > 0
     assert with_prefix.refusals == without.refusals
+    assert with_prefix.scores["HarmlessRefusals"] == without.scores["HarmlessRefusals"]
 
 
 def probe_markers(loaded: LoadedModel, texts: list[str]) -> list[str]:

@@ -4,14 +4,16 @@ behaviour against the trial's (on the tiny refuser)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from hctl_worker.errors import ExportError
+from hctl_worker.events import EvaluationEvent, Measure
 from hctl_worker.export import export_trial, model_card, upload_folder
 from hctl_worker.settings import WorkerSettings
-from hctl_worker.trials import Trial
+from hctl_worker.trials import Trial, legacy_scores
 
 SECRET = "hf_secretTOKEN1234567890"
 
@@ -26,15 +28,32 @@ TRIAL = Trial(
 
 
 def test_model_card_has_the_scores_and_parameters() -> None:
-    card = model_card("Qwen/Qwen3-0.6B", TRIAL, baseline_refusals=(85, 86))
+    baseline = legacy_scores(85, 86, 0.0)
+    card = model_card("Qwen/Qwen3-0.6B", TRIAL, baseline)
     assert card.startswith("---\nbase_model: Qwen/Qwen3-0.6B\n")
     assert "abliterated" in card
-    assert "| Refusals of this model | 3/86 |" in card
-    assert "| Refusals of the original model | 85/86 |" in card
-    assert "0.0123" in card
+    assert re.search(r"^\| KeywordRate \| [^|]+ \| 85/86 \| 3/86 \|$", card, re.MULTILINE)
+    assert re.search(r"^\| KLDivergence \| [^|]+ \| 0\.0000 \| 0\.0123 \|$", card, re.MULTILINE)
     assert "| `direction_index` | 2.2500 |" in card
     assert "| `direction_scope` | global |" in card
     assert "trial 7" in card
+    assert "Capability check" not in card
+
+
+def test_model_card_carries_the_capability_check() -> None:
+    check = EvaluationEvent(
+        trial=7,
+        measures=[
+            Measure(name="perplexity, held-out text", original=12.5, edited=12.75, better="lower"),
+            Measure(name="HarmlessRefusals", original=1, edited=2, of=63, better="lower"),
+        ],
+        notes=["lm-eval tasks not run (piqa): lm_eval is not installed (pip install lm_eval)"],
+    )
+    card = model_card("Qwen/Qwen3-0.6B", TRIAL, None, check)
+    assert "## Capability check" in card
+    assert "| perplexity, held-out text | 12.5000 | 12.7500 |" in card
+    assert "| HarmlessRefusals | 1/63 | 2/63 |" in card
+    assert "- lm-eval tasks not run (piqa)" in card
 
 
 class FailingHub:

@@ -14,10 +14,10 @@ from hctl_worker.events import EVENTS_FILE, StageEvent, read_events
 from hctl_worker.job_directory import (
     JobPaths,
     open_job_directory,
-    worker_slot,
     read_front,
     reconcile_settings,
     stored_settings,
+    worker_slot,
 )
 from hctl_worker.reporter import Reporter
 from hctl_worker.settings import WorkerSettings

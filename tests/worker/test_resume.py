@@ -75,7 +75,8 @@ def test_a_larger_n_trials_continues_at_the_next_trial(tmp_path: Path) -> None:
     assert front  # a pareto event, though no trial ran
     chosen = json.loads((job_dir / "results" / "chosen.json").read_text())
     assert chosen["number"] == 2 and chosen["automatic"] is False  # --trial is a trial number
-    assert chosen["total_good"] == 24 and 0 <= chosen["refusals_good"] <= 24
+    harmless = chosen["scores"]["HarmlessRefusals"]  # measured in every trial
+    assert harmless["of"] == 24 and 0 <= harmless["value"] <= 24
     assert again[-1]["type"] == "done" and again[-1]["chosen_trial"] == chosen["number"]
     assert again[-1]["model_dir"] == str(saved) and (saved / "model.safetensors").is_file()
 

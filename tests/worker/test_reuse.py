@@ -20,10 +20,12 @@ from hctl_worker.markers import DEFAULT_REFUSAL_MARKERS
 from hctl_worker.model import LoadedModel, load_model
 from hctl_worker.pruning import PruningBar
 from hctl_worker.replay import DepthPlan, plan_depth
+from hctl_worker.scorers import Scoring
 from hctl_worker.search_space import SearchSpace
 from hctl_worker.study import Outcome, finished_trials, open_study, run_search
-from hctl_worker.trials import Trial, pareto_front
+from hctl_worker.trials import Trial, legacy_scores, pareto_front
 from scripts.make_random_model import byte_tokenizer, random_model, tiny_config
+from tests.worker.scoring import evaluator_for, scoring_for
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 SYSTEM = "You are a helpful assistant."
@@ -115,20 +117,51 @@ def _fixture_bench(name: str, n_good: int, n_bad: int):
     return loaded, bad, ablator, plain, optimised
 
 
-def _evaluators(loaded: LoadedModel, ablator: Ablator, good: list[str], bad: list[str], **common):
-    plain = Evaluator(
+class _Scored:
+    """An evaluator scored by heretic's two objectives (markers, first-token KL), every trial
+    measured in full unless pruned."""
+
+    def __init__(self, scoring: Scoring, evaluator: Evaluator) -> None:
+        self.scoring, self.evaluator = scoring, evaluator
+        self.reuse, self.stats = evaluator.reuse, evaluator.stats
+
+    @property
+    def shares_prefix(self) -> int:
+        return self.evaluator.shares_prefix
+
+    def score(self, refusal_limit=None) -> Trial:
+        context = self.evaluator.evaluate()
+        scores = self.scoring.score(context, refusal_limit)
+        return Trial(number=0, scores=scores, pruned=context.pruned)
+
+    def baseline(self) -> dict:
+        return self.score().scores
+
+
+def _evaluators(
+    loaded: LoadedModel, ablator: Ablator, good: list[str], bad: list[str], *, markers, **common
+):
+    scoring = scoring_for(
+        markers,
+        scorers=[
+            {"name": "KeywordRate", "optimization": "minimize"},
+            {"name": "KLDivergence", "optimization": "minimize"},
+        ],
+    )
+    plain = evaluator_for(
         loaded,
-        good_texts=good,
-        bad_texts=bad,
+        scoring,
+        good=good,
+        bad=bad,
         share_prefix=False,
         replay_memory=0,
         drafts=False,
         **common,
     )
-    optimised = Evaluator(
-        loaded, good_texts=good, bad_texts=bad, unchanged_layers=ablator.unchanged_layers, **common
+    optimised = evaluator_for(
+        loaded, scoring, good=good, bad=bad, unchanged_layers=ablator.unchanged_layers, **common
     )
-    return plain, optimised
+    return _Scored(scoring, plain), _Scored(scoring, optimised)
 
 
 @pytest.mark.parametrize("name", ["tiny-refuser", "tiny-refuser-early"])
@@ -230,9 +263,9 @@ def test_pruned_trials_are_in_the_journal_count_as_finished_and_stay_off_the_fro
     space = SearchSpace.heretic(8, ("attention", "mlp"))
     outcomes = iter(
         [
-            Outcome(kl=0.01, refusals=3, total_bad=10),
-            Outcome(kl=0.02, refusals=5, total_bad=10, pruned=True),
-            Outcome(kl=0.005, refusals=8, total_bad=10),
+            Outcome(legacy_scores(3, 10, 0.01)),
+            Outcome(legacy_scores(5, 10, 0.02), pruned=True),
+            Outcome(legacy_scores(8, 10, 0.005)),
         ]
     )
     trials = run_search(
@@ -256,11 +289,7 @@ def test_pruned_trials_are_in_the_journal_count_as_finished_and_stay_off_the_fro
     assert [trial.pruned for trial in finished_trials(again)] == [False, True, False]
     assert finished_trials(again)[1].refusals == 5
     assert (
-        len(
-            run_search(
-                again, space, lambda values: Outcome(kl=1, refusals=1, total_bad=10), n_trials=3
-            )
-        )
+        len(run_search(again, space, lambda values: Outcome(legacy_scores(1, 10, 1.0)), n_trials=3))
         == 3
     )
 

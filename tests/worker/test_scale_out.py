@@ -20,7 +20,8 @@ from optuna.trial import TrialState
 from hctl.services.progress import JobProgress
 from hctl_worker.events import EVENTS_FILE, read_events
 from hctl_worker.storage import journal_storage
-from hctl_worker.study import OWNER_ATTR, STUDY_NAME, finished_trials, open_study
+from hctl_worker.study import STUDY_NAME, finished_trials, open_study
+from hctl_worker.teamwork import OWNER_ATTR
 from hctl_worker.trials import pareto_front
 from tests.standins.postgres import PostgresServer
 from tests.worker.test_end_to_end import write_fixture_config

@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 
 from hctl_worker.search_space import SearchSpace, separation_onset
 from hctl_worker.study import Outcome, finished_trials, open_study, recover_interrupted, run_search
-from hctl_worker.trials import Trial
+from hctl_worker.trials import Trial, legacy_scores
 
 COMPONENTS = ("attention", "mlp")
 TOTAL = 50
@@ -33,9 +33,8 @@ def early_refuser(values: dict) -> Outcome:
     weight = tent_weight(values, "attention", 0)
     refusals = round(TOTAL * min(1.0, max(0.0, 1.0 - weight)))
     damage = sum(tent_weight(values, component, 7) for component in COMPONENTS)
-    return Outcome(
-        kl=0.001 + 0.01 * damage + 0.02 * max(0.0, weight - 1.0), refusals=refusals, total_bad=TOTAL
-    )
+    kl = 0.001 + 0.01 * damage + 0.02 * max(0.0, weight - 1.0)
+    return Outcome(legacy_scores(refusals, TOTAL, kl))
 
 
 def counting(evaluate, calls: list):
@@ -174,7 +173,7 @@ def test_study_journal_is_an_optuna_journal(tmp_path: Path) -> None:
 
 def test_a_nan_kl_is_recorded_as_a_broken_model(tmp_path: Path) -> None:
     def broken(values: dict) -> Outcome:
-        return Outcome(kl=float("nan"), refusals=None, total_bad=TOTAL)
+        return Outcome(legacy_scores(None, TOTAL, float("nan")))
 
     study = open_study(tmp_path / "study.journal", seed=0, n_startup_trials=1)
     (result,) = run_search(study, SearchSpace.heretic(8, COMPONENTS), broken, n_trials=1)

@@ -74,3 +74,40 @@ def test_events_carry_the_record_and_keep_the_engine_details_off_the_wire() -> N
     assert all(isinstance(item, TrialEvent) for item in pareto_front(events))
     pareto = decode(encode(ParetoEvent(trials=pareto_front(TRIALS))))
     assert [item.number for item in pareto.trials] == [4, 2, 5, 1]
+
+
+def test_an_event_from_before_named_scores_reads_as_its_two_objectives() -> None:
+    line = (
+        '{"v": 1, "ts": 1.0, "seq": 3, "type": "trial", "number": 4, "n_trials": 9, "params": {},'
+        ' "kl": 0.25, "refusals": 7, "total_bad": 50, "refusal_skipped": false, "seconds": 2.0}'
+    )
+    event = decode(line)
+    assert isinstance(event, TrialEvent)
+    assert (event.refusals, event.total_bad, event.kl) == (7, 50, 0.25)
+    assert event.scores["KeywordRate"].display() == "7/50"
+    assert event.scores["KLDivergence"].direction == "minimize"
+    assert event.objectives() == (7.0, 0.25)
+    # Written again, it carries its scores by name and the derived headline numbers.
+    again = decode(encode(event))
+    assert again.scores == event.scores and again.kl == 0.25 and again.refusals == 7
+
+
+def test_scores_display_and_describe_a_trial() -> None:
+    from hctl_worker.trials import Score, describe_scores
+
+    guarded = Trial(
+        number=1,
+        scores={
+            "RefusalClassifier": Score(value=2, of=40, direction="minimize", role="refusals"),
+            "MultiTokenKL": Score(value=0.01234, direction="minimize", role="damage"),
+            "HarmlessRefusals": Score(value=9, of=40, role="harmless_refusals", limit=4.0),
+            "Skipped": Score(value=None),
+            "Broken": Score(value=float("nan")),
+        },
+    )
+    assert describe_scores(guarded) == (
+        "RefusalClassifier 2/40, MultiTokenKL 0.0123, HarmlessRefusals 9/40 (over its limit 4), "
+        "Skipped —, Broken 1e+06"
+    )
+    assert not guarded.acceptable and guarded.refusals == 2 and guarded.kl == 0.01234
+    assert pareto_front([guarded]) == [] and choose([guarded]) is None

@@ -5,6 +5,7 @@ hctl-worker run --config FILE --job-dir DIR [--storage URL] [--worker NAME] [--e
                 [--model M] [--set KEY=VALUE]
 hctl-worker pareto --job-dir DIR [--json]
 hctl-worker export --job-dir DIR --trial K [--save-directory DIR] [--upload-repo USER/NAME]
+hctl-worker evaluate --job-dir DIR --trial K [--events]
 hctl-worker chat MODEL_DIR
 hctl-worker version | --version
 ```
@@ -240,7 +241,7 @@ def pareto(
     job_dir: JobDir,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """List the job's Pareto front: trial number (for `--trial`), refusals, KL."""
+    """List the job's Pareto front: trial number (for `--trial`) and every score."""
     with user_errors():
         from hctl_worker.job_directory import JobPaths, read_front
 
@@ -285,6 +286,37 @@ def export(
             ),
             listener,
         )
+
+
+@app.command(cls=HctlCommand)
+def evaluate(
+    job_dir: JobDir,
+    trial: Annotated[
+        int,
+        typer.Option("--trial", min=1, help="The trial number to check (as `pareto` shows it)."),
+    ],
+    events: Annotated[bool, typer.Option("--events", help="Print events as JSON lines.")] = False,
+) -> None:
+    """Check trial K against the original model: perplexity on held-out text, every scorer on
+    the evaluation prompts, and the `benchmarks` lm-eval tasks when lm_eval is installed."""
+    listener = _event_printer if events else None
+    with user_errors():
+        from hctl_worker.checkup import evaluate_job
+
+        checked: list = []
+        _run_with_view(
+            lambda listeners: checked.append(evaluate_job(job_dir, trial, listeners=listeners)),
+            listener,
+        )
+        if not events:
+            from rich.console import Console
+
+            from hctl_worker.progress import evaluation_table
+
+            console = Console()
+            console.print(evaluation_table(checked[0]))
+            for note in checked[0].notes:
+                console.print(note, soft_wrap=True, markup=False, highlight=False)
 
 
 @app.command(cls=HctlCommand)

@@ -1,48 +1,58 @@
-"""Scoring a trial: first-token KL on harmless prompts and the refusal rate on harmful ones.
+"""Measuring the model as it is now, for the scorers: replies, and divergences from the original.
 
-The replies come from the generation engine (`generation.py`), which stops a reply as soon as
-its verdict is certain, through the prompt sets (`prompt_set.py`), which reuse what the
-unmodified model computes. The unmodified model's first-token distribution (the KL reference)
-is computed the way every trial's is. A trial can be told when it stops mattering (`pruning.py`):
-counting its refusals then stops, and its score says it was pruned.
+`Evaluator` is built once per job, on the unmodified model: it batches the evaluation prompts
+into prompt sets that reuse what the unmodified model computes (`prompt_set.py`: the shared
+prefix, the layers below an edit, draft replies), and measures the original's references (the
+first-token distributions and, when a scorer needs them, the greedy continuations and their
+distributions). `Evaluator.evaluate()` then gives a `TrialEvaluation` for the model as it is
+(the trial's edit applied): the context scorers read (`scorers.base.ScoringContext`). It
+computes each thing once, when the first scorer asks for it:
+
+- replies to the harmful / harmless prompts (the generation engine, `generation.py`; a reply
+  stops at a refusal marker when every scorer reading those replies decides by markers alone,
+  and the harmful replies stop altogether once the trial can no longer matter, `pruning.py`),
+- per-prompt KL of the first reply token (one prompt pass per batch),
+- per-token KL along the original's continuations (one teacher-forced pass per batch,
+  `continuations.py`).
+
+These are the seams for speed work: how each is computed can change without touching a scorer.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as functional
 
+from hctl_worker.continuations import (
+    ForcedBatch,
+    forced_batches,
+    forced_logprobs,
+    greedy_continuations,
+    position_divergences,
+)
 from hctl_worker.errors import OutOfMemoryError
 from hctl_worker.generation import GenerationStats, Verdicts, encode_texts, generate
-from hctl_worker.markers import contains_marker, normalise_markers, normalise_response
 from hctl_worker.model import free_memory, is_out_of_memory
 from hctl_worker.prompt_set import DEFAULT_REPLAY_MEMORY, PromptSet, Reuse
+from hctl_worker.scorers.base import PromptSetName, TokenDivergences
 
 if TYPE_CHECKING:
     from hctl_worker.model import LoadedModel
+    from hctl_worker.scorers import Scoring
+
+BOTH: tuple[PromptSetName, ...] = ("harmful", "harmless")
 
 
-@dataclass
-class Baseline:
-    refusals: int
-    total_bad: int
-    refusals_good: int
-    total_good: int
+@dataclass(frozen=True)
+class EvaluationPrompts:
+    """One evaluation prompt set: the user's words and their chat-templated texts."""
 
-
-@dataclass
-class Score:
-    kl: float
-    refusals: int | None
-    total_bad: int
-    refusal_skipped: bool
-    seconds: float
-    pruned: bool = False  # counting stopped early: `refusals` is a lower bound
+    prompts: list[str]
+    texts: list[str]
 
 
 def kl_divergence(current_logprobs: torch.Tensor, base_logprobs: torch.Tensor) -> float:
@@ -55,109 +65,169 @@ def kl_divergence(current_logprobs: torch.Tensor, base_logprobs: torch.Tensor) -
 
 
 class Evaluator:
-    """Scores the model as it is now against the unmodified model measured at construction.
+    """Measures the model as it is now against the unmodified model measured at construction.
 
-    The prompts' passes reuse what the unmodified model computes (`prompt_set.py`): the shared
-    prefix, the layers below the current edit (`unchanged_layers`, from the ablator), and the
-    replies seen so far as drafts. None of it changes a score.
+    `answered` names the prompt sets whose replies trials read; their first passes carry draft
+    replies. `unchanged_layers`, `replay_memory` and `drafts` are the reuse of `prompt_set.py`;
+    none of it changes a measurement.
     """
 
     def __init__(
         self,
         loaded: LoadedModel,
         *,
-        good_texts: Sequence[str],
-        bad_texts: Sequence[str],
-        markers: Sequence[str],
+        harmless: EvaluationPrompts,
+        harmful: EvaluationPrompts,
         max_response_length: int,
         batch_size: int,
-        kl_skip_threshold: float | None = None,
+        harmless_response_length: int | None = None,
+        continuation_tokens: int = 0,
+        stop_markers: Mapping[PromptSetName, tuple[str, ...] | None] | None = None,
+        answered: Collection[PromptSetName] = BOTH,
         share_prefix: bool = True,
         unchanged_layers: Callable[[], int] | None = None,
         replay_memory: float = DEFAULT_REPLAY_MEMORY,
         drafts: bool = True,
     ) -> None:
-        if not good_texts or not bad_texts:
+        if not harmless.texts or not harmful.texts:
             raise ValueError("the evaluator needs harmless and harmful prompts")
         self.loaded = loaded
-        self.good_texts = list(good_texts)
-        self.bad_texts = list(bad_texts)
-        self.markers = normalise_markers(markers)
-        self.max_response_length = int(max_response_length)
+        self.prompts: dict[PromptSetName, EvaluationPrompts] = {
+            "harmful": harmful,
+            "harmless": harmless,
+        }
+        self.reply_lengths: dict[PromptSetName, int] = {
+            "harmful": int(max_response_length),
+            "harmless": int(harmless_response_length or max_response_length),
+        }
+        self.stop_markers = dict(stop_markers or {})
         self.batch_size = max(1, int(batch_size))
-        self.kl_skip_threshold = kl_skip_threshold
         self.stats = GenerationStats()
         self.reuse = Reuse(
             loaded,
-            self.good_texts + self.bad_texts,
+            harmless.texts + harmful.texts,
             share_prefix=share_prefix,
             unchanged_layers=unchanged_layers,
             replay_memory=replay_memory,
             drafts=drafts,
         )
-        self._good = PromptSet(self.reuse, self.good_texts, self.batch_size, draft_first_pass=False)
-        self._bad = PromptSet(self.reuse, self.bad_texts, self.batch_size, draft_first_pass=True)
+        self._sets = {
+            name: PromptSet(
+                self.reuse,
+                self.prompts[name].texts,
+                self.batch_size,
+                draft_first_pass=name in answered,
+            )
+            for name in BOTH
+        }
+        self._forced: list[ForcedBatch] = []
+        self._base_forced: list[torch.Tensor] = []
         with _translated_out_of_memory():
-            self.reuse.check_prefix(self._good.batches[0])
-            # The unmodified model's harmless replies (for the baseline), and its whole greedy
-            # replies to the harmful prompts: the drafts of every trial's replies.
-            replies = self._good.replies(self.max_response_length, self.markers, self.stats)
+            self.reuse.check_prefix(self._sets["harmless"].batches[0])
             if self.reuse.use_drafts:
-                self._bad.replies(self.max_response_length, None, self.stats)
-            self.reuse.prepare([self._good, self._bad])
+                # The unmodified model's whole greedy replies: the drafts of every trial's.
+                for name in answered:
+                    self._sets[name].replies(self.reply_lengths[name], None, self.stats)
+            self.reuse.prepare(list(self._sets.values()))
             # The KL reference, computed the way every trial's logits are.
-            self.base_logprobs = functional.log_softmax(self._good.first_token_logits(), dim=-1)
-        self._refusals_good = sum(
-            1 for reply in replies if _is_refusal_normalised(reply, self.markers)
+            self.base_logprobs = self._first_token_logprobs()
+        if continuation_tokens > 0:
+            self._measure_continuations(continuation_tokens)
+
+    @classmethod
+    def for_scoring(
+        cls,
+        loaded: LoadedModel,
+        scoring: Scoring,
+        *,
+        harmless: EvaluationPrompts,
+        harmful: EvaluationPrompts,
+        max_response_length: int,
+        batch_size: int,
+        kl_tokens: int = 16,
+        **options: Any,
+    ) -> Evaluator:
+        """An evaluator that measures what the job's scorers read: continuations only when a
+        scorer reads them, replies that stop at markers only where every scorer reading them
+        decides by markers, drafts for the sets that are answered."""
+        return cls(
+            loaded,
+            harmless=harmless,
+            harmful=harmful,
+            max_response_length=max_response_length,
+            batch_size=batch_size,
+            continuation_tokens=kl_tokens if "continuation" in scoring.reads else 0,
+            stop_markers={name: scoring.stop_markers(name) for name in BOTH},
+            answered=[name for name in BOTH if f"{name}_replies" in scoring.reads],
+            **options,
         )
+
+    def _measure_continuations(self, tokens: int) -> None:
+        """The original's greedy continuations of the harmless prompts and its distributions
+        along them (kept on the CPU: they can be large)."""
+        batches = self._sets["harmless"].batches
+        pad = self.loaded.tokenizer.pad_token_id or 0
+        with _translated_out_of_memory():
+            continuations = greedy_continuations(self.loaded, batches, tokens)
+            self._forced = forced_batches(batches, continuations, pad)
+            with torch.inference_mode():
+                self._base_forced = [
+                    forced_logprobs(self.loaded, batch).cpu() for batch in self._forced
+                ]
 
     @property
     def shares_prefix(self) -> int:
         """How many prompt tokens each prefill skips (0 when the prefix is not shared)."""
         return self.reuse.prefix.length if self.reuse.prefix is not None else 0
 
-    def kl(self) -> float:
+    @property
+    def continuation_tokens(self) -> int:
+        """Tokens of the original's continuations scored (0 when none were measured)."""
+        return int(sum(int(batch.lengths.sum()) for batch in self._forced))
+
+    def evaluate(self) -> TrialEvaluation:
+        """The context for scoring the model as it is now (call it with the trial's edit on)."""
+        return TrialEvaluation(self)
+
+    # -- what a trial's evaluation computes, each once -----------------------------------------
+
+    def replies(self, prompt_set: PromptSetName, verdicts: Verdicts | None = None) -> list[str]:
+        """Greedy replies to one prompt set, in its order; with `verdicts`, generation stops
+        once its limit of (marker) refusals is reached."""
         with _translated_out_of_memory():
-            logits = self._good.first_token_logits()
-        # Rows come back in length order, as the reference does, so no permutation is undone.
-        return kl_divergence(functional.log_softmax(logits, dim=-1), self.base_logprobs)
+            return self._sets[prompt_set].replies(
+                self.reply_lengths[prompt_set],
+                self.stop_markers.get(prompt_set),
+                self.stats,
+                verdicts,
+            )
 
-    def count_refusals(self, verdicts: Verdicts | None = None) -> int:
-        """Refusals among the harmful prompts' replies; with `verdicts`, counting stops at its
-        limit (then `verdicts.stopped` is set and the count is a lower bound)."""
-        verdicts = verdicts if verdicts is not None else Verdicts()
+    def _first_token_logprobs(self) -> torch.Tensor:
+        """[harmless prompts, vocabulary], in batch order (the reference has the same order, so
+        the permutation never needs undoing)."""
         with _translated_out_of_memory():
-            self._bad.replies(self.max_response_length, self.markers, self.stats, verdicts)
-        return verdicts.refusals
+            logits = self._sets["harmless"].first_token_logits()
+        return functional.log_softmax(logits, dim=-1)
 
-    def baseline(self) -> Baseline:
-        return Baseline(
-            refusals=self.count_refusals(),
-            total_bad=len(self.bad_texts),
-            refusals_good=self._refusals_good,
-            total_good=len(self.good_texts),
-        )
+    def first_token_divergences(self) -> torch.Tensor:
+        """Per harmless prompt (in batch order): KL(original ‖ now) of the first token."""
+        current = self._first_token_logprobs()
+        return position_divergences(current, self.base_logprobs.to(current.device)).cpu()
 
-    def score(self, refusal_limit: Callable[[float], int | None] | None = None) -> Score:
-        """KL, then refusals. `refusal_limit(kl)` is the refusal count at which this trial can
-        no longer matter (`pruning.py`); counting stops there and the score says `pruned`."""
-        started = time.perf_counter()
-        kl = self.kl()
-        skipped = self.kl_skip_threshold is not None and kl > self.kl_skip_threshold
-        refusals = None
-        pruned = False
-        if not skipped:
-            verdicts = Verdicts(limit=refusal_limit(kl) if refusal_limit is not None else None)
-            refusals = self.count_refusals(verdicts)
-            pruned = verdicts.stopped
-        return Score(
-            kl=kl,
-            refusals=refusals,
-            total_bad=len(self.bad_texts),
-            refusal_skipped=skipped,
-            seconds=time.perf_counter() - started,
-            pruned=pruned,
-        )
+    def continuation_divergences(self) -> TokenDivergences:
+        """Per harmless prompt (in batch order) and continuation position: KL(original ‖ now)."""
+        if not self._forced:
+            raise ValueError("no continuations were measured (continuation_tokens = 0)")
+        width = max(batch.positions for batch in self._forced)
+        values, masks = [], []
+        with torch.inference_mode(), _translated_out_of_memory():
+            for batch, original in zip(self._forced, self._base_forced, strict=True):
+                current = forced_logprobs(self.loaded, batch)
+                divergence = position_divergences(current, original.to(current.device)).cpu()
+                missing = width - batch.positions  # shorter batches: pad on the left
+                values.append(functional.pad(divergence, (missing, 0)))
+                masks.append(functional.pad(batch.mask(), (missing, 0)))
+        return TokenDivergences(torch.cat(values, dim=0), torch.cat(masks, dim=0))
 
     def responses(self, texts: Sequence[str], max_new_tokens: int) -> list[str]:
         """Greedy replies (no early stop), in the order given: for chat and debugging."""
@@ -167,9 +237,51 @@ class Evaluator:
             )
 
 
-def _is_refusal_normalised(reply: str, markers: tuple[str, ...]) -> bool:
-    normalised = normalise_response(reply)
-    return not normalised or contains_marker(normalised, markers)
+class TrialEvaluation:
+    """The model as it is in one trial, as scorers see it: each measurement made once.
+
+    `limit_refusals(n)` (set by the job's `Scoring` before any reply is read) stops the harmful
+    replies once `n` of them are refusals: the trial is then `pruned`, and `refusals_so_far` is
+    the count that stopped it (a lower bound).
+    """
+
+    def __init__(self, evaluator: Evaluator) -> None:
+        self._evaluator = evaluator
+        self.harmful_prompts = evaluator.prompts["harmful"].prompts
+        self.harmless_prompts = evaluator.prompts["harmless"].prompts
+        self._replies: dict[PromptSetName, list[str]] = {}
+        self._first_token: torch.Tensor | None = None
+        self._continuation: TokenDivergences | None = None
+        self._refusal_limit: int | None = None
+        self.pruned = False
+        self.refusals_so_far: int | None = None
+
+    def limit_refusals(self, limit: int | None) -> None:
+        self._refusal_limit = limit
+
+    def harmful_replies(self) -> list[str]:
+        if "harmful" not in self._replies:
+            limit = self._refusal_limit
+            verdicts = Verdicts(limit=limit) if limit is not None else None
+            self._replies["harmful"] = self._evaluator.replies("harmful", verdicts)
+            if verdicts is not None and verdicts.stopped:
+                self.pruned, self.refusals_so_far = True, verdicts.refusals
+        return self._replies["harmful"]
+
+    def harmless_replies(self) -> list[str]:
+        if "harmless" not in self._replies:
+            self._replies["harmless"] = self._evaluator.replies("harmless")
+        return self._replies["harmless"]
+
+    def first_token_divergences(self) -> torch.Tensor:
+        if self._first_token is None:
+            self._first_token = self._evaluator.first_token_divergences()
+        return self._first_token
+
+    def continuation_divergences(self) -> TokenDivergences:
+        if self._continuation is None:
+            self._continuation = self._evaluator.continuation_divergences()
+        return self._continuation
 
 
 class _translated_out_of_memory:
@@ -189,4 +301,4 @@ class _translated_out_of_memory:
         return False
 
 
-__all__ = ["Baseline", "Evaluator", "Score", "kl_divergence"]
+__all__ = ["EvaluationPrompts", "Evaluator", "TrialEvaluation", "kl_divergence"]

@@ -28,7 +28,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from hctl_worker.locks import FileLock
-from hctl_worker.trials import Trial
+from hctl_worker.trials import Score, Trial
 
 SCHEMA_VERSION = 1
 
@@ -80,13 +80,15 @@ class StageEvent(_Event):
 
 
 class BaselineEvent(_Event):
-    """How the unmodified model scores: refusals on harmful prompts (and on harmless ones)."""
+    """How the unmodified model scores: refusals on harmful prompts (and on harmless ones), and
+    every scorer's value by name."""
 
     type: Literal["baseline"] = "baseline"
     refusals: int
     total_bad: int
     refusals_good: int | None = None
     total_good: int | None = None
+    scores: dict[str, Score] = Field(default_factory=dict)
 
 
 class TrialEvent(Trial, _Event):
@@ -107,8 +109,38 @@ class TrialEvent(Trial, _Event):
         )
 
 
+class Measure(BaseModel):
+    """One row of a capability check: the original model's value and the edited one's."""
+
+    name: str  # "perplexity", a scorer's name, "lm-eval piqa acc"...
+    original: float | None
+    edited: float | None
+    of: int | None = None  # a count: out of how many
+    better: Literal["lower", "higher", ""] = ""
+
+    def display(self, value: float | None) -> str:
+        """`3/96` for a count, four significant decimals otherwise, `—` when not measured."""
+        return Score(value=value, of=self.of).display()
+
+    def rows(self) -> tuple[str, str, str]:
+        """Name, original, edited: one line of a before/after table."""
+        arrow = {"lower": " ↓", "higher": " ↑"}.get(self.better, "")
+        return self.name + arrow, self.display(self.original), self.display(self.edited)
+
+
+class EvaluationEvent(_Event):
+    """A capability check of one trial against the original model (`hctl-worker evaluate`)."""
+
+    type: Literal["evaluation"] = "evaluation"
+    trial: int
+    measures: list[Measure]
+    notes: list[str] = Field(default_factory=list)  # what was not measured, and why
+    seconds: float | None = None
+
+
 class ParetoEvent(_Event):
-    """The Pareto front so far, best trade-offs first (fewest refusals, then lowest KL)."""
+    """The Pareto front so far, in the order of its objectives (by default fewest refusals first,
+    then lowest KL); trials over a guard's limit are left out."""
 
     type: Literal["pareto"] = "pareto"
     trials: list[Trial]
@@ -148,7 +180,8 @@ Event = Annotated[
     | ParetoEvent
     | LogEvent
     | DoneEvent
-    | ErrorEvent,
+    | ErrorEvent
+    | EvaluationEvent,
     Field(discriminator="type"),
 ]
 

@@ -20,8 +20,9 @@ import torch
 from hctl_worker import __version__
 from hctl_worker.ablation import AblationParams, Ablator
 from hctl_worker.errors import ExportError
+from hctl_worker.events import EvaluationEvent
 from hctl_worker.model import LoadedModel, load_model
-from hctl_worker.trials import Trial
+from hctl_worker.trials import Score, Trial
 
 if TYPE_CHECKING:
     from hctl_worker.settings import WorkerSettings
@@ -52,7 +53,8 @@ def export_trial(
     save_directory: str | None = None,
     upload_repo: str | None = None,
     upload_private: bool | None = None,
-    baseline_refusals: tuple[int, int] | None = None,
+    baseline: Mapping[str, Score] | None = None,
+    evaluation: EvaluationEvent | None = None,
     on_message: Callable[[str], None] | None = None,
 ) -> Exported:
     """Merge the trial into `loaded` (for good) and save and/or upload it."""
@@ -70,7 +72,7 @@ def export_trial(
             f"Set {TOKEN_VARIABLE} to a write token from https://huggingface.co/settings/tokens.",
         )
     ablator.merge(AblationParams.from_dict(trial.ablation))
-    card = model_card(settings.model or loaded.source, trial, baseline_refusals)
+    card = model_card(settings.model or loaded.source, trial, baseline, evaluation)
     directory = Path(save_directory).expanduser() if save_directory else None
     if directory is None:
         import tempfile
@@ -103,18 +105,16 @@ def save_model(loaded: LoadedModel, directory: Path, card: str, *, max_shard_siz
 
 
 def model_card(
-    base_model: str, trial: Trial, baseline_refusals: tuple[int, int] | None = None
+    base_model: str,
+    trial: Trial,
+    baseline: Mapping[str, Score] | None = None,
+    evaluation: EvaluationEvent | None = None,
 ) -> str:
-    """A hub model card: where the model comes from, the edit's parameters and its scores."""
+    """A hub model card: where the model comes from, its scores (against the original's when
+    known), the capability check when one was run, and the edit's parameters."""
     rows = "\n".join(
         f"| `{name}` | {_format(value)} |" for name, value in sorted(trial.params.items())
     )
-    base_line = ""
-    if baseline_refusals is not None:
-        base_line = (
-            f"| Refusals of the original model | {baseline_refusals[0]}/{baseline_refusals[1]} |\n"
-        )
-    refusals = "skipped" if trial.refusals is None else f"{trial.refusals}/{trial.total_bad}"
     base_id = base_model if "/" in base_model and not Path(base_model).exists() else None
     front_matter = "---\n" + (f"base_model: {base_id}\n" if base_id else "")
     front_matter += "tags:\n- hctl\n- abliterated\n- uncensored\n---\n"
@@ -125,13 +125,41 @@ def model_card(
         f"{__version__} (directional ablation searched with Optuna, after heretic). "
         f"It was trial {trial.number} of the search.\n\n"
         "## Scores\n\n"
-        "| | |\n|---|---|\n"
-        f"{base_line}"
-        f"| Refusals of this model | {refusals} |\n"
-        f"| KL divergence from the original (first token, harmless prompts) | {trial.kl:.4f} |\n\n"
-        "## Parameters\n\n"
+        "| score | what it measures | original model | this model |\n|---|---|---|---|\n"
+        + "".join(
+            f"| {name} | {SCORE_MEANINGS.get(name, '')} | "
+            f"{baseline[name].display() if baseline and name in baseline else ''} | "
+            f"{score.display()} |\n"
+            for name, score in trial.scores.items()
+        )
+        + "\n"
+        + (_evaluation_section(evaluation) if evaluation is not None else "")
+        + "## Parameters\n\n"
         "| parameter | value |\n|---|---|\n"
         f"{rows}\n"
+    )
+
+
+SCORE_MEANINGS = {
+    "KeywordRate": "harmful prompts refused (refusal markers in the reply)",
+    "RefusalClassifier": "harmful prompts refused (judged by a refusal classifier)",
+    "HarmlessRefusals": "harmless prompts refused",
+    "KLDivergence": "KL divergence from the original, first token of harmless replies",
+    "MultiTokenKL": "KL divergence from the original along its own harmless replies",
+}
+
+
+def _evaluation_section(evaluation: EvaluationEvent) -> str:
+    lines = "".join(
+        f"| {measure.name} | {measure.display(measure.original)} | "
+        f"{measure.display(measure.edited)} |\n"
+        for measure in evaluation.measures
+    )
+    notes = "".join(f"- {note}\n" for note in evaluation.notes)
+    return (
+        "## Capability check\n\n"
+        "| measure | original model | this model |\n|---|---|---|\n"
+        f"{lines}\n" + (f"{notes}\n" if notes else "")
     )
 
 

@@ -9,8 +9,9 @@
   study.journal            the Optuna journal: the search resumes from it (see study.py)
   storage.url              instead, the database the study is in (no password), when it is in one
   directions.safetensors   refusal directions and per-layer separation, computed once
-  results/pareto.json      the Pareto front (refusals, KL, parameters) after the last trial
+  results/pareto.json      the Pareto front (scores, parameters) after the last trial
   results/chosen.json      the chosen trial, when one was chosen
+  results/evaluation-trial-K.json   the capability check of trial K (hctl-worker evaluate)
 ```
 
 The names the controller reads too are constants in `events.py` (the shared contract); the rest
@@ -273,7 +274,7 @@ def finished_trials(paths: JobPaths) -> list[Trial]:
         )
     storage = job_storage(paths)
     try:
-        return studies.finished_trials(studies.open_study(storage, seed=0, n_startup_trials=0))
+        return studies.load_trials(storage)
     finally:
         storage.close()
 
@@ -301,6 +302,8 @@ def _result_record(result: Trial) -> dict[str, Any]:
         "refusals": result.refusals,
         "total_bad": result.total_bad,
         "kl": result.kl,
+        "acceptable": result.acceptable,
+        "scores": {name: score.model_dump() for name, score in result.scores.items()},
         "seconds": result.seconds,
         "params": result.params,
         "ablation": result.ablation,
@@ -311,16 +314,19 @@ def write_results(paths: JobPaths, front: Sequence[Trial]) -> None:
     _write_json(paths.results / PARETO_FILE, [_result_record(result) for result in front])
 
 
-def write_chosen(
-    paths: JobPaths, chosen: Trial, *, automatic: bool, refusals_good: int, total_good: int
-) -> None:
-    record = {
-        **_result_record(chosen),
-        "automatic": automatic,  # chosen by the rule, not by its number
-        "refusals_good": refusals_good,
-        "total_good": total_good,
-    }
+def write_chosen(paths: JobPaths, chosen: Trial, *, automatic: bool) -> None:
+    record = {**_result_record(chosen), "automatic": automatic}  # chosen by the rule, or by number
     _write_json(paths.results / CHOSEN_FILE, record)
+
+
+def evaluation_file(paths: JobPaths, number: int) -> Path:
+    return paths.results / f"evaluation-trial-{number}.json"
+
+
+def write_evaluation(paths: JobPaths, number: int, record: Any) -> Path:
+    path = evaluation_file(paths, number)
+    _write_json(path, record)
+    return path
 
 
 def _write_json(path: Path, value: Any) -> None:

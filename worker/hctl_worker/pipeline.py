@@ -24,6 +24,7 @@ from hctl_worker import __version__
 from hctl_worker import study as studies
 from hctl_worker.ablation import Ablator
 from hctl_worker.architecture import COMPONENTS
+from hctl_worker.checkup import capability_check
 from hctl_worker.errors import SettingsError, WorkerError
 from hctl_worker.events import DoneEvent, ParetoEvent, StartEvent, TrialEvent, read_events
 from hctl_worker.export import export_trial
@@ -41,13 +42,13 @@ from hctl_worker.job_directory import (
     write_chosen,
     write_results,
 )
-from hctl_worker.markers import DEFAULT_REFUSAL_MARKERS, is_refusal
 from hctl_worker.pruning import PruningBar
 from hctl_worker.reporter import Listener, Reporter, guarded, report_error
 from hctl_worker.search_space import SearchSpace, to_ablation_params
 from hctl_worker.settings import WorkerSettings
 from hctl_worker.storage import redact
-from hctl_worker.trials import Trial, choose, pareto_front
+from hctl_worker.teamwork import Teamwork, forget_reports, mark_reported, reported_numbers
+from hctl_worker.trials import Trial, choose, describe_scores, pareto_front
 from hctl_worker.workbench import Workbench, load, prepare
 
 
@@ -102,6 +103,7 @@ def _pipeline(
             storage,
             seed=settings.seed,
             n_startup_trials=settings.n_startup_trials,
+            directions=[c.optimization for c in settings.scorers if c.optimization != "report"],
             seed_offset=0 if name == "1" else zlib.crc32(name.encode()) % 1_000_003,
         )
         resumed = studies.finished_trials(study)
@@ -130,7 +132,7 @@ def _pipeline(
             _match_reports_to_events(paths, study)
         # A worker joining a search that has ended loads nothing.
         bench = prepare(settings, paths, reporter) if len(resumed) < settings.n_trials else None
-        team = studies.Teamwork(
+        team = Teamwork(
             name=name,
             owner=f"{socket.gethostname()}:{paths.root}:{name}",
             heartbeat_s=settings.heartbeat_seconds,
@@ -183,7 +185,7 @@ def _search(
     reporter: Reporter,
     study: optuna.Study,
     bench: Workbench | None,
-    team: studies.Teamwork,
+    team: Teamwork,
 ) -> list[Trial]:
     """Take part in the search until it has `n_trials` finished trials (this worker's and the
     others'); every trial numbered in this worker's turn is reported here: its event, the front,
@@ -195,18 +197,13 @@ def _search(
     def evaluate(values: dict[str, float | str]) -> studies.Outcome:
         assert bench is not None
         limit = None
-        if settings.prune_trials:
-            bar = PruningBar.for_prompts(
-                studies.finished_trials(study),
-                len(bench.evaluator.bad_texts),
-                settings.prune_margin,
-            )
-            limit = bar.refusal_limit
+        if settings.prune_trials and bench.scoring.can_prune:
+            harmful = len(bench.evaluator.prompts["harmful"].texts)
+            finished = studies.finished_trials(study)
+            limit = PruningBar.for_prompts(finished, harmful, settings.prune_margin).refusal_limit
         with bench.ablator.applied(to_ablation_params(values, COMPONENTS)):
-            score = bench.evaluator.score(refusal_limit=limit)
-        return studies.Outcome(
-            kl=score.kl, refusals=score.refusals, total_bad=score.total_bad, pruned=score.pruned
-        )
+            scores, pruned = bench.score(refusal_limit=limit)
+        return studies.Outcome(scores=scores, pruned=pruned)
 
     ran: list[Trial] = []
     with reporter.stage("search", f"{settings.n_trials} trials") as stage:
@@ -255,35 +252,35 @@ def _choose_and_export(
         chosen = choose(outcome.front)
         if chosen is None:
             raise SettingsError(
-                "no trial to choose: every trial's refusals were skipped for a high KL",
-                "Raise kl_skip_threshold (or set it to 0), then run the job again.",
+                "no trial to choose: every trial's refusals were skipped for a high KL, or "
+                "refused more harmless prompts than harmless_refusal_margin allows",
+                "Raise kl_skip_threshold (or set it to 0) or harmless_refusal_margin, or name a "
+                "trial (trial = K; hctl-worker pareto lists them), then run the job again.",
             )
     outcome.chosen = chosen
-    markers = settings.refusal_markers or list(DEFAULT_REFUSAL_MARKERS)
-    with bench.ablator.applied(to_ablation_params(chosen.params, COMPONENTS)):
-        replies = bench.evaluator.responses(bench.good_evaluation, settings.max_response_length)
-    refusals_good = sum(is_refusal(reply, markers) for reply in replies)
-    refusals = "skipped" if chosen.refusals is None else f"{chosen.refusals}/{chosen.total_bad}"
-    reporter.log(
-        f"chose trial {chosen.number}: {refusals} refusals on harmful prompts, "
-        f"{refusals_good}/{len(replies)} on harmless ones, KL {chosen.kl:.4f}"
-    )
-    write_chosen(
-        paths,
-        chosen,
-        automatic=settings.trial is None,
-        refusals_good=refusals_good,
-        total_good=len(replies),
-    )
+    reporter.log(f"chose trial {chosen.number}: {describe_scores(chosen)}")
+    write_chosen(paths, chosen, automatic=settings.trial is None)
     if not (settings.save_directory or settings.upload_repo):
         return
+    check = None
+    if settings.evaluate_after_export:
+        check = capability_check(
+            settings,
+            paths,
+            reporter,
+            bench.loaded,
+            bench.ablator,
+            chosen,
+            batch_size=bench.evaluator.batch_size,
+        )
     with reporter.stage("export", f"trial {chosen.number}") as stage:
         exported = export_trial(
             bench.loaded,
             bench.ablator,
             chosen,
             settings,
-            baseline_refusals=(bench.baseline.refusals, bench.baseline.total_bad),
+            baseline=bench.baseline,
+            evaluation=check,
             on_message=reporter.log,
         )
         outcome.model_dir, outcome.uploaded_repo = exported.directory, exported.repo
@@ -333,6 +330,9 @@ def _export(
     directions = load_cached_directions(paths)
     loaded = load(settings, reporter)
     ablator = Ablator(loaded, directions, row_normalization=settings.row_normalization)
+    check = None
+    if settings.evaluate_after_export:
+        check = capability_check(settings, paths, reporter, loaded, ablator, chosen)
     with reporter.stage("export", f"trial {chosen.number}") as stage:
         exported = export_trial(
             loaded,
@@ -342,6 +342,7 @@ def _export(
             save_directory=save_directory,
             upload_repo=upload_repo,
             upload_private=upload_private,
+            evaluation=check,
             on_message=reporter.log,
         )
         stage.result = exported.summary()
@@ -375,9 +376,9 @@ def _match_reports_to_events(paths: JobPaths, study: optuna.Study) -> None:
             event.number for event in read_events(paths.events)[0] if isinstance(event, TrialEvent)
         }
         finished = {trial.number for trial in studies.finished_trials(study)}
-        marked = studies.reported_numbers(study)
-        studies.forget_reports(study, marked - shown)
-        studies.mark_reported(study, (shown & finished) - marked)
+        marked = reported_numbers(study)
+        forget_reports(study, marked - shown)
+        mark_reported(study, (shown & finished) - marked)
 
 
 def _device_name() -> str:

@@ -17,6 +17,7 @@ from hctl_worker.events import (
     BaselineEvent,
     DoneEvent,
     ErrorEvent,
+    EvaluationEvent,
     LogEvent,
     ParetoEvent,
     StageEvent,
@@ -24,26 +25,41 @@ from hctl_worker.events import (
     TrialEvent,
     _Event,
 )
-from hctl_worker.trials import Trial
+from hctl_worker.trials import Trial, describe_scores, score_names
 
 SHOWN_TRIALS = 8
 SHOWN_MESSAGES = 3
 
 
 def pareto_table(trials: Sequence[Trial], title: str = "Pareto front") -> Table:
-    """Trial number (what `--trial` chooses), refusals and KL, best trade-offs first."""
+    """Trial number (what `--trial` chooses) and every score, best trade-offs first; an
+    objective's column says which way is better."""
+    names = score_names(trials)
     table = Table(title=title, title_justify="left")
     table.add_column("trial", justify="right")
-    table.add_column("refusals", justify="right")
-    table.add_column("KL", justify="right")
+    for name in names:
+        table.add_column(_header(name, trials), justify="right")
     for trial in trials:
-        refusals = trial.refusals or 0
-        share = refusals / trial.total_bad if trial.total_bad else 0.0
         table.add_row(
             str(trial.number),
-            f"{refusals}/{trial.total_bad} ({share:.0%})",
-            f"{trial.kl:.4f}",
+            *(trial.scores[name].display() if name in trial.scores else "" for name in names),
         )
+    return table
+
+
+def _header(name: str, trials: Sequence[Trial]) -> str:
+    direction = next((t.scores[name].direction for t in trials if name in t.scores), "report")
+    return name + {"minimize": " ↓", "maximize": " ↑"}.get(direction, "")
+
+
+def evaluation_table(event: EvaluationEvent) -> Table:
+    """The capability check: each measure for the original model and for the trial."""
+    table = Table(title=f"Trial {event.trial} against the original model", title_justify="left")
+    table.add_column("measure")
+    table.add_column("original", justify="right")
+    table.add_column(f"trial {event.trial}", justify="right")
+    for measure in event.measures:
+        table.add_row(*measure.rows())
     return table
 
 
@@ -102,12 +118,9 @@ class ProgressView:
             return self.baseline
         if isinstance(event, TrialEvent):
             self.trials.append(event)
-            refusals = (
-                "skipped" if event.refusals is None else f"{event.refusals}/{event.total_bad}"
-            )
             return (
-                f"trial {event.number}/{event.n_trials}: refusals {refusals}, "
-                f"KL {event.kl:.4f} ({event.seconds:.1f} s)"
+                f"trial {event.number}/{event.n_trials}: {describe_scores(event)} "
+                f"({event.seconds:.1f} s)"
             )
         if isinstance(event, ParetoEvent):
             self.front = list(event.trials)
@@ -131,17 +144,15 @@ class ProgressView:
         if self.baseline:
             parts.append(Text(self.baseline))
         if self.trials:
+            latest = self.trials[-SHOWN_TRIALS:]
+            names = score_names(latest)
             table = Table(title="latest trials", title_justify="left")
-            for column in ("trial", "refusals", "KL", "seconds"):
+            for column in ("trial", *names, "seconds"):
                 table.add_column(column, justify="right")
-            for trial in self.trials[-SHOWN_TRIALS:]:
-                refusals = (
-                    "skipped" if trial.refusals is None else f"{trial.refusals}/{trial.total_bad}"
-                )
+            for trial in latest:
                 table.add_row(
                     f"{trial.number}/{trial.n_trials}",
-                    refusals,
-                    f"{trial.kl:.4f}",
+                    *(trial.scores[n].display() if n in trial.scores else "" for n in names),
                     f"{trial.seconds:.1f}",
                 )
             parts.append(table)

@@ -2,8 +2,9 @@
 
 The names follow heretic's (`model`, `n_trials`, `good_prompts`, `row_normalization`...) so a
 heretic `config.toml` carries over. heretic keys that mean the same thing under another name here
-(`upload_repo_id`, `keyword_markers`, `[scorer.KeywordRate.prompts]`...) are renamed; heretic keys
-for features this worker does not have (plots, benchmarks, interactive menus) and heretic's
+(`upload_repo_id`, `keyword_markers`, `[scorer.KeywordRate.prompts]`...) are renamed, heretic's
+`scorers` list is read as this worker's; heretic keys
+for features this worker does not have (plots, interactive menus) and heretic's
 `trial_index` (an index into its Pareto front, where `trial` here is a trial number) are accepted
 and ignored with a warning; anything else is an error naming the key.
 
@@ -20,10 +21,24 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from hctl_worker.errors import SettingsError
+from hctl_worker.scorers.choices import (
+    DEFAULT_SCORERS,
+    ClassifierSettings,
+    ScorerChoice,
+    check_choices,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -65,6 +80,7 @@ class PromptSource(BaseModel):
 SPLIT_PATTERN = re.compile(
     r"(?P<name>[\w.-]*)\s*(\[\s*(?P<start>-?\d+%?)?\s*:\s*(?P<end>-?\d+%?)?\s*\])?"
 )
+
 
 GOOD_PROMPTS = PromptSource(dataset="mlabonne/harmless_alpaca", split="train[:400]")
 BAD_PROMPTS = PromptSource(dataset="mlabonne/harmful_behaviors", split="train[:400]")
@@ -115,6 +131,21 @@ class WorkerSettings(BaseSettings):
     replay_memory: float = Field(default=0.25, ge=0)  # of the model's size; 0 = no replay
     draft_replies: bool = True
 
+    # Scorers: what a trial is judged by.
+    scorers: list[ScorerChoice] = Field(
+        default_factory=lambda: [choice.model_copy() for choice in DEFAULT_SCORERS], min_length=1
+    )
+    refusal_classifier: ClassifierSettings = Field(default_factory=ClassifierSettings)
+    kl_tokens: int = Field(default=16, ge=1, le=4096)  # MultiTokenKL: continuation tokens
+    harmless_response_length: int = Field(default=16, ge=1)
+    harmless_refusal_margin: float = Field(default=0.05, ge=0, le=1)  # 1 = no limit
+
+    # Checking the chosen model (hctl-worker evaluate, and after export when asked).
+    evaluate_after_export: bool = False
+    evaluation_text: str | None = None  # a text file; blank lines separate passages
+    benchmarks: list[str] = Field(default_factory=list)  # lm-eval task names
+    benchmark_limit: int | None = Field(default=None, ge=1)  # examples per task
+
     # Directions and edits.
     orthogonalize_direction: bool = True
     row_normalization: Literal["none", "pre", "full"] = "none"
@@ -143,6 +174,11 @@ class WorkerSettings(BaseSettings):
     def warnings(self) -> list[str]:
         """What was accepted but ignored (heretic keys this worker does not use)."""
         return self._warnings
+
+    @model_validator(mode="after")
+    def _check_scorers(self) -> WorkerSettings:
+        check_choices(self.scorers, self.refusal_classifier)
+        return self
 
     @field_validator("dtypes")
     @classmethod
@@ -177,12 +213,18 @@ class WorkerSettings(BaseSettings):
             "max_response_length",
             "refusal_markers",
             "kl_skip_threshold",
+            "scorers",
+            "refusal_classifier",
+            "kl_tokens",
+            "harmless_response_length",
+            "harmless_refusal_margin",
             "orthogonalize_direction",
             "row_normalization",
             "direction_scope",
             "search_ranges",
         )
         dumped = self.model_dump(mode="json")
+        dumped["refusal_classifier"].pop("batch_size")  # speed only
         return {key: dumped[key] for key in keys}
 
     def to_toml_dict(self) -> dict[str, Any]:
@@ -214,16 +256,14 @@ IGNORED_HERETIC_KEYS = {
     "full_normalization_lora_rank": "edits are exact, not LoRA approximations",
     "winsorization_quantile": "winsorization is not supported",
     "study_checkpoint_dir": "the study lives in the job directory",
-    "benchmarks": "benchmarks are not run",
     "checkpoint_action": "the same job directory always continues its study",
     "n_additional_trials": "raise n_trials instead",
     "model_action": "set save_directory or upload_repo instead",
     "upload_reproducibility_information": "reproduction files are not supported",
     "ignore_mismatches": "reproduction files are not supported",
-    "kl_divergence_scale": "the objectives are the raw refusal count and KL",
-    "kl_divergence_target": "the objectives are the raw refusal count and KL",
+    "kl_divergence_scale": "objectives are the scorers' raw values",
+    "kl_divergence_target": "objectives are the scorers' raw values",
     "print_responses": "responses are not printed",
-    "scorers": "the objectives are always refusals and KL",
     "multidirectional_som": "multi-direction (SOM) ablation is not supported",
     "som_x": "multi-direction (SOM) ablation is not supported",
     "som_y": "multi-direction (SOM) ablation is not supported",
@@ -426,6 +466,11 @@ def _resolve_relative_paths(values: dict[str, Any], folder: Path) -> dict[str, A
     values = dict(values)
     if isinstance(values.get("model"), str):
         values["model"] = resolved(values["model"])
+    if isinstance(values.get("evaluation_text"), str):
+        values["evaluation_text"] = resolved(values["evaluation_text"])
+    classifier = values.get("refusal_classifier")
+    if isinstance(classifier, Mapping) and isinstance(classifier.get("model"), str):
+        values["refusal_classifier"] = {**classifier, "model": resolved(classifier["model"])}
     for table in PROMPT_TABLES:
         if isinstance(values.get(table), Mapping) and isinstance(values[table].get("dataset"), str):
             values[table] = {**values[table], "dataset": resolved(values[table]["dataset"])}
@@ -436,7 +481,7 @@ def _describe(error: ValidationError, config_file: Path | None) -> str:
     problems = []
     for problem in error.errors():
         location = ".".join(str(part) for part in problem["loc"]) or "settings"
-        message = problem["msg"]
+        message = problem["msg"].removeprefix("Value error, ")
         if problem["type"] == "extra_forbidden":
             message = "unknown setting"
         shown = problem.get("input")

@@ -1,25 +1,29 @@
 """The Optuna study: the resumable record of the search, and the loop each worker runs on it.
 
-Two objectives, both minimised: the refusal count on the harmful evaluation prompts and the KL
-divergence of the first-token distribution on the harmless ones (heretic HEAD's objectives, raw).
-The sampler is multivariate TPE, with `n_startup_trials` random trials first and a "constant
-liar" for the trials other workers are running, so parallel workers do not sample the same
-point. Where it samples is the search space's business (`search_space.py`).
+The objectives are the scorers the settings mark "minimize" or "maximize", in their order (see
+`scorers`); by default the refusal count on the harmful evaluation prompts and the KL divergence
+of the first-token distribution on the harmless ones, both minimised (heretic HEAD's objectives,
+raw). A count goes to Optuna as a count, as it always did, so a journal from before scorers had
+names continues with the same numbers. A guard with a limit (the harmless refusals) is an Optuna
+constraint: the sampler learns to stay out of the region where the model refuses harmless
+prompts, and the objectives stay what they measure (a penalty would mix the two and put
+penalised trials on the front). The sampler is multivariate TPE, with `n_startup_trials` random
+trials first and a "constant liar" for the trials other workers are running, so parallel
+workers do not sample the same point. Where it samples is the search space's business
+(`search_space.py`).
 
 The study lives in a storage (`storage.py`): the journal in the job directory, or a PostgreSQL
 database that workers on several machines share. Any number of workers run `run_search` on one
 study at once; they take turns (`StudyStorage.exclusive`, milliseconds) for what must not
-interleave, so that:
+interleave, and know of each other only through the study (`teamwork.py`), so that:
 
 - a trial starts only while finished + running trials are fewer than `n_trials`, so the
   finished ones stop at exactly `n_trials`, whatever the races;
 - a finished trial gets its number (1, 2, 3... in the order trials finished, unique across
-  workers) and is reported (`on_trial`: its events) in the same turn, then marked reported in
-  the study; a worker that died between the two has its trial reported by the next turn's holder;
-- a running trial beats (a counter in its system attributes, every `heartbeat_s`); one whose
-  beat stands still for `stale_after_s` by another worker's clock, or whose worker has been
-  started again, was abandoned by a dead worker: it is failed and its point queued again, so it
-  runs again (nothing a dead worker did is lost, nothing is counted twice).
+  workers) and is reported (its events) in the same turn, then marked reported in the study; a
+  worker that died between the two has its trial reported by the next turn's holder;
+- a running trial whose worker died (its heartbeat stands still) is failed and its point queued
+  again, so it runs again: nothing a dead worker did is lost, nothing is counted twice.
 
 A worker that is killed and started again on the same job directory continues the same study,
 and `n_trials` counts finished trials, so raising it adds trials to a finished study.
@@ -28,51 +32,50 @@ and `n_trials` counts finished trials, so raising it adds trials to a finished s
 from __future__ import annotations
 
 import contextlib
-import math
-import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from hctl_worker.errors import SettingsError
 from hctl_worker.storage import StudyStorage, journal_storage
-from hctl_worker.trials import Trial
+from hctl_worker.teamwork import Teamwork, mark_reported, reported_numbers
+from hctl_worker.trials import BROKEN_VALUE, Direction, Score, Trial
 
 if TYPE_CHECKING:
     from hctl_worker.search_space import SearchSpace
 
 STUDY_NAME = "hctl"
-BROKEN_KL = 1e6  # stands for a KL that came out NaN or infinite
+DEFAULT_DIRECTIONS: tuple[Direction, ...] = ("minimize", "minimize")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-# The user attributes a finished trial gets (everything else was set when it was queued).
+# The user attributes a finished trial gets (everything else was set when it was queued); the
+# last three only in journals from before scores had names.
 RESULT_ATTRS = frozenset(
-    {"number", "params", "kl", "refusals", "total_bad", "seconds", "pruned", "ablation", "run_by"}
+    {"number", "params", "scores", "seconds", "pruned", "ablation", "run_by"}
+    | {"kl", "refusals", "total_bad"}
 )
-# Trial system attributes: who runs it (an identity unique per job directory and worker name),
-# and its heartbeat counter.
-OWNER_ATTR = "hctl:owner"
-BEAT_ATTR = "hctl:beat"
-# Study system attributes `hctl:reported:<number>`: that trial's event was written.
-REPORTED_PREFIX = "hctl:reported:"
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What evaluating one point gave (the engine's `Score`, as the search needs it)."""
+    """What evaluating one point gave: every scorer's score, by name."""
 
-    kl: float
-    refusals: int | None  # None: skipped because the KL was already too high
-    total_bad: int
+    scores: dict[str, Score]
     seconds: float = 0.0
-    pruned: bool = False  # stopped once behind the front; `refusals` is a lower bound
+    pruned: bool = False  # stopped once behind the front: its refusal count is a lower bound
 
 
 def open_study(
-    where: Path | StudyStorage, *, seed: int, n_startup_trials: int, seed_offset: int = 0
+    where: Path | StudyStorage,
+    *,
+    seed: int,
+    n_startup_trials: int,
+    directions: Sequence[Direction] = DEFAULT_DIRECTIONS,
+    seed_offset: int = 0,
 ) -> optuna.Study:
     """The job's study, created or continued, in a journal file or a `StudyStorage`.
 
@@ -83,9 +86,15 @@ def open_study(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = journal_storage(where) if isinstance(where, Path) else where
     existing = 0
-    with contextlib.suppress(KeyError):  # a new job has no study yet
-        summaries = optuna.study.get_all_study_summaries(storage.storage, include_best_trial=False)
-        existing = next((s.n_trials for s in summaries if s.study_name == STUDY_NAME), 0)
+    summary = _summary(storage)
+    if summary is not None:
+        existing = summary.n_trials
+        if len(summary.directions) != len(directions):
+            raise SettingsError(
+                f"the study in {storage.description} has {len(summary.directions)} objectives, "
+                f"the settings {len(directions)}",
+                "Use the scorers the job started with, or a new --job-dir for other objectives.",
+            )
     sampler = optuna.samplers.TPESampler(
         n_startup_trials=n_startup_trials,
         n_ei_candidates=128,
@@ -97,15 +106,30 @@ def open_study(
         storage=storage.storage,
         sampler=sampler,
         study_name=STUDY_NAME,
-        directions=["minimize", "minimize"],
+        directions=list(directions),
         load_if_exists=True,
     )
     study.hctl_storage = storage  # type: ignore[attr-defined]  # the lock goes with the study
     return study
 
 
+def _summary(storage: StudyStorage) -> optuna.study.StudySummary | None:
+    summaries = optuna.study.get_all_study_summaries(storage.storage, include_best_trial=False)
+    return next((summary for summary in summaries if summary.study_name == STUDY_NAME), None)
+
+
 def study_storage(study: optuna.Study) -> StudyStorage:
     return study.hctl_storage  # type: ignore[attr-defined]
+
+
+def load_trials(storage: StudyStorage) -> list[Trial]:
+    """The finished trials of a job's study, without a sampler (for reading only)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=STUDY_NAME, storage=storage.storage)
+    except KeyError:
+        return []
+    return finished_trials(study)
 
 
 def recover_interrupted(study: optuna.Study) -> int:
@@ -122,18 +146,36 @@ def finished_trials(study: optuna.Study) -> list[Trial]:
 
 
 def _result(trial: FrozenTrial) -> Trial:
+    """A journal trial as a record; one written before scores had names holds `kl`, `refusals`
+    and `total_bad` instead, which the record reads as the two objectives they were."""
     attributes = trial.user_attrs
+    legacy = {key: attributes[key] for key in ("kl", "refusals", "total_bad") if key in attributes}
     return Trial(
         number=int(attributes["number"]),
         params=dict(attributes.get("params", trial.params)),
-        kl=float(attributes["kl"]),
-        refusals=attributes["refusals"],
-        total_bad=int(attributes["total_bad"]),
+        scores=attributes.get("scores", {}),
         seconds=float(attributes.get("seconds", 0.0)),
         pruned=bool(attributes.get("pruned", False)),
         run_by=str(attributes.get("run_by", "")),
         ablation=dict(attributes.get("ablation", {})),
+        **legacy,
     )
+
+
+def objective_values(trial: Trial) -> list[float]:
+    """What Optuna is told: each objective's value; an unmeasured one as its worst (every
+    prompt refused for a count, a broken model otherwise)."""
+    values = []
+    for score in trial.scores.values():
+        if not score.objective:
+            continue
+        if score.value is not None:
+            values.append(float(score.value))
+        elif score.of is not None:
+            values.append(float(score.of) if score.direction == "minimize" else 0.0)
+        else:
+            values.append(BROKEN_VALUE if score.direction == "minimize" else -BROKEN_VALUE)
+    return values
 
 
 def _running(study: optuna.Study) -> list[FrozenTrial]:
@@ -151,59 +193,6 @@ def _requeue(study: optuna.Study, trial: FrozenTrial) -> bool:
         }
         study.enqueue_trial(dict(trial.params), user_attrs=queued_with, skip_if_exists=False)
     return True
-
-
-@dataclass
-class Teamwork:
-    """How one worker takes part in a study that others may share (see the module docstring).
-
-    `owner` identifies this worker among all of the study's (its job directory and name);
-    `name` is what events show. The clock and sleep are injectable for tests.
-    """
-
-    name: str = "1"
-    owner: str = "1"
-    heartbeat_s: float = 10.0
-    stale_after_s: float = 60.0
-    wait_s: float = 1.0
-    clock: Callable[[], float] = time.monotonic
-    sleep: Callable[[float], None] = time.sleep
-    _beats_seen: dict[int, tuple[Any, float]] = field(default_factory=dict)
-
-    def stale(self, trial: FrozenTrial, mine: int | None) -> bool:
-        """Whether a running trial was abandoned: its worker was started again (same owner) or
-        its beat has stood still for `stale_after_s` as this worker saw it."""
-        if trial._trial_id == mine:
-            return False
-        if trial.system_attrs.get(OWNER_ATTR) == self.owner:
-            return True
-        beat = trial.system_attrs.get(BEAT_ATTR)
-        now = self.clock()
-        seen = self._beats_seen.get(trial._trial_id)
-        if seen is None or seen[0] != beat:
-            self._beats_seen[trial._trial_id] = (beat, now)
-            return False
-        return now - seen[1] >= self.stale_after_s
-
-    @contextlib.contextmanager
-    def beating(self, study: optuna.Study, trial_id: int) -> Iterator[None]:
-        """Beat for a running trial, from a thread of its own, until the block ends."""
-        stop = threading.Event()
-
-        def beat() -> None:
-            count = 0
-            while not stop.wait(self.heartbeat_s):
-                count += 1
-                with contextlib.suppress(Exception):  # finished meanwhile, or a lost connection
-                    study._storage.set_trial_system_attr(trial_id, BEAT_ATTR, count)
-
-        thread = threading.Thread(target=beat, name="hctl-heartbeat", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join(timeout=max(1.0, self.heartbeat_s))
 
 
 Report = Callable[[Trial, list[Trial]], None]
@@ -239,13 +228,13 @@ def run_search(
             finished = _report_missing(study, report)
             if len(finished) >= n_trials:
                 return finished
-            for trial in _running(study):
-                if team.stale(trial, None):
-                    _requeue(study, trial)
+            for running in _running(study):
+                if team.stale(running):
+                    _requeue(study, running)
             free = len(finished) + len(_running(study)) < n_trials
             trial = study.ask() if free else None
             if trial is not None:
-                study._storage.set_trial_system_attr(trial._trial_id, OWNER_ATTR, team.owner)
+                team.claim(study, trial._trial_id)
         if trial is None:
             team.sleep(team.wait_s)  # every slot is taken: one may come free if its worker died
             continue
@@ -282,41 +271,34 @@ def _finish(
         result = Trial(
             number=max((done.number for done in finished), default=0) + 1,
             params=values,
-            # A model that computes NaN or inf is as broken as can be; JSON and Optuna need a number.
-            kl=outcome.kl if math.isfinite(outcome.kl) else BROKEN_KL,
-            refusals=outcome.refusals,
-            total_bad=outcome.total_bad,
+            scores=outcome.scores,
             seconds=outcome.seconds or seconds,
             pruned=outcome.pruned,
             run_by=team.name,
             ablation=describe(values) if describe else {},
         )
-        for key in sorted(RESULT_ATTRS):
-            trial.set_user_attr(key, getattr(result, key))
+        for key, value in (
+            ("number", result.number),
+            ("params", result.params),
+            ("scores", {name: score.model_dump() for name, score in result.scores.items()}),
+            ("seconds", result.seconds),
+            ("pruned", result.pruned),
+            ("run_by", result.run_by),
+            ("ablation", result.ablation),
+        ):
+            trial.set_user_attr(key, value)
         if result.pruned:
             study.tell(trial, state=TrialState.PRUNED)
         else:
-            refusals = result.refusals if result.refusals is not None else result.total_bad
-            study.tell(trial, [float(refusals), float(result.kl)])
+            for name, score in result.scores.items():
+                if score.limit is not None and score.value is not None:
+                    trial.set_constraint(name, score.value - score.limit)
+            study.tell(trial, objective_values(result))
         finished.append(result)
         if report is not None:
             report(result, finished)
         mark_reported(study, {result.number})
     return result
-
-
-def reported_numbers(study: optuna.Study) -> set[int]:
-    attributes = study._storage.get_study_system_attrs(study._study_id)
-    return {
-        int(key.removeprefix(REPORTED_PREFIX))
-        for key, value in attributes.items()
-        if key.startswith(REPORTED_PREFIX) and value
-    }
-
-
-def mark_reported(study: optuna.Study, numbers: set[int]) -> None:
-    for number in sorted(numbers):
-        study._storage.set_study_system_attr(study._study_id, f"{REPORTED_PREFIX}{number}", True)
 
 
 def _report_missing(study: optuna.Study, report: Report | None) -> list[Trial]:
@@ -331,10 +313,3 @@ def _report_missing(study: optuna.Study, report: Report | None) -> list[Trial]:
             report(trial, finished)
             mark_reported(study, {trial.number})
     return finished
-
-
-def forget_reports(study: optuna.Study, numbers: set[int]) -> None:
-    """Take back the marks of trials whose events are not where the marks say (a job directory
-    restored from copies): the next turn reports them again. Called holding the lock."""
-    for number in numbers:
-        study._storage.set_study_system_attr(study._study_id, f"{REPORTED_PREFIX}{number}", None)

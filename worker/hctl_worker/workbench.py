@@ -1,7 +1,8 @@
 """The workbench: what every trial of a job needs, prepared once.
 
-Prompts → model → batch size → refusal directions → baseline (prompts first: they fail fast).
-The directions are cached in the job directory, so a resumed job does not compute them again.
+Prompts → model → batch size → refusal directions → scorers and baseline (prompts first: they
+fail fast). The directions are cached in the job directory, so a resumed job does not compute
+them again.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from hctl_worker.ablation import Ablator
 from hctl_worker.batching import find_batch_size
 from hctl_worker.directions import last_token_residuals, layer_separation, refusal_directions
-from hctl_worker.evaluation import Baseline, Evaluator
+from hctl_worker.evaluation import EvaluationPrompts, Evaluator
 from hctl_worker.events import BaselineEvent
 from hctl_worker.job_directory import (
     JobPaths,
@@ -24,11 +25,12 @@ from hctl_worker.job_directory import (
     read_cached_directions,
     write_cached_directions,
 )
-from hctl_worker.markers import DEFAULT_REFUSAL_MARKERS
 from hctl_worker.model import LoadedModel, load_model
-from hctl_worker.prompts import load_prompt_sets
+from hctl_worker.prompts import PromptSets, load_prompt_sets
 from hctl_worker.reporter import Reporter
+from hctl_worker.scorers import Scoring, build_scoring
 from hctl_worker.settings import WorkerSettings
+from hctl_worker.trials import Score, Trial
 
 
 @dataclass
@@ -36,11 +38,19 @@ class Workbench:
     """What the stages after loading share: the model, its prompts, the scorer, the edits."""
 
     loaded: LoadedModel
-    good_evaluation: list[str]
     evaluator: Evaluator
-    baseline: Baseline
+    scoring: Scoring
+    baseline: dict[str, Score]
     ablator: Ablator
     separation: list[float]
+
+    def score(
+        self, refusal_limit: Callable[[float], int | None] | None = None
+    ) -> tuple[dict[str, Score], bool]:
+        """The scores of the model as it is now (with a trial's edit applied), and whether its
+        evaluation stopped at `refusal_limit` (pruned)."""
+        context = self.evaluator.evaluate()
+        return self.scoring.score(context, refusal_limit), context.pruned
 
 
 def prepare(settings: WorkerSettings, paths: JobPaths, reporter: Reporter) -> Workbench:
@@ -53,7 +63,6 @@ def prepare(settings: WorkerSettings, paths: JobPaths, reporter: Reporter) -> Wo
         )
     loaded = load(settings, reporter)
     system_prompt = settings.system_prompt or None  # "" means no system turn
-    good_evaluation = loaded.template(prompts.good_evaluation, system_prompt)
     bad_evaluation = loaded.template(prompts.bad_evaluation, system_prompt)
 
     with reporter.stage("batch_size") as stage:
@@ -80,36 +89,73 @@ def prepare(settings: WorkerSettings, paths: JobPaths, reporter: Reporter) -> Wo
 
     with reporter.stage("baseline") as stage:
         ablator = Ablator(loaded, directions, row_normalization=settings.row_normalization)
-        evaluator = Evaluator(
-            loaded,
-            good_texts=good_evaluation,
-            bad_texts=bad_evaluation,
-            markers=settings.refusal_markers or list(DEFAULT_REFUSAL_MARKERS),
-            max_response_length=settings.max_response_length,
-            batch_size=batch_size,
-            kl_skip_threshold=settings.kl_skip_threshold or None,
-            unchanged_layers=ablator.unchanged_layers,
-            replay_memory=settings.replay_memory,
-            drafts=settings.draft_replies,
+        scoring = build_scoring(settings, loaded)
+        evaluator = evaluator_for(
+            settings, loaded, prompts, scoring, batch_size, ablator.unchanged_layers
         )
-        baseline = evaluator.baseline()
-        reporter.emit(
-            BaselineEvent(
-                refusals=baseline.refusals,
-                total_bad=baseline.total_bad,
-                refusals_good=baseline.refusals_good,
-                total_good=baseline.total_good,
-            )
-        )
-        stage.result = f"{baseline.refusals}/{baseline.total_bad} refusals"
+        baseline = measure_baseline(scoring, evaluator)
+        reporter.emit(baseline_event(baseline))
+        stage.result = ", ".join(f"{name} {score.display()}" for name, score in baseline.items())
         reporter.log(evaluator.reuse.describe())
     return Workbench(
         loaded=loaded,
-        good_evaluation=good_evaluation,
         evaluator=evaluator,
+        scoring=scoring,
         baseline=baseline,
         ablator=ablator,
         separation=separation.tolist(),
+    )
+
+
+def evaluator_for(
+    settings: WorkerSettings,
+    loaded: LoadedModel,
+    prompts: PromptSets,
+    scoring: Scoring,
+    batch_size: int,
+    unchanged_layers: Callable[[], int] | None = None,
+) -> Evaluator:
+    """The evaluator the scorers need, with the reuse the settings allow (`unchanged_layers`
+    from the ablator)."""
+    system_prompt = settings.system_prompt or None
+    return Evaluator.for_scoring(
+        loaded,
+        scoring,
+        harmless=EvaluationPrompts(
+            prompts.good_evaluation, loaded.template(prompts.good_evaluation, system_prompt)
+        ),
+        harmful=EvaluationPrompts(
+            prompts.bad_evaluation, loaded.template(prompts.bad_evaluation, system_prompt)
+        ),
+        max_response_length=settings.max_response_length,
+        batch_size=batch_size,
+        kl_tokens=settings.kl_tokens,
+        harmless_response_length=min(
+            settings.harmless_response_length, settings.max_response_length
+        ),
+        unchanged_layers=unchanged_layers,
+        replay_memory=settings.replay_memory,
+        drafts=settings.draft_replies,
+    )
+
+
+def measure_baseline(scoring: Scoring, evaluator: Evaluator) -> dict[str, Score]:
+    """The unmodified model's scores; they set the guards' limits."""
+    baseline = scoring.score(evaluator.evaluate())
+    scoring.set_baseline(baseline)
+    return baseline
+
+
+def baseline_event(baseline: dict[str, Score]) -> BaselineEvent:
+    """The baseline as an event: headline refusals (harmful, harmless) and every score."""
+    record = Trial(number=0, scores=baseline)
+    harmless = record.headline("harmless_refusals")
+    return BaselineEvent(
+        refusals=record.refusals or 0,
+        total_bad=record.total_bad,
+        refusals_good=round(harmless.value) if harmless and harmless.value is not None else None,
+        total_good=harmless.of if harmless else None,
+        scores=baseline,
     )
 
 

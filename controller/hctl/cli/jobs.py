@@ -28,7 +28,12 @@ from hctl.services.finish import next_steps
 from hctl.services.jobs import JobRecord, check_job_id
 from hctl.services.progress import JobProgress
 from hctl.services.toolkit import Toolkit, default_toolkit
-from hctl.services.view import PARETO_COLUMNS, pareto_rows
+from hctl.services.view import (
+    evaluation_columns,
+    evaluation_rows,
+    pareto_columns,
+    pareto_rows,
+)
 from hctl.settings import load_settings
 
 JOB_HELP = "The job id (`hctl jobs` lists them)."
@@ -74,7 +79,13 @@ def show_results(
     front = progress.front()
     if front:
         rows = pareto_rows(front, chosen=record.chosen_trial)
-        print_table(PARETO_COLUMNS, rows, title="Pareto front")
+        print_table(pareto_columns(front), rows, title="Pareto front")
+    check = progress.evaluation
+    if check is not None:
+        title = f"Trial {check.trial} against the original model"
+        print_table(evaluation_columns(check), evaluation_rows(check), title=title)
+        for note in check.notes:
+            print_line(note)
     picture = toolkit.store.picture_path(record.job_id)
     if picture.is_file():
         print_line(f"Pareto plot: {picture}")

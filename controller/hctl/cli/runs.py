@@ -26,10 +26,10 @@ from hctl.services.request import RunRequest, parse_assignments
 from hctl.services.toolkit import Toolkit
 from hctl.services.view import (
     ESTIMATE_COLUMNS,
-    PARETO_COLUMNS,
     LiveView,
     estimate_data,
     estimate_rows,
+    pareto_columns,
     pareto_rows,
     phases_line,
 )
@@ -46,7 +46,7 @@ def _chooser(assume_yes: bool, view: LiveView) -> runs.TrialChooser | None:
     def choose(front: list, suggested: object) -> int | None:
         view.pause()  # the live panel would redraw over the question
         default = getattr(suggested, "number", None)
-        print_table(PARETO_COLUMNS, pareto_rows(front, chosen=default), title="Pareto front")
+        print_table(pareto_columns(front), pareto_rows(front, chosen=default), title="Pareto front")
         return typer.prompt("Trial to save", default=default, type=int)
 
     return choose

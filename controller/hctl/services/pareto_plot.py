@@ -1,7 +1,11 @@
 """The Pareto front as a self-contained SVG picture: no plotting library, opens in any browser.
 
-Every scored trial is a grey dot (refusals against KL divergence); the front is drawn as a
-staircase of red dots, the chosen trial circled. Hovering a dot shows its trial number.
+Every scored trial is a grey dot (its refusals against its damage: the first refusal objective
+and the first damage objective, named on the axes); the front is drawn as a staircase of red
+dots, the chosen trial circled. A trial over a guard's limit (it refuses harmless prompts) is a
+hollow orange ring: never on the front. Hovering a dot shows its trial number and every score.
+With more than two objectives the front is a projection: a front trial may look beaten here
+by one that is worse on an objective the picture does not show.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ import math
 from html import escape
 from pathlib import Path
 
-from hctl_worker.trials import Trial
+from hctl_worker.trials import Trial, describe_scores
 
 WIDTH, HEIGHT = 720, 440
 LEFT, RIGHT, TOP, BOTTOM = 70, 20, 40, 60
@@ -34,6 +38,8 @@ def render_svg(
 ) -> str:
     """The picture as SVG text."""
     scored = [trial for trial in trials if trial.refusals is not None]
+    sample = next(iter(front or scored), None)
+    refusals_name, damage_name = _axis_names(sample)
     kl_values = [trial.kl for trial in scored] + [trial.kl for trial in front]
     low, high, logarithmic = _kl_scale(kl_values)
     total_bad = max([trial.total_bad for trial in scored] + [t.total_bad for t in front] + [1])
@@ -57,9 +63,11 @@ def render_svg(
         f'y2="{TOP + plot_height}" stroke="black"/>',
         f'<line x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{TOP + plot_height}" stroke="black"/>',
         f'<text x="{LEFT + plot_width / 2}" y="{HEIGHT - 15}" text-anchor="middle">'
-        f"KL divergence{' (log scale)' if logarithmic else ''} — lower is closer to the original</text>",
+        f"{escape(damage_name)}{' (log scale)' if logarithmic else ''} — lower is closer to the "
+        "original</text>",
         f'<text x="18" y="{TOP + plot_height / 2}" text-anchor="middle" '
-        f'transform="rotate(-90 18 {TOP + plot_height / 2})">refusals (of {total_bad})</text>',
+        f'transform="rotate(-90 18 {TOP + plot_height / 2})">{escape(refusals_name)} '
+        f"(of {total_bad})</text>",
     ]
     for tick in range(5):
         fraction = tick / 4
@@ -73,10 +81,12 @@ def render_svg(
             f'<text x="{x}" y="{TOP + plot_height + 18}" text-anchor="middle">{label}</text>'
         )
     for trial in scored:
+        look = (
+            'fill="#999"' if trial.acceptable else 'fill="none" stroke="#e67e22" stroke-width="2"'
+        )
         parts.append(
             f'<circle cx="{x_of(trial.kl):.1f}" cy="{y_of(trial.refusals or 0):.1f}" r="3.5" '
-            f'fill="#999"><title>trial {trial.number}: {trial.refusals}/{trial.total_bad} '
-            f"refusals, KL {trial.kl:.4g}</title></circle>"
+            f"{look}><title>trial {trial.number}: {escape(describe_scores(trial))}</title></circle>"
         )
     ordered = sorted(front, key=lambda trial: trial.kl)
     if ordered:
@@ -93,8 +103,7 @@ def render_svg(
         x, y = x_of(trial.kl), y_of(trial.refusals or 0)
         parts.append(
             f'<circle cx="{x:.1f}" cy="{y:.1f}" r="5" fill="#c0392b"><title>trial '
-            f"{trial.number}: {trial.refusals}/{trial.total_bad} refusals, KL {trial.kl:.4g}"
-            "</title></circle>"
+            f"{trial.number}: {escape(describe_scores(trial))}</title></circle>"
         )
         parts.append(f'<text x="{x + 7:.1f}" y="{y - 7:.1f}">#{trial.number}</text>')
         if trial.number == chosen:
@@ -104,6 +113,16 @@ def render_svg(
             )
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
+
+
+def _axis_names(trial: Trial | None) -> tuple[str, str]:
+    """The names of the scores on the axes: refusals (y) and damage (x)."""
+    if trial is None:
+        return "refusals", "KL divergence"
+    return (
+        trial.headline_name("refusals") or "refusals",
+        trial.headline_name("damage") or "KL divergence",
+    )
 
 
 def save_svg(

@@ -13,6 +13,7 @@ from hctl_worker.events import (
     BaselineEvent,
     DoneEvent,
     ErrorEvent,
+    EvaluationEvent,
     ParetoEvent,
     StageEvent,
     StartEvent,
@@ -36,6 +37,7 @@ class JobProgress:
     pareto: list[Trial] = field(default_factory=list)
     done: DoneEvent | None = None
     error: ErrorEvent | None = None
+    evaluation: EvaluationEvent | None = None  # the latest capability check
     starts: int = 0
     resumed_trials: int = 0
     last_seq: int = -1
@@ -65,6 +67,8 @@ class JobProgress:
             self.stage = "search"
         elif isinstance(event, ParetoEvent):
             self.pareto = list(event.trials)
+        elif isinstance(event, EvaluationEvent):
+            self.evaluation = event
         elif isinstance(event, DoneEvent):
             self.done = event
             self.stage = "done"

@@ -32,11 +32,8 @@ from hctl.services import calibration
 from hctl.services.budget import Meter
 from hctl.services.estimate import format_money
 from hctl.services.finish import TrialChooser, finish_job, release_machine
-from hctl.services.follow import (
-    MAX_READ_BYTES,
-    Follower,
-    RemoteJobChannel,
-)
+from hctl.services.follow import Follower, RemoteJobChannel
+from hctl.services.job_protocol import MAX_READ_BYTES
 from hctl.services.jobs import JobRecord
 from hctl.services.launch import Notify
 from hctl.services.progress import JobProgress

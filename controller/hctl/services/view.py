@@ -23,12 +23,13 @@ from hctl_worker.events import (
     BaselineEvent,
     DoneEvent,
     ErrorEvent,
+    EvaluationEvent,
     LogEvent,
     StageEvent,
     StartEvent,
     TrialEvent,
 )
-from hctl_worker.trials import Trial
+from hctl_worker.trials import Trial, describe_scores, score_names
 
 FRONT_ROWS_SHOWN = 6
 
@@ -88,17 +89,20 @@ def phases_line(estimate: Estimate) -> str:
     )
 
 
-PARETO_COLUMNS = [
-    Column("trial", justify="right"),
-    Column("refusals", justify="right"),
-    Column("KL divergence", justify="right"),
-    Column("parameters"),
-    Column(""),
-]
+def pareto_columns(front: list[Trial]) -> list[Column]:
+    """The trial, one column per named score (an objective's says which way is better), the
+    parameters and the chosen mark."""
+    columns = [Column("trial", justify="right")]
+    for name in score_names(front):
+        direction = next(t.scores[name].direction for t in front if name in t.scores)
+        arrow = {"minimize": " ↓", "maximize": " ↑"}.get(direction, "")
+        columns.append(Column(name + arrow, justify="right"))
+    return [*columns, Column("parameters"), Column("")]
 
 
 def pareto_rows(front: list[Trial], *, chosen: int | None = None) -> list[list[Cell]]:
-    """The Pareto front, one row per trial (`PARETO_COLUMNS`); the chosen one is marked."""
+    """The Pareto front, one row per trial (`pareto_columns`); the chosen one is marked."""
+    names = score_names(front)
     rows: list[list[Cell]] = []
     for trial in front:
         params = " ".join(
@@ -108,13 +112,25 @@ def pareto_rows(front: list[Trial], *, chosen: int | None = None) -> list[list[C
         rows.append(
             [
                 str(trial.number),
-                f"{trial.refusals}/{trial.total_bad}",
-                f"{trial.kl:.4f}",
+                *(trial.scores[name].display() if name in trial.scores else "" for name in names),
                 params,
                 Text("← chosen", style="bold green") if trial.number == chosen else "",
             ]
         )
     return rows
+
+
+def evaluation_columns(event: EvaluationEvent) -> list[Column]:
+    """A capability check: each measure for the original model and for the trial."""
+    return [
+        Column("measure"),
+        Column("original", justify="right"),
+        Column(f"trial {event.trial}", justify="right"),
+    ]
+
+
+def evaluation_rows(event: EvaluationEvent) -> list[list[Cell]]:
+    return [list(measure.rows()) for measure in event.measures]
 
 
 def event_line(event: object, progress: JobProgress, money: Money | None = None) -> str | None:
@@ -139,11 +155,11 @@ def event_line(event: object, progress: JobProgress, money: Money | None = None)
         return f"baseline: {event.refusals}/{event.total_bad} refusals on harmful prompts{good}"
     if isinstance(event, TrialEvent):
         if event.refusals is None:
-            refusals = "refusals skipped (KL too high)"
+            note = " (refusals skipped: KL too high)"
         elif event.pruned:
-            refusals = f"pruned at {event.refusals}/{event.total_bad} refusals (behind the front)"
+            note = f" (pruned at {event.refusals}/{event.total_bad} refusals: behind the front)"
         else:
-            refusals = f"refusals {event.refusals}/{event.total_bad}"
+            note = ""
         best = progress.best()
         best_text = (
             f" | best #{best.number} ({best.refusals}/{best.total_bad}, KL {best.kl:.4f})"
@@ -154,7 +170,7 @@ def event_line(event: object, progress: JobProgress, money: Money | None = None)
         if money is not None:
             money_text = f" | ETA {format_duration(money.eta_seconds or 0)} | spent {format_money(money.spent)}"
         return (
-            f"trial {event.number}/{event.n_trials}: {refusals}, KL {event.kl:.4f}, "
+            f"trial {event.number}/{event.n_trials}: {describe_scores(event)}{note}, "
             f"{event.seconds:.1f}s{best_text}{money_text}"
         )
     if isinstance(event, LogEvent):
