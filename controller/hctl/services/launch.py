@@ -15,7 +15,7 @@ import os
 import shlex
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,13 @@ from hctl.gpus import resolve_gpu
 from hctl.providers.base import GpuType, Pod, PodLease, Provider
 from hctl.remote.base import Remote
 from hctl.services import calibration, lease
-from hctl.services.estimate import Estimate, alternatives, estimate_job, format_money
+from hctl.services.estimate import (
+    Estimate,
+    alternatives,
+    estimate_job,
+    format_money,
+    required_gpu_memory_gb,
+)
 from hctl.services.job_protocol import SECRETS_FILE, launch_command, running_test
 from hctl.services.jobs import JobRecord, TargetKind, new_job_id
 from hctl.services.models import ModelInfo, inspect_model
@@ -50,6 +56,45 @@ from hctl_worker.settings import PROMPT_TABLES
 Notify = Callable[[str], None]
 
 
+@dataclass(frozen=True)
+class Team:
+    """How many GPUs and workers a job gets, and how they pair up."""
+
+    gpu_count: int = 1
+    workers: int = 1
+    one_gpu_each: bool = False  # worker K sees GPU K-1 only
+    note: str = ""  # what the user should know about the choice
+
+
+def plan_team(request: RunRequest, model: ModelInfo, gpu: GpuType | None) -> Team:
+    """One worker per GPU of a `--gpus N` pod when the model fits one GPU; else one worker that
+    holds the model across all of them (device_map). `--workers N` elsewhere."""
+    if request.gpus is None or request.gpus == 1:
+        return Team(workers=request.workers or 1)
+    count = request.gpus
+    if gpu is not None and gpu.max_gpu_count is not None and count > gpu.max_gpu_count:
+        raise ConfigError(
+            f"--gpus {count}: a pod has at most {gpu.max_gpu_count} x {gpu.display_name}.",
+            f"Give --gpus {gpu.max_gpu_count} or fewer, or another --gpu (`hctl gpus`).",
+        )
+    needed = required_gpu_memory_gb(model)
+    if gpu is not None and needed is not None and gpu.memory_gb < needed:
+        return Team(
+            gpu_count=count,
+            note=(
+                f"{model.reference} needs about {needed:.0f} GB, more than one "
+                f"{gpu.display_name} ({gpu.memory_gb} GB): one worker holds it across the "
+                f"{count} GPUs, and trials run one at a time"
+            ),
+        )
+    return Team(
+        gpu_count=count,
+        workers=count,
+        one_gpu_each=True,
+        note=f"{count} workers, one per GPU, share one search",
+    )
+
+
 @dataclass
 class RunPlan:
     """Everything decided before anything is created."""
@@ -64,6 +109,7 @@ class RunPlan:
     pod: Pod | None = None  # an existing pod to reuse
     catalogue: list[GpuType] | None = None
     hf_token: str | None = None
+    team: Team = field(default_factory=lambda: Team())
 
     @property
     def creates_pod(self) -> bool:
@@ -129,6 +175,7 @@ def plan_run(request: RunRequest, toolkit: Toolkit) -> RunPlan:
             gpu = next((item for item in catalogue if item.id == pod.gpu_type_id), None)
         else:
             gpu = resolve_gpu(catalogue, request.gpu or settings.gpu)
+    team = plan_team(request, model, gpu)
     estimate = estimate_job(
         model,
         gpu,
@@ -140,6 +187,8 @@ def plan_run(request: RunRequest, toolkit: Toolkit) -> RunPlan:
         on_this_machine=target == "local",
         volume_gb=settings.volume_gb if target == "pod" and pod is None else None,
         measured=calibration.load(toolkit.store.calibration_path) if target == "local" else None,
+        gpu_count=team.gpu_count,
+        workers=team.workers,
     )
     if pod is not None and pod.cost_per_hr:
         estimate = estimate.model_copy(update={"price_per_hour": pod.cost_per_hr})
@@ -173,6 +222,7 @@ def plan_run(request: RunRequest, toolkit: Toolkit) -> RunPlan:
         pod=pod,
         catalogue=catalogue,
         hf_token=token,
+        team=team,
     )
 
 
@@ -231,6 +281,7 @@ def create_pod(
         provider,
         settings,
         gpu=plan.gpu.id,
+        gpu_count=plan.team.gpu_count,
         image=plan.request.image,
         spot=plan.request.spot,
         bid_per_gpu=plan.gpu.price(settings.cloud_type, spot=True) if plan.request.spot else None,
@@ -250,7 +301,10 @@ def create_pod(
         ) from None
     for note in pod_plan.notes:
         notify(note)
-    notify(f"created pod {pod.id} ({plan.gpu.display_name}, {format_money(pod.cost_per_hr)}/h)")
+    gpus = f"{plan.team.gpu_count}x " if plan.team.gpu_count > 1 else ""
+    notify(
+        f"created pod {pod.id} ({gpus}{plan.gpu.display_name}, {format_money(pod.cost_per_hr)}/h)"
+    )
     mismatch = pods.price_note(pod_plan, pod)
     if mismatch:
         notify(mismatch)
@@ -507,7 +561,7 @@ def start_worker(
     result = remote.run(
         launch_command(
             worker, job_dir, env=handle.environment, self_stop_after_s=self_stop,
-            stop_command=stop_command,
+            stop_command=stop_command, workers=record.workers, one_gpu_each=record.one_gpu_each,
         ),
         timeout=60,
     )  # fmt: skip
@@ -516,7 +570,8 @@ def start_worker(
             f"Could not start the worker on {remote.description}: {result.output.strip()[-300:]}",
             f"See `hctl logs {record.job_id}`.",
         )
-    notify(f"worker started on {remote.description} in {job_dir}")
+    started = f"{record.workers} workers" if record.workers > 1 else "worker"
+    notify(f"{started} started on {remote.description} in {job_dir}")
     return toolkit.store.save(
         record.model_copy(update={"status": "running", "worker_command": worker})
     )
@@ -536,6 +591,9 @@ def new_record(plan: RunPlan, toolkit: Toolkit) -> JobRecord:
         address=request.on if plan.target == "ssh" else None,
         remote_job_dir="",
         gpu_id=plan.gpu.id if plan.gpu is not None else None,
+        gpu_count=plan.team.gpu_count,
+        workers=plan.team.workers,
+        one_gpu_each=plan.team.one_gpu_each,
         price_per_hour=plan.estimate.price_per_hour or 0.0,
         max_cost=request.max_cost if request.max_cost is not None else settings.max_cost,
         after=request.after or settings.after,

@@ -54,7 +54,9 @@ class FollowResult:
 
 def local_progress(record: JobRecord, toolkit: Toolkit) -> JobProgress:
     """The progress the local copy of the events shows."""
-    progress = JobProgress(n_trials=record.n_trials, model=record.model)
+    progress = JobProgress(
+        n_trials=record.n_trials, model=record.model, expected_workers=record.workers
+    )
     events, _ = read_events(toolkit.store.events_path(record.job_id))
     for event in events:
         progress.apply(event)
@@ -117,7 +119,9 @@ def follow_job(
     interval = (
         poll_interval_s if poll_interval_s is not None else toolkit.settings.follow_interval_s
     )
-    progress = JobProgress(n_trials=record.n_trials, model=record.model)
+    progress = JobProgress(
+        n_trials=record.n_trials, model=record.model, expected_workers=record.workers
+    )
     old_events, offset = read_events(store.events_path(record.job_id))
     for event in old_events:
         progress.apply(event)
