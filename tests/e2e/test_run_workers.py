@@ -1,0 +1,101 @@
+"""Several workers on one search from the command line: `hctl run ... --on local --workers 2`
+shows one search (trial k/N over both workers, who ran each trial, one Pareto front), and
+`results`, `logs`, `resume` and `cancel` act on the whole job."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from hctl.cli import app
+from hctl.services import launch, runs
+from hctl.services.jobs import JobStore
+from hctl.services.request import RunRequest, parse_assignments
+from hctl.services.toolkit import default_toolkit
+from hctl.settings import load_settings
+from hctl_worker.storage import journal_storage
+from hctl_worker.study import load_trials
+from hctl_worker.trials import pareto_front
+from tests.conftest import REPO_ROOT
+
+TINY = "tests/fixtures/tiny-refuser"
+FAST = ["--set", "batch_size=64", "--set", "max_response_length=8"]
+TRIAL_LINE = re.compile(r"^\[worker (\w+)\] trial (\d+)/(\d+): ", re.MULTILINE)
+
+
+@pytest.mark.slow
+def test_two_local_workers_show_one_search_and_resume_goes_on_with_both(monkeypatch) -> None:
+    monkeypatch.chdir(REPO_ROOT)
+    runner = CliRunner()
+    result = runner.invoke(
+        app, ["run", TINY, "--on", "local", "--workers", "2", "--trials", "12", "--yes", *FAST],
+        catch_exceptions=False,
+    )  # fmt: skip
+    output = result.output
+    assert result.exit_code == 0, output
+    assert "Workers: 2 share one search." in output and "2 workers started" in output
+    lines = TRIAL_LINE.findall(output)
+    # One search: trials 1..12 of 12, each shown once, run by both workers.
+    assert sorted(int(number) for _, number, _ in lines) == list(range(1, 13))
+    assert {total for _, _, total in lines} == {"12"}
+    assert {worker for worker, _, _ in lines} == {"1", "2"}
+    assert output.count("\nPareto front\n") == 1  # one front table, for the whole search
+    (record,) = JobStore().list()
+    assert record.status == "finished" and record.workers == 2
+    # The front shown is the front of the study (the journal copied home).
+    shown = runs.local_progress(record, default_toolkit(load_settings())).front()
+    study = load_trials(journal_storage(JobStore().journal_path(record.job_id)))
+    assert [trial.number for trial in shown] == [trial.number for trial in pareto_front(study)]
+    assert len(study) == 12 and {trial.run_by for trial in study} == {"1", "2"}
+    results = runner.invoke(app, ["results", record.job_id], catch_exceptions=False)
+    assert results.exit_code == 0 and "12/12 trials; search finished" in results.output
+    logs = runner.invoke(app, ["logs", record.job_id], catch_exceptions=False)
+    assert logs.exit_code == 0 and re.search(r"trial 12/12: ", logs.stdout), logs.output
+    # Resume adds trials with the job's two workers; none is run again.
+    more = runner.invoke(app, ["resume", record.job_id, "--trials", "16", "--yes"],
+                         catch_exceptions=False)  # fmt: skip
+    assert more.exit_code == 0, more.output
+    again = TRIAL_LINE.findall(more.output)
+    assert sorted(int(number) for _, number, _ in again) == [13, 14, 15, 16]
+    numbers = [e.number for e in JobStore().events(record.job_id) if e.type == "trial"]
+    assert sorted(numbers) == list(range(1, 17))
+
+
+def _pids(job_dir: Path) -> list[int]:
+    return [int(path.read_text()) for path in (job_dir / "workers").glob("*.pid")]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_cancel_stops_every_worker_of_the_job(monkeypatch) -> None:
+    monkeypatch.chdir(REPO_ROOT)
+    toolkit = default_toolkit(load_settings())
+    plan = launch.plan_run(
+        RunRequest(model=TINY, n_trials=200, on="local", workers=2,
+                   worker_overrides=parse_assignments(["batch_size=64", "max_response_length=8"])),
+        toolkit,
+    )  # fmt: skip
+    record = launch.start_job(plan, toolkit, lambda message: None)
+    job_dir = Path(record.remote_job_dir)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(_pids(job_dir)) < 2:
+        time.sleep(0.2)
+    pids = _pids(job_dir)
+    assert len(pids) == 2 and all(_alive(pid) for pid in pids)
+    result = CliRunner().invoke(app, ["cancel", record.job_id, "--yes"], catch_exceptions=False)
+    assert result.exit_code == 0 and "worker stopped" in result.output, result.output
+    assert not any(_alive(pid) for pid in pids)
+    assert runs.worker_alive(record, toolkit) is False
+    assert JobStore().load(record.job_id).status == "cancelled"
+    assert os.path.getsize(JobStore().journal_path(record.job_id)) > 0
