@@ -22,6 +22,7 @@ from hctl_worker.storage import journal_storage
 from hctl_worker.study import load_trials
 from hctl_worker.trials import pareto_front
 from tests.conftest import REPO_ROOT
+from tests.e2e.conftest import PodRig
 
 TINY = "tests/fixtures/tiny-refuser"
 FAST = ["--set", "batch_size=64", "--set", "max_response_length=8"]
@@ -99,3 +100,25 @@ def test_cancel_stops_every_worker_of_the_job(monkeypatch) -> None:
     assert runs.worker_alive(record, toolkit) is False
     assert JobStore().load(record.job_id).status == "cancelled"
     assert os.path.getsize(JobStore().journal_path(record.job_id)) > 0
+
+
+@pytest.mark.slow
+def test_a_pod_with_two_gpus_runs_a_worker_on_each_and_ends_stopped(pod_rig: PodRig) -> None:
+    result = CliRunner().invoke(
+        app,
+        ["run", TINY, "--gpus", "2", "--gpu", "NVIDIA GeForce RTX 4090", "--trials", "4",
+         "--yes", *FAST],
+        catch_exceptions=False,
+    )  # fmt: skip
+    output = result.output
+    assert result.exit_code == 0, output
+    # The estimate and the pod count both GPUs; the tiny model fits one: a worker on each.
+    assert "2x RTX 4090" in output and "Workers: 2 workers, one per GPU" in output
+    lines = TRIAL_LINE.findall(output)
+    assert sorted(int(number) for _, number, _ in lines) == [1, 2, 3, 4]
+    (record,) = JobStore().list()
+    assert record.status == "finished" and (record.gpu_count, record.workers) == (2, 2)
+    (pod,) = pod_rig.emulator.pods
+    assert pod["gpuCount"] == 2 and pod["status"] == "EXITED"
+    assert record.price_per_hour == pytest.approx(pod["costPerHr"])
+    assert f"stopped pod {pod['id']}" in output
