@@ -137,7 +137,13 @@ def reconcile_settings(paths: JobPaths, settings: WorkerSettings) -> WorkerSetti
     """Check the settings against those the job already ran with, fill in the seed, save them.
 
     A new job draws its seed here (when none is set) so that a restart uses the same one.
+    Workers starting together on one job take turns here, so they all run with one seed.
     """
+    with FileLock(paths.root / "settings.lock"):
+        return _reconcile_settings(paths, settings)
+
+
+def _reconcile_settings(paths: JobPaths, settings: WorkerSettings) -> WorkerSettings:
     if paths.settings.exists():
         stored = _read_settings_file(paths)
         changed = [
