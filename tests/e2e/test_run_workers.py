@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from hctl.cli import app
 from hctl.services import launch, runs
@@ -22,21 +22,22 @@ from hctl_worker.storage import journal_storage
 from hctl_worker.study import load_trials
 from hctl_worker.trials import pareto_front
 from tests.conftest import REPO_ROOT
-from tests.e2e.conftest import PodRig
+from tests.controller.test_job_directory import alive
+from tests.e2e.conftest import TINY, PodRig
 
-TINY = "tests/fixtures/tiny-refuser"
 FAST = ["--set", "batch_size=64", "--set", "max_response_length=8"]
 TRIAL_LINE = re.compile(r"^\[worker (\w+)\] trial (\d+)/(\d+): ", re.MULTILINE)
+
+
+def hctl_run(*options: str) -> Result:
+    return CliRunner().invoke(app, ["run", TINY, *options, "--yes", *FAST], catch_exceptions=False)
 
 
 @pytest.mark.slow
 def test_two_local_workers_show_one_search_and_resume_goes_on_with_both(monkeypatch) -> None:
     monkeypatch.chdir(REPO_ROOT)
     runner = CliRunner()
-    result = runner.invoke(
-        app, ["run", TINY, "--on", "local", "--workers", "2", "--trials", "12", "--yes", *FAST],
-        catch_exceptions=False,
-    )  # fmt: skip
+    result = hctl_run("--on", "local", "--workers", "2", "--trials", "12")
     output = result.output
     assert result.exit_code == 0, output
     assert "Workers: 2 share one search." in output and "2 workers started" in output
@@ -71,14 +72,6 @@ def _pids(job_dir: Path) -> list[int]:
     return [int(path.read_text()) for path in (job_dir / "workers").glob("*.pid")]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def test_cancel_stops_every_worker_of_the_job(monkeypatch) -> None:
     monkeypatch.chdir(REPO_ROOT)
     toolkit = default_toolkit(load_settings())
@@ -93,23 +86,18 @@ def test_cancel_stops_every_worker_of_the_job(monkeypatch) -> None:
     while time.monotonic() < deadline and len(_pids(job_dir)) < 2:
         time.sleep(0.2)
     pids = _pids(job_dir)
-    assert len(pids) == 2 and all(_alive(pid) for pid in pids)
+    assert len(pids) == 2 and all(alive(pid) for pid in pids)
     result = CliRunner().invoke(app, ["cancel", record.job_id, "--yes"], catch_exceptions=False)
     assert result.exit_code == 0 and "worker stopped" in result.output, result.output
-    assert not any(_alive(pid) for pid in pids)
-    assert runs.worker_alive(record, toolkit) is False
+    assert not any(alive(pid) for pid in pids)
+    assert runs.workeralive(record, toolkit) is False
     assert JobStore().load(record.job_id).status == "cancelled"
     assert os.path.getsize(JobStore().journal_path(record.job_id)) > 0
 
 
 @pytest.mark.slow
 def test_a_pod_with_two_gpus_runs_a_worker_on_each_and_ends_stopped(pod_rig: PodRig) -> None:
-    result = CliRunner().invoke(
-        app,
-        ["run", TINY, "--gpus", "2", "--gpu", "NVIDIA GeForce RTX 4090", "--trials", "4",
-         "--yes", *FAST],
-        catch_exceptions=False,
-    )  # fmt: skip
+    result = hctl_run("--gpus", "2", "--gpu", "NVIDIA GeForce RTX 4090", "--trials", "4")
     output = result.output
     assert result.exit_code == 0, output
     # The estimate and the pod count both GPUs; the tiny model fits one: a worker on each.

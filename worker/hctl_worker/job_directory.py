@@ -264,11 +264,13 @@ def _process_alive(pid: int) -> bool:
 def job_storage(paths: JobPaths, url: str | None = None) -> StudyStorage:
     """The job's study storage: the database `url`, else the one the job recorded, else its
     journal. A URL given is recorded (without a password) for the commands that come later."""
-    if url:
+    recorded = None
+    if paths.storage_url.is_file():
+        recorded = paths.storage_url.read_text(encoding="utf-8").strip()
+    storage = open_storage(paths.journal, url or recorded, studies.STUDY_NAME)
+    if url:  # recorded once it worked: a wrong URL leaves the job directory as it was
         paths.storage_url.write_text(without_password(url) + "\n", encoding="utf-8")
-    elif paths.storage_url.is_file():
-        url = paths.storage_url.read_text(encoding="utf-8").strip()
-    return open_storage(paths.journal, url or None, studies.STUDY_NAME)
+    return storage
 
 
 def finished_trials(paths: JobPaths) -> list[Trial]:

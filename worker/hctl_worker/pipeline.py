@@ -73,7 +73,14 @@ def run_job(
     raised. Several workers may run one job at once: on one job directory (its journal), or each
     on its own with the study in the database at `storage_url`."""
     paths = open_job_directory(job_dir)
-    with worker_slot(paths, worker) as name:
+    with contextlib.ExitStack() as stack:
+        try:
+            name = stack.enter_context(worker_slot(paths, worker))
+        except WorkerError as error:  # a bad or taken name: still an event, then the error
+            reporter = Reporter(paths, listeners, worker=worker or "")
+            report_error(reporter, error)
+            reporter.close()
+            raise
         reporter = Reporter(paths, listeners, worker=name)
         try:
             return guarded(
