@@ -31,11 +31,13 @@ SHOWN_MESSAGES = 3
 
 
 def pareto_table(trials: Sequence[Trial], title: str = "Pareto front") -> Table:
-    """Trial number (what `--trial` chooses), refusals and KL, best trade-offs first."""
+    """Trial number (what `--trial` chooses), refusals and KL, best trade-offs first, and which
+    trials were canonical (classic abliteration, run before the search proper)."""
     table = Table(title=title, title_justify="left")
     table.add_column("trial", justify="right")
     table.add_column("refusals", justify="right")
     table.add_column("KL", justify="right")
+    table.add_column("origin")
     for trial in trials:
         refusals = trial.refusals or 0
         share = refusals / trial.total_bad if trial.total_bad else 0.0
@@ -43,6 +45,7 @@ def pareto_table(trials: Sequence[Trial], title: str = "Pareto front") -> Table:
             str(trial.number),
             f"{refusals}/{trial.total_bad} ({share:.0%})",
             f"{trial.kl:.4f}",
+            trial.origin or "",
         )
     return table
 
@@ -105,8 +108,9 @@ class ProgressView:
             refusals = (
                 "skipped" if event.refusals is None else f"{event.refusals}/{event.total_bad}"
             )
+            origin = f" ({event.origin})" if event.origin else ""
             return (
-                f"trial {event.number}/{event.n_trials}: refusals {refusals}, "
+                f"trial {event.number}/{event.n_trials}{origin}: refusals {refusals}, "
                 f"KL {event.kl:.4f} ({event.seconds:.1f} s)"
             )
         if isinstance(event, ParetoEvent):

@@ -85,8 +85,11 @@ def pareto_table(
     table.add_column("", no_wrap=True, min_width=8)
     for trial in front:
         params = " ".join(
-            f"{name.rsplit('.', 1)[-1]}={value:.2f}" if isinstance(value, float) else f"{value}"
-            for name, value in list(trial.params.items())[:3]
+            ([trial.origin] if trial.origin else [])
+            + [
+                f"{name.rsplit('.', 1)[-1]}={value:.2f}" if isinstance(value, float) else f"{value}"
+                for name, value in list(trial.params.items())[:3]
+            ]
         )
         table.add_row(
             str(trial.number),
@@ -133,8 +136,9 @@ def event_line(event: object, progress: JobProgress, money: Money | None = None)
         money_text = ""
         if money is not None:
             money_text = f" | ETA {format_duration(money.eta_seconds or 0)} | spent {format_money(money.spent)}"
+        origin = f" ({event.origin})" if event.origin else ""
         return (
-            f"trial {event.number}/{event.n_trials}: {refusals}, KL {event.kl:.4f}, "
+            f"trial {event.number}/{event.n_trials}{origin}: {refusals}, KL {event.kl:.4f}, "
             f"{event.seconds:.1f}s{best_text}{money_text}"
         )
     if isinstance(event, LogEvent):
