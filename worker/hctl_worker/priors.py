@@ -12,7 +12,8 @@ trials where answers are likely. Two sources:
 - heretic's priors: uniform over heretic's fixed ranges (`SearchSpace.heretic`), which are known
   to work on many large models.
 
-Torch-free: the profile is plain numbers (`directions.written_along` computes them).
+The profile is plain numbers (`directions.written_along` computes them), so the priors are pure
+functions that tests drive with profiles made up to break them.
 """
 
 from __future__ import annotations
