@@ -197,24 +197,33 @@ def run_measured(
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    deadline = started + timeout
-    while process.poll() is None and time.monotonic() < deadline:
-        if finished.wait(1.0):
-            grace = time.monotonic() + 5
-            while process.poll() is None and time.monotonic() < grace:
-                time.sleep(0.2)
-            break
-    if process.poll() is None:  # still at the menu (or past the timeout): stop it
+    # wait4, not Popen.poll: it gives the child's own resource usage (peak RSS) when it ends.
+    ended = _wait(process.pid, started + timeout, finished)
+    if ended is None:  # still at heretic's menu (or past the timeout): stop it
         os.killpg(process.pid, signal.SIGTERM)
-        time.sleep(2)
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    _, status, usage = os.wait4(process.pid, 0) if process.returncode is None else (0, 0, None)
+        ended = _wait(process.pid, time.monotonic() + 10, None)
+    if ended is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        ended = os.wait4(process.pid, 0)[1:]
+    status, usage = ended
     wall = time.monotonic() - started
-    returncode = process.returncode if process.returncode is not None else status
+    process.returncode = os.waitstatus_to_exitcode(status)
     reader.join(timeout=5)
-    peak = usage.ru_maxrss / 1024 if usage is not None else float("nan")
-    return returncode, wall, peak, lines
+    return process.returncode, wall, usage.ru_maxrss / 1024, lines
+
+
+def _wait(pid: int, deadline: float, finished: threading.Event | None):
+    """(status, rusage) once the process ended, or None at the deadline; after `finished` is
+    set, the process gets a few more seconds to end by itself."""
+    while time.monotonic() < deadline:
+        ended, status, usage = os.wait4(pid, os.WNOHANG)
+        if ended:
+            return status, usage
+        if finished is not None and finished.is_set():
+            deadline = min(deadline, time.monotonic() + 5)
+            finished = None
+        time.sleep(0.2)
+    return None
 
 
 def qualifying(trials: list[dict]) -> tuple[dict | None, int | None]:
@@ -310,6 +319,8 @@ def run_heretic(
         if "Initial refusals:" in line:
             run.baseline = line.split("Initial refusals:")[1].strip()
     run.stages_s = heretic_stages(lines)
+    if run.stages_s["search_end"] == run.stages_s["search_end"]:  # not NaN: the search finished
+        run.note = "ended at its trial menu (no terminal to choose in)"
     journals = sorted(checkpoints.glob("*.jsonl"))
     if not journals:
         run.note = "no journal written"

@@ -59,7 +59,7 @@ def classic_only(values: dict) -> Outcome:
 def test_canonical_trials_project_the_best_directions_out_of_every_layer() -> None:
     space = SearchSpace.whole(LAYERS, COMPONENTS)
     planned = canonical_trials(space, READ_LATE_WRITTEN_EARLY)
-    assert [trial.key for trial in planned] == ["canonical:7", "canonical:6", "canonical:5"]
+    assert [trial.key for trial in planned] == ["canonical:7", "canonical:5", "canonical:4"]
     for trial in planned:
         assert trial.user_attrs["origin"] == "canonical"
         params = to_ablation_params(trial.params, COMPONENTS)
@@ -73,9 +73,13 @@ def test_canonical_trials_project_the_best_directions_out_of_every_layer() -> No
 
 
 def test_best_layers_are_spread_over_a_deep_model() -> None:
+    # Separation rising to the last layer: the best of all, of the first 80 %, of the first 60 %.
     rising = profile_of([0.0] + [float(layer) for layer in range(30)], [(0.0, 1.0)] * 30)
-    assert rising.best_layers(3) == [29, 26, 23]
-    assert READ_LATE_WRITTEN_EARLY.best_layers(3) == [7, 6, 5]  # 8 layers: neighbours allowed
+    assert rising.best_layers(3) == [29, 23, 17]
+    assert READ_LATE_WRITTEN_EARLY.best_layers(3) == [7, 5, 4]
+    # Separation peaking mid-depth: the peak first, then the best a tenth of the depth away.
+    peaked = [0.0] + [10.0 - abs(layer - 12) * 0.5 for layer in range(30)]
+    assert profile_of(peaked, [(0.0, 1.0)] * 30).best_layers(3) == [12, 15, 9]
     broken = profile_of([0.0, float("nan"), 2.0, 1.0], [(0.0, 1.0)] * 3)
     assert broken.best_layers(3) == [1, 2]
 
@@ -86,7 +90,7 @@ def test_measured_draws_edit_where_refusal_is_written_not_where_it_is_read() -> 
     draws = [draw_measured(READ_LATE_WRITTEN_EARLY, space, rng) for _ in range(200)]
     for draw in draws:
         assert space.contains(draw)
-        assert float(draw["direction_index"]) >= 4.5  # a direction that reads refusal well
+        assert float(draw["direction_index"]) >= 3.5  # a direction that reads refusal well
         # The MLP kernel reaches layers 0 and 1, where refusal is written.
         assert tent_weight(draw, "mlp", 0) > 0 and tent_weight(draw, "mlp", 1) > 0
     peaks = [float(draw["mlp.max_weight_position"]) for draw in draws]
@@ -117,7 +121,11 @@ def test_classic_abliteration_is_never_missed(tmp_path: Path) -> None:
     enqueue_once(study, plan)
     found = run_search(study, space, classic_only, n_trials=5, skip=superseded)
     assert [trial.origin for trial in found[:3]] == ["canonical"] * 3
-    assert [trial.refusals for trial in found[:3]] == [0, 0, TOTAL]  # layers 7, 6 work; 5 not
+    assert [trial.refusals for trial in found[:3]] == [
+        0,
+        TOTAL,
+        TOTAL,
+    ]  # layer 7 works, 5 and 4 not
     assert all(trial.origin is None for trial in found[3:])
     assert pareto_front(found)[0].origin == "canonical"
     # heretic's ranges, without the canonical trials, miss it.
@@ -179,4 +187,4 @@ def test_an_interrupted_canonical_trial_runs_again_as_canonical(tmp_path: Path) 
     assert recover_interrupted(study) == 1
     found = run_search(study, space, classic_only, n_trials=3, skip=superseded)
     assert [trial.origin for trial in found] == ["canonical"] * 3
-    assert sorted(float(trial.params["direction_index"]) for trial in found) == [5.0, 6.0, 7.0]
+    assert sorted(float(trial.params["direction_index"]) for trial in found) == [4.0, 5.0, 7.0]

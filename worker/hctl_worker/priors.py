@@ -29,6 +29,8 @@ from hctl_worker.search_space import Range, SearchSpace
 COVERED_SHARE = 0.8
 # A measured draw picks its direction among this many of the best-separating layers.
 DIRECTION_CANDIDATES = 3
+# Each further candidate direction is the best of a depth this much shallower (see best_layers).
+DEPTH_STEP = 0.2
 
 
 @dataclass(frozen=True)
@@ -50,22 +52,33 @@ class RefusalProfile:
         return len(self.separation) - 1
 
     def best_layers(self, count: int) -> list[int]:
-        """Up to `count` layers whose outputs separate best, best first.
+        """Up to `count` layers whose outputs separate best, one per depth: the best of all
+        layers, then the best of the first 80 % of the layers, then of the first 60 %...
 
-        Neighbouring layers carry nearly the same direction, so on deep models the layers kept
-        are at least a tenth of the depth apart: three tries at three depths, not one depth.
+        The last layers usually separate best because they already hold the reply's first
+        token, while the direction that carries the decision may be read better earlier (Arditi
+        et al. found it in the middle of most models). Layers kept are at least a tenth of the
+        depth apart, so three tries look at three depths, not at one depth three times.
         """
         spacing = max(1, self.n_layers // 10)
-        ranked = sorted(
-            (layer for layer in range(self.n_layers) if math.isfinite(self.separation[layer + 1])),
-            key=lambda layer: (-self.separation[layer + 1], -layer),
-        )
+        last = max(self.n_layers - 1, 0)
+        usable = [
+            layer for layer in range(self.n_layers) if math.isfinite(self.separation[layer + 1])
+        ]
         chosen: list[int] = []
-        for layer in ranked:
-            if all(abs(layer - other) >= spacing for other in chosen):
-                chosen.append(layer)
-            if len(chosen) == count:
+        for step in range(count):
+            deepest = (1.0 - DEPTH_STEP * step) * last
+            candidates = [
+                layer
+                for layer in usable
+                if layer <= deepest + 1e-9
+                and all(abs(layer - other) >= spacing for other in chosen)
+            ] or [
+                layer for layer in usable if all(abs(layer - other) >= spacing for other in chosen)
+            ]
+            if not candidates:
                 break
+            chosen.append(max(candidates, key=lambda layer: (self.separation[layer + 1], layer)))
         return chosen
 
     def writes(self, direction_layer: int, component: str) -> list[float]:
