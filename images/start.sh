@@ -11,12 +11,17 @@
 # /post_start.sh) without PUBLIC_KEY, so it does not add the same keys twice. Without a base
 # script it runs the hooks itself and keeps the container alive.
 #
+# A pod created by hctl on RunPod's REST API (which keeps no deadline) carries its lease in
+# HCTL_LEASE_UNTIL / HCTL_LEASE_COMMAND: the lease watchdog (hctl.watchdog) starts here, from the
+# pod's first second, and stops the pod at its deadline with the pod's own key.
+#
 # Sourcing this file (as tests/test_dockerfile.py does) only defines the functions.
 set -euo pipefail
 
 RP_ENVIRONMENT_FILE="${RP_ENVIRONMENT_FILE:-/etc/rp_environment}"
 SSHD_PRIVILEGE_DIR="${SSHD_PRIVILEGE_DIR:-/run/sshd}"
 BASE_START_SCRIPT="${BASE_START_SCRIPT:-/start.sh}"
+HCTL_PYTHON="${HCTL_PYTHON:-python3}"
 
 log() {
     echo "[hctl-start] $*"
@@ -90,6 +95,15 @@ export_environment() {
     fi
 }
 
+# The pod's own deadline, when it was created with one (see hctl.services.lease).
+start_lease_watchdog() {
+    if [[ -z "${HCTL_LEASE_UNTIL:-}" || -z "${HCTL_LEASE_COMMAND:-}" ]]; then
+        return 0
+    fi
+    log "starting the lease watchdog"
+    setsid "${HCTL_PYTHON}" -m hctl.watchdog --from-env >/dev/null 2>&1 </dev/null &
+}
+
 # The caches live on the volume: the container disk is small and wiped on every stop.
 prepare_caches() {
     local folder
@@ -100,6 +114,7 @@ prepare_caches() {
 
 main() {
     setup_ssh
+    start_lease_watchdog
     prepare_caches
     export_environment
     if [[ -x "${BASE_START_SCRIPT}" ]]; then

@@ -1,9 +1,12 @@
-"""Run the RunPod emulator by hand, to try hctl without a RunPod account or money.
+"""Run a RunPod emulator by hand, to try hctl without a RunPod account or money.
 
-    python scripts/runpod_emulator.py --port 8765 [--ready-after-polls 3]
+    python scripts/runpod_emulator.py [--api rest|graphql] --port 8765 [--ready-after-polls 3]
 
-It prints the URL, a test API key and the two lines that point hctl at it. The server itself lives
-in `tests/standins/runpod_emulator.py` (the tests start it in-process).
+`--api rest` (the default) is RunPod's REST API v2, which hctl's default provider speaks;
+`--api graphql` is RunPod's GraphQL API (provider runpod-graphql, for spot pods). It prints the
+URL, a test API key and the lines that point hctl at it. The servers live in
+`tests/standins/` (`runpod_rest_emulator.py`, `runpod_emulator.py`); the tests start them
+in-process.
 """
 
 from __future__ import annotations
@@ -16,10 +19,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.standins.runpod_emulator import RunPodEmulator  # noqa: E402
+from tests.standins.runpod_rest_emulator import RunPodRestEmulator  # noqa: E402
+
+APIS = {"rest": RunPodRestEmulator, "graphql": RunPodEmulator}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="A local stand-in for RunPod's GraphQL API.")
+    parser = argparse.ArgumentParser(description="A local stand-in for RunPod's API.")
+    parser.add_argument(
+        "--api", choices=sorted(APIS), default="rest", help="REST v2 (default) or GraphQL."
+    )
     parser.add_argument("--host", default="127.0.0.1", help="Address to listen on.")
     parser.add_argument("--port", type=int, default=8765, help="Port to listen on (0: any free).")
     parser.add_argument(
@@ -38,7 +47,7 @@ def main() -> None:
         "--pod-host-id", help="Report this as every pod's SSH proxy user (machine.podHostId)."
     )
     arguments = parser.parse_args()
-    emulator = RunPodEmulator(
+    emulator = APIS[arguments.api](
         host=arguments.host,
         port=arguments.port,
         ready_after_polls=arguments.ready_after_polls,
@@ -51,10 +60,12 @@ def main() -> None:
             direct = (host, int(port))
         emulator.route_ssh(direct=direct, pod_host_id=arguments.pod_host_id)
     with emulator:
-        print(f"RunPod emulator listening on {emulator.url}")
+        print(f"RunPod emulator ({arguments.api}) listening on {emulator.url}")
         print(f"Test API key: {emulator.api_key}")
         print("Point hctl at it (bash):")
-        print(f"  export HCTL_RUNPOD_API_URL={emulator.url}")
+        for name, value in emulator.env().items():
+            if name in ("HCTL_PROVIDER", "HCTL_RUNPOD_REST_URL", "HCTL_RUNPOD_API_URL"):
+                print(f"  export {name}={value}")
         print(f"  export RUNPOD_API_KEY={emulator.api_key}")
         print("Then try: hctl gpus · hctl create-pod --yes · hctl list-pods. Ctrl-C stops it.")
         sys.stdout.flush()

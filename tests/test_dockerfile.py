@@ -277,3 +277,28 @@ def test_start_script_exports_the_environment_for_ssh_sessions(
         check=True,
     ).stdout
     assert shown == "/workspace/.cache/huggingface|a b'c"
+
+
+@pytest.mark.skipif(shutil.which("setsid") is None, reason="needs setsid")
+def test_start_script_starts_the_lease_watchdog_from_the_pods_environment(
+    tmp_path: Path, stand_in_bin: Path
+) -> None:
+    import json
+    import sys
+    import time
+
+    marker = tmp_path / "stopped"
+    lease_file = tmp_path / "volume" / "hctl" / "lease.json"
+    _run_start_function(
+        "start_lease_watchdog", tmp_path, stand_in_bin,
+        HCTL_PYTHON=sys.executable, HCTL_LEASE_UNTIL=f"{time.time() + 1:.0f}",
+        HCTL_LEASE_COMMAND=f"echo stop > {marker}", HCTL_LEASE_FILE=str(lease_file),
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert marker.read_text() == "stop\n"
+    assert json.loads(lease_file.read_text())["command"] == f"echo stop > {marker}"
+    # Without a lease in the environment nothing starts.
+    quiet = _run_start_function("start_lease_watchdog", tmp_path, stand_in_bin)
+    assert "watchdog" not in quiet.stdout

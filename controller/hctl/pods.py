@@ -2,11 +2,13 @@
 
 Provider-independent: everything here works through the `Provider` protocol, so the run command,
 the remote layer and the pod commands share it, and tests can drive it with any provider.
+`plan_pod` checks everything before anything is sent, and prices the pod in the cloud tier it
+will land in (the quote is what the pod costs, not the cheapest price anywhere).
 """
 
 from __future__ import annotations
 
-import difflib
+import math
 import re
 import secrets
 import time
@@ -14,14 +16,28 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from hctl.errors import ConfigError, PodNotFoundError, PodNotReadyError, UnknownGpuError
-from hctl.providers.base import CloudType, GpuType, Pod, PodSpec, Provider
-from hctl.settings import Settings
+from hctl.gpus import required_cuda_versions, resolve_gpu
+from hctl.providers.base import (
+    CloudType,
+    GpuType,
+    LeaseAction,
+    Pod,
+    PodLease,
+    PodSpec,
+    PodStatus,
+    PriceOffer,
+    Provider,
+)
+from hctl.services.lease import lease_environment
+from hctl.settings import MAX_CONTAINER_DISK_GB, MAX_VOLUME_GB, Settings
 
 HCTL_POD_PREFIX = "hctl-"
-STOPPED_STATUSES = ("EXITED", "PAUSED", "DEAD", "TERMINATED")
+MIN_VOLUME_GB = 10  # RunPod's floor for a pod volume
+MAX_LEASE_HOURS = 24 * 30
+MAX_BID_PER_GPU = 100.0
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 PORT_ENTRY = re.compile(r"^(\d{1,5})/(tcp|http)$")
 
@@ -30,56 +46,16 @@ def is_hctl_pod(pod: Pod) -> bool:
     return pod.name.startswith(HCTL_POD_PREFIX)
 
 
-# --- GPU types ---------------------------------------------------------------------------------
-
-
-def find_gpu_type(catalogue: list[GpuType], query: str) -> GpuType:
-    """The GPU type whose id is `query` (any case); otherwise UnknownGpuError with close matches.
-
-    Only ids are accepted: RunPod's display names ("RTX 4090") and near-misses ("NVIDIA RTX
-    4090") are what RunPod itself answers with a misleading "no instances available".
-    """
-    wanted = query.strip().lower()
-    for gpu in catalogue:
-        if gpu.id.lower() == wanted:
-            return gpu
-    matches = suggest_gpu_types(catalogue, query)
-    if matches:
-        hint = "Did you mean " + " or ".join(f'"{gpu.id}"' for gpu in matches) + "?"
-        hint += " `hctl gpus` lists them all."
-    else:
-        hint = "Run `hctl gpus` to list the GPU types and their ids."
-    raise UnknownGpuError(f"RunPod has no GPU type with the id {query!r}.", hint)
-
-
-def suggest_gpu_types(catalogue: list[GpuType], query: str, limit: int = 3) -> list[GpuType]:
-    """The GPU types closest to `query`, compared with both their ids and display names."""
-    wanted = query.strip().lower()
-    exact = [gpu for gpu in catalogue if gpu.display_name.lower() == wanted]
-    if exact:
-        return exact[:limit]
-
-    def closeness(gpu: GpuType) -> float:
-        names = (gpu.id.lower(), gpu.display_name.lower())
-        score = max(difflib.SequenceMatcher(None, wanted, name).ratio() for name in names)
-        if wanted and any(wanted in name or name in wanted for name in names):
-            score += 0.5  # "4090" or "rtx 4090" is contained in the full name
-        return score
-
-    scored = sorted(((closeness(gpu), gpu) for gpu in catalogue), key=lambda pair: -pair[0])
-    return [gpu for score, gpu in scored if score >= 0.6][:limit]
-
-
 # --- finding a pod -----------------------------------------------------------------------------
 
 
 def resolve_pod(
-    provider: Provider, ref: str | None, *, status: Literal["RUNNING", "STOPPED"] = "RUNNING"
+    provider: Provider, ref: str | None, *, status: Literal["running", "stopped"] = "running"
 ) -> Pod:
     """The pod `ref` names (an id, else a name); with no `ref`, the only hctl pod in `status`.
 
-    `status` only matters without `ref`: "RUNNING" for commands that need a live pod, "STOPPED"
-    for `start-pod`.
+    `status` only matters without `ref`: "running" (starting or running) for commands that need
+    a live pod, "stopped" for `start-pod`.
     """
     pods = provider.list()
     if ref:
@@ -98,10 +74,9 @@ def resolve_pod(
     wanted = [
         pod
         for pod in pods
-        if is_hctl_pod(pod)
-        and ((pod.status == "RUNNING") if status == "RUNNING" else pod.status in STOPPED_STATUSES)
+        if is_hctl_pod(pod) and (pod.active if status == "running" else pod.stopped)
     ]
-    state = "running" if status == "RUNNING" else "stopped"
+    state = status
     if len(wanted) == 1:
         return wanted[0]
     if not wanted:
@@ -150,15 +125,17 @@ def wait_until_ready(
             on_poll(pod, elapsed)
         if pod.ready:
             return pod
-        if pod.status in STOPPED_STATUSES:
+        if not pod.active:
             raise PodNotReadyError(
                 f"Pod {pod.name} ({pod.id}) is {pod.status}, so it will not become reachable.",
-                f"Start it with `hctl start-pod {pod.id}`.",
+                f"Start it with `hctl start-pod {pod.id}`."
+                if pod.status != PodStatus.TERMINATED
+                else "Create a new one with `hctl create-pod`.",
             )
         if elapsed >= timeout_s:
             raise PodNotReadyError(
                 f"Pod {pod.name} ({pod.id}) was not reachable after {elapsed:.0f} s "
-                "(RunPod has not reported its SSH port yet); it is still billing.",
+                "(its SSH port is not mapped yet); it is still billing.",
                 "A large image may still be downloading: check `hctl list-pods` later, or stop "
                 f"paying for it with `hctl terminate-pod {pod.id}`.",
             )
@@ -169,11 +146,13 @@ def wait_until_ready(
 
 
 class PodPlan(BaseModel):
-    """A pod about to be created, with what it will cost."""
+    """A pod about to be created, with what it will cost and what to tell about it."""
 
     spec: PodSpec
     gpu: GpuType
+    offer: PriceOffer | None = None  # on demand: the offer the quote comes from
     price_per_hour: float  # for the whole pod, before storage
+    notes: list[str] = Field(default_factory=list)  # said before the user confirms
 
     @property
     def storage_per_hour(self) -> float:
@@ -222,6 +201,47 @@ def new_pod_name(name: str | None = None) -> str:
     return name if name.startswith(HCTL_POD_PREFIX) else HCTL_POD_PREFIX + name
 
 
+def check_sizes(
+    *,
+    container_disk_gb: int,
+    volume_gb: int,
+    max_hours: float | None = None,
+    bid_per_gpu: float | None = None,
+    spot: bool = False,
+) -> None:
+    """Refuse values no one means (a negative disk, 99999999 GB, a NaN bid) before any request."""
+    for value in (max_hours, bid_per_gpu):
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"{value} is not a number.", "Give a plain number, e.g. 4.")
+    if not 10 <= container_disk_gb <= MAX_CONTAINER_DISK_GB:
+        raise ConfigError(
+            f"Container disk {container_disk_gb} GB is "
+            + ("too small." if container_disk_gb < 10 else "more than anyone means."),
+            f"Use 10 to {MAX_CONTAINER_DISK_GB} GB (--container-disk 40 is the default).",
+        )
+    if volume_gb < 0:
+        raise ConfigError(f"Volume {volume_gb} GB is negative.", "Use 0 for no volume.")
+    if volume_gb and not MIN_VOLUME_GB <= volume_gb <= MAX_VOLUME_GB:
+        raise ConfigError(
+            f"Volume {volume_gb} GB is out of range.",
+            f"Use 0 for no volume, or {MIN_VOLUME_GB} to {MAX_VOLUME_GB} GB.",
+        )
+    if max_hours is not None and not (0 < max_hours <= MAX_LEASE_HOURS):
+        raise ConfigError(
+            f"--max-hours {max_hours:g} must be more than 0 and at most {MAX_LEASE_HOURS}.",
+            "E.g. --max-hours 4.",
+        )
+    if spot and (bid_per_gpu is None or not 0 < bid_per_gpu <= MAX_BID_PER_GPU):
+        raise ConfigError(
+            "A spot pod needs a bid: --bid USD (per GPU-hour)."
+            if bid_per_gpu is None
+            else f"--bid {bid_per_gpu:g} is not a price per GPU-hour.",
+            "`hctl gpus --spot` shows the spot prices; bid at least that.",
+        )
+    if bid_per_gpu is not None and not spot:
+        raise ConfigError("--bid only applies to spot pods.", "Add --spot, or drop --bid.")
+
+
 def plan_pod(
     provider: Provider,
     settings: Settings,
@@ -237,7 +257,7 @@ def plan_pod(
     env: dict[str, str] | None = None,
     ports: list[str] | None = None,
     max_hours: float | None = None,
-    at_limit: Literal["stop", "terminate"] = "stop",
+    at_limit: LeaseAction = "stop",
     public_key: str | None = None,
     now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
 ) -> PodPlan:
@@ -247,31 +267,25 @@ def plan_pod(
     )
     volume_gb = settings.volume_gb if volume_gb is None else volume_gb
     cloud_type = cloud_type or settings.cloud_type
-    if container_disk_gb < 10:
+    check_sizes(
+        container_disk_gb=container_disk_gb, volume_gb=volume_gb, max_hours=max_hours,
+        bid_per_gpu=bid_per_gpu, spot=spot,
+    )  # fmt: skip
+    if spot and not provider.capabilities.spot:
         raise ConfigError(
-            f"Container disk {container_disk_gb} GB is too small.",
-            "Use at least 10 GB (--container-disk 40 is the default).",
+            f"The {provider.name} provider has no spot pods.", provider.capabilities.no_spot_hint
         )
-    if volume_gb < 0:
-        raise ConfigError(f"Volume {volume_gb} GB is negative.", "Use 0 for no volume.")
-    if max_hours is not None and max_hours <= 0:
-        raise ConfigError(f"--max-hours {max_hours:g} must be more than 0.", "E.g. --max-hours 4.")
-    if spot and (bid_per_gpu is None or bid_per_gpu <= 0):
-        raise ConfigError(
-            "A spot pod needs a bid: --bid USD (per GPU-hour).",
-            "`hctl gpus` shows the spot prices; bid at least that.",
-        )
-    if bid_per_gpu is not None and not spot:
-        raise ConfigError("--bid only applies to spot pods.", "Add --spot, or drop --bid.")
-    catalogue = provider.gpu_types()
-    gpu_type = find_gpu_type(catalogue, gpu or settings.gpu)
-    unit_price = bid_per_gpu if spot else gpu_type.price(cloud_type)
-    if unit_price is None:
+    gpu_type = resolve_gpu(provider.gpu_types(), gpu or settings.gpu)
+    offer = gpu_type.offer(cloud_type, spot=spot)
+    if offer is None:
         where = {"SECURE": "secure cloud", "COMMUNITY": "community cloud"}.get(cloud_type, "RunPod")
         raise UnknownGpuError(
-            f"{gpu_type.display_name} is not offered on demand in {where}.",
+            f"{gpu_type.display_name} is not offered {'as spot' if spot else 'on demand'} in "
+            f"{where}.",
             "Try another --cloud, or another GPU (`hctl gpus`).",
         )
+    image = image or settings.image
+    cuda = required_cuda_versions(image, gpu_type, settings.min_cuda_version)
     names_in_use = {pod.name for pod in provider.list()}
     pod_name = new_pod_name(name)
     if pod_name in names_in_use:
@@ -286,23 +300,36 @@ def plan_pod(
     }
     if public_key:
         full_env["PUBLIC_KEY"] = public_key
-    lease = now() + timedelta(hours=max_hours) if max_hours else None
+    lease = (
+        PodLease(until=now() + timedelta(hours=max_hours), action=at_limit) if max_hours else None
+    )
+    if lease is not None:
+        full_env.update(lease_environment(provider, lease, settings.volume_path))
     spec = PodSpec(
         name=pod_name,
         gpu_type_id=gpu_type.id,
-        image=image or settings.image,
+        image=image,
         container_disk_gb=container_disk_gb,
         volume_gb=volume_gb,
         volume_mount_path=settings.volume_path,
         ports=ports or ["22/tcp"],
         env=full_env,
-        cloud_type=cloud_type,
+        # The tier of the offer quoted, never "either": the pod must cost what was quoted.
+        cloud_type=offer.cloud,
         spot=spot,
         bid_per_gpu=bid_per_gpu,
-        terminate_after=lease if at_limit == "terminate" else None,
-        stop_after=lease if at_limit == "stop" else None,
+        allowed_cuda_versions=cuda,
+        lease=lease,
     )
-    return PodPlan(spec=spec, gpu=gpu_type, price_per_hour=unit_price * spec.gpu_count)
+    unit_price = bid_per_gpu if spot and bid_per_gpu is not None else offer.price_per_gpu_hour
+    notes = [provider.capabilities.spot_note] if spot and provider.capabilities.spot_note else []
+    return PodPlan(
+        spec=spec,
+        gpu=gpu_type,
+        offer=None if spot else offer,
+        price_per_hour=unit_price * spec.gpu_count,
+        notes=notes,
+    )
 
 
 def create_pod(provider: Provider, plan: PodPlan) -> Pod:
@@ -310,28 +337,11 @@ def create_pod(provider: Provider, plan: PodPlan) -> Pod:
     return provider.create(plan.spec)
 
 
-def select_gpu_types(
-    catalogue: list[GpuType],
-    *,
-    min_vram_gb: int | None = None,
-    max_price: float | None = None,
-    in_stock: bool = False,
-    cloud_type: CloudType = "ALL",
-    spot: bool = False,
-) -> list[GpuType]:
-    """The GPU types that pass the filters, cheapest first (those not offered last)."""
-    chosen = [
-        gpu
-        for gpu in catalogue
-        if (min_vram_gb is None or gpu.memory_gb >= min_vram_gb)
-        and (not in_stock or gpu.stock_status)
-        and (max_price is None or (gpu.price(cloud_type, spot) or float("inf")) <= max_price)
-    ]
-    return sorted(
-        chosen,
-        key=lambda gpu: (
-            gpu.price(cloud_type, spot) is None,
-            gpu.price(cloud_type, spot) or 0,
-            gpu.id,
-        ),
+def price_note(plan: PodPlan, pod: Pod) -> str | None:
+    """What to say when the created pod costs other than quoted (None: it costs the quote)."""
+    if not pod.cost_per_hr or abs(pod.cost_per_hr - plan.price_per_hour) < 0.005:
+        return None
+    return (
+        f"note: RunPod bills this pod ${pod.cost_per_hr:.2f}/h, not the "
+        f"${plan.price_per_hour:.2f}/h quoted."
     )

@@ -33,6 +33,10 @@ else:  # pragma: no cover - Python 3.10
 
 DEFAULT_IMAGE = "runpod/pytorch:1.0.2-cu1281-torch280-ubuntu2404"
 DEFAULT_GPU = "NVIDIA GeForce RTX 4090"
+DEFAULT_SSH_PROXY_HOST = "ssh.runpod.io"
+# Sizes no one means: a typo, not a pod (RunPod bills container disk and volume per GB).
+MAX_CONTAINER_DISK_GB = 2000
+MAX_VOLUME_GB = 4000
 
 
 def hctl_home() -> Path:
@@ -60,8 +64,12 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("runpod_api_key", "HCTL_RUNPOD_API_KEY", "RUNPOD_API_KEY"),
         description="RunPod API key (also read from RUNPOD_API_KEY).",
     )
+    runpod_rest_url: str = Field(
+        default="https://api.runpod.io", description="RunPod's REST API v2 (provider runpod)."
+    )
     runpod_api_url: str = Field(
-        default="https://api.runpod.io/graphql", description="RunPod's GraphQL endpoint."
+        default="https://api.runpod.io/graphql",
+        description="RunPod's GraphQL endpoint (provider runpod-graphql).",
     )
     api_timeout_s: float = Field(
         default=30, gt=0, description="Timeout of one request to the provider's API."
@@ -72,13 +80,31 @@ class Settings(BaseSettings):
     api_backoff_s: float = Field(
         default=1.0, ge=0, description="First wait before a retry; doubles each time."
     )
-    provider: Literal["runpod"] = Field(default="runpod", description="Where pods come from.")
+    create_timeout_s: float = Field(
+        default=120, gt=0, description="How long a pod create may take to answer before hctl looks."
+    )
+    create_grace_s: float = Field(
+        default=90,
+        ge=0,
+        description="After a create got no answer, how long hctl looks for the pod by name.",
+    )
+    provider: Literal["runpod", "runpod-graphql"] = Field(
+        default="runpod",
+        description="Where pods come from: runpod (REST v2) or runpod-graphql (spot pods).",
+    )
 
     # Pods
     gpu: str = Field(default=DEFAULT_GPU, description="GPU type for new pods.")
     image: str = Field(default=DEFAULT_IMAGE, description="Container image for new pods.")
-    container_disk_gb: int = Field(default=40, ge=10, description="Container disk, GB.")
-    volume_gb: int = Field(default=50, ge=0, description="Pod volume, GB.")
+    container_disk_gb: int = Field(
+        default=40, ge=10, le=MAX_CONTAINER_DISK_GB, description="Container disk, GB."
+    )
+    volume_gb: int = Field(default=50, ge=0, le=MAX_VOLUME_GB, description="Pod volume, GB.")
+    min_cuda_version: str | None = Field(
+        default=None,
+        description="Lowest host CUDA for new pods, e.g. 12.8 (default: from the image's tag; "
+        "any: none).",
+    )
     volume_path: str = Field(default="/workspace", description="Where the volume is mounted.")
     cloud_type: Literal["SECURE", "COMMUNITY", "ALL"] = Field(
         default="ALL", description="Secure cloud, community cloud, or either."
@@ -95,7 +121,9 @@ class Settings(BaseSettings):
     ssh_key: Path = Field(
         default=Path("~/.ssh/id_ed25519"), description="Private SSH key used to reach pods."
     )
-    ssh_proxy_host: str = Field(default="ssh.runpod.io", description="RunPod's SSH proxy host.")
+    ssh_proxy_host: str = Field(
+        default=DEFAULT_SSH_PROXY_HOST, description="RunPod's SSH proxy host."
+    )
     ssh_proxy_port: int = Field(default=22, ge=1, le=65535, description="RunPod's SSH proxy port.")
     connect_timeout_s: float = Field(default=15, gt=0, description="SSH connect timeout.")
     worker_python: str | None = Field(

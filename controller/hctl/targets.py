@@ -32,7 +32,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 from hctl.errors import ConfigError, ConnectError, PodNotReadyError
-from hctl.providers.base import Pod, Provider, SshEndpoint
+from hctl.providers.base import Pod, PodStatus, Provider, SshEndpoint
 from hctl.remote.base import Remote
 from hctl.remote.direct import DEFAULT_ENVIRONMENT_FILE, DirectRemote
 from hctl.remote.hostkeys import KnownHosts, host_key_name
@@ -126,7 +126,12 @@ def connect_pod(
     on_message: MessageCallback = _ignore,
 ) -> Remote:
     """A Remote for a running pod: its direct endpoint when that answers, else RunPod's proxy."""
-    if pod.status != "RUNNING":
+    if pod.status == PodStatus.STARTING:
+        raise PodNotReadyError(
+            f"Pod {pod.id} ({pod.name}) is still starting.",
+            "Wait a minute and try again; `hctl list-pods` shows when it is ready.",
+        )
+    if pod.status != PodStatus.RUNNING:
         raise PodNotReadyError(
             f"Pod {pod.id} ({pod.name}) is {pod.status}, not running.",
             f"Start it with `hctl start-pod {pod.id}`.",

@@ -1,4 +1,5 @@
-"""The pod commands as a user runs them, against the RunPod emulator.
+"""The pod commands as a user runs them, against the RunPod emulators (each test runs once per
+API: REST v2, the default provider, and GraphQL).
 
 Every scenario ends by checking the emulator's pod table: exactly the pods it meant to leave.
 """
@@ -17,7 +18,8 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from hctl.cli import app
-from tests.standins.runpod_emulator import RunPodEmulator
+from tests.standins.emulator_http import EmulatorServer as RunPodEmulator
+from tests.standins.sshd import SshdServer, stop_watchdog
 
 
 @pytest.fixture
@@ -67,9 +69,10 @@ def test_gpus_lists_prices_and_stock_with_filters(emulator: RunPodEmulator) -> N
 
 
 def test_create_pod_with_the_owners_defaults(emulator: RunPodEmulator, tmp_path: Path) -> None:
-    result = hctl("create-pod", "--yes", "--env", "HF_TOKEN=hf_x", "--max-hours", "4")
+    result = hctl("create-pod", "--yes", "--env", "HF_TOKEN=hf_x")
     assert result.exit_code == 0, result.output
     assert "$0.31/h" in result.output and "bills until you stop it" in result.output
+    assert "note:" not in result.output  # it costs what was quoted
     (pod,) = emulator.pods
     assert pod["name"].startswith("hctl-")
     assert pod["gpuTypeId"] == "NVIDIA GeForce RTX 4090"
@@ -77,7 +80,9 @@ def test_create_pod_with_the_owners_defaults(emulator: RunPodEmulator, tmp_path:
     assert (pod["containerDiskInGb"], pod["volumeInGb"], pod["volumeMountPath"]) == (
         40, 50, "/workspace",
     )  # fmt: skip
-    assert pod["ports"] == "22/tcp" and pod["stopAfter"] and not pod["terminateAfter"]
+    assert pod["ports"] == "22/tcp" and not pod["stopAfter"] and not pod["terminateAfter"]
+    assert pod["cloudType"] == "COMMUNITY"  # the cloud of the $0.31 quote, not "either"
+    assert pod["allowedCudaVersions"][0] == "12.8"  # the image is built for CUDA 12.8
     assert pod["env"]["HF_HOME"] == "/workspace/.cache/huggingface"
     assert pod["env"]["PIP_CACHE_DIR"] == "/workspace/.cache/pip"
     assert pod["env"]["HF_TOKEN"] == "hf_x"
@@ -95,22 +100,27 @@ def test_create_pod_with_options_and_wait(emulator: RunPodEmulator) -> None:
         "create-pod", "NVIDIA RTX A6000", "--yes", "--wait", "--cloud", "SECURE",
         "--image", "runpod/pytorch:2.4.0-py3.11-cuda12.4.1-devel-ubuntu22.04",
         "--container-disk", "60", "--volume", "0", "--name", "bench", "--ports", "8888/http",
-        "--max-hours", "2", "--terminate-at-limit",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     (pod,) = emulator.pods
     assert pod["name"] == "hctl-bench" and pod["cloudType"] == "SECURE"
     assert pod["costPerHr"] == 0.76 and pod["volumeInGb"] == 0 and pod["containerDiskInGb"] == 60
-    assert pod["ports"] == "22/tcp,8888/http" and pod["terminateAfter"] and not pod["stopAfter"]
+    assert pod["ports"] == "22/tcp,8888/http"
+    assert pod["allowedCudaVersions"][0] == "12.4"  # the image says cuda12.4.1
     assert "other-laptop" in pod["env"]["PUBLIC_KEY"]  # the account's keys keep working
     assert "is reachable" in result.output
     assert f"direct: root@213.173.108.12 -p {pod['publicPort']}" in result.output
 
 
-def test_create_spot_pod_needs_a_bid(emulator: RunPodEmulator) -> None:
+def test_create_spot_pod_needs_a_bid_and_says_which_api_it_uses(emulator: RunPodEmulator) -> None:
     assert_clean_error(hctl("create-pod", "--spot", "--yes"), 2, "needs a bid")
     result = hctl("create-pod", "--spot", "--bid", "0.22", "--yes")
+    if emulator.api == "rest":  # REST v2 has no spot pods: say where they are, until when
+        assert_clean_error(result, 2, "no spot pods", "HCTL_PROVIDER=runpod-graphql", "early 2027")
+        assert emulator.requests_for("create") == []
+        return
     assert result.exit_code == 0, result.output
+    assert "GraphQL API, which RunPod retires early 2027" in result.output
     (pod,) = emulator.pods
     assert pod["podType"] == "INTERRUPTABLE" and pod["bidPerGpu"] == 0.22
 
@@ -118,8 +128,12 @@ def test_create_spot_pod_needs_a_bid(emulator: RunPodEmulator) -> None:
 @pytest.mark.parametrize(
     ("arguments", "exit_code", "fragments"),
     [
-        (["RTX 4090"], 2, ["no GPU type with the id 'RTX 4090'", '"NVIDIA GeForce RTX 4090"']),
+        (["RTX 4099"], 2, ["no GPU type 'RTX 4099'", '"NVIDIA GeForce RTX 4090"']),
+        (["H100"], 2, ["2 GPU types match 'H100'", '"NVIDIA H100 PCIe"']),
         (["--container-disk", "-5"], 2, ["Container disk -5 GB is too small"]),
+        (["--container-disk", "99999999"], 2, ["99999999 GB is more than anyone means"]),
+        (["--volume", "5"], 2, ["Volume 5 GB is out of range"]),
+        (["--max-hours", "nan"], 2, ["nan is not a number"]),
         (["--volume", "-1"], 2, ["Volume -1 GB is negative"]),
         (["--env", "NOVALUE"], 2, ["--env 'NOVALUE' is not KEY=VALUE"]),
         (["--env", "1BAD=x"], 2, ["is not KEY=VALUE"]),
@@ -134,7 +148,7 @@ def test_create_pod_refuses_bad_input(
     emulator: RunPodEmulator, arguments: list[str], exit_code: int, fragments: list[str]
 ) -> None:
     assert_clean_error(hctl("create-pod", "--yes", *arguments), exit_code, *fragments)
-    assert emulator.requests_for("podFindAndDeployOnDemand") == []
+    assert emulator.requests_for("create") == []
     assert emulator.pods == []
 
 
@@ -153,24 +167,30 @@ def test_create_pod_refuses_a_name_in_use(emulator: RunPodEmulator) -> None:
     assert [pod["name"] for pod in emulator.pods] == ["hctl-taken"]
 
 
+# What each API's failure looks like to the user (REST: problem documents; GraphQL: envelopes).
+GENERIC = {
+    "graphql": "generic error: Something went wrong",
+    "rest": "RunPod's API failed (HTTP 500)",
+}
+BAD_REQUEST = {
+    "graphql": "rejected hctl's request as invalid",
+    "rest": "request could not be processed",
+}
+
+
 @pytest.mark.parametrize(
     ("fault", "options", "exit_code", "fragments"),
     [
         ("unauthorized", {}, 3, ["rejected the API key", "hctl config set runpod_api_key"]),
-        ("bad_request", {}, 1, ["rejected hctl's request as invalid"]),
-        ("capacity", {"operation": "podFindAndDeployOnDemand"}, 4, ["In stock: RTX A4000"]),
-        ("something_went_wrong", {"times": 20}, 1, ["generic error: Something went wrong"]),
+        ("bad_request", {}, 1, [BAD_REQUEST]),
+        ("capacity", {"operation": "create"}, 4, ["In stock: RTX A4000"]),
+        ("something_went_wrong", {"times": 20}, 1, [GENERIC]),
         ("server_error", {"times": 20, "status": 502}, 1, ["HTTP 502"]),
         ("rate_limited", {"times": 20, "retry_after": 0}, 1, ["HTTP 429"]),
         *[
-            (
-                fault,
-                {"times": 20, "operation": "podFindAndDeployOnDemand", "retry_after": 0},
-                1,
-                [text],
-            )
+            (fault, {"times": 20, "operation": "create", "retry_after": 0}, 1, [text])
             for fault, text in [
-                ("something_went_wrong", "Something went wrong"),
+                ("something_went_wrong", GENERIC),
                 ("server_error", "HTTP 500"),
                 ("rate_limited", "HTTP 429"),
                 ("drop_before_apply", "Cannot reach RunPod's API"),
@@ -179,10 +199,11 @@ def test_create_pod_refuses_a_name_in_use(emulator: RunPodEmulator) -> None:
     ],
 )
 def test_create_pod_faults_end_in_a_clear_error_and_no_pod(
-    emulator: RunPodEmulator, fault: str, options: dict, exit_code: int, fragments: list[str]
+    emulator: RunPodEmulator, fault: str, options: dict, exit_code: int, fragments: list
 ) -> None:
     emulator.inject_fault(fault, **options)  # type: ignore[arg-type]
-    assert_clean_error(hctl("create-pod", "--yes"), exit_code, *fragments)
+    texts = [text[emulator.api] if isinstance(text, dict) else text for text in fragments]
+    assert_clean_error(hctl("create-pod", "--yes"), exit_code, *texts)
     assert emulator.pods == []
 
 
@@ -198,10 +219,11 @@ def test_create_pod_faults_end_in_a_clear_error_and_no_pod(
 def test_create_pod_survives_transient_faults_with_exactly_one_pod(
     emulator: RunPodEmulator, fault: str, options: dict
 ) -> None:
-    emulator.inject_fault(fault, operation="podFindAndDeployOnDemand", **options)  # type: ignore[arg-type]
+    emulator.inject_fault(fault, operation="create", **options)  # type: ignore[arg-type]
     result = hctl("create-pod", "--yes")
     assert result.exit_code == 0, result.output
     assert len(emulator.pods) == 1
+    assert len(emulator.requests_for("create")) == (1 if fault == "drop_after_apply" else 2)
 
 
 def test_missing_or_wrong_key(emulator: RunPodEmulator, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -221,8 +243,8 @@ def test_list_pods_shows_status_price_uptime_and_both_endpoints(emulator: RunPod
     stopped = emulator.add_pod(name="hctl-stopped", status="EXITED", gpu_type_id="NVIDIA L40S")
     table = hctl("list-pods")
     assert table.exit_code == 0, table.output
-    for fragment in (ready["id"], "RUNNING", "$0.31", "proxy: " + ready["podHostId"] + "@ssh.runpod.io -p 22",
-                     "direct: root@127.0.0.1 -p 2222", stopped["id"], "EXITED", "L40S"):  # fmt: skip
+    for fragment in (ready["id"], "running", "$0.31", "proxy: " + ready["podHostId"] + "@ssh.runpod.io -p 22",
+                     "direct: root@127.0.0.1 -p 2222", stopped["id"], "stopped", "L40S"):  # fmt: skip
         assert fragment in table.output, fragment
     listed = {pod["name"]: pod for pod in json.loads(hctl("list-pods", "--json").output)}
     assert listed["hctl-ready"]["ready"] is True and listed["hctl-stopped"]["ready"] is False
@@ -304,8 +326,8 @@ def test_ssh_key_generates_once_and_registers_without_dropping_keys(
     loaded = paramiko.Ed25519Key.from_private_key_file(str(key_path))
     public = key_path.with_name("id_ed25519.pub").read_text().split()
     assert public[:2] == [loaded.get_name(), loaded.get_base64()]
-    assert emulator.pub_key.splitlines()[0] == "ssh-rsa AAAAB3NzaC1 work-laptop"
-    assert emulator.pub_key.split("\n\n")[1].split()[:2] == public[:2]
+    keys = [line for line in emulator.pub_key.splitlines() if line.strip()]
+    assert keys[0] == "ssh-rsa AAAAB3NzaC1 work-laptop" and keys[1].split()[:2] == public[:2]
     # Again: same key, nothing added twice, even if the account's copy has another comment.
     emulator.pub_key = emulator.pub_key.replace(public[2], "renamed")
     before = emulator.pub_key
@@ -327,7 +349,7 @@ def test_start_pod_when_its_machine_has_no_free_gpu(emulator: RunPodEmulator) ->
     stopped = emulator.add_pod(name="hctl-tied", status="EXITED")
     emulator.inject_fault(
         "resolver_error",
-        operation="podResume",
+        operation="start",
         message="There are not enough free GPUs on the host machine to start this pod.",
     )
     assert_clean_error(hctl("start-pod"), 4, "its machine has no free GPU", "terminate it")
@@ -341,8 +363,51 @@ def test_start_pod_when_its_machine_has_no_free_gpu(emulator: RunPodEmulator) ->
 def test_a_wrong_api_address_is_named(
     emulator: RunPodEmulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("HCTL_RUNPOD_API_URL", emulator.base_url)  # without /graphql
-    assert_clean_error(hctl("list-pods"), 1, "There is no GraphQL API at", "HCTL_RUNPOD_API_URL")
-    monkeypatch.setenv("HCTL_RUNPOD_API_URL", "http://127.0.0.1:9/graphql")  # nothing listens
-    assert_clean_error(hctl("gpus"), 1, "Cannot reach RunPod's API at http://127.0.0.1:9/graphql")
+    if emulator.api == "graphql":
+        variable, wrong, nowhere = (
+            "HCTL_RUNPOD_API_URL",
+            emulator.base_url,
+            "http://127.0.0.1:9/graphql",
+        )
+        missing = "There is no GraphQL API at"
+    else:
+        variable, wrong, nowhere = (
+            "HCTL_RUNPOD_REST_URL",
+            emulator.url + "/api",
+            "http://127.0.0.1:9",
+        )
+        missing = "There is no RunPod REST API at"
+    monkeypatch.setenv(variable, wrong)
+    assert_clean_error(hctl("list-pods"), 1, missing, variable)
+    monkeypatch.setenv(variable, nowhere)  # nothing listens there
+    assert_clean_error(hctl("gpus"), 1, f"Cannot reach RunPod's API at {nowhere}")
     assert emulator.pods == []
+
+
+def test_max_hours_is_a_deadline_someone_keeps(
+    emulator: RunPodEmulator, sshd_pod: SshdServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """GraphQL: RunPod keeps it (terminateAfter). REST v2 has none: hctl waits for the pod and
+    starts the pod's own watchdog over SSH (here the sshd stand-in is the pod)."""
+    emulator.route_ssh(direct=(sshd_pod.host, sshd_pod.port))
+    monkeypatch.setenv("HCTL_SSH_KEY", str(sshd_pod.client_key_path))
+    volume = tmp_path / "volume"
+    monkeypatch.setenv("HCTL_VOLUME_PATH", str(volume))
+    result = hctl("create-pod", "--yes", "--max-hours", "2", "--terminate-at-limit")
+    try:
+        assert result.exit_code == 0, result.output
+        (pod,) = emulator.pods
+        if emulator.api == "graphql":
+            assert pod["terminateAfter"].endswith("Z") and not pod["stopAfter"]
+            assert "RunPod terminates it at" in result.output
+            assert not (volume / "hctl" / "lease.json").exists()
+            return
+        assert "a watchdog on the pod" in result.output
+        assert "Its lease watchdog runs on the pod" in result.output
+        lease = json.loads((volume / "hctl" / "lease.json").read_text())
+        assert lease["until"] == pytest.approx(float(pod["env"]["HCTL_LEASE_UNTIL"]), abs=1)
+        assert '"terminate"' in lease["command"]
+        pid = int((volume / "hctl" / "watchdog.pid").read_text())
+        os.kill(pid, 0)  # running, in its own session: this command has ended
+    finally:
+        stop_watchdog(volume / "hctl")

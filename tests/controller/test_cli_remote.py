@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from hctl.cli import app
-from tests.standins.runpod_emulator import RunPodEmulator
+from tests.standins.runpod_rest_emulator import RunPodRestEmulator
 from tests.standins.sshd import SshdServer
 
 
@@ -168,12 +168,14 @@ def test_forget_host_of_an_unknown_name_lists_what_is_known(ssh_env: None) -> No
 
 
 @pytest.fixture
-def pod_env(ssh_env: None, hctl_runpod_env: RunPodEmulator, sshd_pod: SshdServer) -> RunPodEmulator:
-    hctl_runpod_env.route_ssh(direct=("127.0.0.1", sshd_pod.port), pod_host_id="root")
-    return hctl_runpod_env
+def pod_env(
+    ssh_env: None, hctl_rest_env: RunPodRestEmulator, sshd_pod: SshdServer
+) -> RunPodRestEmulator:
+    hctl_rest_env.route_ssh(direct=("127.0.0.1", sshd_pod.port), pod_host_id="root")
+    return hctl_rest_env
 
 
-def test_exec_by_pod_id_resolves_through_the_provider(pod_env: RunPodEmulator) -> None:
+def test_exec_by_pod_id_resolves_through_the_provider(pod_env: RunPodRestEmulator) -> None:
     pod = pod_env.add_pod(name="hctl-box")
     direct = hctl("exec", pod["id"], "--", "echo hi; [ -t 1 ] || echo no-tty")
     assert (direct.exit_code, direct.stdout) == (0, "hi\nno-tty\n")
@@ -185,7 +187,7 @@ def test_exec_by_pod_id_resolves_through_the_provider(pod_env: RunPodEmulator) -
 
 
 def test_a_refusing_direct_port_falls_back_to_the_proxy_with_a_note(
-    pod_env: RunPodEmulator,
+    pod_env: RunPodRestEmulator,
 ) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -197,15 +199,33 @@ def test_a_refusing_direct_port_falls_back_to_the_proxy_with_a_note(
     assert "using RunPod's SSH proxy instead" in result.stderr
 
 
-def test_monitor_of_a_pod_shows_its_cost(pod_env: RunPodEmulator) -> None:
+def test_monitor_of_a_pod_shows_its_cost(pod_env: RunPodRestEmulator) -> None:
     pod_env.add_pod(name="hctl-money")
     result = hctl("monitor", "hctl-money", "--count", "1")
     assert result.exit_code == 0, result.output
     assert "/h," in result.stdout and "since it started" in result.stdout
 
 
+def test_monitor_of_a_pod_ssh_cannot_reach_yet_shows_the_apis_gpu_use(
+    pod_env: RunPodRestEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    pod_env.route_ssh(direct=("127.0.0.1", closed_port), pod_host_id="root")
+    monkeypatch.setenv("HCTL_SSH_PROXY_PORT", str(closed_port))  # the proxy refuses too
+    monkeypatch.setenv("HCTL_CONNECT_TIMEOUT_S", "2")
+    monkeypatch.setenv("COLUMNS", "200")
+    pod_env.add_pod(name="hctl-booting")
+    result = hctl("monitor", "hctl-booting", "--count", "2", "--interval", "1")
+    assert result.exit_code == 0, result.output
+    assert "Showing the GPU use RunPod reports instead" in result.stderr
+    assert "as the provider reports them" in result.stdout and "37 %" in result.stdout
+    assert len(pod_env.requests_for("get")) == 2  # read again for the second reading
+
+
 def test_doctor_passes_then_names_each_failure_with_its_fix(
-    pod_env: RunPodEmulator, sshd_pod: SshdServer
+    pod_env: RunPodRestEmulator, sshd_pod: SshdServer
 ) -> None:
     pod_env.add_pod(name="hctl-doc")
     healthy = hctl("doctor")
@@ -223,7 +243,7 @@ def test_doctor_passes_then_names_each_failure_with_its_fix(
     assert "FAIL" in broken.stdout and "RunPod API key" in broken.stdout
 
 
-def test_ssh_config_for_a_pod_pins_its_recorded_key(pod_env: RunPodEmulator) -> None:
+def test_ssh_config_for_a_pod_pins_its_recorded_key(pod_env: RunPodRestEmulator) -> None:
     pod = pod_env.add_pod(name="hctl-vscode")
     written = hctl("ssh-config", "hctl-vscode")
     assert written.exit_code == 0, written.output

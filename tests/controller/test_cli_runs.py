@@ -23,7 +23,7 @@ def invoke(runner: CliRunner, *args: str):  # noqa: ANN201
     return runner.invoke(app, list(args), catch_exceptions=False)
 
 
-def test_estimate_compares_gpus_with_hourly_and_total_prices(hctl_runpod_env, runner) -> None:
+def test_estimate_compares_gpus_with_hourly_and_total_prices(hctl_rest_env, runner) -> None:
     result = invoke(runner, "estimate", "Qwen/Qwen3-4B-Instruct-2507", "--params", "4B",
                     "--trials", "200", "--gpu", "NVIDIA GeForce RTX 4090",
                     "--gpu", "NVIDIA A100 80GB PCIe")  # fmt: skip
@@ -31,10 +31,10 @@ def test_estimate_compares_gpus_with_hourly_and_total_prices(hctl_runpod_env, ru
     assert "$/hour" in result.output and "total" in result.output
     assert "RTX 4090" in result.output and "A100" in result.output
     assert "4B parameters (from --params)" in result.output
-    assert hctl_runpod_env.pods == []
+    assert hctl_rest_env.pods == []
 
 
-def test_a_model_of_unknown_size_asks_for_params(hctl_runpod_env, runner) -> None:
+def test_a_model_of_unknown_size_asks_for_params(hctl_rest_env, runner) -> None:
     result = runner.invoke(app, ["estimate", "Qwen/Qwen3-4B-Instruct-2507"])
     assert result.exit_code == 2
     assert "--params" in result.output and "Traceback" not in result.output
@@ -56,31 +56,31 @@ def test_a_model_of_unknown_size_asks_for_params(hctl_runpod_env, runner) -> Non
     ],
 )
 def test_bad_input_is_one_clear_error_and_creates_nothing(
-    hctl_runpod_env, runner, arguments: list[str], message: str
+    hctl_rest_env, runner, arguments: list[str], message: str
 ) -> None:
     result = runner.invoke(app, ["run", *arguments, "--yes"])
     assert result.exit_code != 0
     assert "error:" in result.output and message in result.output
     assert "Traceback" not in result.output
-    assert hctl_runpod_env.pods == []
-    assert hctl_runpod_env.requests_for("podFindAndDeployOnDemand") == []
+    assert hctl_rest_env.pods == []
+    assert hctl_rest_env.requests_for("create") == []
 
 
 def test_a_model_too_big_for_the_gpu_fails_preflight_with_alternatives(
-    hctl_runpod_env, runner
+    hctl_rest_env, runner
 ) -> None:
     result = runner.invoke(app, ["run", "big/model", "--params", "30B", "--gpu",
                                  "NVIDIA GeForce RTX 4090", "--yes"])  # fmt: skip
     assert result.exit_code == 2
     assert "Pre-flight check failed" in result.output and "--gpu" in result.output
-    assert hctl_runpod_env.pods == []
+    assert hctl_rest_env.pods == []
 
 
-def test_without_yes_and_without_a_terminal_nothing_is_rented(hctl_runpod_env, runner) -> None:
+def test_without_yes_and_without_a_terminal_nothing_is_rented(hctl_rest_env, runner) -> None:
     result = runner.invoke(app, ["run", TINY, "--trials", "2"])
     assert result.exit_code == 130
     assert "--yes" in result.output
-    assert hctl_runpod_env.pods == []
+    assert hctl_rest_env.pods == []
 
 
 def test_jobs_and_results_of_an_unknown_job(runner, tmp_path: Path) -> None:
@@ -89,40 +89,71 @@ def test_jobs_and_results_of_an_unknown_job(runner, tmp_path: Path) -> None:
     assert result.exit_code == 1 and "No job 'nope'" in result.output
 
 
-def test_a_pod_that_never_becomes_reachable_is_terminated(
+def test_jobs_and_results_show_what_runpod_billed_next_to_the_estimate(
     hctl_runpod_env, runner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    hctl_runpod_env.ready_after_polls = 10**6
+    """REST v2 reports each pod's bill (/v2/billing/pods); GraphQL does not: then the estimate."""
+    from hctl.providers import make_provider
+    from hctl.providers.base import PodSpec
+    from hctl.services.jobs import JobRecord, JobStore
+    from hctl.settings import load_settings
+
+    monkeypatch.setenv("COLUMNS", "250")
+    provider = make_provider(load_settings())
+    first = provider.create(PodSpec(name="hctl-j-1", gpu_type_id="NVIDIA GeForce RTX 4090",
+                                    image="i", cloud_type="COMMUNITY"))  # fmt: skip
+    hctl_runpod_env.elapse(3600)  # an hour at $0.31
+    provider.terminate(first.id)  # the job moved to a second pod (a resume): both count
+    second = provider.create(PodSpec(name="hctl-j-2", gpu_type_id="NVIDIA GeForce RTX 4090",
+                                     image="i", cloud_type="COMMUNITY"))  # fmt: skip
+    hctl_runpod_env.elapse(1800)
+    JobStore().save(JobRecord(job_id="j", model="m", worker_model="m", n_trials=2, target="pod",
+                              pod_id=second.id, pod_ids=[first.id, second.id], remote_job_dir="",
+                              status="finished", estimated_cost=0.5))  # fmt: skip
+    shown = invoke(runner, "results", "j")
+    listed = invoke(runner, "jobs")
+    if hctl_runpod_env.api == "rest":
+        assert "Cost of its pods: $0.47 billed (estimate $0.50)." in shown.output
+        assert "$0.47 billed (estimate $0.50)" in listed.output
+    else:
+        assert "Cost of its pods: estimate $0.50." in shown.output
+        assert "billed" not in listed.output and "estimate $0.50" in listed.output
+
+
+def test_a_pod_that_never_becomes_reachable_is_terminated(
+    hctl_rest_env, runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hctl_rest_env.ready_after_polls = 10**6
     monkeypatch.setenv("HCTL_READY_TIMEOUT_S", "0.3")
     result = runner.invoke(app, ["run", TINY, "--trials", "2", "--yes"])
     assert result.exit_code == 6, result.output
     assert "so it was terminated: nothing more is billed" in result.output
-    assert len(hctl_runpod_env.requests_for("podFindAndDeployOnDemand")) == 1
-    assert hctl_runpod_env.pods == []
+    assert len(hctl_rest_env.requests_for("create")) == 1
+    assert hctl_rest_env.pods == []
 
 
-def test_a_capacity_error_offers_alternatives_and_creates_nothing(hctl_runpod_env, runner) -> None:
-    hctl_runpod_env.inject_fault("capacity", operation="podFindAndDeployOnDemand")
+def test_a_capacity_error_offers_alternatives_and_creates_nothing(hctl_rest_env, runner) -> None:
+    hctl_rest_env.inject_fault("capacity", operation="create")
     result = runner.invoke(app, ["run", TINY, "--trials", "2", "--yes",
                                  "--gpu", "NVIDIA GeForce RTX 4090"])  # fmt: skip
     assert result.exit_code == 4, result.output
     assert "Nothing was created" in result.output
     assert "--gpu 'RTX" in result.output  # cheaper in-stock GPUs with their totals
-    assert hctl_runpod_env.pods == []
+    assert hctl_rest_env.pods == []
 
 
 def test_the_smoke_test_estimates_qwen3_4b_and_rents_nothing_unconfirmed(
-    hctl_runpod_env, runner
+    hctl_rest_env, runner
 ) -> None:
     result = runner.invoke(app, ["test", "--trials", "3"])
     assert result.exit_code == 130
     assert "Qwen/Qwen3-4B-Instruct-2507: 4.02B parameters" in result.output
     assert "Estimate for 3 trials" in result.output
-    assert hctl_runpod_env.pods == []
+    assert hctl_rest_env.pods == []
 
 
 def test_ctrl_c_while_the_pod_is_being_created_leaves_no_pod_billing(
-    hctl_runpod_env, runner, monkeypatch: pytest.MonkeyPatch
+    hctl_rest_env, runner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from hctl import pods
 
@@ -136,4 +167,4 @@ def test_ctrl_c_while_the_pod_is_being_created_leaves_no_pod_billing(
     result = runner.invoke(app, ["run", TINY, "--trials", "2", "--yes"])
     assert result.exit_code == 130, result.output
     assert "terminated pod" in result.output
-    assert hctl_runpod_env.pods == []
+    assert hctl_rest_env.pods == []

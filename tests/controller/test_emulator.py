@@ -104,60 +104,62 @@ def post(
 
 
 def test_documented_pod_lifecycle_with_inline_literals_and_variables(
-    runpod_emulator: RunPodEmulator,
+    graphql_emulator: RunPodEmulator,
 ) -> None:
-    runpod_emulator.ready_after_polls = 1
-    created = post(runpod_emulator, ON_DEMAND_CREATE, ON_DEMAND_VARIABLES).json()["data"]
+    graphql_emulator.ready_after_polls = 1
+    created = post(graphql_emulator, ON_DEMAND_CREATE, ON_DEMAND_VARIABLES).json()["data"]
     pod = created["podFindAndDeployOnDemand"]
     assert pod["desiredStatus"] == "RUNNING" and pod["costPerHr"] == 0.44
     assert pod["env"] == ["HCTL_RUN=42"]
     assert pod["machine"]["podHostId"].startswith(pod["id"] + "-")
-    spot = post(runpod_emulator, SPOT_CREATE, auth="query").json()["data"]["podRentInterruptable"]
+    spot = post(graphql_emulator, SPOT_CREATE, auth="query").json()["data"]["podRentInterruptable"]
     assert spot["desiredStatus"] == "RUNNING"
 
     # runtime stays null for `ready_after_polls` reads, then maps port 22 to a public port.
-    first = post(runpod_emulator, GET_POD % pod["id"]).json()["data"]["pod"]
+    first = post(graphql_emulator, GET_POD % pod["id"]).json()["data"]["pod"]
     assert first["runtime"] is None
-    second = post(runpod_emulator, GET_POD % pod["id"]).json()["data"]["pod"]
+    second = post(graphql_emulator, GET_POD % pod["id"]).json()["data"]["pod"]
     (ssh,) = [port for port in second["runtime"]["ports"] if port["privatePort"] == 22]
     assert ssh["isIpPublic"] is True
-    listed = post(runpod_emulator, LIST_PODS, auth="query").json()["data"]["myself"]["pods"]
+    listed = post(graphql_emulator, LIST_PODS, auth="query").json()["data"]["myself"]["pods"]
     assert {entry["podType"] for entry in listed} == {"RESERVED", "INTERRUPTABLE"}
 
-    stopped = post(runpod_emulator, STOP, {"podId": pod["id"]}).json()["data"]["podStop"]
+    stopped = post(graphql_emulator, STOP, {"podId": pod["id"]}).json()["data"]["podStop"]
     assert stopped == {"id": pod["id"], "desiredStatus": "EXITED"}
-    assert post(runpod_emulator, GET_POD % pod["id"]).json()["data"]["pod"]["runtime"] is None
-    resumed = post(runpod_emulator, RESUME % pod["id"]).json()["data"]["podResume"]
+    assert post(graphql_emulator, GET_POD % pod["id"]).json()["data"]["pod"]["runtime"] is None
+    resumed = post(graphql_emulator, RESUME % pod["id"]).json()["data"]["podResume"]
     assert resumed["desiredStatus"] == "RUNNING"
-    post(runpod_emulator, GET_POD % pod["id"])  # the one poll that still shows it starting
-    again = post(runpod_emulator, GET_POD % pod["id"]).json()["data"]["pod"]
+    post(graphql_emulator, GET_POD % pod["id"])  # the one poll that still shows it starting
+    again = post(graphql_emulator, GET_POD % pod["id"]).json()["data"]["pod"]
     (new_ssh,) = [port for port in again["runtime"]["ports"] if port["privatePort"] == 22]
     assert new_ssh["publicPort"] != ssh["publicPort"]  # a reset pod gets a new public port
 
     # A spot pod cannot be resumed on demand, only with a bid.
-    post(runpod_emulator, STOP, {"podId": spot["id"]})
-    refused = post(runpod_emulator, RESUME % spot["id"]).json()
+    post(graphql_emulator, STOP, {"podId": spot["id"]})
+    refused = post(graphql_emulator, RESUME % spot["id"]).json()
     assert refused["errors"][0]["message"] == "Cannot resume a spot pod as an on demand pod."
     bid = {"podId": spot["id"], "bidPerGpu": 0.3, "gpuCount": 1}
-    assert post(runpod_emulator, BID_RESUME, bid).json()["data"]["podBidResume"]["costPerHr"] == 0.3
+    assert (
+        post(graphql_emulator, BID_RESUME, bid).json()["data"]["podBidResume"]["costPerHr"] == 0.3
+    )
 
-    assert post(runpod_emulator, TERMINATE % pod["id"]).json() == {"data": {"podTerminate": None}}
-    assert post(runpod_emulator, GET_POD % pod["id"]).json()["data"]["pod"] is None
-    assert [row["id"] for row in runpod_emulator.pods] == [spot["id"]]
+    assert post(graphql_emulator, TERMINATE % pod["id"]).json() == {"data": {"podTerminate": None}}
+    assert post(graphql_emulator, GET_POD % pod["id"]).json()["data"]["pod"] is None
+    assert [row["id"] for row in graphql_emulator.pods] == [spot["id"]]
 
 
-def test_catalogue_user_and_keys_as_documented(runpod_emulator: RunPodEmulator) -> None:
-    catalogue = post(runpod_emulator, GPU_TYPES, auth="query").json()["data"]["gpuTypes"]
+def test_catalogue_user_and_keys_as_documented(graphql_emulator: RunPodEmulator) -> None:
+    catalogue = post(graphql_emulator, GPU_TYPES, auth="query").json()["data"]["gpuTypes"]
     by_id = {entry["id"]: entry for entry in catalogue}
     assert by_id["NVIDIA GeForce RTX 4090"]["securePrice"] == 0.44
     assert by_id["unknown"]["securePrice"] is None  # RunPod's placeholder entry is there
-    lowest = post(runpod_emulator, LOWEST_PRICE_INLINE).json()["data"]["gpuTypes"]
+    lowest = post(graphql_emulator, LOWEST_PRICE_INLINE).json()["data"]["gpuTypes"]
     assert lowest == [
         {
             "id": "NVIDIA RTX A4000",
             "lowestPrice": {
                 "stockStatus": "High",
-                "minimumBidPrice": 0.1,
+                "minimumBidPrice": 0.2,  # the secure cloud's spot price: secureCloud is true
                 "uninterruptablePrice": 0.35,
                 "availableGpuCounts": [1, 2, 4, 8],
                 "minMemory": 31,
@@ -166,7 +168,7 @@ def test_catalogue_user_and_keys_as_documented(runpod_emulator: RunPodEmulator) 
         }
     ]
     both = post(
-        runpod_emulator, LOWEST_PRICE_VARIABLES, {"input": {"gpuCount": 1, "secureCloud": None}}
+        graphql_emulator, LOWEST_PRICE_VARIABLES, {"input": {"gpuCount": 1, "secureCloud": None}}
     )
     none_free = [
         e["lowestPrice"]
@@ -174,24 +176,33 @@ def test_catalogue_user_and_keys_as_documented(runpod_emulator: RunPodEmulator) 
         if e["lowestPrice"]["gpuTypeId"] == "NVIDIA H100 80GB HBM3"
     ]
     assert none_free[0]["uninterruptablePrice"] is None  # out of stock: prices null
-    centers = post(runpod_emulator, DATA_CENTERS, {}).json()["data"]["dataCenters"]
-    assert centers[0]["gpuAvailability"]
+    # RunPod's schema (as rebuilt from its introspection dump) has no root `dataCenters`.
+    assert post(graphql_emulator, DATA_CENTERS, {}).status_code == 400
 
-    runpod_emulator.pub_key = "ssh-ed25519 AAAAC3Nz... laptop"
+    graphql_emulator.pub_key = "ssh-ed25519 AAAAC3Nz... laptop"
     new_keys = "ssh-ed25519 AAAAC3Nz... laptop\n\nssh-ed25519 AAAAC3Nz... hctl"
-    post(runpod_emulator, UPDATE_KEYS, {"input": {"pubKey": new_keys}})
-    assert post(runpod_emulator, MYSELF).json()["data"]["myself"]["pubKey"] == new_keys
+    post(graphql_emulator, UPDATE_KEYS, {"input": {"pubKey": new_keys}})
+    assert post(graphql_emulator, MYSELF).json()["data"]["myself"]["pubKey"] == new_keys
 
 
-def test_errors_are_answered_as_runpod_answers_them(runpod_emulator: RunPodEmulator) -> None:
-    assert post(runpod_emulator, MYSELF, key="wrong").status_code == 401
-    assert httpx.post(runpod_emulator.url, json={"query": MYSELF}).status_code == 401
-    assert post(runpod_emulator, "query { nope }").status_code == 400
-    assert post(runpod_emulator, "query { myself { id ").status_code == 400
+def test_errors_are_answered_as_runpod_answers_them(graphql_emulator: RunPodEmulator) -> None:
+    assert post(graphql_emulator, MYSELF, key="wrong").status_code == 401
+    assert httpx.post(graphql_emulator.url, json={"query": MYSELF}).status_code == 401
+    assert post(graphql_emulator, "query { nope }").status_code == 400
+    assert post(graphql_emulator, "query { myself { id ").status_code == 400
     # A variable of the wrong type is a validation error too (runpodctl#156 saw 400).
-    assert post(runpod_emulator, STOP, {"podId": 5}).status_code == 400
+    assert post(graphql_emulator, STOP, {"podId": 5}).status_code == 400
+    # RunPod's own types: env values are non-null, deadlines are DateTime (RFC 3339 with a zone).
+    for field, value in (("env", [{"key": "A", "value": None}]), ("stopAfter", "in two hours"),
+                         ("terminateAfter", "2026-11-30T14:00:00")):  # fmt: skip
+        wrong = {"input": {**ON_DEMAND_VARIABLES["input"], field: value}}
+        assert post(graphql_emulator, ON_DEMAND_CREATE, wrong).status_code == 400, field
+    right = {"input": {**ON_DEMAND_VARIABLES["input"], "name": "dated",
+                       "terminateAfter": "2026-11-30T14:00:00Z"}}  # fmt: skip
+    assert post(graphql_emulator, ON_DEMAND_CREATE, right).status_code == 200
+    assert graphql_emulator.pods[-1]["terminateAfter"] == "2026-11-30T14:00:00Z"
     invalid_gpu = {"input": {**ON_DEMAND_VARIABLES["input"], "gpuTypeId": "NVIDIA RTX 4090"}}
-    answer = post(runpod_emulator, ON_DEMAND_CREATE, invalid_gpu)
+    answer = post(graphql_emulator, ON_DEMAND_CREATE, invalid_gpu)
     assert answer.status_code == 200
     assert answer.json() == {
         "errors": [
@@ -204,29 +215,29 @@ def test_errors_are_answered_as_runpod_answers_them(runpod_emulator: RunPodEmula
         ],
         "data": {"podFindAndDeployOnDemand": None},
     }
-    runpod_emulator.inject_fault("rate_limited", retry_after=7)
-    limited = post(runpod_emulator, MYSELF)
+    graphql_emulator.inject_fault("rate_limited", retry_after=7)
+    limited = post(graphql_emulator, MYSELF)
     assert limited.status_code == 429 and limited.headers["Retry-After"] == "7"
-    runpod_emulator.inject_fault("server_error", status=503)
-    assert post(runpod_emulator, MYSELF).status_code == 503
-    runpod_emulator.inject_fault("something_went_wrong", operation="myself")
-    vague = post(runpod_emulator, MYSELF).json()
+    graphql_emulator.inject_fault("server_error", status=503)
+    assert post(graphql_emulator, MYSELF).status_code == 503
+    graphql_emulator.inject_fault("something_went_wrong", operation="myself")
+    vague = post(graphql_emulator, MYSELF).json()
     assert vague["errors"][0]["extensions"]["code"] == "INTERNAL_SERVER_ERROR"
-    runpod_emulator.inject_fault("drop_after_apply", operation="podFindAndDeployOnDemand")
+    graphql_emulator.inject_fault("drop_after_apply", operation="podFindAndDeployOnDemand")
     with pytest.raises(httpx.RemoteProtocolError):
-        post(runpod_emulator, ON_DEMAND_CREATE, ON_DEMAND_VARIABLES)
-    assert [row["name"] for row in runpod_emulator.pods] == ["hctl-run-42"]  # applied anyway
-    assert post(runpod_emulator, MYSELF).status_code == 200  # and the server carries on
+        post(graphql_emulator, ON_DEMAND_CREATE, ON_DEMAND_VARIABLES)
+    assert [row["name"] for row in graphql_emulator.pods] == ["dated", "hctl-run-42"]  # applied
+    assert post(graphql_emulator, MYSELF).status_code == 200  # and the server carries on
 
 
 def test_runpod_python_sdk_drives_the_emulator(
-    runpod_emulator: RunPodEmulator, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    graphql_emulator: RunPodEmulator, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     # The SDK reads ~/.runpod/config.toml at import (HOME is a temporary folder here) and
     # RUNPOD_API_BASE_URL on every call.
-    monkeypatch.setenv("RUNPOD_API_BASE_URL", runpod_emulator.base_url)
+    monkeypatch.setenv("RUNPOD_API_BASE_URL", graphql_emulator.base_url)
     runpod = importlib.import_module("runpod")
-    monkeypatch.setattr(runpod, "api_key", runpod_emulator.api_key)
+    monkeypatch.setattr(runpod, "api_key", graphql_emulator.api_key)
     assert runpod.get_gpu("NVIDIA GeForce RTX 4090")["securePrice"] == 0.44
     with pytest.raises(ValueError):  # the SDK checks the id first; the emulator answers []
         runpod.get_gpu("NVIDIA RTX 4090")
@@ -241,6 +252,6 @@ def test_runpod_python_sdk_drives_the_emulator(
     runpod.update_user_settings("ssh-ed25519 AAAA sdk")
     assert runpod.get_user()["pubKey"] == "ssh-ed25519 AAAA sdk"
     runpod.terminate_pod(pod["id"])
-    assert runpod_emulator.pods == []
+    assert graphql_emulator.pods == []
     # Every request the SDK sent inlined its values: no variables at all.
-    assert all(not request.variables for request in runpod_emulator.requests)
+    assert all(not request.variables for request in graphql_emulator.requests)

@@ -11,12 +11,12 @@ import httpx
 import pytest
 
 from hctl.errors import BudgetError, ConfigError, UnknownGpuError
+from hctl.gpus import resolve_gpu
 from hctl.services.budget import Meter, check_estimate_within
 from hctl.services.estimate import (
     alternatives,
     compare_gpus,
     estimate_job,
-    find_gpu,
     format_duration,
     gpu_speed,
 )
@@ -128,13 +128,13 @@ def test_an_unreachable_hub_leaves_the_size_unknown(monkeypatch: pytest.MonkeyPa
 
 def test_the_estimate_adds_up_its_phases_and_prices_the_whole_job() -> None:
     model = ModelInfo(reference="Qwen/Qwen3-4B", parameters=4_000_000_000)
-    gpu = find_gpu(CATALOGUE, "RTX 4090")
+    gpu = resolve_gpu(CATALOGUE, "RTX 4090")
     estimate = estimate_job(model, gpu, n_trials=200)
     assert estimate.total_seconds == pytest.approx(sum(p.seconds for p in estimate.phases))
     assert estimate.total_cost == pytest.approx(0.34 * estimate.total_seconds / 3600)
     # The owner's measured figure: a 4B model on an RTX 4090 takes about 15 minutes.
     assert 10 * 60 < estimate.total_seconds < 25 * 60
-    faster = estimate_job(model, find_gpu(CATALOGUE, "A100 PCIe"), n_trials=200)
+    faster = estimate_job(model, resolve_gpu(CATALOGUE, "A100 PCIe"), n_trials=200)
     assert faster.seconds_per_trial < estimate.seconds_per_trial
     more = estimate_job(model, gpu, n_trials=400)
     assert more.seconds_of("search") == pytest.approx(2 * estimate.seconds_of("search"))
@@ -150,11 +150,11 @@ def test_an_estimate_needs_trials_and_a_size() -> None:
 
 def test_a_model_too_big_for_the_gpu_does_not_fit() -> None:
     model = ModelInfo(reference="big/70B", parameters=70_000_000_000)
-    estimate = estimate_job(model, find_gpu(CATALOGUE, "RTX 4090"), n_trials=10)
+    estimate = estimate_job(model, resolve_gpu(CATALOGUE, "RTX 4090"), n_trials=10)
     assert not estimate.fits and "GPU memory" in estimate.fit_problem
     small_disk = estimate_job(
         ModelInfo(reference="m/8B", parameters=8_000_000_000),
-        find_gpu(CATALOGUE, "A100 PCIe"),
+        resolve_gpu(CATALOGUE, "A100 PCIe"),
         n_trials=10,
         volume_gb=20,
     )
@@ -162,11 +162,11 @@ def test_a_model_too_big_for_the_gpu_does_not_fit() -> None:
 
 
 def test_gpus_are_found_by_id_or_name_and_unknown_ones_are_refused() -> None:
-    assert find_gpu(CATALOGUE, "nvidia geforce rtx 3090").display_name == "RTX 3090"
-    assert find_gpu(CATALOGUE, "A6000").id == "NVIDIA RTX A6000"
+    assert resolve_gpu(CATALOGUE, "nvidia geforce rtx 3090").display_name == "RTX 3090"
+    assert resolve_gpu(CATALOGUE, "A6000").id == "NVIDIA RTX A6000"
     with pytest.raises(UnknownGpuError, match="RTX 9999"):
-        find_gpu(CATALOGUE, "RTX 9999")
-    assert gpu_speed(find_gpu(CATALOGUE, "H200")) > gpu_speed(find_gpu(CATALOGUE, "RTX 3090"))
+        resolve_gpu(CATALOGUE, "RTX 9999")
+    assert gpu_speed(resolve_gpu(CATALOGUE, "H200")) > gpu_speed(resolve_gpu(CATALOGUE, "RTX 3090"))
 
 
 def test_comparison_puts_the_cheapest_fitting_gpu_first() -> None:
@@ -183,7 +183,7 @@ def test_comparison_puts_the_cheapest_fitting_gpu_first() -> None:
 
 def test_the_budget_refuses_an_estimate_over_the_cap_and_meters_spending() -> None:
     model = ModelInfo(reference="m/4B", parameters=4_000_000_000)
-    estimate = estimate_job(model, find_gpu(CATALOGUE, "RTX 4090"), n_trials=200)
+    estimate = estimate_job(model, resolve_gpu(CATALOGUE, "RTX 4090"), n_trials=200)
     with pytest.raises(BudgetError, match="Nothing was created"):
         check_estimate_within(estimate, 0.01)
     check_estimate_within(estimate, 100.0)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hctl.providers.base import Pod
+from hctl.providers.base import Pod, PodStatus
 from hctl.remote import gpu
 from hctl.remote.base import CommandResult
 from hctl.remote.monitor import pod_cost_so_far
@@ -88,7 +88,7 @@ def test_samples_are_grouped_per_round_and_counted() -> None:
 
 
 def test_pod_cost_is_price_times_uptime() -> None:
-    pod = Pod(id="p", name="n", status="RUNNING", cost_per_hr=0.44, uptime_seconds=1800)
+    pod = Pod(id="p", name="n", status=PodStatus.RUNNING, cost_per_hr=0.44, uptime_seconds=1800)
     assert pod_cost_so_far(pod) == 0.22
     assert pod_cost_so_far(pod, extra_seconds=1800) == 0.44
 
@@ -108,7 +108,7 @@ def test_monitor_view_shows_samples_and_ctrl_c_ends_it_cleanly() -> None:
     row = "0, NVIDIA GeForce RTX 4090, 55, 1000, 24564, 60, 200.00, 450.00\n"
     screen = io.StringIO()
     console = Console(file=screen, width=120, force_terminal=False)
-    pod = Pod(id="p1", name="n", status="RUNNING", cost_per_hr=0.44, uptime_seconds=3600)
+    pod = Pod(id="p1", name="n", status=PodStatus.RUNNING, cost_per_hr=0.44, uptime_seconds=3600)
     shown = run_monitor(InterruptedRemote(["1\n", row]), console, pod=pod)  # type: ignore[arg-type]
     assert shown == -1
     text = screen.getvalue()

@@ -9,11 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from hctl.providers.base import PodSpec
+from hctl.providers.runpod import RunPodRestProvider
 from hctl.services.jobs import JobRecord, JobStore
 from hctl.services.launch import SECRETS_FILE, launch_command, self_stop_command, start_worker
 from hctl.services.toolkit import Toolkit, WorkerHandle
 from hctl.settings import load_settings
 from tests.e2e.fakes import FakeProvider, ShellRemote
+from tests.standins.runpod_rest_emulator import RunPodRestEmulator
 
 TOKEN = "hf_SECRETtoken1234567890"
 
@@ -67,31 +70,39 @@ def test_the_token_reaches_the_worker_but_no_command_file_or_argument(tmp_path: 
     assert (job_dir / "launcher.pid").read_text().strip().isdigit()
 
 
-def test_a_pod_stops_itself_when_its_worker_ends_and_nobody_follows(tmp_path: Path) -> None:
+def test_a_pod_stops_itself_when_its_worker_ends_and_nobody_follows(
+    tmp_path: Path, rest_emulator: RunPodRestEmulator
+) -> None:
+    """The provider's stop command, run on the "pod" with its own id and pod-scoped key."""
+    settings = load_settings(
+        runpod_rest_url=rest_emulator.url, runpod_api_key=rest_emulator.api_key
+    )
+    provider = RunPodRestProvider(settings)
+    pod = provider.create(
+        PodSpec(name="hctl-self", gpu_type_id="NVIDIA GeForce RTX 4090", image="i")
+    )
     job_dir = tmp_path / "job"
     job_dir.mkdir()
-    tools = tmp_path / "bin"
-    tools.mkdir()
-    runpodctl = tools / "runpodctl"
-    runpodctl.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/runpodctl-called\n')
-    runpodctl.chmod(0o755)
-    remote = ShellRemote()
-    environment = {"PATH": f"{tools}:{os.environ['PATH']}", "RUNPOD_POD_ID": "pod123"}
-    command = launch_command("true", str(job_dir), env=environment, self_stop_after_s=0)
-    assert remote.run(command).exit_code == 0
-    called = tmp_path / "runpodctl-called"
-    deadline = time.monotonic() + 10
-    while not called.exists() and time.monotonic() < deadline:
+    environment = {"RUNPOD_POD_ID": pod.id, "RUNPOD_API_KEY": rest_emulator.pod_key(pod.id)}
+    command = launch_command(
+        "true", str(job_dir), env=environment, self_stop_after_s=0,
+        stop_command=provider.self_stop_command("stop"),
+    )  # fmt: skip
+    assert ShellRemote().run(command).exit_code == 0
+    deadline = time.monotonic() + 30
+    while rest_emulator.pod(pod.id)["status"] == "RUNNING" and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert called.read_text().strip() == "stop pod pod123"
+    assert rest_emulator.pod(pod.id)["status"] == "EXITED"
+    assert rest_emulator.requests_for("stop")[-1].auth == "pod"
     assert "no controller attached" in (job_dir / "worker.log").read_text()
 
 
 def test_a_kept_pod_or_another_machine_gets_no_self_stop(tmp_path: Path) -> None:
-    assert "runpodctl" not in launch_command("true", str(tmp_path))
+    assert "action" not in launch_command("true", str(tmp_path))
     # A controller's marks hold a pod up: the script checks both before stopping.
-    script = self_stop_command(str(tmp_path), 60)
+    script = self_stop_command(str(tmp_path), 60, "stop-this-pod")
     assert ".attached" in script and ".finishing" in script and "launcher.pid" in script
+    assert script.rstrip().endswith(f">>{tmp_path}/worker.log 2>&1") and "stop-this-pod" in script
 
 
 def test_on_local_on_windows_is_refused_with_a_hint(monkeypatch: pytest.MonkeyPatch) -> None:

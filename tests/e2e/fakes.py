@@ -12,48 +12,41 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hctl.errors import ConnectionLostError, PodNotFoundError, RemoteError
-from hctl.providers.base import GpuType, Pod, PodSpec
+from hctl.providers.base import Capabilities, GpuType, Pod, PodSpec, PodStatus, PriceOffer
 from hctl.remote.base import CommandResult, OutputCallback
 
+
+def catalogue_gpu(
+    gpu_id: str,
+    name: str,
+    memory_gb: int,
+    secure: float | None = None,
+    community: float | None = None,
+    stock: str | None = None,
+) -> GpuType:
+    """A GPU type offered on demand in each cloud that has a price, with `stock` in both."""
+    offers = [
+        PriceOffer(cloud=cloud, price_per_gpu_hour=price, stock=stock)  # type: ignore[arg-type]
+        for cloud, price in (("SECURE", secure), ("COMMUNITY", community))
+        if price is not None
+    ]
+    return GpuType(id=gpu_id, display_name=name, memory_gb=memory_gb, offers=offers)
+
+
 CATALOGUE = [
-    GpuType(
-        id="NVIDIA GeForce RTX 4090",
-        display_name="RTX 4090",
-        memory_gb=24,
-        secure_price=0.69,
-        community_price=0.34,
-        stock_status="High",
-    ),
-    GpuType(
-        id="NVIDIA GeForce RTX 3090",
-        display_name="RTX 3090",
-        memory_gb=24,
-        secure_price=0.43,
-        community_price=0.22,
-        stock_status="Medium",
-    ),
-    GpuType(
-        id="NVIDIA RTX A6000",
-        display_name="RTX A6000",
-        memory_gb=48,
-        secure_price=0.76,
-        community_price=0.49,
-        stock_status="Low",
-    ),
-    GpuType(
-        id="NVIDIA A100 80GB PCIe",
-        display_name="A100 PCIe",
-        memory_gb=80,
-        secure_price=1.64,
-        community_price=1.19,
-        stock_status="High",
-    ),
-    GpuType(id="NVIDIA H200", display_name="H200 SXM", memory_gb=141, stock_status=None),
+    catalogue_gpu("NVIDIA GeForce RTX 4090", "RTX 4090", 24, 0.69, 0.34, "high"),
+    catalogue_gpu("NVIDIA GeForce RTX 3090", "RTX 3090", 24, 0.43, 0.22, "medium"),
+    catalogue_gpu("NVIDIA RTX A6000", "RTX A6000", 48, 0.76, 0.49, "low"),
+    catalogue_gpu("NVIDIA A100 80GB PCIe", "A100 PCIe", 80, 1.64, 1.19, "high"),
+    catalogue_gpu("NVIDIA H200", "H200 SXM", 141),
 ]
 
 
 class FakeProvider:
     """An in-memory provider; pods become ready when `ready` says so."""
+
+    name = "fake"
+    capabilities = Capabilities(lease=True)
 
     def __init__(self, catalogue: list[GpuType] | None = None) -> None:
         self.catalogue = list(catalogue or CATALOGUE)
@@ -71,7 +64,7 @@ class FakeProvider:
         pod = Pod(
             id=f"pod{self._next}",
             name=spec.name,
-            status="RUNNING",
+            status=PodStatus.RUNNING,
             gpu_type_id=spec.gpu_type_id,
             cost_per_hr=gpu.price(spec.cloud_type, spec.spot) or 0.0,
         )
@@ -87,18 +80,24 @@ class FakeProvider:
         return list(self.pods.values())
 
     def start(self, pod_id: str) -> Pod:
-        pod = self.get(pod_id).model_copy(update={"status": "RUNNING"})
+        pod = self.get(pod_id).model_copy(update={"status": PodStatus.RUNNING})
         self.pods[pod_id] = pod
         return pod
 
     def stop(self, pod_id: str) -> Pod:
-        pod = self.get(pod_id).model_copy(update={"status": "EXITED"})
+        pod = self.get(pod_id).model_copy(update={"status": PodStatus.STOPPED})
         self.pods[pod_id] = pod
         return pod
 
     def terminate(self, pod_id: str) -> None:
         self.get(pod_id)
         del self.pods[pod_id]
+
+    def self_stop_command(self, action: str) -> str | None:
+        return None
+
+    def billed(self, pod_ids: list[str], since: object) -> dict[str, float] | None:
+        return None
 
 
 class ShellRemote:

@@ -4,6 +4,7 @@ the tiny refusing model is searched there."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -51,7 +53,12 @@ def test_a_full_run_rents_searches_saves_downloads_and_stops_the_pod(
     assert (download / "model.safetensors").is_file()
     # The pod was named after the job, had a lease, and is stopped (kept on purpose, not billing).
     (pod,) = pod_rig.emulator.pods
-    assert pod["name"] == f"hctl-{record.job_id}" and pod["terminateAfter"]
+    assert pod["name"] == f"hctl-{record.job_id}" and pod["env"]["HCTL_LEASE_UNTIL"]
+    # REST v2 keeps no deadline: the pod's own watchdog does, moved on by the job's events.
+    assert "the pod keeps its own lease" in output
+    lease = json.loads((pod_rig.volume / "hctl" / "lease.json").read_text())
+    assert lease["watch"] == [f"{record.remote_job_dir}/events.jsonl"]
+    assert lease["until"] == pytest.approx(float(pod["env"]["HCTL_LEASE_UNTIL"]), abs=1)
     assert pod["status"] == "EXITED"
     assert f"stopped pod {pod['id']}" in output
     # The journal and events were copied home; the worker's job directory is on the volume.

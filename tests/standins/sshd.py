@@ -306,6 +306,19 @@ def sshd_other_host_key(_sshd_root: Path, sshd_pod: SshdServer) -> Iterator[Sshd
     server.stop()
 
 
+def stop_watchdog(folder: Path) -> None:
+    """End the lease watchdog (`hctl.watchdog`) a test left on the stand-in pod, which is this
+    machine: by the pid in its pid file, and only if that process is a watchdog."""
+    try:
+        pid = int((folder / "watchdog.pid").read_text().strip())
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return
+    if b"watchdog" in command:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+
+
 def copy_key(server: SshdServer, destination: Path) -> Path:
     """A copy of the server's client key (mode 0600) at `destination`, e.g. `~/.ssh/id_ed25519`."""
     destination.parent.mkdir(parents=True, exist_ok=True)

@@ -15,8 +15,10 @@ from rich.table import Table
 from hctl import pods as pod_service
 from hctl import sshkeys
 from hctl.cli.common import confirm, console
+from hctl.gpus import select_gpu_types
 from hctl.providers import make_provider
 from hctl.providers.base import GpuType, Pod, Provider
+from hctl.services import lease
 from hctl.settings import Settings, load_settings
 
 
@@ -65,15 +67,14 @@ def _gpu_table(gpus: list[GpuType]) -> Table:
             column, justify="right" if column in ("VRAM", "secure") else "left", overflow="fold"
         )
     for gpu in gpus:
-        spot = gpu.price("ALL", spot=True)
         table.add_row(
             gpu.id,
             gpu.display_name,
             f"{gpu.memory_gb} GB",
-            _money(gpu.secure_price),
-            _money(gpu.community_price),
-            _money(spot),
-            gpu.stock_status or "none",
+            _money(gpu.price("SECURE")),
+            _money(gpu.price("COMMUNITY")),
+            _money(gpu.price("ALL", spot=True)),
+            gpu.stock or "none",
         )
     return table
 
@@ -88,7 +89,7 @@ def _pod_table(pods: list[Pod]) -> Table:
         table.add_row(
             pod.name,
             pod.id,
-            pod.status + ("" if pod.ready or pod.status != "RUNNING" else " (starting)"),
+            str(pod.status),
             gpu + (" spot" if pod.spot else ""),
             _money(pod.cost_per_hr),
             _uptime(pod.uptime_seconds),
@@ -114,18 +115,17 @@ def _wait_with_spinner(provider: Provider, pod: Pod, settings: Settings) -> Pod:
         )
 
 
-def _describe_plan(plan: pod_service.PodPlan) -> None:
+def _describe_plan(plan: pod_service.PodPlan, provider: Provider) -> None:
     spec = plan.spec
     console.print(
         f"{spec.name}: {spec.gpu_count}x {plan.gpu.display_name} ({'any' if spec.cloud_type == 'ALL' else spec.cloud_type.lower()} cloud"
         f"{', spot' if spec.spot else ''}), {spec.image}, {spec.container_disk_gb} GB disk + "
         f"{spec.volume_gb} GB volume at {spec.volume_mount_path}"
     )
-    if spec.stop_after or spec.terminate_after:
-        action = "stops" if spec.stop_after else "terminates"
-        console.print(
-            f"RunPod {action} it at {(spec.stop_after or spec.terminate_after):%Y-%m-%d %H:%M %Z}."
-        )
+    if spec.lease is not None:
+        console.print(lease.describe(provider, spec.lease))
+    for note in plan.notes:
+        console.print(note)
     console.print(
         f"Price: [bold]{_money(plan.price_per_hour)}/h[/] for the GPU"
         f" + about {_money(plan.storage_per_hour)}/h for the disks."
@@ -153,7 +153,7 @@ def gpus(
 ) -> None:
     """List RunPod's GPU types with VRAM, prices per hour and stock, cheapest first."""
     _, provider = _provider()
-    chosen = pod_service.select_gpu_types(
+    chosen = select_gpu_types(
         provider.gpu_types(),
         min_vram_gb=min_vram,
         max_price=max_price,
@@ -184,13 +184,15 @@ def create_pod(
         case_sensitive=False,
         help="SECURE, COMMUNITY or ALL (default: the setting).",
     ),
-    spot: bool = typer.Option(False, "--spot", help="A spot (interruptible) pod; needs --bid."),
+    spot: bool = typer.Option(
+        False, "--spot", help="A spot (interruptible) pod; needs --bid (RunPod GraphQL only)."
+    ),
     bid: float | None = typer.Option(None, "--bid", help="Spot bid in USD per GPU-hour."),
     name: str | None = typer.Option(None, "--name", help="Pod name (hctl- is put in front)."),
     env: list[str] = typer.Option([], "--env", help="KEY=VALUE for the pod; repeatable."),
     ports: str = typer.Option("22/tcp", "--ports", help="Exposed ports, e.g. 22/tcp,8888/http."),
     max_hours: float | None = typer.Option(
-        None, "--max-hours", help="RunPod stops the pod after this many hours."
+        None, "--max-hours", help="The pod is stopped after this many hours."
     ),
     terminate_at_limit: bool = typer.Option(
         False, "--terminate-at-limit", help="At --max-hours terminate (delete) instead of stop."
@@ -212,15 +214,24 @@ def create_pod(
         at_limit="terminate" if terminate_at_limit else "stop",
         public_key=sshkeys.pod_public_keys(provider, key),
     )  # fmt: skip
-    _describe_plan(plan)
+    _describe_plan(plan, provider)
     confirm(f"Create this pod for about {_money(plan.price_per_hour)}/h?", assume_yes=yes)
     pod = pod_service.create_pod(provider, plan)
     console.print(f"[green]Created {pod.name} ({pod.id}) at {_money(pod.cost_per_hr)}/h.[/]")
+    mismatch = pod_service.price_note(plan, pod)
+    if mismatch:
+        console.print(mismatch)
     console.print(
         f"It bills until you stop it (`hctl stop-pod {pod.id}`) or terminate it "
         f"(`hctl terminate-pod {pod.id}`)."
     )
-    if wait:
+    # A deadline the provider does not keep is kept by the pod, once hctl reaches it.
+    if plan.spec.lease is not None and lease.kept_by_pod(provider):
+        ready = _wait_with_spinner(provider, pod, settings)
+        lease.arm_over_ssh(ready, provider, plan.spec.lease, settings)
+        console.print("Its lease watchdog runs on the pod.")
+        _describe_ready(ready)
+    elif wait:
         _describe_ready(_wait_with_spinner(provider, pod, settings))
 
 
@@ -237,7 +248,7 @@ def list_pods(
         console.print("No pods. `hctl create-pod` makes one.")
         return
     console.print(_pod_table(pods))
-    running = sum(pod.cost_per_hr for pod in pods if pod.status == "RUNNING")
+    running = sum(pod.cost_per_hr for pod in pods if pod.active)
     console.print(f"Running pods cost {_money(running)}/h in all.")
 
 
@@ -249,8 +260,8 @@ def start_pod(
 ) -> None:
     """Start a stopped pod again (it bills from now on; its public SSH port changes)."""
     settings, provider = _provider()
-    target = pod_service.resolve_pod(provider, pod, status="STOPPED")
-    if target.status == "RUNNING":
+    target = pod_service.resolve_pod(provider, pod, status="stopped")
+    if target.active:
         console.print(f"{target.name} ({target.id}) is running already.")
         started = target
     else:

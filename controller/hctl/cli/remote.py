@@ -16,7 +16,7 @@ from rich.table import Table
 from typer.core import TyperCommand
 
 from hctl.cli.common import confirm, console, error_console
-from hctl.errors import ConfigError
+from hctl.errors import ConfigError, ConnectError, PodNotReadyError
 from hctl.remote.base import Remote
 from hctl.settings import hctl_home, load_settings
 
@@ -144,14 +144,22 @@ def monitor(
     count: int = typer.Option(None, "--count", min=1, help="Stop after this many samples."),
     interval: int = typer.Option(1, "--interval", min=1, help="Seconds between samples."),
 ) -> None:
-    """Live GPU utilisation, memory, temperature and power (and the pod's cost); Ctrl-C exits."""
-    from hctl.remote.monitor import run_monitor
+    """Live GPU utilisation, memory, temperature and power (and the pod's cost); Ctrl-C exits.
 
-    remote, pod = _open(target, pty)
+    A pod SSH cannot reach yet shows the GPU use RunPod reports instead."""
+    from hctl.remote.monitor import monitor_through_api, run_monitor
+
     try:
-        run_monitor(remote, console, pod=pod, count=count, interval_s=interval)
-    finally:
-        remote.close()
+        remote, pod = _open(target, pty)
+        try:
+            run_monitor(remote, console, pod=pod, count=count, interval_s=interval)
+        finally:
+            remote.close()
+    except (PodNotReadyError, ConnectError) as error:
+        _note(f"{error.message} Showing the GPU use RunPod reports instead.")
+        settings = load_settings()
+        if not monitor_through_api(target, settings, console, count=count, interval_s=interval):
+            raise
 
 
 def gpu_free(

@@ -10,12 +10,11 @@ import typer
 
 from hctl.cli.common import confirm, console, error_console
 from hctl.errors import ConfigError, JobError
-from hctl.services import launch, runs
+from hctl.services import billing, launch, lease, runs
 from hctl.services import resume as resume_service
 from hctl.services.budget import check_estimate_within
-from hctl.services.estimate import compare_gpus, format_duration, format_money
+from hctl.services.estimate import compare_gpus, format_money
 from hctl.services.jobs import JobRecord
-from hctl.services.lease import lease_seconds
 from hctl.services.models import format_parameter_count, inspect_model
 from hctl.services.progress import JobProgress
 from hctl.services.toolkit import Toolkit, default_toolkit
@@ -149,7 +148,7 @@ def run(
         after="keep" if keep else ("terminate" if terminate else None), job_dir=job_dir,
     )  # fmt: skip
     plan = launch.plan_run(request, toolkit)
-    _show_plan(plan)
+    _show_plan(plan, toolkit)
     check_estimate_within(
         plan.estimate, max_cost if max_cost is not None else toolkit.settings.max_cost
     )
@@ -159,7 +158,7 @@ def run(
     _follow(record, toolkit, assume_yes=yes, replay=False)
 
 
-def _show_plan(plan: launch.RunPlan) -> None:
+def _show_plan(plan: launch.RunPlan, toolkit: Toolkit) -> None:
     model = plan.model
     size = (
         f"{format_parameter_count(model.parameters)} parameters"
@@ -172,10 +171,7 @@ def _show_plan(plan: launch.RunPlan) -> None:
     )
     console.print(f"Phases: {phases_line(plan.estimate)}")
     if plan.creates_pod:
-        console.print(
-            f"A new pod gets a lease of {format_duration(lease_seconds(plan.estimate.total_seconds))}"
-            " (RunPod terminates it then, whatever happens to this computer)."
-        )
+        console.print(lease.plan_text(toolkit.provider(), plan.estimate.total_seconds))
 
 
 def estimate(
@@ -214,11 +210,11 @@ def jobs(
 
     toolkit = _toolkit()
     table = Table()
-    for column in ("job", "model", "machine", "status", "trials", "best", "price"):
+    for column in ("job", "model", "machine", "status", "trials", "best", "price", "cost"):
         table.add_column(column, no_wrap=column in {"job", "status", "trials"}, overflow="fold")
-    for record in toolkit.store.list():
-        if pod is not None and record.pod_id != pod:
-            continue
+    records = [record for record in toolkit.store.list() if pod in (None, record.pod_id)]
+    bills = billing.billed_by_job(records, toolkit.provider)
+    for record in records:
         progress = runs.local_progress(record, toolkit)
         best = progress.best(record.kl_limit or 0.5)
         table.add_row(
@@ -226,6 +222,7 @@ def jobs(
             f"{progress.trials_done}/{progress.n_trials or record.n_trials}",
             f"#{best.number} {best.refusals}/{best.total_bad} KL {best.kl:.3f}" if best else "—",
             f"{format_money(record.price_per_hour)}/h" if record.target == "pod" else "—",
+            billing.bill_text(record, bills.get(record.job_id)),
         )  # fmt: skip
     console.print(table)
 
@@ -268,6 +265,9 @@ def results(job: str = typer.Argument(..., help="The job id.")) -> None:
     state = "finished" if progress.done else ("failed" if progress.error else progress.stage)
     console.print(f"{progress.trials_done}/{progress.n_trials} trials; search {state}.")
     _show_results(record, progress, toolkit)
+    bill = billing.billed_by_job([record], toolkit.provider).get(record.job_id)
+    if bill is not None or record.estimated_cost is not None:
+        console.print(f"Cost of its pods: {billing.bill_text(record, bill)}.")
 
 
 def cancel(

@@ -1,6 +1,7 @@
-"""Where machines come from. `base` holds the boundary; one sub-package per provider.
+"""Where machines come from. `base` holds the boundary; one sub-package per cloud.
 
-`PROVIDERS` is the registry: the `provider` setting names an entry, `make_provider` builds it.
+`PROVIDERS` is the registry: the `provider` setting (or `HCTL_PROVIDER`) names an entry,
+`make_provider` builds it.
 """
 
 from __future__ import annotations
@@ -9,10 +10,13 @@ from collections.abc import Callable
 
 from hctl.errors import ConfigError
 from hctl.providers.base import Provider
-from hctl.providers.runpod import RunPodProvider
+from hctl.providers.runpod import RunPodGraphQLProvider, RunPodRestProvider
 from hctl.settings import Settings
 
-PROVIDERS: dict[str, Callable[[Settings], Provider]] = {"runpod": RunPodProvider}
+PROVIDERS: dict[str, Callable[[Settings], Provider]] = {
+    "runpod": RunPodRestProvider,  # RunPod's REST API v2
+    "runpod-graphql": RunPodGraphQLProvider,  # RunPod's GraphQL API, until it retires
+}
 
 
 def make_provider(settings: Settings) -> Provider:

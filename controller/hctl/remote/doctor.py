@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pydantic import BaseModel
 
 from hctl.errors import AuthError, HctlError, ProviderError
-from hctl.providers.base import Pod, Provider
+from hctl.providers.base import Pod, PodStatus, Provider
 from hctl.remote.direct import DirectRemote
 from hctl.remote.proxy import ProxyRemote
 from hctl.remote.ssh import SshAddress, load_private_key
@@ -141,7 +141,7 @@ def run_doctor(settings: Settings, provider_factory: Callable[[], Provider]) -> 
     checks.extend(api_checks)
     key_ok = all(check.ok for check in checks if check.name == "SSH key")
     for pod in pods:
-        if pod.status != "RUNNING":
+        if pod.status != PodStatus.RUNNING:
             continue
         if not key_ok:
             checks.append(

@@ -3,6 +3,8 @@
 `gpu_table` and `status_tables` are pure (data in, renderable out); `run_monitor` streams
 samples from one long-lived `nvidia-smi -l` channel into a `rich.live.Live` view, for `count`
 samples or until Ctrl-C, and shows the pod's cost so far when the target is a pod.
+`monitor_through_api` is for a pod SSH cannot reach yet: it shows the GPU use the provider
+reports (no SSH needed), read again every interval.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from hctl.errors import HctlError
 from hctl.providers.base import Pod
 from hctl.remote.base import Remote
 from hctl.remote.gpu import GpuSample, MachineStatus, stream_gpu_samples
+from hctl.settings import Settings
 
 
 def _value(number: float | None, unit: str, digits: int = 0) -> str:
@@ -105,3 +109,57 @@ def run_monitor(
             return stream_gpu_samples(remote, show, count=count, interval_s=interval_s)
         except KeyboardInterrupt:
             return -1
+
+
+def api_gpu_table(pod: Pod) -> RenderableType:
+    """The GPU use the provider reports for a pod (utilisation and memory, in percent)."""
+    if not pod.gpus:
+        return Text(f"pod {pod.id} is {pod.status}: no GPU figures reported yet.")
+    table = Table(
+        title=f"GPUs of pod {pod.id} (as the provider reports them)", title_justify="left"
+    )
+    for column in ("GPU", "util", "memory"):
+        table.add_column(column, justify="right")
+    for index, gpu in enumerate(pod.gpus):
+        table.add_row(
+            str(index), _value(gpu.utilisation_percent, " %"), _value(gpu.memory_percent, " %")
+        )
+    return Group(Text(f"GPUs of pod {pod.id}, as the provider reports them:"), table)
+
+
+def monitor_through_api(
+    target: str | None,
+    settings: Settings,
+    console: Console,
+    *,
+    count: int | None = None,
+    interval_s: float = 1,
+    sleep: Callable[[float], None] = time.sleep,
+) -> bool:
+    """Show a pod's GPU use from the provider's API, for `count` readings or until Ctrl-C.
+
+    False when `target` is not a pod (an SSH address or this machine: nothing to ask).
+    """
+    from hctl.providers import make_provider
+    from hctl.targets import resolve_pod_target
+
+    provider = make_provider(settings)
+    pod = resolve_pod_target(target, settings, provider)
+    if pod is None:
+        return False
+    shown = 0
+    with Live(api_gpu_table(pod), console=console, auto_refresh=False) as live:
+        try:
+            while count is None or shown < count:
+                if shown:
+                    sleep(interval_s)
+                try:
+                    pod = provider.get(pod.id)
+                except HctlError as error:
+                    live.update(Text(f"cannot read pod {pod.id}: {error.message}"), refresh=True)
+                    continue
+                live.update(Group(api_gpu_table(pod), cost_line(pod)), refresh=True)
+                shown += 1
+        except KeyboardInterrupt:
+            pass
+    return True

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from hctl.errors import ConfigError, UnknownGpuError
+from hctl.errors import ConfigError
+from hctl.gpus import resolve_gpu
 from hctl.providers.base import CloudType, GpuType
 from hctl.services.models import ModelInfo
 
@@ -219,22 +220,6 @@ def estimate_job(
     )
 
 
-def find_gpu(catalogue: list[GpuType], wanted: str) -> GpuType:
-    """A GPU by its id or display name (case-insensitive); unknown names list close matches."""
-    lowered = wanted.strip().lower()
-    for gpu in catalogue:
-        if lowered in {gpu.id.lower(), gpu.display_name.lower()}:
-            return gpu
-    close = [gpu for gpu in catalogue if lowered in f"{gpu.id} {gpu.display_name}".lower()]
-    if len(close) == 1:
-        return close[0]
-    suggestions = ", ".join(gpu.display_name for gpu in (close or catalogue)[:6])
-    raise UnknownGpuError(
-        f"No GPU type {wanted!r} in the catalogue.",
-        f"Try one of: {suggestions} (`hctl gpus` lists them all).",
-    )
-
-
 def compare_gpus(
     model: ModelInfo,
     catalogue: list[GpuType],
@@ -248,7 +233,7 @@ def compare_gpus(
 ) -> list[Estimate]:
     """Estimates for several GPUs, cheapest total first; those that do not fit go last."""
     if wanted:
-        gpus = [find_gpu(catalogue, name) for name in wanted]
+        gpus = [resolve_gpu(catalogue, name) for name in wanted]
     else:
         known = {gpu.id: gpu for gpu in catalogue}
         gpus = [known[gpu_id] for gpu_id in DEFAULT_COMPARISON if gpu_id in known]
@@ -290,7 +275,9 @@ def alternatives(
     candidates = [
         gpu
         for gpu in catalogue
-        if gpu.id != exclude and gpu.stock_status and gpu.price(cloud_type, spot) is not None
+        if gpu.id != exclude
+        and (offer := gpu.offer(cloud_type, spot)) is not None
+        and offer.stock is not None
     ]
     estimates = [
         estimate_job(model, gpu, n_trials=n_trials, cloud_type=cloud_type, spot=spot)

@@ -57,12 +57,16 @@ class JobRecord(BaseModel):
     target: TargetKind
     pod_id: str | None = None
     pod_created_here: bool = False
+    pod_ids: list[str] = Field(default_factory=list)  # every pod created for this job
+    lease_until: float | None = None  # the created pod's deadline (epoch s)
+    lease_action: Literal["stop", "terminate"] = "terminate"
     address: str | None = None  # ssh://user@host:port for `--on ssh://`
     remote_job_dir: str  # the job directory on the machine
     worker_command: str = "hctl-worker"  # how the worker is run there
     worker_settings: dict = Field(default_factory=dict)  # before local paths were placed
     parameters: int | None = None  # the model's size, for estimates on resume
     estimated_seconds_per_trial: float = 0.0  # the ETA's pace until real trials are timed
+    estimated_cost: float | None = None  # the estimate shown before the job started (USD)
     gpu_id: str | None = None
     price_per_hour: float = 0.0
     max_cost: float | None = None

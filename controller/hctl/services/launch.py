@@ -29,9 +29,11 @@ from hctl.errors import (
     PodNotReadyError,
     RemoteError,
 )
-from hctl.providers.base import GpuType, Pod, Provider
+from hctl.gpus import resolve_gpu
+from hctl.providers.base import GpuType, Pod, PodLease, Provider
 from hctl.remote.base import Remote
-from hctl.services.estimate import Estimate, alternatives, estimate_job, find_gpu, format_money
+from hctl.services import lease
+from hctl.services.estimate import Estimate, alternatives, estimate_job, format_money
 from hctl.services.follow import (
     ATTACHED_FILE,
     EXIT_FILE,
@@ -40,7 +42,6 @@ from hctl.services.follow import (
     running_test,
 )
 from hctl.services.jobs import JobRecord, TargetKind, new_job_id
-from hctl.services.lease import lease_seconds
 from hctl.services.models import ModelInfo, inspect_model
 from hctl.services.toolkit import Toolkit
 from hctl_worker.errors import WorkerError
@@ -203,12 +204,17 @@ def plan_run(request: RunRequest, toolkit: Toolkit) -> RunPlan:
     catalogue: list[GpuType] | None = None
     if target == "pod":
         provider = toolkit.provider()
+        if request.spot and request.pod is None and not provider.capabilities.spot:
+            raise ConfigError(
+                f"The {provider.name} provider has no spot pods.",
+                provider.capabilities.no_spot_hint,
+            )
         catalogue = provider.gpu_types()
         if request.pod is not None:
             pod = toolkit.resolve_pod(provider, request.pod)
             gpu = next((item for item in catalogue if item.id == pod.gpu_type_id), None)
         else:
-            gpu = find_gpu(catalogue, request.gpu or settings.gpu)
+            gpu = resolve_gpu(catalogue, request.gpu or settings.gpu)
     estimate = estimate_job(
         model,
         gpu,
@@ -292,7 +298,9 @@ def remote_base_dir(record_target: TargetKind, remote: Remote, toolkit: Toolkit)
     return f"{home}/hctl"
 
 
-def create_pod(plan: RunPlan, job_id: str, toolkit: Toolkit, notify: Notify) -> Pod:
+def create_pod(
+    plan: RunPlan, job_id: str, toolkit: Toolkit, notify: Notify
+) -> tuple[Pod, PodLease]:
     """A new pod named `hctl-<job id>`, with a lease sized from the estimate."""
     from hctl import pods, sshkeys
 
@@ -302,14 +310,14 @@ def create_pod(plan: RunPlan, job_id: str, toolkit: Toolkit, notify: Notify) -> 
     key, created = sshkeys.ensure_key(settings.ssh_key_path)
     if created:
         notify(f"made a new SSH key for hctl: {settings.ssh_key_path}")
-    lease_s = lease_seconds(plan.estimate.total_seconds)
+    lease_s = lease.lease_seconds(plan.estimate.total_seconds)
     pod_plan = pods.plan_pod(
         provider,
         settings,
         gpu=plan.gpu.id,
         image=plan.request.image,
         spot=plan.request.spot,
-        bid_per_gpu=plan.gpu.price(settings.cloud_type, True) if plan.request.spot else None,
+        bid_per_gpu=plan.gpu.price(settings.cloud_type, spot=True) if plan.request.spot else None,
         name=f"hctl-{job_id}",
         max_hours=lease_s / 3600,
         at_limit="terminate",
@@ -324,13 +332,15 @@ def create_pod(plan: RunPlan, job_id: str, toolkit: Toolkit, notify: Notify) -> 
                 plan.model, plan.catalogue or [], plan.estimate, plan.request, toolkit
             ),
         ) from None
-    deadline = pod_plan.spec.terminate_after
-    notify(
-        f"created pod {pod.id} ({plan.gpu.display_name}, {format_money(pod.cost_per_hr)}/h); "
-        f"lease: RunPod terminates it at {deadline:%Y-%m-%d %H:%M} UTC at the latest "
-        "(sized generously, since hctl cannot extend a lease)"
-    )
-    return pod
+    for note in pod_plan.notes:
+        notify(note)
+    notify(f"created pod {pod.id} ({plan.gpu.display_name}, {format_money(pod.cost_per_hr)}/h)")
+    mismatch = pods.price_note(pod_plan, pod)
+    if mismatch:
+        notify(mismatch)
+    assert pod_plan.spec.lease is not None
+    notify(f"lease: {lease.describe(provider, pod_plan.spec.lease)}")
+    return pod, pod_plan.spec.lease
 
 
 def release_after_failure(
@@ -358,12 +368,15 @@ def bring_up_pod(plan: RunPlan, record: JobRecord, toolkit: Toolkit, notify: Not
     pod_id = plan.pod.id if plan.pod is not None else None
     try:
         if plan.pod is None:
-            pod = create_pod(plan, record.job_id, toolkit, notify)
+            pod, pod_lease = create_pod(plan, record.job_id, toolkit, notify)
             pod_id, created_here = pod.id, True
             record = store.save(
                 record.model_copy(
                     update={
                         "pod_id": pod.id,
+                        "pod_ids": [*record.pod_ids, pod.id],
+                        "lease_until": pod_lease.until.timestamp(),
+                        "lease_action": pod_lease.action,
                         "pod_created_here": True,
                         "price_per_hour": pod.cost_per_hr or plan.estimate.price_per_hour or 0.0,
                         "started_at": toolkit.clock(),
@@ -372,7 +385,7 @@ def bring_up_pod(plan: RunPlan, record: JobRecord, toolkit: Toolkit, notify: Not
             )
         else:
             pod = plan.pod
-            if pod.status != "RUNNING":
+            if not pod.active:
                 pod = provider.start(pod.id)
                 started_here = True
                 notify(f"started pod {pod.id}")
@@ -532,7 +545,7 @@ def upload_secrets(remote: Remote, job_dir: str, values: dict[str, str | None]) 
     remote.run(f"chmod 600 {shlex.quote(path)}", timeout=30)
 
 
-def self_stop_command(job_dir: str, grace_s: float) -> str:
+def self_stop_command(job_dir: str, grace_s: float, stop_command: str) -> str:
     """After the worker exits, stop the pod from inside unless a controller is looking after it.
 
     This is the dead-man switch for a detached job: when nobody follows the job (the laptop
@@ -540,8 +553,9 @@ def self_stop_command(job_dir: str, grace_s: float) -> str:
     ends instead of billing until its lease. A following controller touches `.attached` on every
     read and holds `.finishing` while it exports, so it keeps the pod up for as long as it needs;
     a worker started again in the job directory (a resume) keeps it up too.
-    RunPod pods carry `runpodctl` with a pod-scoped key and `RUNPOD_POD_ID`; elsewhere this does
-    nothing. Stopping (not terminating) keeps the volume, so `hctl resume` can finish the job.
+    `stop_command` is the provider's (`Provider.self_stop_command`): it acts with the pod's own
+    identity and credentials, and does nothing where there are none. Stopping (not terminating)
+    keeps the volume, so `hctl resume` can finish the job.
     """
     quoted = shlex.quote(job_dir)
     grace = int(grace_s)
@@ -552,9 +566,8 @@ def self_stop_command(job_dir: str, grace_s: float) -> str:
         f"if [ $((now - seen)) -lt {grace} ] || [ $((now - held)) -lt {FINISHING_HOLD_S} ] "
         f"|| {running_test(job_dir)}; "
         f"then sleep {min(30, max(1, grace))}; else break; fi; done; "
-        'if [ -n "$RUNPOD_POD_ID" ] && command -v runpodctl >/dev/null 2>&1; then '
-        f'echo "hctl: no controller attached; stopping pod $RUNPOD_POD_ID" >>{quoted}/{LOG_FILE}; '
-        f'runpodctl stop pod "$RUNPOD_POD_ID" >>{quoted}/{LOG_FILE} 2>&1; fi'
+        f'echo "hctl: no controller attached; stopping this pod" >>{quoted}/{LOG_FILE}; '
+        f"{{ {stop_command}; }} >>{quoted}/{LOG_FILE} 2>&1"
     )
 
 
@@ -564,6 +577,7 @@ def launch_command(
     *,
     env: dict[str, str] | None = None,
     self_stop_after_s: float | None = None,
+    stop_command: str | None = None,
 ) -> str:
     """Start the worker detached: its own session, no terminal, output to the log.
 
@@ -571,16 +585,16 @@ def launch_command(
     exit status in `worker.exit`): that pid lives exactly as long as the worker, so the follower
     can tell a finished or crashed worker from a running one. `setsid` puts it in a session of
     its own, so neither a dropped connection nor the end of this SSH session can reach it. With
-    `self_stop_after_s`, the pod stops itself when the worker has ended and nobody is attached
-    (see `self_stop_command`).
+    `self_stop_after_s` and the provider's `stop_command`, the pod stops itself when the worker
+    has ended and nobody is attached (see `self_stop_command`).
     """
     quoted = shlex.quote(job_dir)
     exports = "".join(
         f"export {name}={shlex.quote(value)}; " for name, value in (env or {}).items()
     )
     after = ""
-    if self_stop_after_s is not None:
-        after = f"; ({self_stop_command(job_dir, self_stop_after_s)}) &"
+    if self_stop_after_s is not None and stop_command is not None:
+        after = f"; ({self_stop_command(job_dir, self_stop_after_s, stop_command)}) &"
     inner = (
         f"echo $$ >{quoted}/{LAUNCHER_PID_FILE}; "
         f"{worker} run --config {quoted}/{SETTINGS_FILE} --job-dir {quoted} --events "
@@ -611,10 +625,18 @@ def start_worker(
     token: str | None,
     resume_files: dict[str, Path] | None = None,
 ) -> JobRecord:
-    """Install the worker, put the job directory in place, and start the worker detached."""
+    """Keep the pod's lease, install the worker, put the job directory in place, and start the
+    worker detached."""
+    job_dir = record.remote_job_dir
+    if record.target == "pod" and record.lease_until is not None:
+        kept = lease.keep_for_job(
+            remote, toolkit.provider(), lease_until=record.lease_until,
+            action=record.lease_action, job_dir=job_dir, now=toolkit.clock(),
+        )  # fmt: skip
+        if kept:
+            notify(kept)
     handle = toolkit.ensure_worker(remote)
     worker = handle.command
-    job_dir = record.remote_job_dir
     remote.run(f"umask 077 && mkdir -p {shlex.quote(job_dir)}", timeout=60)
     base_dir = job_dir.rsplit("/jobs/", 1)[0]
     settings = place_inputs(plan_settings, remote, base_dir, local_machine=record.target == "local")
@@ -628,15 +650,17 @@ def start_worker(
             remote.put(path, f"{job_dir}/{name}")
             notify(f"uploaded the copy of {name} from this computer")
     upload_secrets(remote, job_dir, {"HF_TOKEN": token})
-    self_stop = (
-        toolkit.settings.self_stop_grace_s
-        if record.target == "pod" and record.after != "keep"
-        else None
-    )
+    self_stop = stop_command = None
+    if record.target == "pod" and record.after != "keep":
+        self_stop = toolkit.settings.self_stop_grace_s
+        stop_command = toolkit.provider().self_stop_command("stop")
     result = remote.run(
-        launch_command(worker, job_dir, env=handle.environment, self_stop_after_s=self_stop),
+        launch_command(
+            worker, job_dir, env=handle.environment, self_stop_after_s=self_stop,
+            stop_command=stop_command,
+        ),
         timeout=60,
-    )
+    )  # fmt: skip
     if result.exit_code != 0:
         raise JobError(
             f"Could not start the worker on {remote.description}: {result.output.strip()[-300:]}",
@@ -673,6 +697,7 @@ def new_record(plan: RunPlan, toolkit: Toolkit) -> JobRecord:
         worker_settings=plan.worker_settings,
         parameters=plan.model.parameters,
         estimated_seconds_per_trial=plan.estimate.seconds_per_trial,
+        estimated_cost=plan.estimate.total_cost,
     )
 
 
@@ -713,7 +738,7 @@ def start_job(plan: RunPlan, toolkit: Toolkit, notify: Notify) -> JobRecord:
                 toolkit.provider(),
                 record.pod_id,
                 created_here=plan.creates_pod,
-                started_here=plan.pod is not None and plan.pod.status != "RUNNING",
+                started_here=plan.pod is not None and not plan.pod.active,
                 notify=notify,
             )
         if isinstance(error, RemoteError | JobError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from hctl.errors import JobError, PodNotFoundError
+from hctl.providers.base import PodStatus
 from hctl.services.estimate import format_money
 from hctl.services.jobs import JobRecord
 from hctl.services.launch import Notify, hf_token, release_after_failure
@@ -106,7 +107,7 @@ def _pod_usable(record: JobRecord, toolkit: Toolkit) -> bool:
         pod = toolkit.provider().get(record.pod_id or "")
     except PodNotFoundError:
         return False
-    return pod.status not in {"TERMINATED", "DEAD"}
+    return pod.status not in (PodStatus.TERMINATED, PodStatus.FAILED)
 
 
 def _resume_machine(

@@ -245,7 +245,7 @@ def _check_pod(record: JobRecord, toolkit: Toolkit) -> None:
     if record.target != "pod" or record.pod_id is None:
         return
     pod = toolkit.provider().get(record.pod_id)
-    if pod.status != "RUNNING":
+    if not pod.active:
         raise PodNotReadyError(f"Pod {pod.id} is {pod.status}.")
 
 

@@ -1,7 +1,8 @@
 """The GraphQL documents hctl sends to RunPod. Values always travel in `variables`.
 
-Selections follow what RunPod's own clients read (runpod-python, runpodctl; see
-`shared/reference/runpod-api.md`). `machine { podHostId }` is the SSH proxy's user name; RunPod's
+Every document validates against RunPod's own schema (`runpod-graphql-schema.graphql`, copied
+into `tests/standins/`, where the emulator executes it). Selections follow what RunPod's own
+clients read (runpod-python, runpodctl; see `shared/reference/runpod-api.md`). `machine { podHostId }` is the SSH proxy's user name; RunPod's
 Python SDK never selects it, which is why its users could not find the proxy address.
 """
 
@@ -10,24 +11,29 @@ from __future__ import annotations
 # What a pod answer carries; `runtime` is null until the container is up (the readiness signal).
 POD_FIELDS = """
     id name desiredStatus podType costPerHr gpuCount imageName env containerDiskInGb
-    volumeInGb volumeMountPath ports lastStatusChange
-    machine { podHostId gpuDisplayName gpuTypeId }
-    runtime { uptimeInSeconds ports { ip isIpPublic privatePort publicPort type } }
+    volumeInGb volumeMountPath ports createdAt
+    machine { podHostId gpuDisplayName gpuTypeId secureCloud }
+    runtime {
+      uptimeInSeconds ports { ip isIpPublic privatePort publicPort type }
+      gpus { gpuUtilPercent memoryUtilPercent }
+    }
 """
 
 # Mutation answers leave `runtime` out: it is always null right after a create or a resume.
 POD_SUMMARY_FIELDS = """
     id name desiredStatus podType costPerHr gpuCount imageName env containerDiskInGb
-    volumeInGb volumeMountPath ports lastStatusChange
-    machine { podHostId gpuDisplayName gpuTypeId }
+    volumeInGb volumeMountPath ports createdAt
+    machine { podHostId gpuDisplayName gpuTypeId secureCloud }
 """
 
+# Stock is asked per cloud (aliases), so a quote can name the cloud a pod will land in.
 GPU_TYPES = """
-query GpuTypes($lowest: GpuLowestPriceInput!) {
+query GpuTypes($secure: GpuLowestPriceInput!, $community: GpuLowestPriceInput!) {
   gpuTypes {
     id displayName memoryInGb secureCloud communityCloud
     securePrice communityPrice secureSpotPrice communitySpotPrice maxGpuCount
-    lowestPrice(input: $lowest) { stockStatus uninterruptablePrice minimumBidPrice }
+    secureStock: lowestPrice(input: $secure) { stockStatus }
+    communityStock: lowestPrice(input: $community) { stockStatus }
   }
 }
 """
@@ -46,6 +52,13 @@ CREATE_SPOT_POD = f"""
 mutation CreateSpotPod($input: PodRentInterruptableInput!) {{
   podRentInterruptable(input: $input) {{ {POD_SUMMARY_FIELDS} }}
 }}
+"""
+
+# What a stopped spot pod must bid to run again (not the bid it had: that is long gone).
+SPOT_RESUME_PRICE = """
+query SpotResumePrice($podId: String!) {
+  pod(input: {podId: $podId}) { id podType gpuCount lowestBidPriceToResume }
+}
 """
 
 STOP_POD = """

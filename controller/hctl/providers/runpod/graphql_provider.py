@@ -1,29 +1,65 @@
-"""RunPod as a `Provider`: pods and GPU types over RunPod's GraphQL API.
+"""RunPod over its GraphQL API (`provider = "runpod-graphql"`), kept for what only it offers.
 
-Nothing outside this package knows the API is GraphQL (it retires in 2027; REST v2 can replace
-this module behind the same protocol). RunPod's answers become `hctl.providers.base` models here.
+RunPod retires this API early 2027. Until then it is the only way to rent spot pods, and the
+only one with a deadline RunPod enforces itself (`stopAfter` / `terminateAfter`). RunPod's
+answers become `hctl.providers.base` models here.
 """
 
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 from typing import Any
 
 import httpx
 
 from hctl.errors import ApiError, CapacityError, PodNotFoundError, ProviderError
-from hctl.providers.base import GpuType, Pod, PodSpec, SshEndpoint
-from hctl.providers.runpod import queries
-from hctl.providers.runpod.client import GraphQLClient, RateLimitedError, Sleep
+from hctl.providers.base import (
+    Capabilities,
+    GpuType,
+    GpuUse,
+    LeaseAction,
+    Pod,
+    PodSpec,
+    PodStatus,
+    PriceOffer,
+    SshEndpoint,
+)
+from hctl.providers.runpod import common, queries
+from hctl.providers.runpod.graphql import GraphQLClient
+from hctl.providers.runpod.http import ApiHttp, Sleep
 from hctl.settings import Settings
 
-NOT_ENOUGH_GPUS_ON_HOST = "not enough free gpus on the host machine"
+# RunPod's PodStatus; RUNNING with no runtime yet is still starting (see `_status`).
+STATUS = {
+    "CREATED": PodStatus.STARTING,
+    "RESTARTING": PodStatus.STARTING,
+    "RUNNING": PodStatus.RUNNING,
+    "EXITED": PodStatus.STOPPED,
+    "PAUSED": PodStatus.STOPPED,
+    "DEAD": PodStatus.FAILED,
+    "TERMINATED": PodStatus.TERMINATED,
+}
+STOCK = {"High": "high", "Medium": "medium", "Low": "low"}
 
 
-class RunPodProvider:
-    """Pods on RunPod. Every method raises `hctl.errors.ProviderError` subclasses only."""
+def deadline_text(moment: datetime) -> str:
+    """RFC 3339 in whole seconds with `Z`, as RunPod's `DateTime` takes it (runpodctl's form)."""
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
-    name = "runpod"
+
+class RunPodGraphQLProvider:
+    """Pods on RunPod through GraphQL. Every method raises `hctl.errors.ProviderError` only."""
+
+    name = "runpod-graphql"
+    capabilities = Capabilities(
+        spot=True,
+        lease=True,
+        spot_note=(
+            "Spot pods exist only in RunPod's GraphQL API, which RunPod retires "
+            f"{common.RETIREMENT}; this one is rented through it."
+        ),
+    )
 
     def __init__(
         self,
@@ -35,13 +71,16 @@ class RunPodProvider:
         key = settings.runpod_api_key.get_secret_value() if settings.runpod_api_key else None
         self.settings = settings
         self._client = GraphQLClient(
-            settings.runpod_api_url,
-            key,
-            timeout_s=settings.api_timeout_s,
-            retries=settings.api_retries,
-            backoff_s=settings.api_backoff_s,
-            sleep=sleep,
-            transport=transport,
+            ApiHttp(
+                settings.runpod_api_url,
+                key,
+                address_setting="HCTL_RUNPOD_API_URL",
+                timeout_s=settings.api_timeout_s,
+                retries=settings.api_retries,
+                backoff_s=settings.api_backoff_s,
+                sleep=sleep,
+                transport=transport,
+            )
         )
         self._sleep = sleep
 
@@ -51,7 +90,11 @@ class RunPodProvider:
     # --- catalogue ---------------------------------------------------------------------------
 
     def gpu_types(self) -> list[GpuType]:
-        data = self._client.execute(queries.GPU_TYPES, {"lowest": {"gpuCount": 1}}, retry="always")
+        variables = {
+            "secure": {"gpuCount": 1, "secureCloud": True},
+            "community": {"gpuCount": 1, "secureCloud": False},
+        }
+        data = self._client.execute(queries.GPU_TYPES, variables, retry="always")
         return [
             _gpu_type(entry)
             for entry in data.get("gpuTypes") or []
@@ -79,51 +122,42 @@ class RunPodProvider:
         return self._pod(data["pod"])
 
     def create(self, spec: PodSpec) -> Pod:
-        """Create a pod; a lost answer never leads to a second, billing pod.
-
-        Before sending the create again after a failure that may have happened after RunPod
-        acted on it (network error, 5xx, "Something went wrong"), look for a pod with the spec's
-        name (hctl's names are unique) and return it if it is there.
-        """
         mutation, field, variables = self._create_request(spec)
-        attempt = 0
-        while True:
+
+        def send() -> Pod:
             try:
-                data = self._client.execute(mutation, variables, retry="rate_limit_only")
-                return self._pod(data[field])
+                data = self._client.execute(
+                    mutation, variables, retry="rate_limit_only", timeout_s=self._create_wait()
+                )
             except CapacityError:
-                raise self._capacity_error(spec) from None
-            except ProviderError as error:
-                # The client has already waited out 429s as long as it should.
-                if not error.retryable or isinstance(error, RateLimitedError):
-                    raise
-                existing = self._find_by_name(spec.name)
-                if existing is not None:
-                    return existing
-                if attempt >= self.settings.api_retries:
-                    raise
-                self._sleep(self.settings.api_backoff_s * 2**attempt)
-                attempt += 1
+                raise common.capacity_error(self._catalogue(), spec) from None
+            return self._pod(data[field])
+
+        return common.create_once(
+            send,
+            self._find_by_name,
+            spec,
+            retries=self.settings.api_retries,
+            grace_s=self.settings.create_grace_s,
+            backoff_s=self.settings.api_backoff_s,
+            sleep=self._sleep,
+        )
 
     def start(self, pod_id: str) -> Pod:
         pod = self.get(pod_id)
-        if pod.status == "RUNNING":
+        if pod.active:
             return pod
         try:
             if pod.spot:
-                bid = pod.cost_per_hr / max(pod.gpu_count, 1)
-                variables = {"podId": pod_id, "bidPerGpu": bid, "gpuCount": pod.gpu_count}
-                self._client.execute(queries.BID_RESUME_POD, variables, retry="always")
+                self._client.execute(
+                    queries.BID_RESUME_POD, self._resume_bid(pod_id), retry="always"
+                )
             else:
                 variables = {"podId": pod_id, "gpuCount": pod.gpu_count}
                 self._client.execute(queries.RESUME_POD, variables, retry="always")
         except ApiError as error:
-            if NOT_ENOUGH_GPUS_ON_HOST in error.message.lower():
-                raise CapacityError(
-                    f"Pod {pod_id} cannot start: its machine has no free GPU right now.",
-                    "A stopped pod is tied to its machine. Try again later, or terminate it and "
-                    "create a new pod (the volume's contents are lost).",
-                ) from None
+            if common.NOT_ENOUGH_GPUS_ON_HOST in error.message.lower():
+                raise common.host_has_no_gpu(pod_id) from None
             raise
         # Read it back: a resumed pod has new public ports, never reuse the old endpoints.
         return self.get(pod_id)
@@ -145,6 +179,14 @@ class RunPodProvider:
                 return
             raise
 
+    def self_stop_command(self, action: LeaseAction) -> str | None:
+        mutation = queries.STOP_POD if action == "stop" else queries.TERMINATE_POD
+        body = {"query": " ".join(mutation.split()), "variables": {"podId": "{pod}"}}
+        return common.self_stop_command(self.settings.runpod_api_url, "POST", body)
+
+    def billed(self, pod_ids: list[str], since: datetime) -> dict[str, float] | None:
+        return None  # GraphQL reports no bill per pod
+
     # --- account SSH keys --------------------------------------------------------------------
 
     def account_public_keys(self) -> str:
@@ -159,6 +201,9 @@ class RunPodProvider:
         )
 
     # --- translation -------------------------------------------------------------------------
+
+    def _create_wait(self) -> float:
+        return max(self.settings.api_timeout_s, self.settings.create_timeout_s)
 
     def _create_request(self, spec: PodSpec) -> tuple[str, str, dict[str, Any]]:
         given: dict[str, Any] = {
@@ -175,59 +220,39 @@ class RunPodProvider:
             "startSsh": spec.start_ssh,
             "supportPublicIp": spec.support_public_ip,
         }
-        if spec.terminate_after is not None:
-            given["terminateAfter"] = spec.terminate_after.isoformat()
-        if spec.stop_after is not None:
-            given["stopAfter"] = spec.stop_after.isoformat()
+        if spec.allowed_cuda_versions:
+            given["allowedCudaVersions"] = list(spec.allowed_cuda_versions)
+        if spec.global_networking:
+            given["globalNetwork"] = True
+        if spec.lease is not None:
+            field = "terminateAfter" if spec.lease.action == "terminate" else "stopAfter"
+            given[field] = deadline_text(spec.lease.until)
         if spec.spot:
+            given.pop("globalNetwork", None)  # the spot input has no such field
             given["bidPerGpu"] = spec.bid_per_gpu
             return queries.CREATE_SPOT_POD, "podRentInterruptable", {"input": given}
         return queries.CREATE_POD, "podFindAndDeployOnDemand", {"input": given}
 
-    def _find_by_name(self, name: str) -> Pod | None:
+    def _resume_bid(self, pod_id: str) -> dict[str, Any]:
+        data = self._client.execute(queries.SPOT_RESUME_PRICE, {"podId": pod_id}, retry="always")
+        pod = data.get("pod") or {}
+        bid = pod.get("lowestBidPriceToResume")
+        if not bid:
+            raise CapacityError(
+                f"Spot pod {pod_id} cannot start: RunPod offers no spot capacity on its machine "
+                "right now.",
+                "Try again later, or terminate it and create a new pod.",
+            )
+        return {"podId": pod_id, "bidPerGpu": bid, "gpuCount": pod.get("gpuCount") or 1}
+
+    def _catalogue(self) -> list[GpuType] | None:
         try:
-            pods = self.list()
+            return self.gpu_types()
         except ProviderError:
             return None
-        return next((pod for pod in pods if pod.name == name), None)
 
-    def _capacity_error(self, spec: PodSpec) -> ProviderError:
-        """RunPod's capacity message, made useful: what is in stock instead, at what price."""
-        from hctl.pods import find_gpu_type  # below the CLI, provider-independent
-
-        try:
-            catalogue = self.gpu_types()
-        except ProviderError:
-            return CapacityError(f"No {spec.gpu_type_id} is free on RunPod right now.")
-        # RunPod gives the same message for a GPU id it does not know.
-        gpu = find_gpu_type(catalogue, spec.gpu_type_id)
-        in_stock = sorted(
-            (
-                other
-                for other in catalogue
-                if other.stock_status and other.id != gpu.id and other.price(spec.cloud_type)
-            ),
-            key=lambda other: other.price(spec.cloud_type) or 0.0,
-        )
-        where = {"SECURE": " in secure cloud", "COMMUNITY": " in community cloud"}.get(
-            spec.cloud_type, ""
-        )
-        if not in_stock:
-            return CapacityError(
-                f"No {gpu.display_name} is free on RunPod{where} right now, and no other GPU "
-                "type is in stock either.",
-                "Try again in a few minutes.",
-            )
-        offers = ", ".join(
-            f"{other.display_name} {other.memory_gb} GB ${other.price(spec.cloud_type):.2f}/h"
-            for other in in_stock[:5]
-        )
-        return CapacityError(
-            f"No {gpu.display_name} is free on RunPod{where} right now. In stock: {offers}.",
-            f'Create one of those instead, e.g. `hctl create-pod "{in_stock[0].id}"`'
-            + ("" if spec.cloud_type == "ALL" else ", or try `--cloud ALL`")
-            + ".",
-        )
+    def _find_by_name(self, name: str) -> Pod | None:
+        return next((pod for pod in self.list() if pod.name == name), None)
 
     def _pod(self, data: dict[str, Any]) -> Pod:
         machine = data.get("machine") or {}
@@ -258,39 +283,64 @@ class RunPodProvider:
                     kind="direct", user="root", host=ssh_port["ip"], port=ssh_port["publicPort"]
                 )
             )
+        status = STATUS.get(data.get("desiredStatus") or "", PodStatus.FAILED)
+        if status == PodStatus.RUNNING and runtime is None:
+            status = PodStatus.STARTING  # RunPod says RUNNING long before the container is up
+        secure = machine.get("secureCloud")
         return Pod(
             id=data["id"],
             name=data.get("name") or data["id"],
-            status=data.get("desiredStatus") or "UNKNOWN",
+            status=status,
             gpu_type_id=machine.get("gpuTypeId"),
             gpu_display_name=machine.get("gpuDisplayName"),
             gpu_count=data.get("gpuCount") or 1,
             cost_per_hr=data.get("costPerHr") or 0.0,
+            cloud={True: "SECURE", False: "COMMUNITY"}.get(secure),
             image=data.get("imageName") or "",
             container_disk_gb=data.get("containerDiskInGb"),
             volume_gb=data.get("volumeInGb"),
             volume_mount_path=data.get("volumeMountPath"),
             env=env,
-            pod_host_id=host_id,
             uptime_seconds=(runtime or {}).get("uptimeInSeconds"),
             ready=runtime is not None and ssh_port is not None,
             ssh=endpoints,
+            gpus=[
+                GpuUse(
+                    utilisation_percent=gpu.get("gpuUtilPercent"),
+                    memory_percent=gpu.get("memoryUtilPercent"),
+                )
+                for gpu in (runtime or {}).get("gpus") or []
+                if gpu
+            ],
             spot=data.get("podType") in ("INTERRUPTABLE", "BID"),
-            last_status_change=data.get("lastStatusChange"),
+            created_at=_created_at(data.get("createdAt")),
         )
 
 
+def _created_at(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None  # RunPod's free-text dates are not needed for anything essential
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
 def _gpu_type(entry: dict[str, Any]) -> GpuType:
-    lowest = entry.get("lowestPrice") or {}
-    stock = lowest.get("stockStatus")
+    offers = []
+    for cloud, prefix in (("SECURE", "secure"), ("COMMUNITY", "community")):
+        stock = STOCK.get(((entry.get(f"{prefix}Stock") or {}).get("stockStatus")) or "")
+        for spot, field in ((False, f"{prefix}Price"), (True, f"{prefix}SpotPrice")):
+            price = entry.get(field)
+            if price:
+                offers.append(
+                    PriceOffer(cloud=cloud, spot=spot, price_per_gpu_hour=price, stock=stock)  # type: ignore[arg-type]
+                )
     return GpuType(
         id=entry["id"],
         display_name=entry.get("displayName") or entry["id"],
         memory_gb=entry.get("memoryInGb") or 0,
-        secure_price=entry.get("securePrice") or None,
-        community_price=entry.get("communityPrice") or None,
-        secure_spot_price=entry.get("secureSpotPrice") or None,
-        community_spot_price=entry.get("communitySpotPrice") or None,
-        stock_status=stock if stock and stock != "None" else None,
+        offers=offers,
         max_gpu_count=entry.get("maxGpuCount"),
     )
