@@ -17,11 +17,14 @@ from hctl_worker.events import EVENTS_FILE, JOURNAL_FILE, StartEvent, TrialEvent
 from tests.worker.test_end_to_end import run_events, write_fixture_config
 
 
-def journal_trials(job_dir: Path) -> list[optuna.trial.FrozenTrial]:
+def journal_trials(job_dir: Path, *, queued: bool = False) -> list[optuna.trial.FrozenTrial]:
+    """The trials the journal holds; without `queued`, only those that ran (not the planned
+    first trials still waiting for their turn)."""
     storage = optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(job_dir / JOURNAL_FILE))
     )
-    return optuna.load_study(study_name="hctl", storage=storage).trials
+    trials = optuna.load_study(study_name="hctl", storage=storage).trials
+    return [trial for trial in trials if queued or trial.state != TrialState.WAITING]
 
 
 def trial_events(job_dir: Path) -> list[TrialEvent]:
@@ -53,6 +56,9 @@ def test_a_larger_n_trials_continues_at_the_next_trial(tmp_path: Path) -> None:
     assert [(trial.params, trial.values) for trial in trials[:3]] == first
     assert [trial.user_attrs["number"] for trial in trials] == [1, 2, 3, 4, 5]
     assert [event.number for event in trial_events(job_dir)] == [1, 2, 3, 4, 5]
+    # The first trials were planned and queued once, not again on resume.
+    planned = [trial.user_attrs.get("planned") for trial in journal_trials(job_dir, queued=True)]
+    assert planned[0] == "canonical:3" and len(planned) == len(set(planned))
     sequence = [event.seq for event in read_events(job_dir / EVENTS_FILE)[0]]
     assert sequence == list(range(len(sequence)))
 
