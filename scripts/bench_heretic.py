@@ -63,6 +63,7 @@ class Settings:
     row_normalization: str = "none"
     direction_prompts: int = 0  # cap on each training set (0 = all)
     evaluation_prompts: int = 0  # cap on each test set (0 = all)
+    threads: int = 0  # torch's CPU threads for both (OMP_NUM_THREADS); 0 = each tool's default
 
 
 @dataclass
@@ -157,11 +158,19 @@ def heretic_config(settings: Settings, prompts: dict[str, Path], checkpoints: Pa
 # Running a tool and measuring it.
 
 
+def tool_environment(threads: int) -> dict[str, str]:
+    environment = {**os.environ, **OFFLINE, "PYTHONUNBUFFERED": "1"}
+    if threads:
+        environment["OMP_NUM_THREADS"] = str(threads)
+    return environment
+
+
 def run_measured(
     command: Sequence[str],
     cwd: Path,
     log: Path,
     *,
+    threads: int = 0,
     finished_marker: str | None = None,
     timeout: float = 7200,
 ) -> tuple[int, float, float, list[tuple[float, str]]]:
@@ -170,12 +179,11 @@ def run_measured(
     The peak RSS is the process's own (wait4), not this script's. With `finished_marker`, the
     process is stopped a few seconds after that line appears (heretic's trial menu).
     """
-    environment = {**os.environ, **OFFLINE, "PYTHONUNBUFFERED": "1"}
     started = time.monotonic()
     process = subprocess.Popen(
         list(command),
         cwd=cwd,
-        env=environment,
+        env=tool_environment(threads),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -262,7 +270,7 @@ def run_hctl(settings: Settings, prompts: dict[str, Path], scratch: Path, round_
     worker = Path(sys.executable).with_name("hctl-worker")
     command = [str(worker), "run", "--config", str(config), "--job-dir", str(job), "--events"]
     run.returncode, run.wall_s, run.peak_rss_mb, _ = run_measured(
-        command, scratch, scratch / "hctl.log"
+        command, scratch, scratch / "hctl.log", threads=settings.threads
     )
     events = [
         json.loads(line)
@@ -282,18 +290,20 @@ def run_hctl(settings: Settings, prompts: dict[str, Path], scratch: Path, round_
     if trials and "search" in run.stages_s:
         run.seconds_per_trial = run.stages_s["search"] / len(trials)
     if run.best is not None:
-        run.harmless_refusals = hctl_harmless_refusals(worker, config, job, run.best["number"])
+        run.harmless_refusals = hctl_harmless_refusals(
+            worker, config, job, run.best["number"], settings.threads
+        )
         canonical = run.best.get("origin") == "canonical"
         run.note = "qualifying trial was canonical" if canonical else ""
     return run
 
 
-def hctl_harmless_refusals(worker: Path, config: Path, job: Path, number: int) -> str:
+def hctl_harmless_refusals(worker: Path, config: Path, job: Path, number: int, threads: int) -> str:
     """The worker's own check of a chosen trial on the harmless prompts (results/chosen.json)."""
     subprocess.run(
         [str(worker), "run", "--config", str(config), "--job-dir", str(job)]
         + ["--trial", str(number), "--events"],
-        env={**os.environ, **OFFLINE},
+        env=tool_environment(threads),
         capture_output=True,
         check=False,
     )
@@ -313,7 +323,11 @@ def run_heretic(
         heretic_config(settings, prompts, checkpoints), encoding="utf-8"
     )
     run.returncode, run.wall_s, run.peak_rss_mb, lines = run_measured(
-        [str(heretic)], scratch, scratch / "heretic.log", finished_marker="Optimization finished"
+        [str(heretic)],
+        scratch,
+        scratch / "heretic.log",
+        threads=settings.threads,
+        finished_marker="Optimization finished",
     )
     for _, line in lines:
         if "Initial refusals:" in line:
@@ -392,26 +406,30 @@ def ratios(runs: list[Run]) -> dict[str, float]:
 
 
 def print_report(settings: Settings, runs: list[Run]) -> None:
-    print(f"model {settings.model}: {settings.n_trials} trials, seed {settings.seed}")
-    header = (
-        f"{'round':>5} {'tool':<8} {'rc':>3} {'wall s':>8} {'s/trial':>8} {'peak MB':>8} "
-        f"{'baseline':>9}  best under the bar (first)            fewest refusals"
+    print(
+        f"model {settings.model}: {settings.n_trials} trials ({settings.n_startup_trials} "
+        f"startup), seed {settings.seed}, batch {settings.batch_size}, "
+        f"{settings.max_response_length} tokens, threads {settings.threads or 'default'}"
     )
-    print(header)
     for run in runs:
-        best = (
-            f"#{run.best['number']} {run.best['refusals']}/{run.best['total_bad']} "
-            f"KL {run.best['kl']:.4f} (#{run.first_qualifying})"
-            if run.best
-            else "none"
-        )
-        if run.harmless_refusals:
-            best += f", harmless {run.harmless_refusals}"
         print(
-            f"{run.round:>5} {run.tool:<8} {run.returncode:>3} {run.wall_s:>8.1f} "
-            f"{run.seconds_per_trial:>8.3f} {run.peak_rss_mb:>8.0f} {run.baseline:>9}  "
-            f"{best:<37}{run.best_refusals}"
+            f"round {run.round} {run.tool}: exit {run.returncode}, wall {run.wall_s:.1f} s, "
+            f"{run.seconds_per_trial:.3f} s/trial over {run.trials} trials, "
+            f"peak RSS {run.peak_rss_mb:.0f} MB, baseline refusals {run.baseline}"
         )
+        if run.best:
+            harmless = (
+                f", harmless refusals {run.harmless_refusals}" if run.harmless_refusals else ""
+            )
+            print(
+                f"  under the bar: trial {run.best['number']} {run.best['refusals']}/"
+                f"{run.best['total_bad']} at KL {run.best['kl']:.4f} (first under it: trial "
+                f"{run.first_qualifying}){harmless}"
+            )
+        else:
+            print("  under the bar: none")
+        print(f"  fewest refusals: {run.best_refusals or '-'}")
+        print(f"  stages (s): {json.dumps(run.stages_s)}" + (f"; {run.note}" if run.note else ""))
     if any(run.tool == "heretic" for run in runs) and any(run.tool == "hctl" for run in runs):
         print(
             "heretic / hctl: "
@@ -434,6 +452,12 @@ def parse_arguments(argv: Sequence[str] | None) -> tuple[Settings, argparse.Name
     parser.add_argument("--row-normalization", default="none", choices=["none", "pre", "full"])
     parser.add_argument("--direction-prompts", type=int, default=0, help="cap (0 = all)")
     parser.add_argument("--evaluation-prompts", type=int, default=0, help="cap (0 = all)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads for both tools (OMP_NUM_THREADS); 1 on a machine shared with other work",
+    )
     parser.add_argument("--json", type=Path, help="write settings and runs here")
     parser.add_argument("--keep", type=Path, help="keep the scratch folders here")
     arguments = parser.parse_args(argv)
@@ -448,6 +472,7 @@ def parse_arguments(argv: Sequence[str] | None) -> tuple[Settings, argparse.Name
         row_normalization=arguments.row_normalization,
         direction_prompts=arguments.direction_prompts,
         evaluation_prompts=arguments.evaluation_prompts,
+        threads=arguments.threads,
     )
     return settings, arguments
 
