@@ -108,10 +108,10 @@ class ProgressView:
             refusals = (
                 "skipped" if event.refusals is None else f"{event.refusals}/{event.total_bad}"
             )
-            origin = f" ({event.origin})" if event.origin else ""
+            origin = f" [{event.origin}]" if event.origin else ""
             return (
-                f"trial {event.number}/{event.n_trials}{origin}: refusals {refusals}, "
-                f"KL {event.kl:.4f} ({event.seconds:.1f} s)"
+                f"trial {event.number}/{event.n_trials}: refusals {refusals}, "
+                f"KL {event.kl:.4f} ({event.seconds:.1f} s){origin}"
             )
         if isinstance(event, ParetoEvent):
             self.front = list(event.trials)

@@ -138,8 +138,8 @@ def event_line(event: object, progress: JobProgress, money: Money | None = None)
             money_text = f" | ETA {format_duration(money.eta_seconds or 0)} | spent {format_money(money.spent)}"
         origin = f" ({event.origin})" if event.origin else ""
         return (
-            f"trial {event.number}/{event.n_trials}{origin}: {refusals}, KL {event.kl:.4f}, "
-            f"{event.seconds:.1f}s{best_text}{money_text}"
+            f"trial {event.number}/{event.n_trials}: {refusals}, KL {event.kl:.4f}, "
+            f"{event.seconds:.1f}s{origin}{best_text}{money_text}"
         )
     if isinstance(event, LogEvent):
         if event.level in {"warning", "error"}:
