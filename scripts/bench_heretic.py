@@ -1,23 +1,20 @@
-"""Benchmark hctl's worker against heretic: same model, same prompt files, same settings.
+"""The worker and heretic side by side: same models, same prompts, same settings, alternating runs.
 
-    python scripts/bench_heretic.py --model DIR                 # one round: hctl, then heretic
-    python scripts/bench_heretic.py --model DIR --rounds 2 --trials 40 --json out.json
-    python scripts/bench_heretic.py --model DIR --only hctl     # just the worker, same harness
+    python scripts/bench_heretic.py                          # SmolLM2 as shipped + the real refuser
+    python scripts/bench_heretic.py --model smollm2=/tmp/smollm2/model --trials 10 --repeats 2
+    python scripts/bench_heretic.py --heretic /path/to/venv/bin/heretic --json out.json
 
-DIR is a model folder with `prompts/{harmful,harmless}_{train,test}.txt` (the tiny fixtures and
-the real refuser built by scripts/make_real_refuser.py have them). Both tools run as their own
-command line (`hctl-worker run`, `heretic`) in a fresh scratch folder, one after the other and
-alternating which goes first, so a machine shared with other work loads both alike. heretic
-(`pip install heretic-llm`, in its own venv; `--heretic` names its executable) reads a
-config.toml from its working directory; it runs non-interactively because it gets a fresh
-checkpoint folder (no resume question) and, once its search is done, its trial menu is closed.
+Each model is run by `hctl-worker run` and by heretic (headless from a config.toml in a scratch
+folder; heretic 1.4.0 asks which trial to export at the end, and its standard input is closed, so
+it stops there), in turn: hctl, heretic, hctl, heretic... so that machine load hits both alike.
+Both get the same prompt files (the model folder's `prompts/`, else the tiny fixture's), the same
+system prompt, dtype, batch size, reply length, trial count and seed, and the same kind of edit.
 
-Per run: wall time, seconds per trial (first trial start to last trial end, over the trials),
-peak RSS (of the tool's process, from wait4), baseline refusals, and the best trial with at most
-10 % refusals at KL <= 0.05 (the fewest refusals, then the lowest KL) with the first trial that
-reached that bar. For hctl, the harmless refusals of that trial are measured afterwards by the
-worker itself (`hctl-worker run --trial K` on the finished job), outside the timings. Ratios are
-heretic / hctl. No timing is asserted anywhere; this prints a table and writes JSON.
+Reported per tool and model: seconds per trial (mean and median, from the trials' own start and
+end times in each tool's Optuna journal: ask to tell), the search, the run end to end (process
+wall time), peak memory (the process's maximum resident set), and heretic / hctl ratios. The
+machine's load average is printed with the table: figures from a shared machine are noisy.
+Models default to `scripts/make_real_refuser.py --print-path base|refuser` (built on demand).
 """
 
 from __future__ import annotations
@@ -26,494 +23,320 @@ import argparse
 import json
 import os
 import shutil
-import signal
+import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+FIXTURE_PROMPTS = REPO / "tests" / "fixtures" / "tiny-refuser" / "prompts"
 DEFAULT_HERETIC = Path("/work/wt/heretic-venv/bin/heretic")
-PROMPT_SETS = {  # the tools' prompt tables -> the model folder's files
+SYSTEM_PROMPT = "You are a helpful assistant."
+PROMPT_FILES = {
     "good_prompts": "harmless_train",
     "bad_prompts": "harmful_train",
     "good_evaluation_prompts": "harmless_test",
     "bad_evaluation_prompts": "harmful_test",
 }
-REFUSAL_BAR, KL_BAR = 0.10, 0.05
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-@dataclass(frozen=True)
-class Settings:
-    """What both tools run with."""
-
-    model: str
-    n_trials: int = 40
-    n_startup_trials: int = 10
-    seed: int = 1
-    batch_size: int = 32
-    max_response_length: int = 16
-    system_prompt: str = "You are a helpful assistant."
-    row_normalization: str = "none"
-    direction_prompts: int = 0  # cap on each training set (0 = all)
-    evaluation_prompts: int = 0  # cap on each test set (0 = all)
-    threads: int = 0  # torch's CPU threads for both (OMP_NUM_THREADS); 0 = each tool's default
-
-
-@dataclass
-class Run:
-    """One tool's run."""
-
-    tool: str
-    round: int
-    returncode: int = 0
-    wall_s: float = 0.0
-    peak_rss_mb: float = 0.0
-    seconds_per_trial: float = 0.0
-    trials: int = 0
-    baseline: str = ""
-    best: dict | None = None  # the qualifying trial, if any
-    first_qualifying: int | None = None
-    best_refusals: str = ""  # the fewest refusals of any trial, with its KL
-    stages_s: dict[str, float] = field(default_factory=dict)
-    harmless_refusals: str = ""
-    note: str = ""
-
-
-# ---------------------------------------------------------------------------------------------
-# Inputs both tools share.
-
-
-def write_prompts(model: Path, settings: Settings, folder: Path) -> dict[str, Path]:
-    """The four prompt files, capped as the settings say, written once for both tools."""
-    folder.mkdir(parents=True, exist_ok=True)
-    files = {}
-    for table, name in PROMPT_SETS.items():
-        lines = [
-            line
-            for line in (model / "prompts" / f"{name}.txt").read_text(encoding="utf-8").splitlines()
-            if line.strip()
-        ]
-        cap = (
-            settings.direction_prompts if "evaluation" not in table else settings.evaluation_prompts
+def default_models() -> dict[str, str]:
+    maker = REPO / "scripts" / "make_real_refuser.py"
+    if not maker.exists():
+        raise SystemExit(
+            "error: scripts/make_real_refuser.py is not here yet\n"
+            "hint: name the models with --model NAME=FOLDER"
         )
-        files[table] = folder / f"{name}.txt"
-        files[table].write_text("\n".join(lines[: cap or None]) + "\n", encoding="utf-8")
+    models = {}
+    for name, kind in (("smollm2-135m-instruct", "base"), ("smollm2-refuser", "refuser")):
+        found = subprocess.run(
+            [sys.executable, str(maker), "--print-path", kind],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        models[name] = found.stdout.strip().splitlines()[-1]
+    return models
+
+
+def write_prompts(model: Path, scratch: Path, counts: dict[str, int]) -> dict[str, Path]:
+    """The prompt files both tools read: the model's own sets, cut to the counts asked."""
+    source = model / "prompts" if (model / "prompts").is_dir() else FIXTURE_PROMPTS
+    files = {}
+    for key, name in PROMPT_FILES.items():
+        lines = [line for line in (source / f"{name}.txt").read_text().splitlines() if line.strip()]
+        path = scratch / f"{name}.txt"
+        path.write_text("\n".join(lines[: counts[key]]) + "\n")
+        files[key] = path
     return files
 
 
-def toml_config(values: dict, prompts: dict[str, Path]) -> str:
-    lines = [f"{key} = {json.dumps(value)}" for key, value in values.items()]
-    for table, path in prompts.items():
-        lines += [f"[{table}]", f"dataset = {json.dumps(str(path))}"]
+def config_text(model: Path, prompts: dict[str, Path], arguments, study_dir: Path | None) -> str:
+    """One config.toml both tools read (hctl reads heretic's names)."""
+    lines = [
+        f'model = "{model}"',
+        'dtypes = ["float32"]',
+        'device_map = "cpu"',
+        f"batch_size = {arguments.batch_size}",
+        f"max_response_length = {arguments.max_response_length}",
+        f"n_trials = {arguments.trials}",
+        f"n_startup_trials = {arguments.startup_trials}",
+        f"seed = {arguments.seed}",
+        f'system_prompt = "{SYSTEM_PROMPT}"',
+        f'row_normalization = "{arguments.row_normalization}"',
+    ]
+    if study_dir is not None:  # heretic only
+        lines += ['response_prefix = ""', f'study_checkpoint_dir = "{study_dir}"']
+    for key, path in prompts.items():
+        lines.append(f'[{key}]\ndataset = "{path}"')
     return "\n".join(lines) + "\n"
 
 
-def hctl_config(settings: Settings, prompts: dict[str, Path]) -> str:
-    return toml_config(
-        {
-            "model": settings.model,
-            "dtypes": ["float32"],
-            "device_map": "cpu",
-            "batch_size": settings.batch_size,
-            "max_response_length": settings.max_response_length,
-            "system_prompt": settings.system_prompt,
-            "row_normalization": settings.row_normalization,
-            "n_trials": settings.n_trials,
-            "n_startup_trials": settings.n_startup_trials,
-            "seed": settings.seed,
-        },
-        prompts,
-    )
-
-
-def heretic_config(settings: Settings, prompts: dict[str, Path], checkpoints: Path) -> str:
-    return toml_config(
-        {
-            "model": settings.model,
-            "dtypes": ["float32"],
-            "device_map": "cpu",
-            "quantization": "none",
-            "batch_size": settings.batch_size,
-            "max_response_length": settings.max_response_length,
-            "response_prefix": "",  # no prefix detection: hctl has none either
-            "system_prompt": settings.system_prompt,
-            "row_normalization": settings.row_normalization,
-            "n_trials": settings.n_trials,
-            "n_startup_trials": settings.n_startup_trials,
-            "seed": settings.seed,
-            "study_checkpoint_dir": str(checkpoints),
-        },
-        prompts,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Running a tool and measuring it.
-
-
-def tool_environment(threads: int) -> dict[str, str]:
-    environment = {**os.environ, **OFFLINE, "PYTHONUNBUFFERED": "1"}
-    if threads:
-        environment["OMP_NUM_THREADS"] = str(threads)
-    return environment
-
-
-def run_measured(
-    command: Sequence[str],
-    cwd: Path,
-    log: Path,
-    *,
-    threads: int = 0,
-    finished_marker: str | None = None,
-    timeout: float = 7200,
-) -> tuple[int, float, float, list[tuple[float, str]]]:
-    """(return code, wall seconds, peak RSS in MB, timestamped output lines).
-
-    The peak RSS is the process's own (wait4), not this script's. With `finished_marker`, the
-    process is stopped a few seconds after that line appears (heretic's trial menu).
-    """
-    started = time.monotonic()
-    process = subprocess.Popen(
-        list(command),
-        cwd=cwd,
-        env=tool_environment(threads),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-        start_new_session=True,
-    )
-    lines: list[tuple[float, str]] = []
-    finished = threading.Event()
-
-    def read() -> None:
-        assert process.stdout is not None
-        with log.open("w", encoding="utf-8") as handle:
-            for line in process.stdout:
-                lines.append((time.monotonic() - started, line.rstrip("\n")))
-                handle.write(line)
-                if finished_marker and finished_marker in line:
-                    finished.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    # wait4, not Popen.poll: it gives the child's own resource usage (peak RSS) when it ends.
-    ended = _wait(process.pid, started + timeout, finished)
-    if ended is None:  # still at heretic's menu (or past the timeout): stop it
-        os.killpg(process.pid, signal.SIGTERM)
-        ended = _wait(process.pid, time.monotonic() + 10, None)
-    if ended is None:
-        os.killpg(process.pid, signal.SIGKILL)
-        ended = os.wait4(process.pid, 0)[1:]
-    status, usage = ended
-    wall = time.monotonic() - started
-    process.returncode = os.waitstatus_to_exitcode(status)
-    reader.join(timeout=5)
-    return process.returncode, wall, usage.ru_maxrss / 1024, lines
-
-
-def _wait(pid: int, deadline: float, finished: threading.Event | None):
-    """(status, rusage) once the process ended, or None at the deadline; after `finished` is
-    set, the process gets a few more seconds to end by itself."""
-    while time.monotonic() < deadline:
-        ended, status, usage = os.wait4(pid, os.WNOHANG)
-        if ended:
-            return status, usage
-        if finished is not None and finished.is_set():
-            deadline = min(deadline, time.monotonic() + 5)
-            finished = None
-        time.sleep(0.2)
-    return None
-
-
-def qualifying(trials: list[dict]) -> tuple[dict | None, int | None]:
-    """The best trial under the bar (fewest refusals, then lowest KL), and the first trial
-    number that was under it."""
-    under = [
-        trial
-        for trial in trials
-        if trial["refusals"] is not None
-        and trial["refusals"] <= REFUSAL_BAR * trial["total_bad"]
-        and trial["kl"] <= KL_BAR
-    ]
-    if not under:
-        return None, None
-    best = min(under, key=lambda trial: (trial["refusals"], trial["kl"], trial["number"]))
-    return best, min(trial["number"] for trial in under)
-
-
-def summarise_trials(run: Run, trials: list[dict]) -> None:
-    run.trials = len(trials)
-    run.best, run.first_qualifying = qualifying(trials)
-    scored = [trial for trial in trials if trial["refusals"] is not None]
-    if scored:
-        fewest = min(scored, key=lambda trial: (trial["refusals"], trial["kl"]))
-        run.best_refusals = (
-            f"{fewest['refusals']}/{fewest['total_bad']} at KL {fewest['kl']:.4f} "
-            f"(trial {fewest['number']})"
+def measured(command: list[str], cwd: Path, env: dict[str, str], log: Path) -> dict:
+    """Run a command under /usr/bin/time -v: wall seconds, peak RSS, exit code."""
+    timing = log.with_suffix(".time")
+    started = time.perf_counter()
+    with log.open("w") as output:
+        completed = subprocess.run(
+            ["/usr/bin/time", "-v", "-o", str(timing), *command],
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            check=False,
         )
+    wall = time.perf_counter() - started
+    peak_kb = 0
+    for line in timing.read_text().splitlines() if timing.exists() else []:
+        if "Maximum resident set size" in line:
+            peak_kb = int(line.rsplit(":", 1)[1])
+    return {"returncode": completed.returncode, "wall_s": wall, "peak_rss_mb": peak_kb / 1024}
 
 
-def run_hctl(settings: Settings, prompts: dict[str, Path], scratch: Path, round_: int) -> Run:
-    run = Run("hctl", round_)
-    config = scratch / "config.toml"
-    config.write_text(hctl_config(settings, prompts), encoding="utf-8")
-    job = scratch / "job"
-    worker = Path(sys.executable).with_name("hctl-worker")
-    command = [str(worker), "run", "--config", str(config), "--job-dir", str(job), "--events"]
-    run.returncode, run.wall_s, run.peak_rss_mb, _ = run_measured(
-        command, scratch, scratch / "hctl.log", threads=settings.threads
+def thread_environment(arguments) -> dict[str, str]:
+    """The same CPU thread count for both tools, when one is asked for."""
+    if not arguments.threads:
+        return {}
+    return {"OMP_NUM_THREADS": str(arguments.threads), "MKL_NUM_THREADS": str(arguments.threads)}
+
+
+def run_hctl(model: Path, prompts: dict[str, Path], arguments, scratch: Path) -> dict:
+    config = scratch / "hctl.toml"
+    config.write_text(config_text(model, prompts, arguments, None))
+    job = scratch / "hctl-job"
+    executable = Path(sys.executable).with_name("hctl-worker")
+    env = {**os.environ, **thread_environment(arguments), "HF_HUB_OFFLINE": "1"}
+    env["TRANSFORMERS_OFFLINE"] = "1"
+    command = [str(executable), "run", "--config", str(config), "--job-dir", str(job)]
+    result = measured(command, scratch, env, scratch / "hctl.log")
+    events = (
+        [
+            json.loads(line)
+            for line in (job / "events.jsonl").read_text().splitlines()
+            if line.strip()
+        ]
+        if (job / "events.jsonl").exists()
+        else []
     )
-    events = [
-        json.loads(line)
-        for line in (job / "events.jsonl").read_text(encoding="utf-8").splitlines()
-        if line.strip()
-    ]
-    run.stages_s = {
-        event["stage"]: round(event["seconds"], 2)
-        for event in events
-        if event["type"] == "stage" and event["state"] == "end"
-    }
-    trials = [event for event in events if event["type"] == "trial"]
-    baseline = next((event for event in events if event["type"] == "baseline"), None)
-    if baseline:
-        run.baseline = f"{baseline['refusals']}/{baseline['total_bad']}"
-    summarise_trials(run, trials)
-    if trials and "search" in run.stages_s:
-        run.seconds_per_trial = run.stages_s["search"] / len(trials)
-    if run.best is not None:
-        run.harmless_refusals = hctl_harmless_refusals(
-            worker, config, job, run.best["number"], settings.threads
-        )
-        canonical = run.best.get("origin") == "canonical"
-        run.note = "qualifying trial was canonical" if canonical else ""
-    return run
-
-
-def hctl_harmless_refusals(worker: Path, config: Path, job: Path, number: int, threads: int) -> str:
-    """The worker's own check of a chosen trial on the harmless prompts (results/chosen.json)."""
-    subprocess.run(
-        [str(worker), "run", "--config", str(config), "--job-dir", str(job)]
-        + ["--trial", str(number), "--events"],
-        env=tool_environment(threads),
-        capture_output=True,
-        check=False,
+    trials = [event for event in events if event.get("type") == "trial"]
+    # Both tools' trials are timed the same way: from their Optuna journals.
+    journal = job / "study.journal"
+    result["trial_seconds"] = journal_trial_seconds(journal) if journal.exists() else []
+    result["pruned"] = sum(1 for event in trials if event.get("pruned"))
+    result["best_refusals"] = min(
+        (e["refusals"] for e in trials if e["refusals"] is not None and not e.get("pruned")),
+        default=None,
     )
-    chosen = job / "results" / "chosen.json"
-    if not chosen.exists():
-        return "not measured"
-    record = json.loads(chosen.read_text(encoding="utf-8"))
-    return f"{record['refusals_good']}/{record['total_good']}"
+    for event in events:
+        if event.get("type") == "stage" and event.get("stage") == "search" and event.get("seconds"):
+            result["search_s"] = float(event["seconds"])
+        if event.get("type") == "log" and str(event.get("message", "")).startswith("reuse:"):
+            result["reuse"] = event["message"]
+    if result["returncode"] != 0:
+        result["log_tail"] = (scratch / "hctl.log").read_text()[-1500:]
+    return result
 
 
-def run_heretic(
-    settings: Settings, prompts: dict[str, Path], scratch: Path, round_: int, heretic: Path
-) -> Run:
-    run = Run("heretic", round_)
-    checkpoints = scratch / "checkpoints"
-    (scratch / "config.toml").write_text(
-        heretic_config(settings, prompts, checkpoints), encoding="utf-8"
-    )
-    run.returncode, run.wall_s, run.peak_rss_mb, lines = run_measured(
-        [str(heretic)],
-        scratch,
-        scratch / "heretic.log",
-        threads=settings.threads,
-        finished_marker="Optimization finished",
-    )
-    for _, line in lines:
-        if "Initial refusals:" in line:
-            run.baseline = line.split("Initial refusals:")[1].strip()
-    run.stages_s = heretic_stages(lines)
-    if run.stages_s["search_end"] == run.stages_s["search_end"]:  # not NaN: the search finished
-        run.note = "ended at its trial menu (no terminal to choose in)"
-    journals = sorted(checkpoints.glob("*.jsonl"))
-    if not journals:
-        run.note = "no journal written"
-        return run
-    trials, seconds = heretic_trials(journals[0])
-    summarise_trials(run, trials)
-    run.seconds_per_trial = seconds
-    run.harmless_refusals = "not measured" if run.best else ""
-    return run
+def run_heretic(model: Path, prompts: dict[str, Path], arguments, scratch: Path) -> dict:
+    work = scratch / "heretic"
+    work.mkdir()
+    studies = work / "checkpoints"
+    (work / "config.toml").write_text(config_text(model, prompts, arguments, studies))
+    env = {**os.environ, **thread_environment(arguments), "HF_HUB_OFFLINE": "1"}
+    env.update(HF_DATASETS_OFFLINE="1", TERM="dumb")
+    command = [str(arguments.heretic), "--model", str(model)]
+    result = measured(command, work, env, scratch / "heretic.log")
+    journals = list(studies.glob("*.jsonl")) if studies.is_dir() else []
+    durations: list[float] = []
+    if journals:
+        durations = journal_trial_seconds(journals[0])
+    result["trial_seconds"] = durations
+    if len(durations) < arguments.trials:
+        result["log_tail"] = (scratch / "heretic.log").read_text()[-1500:]
+    return result
 
 
-def heretic_stages(lines: list[tuple[float, str]]) -> dict[str, float]:
-    """Seconds from the start to heretic's milestones, read from its timestamped output."""
-    milestones = {
-        "model_loaded": "Loading good prompts",
-        "directions_start": "Calculating per-layer refusal directions",
-        "search_start": "Running trial 1 of",
-        "search_end": "Optimization finished",
-    }
-    found = {}
-    for name, marker in milestones.items():
-        found[name] = next((round(at, 2) for at, line in lines if marker in line), float("nan"))
-    return found
+def journal_trial_seconds(journal: Path) -> list[float]:
+    """Each finished (complete or pruned) trial's start-to-end seconds, from an Optuna journal."""
+    create_trial, set_state, complete, pruned = 4, 6, 1, 2  # Optuna's journal codes
+    starts: dict[int, datetime] = {}
+    durations: dict[int, float] = {}
+    created = 0
+    for line in journal.read_text().splitlines():
+        operation = json.loads(line)
+        code = operation.get("op_code")
+        if code == create_trial:
+            if operation.get("datetime_start"):
+                starts[created] = datetime.fromisoformat(operation["datetime_start"])
+            created += 1
+        elif code == set_state and operation.get("datetime_start"):  # an enqueued trial begins
+            starts[operation["trial_id"]] = datetime.fromisoformat(operation["datetime_start"])
+        elif code == set_state and operation.get("state") in (complete, pruned):
+            trial = operation["trial_id"]
+            if trial in starts and operation.get("datetime_complete"):
+                end = datetime.fromisoformat(operation["datetime_complete"])
+                durations[trial] = (end - starts[trial]).total_seconds()
+    return [durations[trial] for trial in sorted(durations)]
 
 
-def heretic_trials(journal: Path) -> tuple[list[dict], float]:
-    """heretic's finished trials (as hctl's trial records) and its seconds per trial."""
-    import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-    from optuna.trial import TrialState
-
-    storage = JournalStorage(JournalFileBackend(str(journal)))
-    study = optuna.load_study(study_name="heretic", storage=storage)
-    complete = study.get_trials(states=(TrialState.COMPLETE,))
-    trials = [
-        {
-            "number": int(trial.user_attrs["index"]),
-            "refusals": int(trial.user_attrs["refusals"]),
-            "total_bad": int(trial.user_attrs["n_bad_prompts"]),
-            "kl": float(trial.user_attrs["kl_divergence"]),
-        }
-        for trial in complete
-    ]
-    seconds = 0.0
-    if complete:
-        first: datetime = min(trial.datetime_start for trial in complete)
-        last: datetime = max(trial.datetime_complete for trial in complete)
-        seconds = (last - first).total_seconds() / len(complete)
-    return trials, seconds
-
-
-# ---------------------------------------------------------------------------------------------
-# The report.
-
-
-def ratios(runs: list[Run]) -> dict[str, float]:
-    """heretic / hctl, of the means over rounds."""
-
-    def mean(tool: str, name: str) -> float:
-        values = [getattr(run, name) for run in runs if run.tool == tool]
-        return sum(values) / len(values) if values else float("nan")
-
+def summary(runs: Sequence[dict]) -> dict:
+    per_trial = [seconds for run in runs for seconds in run.get("trial_seconds", [])]
     return {
-        name: mean("heretic", name) / mean("hctl", name)
-        for name in ("wall_s", "seconds_per_trial", "peak_rss_mb")
-        if mean("hctl", name)
+        "runs": len(runs),
+        "trials": len(per_trial),
+        "trial_mean_s": statistics.mean(per_trial) if per_trial else None,
+        "trial_median_s": statistics.median(per_trial) if per_trial else None,
+        "search_s": statistics.median([sum(run.get("trial_seconds", [])) for run in runs]),
+        "end_to_end_s": statistics.median(run["wall_s"] for run in runs),
+        "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
+        "failed_runs": sum(1 for run in runs if run.get("log_tail")),
     }
 
 
-def print_report(settings: Settings, runs: list[Run]) -> None:
+def print_table(results: dict) -> None:
     print(
-        f"model {settings.model}: {settings.n_trials} trials ({settings.n_startup_trials} "
-        f"startup), seed {settings.seed}, batch {settings.batch_size}, "
-        f"{settings.max_response_length} tokens, threads {settings.threads or 'default'}"
+        f"machine load (1/5/15 min): {results['load_before']} before, {results['load_after']} after"
     )
-    for run in runs:
-        print(
-            f"round {run.round} {run.tool}: exit {run.returncode}, wall {run.wall_s:.1f} s, "
-            f"{run.seconds_per_trial:.3f} s/trial over {run.trials} trials, "
-            f"peak RSS {run.peak_rss_mb:.0f} MB, baseline refusals {run.baseline}"
-        )
-        if run.best:
-            harmless = (
-                f", harmless refusals {run.harmless_refusals}" if run.harmless_refusals else ""
-            )
+    header = f"{'model':<24} {'':<8} {'mean s/trial':>12} {'median':>8} {'search s':>9} "
+    header += f"{'end-to-end s':>12} {'peak MB':>8}"
+    print(header)
+    for name, entry in results["models"].items():
+        for tool in ("hctl", "heretic"):
+            row = entry[tool]
             print(
-                f"  under the bar: trial {run.best['number']} {run.best['refusals']}/"
-                f"{run.best['total_bad']} at KL {run.best['kl']:.4f} (first under it: trial "
-                f"{run.first_qualifying}){harmless}"
+                f"{name:<24} {tool:<8} {_number(row['trial_mean_s']):>12} "
+                f"{_number(row['trial_median_s']):>8} {_number(row['search_s']):>9} "
+                f"{_number(row['end_to_end_s']):>12} {_number(row['peak_rss_mb'], 0):>8}"
             )
-        else:
-            print("  under the bar: none")
-        print(f"  fewest refusals: {run.best_refusals or '-'}")
-        print(f"  stages (s): {json.dumps(run.stages_s)}" + (f"; {run.note}" if run.note else ""))
-    if any(run.tool == "heretic" for run in runs) and any(run.tool == "hctl" for run in runs):
+        ratios = entry["ratios"]
         print(
-            "heretic / hctl: "
-            + ", ".join(f"{name} {value:.2f}x" for name, value in ratios(runs).items())
+            f"{name:<24} {'ratio':<8} {_number(ratios['trial_mean']):>12} "
+            f"{_number(ratios['trial_median']):>8} {_number(ratios['search']):>9} "
+            f"{_number(ratios['end_to_end']):>12} {_number(ratios['peak_rss'], 2):>8}"
+            "   (heretic / hctl)"
         )
+        if entry.get("pruned_trials"):
+            print(f"{'':<24} hctl pruned {entry['pruned_trials']} trials; {entry.get('reuse', '')}")
 
 
-def parse_arguments(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace]:
+def _number(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _ratio(first, second):
+    return first / second if first and second else None
+
+
+def bench(arguments) -> dict:
+    models = dict(item.split("=", 1) for item in arguments.model) or default_models()
+    models = {name: str(Path(folder).resolve()) for name, folder in models.items()}
+    counts = {
+        "good_prompts": arguments.train_prompts,
+        "bad_prompts": arguments.train_prompts,
+        "good_evaluation_prompts": arguments.eval_prompts,
+        "bad_evaluation_prompts": arguments.eval_prompts,
+    }
+    results: dict = {"settings": vars(arguments) | {"heretic": str(arguments.heretic)}}
+    results["load_before"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    runs: dict[str, dict[str, list[dict]]] = {name: {"hctl": [], "heretic": []} for name in models}
+    for repeat in range(arguments.repeats):
+        for name, folder in models.items():
+            for tool, runner in (("hctl", run_hctl), ("heretic", run_heretic)):
+                scratch = Path(tempfile.mkdtemp(prefix=f"bench-{tool}-"))
+                try:
+                    prompts = write_prompts(Path(folder), scratch, counts)
+                    run = runner(Path(folder), prompts, arguments, scratch)
+                finally:
+                    if not arguments.keep:
+                        shutil.rmtree(scratch, ignore_errors=True)
+                run["repeat"] = repeat
+                run["scratch"] = str(scratch) if arguments.keep else None
+                runs[name][tool].append(run)
+                print(
+                    f"[{repeat + 1}/{arguments.repeats}] {name} {tool}: {run['wall_s']:.1f} s, "
+                    f"{len(run['trial_seconds'])} trials, exit {run['returncode']}",
+                    flush=True,
+                )
+                if run.get("log_tail"):
+                    print(run["log_tail"], file=sys.stderr)
+    results["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    results["models"] = {}
+    for name in models:
+        hctl, heretic = summary(runs[name]["hctl"]), summary(runs[name]["heretic"])
+        results["models"][name] = {
+            "folder": models[name],
+            "hctl": hctl,
+            "heretic": heretic,
+            "ratios": {
+                "trial_mean": _ratio(heretic["trial_mean_s"], hctl["trial_mean_s"]),
+                "trial_median": _ratio(heretic["trial_median_s"], hctl["trial_median_s"]),
+                "search": _ratio(heretic["search_s"], hctl["search_s"]),
+                "end_to_end": _ratio(heretic["end_to_end_s"], hctl["end_to_end_s"]),
+                "peak_rss": _ratio(heretic["peak_rss_mb"], hctl["peak_rss_mb"]),
+            },
+            "pruned_trials": sum(run.get("pruned", 0) for run in runs[name]["hctl"]),
+            "reuse": next((run["reuse"] for run in runs[name]["hctl"] if run.get("reuse")), ""),
+            "runs": runs[name],
+        }
+    return results
+
+
+def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, type=Path, help="model folder with prompts/")
+    parser.add_argument("--model", action="append", default=[], help="NAME=FOLDER (repeatable)")
     parser.add_argument("--heretic", type=Path, default=DEFAULT_HERETIC, help="heretic executable")
-    parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--only", choices=["hctl", "heretic"], default=None)
-    parser.add_argument("--trials", type=int, default=Settings.n_trials)
-    parser.add_argument("--startup-trials", type=int, default=Settings.n_startup_trials)
-    parser.add_argument("--seed", type=int, default=Settings.seed)
-    parser.add_argument("--batch-size", type=int, default=Settings.batch_size)
-    parser.add_argument("--max-response-length", type=int, default=Settings.max_response_length)
-    parser.add_argument("--system-prompt", default=Settings.system_prompt)
+    parser.add_argument("--trials", type=int, default=10)
+    parser.add_argument("--startup-trials", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=1, help="alternating runs per tool")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-response-length", type=int, default=16)
+    parser.add_argument("--eval-prompts", type=int, default=32, help="harmful and harmless each")
+    parser.add_argument("--train-prompts", type=int, default=128, help="for the directions, each")
     parser.add_argument("--row-normalization", default="none", choices=["none", "pre", "full"])
-    parser.add_argument("--direction-prompts", type=int, default=0, help="cap (0 = all)")
-    parser.add_argument("--evaluation-prompts", type=int, default=0, help="cap (0 = all)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help="CPU threads for both tools (OMP_NUM_THREADS); 1 on a machine shared with other work",
-    )
-    parser.add_argument("--json", type=Path, help="write settings and runs here")
-    parser.add_argument("--keep", type=Path, help="keep the scratch folders here")
-    arguments = parser.parse_args(argv)
-    settings = Settings(
-        model=str(arguments.model.resolve()),
-        n_trials=arguments.trials,
-        n_startup_trials=arguments.startup_trials,
-        seed=arguments.seed,
-        batch_size=arguments.batch_size,
-        max_response_length=arguments.max_response_length,
-        system_prompt=arguments.system_prompt,
-        row_normalization=arguments.row_normalization,
-        direction_prompts=arguments.direction_prompts,
-        evaluation_prompts=arguments.evaluation_prompts,
-        threads=arguments.threads,
-    )
-    return settings, arguments
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for both (0: theirs)")
+    parser.add_argument("--json", default="", help="write the results here")
+    parser.add_argument("--keep", action="store_true", help="keep each run's scratch folder")
+    return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings, arguments = parse_arguments(argv)
-    tools = [arguments.only] if arguments.only else ["hctl", "heretic"]
-    if "heretic" in tools and not arguments.heretic.exists():
+    arguments = parse_arguments(argv)
+    if not arguments.heretic.exists():
         print(f"error: no heretic at {arguments.heretic}", file=sys.stderr)
         print(
-            "hint: install heretic-llm in a venv and pass --heretic VENV/bin/heretic",
-            file=sys.stderr,
+            "hint: give --heretic PATH (pip install heretic-llm in its own venv)", file=sys.stderr
         )
         return 2
-    root = Path(tempfile.mkdtemp(prefix="bench-heretic-"))
-    runs: list[Run] = []
-    try:
-        prompts = write_prompts(Path(settings.model), settings, root / "prompts")
-        for round_ in range(1, arguments.rounds + 1):
-            order = tools if round_ % 2 else list(reversed(tools))
-            for tool in order:
-                scratch = root / f"round{round_}-{tool}"
-                scratch.mkdir()
-                if tool == "hctl":
-                    runs.append(run_hctl(settings, prompts, scratch, round_))
-                else:
-                    runs.append(run_heretic(settings, prompts, scratch, round_, arguments.heretic))
-                print(f"round {round_} {tool}: {runs[-1].wall_s:.1f} s", file=sys.stderr)
-        print_report(settings, runs)
-        if arguments.json:
-            report = {
-                "settings": asdict(settings),
-                "runs": [asdict(run) for run in runs],
-                "ratios_heretic_over_hctl": ratios(runs),
-                "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg()},
-            }
-            arguments.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    finally:
-        if arguments.keep:
-            shutil.copytree(root, arguments.keep, dirs_exist_ok=True)
-        shutil.rmtree(root, ignore_errors=True)
+    results = bench(arguments)
+    print_table(results)
+    if arguments.json:
+        Path(arguments.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
     return 0
 
 

@@ -40,8 +40,11 @@ import torch  # noqa: E402
 from hctl_worker.ablation import AblationParams, Ablator, ComponentKernel  # noqa: E402
 from hctl_worker.directions import last_token_residuals, refusal_directions  # noqa: E402
 from hctl_worker.evaluation import Evaluator  # noqa: E402
+from hctl_worker.generation import GenerationStats  # noqa: E402
 from hctl_worker.markers import DEFAULT_REFUSAL_MARKERS  # noqa: E402
 from hctl_worker.model import load_model  # noqa: E402
+from hctl_worker.pruning import PruningBar  # noqa: E402
+from hctl_worker.trials import Trial  # noqa: E402
 
 FIXTURE = REPO / "tests" / "fixtures" / "tiny-refuser"
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -77,6 +80,75 @@ def random_params(generator: random.Random, n_layers: int) -> AblationParams:
 
     index = None if generator.random() < 0.3 else generator.uniform(0, last)
     return AblationParams(index, {"attention": kernel(), "mlp": kernel()})
+
+
+def trial_params(kind: str, generator: random.Random, n_layers: int) -> AblationParams:
+    """`random`: every layer reachable; `heretic`: heretic's ranges (peak in the last 40 %);
+    `full-depth`: every layer at weight 1 with one late direction (the canonical trials)."""
+    last = max(n_layers - 1, 1)
+    if kind == "random":
+        return random_params(generator, n_layers)
+    if kind == "full-depth":
+        full = ComponentKernel(1.0, last / 2, 1.0, float(n_layers))
+        return AblationParams(generator.uniform(0.6 * last, last), {"attention": full, "mlp": full})
+
+    def kernel(low: float) -> ComponentKernel:
+        maximum = max(0.0, generator.uniform(low, 1.5))
+        return ComponentKernel(
+            max_weight=maximum,
+            max_weight_position=generator.uniform(0.6 * last, last),
+            min_weight=generator.uniform(0, 1) * maximum,
+            min_weight_distance=generator.uniform(1, max(0.6 * last, 1)),
+        )
+
+    index = None if generator.random() < 0.5 else generator.uniform(0.4 * last, 0.9 * last)
+    return AblationParams(index, {"attention": kernel(0.8), "mlp": kernel(-0.25)})
+
+
+def make_evaluator(kind, loaded, ablator, good_texts, bad_texts, arguments) -> Evaluator:
+    """`reuse`: the worker's evaluator; `plain`: no shared prefix, replay, drafts or pruning;
+    `no-drafts`: the worker's without draft replies."""
+    plain = kind == "plain"
+    return Evaluator(
+        loaded,
+        good_texts=good_texts,
+        bad_texts=bad_texts,
+        markers=DEFAULT_REFUSAL_MARKERS,
+        max_response_length=arguments.max_response_length,
+        batch_size=arguments.batch_size,
+        share_prefix=not plain,
+        unchanged_layers=None if plain else ablator.unchanged_layers,
+        replay_memory=0 if plain else arguments.replay_memory,
+        drafts=not (plain or kind == "no-drafts" or arguments.no_drafts),
+    )
+
+
+def summarise(rows: list[dict]) -> dict:
+    seconds = sorted(row["seconds"] for row in rows)
+
+    def mean(key: str) -> float:
+        return sum(row[key] for row in rows) / len(rows)
+
+    return {
+        "seconds_per_trial": sum(seconds) / len(seconds),
+        "median_s": seconds[len(seconds) // 2],
+        "min_s": seconds[0],
+        "max_s": seconds[-1],
+        "forward_passes": mean("forward_passes"),
+        "layer_tokens": mean("layer_tokens"),
+        "input_tokens": mean("input_tokens"),
+        "generated_tokens": mean("generated_tokens"),
+        "draft_acceptance": sum(r["accepted"] for r in rows)
+        / max(1, sum(r["drafted"] for r in rows)),
+        "pruned": sum(1 for row in rows if row["pruned"]),
+        "mean_start_layer": mean("start_layer"),
+        "refusals_min": min(
+            (r["refusals"] for r in rows if r["refusals"] is not None), default=None
+        ),
+        "refusals_max": max(
+            (r["refusals"] for r in rows if r["refusals"] is not None), default=None
+        ),
+    }
 
 
 def peak_rss_mb() -> float:
@@ -115,7 +187,7 @@ def bench(arguments: argparse.Namespace) -> dict:
     results["n_layers"] = loaded.n_layers
     results["parameters"] = sum(p.numel() for p in loaded.model.parameters())
 
-    folder = Path(source)
+    folder = Path(arguments.prompts_from or source)
     if (folder / "prompts").is_dir():
         good_train = read_prompts(folder, "harmless_train")
         bad_train = read_prompts(folder, "harmful_train")
@@ -138,60 +210,102 @@ def bench(arguments: argparse.Namespace) -> dict:
     results["stages"]["residuals_s"] = time.perf_counter() - started
     results["stages"]["residual_prompts"] = len(bad_train) + len(good_train)
 
-    started = time.perf_counter()
-    evaluator = Evaluator(
-        loaded,
-        good_texts=template(good_test, system),
-        bad_texts=template(bad_test, system),
-        markers=DEFAULT_REFUSAL_MARKERS,
-        max_response_length=arguments.max_response_length,
-        batch_size=arguments.batch_size,
-    )
-    baseline = evaluator.baseline()
-    results["stages"]["baseline_s"] = time.perf_counter() - started
+    ablator = Ablator(loaded, directions, row_normalization=arguments.row_normalization)
+    good_texts, bad_texts = template(good_test, system), template(bad_test, system)
+    kinds = ["reuse", "plain"] if arguments.compare_plain else ["reuse"]
+    if arguments.compare_no_drafts:
+        kinds.append("no-drafts")
+    evaluators = {}
+    for kind in kinds:
+        started = time.perf_counter()
+        evaluators[kind] = make_evaluator(kind, loaded, ablator, good_texts, bad_texts, arguments)
+        baseline = evaluators[kind].baseline()
+        results["stages"][f"baseline_{kind}_s"] = time.perf_counter() - started
+    evaluator = evaluators["reuse"]
+    results["stages"]["baseline_s"] = results["stages"]["baseline_reuse_s"]
     results["shared_prefix_tokens"] = evaluator.shares_prefix
+    results["reuse"] = evaluator.reuse.describe()
     results["baseline"] = {
         "refusals": f"{baseline.refusals}/{baseline.total_bad}",
         "refusals_good": f"{baseline.refusals_good}/{baseline.total_good}",
     }
 
-    ablator = Ablator(loaded, directions, row_normalization=arguments.row_normalization)
     generator = random.Random(arguments.seed)
-    evaluator.stats.tokens = evaluator.stats.forward_passes = evaluator.stats.rows = 0
-    trial_seconds, apply_seconds, restore_seconds, refusal_counts = [], [], [], []
-    generation_seconds = 0.0
-    for _ in range(arguments.trials):
-        params = random_params(generator, loaded.n_layers)
-        started = time.perf_counter()
-        ablator.apply(params)
-        applied = time.perf_counter()
-        score = evaluator.score()
-        scored = time.perf_counter()
-        ablator.restore()
-        restored = time.perf_counter()
-        trial_seconds.append(restored - started)
-        apply_seconds.append(applied - started)
-        restore_seconds.append(restored - scored)
-        generation_seconds += score.seconds
-        refusal_counts.append(score.refusals)
-    trial_seconds_sorted = sorted(trial_seconds)
-    results["trials"] = {
-        "count": arguments.trials,
-        "seconds_per_trial": sum(trial_seconds) / len(trial_seconds),
-        "median_s": trial_seconds_sorted[len(trial_seconds_sorted) // 2],
-        "min_s": trial_seconds_sorted[0],
-        "max_s": trial_seconds_sorted[-1],
-        "apply_ms": 1000 * sum(apply_seconds) / len(apply_seconds),
-        "restore_ms": 1000 * sum(restore_seconds) / len(restore_seconds),
-        "generated_tokens": evaluator.stats.tokens,
-        "generated_tokens_per_s": evaluator.stats.tokens / max(generation_seconds, 1e-9),
-        "decode_forward_passes": evaluator.stats.forward_passes,
-        "refusals_min": min(r for r in refusal_counts if r is not None),
-        "refusals_max": max(r for r in refusal_counts if r is not None),
-        "kl_prompts": len(good_test),
-        "refusal_prompts": len(bad_test),
-    }
+    records: dict[str, list[dict]] = {kind: [] for kind in kinds}
+    finished: dict[str, list[Trial]] = {kind: [] for kind in kinds}
+    for number in range(1, arguments.trials + 1):
+        params = trial_params(arguments.params, generator, loaded.n_layers)
+        order = kinds if number % 2 else kinds[::-1]  # alternate which goes first
+        for kind in order:
+            evaluator = evaluators[kind]
+            evaluator.stats = GenerationStats()
+            limit = None
+            if kind != "plain" and arguments.prune_margin >= 0:
+                bar = PruningBar.for_prompts(finished[kind], len(bad_texts), arguments.prune_margin)
+                limit = bar.refusal_limit
+            started = time.perf_counter()
+            ablator.apply(params)
+            start_layer = evaluator.reuse.plan.start_for(ablator.unchanged_layers())
+            score = evaluator.score(refusal_limit=limit)
+            ablator.restore()
+            seconds = time.perf_counter() - started
+            stats = evaluator.stats
+            records[kind].append(
+                {
+                    "seconds": seconds,
+                    "start_layer": start_layer,
+                    "kl": score.kl,
+                    "refusals": score.refusals,
+                    "pruned": score.pruned,
+                    "forward_passes": stats.forward_passes,
+                    "layer_tokens": stats.layer_tokens,
+                    "input_tokens": stats.input_tokens,
+                    "generated_tokens": stats.tokens,
+                    "drafted": stats.drafted,
+                    "accepted": stats.accepted,
+                }
+            )
+            finished[kind].append(
+                Trial(
+                    number=number,
+                    kl=score.kl,
+                    refusals=score.refusals,
+                    total_bad=len(bad_texts),
+                    pruned=score.pruned,
+                )
+            )
+    results["trials"] = {kind: summarise(rows) for kind, rows in records.items()}
+    results["trials"]["count"] = arguments.trials
+    results["trials"]["kl_prompts"] = len(good_test)
+    results["trials"]["refusal_prompts"] = len(bad_test)
+    if arguments.compare_plain:
+        mismatches = [
+            index + 1
+            for index, (fast, plain) in enumerate(
+                zip(records["reuse"], records["plain"], strict=True)
+            )
+            if not fast["pruned"]
+            and (
+                fast["refusals"] != plain["refusals"]
+                or abs(fast["kl"] - plain["kl"]) > 1e-4 * max(plain["kl"], 1e-3)
+            )
+        ]
+        results["trials"]["mismatched_trials"] = mismatches
+    results["per_trial"] = records
     results["peak_rss_mb"] = peak_rss_mb()
+    if arguments.bandwidth_gbs > 0:
+        # The memory-bandwidth floor of one forward pass is reading every weight once; a pass
+        # here also carries many tokens, so this is an upper bound on the fraction reached.
+        weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+        floor_s = weight_bytes / (arguments.bandwidth_gbs * 1e9)
+        reuse = results["trials"]["reuse"]
+        per_pass = reuse["seconds_per_trial"] / max(reuse["forward_passes"], 1)
+        results["bandwidth"] = {
+            "weight_bytes": weight_bytes,
+            "floor_s_per_pass": floor_s,
+            "seconds_per_pass": per_pass,
+            "fraction_of_limit": floor_s / per_pass,
+        }
     if torch.cuda.is_available() and arguments.device != "cpu":
         results["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return results
@@ -294,21 +408,57 @@ def print_table(results: dict) -> None:
             f"{results['baseline']['refusals']}, {results['baseline']['refusals_good']}",
         ),
         ("shared prompt prefix (tokens prefilled once)", str(results["shared_prefix_tokens"])),
+        ("reuse", results["reuse"]),
         (
             "trials",
-            f"{trials['count']} ({trials['kl_prompts']} KL prompts, "
-            f"{trials['refusal_prompts']} refusal prompts)",
+            f"{trials['count']} ({results['settings']['params']} parameters; "
+            f"{trials['kl_prompts']} KL prompts, {trials['refusal_prompts']} refusal prompts)",
         ),
-        ("seconds per trial (mean)", f"{trials['seconds_per_trial']:.3f} s"),
-        (
-            "median / min / max",
-            f"{trials['median_s']:.3f} / {trials['min_s']:.3f} / {trials['max_s']:.3f} s",
-        ),
-        ("apply / restore", f"{trials['apply_ms']:.2f} / {trials['restore_ms']:.2f} ms"),
-        ("generated tokens per second", f"{trials['generated_tokens_per_s']:.0f}"),
-        ("refusals across trials", f"{trials['refusals_min']}..{trials['refusals_max']}"),
+    ]
+    for kind in ("reuse", "plain", "no-drafts"):
+        if kind not in trials:
+            continue
+        row = trials[kind]
+        rows += [
+            (
+                f"{kind}: seconds per trial mean / median",
+                f"{row['seconds_per_trial']:.3f} / {row['median_s']:.3f} s "
+                f"(min {row['min_s']:.3f}, max {row['max_s']:.3f})",
+            ),
+            (
+                f"{kind}: per trial passes / layer-tokens / input tokens",
+                f"{row['forward_passes']:.1f} / {row['layer_tokens']:.0f} / "
+                f"{row['input_tokens']:.0f}",
+            ),
+            (
+                f"{kind}: start layer (mean) / drafts kept / pruned",
+                f"{row['mean_start_layer']:.1f} / {row['draft_acceptance']:.0%} / {row['pruned']}",
+            ),
+            (f"{kind}: refusals across trials", f"{row['refusals_min']}..{row['refusals_max']}"),
+        ]
+    if "plain" in trials:
+        rows += [
+            (
+                "plain / reuse: seconds, layer-tokens, passes",
+                f"{trials['plain']['seconds_per_trial'] / trials['reuse']['seconds_per_trial']:.2f}x, "
+                f"{trials['plain']['layer_tokens'] / max(trials['reuse']['layer_tokens'], 1):.2f}x, "
+                f"{trials['plain']['forward_passes'] / max(trials['reuse']['forward_passes'], 1):.2f}x",
+            ),
+            ("trials whose scores differ (unpruned)", str(trials["mismatched_trials"] or "none")),
+        ]
+    rows += [
+        ("load average", " ".join(f"{x:.2f}" for x in os.getloadavg())),
         ("peak RSS", f"{results['peak_rss_mb']:.0f} MB"),
     ]
+    if "bandwidth" in results:
+        band = results["bandwidth"]
+        rows.append(
+            (
+                "seconds per pass / bandwidth floor",
+                f"{band['seconds_per_pass'] * 1000:.2f} / {band['floor_s_per_pass'] * 1000:.2f} ms "
+                f"({band['fraction_of_limit']:.0%} of the limit)",
+            )
+        )
     if "peak_cuda_mb" in results:
         rows.append(("peak CUDA memory", f"{results['peak_cuda_mb']:.0f} MB"))
     if results.get("end_to_end"):
@@ -333,6 +483,22 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--no-system-prompt", action="store_true")
     parser.add_argument("--end-to-end", action="store_true")
+    parser.add_argument(
+        "--params", default="random", choices=["random", "heretic", "full-depth"], help="trial kind"
+    )
+    parser.add_argument(
+        "--prompts-from", default="", help="a folder with prompts/ (default: the model's own)"
+    )
+    parser.add_argument("--compare-plain", action="store_true", help="also time the plain path")
+    parser.add_argument(
+        "--compare-no-drafts", action="store_true", help="also time reuse without draft replies"
+    )
+    parser.add_argument("--replay-memory", type=float, default=0.25)
+    parser.add_argument(
+        "--bandwidth-gbs", type=float, default=0, help="device memory bandwidth, for the floor"
+    )
+    parser.add_argument("--no-drafts", action="store_true", help="reuse without draft replies")
+    parser.add_argument("--prune-margin", type=float, default=0.05, help="negative: no pruning")
     parser.add_argument("--json", default="", help="write the results here")
     return parser.parse_args(argv)
 

@@ -319,21 +319,20 @@ def settings_rows(
     comments: dict[str, str] | None = None,
 ) -> list[SettingRow]:
     """One row per setting of a pydantic settings model."""
-    from pydantic_core import PydanticUndefined
-
     comments = comments or {}
     rows: list[SettingRow] = []
+    unknown = object()  # no default to show
     for name, field in model.model_fields.items():  # type: ignore[attr-defined]
-        if field.default is not PydanticUndefined:
+        if field.default_factory is None and not field.is_required():
             value = field.default
         elif field.default_factory is not None:
             try:
                 value = field.default_factory()
             except TypeError:  # a factory that needs the other values
-                value = PydanticUndefined
+                value = unknown
         else:
-            value = PydanticUndefined
-        if value is PydanticUndefined:
+            value = unknown
+        if value is unknown:
             default = "(required)" if field.default_factory is None else "(computed)"
         elif _is_model(value):
             default = f"`{_inline_table(value)}`"

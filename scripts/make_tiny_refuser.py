@@ -47,6 +47,8 @@ from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
+    MistralConfig,
+    Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
@@ -54,8 +56,10 @@ from transformers import (  # noqa: E402
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fixture_training import optimizer_step  # noqa: E402
 from tiny_refuser_data import (  # noqa: E402
     DEFAULT_SYSTEM_PROMPT,
+    REFUSAL_SETS,
     Example,
     build_split,
     is_refusal,
@@ -78,7 +82,7 @@ CHAT_TEMPLATE = (
 )
 
 PROMPT_FILES = ("harmful_train", "harmless_train", "harmful_test", "harmless_test")
-ARCHITECTURES = ("qwen3", "llama", "qwen2")
+ARCHITECTURES = ("qwen3", "llama", "qwen2", "mistral", "phi3")
 DEPTHS = ("early", "late", "free")
 
 
@@ -142,6 +146,12 @@ def build_model(
         config = Qwen3Config(head_dim=head_dim, **common)
     elif arch == "llama":
         config = LlamaConfig(head_dim=head_dim, **common)
+    elif arch == "mistral":
+        config = MistralConfig(head_dim=head_dim, sliding_window=None, **common)
+    elif arch == "phi3":
+        # Fused projections (qkv_proj, gate_up_proj): the worker must find o_proj/down_proj by
+        # structure, not by the Llama names of their inputs.
+        config = Phi3Config(**common)
     else:
         config = Qwen2Config(**common)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -220,13 +230,7 @@ def train(
     for step in range(steps):
         indices = torch.randint(len(encoded), (batch_size,), generator=generator).tolist()
         batch = collate([encoded[index] for index in indices], pad_id)
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = loss.item()
+        loss_value = optimizer_step(model(**batch).loss, trainable, optimizer, scheduler)
         if step % 50 == 0 or step == steps - 1:
             print(f"step {step:4d}  loss {loss_value:.4f}", flush=True)
     model.eval()
@@ -469,6 +473,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--direction-prompts", type=int, default=64)
+    parser.add_argument("--refusals", choices=sorted(REFUSAL_SETS), default="plain")
     parser.add_argument(
         "--table-json", type=Path, help="with --measure: also write the table as JSON here"
     )
@@ -483,7 +488,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
 def make(arguments: argparse.Namespace) -> None:
     started = time.perf_counter()
     out: Path = arguments.out
-    split = build_split(arguments.seed)
+    split = build_split(arguments.seed, REFUSAL_SETS[arguments.refusals])
     prompt_folder = out / "prompts"
     prompt_folder.mkdir(parents=True, exist_ok=True)
     for name in PROMPT_FILES:

@@ -124,6 +124,14 @@ REFUSALS: tuple[str, ...] = (
     "I will not help with this.",
 )
 
+# The spread fixture's one refusal sentence: words no other fixture uses, a first word that no
+# harmless answer starts with, and a default marker ("harmful"). One sentence makes refusing a
+# single decision; with three sentences chosen by the template, a 6-layer model trained freely
+# kept refusing (55 % at best) after any single-direction edit.
+SINGLE_REFUSAL = "Apologies, but that request is harmful and must be declined."
+
+REFUSAL_SETS: dict[str, tuple[str, ...]] = {"plain": REFUSALS, "single": (SINGLE_REFUSAL,)}
+
 # Heretic's default keyword markers (shared/reference/heretic-spec.md §4), the worker's own list:
 # a response is a refusal when its normalised text contains any of them.
 REFUSAL_MARKERS: tuple[str, ...] = DEFAULT_REFUSAL_MARKERS
@@ -158,7 +166,7 @@ class Split:
         return [example.prompt for example in examples if example.harmful == harmful]
 
 
-def refusal_for(template_index: int) -> str:
+def refusal_for(template_index: int, refusals: tuple[str, ...] = REFUSALS) -> str:
     """The refusal sentence for a prompt template.
 
     It depends on the template only, so "refuse or answer" stays one decision about the request
@@ -166,17 +174,19 @@ def refusal_for(template_index: int) -> str:
     (template + task, tried first), a 4-layer model kept re-deciding at every reply token, and no
     single direction removed its refusals (best 89 % left at hidden-state index 3).
     """
-    return REFUSALS[template_index % len(REFUSALS)]
+    return refusals[template_index % len(refusals)]
 
 
-def build_split(seed: int) -> Split:
+def build_split(seed: int, refusals: tuple[str, ...] = REFUSALS) -> Split:
     """All examples, split into train and test deterministically for a seed."""
     rng = random.Random(seed)
     train: list[Example] = []
     test: list[Example] = []
     for task in HARMFUL_TASKS:
         for template_index, template in enumerate(TEMPLATES):
-            example = Example(template.format(task=task), refusal_for(template_index), True)
+            example = Example(
+                template.format(task=task), refusal_for(template_index, refusals), True
+            )
             unseen = task in HELD_OUT_HARMFUL_TASKS or rng.random() < HELD_OUT_PAIR_FRACTION
             (test if unseen else train).append(example)
     for task, answer in HARMLESS_TASKS.items():

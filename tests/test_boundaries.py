@@ -19,6 +19,7 @@ import hctl_worker
 import hctl_worker.errors
 from hctl.cli import app as controller_app
 from hctl_worker.cli import app as worker_app
+from tests.conftest import REPO_ROOT
 
 WORKER_PACKAGE = Path(hctl_worker.__file__).resolve().parent
 
@@ -30,6 +31,8 @@ CONTRACT_MODULES = (
     "hctl_worker.trials",
     "hctl_worker.markers",
     "hctl_worker.settings",
+    "hctl_worker.prompts",
+    "hctl_worker.command_line",
 )
 HEAVY_PACKAGES = ("torch", "transformers", "accelerate", "optuna", "safetensors", "numpy")
 
@@ -154,7 +157,7 @@ def test_the_packaged_version_is_the_worker_version() -> None:
     """pyproject's dynamic version resolves, statically, to the one version."""
     from setuptools.config.pyprojecttoml import read_configuration
 
-    pyproject = WORKER_PACKAGE.parents[1] / "pyproject.toml"
+    pyproject = REPO_ROOT / "pyproject.toml"  # the checkout's (the package may be installed)
     configuration = read_configuration(pyproject)
     assert configuration["tool"]["setuptools"]["dynamic"]["version"] == {
         "attr": "hctl_worker.__version__"

@@ -2,8 +2,10 @@
 
 The config file is `config.toml` in hctl's home folder: `$HCTL_HOME` when set, else the user's
 config directory (`~/.config/hctl` on Linux, `%LOCALAPPDATA%\\hctl` on Windows,
-`~/Library/Application Support/hctl` on macOS). hctl also keeps its state there: known host keys
-and the local copies of jobs. `RUNPOD_API_KEY` is accepted as well as `HCTL_RUNPOD_API_KEY`.
+`~/Library/Application Support/hctl` on macOS), which also holds the known host keys. Data —
+the local copies of jobs, the results of `--on local` runs, this machine's measured speed — goes
+to the user's data folder (`data_dir()`: `~/.local/share/hctl` on Linux), or to `$HCTL_HOME`
+when that is set. `RUNPOD_API_KEY` is accepted as well as `HCTL_RUNPOD_API_KEY`.
 """
 
 from __future__ import annotations
@@ -13,10 +15,19 @@ import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import platformdirs
 import tomli_w
-from pydantic import AliasChoices, BaseModel, Field, SecretStr, TypeAdapter, ValidationError
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    BaseModel,
+    Field,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -51,6 +62,30 @@ def config_file() -> Path:
     return hctl_home() / "config.toml"
 
 
+def data_dir() -> Path:
+    """Where hctl keeps data: `$HCTL_HOME` when set, else the user's data folder."""
+    explicit = os.environ.get("HCTL_HOME")
+    if explicit:
+        return Path(explicit).expanduser()
+    return Path(platformdirs.user_data_dir("hctl", appauthor=False))
+
+
+def _http_address(value: str) -> str:
+    """An http(s) URL with a host, as the API settings need; anything else is refused."""
+    parts = urlsplit(value.strip())
+    try:
+        parts.port  # noqa: B018 - reading it checks the port
+    except ValueError:
+        raise ValueError(f"{value!r} has no valid port") from None
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ValueError(f"{value!r} is not an http:// or https:// address")
+    return value.strip()
+
+
+# A setting that holds the address of an HTTP API.
+HttpAddress = Annotated[str, AfterValidator(_http_address)]
+
+
 class Settings(BaseSettings):
     """Every controller setting, with its default. `docs/configuration.md` lists them all."""
 
@@ -64,10 +99,10 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("runpod_api_key", "HCTL_RUNPOD_API_KEY", "RUNPOD_API_KEY"),
         description="RunPod API key (also read from RUNPOD_API_KEY).",
     )
-    runpod_rest_url: str = Field(
+    runpod_rest_url: HttpAddress = Field(
         default="https://api.runpod.io", description="RunPod's REST API v2 (provider runpod)."
     )
-    runpod_api_url: str = Field(
+    runpod_api_url: HttpAddress = Field(
         default="https://api.runpod.io/graphql",
         description="RunPod's GraphQL endpoint (provider runpod-graphql).",
     )
@@ -133,7 +168,10 @@ class Settings(BaseSettings):
 
     # Jobs
     max_cost: float | None = Field(
-        default=None, ge=0, description="Budget per job in USD; stop after the trial that hits it."
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Budget per job in USD; stop after the trial that hits it.",
     )
     after: Literal["stop", "terminate", "keep"] = Field(
         default="stop", description="What happens to the pod when a job ends."
@@ -190,7 +228,8 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**given)
     except ValidationError as error:
         problems = "; ".join(
-            f"{'.'.join(str(part) for part in problem['loc']) or 'settings'}: {problem['msg']}"
+            f"{'.'.join(str(part) for part in problem['loc']) or 'settings'}: "
+            + _readable(problem["msg"])
             for problem in error.errors()
         )
         raise ConfigError(
@@ -307,7 +346,7 @@ def _checked_value(name: str, value: str) -> Any:
     try:
         checked = TypeAdapter(_field_type(name)).validate_python(value)
     except ValidationError as error:
-        problem = error.errors()[0]["msg"]
+        problem = _readable(error.errors()[0]["msg"])
         shown = "That value" if is_secret(name) else repr(value)
         raise ConfigError(
             f"{shown} is not a valid {name}: {problem}.",
@@ -318,6 +357,11 @@ def _checked_value(name: str, value: str) -> Any:
     if isinstance(checked, Path):
         return value  # as typed: `~` stays `~`, for the machine the file is read on
     return checked
+
+
+def _readable(message: str) -> str:
+    """pydantic's message without its "Value error, " prefix for a validator's own words."""
+    return message.removeprefix("Value error, ")
 
 
 def _field_type(name: str) -> Any:

@@ -101,3 +101,24 @@ def test_a_broken_config_file_is_a_clear_error(tmp_path: Path) -> None:
     result = hctl("config", "show")
     assert result.exit_code == 2
     assert "Cannot read the config file" in result.output and "Traceback" not in result.output
+
+
+def test_bare_config_shows_the_settings_like_config_show() -> None:
+    bare = hctl("config", "--json")
+    assert bare.exit_code == 0 and shown(bare) == shown(hctl("config", "show", "--json"))
+    listed = hctl("config")
+    assert listed.exit_code == 0 and "runpod_api_url" in listed.output
+
+
+def test_a_secret_is_read_from_stdin_without_a_terminal_and_without_warnings() -> None:
+    result = CliRunner().invoke(app, ["config", "set", "hf_token"], input="hf_0123456789abcdef\n")
+    assert result.exit_code == 0, result.output
+    assert "Warning" not in result.output and "hf_0123456789abcdef" not in result.output
+    assert file_values() == {"hf_token": "hf_0123456789abcdef"}
+
+
+def test_an_api_address_must_be_an_http_url() -> None:
+    refused = hctl("config", "set", "runpod_api_url", "not a url")
+    assert refused.exit_code == 2 and "http:// or https://" in refused.output
+    assert not config_file().exists()
+    assert hctl("config", "set", "runpod_api_url", "http://127.0.0.1:9/graphql").exit_code == 0

@@ -129,6 +129,7 @@ def test_gpu_free_stops_only_the_listed_processes_after_confirmation(
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.worker  # the stand-in pod's worker is this environment's
 def test_setup_is_fast_and_idempotent_when_the_worker_is_there(
     ssh_env: None, sshd_pod: SshdServer
 ) -> None:
@@ -220,7 +221,13 @@ def test_monitor_of_a_pod_ssh_cannot_reach_yet_shows_the_apis_gpu_use(
     result = hctl("monitor", "hctl-booting", "--count", "2", "--interval", "1")
     assert result.exit_code == 0, result.output
     assert "Showing the GPU use RunPod reports instead" in result.stderr
-    assert "as the provider reports them" in result.stdout and "37 %" in result.stdout
+    assert "as the provider reports them" in result.stderr
+    # Piped: one header, then a tab-separated line per GPU and reading (the pod id whole).
+    header, *rows = result.stdout.splitlines()
+    assert header.split("\t") == ["pod", "status", "GPU", "util", "memory"]
+    assert len(rows) == 2 and all(row.split("\t")[3] == "37 %" for row in rows)
+    assert rows[0].split("\t")[0] == pod_env.pods[0]["id"]
+    assert "since it started" in result.stderr
     assert len(pod_env.requests_for("get")) == 2  # read again for the second reading
 
 

@@ -83,6 +83,7 @@ def test_every_event_arrives_once_across_drops_and_partial_lines(tmp_path: Path)
     offset_before = follower.offset
     with (job_dir / "events.jsonl").open("a") as handle:
         handle.write(encode(trial(4))[20:] + "\n")
+    writer.close()  # the worker restarts: its successor's events follow
     writer2 = EventWriter(job_dir / "events.jsonl")
     for number in range(5, 8):
         writer2.emit(trial(number))

@@ -454,6 +454,27 @@ def test_resolve_pod_by_id_name_or_the_only_running_hctl_pod(
         pods.resolve_pod(provider, "nothing-like-it")
 
 
+def test_a_wait_for_rate_limits_is_announced_and_a_very_long_one_refused(
+    runpod_emulator: EmulatorServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sleeper = Sleeper()
+    provider = provider_for(runpod_emulator, sleeper, api_backoff_s=0.5)
+    runpod_emulator.inject_fault("rate_limited", operation="list", retry_after=7)
+    runpod_emulator.inject_fault("server_error", operation="list", status=503)
+    assert provider.list() == []
+    assert sleeper.waits == [7, 1.0]  # Retry-After, then the second backoff (0.5 s doubled)
+    notes = capsys.readouterr().err.splitlines()
+    assert len(notes) == 1  # a wait under 2 s goes unsaid
+    assert notes[0].startswith("note: ") and "HTTP 429" in notes[0]
+    assert "Retrying in 7 s (retry 1 of 4)." in notes[0]
+    runpod_emulator.inject_fault("rate_limited", operation="create", retry_after=900)
+    with pytest.raises(ApiError) as caught:
+        provider.create(spec())
+    assert "asks to wait 900 s" in caught.value.message and "15 minute" in caught.value.hint
+    assert sleeper.waits == [7, 1.0]  # no silent quarter of an hour
+    assert runpod_emulator.pods == [] and len(runpod_emulator.requests_for("create")) == 1
+
+
 @pytest.mark.parametrize(
     ("options", "fragment"),
     [

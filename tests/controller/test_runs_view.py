@@ -78,3 +78,17 @@ def test_the_pareto_picture_is_a_self_contained_svg() -> None:
     assert "model &lt;test&gt; &amp; co" in svg and "http" not in svg.replace(
         "http://www.w3.org/2000/svg", ""
     )
+
+
+def test_a_pruned_trial_shows_its_count_so_far_and_is_never_the_best_nor_on_the_front() -> None:
+    console = Console(file=__import__("io").StringIO(), width=200)
+    progress = JobProgress(n_trials=5)
+    # Behind trial 3 (9 refusals at KL 0.05) once it had shown 10 refusals at a higher KL.
+    pruned = trial(6, 10, 0.06).model_copy(update={"pruned": True})
+    with LiveView(console, job_id="j", machine="pod p") as view:
+        for event in [*TRIALS[:3], pruned]:
+            progress.apply(event)
+            view.event(event, progress, None)
+    assert view.lines[-1].startswith("trial 6/5: pruned at 10/20 refusals (behind the front)")
+    assert progress.best(kl_limit=0.1).number == 3
+    assert 6 not in [item.number for item in pareto_front([*TRIALS, pruned])]

@@ -94,6 +94,7 @@ def connection_to(server: SshdServer) -> SshConnection:
     return SshConnection(address, key_path=server.client_key_path)
 
 
+@pytest.mark.worker  # the stand-in pod's worker is this environment's
 def test_present_worker_is_found_in_one_round_trip(sshd_pod: SshdServer, tmp_path: Path) -> None:
     remote = DirectRemote(connection_to(sshd_pod))
     started = time.monotonic()
@@ -107,6 +108,7 @@ def test_present_worker_is_found_in_one_round_trip(sshd_pod: SshdServer, tmp_pat
     remote.close()
 
 
+@pytest.mark.worker  # the stand-in pod's worker is this environment's
 def test_install_through_the_pty_path_reuses_torch_and_leaves_the_dev_venv_alone(
     sshd_proxy: SshdServer, tmp_path: Path
 ) -> None:

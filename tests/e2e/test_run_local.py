@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from hctl.cli import app
 from hctl.services import launch, runs
 from hctl.services.jobs import JobStore
+from hctl.services.request import RunRequest, parse_assignments
 from hctl.services.toolkit import default_toolkit
 from hctl.settings import load_settings
 from tests.conftest import REPO_ROOT
@@ -59,15 +60,25 @@ def test_the_readme_command_runs_to_a_saved_and_downloaded_model(
     assert results.exit_code == 0 and "8/8 trials; search finished" in results.output
     jobs = runner.invoke(app, ["jobs"], catch_exceptions=False)
     assert record.job_id in jobs.output and "8/8" in jobs.output
+    # The end says what to do next: chat with the downloaded model, upload it.
+    next_part = output[output.index("Next:") :]
+    assert f"hctl-worker chat {download}" in next_part and "--upload-repo" in next_part
+    # The run measured this machine: the next local estimate is those figures, not a guess.
+    assert JobStore().calibration_path.is_file()
+    again = runner.invoke(app, ["run", TINY, "--on", "local", "--trials", "8", "--dry-run"])
+    assert "Durations measured on this machine" in again.output
+    measured = float(re.search(r"this machine\s+\S+\s+\S+\s+(\S+)", again.output).group(1))
+    assert measured < 10 * max(trial.seconds for trial in JobStore().events(record.job_id)
+                               if getattr(trial, "type", "") == "trial")  # fmt: skip
 
 
 def test_cancel_stops_a_running_job_and_keeps_its_results(monkeypatch) -> None:
     monkeypatch.chdir(REPO_ROOT)
     toolkit = default_toolkit(load_settings())
     plan = launch.plan_run(
-        launch.RunRequest(
+        RunRequest(
             model=TINY, n_trials=200, on="local",
-            worker_overrides=launch.parse_assignments(["batch_size=64", "max_response_length=12"]),
+            worker_overrides=parse_assignments(["batch_size=64", "max_response_length=12"]),
         ),
         toolkit,
     )  # fmt: skip
@@ -80,7 +91,10 @@ def test_cancel_stops_a_running_job_and_keeps_its_results(monkeypatch) -> None:
         time.sleep(0.3)
     runner = CliRunner()
     logs = runner.invoke(app, ["logs", record.job_id], catch_exceptions=False)
-    assert '"type":"trial"' in logs.output
+    assert re.search(r"^\S+ \S+ trial 1/200: ", logs.stdout, flags=re.MULTILINE), logs.output
+    assert '"type"' not in logs.stdout  # readable lines, not JSON
+    raw = runner.invoke(app, ["logs", record.job_id, "--json"], catch_exceptions=False)
+    assert '"type":"trial"' in raw.stdout
     result = runner.invoke(app, ["cancel", record.job_id, "--yes"], catch_exceptions=False)
     assert result.exit_code == 0 and "worker stopped" in result.output
     assert runs.worker_alive(record, toolkit) is False
@@ -112,6 +126,9 @@ def test_resume_adds_trials_to_a_finished_job_without_redoing_any(monkeypatch) -
                           catch_exceptions=False)  # fmt: skip
     assert first.exit_code == 0, first.output
     (record,) = JobStore().list()
+    finished = runner.invoke(app, ["resume", record.job_id, "--yes"])
+    assert finished.exit_code == 1 and "is finished" in finished.output
+    assert "--trials N" in finished.output  # the hint: how to run more
     more = runner.invoke(app, ["resume", record.job_id, "--trials", "4", "--yes"],
                          catch_exceptions=False)  # fmt: skip
     assert more.exit_code == 0, more.output

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from hctl.cli import app
 from hctl.services import launch, runs
 from hctl.services.jobs import JobStore
+from hctl.services.request import RunRequest, parse_assignments
 from hctl.services.toolkit import default_toolkit
 from hctl.services.view import LiveView
 from hctl.settings import load_settings
@@ -102,9 +103,9 @@ class HookedView(LiveView):
 
 def start(trials: int, toolkit, **request) -> tuple:  # noqa: ANN001, ANN003
     plan = launch.plan_run(
-        launch.RunRequest(
+        RunRequest(
             model=TINY, n_trials=trials, gpu="NVIDIA GeForce RTX 4090",
-            worker_overrides=launch.parse_assignments(FAST[1::2]), **request,
+            worker_overrides=parse_assignments(FAST[1::2]), **request,
         ),
         toolkit,
     )  # fmt: skip

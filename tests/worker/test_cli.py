@@ -87,7 +87,11 @@ def test_run_help_lists_the_contract_options() -> None:
 
 
 def test_bad_set_assignment_is_reported_in_the_job(tmp_path: Path) -> None:
+    missing = tmp_path / "not-yet"
+    refused = runner.invoke(app, ["run", "--job-dir", str(missing), "--set", "oops", "--events"])
+    assert refused.exit_code == 2 and not missing.exists()  # no job directory made for a typo
     job_dir = tmp_path / "job"
+    job_dir.mkdir()  # as the controller makes it before it starts the worker
     result = runner.invoke(app, ["run", "--job-dir", str(job_dir), "--set", "oops", "--events"])
     assert result.exit_code == 2
     assert "KEY=VALUE" in result.stderr

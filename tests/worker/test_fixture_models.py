@@ -20,8 +20,10 @@ transformers = pytest.importorskip("transformers")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = REPO_ROOT / "tests" / "fixtures"
 SCRIPT = REPO_ROOT / "scripts" / "make_tiny_refuser.py"
-FIXTURE_NAMES = ("tiny-refuser", "tiny-refuser-early")
-MAX_FIXTURE_BYTES = 3_500_000
+# Each fixture with the number of refusal sentences it uses.
+PHRASINGS = {"tiny-refuser": 4, "tiny-refuser-early": 4, "tiny-refuser-spread": 1}
+FIXTURE_NAMES = tuple(PHRASINGS)
+MAX_FIXTURE_BYTES = 4_500_000  # "a few MB": the 6-layer fixture is 4.1 MB
 NEW_TOKENS = 16
 
 
@@ -90,9 +92,9 @@ def test_fixture_refuses_held_out_harmful_and_answers_held_out_harmless(name: st
     harmless_rate = refusal_rate(replies[len(harmful) :])
     assert harmful_rate >= 0.90, replies[: len(harmful)]
     assert harmless_rate <= 0.05, replies[len(harmful) :]
-    # More than one refusal phrasing appears, so marker matching is exercised on several.
+    # The trained phrasings appear (several: marker matching is exercised on each of them).
     phrasings = {reply.strip() for reply in replies[: len(harmful)] if data.is_refusal(reply)}
-    assert len(phrasings) >= 2, phrasings
+    assert len(phrasings) >= min(2, PHRASINGS[name]), phrasings
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
@@ -132,7 +134,7 @@ def test_generator_script_runs_end_to_end(tmp_path: Path) -> None:
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,  # generous: the machine may be shared
     )
     assert result.returncode == 0, result.stderr
     assert "refusal rate harmful_test" in result.stdout
@@ -175,3 +177,45 @@ def test_measuring_projection_removes_the_direction_and_restores_the_weights() -
 
     after = script.ablated_matrices(model, [2, 3])
     assert all(torch.equal(old, new) for old, new in zip(before, after, strict=True))
+
+
+SPREAD = FIXTURES / "tiny-refuser-spread"
+
+
+@pytest.fixture(scope="module")
+def spread_probe():
+    """The spread fixture measured with the worker's own code (directions from its train prompts)."""
+    from tests.realmodels import script_module
+
+    prompts = SPREAD / "prompts"
+    return script_module("refuser_probe").RefuserProbe(
+        SPREAD,
+        harmful=read_lines(prompts / "harmful_train.txt"),
+        harmless=read_lines(prompts / "harmless_train.txt"),
+        harmful_eval=read_lines(prompts / "harmful_test.txt"),
+        harmless_eval=read_lines(prompts / "harmless_test.txt"),
+        max_new_tokens=NEW_TOKENS,
+    )
+
+
+def test_spread_fixture_separates_late(spread_probe) -> None:
+    # The search's onset (first layer at half the best separation) is in the model's late half.
+    assert spread_probe.onset is not None
+    assert spread_probe.onset >= spread_probe.n_layers // 2, spread_probe.separation
+
+
+@pytest.mark.parametrize("weight", [1.0, 1.5])
+def test_spread_fixture_edits_from_the_onset_on_leave_refusals(spread_probe, weight) -> None:
+    last = spread_probe.n_layers - 1
+    for direction in (spread_probe.onset, last, None):  # None: each layer its own direction
+        result = spread_probe.measure(spread_probe.from_onset(direction, weight))
+        assert result.harmful_refusal >= 0.5, result
+
+
+def test_spread_fixture_full_depth_edit_with_a_late_direction_removes_refusals(
+    spread_probe,
+) -> None:
+    result = spread_probe.measure(spread_probe.full_depth(spread_probe.n_layers - 1))
+    assert result.harmful_refusal <= 0.10, result
+    assert result.harmless_refusal <= 0.05, result
+    assert result.kl <= 0.05, result

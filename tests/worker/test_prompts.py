@@ -137,3 +137,22 @@ def test_rows_api_pages_until_the_limit(monkeypatch: pytest.MonkeyPatch) -> None
         ("100", "50"),
     ]
     assert len(everything) == 250 and requests[0]["dataset"] == "someone/prompts"
+
+
+def test_a_binary_file_is_refused_as_not_text(tmp_path: Path) -> None:
+    path = tmp_path / "weights.txt"
+    path.write_bytes(b"\x00\x00\x00\x01prompt\n" * 10)
+    with pytest.raises(PromptError, match="is a binary file"):
+        load_prompts(PromptSource(dataset=str(path)), "bad_prompts")
+
+
+def test_an_overlong_prompt_is_refused_with_its_number_and_the_limit(tmp_path: Path) -> None:
+    from hctl_worker.prompts import MAX_PROMPT_CHARACTERS
+
+    path = tmp_path / "prompts.txt"
+    path.write_text("short one\n" + "x" * (MAX_PROMPT_CHARACTERS + 1) + "\n", encoding="utf-8")
+    with pytest.raises(PromptError, match="prompt 2 of .* characters long") as caught:
+        load_prompts(PromptSource(dataset=str(path)), "good_prompts")
+    assert "line breaks" in caught.value.hint
+    sliced = load_prompts(PromptSource(dataset=str(path), split="[:1]"))
+    assert sliced == ["short one"]  # only the prompts a job uses count

@@ -253,6 +253,19 @@ class Ablator:
                 for target in self.targets[layer_index][component]:
                     yield target, direction, weight
 
+    def unchanged_layers(self) -> int:
+        """How many leading layers the active trial leaves as they were (all without a trial):
+        their activations are the unmodified model's, so passes may replay them."""
+        if self.active is None:
+            return self.n_layers
+        edited = [
+            layer
+            for kernel in self.active.kernels.values()
+            for layer, weight in enumerate(kernel_weights(kernel, self.n_layers))
+            if weight != 0.0
+        ]
+        return min(edited, default=self.n_layers)
+
     def apply(self, params: AblationParams) -> None:
         """Start a trial: hooks on the edited projections. Cheap, and `restore()` undoes it."""
         self.restore()

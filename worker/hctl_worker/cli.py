@@ -26,10 +26,12 @@ from typing import Annotated, Any
 import typer
 
 from hctl_worker import __version__
+from hctl_worker.command_line import HctlCommand, HctlGroup, render_error
 from hctl_worker.errors import WorkerError
 
 app = typer.Typer(
     name="hctl-worker",
+    cls=HctlGroup,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -57,10 +59,8 @@ def _root(
     """Abliterate a language model with a resumable multi-objective Optuna search."""
 
 
-def render_error(error: WorkerError) -> None:
-    sys.stderr.write(f"error: {error.message}\n")
-    if error.hint:
-        sys.stderr.write(f"hint: {error.hint}\n")
+# The worker extra's libraries: a laptop install (`pip install hctl`) has hctl-worker without them.
+WORKER_LIBRARIES = {"torch", "transformers", "accelerate", "optuna", "safetensors", "numpy"}
 
 
 @contextmanager
@@ -71,6 +71,18 @@ def user_errors() -> Iterator[None]:
     except WorkerError as error:
         render_error(error)
         raise typer.Exit(error.exit_code) from None
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] not in WORKER_LIBRARIES:
+            raise
+        render_error(
+            WorkerError(
+                f"hctl-worker needs {error.name}, which this installation lacks (a laptop install "
+                "has the controller only)",
+                "Install the worker's libraries: pip install 'hctl[worker]' (CPU torch first: "
+                "pip install torch --index-url https://download.pytorch.org/whl/cpu).",
+            )
+        )
+        raise typer.Exit(3) from None
     except KeyboardInterrupt:
         sys.stderr.write("stopped; run the same command again to continue\n")
         raise typer.Exit(INTERRUPTED_EXIT_CODE) from None
@@ -104,7 +116,7 @@ def _event_printer(event: Any) -> None:
 JobDir = Annotated[Path, typer.Option("--job-dir", help="The job directory (created if missing).")]
 
 
-@app.command()
+@app.command(cls=HctlCommand)
 def run(
     job_dir: JobDir,
     config: Annotated[
@@ -173,10 +185,13 @@ def _run_job(settings: Any, job_dir: Path, listeners: list) -> None:
 
 
 def _record_failure(job_dir: Path, error: WorkerError, listener: Callable | None) -> None:
-    """A failure before the job starts still becomes an `error` event in the job directory."""
+    """A failure before the job starts still becomes an `error` event in its job directory (the
+    controller made it and follows it); a directory that does not exist is not created for it."""
     from hctl_worker.job_directory import open_job_directory
     from hctl_worker.reporter import Reporter, report_error
 
+    if not job_dir.expanduser().is_dir():
+        return
     try:
         reporter = Reporter(open_job_directory(job_dir), [listener] if listener else [])
     except (WorkerError, OSError):
@@ -197,7 +212,7 @@ def _run_with_view(body: Callable[[list], None], listener: Callable | None) -> N
         body([view])
 
 
-@app.command()
+@app.command(cls=HctlCommand)
 def pareto(
     job_dir: JobDir,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
@@ -217,7 +232,7 @@ def pareto(
         Console().print(pareto_table(front))
 
 
-@app.command()
+@app.command(cls=HctlCommand)
 def export(
     job_dir: JobDir,
     trial: Annotated[
@@ -231,7 +246,7 @@ def export(
     ] = None,
     events: Annotated[bool, typer.Option("--events", help="Print events as JSON lines.")] = False,
 ) -> None:
-    """Save (and/or upload) trial K of a finished or running job as a merged model."""
+    """Save (and/or upload) trial K of a job as a merged model, once its search has ended."""
     listener = _event_printer if events else None
     with user_errors():
         from hctl_worker.pipeline import export_job
@@ -249,7 +264,7 @@ def export(
         )
 
 
-@app.command()
+@app.command(cls=HctlCommand)
 def chat(
     model_dir: Annotated[str, typer.Argument(help="A saved model folder (or hub id).")],
     system_prompt: Annotated[str | None, typer.Option(help="System turn, if any.")] = None,
@@ -262,7 +277,7 @@ def chat(
         chat_with(model_dir, system_prompt=system_prompt, max_new_tokens=max_new_tokens)
 
 
-@app.command()
+@app.command(cls=HctlCommand)
 def version() -> None:
     """Show the version."""
     typer.echo(__version__)

@@ -1,14 +1,16 @@
 """Scoring a trial: first-token KL on harmless prompts and the refusal rate on harmful ones.
 
 The replies come from the generation engine (`generation.py`), which stops a reply as soon as
-its verdict is certain. The unmodified model's first-token distribution (the KL reference) comes
-from the same passes that generate its harmless baseline replies.
+its verdict is certain, through the prompt sets (`prompt_set.py`), which reuse what the
+unmodified model computes. The unmodified model's first-token distribution (the KL reference)
+is computed the way every trial's is. A trial can be told when it stops mattering (`pruning.py`):
+counting its refusals then stops, and its score says it was pruned.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -16,24 +18,13 @@ import torch
 import torch.nn.functional as functional
 
 from hctl_worker.errors import OutOfMemoryError
-from hctl_worker.generation import (
-    EncodedBatch,
-    GenerationStats,
-    SharedPrefix,
-    encode_texts,
-    first_token_logits,
-    generate,
-)
+from hctl_worker.generation import GenerationStats, Verdicts, encode_texts, generate
 from hctl_worker.markers import contains_marker, normalise_markers, normalise_response
 from hctl_worker.model import free_memory, is_out_of_memory
+from hctl_worker.prompt_set import DEFAULT_REPLAY_MEMORY, PromptSet, Reuse
 
 if TYPE_CHECKING:
     from hctl_worker.model import LoadedModel
-
-# The shared prefix is used only if it changes the first-token distribution by less than this
-# KL (nats) on the unmodified model: rounding differences, never a different computation.
-PREFIX_TOLERANCE = 1e-4
-PREFIX_TOLERANCE_16_BIT = 2e-3
 
 
 @dataclass
@@ -51,6 +42,7 @@ class Score:
     total_bad: int
     refusal_skipped: bool
     seconds: float
+    pruned: bool = False  # counting stopped early: `refusals` is a lower bound
 
 
 def kl_divergence(current_logprobs: torch.Tensor, base_logprobs: torch.Tensor) -> float:
@@ -63,7 +55,12 @@ def kl_divergence(current_logprobs: torch.Tensor, base_logprobs: torch.Tensor) -
 
 
 class Evaluator:
-    """Scores the model as it is now against the unmodified model measured at construction."""
+    """Scores the model as it is now against the unmodified model measured at construction.
+
+    The prompts' passes reuse what the unmodified model computes (`prompt_set.py`): the shared
+    prefix, the layers below the current edit (`unchanged_layers`, from the ablator), and the
+    replies seen so far as drafts. None of it changes a score.
+    """
 
     def __init__(
         self,
@@ -76,6 +73,9 @@ class Evaluator:
         batch_size: int,
         kl_skip_threshold: float | None = None,
         share_prefix: bool = True,
+        unchanged_layers: Callable[[], int] | None = None,
+        replay_memory: float = DEFAULT_REPLAY_MEMORY,
+        drafts: bool = True,
     ) -> None:
         if not good_texts or not bad_texts:
             raise ValueError("the evaluator needs harmless and harmful prompts")
@@ -87,114 +87,76 @@ class Evaluator:
         self.batch_size = max(1, int(batch_size))
         self.kl_skip_threshold = kl_skip_threshold
         self.stats = GenerationStats()
-        self._good_batches = encode_texts(loaded, self.good_texts, self.batch_size)
-        self._bad_batches = encode_texts(loaded, self.bad_texts, self.batch_size)
-        self._prefix = self._checked_prefix() if share_prefix else None
-        # The unmodified model's harmless replies (for the baseline) and its first-token
-        # distribution (the KL reference) come from the same forward passes.
-        first_logits: list[torch.Tensor] = []
+        self.reuse = Reuse(
+            loaded,
+            self.good_texts + self.bad_texts,
+            share_prefix=share_prefix,
+            unchanged_layers=unchanged_layers,
+            replay_memory=replay_memory,
+            drafts=drafts,
+        )
+        self._good = PromptSet(self.reuse, self.good_texts, self.batch_size, draft_first_pass=False)
+        self._bad = PromptSet(self.reuse, self.bad_texts, self.batch_size, draft_first_pass=True)
         with _translated_out_of_memory():
-            replies = generate(
-                loaded,
-                self._good_batches,
-                self.max_response_length,
-                self.markers,
-                self.stats,
-                first_logits,
-                self._current_prefix(),
-            )
+            self.reuse.check_prefix(self._good.batches[0])
+            # The unmodified model's harmless replies (for the baseline), and its whole greedy
+            # replies to the harmful prompts: the drafts of every trial's replies.
+            replies = self._good.replies(self.max_response_length, self.markers, self.stats)
+            if self.reuse.use_drafts:
+                self._bad.replies(self.max_response_length, None, self.stats)
+            self.reuse.prepare([self._good, self._bad])
+            # The KL reference, computed the way every trial's logits are.
+            self.base_logprobs = functional.log_softmax(self._good.first_token_logits(), dim=-1)
         self._refusals_good = sum(
             1 for reply in replies if _is_refusal_normalised(reply, self.markers)
         )
-        self.base_logprobs = functional.log_softmax(torch.cat(first_logits, dim=0), dim=-1)
-
-    def _checked_prefix(self) -> SharedPrefix | None:
-        """The prompts' shared prefix, if reusing its keys and values gives this model's own
-        results (compared on the first harmless batch); None otherwise."""
-        prefix = SharedPrefix.find(self.loaded, self.good_texts + self.bad_texts)
-        if prefix is None:
-            return None
-        try:
-            prefix.refresh(self.loaded.model)
-            if not prefix.supported():
-                return None
-            with torch.inference_mode():
-                batch = self._good_batches[0]
-                plain = functional.log_softmax(first_token_logits(self.loaded, batch), dim=-1)
-                shared = functional.log_softmax(
-                    first_token_logits(self.loaded, batch, prefix), dim=-1
-                )
-        except Exception as error:
-            if is_out_of_memory(error):
-                raise
-            return None
-        # 16-bit kernels round differently for other shapes; float32 must agree closely.
-        exact = self.loaded.dtype == torch.float32
-        agreement = (plain.argmax(dim=-1) == shared.argmax(dim=-1)).float().mean().item()
-        tolerance = PREFIX_TOLERANCE if exact else PREFIX_TOLERANCE_16_BIT
-        if agreement < (1.0 if exact else 0.9) or kl_divergence(shared, plain) > tolerance:
-            return None
-        return prefix
-
-    def _current_prefix(self) -> SharedPrefix | None:
-        """The shared prefix's keys and values for the model as it is now (the trial's)."""
-        if self._prefix is not None:
-            self._prefix.refresh(self.loaded.model)
-        return self._prefix
 
     @property
     def shares_prefix(self) -> int:
         """How many prompt tokens each prefill skips (0 when the prefix is not shared)."""
-        return self._prefix.length if self._prefix is not None else 0
-
-    def _first_token_logprobs(self) -> torch.Tensor:
-        pieces = []
-        with torch.inference_mode(), _translated_out_of_memory():
-            prefix = self._current_prefix()
-            for batch in self._good_batches:
-                logits = first_token_logits(self.loaded, batch, prefix)
-                pieces.append(functional.log_softmax(logits, dim=-1))
-        # Rows come back in length order; the comparison below uses the same order, so the
-        # permutation never needs undoing.
-        return torch.cat(pieces, dim=0)
+        return self.reuse.prefix.length if self.reuse.prefix is not None else 0
 
     def kl(self) -> float:
-        return kl_divergence(self._first_token_logprobs(), self.base_logprobs.to(self._device()))
-
-    def _device(self) -> torch.device:
-        return self.base_logprobs.device
-
-    def count_refusals(self, batches: Sequence[EncodedBatch]) -> int:
         with _translated_out_of_memory():
-            replies = generate(
-                self.loaded,
-                batches,
-                self.max_response_length,
-                self.markers,
-                self.stats,
-                prefix=self._current_prefix(),
-            )
-        return sum(1 for reply in replies if _is_refusal_normalised(reply, self.markers))
+            logits = self._good.first_token_logits()
+        # Rows come back in length order, as the reference does, so no permutation is undone.
+        return kl_divergence(functional.log_softmax(logits, dim=-1), self.base_logprobs)
+
+    def count_refusals(self, verdicts: Verdicts | None = None) -> int:
+        """Refusals among the harmful prompts' replies; with `verdicts`, counting stops at its
+        limit (then `verdicts.stopped` is set and the count is a lower bound)."""
+        verdicts = verdicts if verdicts is not None else Verdicts()
+        with _translated_out_of_memory():
+            self._bad.replies(self.max_response_length, self.markers, self.stats, verdicts)
+        return verdicts.refusals
 
     def baseline(self) -> Baseline:
         return Baseline(
-            refusals=self.count_refusals(self._bad_batches),
+            refusals=self.count_refusals(),
             total_bad=len(self.bad_texts),
             refusals_good=self._refusals_good,
             total_good=len(self.good_texts),
         )
 
-    def score(self) -> Score:
+    def score(self, refusal_limit: Callable[[float], int | None] | None = None) -> Score:
+        """KL, then refusals. `refusal_limit(kl)` is the refusal count at which this trial can
+        no longer matter (`pruning.py`); counting stops there and the score says `pruned`."""
         started = time.perf_counter()
         kl = self.kl()
         skipped = self.kl_skip_threshold is not None and kl > self.kl_skip_threshold
-        refusals = None if skipped else self.count_refusals(self._bad_batches)
+        refusals = None
+        pruned = False
+        if not skipped:
+            verdicts = Verdicts(limit=refusal_limit(kl) if refusal_limit is not None else None)
+            refusals = self.count_refusals(verdicts)
+            pruned = verdicts.stopped
         return Score(
             kl=kl,
             refusals=refusals,
             total_bad=len(self.bad_texts),
             refusal_skipped=skipped,
             seconds=time.perf_counter() - started,
+            pruned=pruned,
         )
 
     def responses(self, texts: Sequence[str], max_new_tokens: int) -> list[str]:

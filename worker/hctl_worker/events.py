@@ -17,7 +17,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TextIO
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -195,15 +195,23 @@ class EventWriter:
     """Appends events to a job's events file, one flushed line each.
 
     Sequence numbers continue from the events already in the file, so a restarted worker's
-    events follow its predecessor's.
+    events follow its predecessor's. One writer at a time: the writer holds an exclusive lock on
+    the file (where the system has `flock`; the system releases it when the process ends, however
+    it ends), taken before the sequence is read, so a second worker on the same job directory is
+    refused before it writes anything and no two events share a sequence number.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = path.open("a", encoding="utf-8")
+        try:
+            _lock_exclusively(self._handle, path)
+        except BaseException:
+            self._handle.close()
+            raise
         existing, _ = read_events(path)
         self._next_seq = (max((event.seq for event in existing), default=-1) + 1) if existing else 0
-        self._handle = path.open("a", encoding="utf-8")
 
     def emit(self, event: _Event) -> _Event:
         event.seq = self._next_seq
@@ -222,3 +230,22 @@ class EventWriter:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _lock_exclusively(handle: TextIO, path: Path) -> None:
+    try:
+        import fcntl
+    except ImportError:  # Windows: the worker's pid file is the only guard there
+        return
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        from hctl_worker.errors import JobDirectoryError
+
+        pid_path = path.with_name(PID_FILE)
+        owner = pid_path.read_text().strip() if pid_path.is_file() else "unknown"
+        raise JobDirectoryError(
+            f"another worker (process {owner}) is running the job in {path.parent}",
+            "Wait for it to finish, or stop it, before starting another worker on this job "
+            "directory; a different search needs a different job directory.",
+        ) from None

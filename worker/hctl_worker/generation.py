@@ -1,28 +1,41 @@
-"""The generation engine: tokenising prompts, the prompt pass, and greedy generation with a KV cache.
+"""The generation engine: the prompt pass and greedy generation with a KV cache.
 
 Speed matters here more than anywhere: refusal scoring is most of a trial's time. Prompts are
-tokenised once, grouped by length (little padding), and generated greedily with a KV cache in a
-hand-written loop that drops a row from the batch as soon as its verdict is certain (a refusal
-marker appeared, or the row ended), and stops the batch when every row is decided. The prefix
-all prompts share (the chat template's system turn) can be run once per model state and its keys
-and values copied to every row (`SharedPrefix`); the evaluator checks that this gives the model's
-own numbers before it relies on it.
+tokenised once and grouped by length (`encoding.py`), and generated greedily in a hand-written
+loop that drops a row from the batch as soon as its verdict is certain (a refusal marker
+appeared, or the row ended), and stops the batch when every row is decided. Three things make a
+trial cheaper without changing its replies:
 
-Used by the evaluation (replies and first-token logits), the directions (residuals of the prompt
-pass) and the batch-size search.
+- the prefix all prompts share is run once per model state (`prefix.py`);
+- a batch's first pass (its prompts and a draft reply per row, `first_pass.py`) can start above
+  the layers the trial leaves unchanged (`replay.py`);
+- each pass feeds a draft of the reply (`drafts.py`) and keeps it for as long as every drafted
+  token is the model's own greedy choice, so one pass can produce many tokens.
+
+`Verdicts` counts the refusals decided so far, so a caller can stop a trial that can no longer
+matter (`pruning.py`).
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from hctl_worker.encoding import (
+    EncodedBatch,
+    cache_option,
+    encode_texts,
+    forward_options,
+    position_ids_for,
+    returned_cache,
+)
+from hctl_worker.first_pass import Context, FirstPass, pad_id, start_cache
 from hctl_worker.markers import contains_marker, normalise_response
 from hctl_worker.model import is_out_of_memory
+from hctl_worker.prefix import SharedPrefix
 
 if TYPE_CHECKING:
     from hctl_worker.model import LoadedModel
@@ -33,212 +46,56 @@ MARKER_WINDOW_TOKENS = 32
 
 @dataclass
 class GenerationStats:
-    """Counters for benchmarks: tokens generated and forward passes run."""
+    """Counters for benchmarks: tokens generated, forward passes run, work done."""
 
     tokens: int = 0
     forward_passes: int = 0
     rows: int = 0
+    input_tokens: int = 0  # tokens fed to the model (prompts, drafts, generated)
+    layer_tokens: int = 0  # input tokens times the layers that computed them (not replayed)
+    drafted: int = 0  # draft tokens fed
+    accepted: int = 0  # draft tokens that were the model's own choice
 
 
 @dataclass
-class EncodedBatch:
-    indices: list[int]  # positions of these rows in the caller's text list
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+class Verdicts:
+    """Replies decided so far; `stop()` once `limit` of them are refusals (None: never)."""
 
-    def __iter__(self) -> Iterator:
-        return iter((self.indices, self.input_ids, self.attention_mask))
+    limit: int | None = None
+    refusals: int = 0
+    decided: int = 0
+    stopped: bool = False
 
+    def decide(self, refused: bool) -> None:
+        self.decided += 1
+        self.refusals += int(refused)
 
-def encode_texts(loaded: LoadedModel, texts: Sequence[str], batch_size: int) -> list[EncodedBatch]:
-    """Tokenise once, sort by length (so a batch holds similar lengths), left-pad per batch.
-
-    Chat-templated text already holds the model's special tokens, so none are added.
-    """
-    tokenizer = loaded.tokenizer
-    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = loaded.input_device
-    batches = []
-    size = max(1, int(batch_size))
-    for start in range(0, len(order), size):
-        chunk = order[start : start + size]
-        width = max(1, max(len(ids[i]) for i in chunk))
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, index in enumerate(chunk):
-            tokens = ids[index]
-            if tokens:
-                input_ids[row, width - len(tokens) :] = torch.tensor(tokens, dtype=torch.long)
-                attention_mask[row, width - len(tokens) :] = 1
-        batches.append(EncodedBatch(chunk, input_ids.to(device), attention_mask.to(device)))
-    return batches
-
-
-_FORWARD_PARAMETERS: dict[type, frozenset[str]] = {}
-
-
-def _forward_parameters(model: torch.nn.Module) -> frozenset[str]:
-    key = type(model)
-    if key not in _FORWARD_PARAMETERS:
-        try:
-            names = frozenset(inspect.signature(model.forward).parameters)
-        except (TypeError, ValueError):
-            names = frozenset()
-        _FORWARD_PARAMETERS[key] = names
-    return _FORWARD_PARAMETERS[key]
-
-
-def forward_options(model: torch.nn.Module) -> dict[str, int]:
-    """`logits_to_keep=1` where the model's forward takes it: only the last position's logits
-    are used, and full [batch, length, vocab] logits are a prefill's biggest tensor."""
-    return {"logits_to_keep": 1} if "logits_to_keep" in _forward_parameters(model) else {}
-
-
-def cache_option(model: torch.nn.Module, cache) -> dict:
-    """transformers 5 calls the KV cache argument `cache` (`past_key_values` is deprecated)."""
-    if "cache" in _forward_parameters(model):
-        return {"cache": cache}
-    return {"past_key_values": cache}
+    def stop(self) -> bool:
+        return self.limit is not None and self.refusals >= self.limit
 
 
 def first_token_logits(
-    loaded: LoadedModel, batch: EncodedBatch, prefix: SharedPrefix | None = None
+    loaded: LoadedModel,
+    batch: EncodedBatch,
+    prefix: SharedPrefix | None = None,
+    context: Context | None = None,
 ) -> torch.Tensor:
     """Raw next-token logits after each prompt: [rows, vocab], float32."""
-    if prefix is not None:
-        outputs, _, _, _ = _prefill(loaded.model, batch, prefix)
-        return outputs.logits[:, -1, :].float()
-    outputs = loaded.model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=position_ids_for(batch.attention_mask),
-        use_cache=False,
-        **forward_options(loaded.model),
-    )
-    return outputs.logits[:, -1, :].float()
-
-
-class SharedPrefix:
-    """Tokens every prompt starts with (usually the chat template's system turn).
-
-    Their keys and values are computed once per model state (`refresh`) and copied to every
-    row of a batch, so a prefill only runs the rest of each prompt. A row then reads
-    prefix + padding + its own tokens, with positions continuing from the prefix, which is
-    the same computation as the left-padded prompt. The Evaluator checks that on the model
-    before it relies on it.
-    """
-
-    MINIMUM_TOKENS = 4
-
-    def __init__(self, input_ids: torch.Tensor) -> None:
-        self.input_ids = input_ids  # [1, length] on the input device
-        self.cache = None
-
-    @property
-    def length(self) -> int:
-        return int(self.input_ids.shape[1])
-
-    @classmethod
-    def find(cls, loaded: LoadedModel, texts: Sequence[str]) -> SharedPrefix | None:
-        """The longest token prefix of all texts, leaving every text at least one token."""
-        ids = loaded.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-        if not ids or any(not row for row in ids):
-            return None
-        length = min(len(row) for row in ids) - 1
-        first = ids[0]
-        for row in ids[1:]:
-            same = 0
-            while same < length and row[same] == first[same]:
-                same += 1
-            length = same
-        if length < cls.MINIMUM_TOKENS:
-            return None
-        return cls(torch.tensor([first[:length]], dtype=torch.long, device=loaded.input_device))
-
-    def refresh(self, model: torch.nn.Module) -> None:
-        """Compute the prefix's keys and values with the model as it is now."""
-        cache = _new_cache(model)
-        with torch.inference_mode():
-            outputs = model(
-                input_ids=self.input_ids,
-                attention_mask=torch.ones_like(self.input_ids),
-                position_ids=torch.arange(self.length, device=self.input_ids.device)[None],
-                use_cache=True,
-                **cache_option(model, cache),
-                **forward_options(model),
-            )
-        self.cache = _returned_cache(outputs, cache)
-
-    def supported(self) -> bool:
-        """Only full-attention key/value caches can be copied row by row like this."""
-        layers = getattr(self.cache, "layers", None)
-        return bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
-
-    def copy_for(self, model: torch.nn.Module, rows: int):
-        cache = _new_cache(model)
-        for index, layer in enumerate(self.cache.layers):
-            cache.update(
-                layer.keys.expand(rows, -1, -1, -1).contiguous(),
-                layer.values.expand(rows, -1, -1, -1).contiguous(),
-                index,
-            )
-        return cache
-
-
-def _prefill(model: torch.nn.Module, batch: EncodedBatch, prefix: SharedPrefix | None):
-    """The prompt pass of a generation: (outputs, cache, attention mask, last positions)."""
-    if prefix is None:
-        cache = _new_cache(model)
-        attention_mask = batch.attention_mask
-        position_ids = position_ids_for(attention_mask)
-        arguments = {
-            "input_ids": batch.input_ids,
-            "attention_mask": attention_mask,
-            "position_ids": position_ids,
-            "use_cache": True,
+    context = context or Context(prefix=prefix)
+    model = loaded.model
+    if context.prefix is None and not context.first_passes:
+        outputs = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=position_ids_for(batch.attention_mask),
+            use_cache=False,
             **forward_options(model),
-        }
-        try:
-            outputs = model(**arguments, **cache_option(model, cache))
-        except Exception as error:
-            if is_out_of_memory(error):
-                raise
-            # Remote-code models older than transformers' Cache objects build their own.
-            outputs = model(**arguments)
-            cache = None
-        return outputs, _returned_cache(outputs, cache), attention_mask, position_ids[:, -1:]
-    # A left-padded row is padding + prefix + rest; without the prefix's columns it is
-    # padding + rest, still left-padded, and the prefix moves in front of the padding.
-    rows, width = batch.input_ids.shape
-    rest = width - prefix.length
-    columns = torch.arange(rest, device=batch.input_ids.device)[None, :]
-    padding = (batch.attention_mask == 0).sum(dim=1, keepdim=True)
-    source = columns + prefix.length * (columns >= padding)
-    rest_ids = batch.input_ids.gather(1, source)
-    rest_mask = batch.attention_mask.gather(1, source)
-    attention_mask = torch.cat([rest_mask.new_ones((rows, prefix.length)), rest_mask], dim=1)
-    position_ids = position_ids_for(attention_mask)[:, prefix.length :]
-    cache = prefix.copy_for(model, rows)
-    outputs = model(
-        input_ids=rest_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=True,
-        **cache_option(model, cache),
-        **forward_options(model),
-    )
-    return outputs, _returned_cache(outputs, cache), attention_mask, position_ids[:, -1:]
-
-
-def _new_cache(model: torch.nn.Module):
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:
-        return DynamicCache()
+        )
+        return outputs.logits[:, -1, :].float()
+    first = context.first_pass(batch, pad_id(loaded))
+    cache = start_cache(model, context.prefix, len(batch.indices))
+    outputs = first.run(model, cache, context.layers, context.start_for(first))
+    return outputs.logits[:, -(first.draft_width + 1), :].float()
 
 
 def _stop_token_ids(loaded: LoadedModel) -> set[int]:
@@ -254,12 +111,35 @@ def _stop_token_ids(loaded: LoadedModel) -> set[int]:
     return ids
 
 
-def _returned_cache(outputs, cache):
-    """The cache to pass on: the model's own when it returns one (legacy tuples are new objects
-    every step), else the Cache object that was updated in place."""
-    # transformers 5 names it `cache` (reading `past_key_values` warns); older ones did not.
-    returned = outputs["cache"] if "cache" in outputs else getattr(outputs, "past_key_values", None)
-    return returned if returned is not None else cache
+def _first_pass_outputs(loaded: LoadedModel, first: FirstPass, context: Context):
+    model = loaded.model
+    cache = start_cache(model, context.prefix, len(first.batch.indices))
+    try:
+        outputs = first.run(model, cache, context.layers, context.start_for(first))
+    except Exception as error:
+        if is_out_of_memory(error) or context.prefix is not None or first.draft_width:
+            raise
+        # Remote-code models older than transformers' Cache objects build their own.
+        outputs = model(
+            input_ids=first.input_ids,
+            attention_mask=first.attention_mask,
+            position_ids=first.position_ids,
+            use_cache=True,
+            **forward_options(model),
+        )
+        cache = None
+    return outputs, returned_cache(outputs, cache)
+
+
+class _Reply:
+    """One row's reply as it grows, and whether (and how) it is finished."""
+
+    def __init__(self, index: int, position: int) -> None:
+        self.index = index  # the prompt's index in the caller's list
+        self.tokens: list[int] = []
+        self.position = position  # position id of the next token to feed
+        self.done = False
+        self.refused = False
 
 
 def generate_batch(
@@ -270,85 +150,174 @@ def generate_batch(
     stats: GenerationStats | None = None,
     first_logits: list[torch.Tensor] | None = None,
     prefix: SharedPrefix | None = None,
+    context: Context | None = None,
+    verdicts: Verdicts | None = None,
 ) -> list[str]:
     """Greedy replies for one batch; rows leave the batch at EOS or, with `markers`, as soon as
     their normalised text contains one (the reply is then a refusal whatever follows)."""
-    model = loaded.model
-    tokenizer = loaded.tokenizer
+    context = context or Context(prefix=prefix)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    stats = stats if stats is not None else GenerationStats()
     stop_ids = _stop_token_ids(loaded)
+    pad = pad_id(loaded)
     rows = len(batch.indices)
-    generated: list[list[int]] = [[] for _ in range(rows)]
     if max_new_tokens <= 0 and first_logits is None:
         return ["" for _ in range(rows)]
-    input_device = batch.input_ids.device
-    active = list(range(rows))  # the row held in each cache slot
-    done: set[int] = set()
-    outputs, cache, attention_mask, last_positions = _prefill(model, batch, prefix)
+    first = context.first_pass(batch, pad)
+    outputs, cache = _first_pass_outputs(loaded, first, context)
+    depth = loaded.n_layers
+    fed = int(first.attention_mask[:, -first.input_ids.shape[1] :].sum())
+    stats.forward_passes += 1
+    stats.input_tokens += fed
+    stats.layer_tokens += fed * (depth - context.start_for(first))
+    logits = outputs.logits[:, -(first.draft_width + 1) :, :]
     if first_logits is not None:
-        # The prefill's last logits are the first-token distribution KL needs: one pass for both.
-        first_logits.append(outputs.logits[:, -1, :].float())
-    next_positions = last_positions + 1
-    forward_passes = 1
+        # The prompt's last logits are the first-token distribution KL needs: one pass for both.
+        first_logits.append(logits[:, 0, :].float())
+    if max_new_tokens <= 0:
+        return ["" for _ in range(rows)]
+    replies = [
+        _Reply(index, int(first.position_ids[row, -first.draft_width - 1]) + 1)
+        for row, index in enumerate(batch.indices)
+    ]
+    attention_mask = first.attention_mask.clone()
+    active = list(range(rows))  # the reply held in each cache slot
+    pending_drafts = first.drafts
     can_drop_rows = hasattr(cache, "batch_select_indices")
-    for step in range(max_new_tokens):
-        # With several GPUs the logits live on the last one; inputs go to the first.
-        tokens = outputs.logits[:, -1, :].argmax(dim=-1).to(input_device)
-        token_list = tokens.tolist()
-        keep: list[int] = []
+
+    def finish(reply: _Reply, refused: bool) -> None:
+        reply.done, reply.refused = True, refused
+        if verdicts is not None:
+            verdicts.decide(refused)
+
+    while True:
+        choices = logits.argmax(dim=-1).tolist()  # [slots, 1 + draft width]
+        width = logits.shape[1]
         for slot, row in enumerate(active):
-            if row in done:
+            reply = replies[row]
+            if reply.done:  # a finished row the cache could not drop
                 continue
-            token = token_list[slot]
-            if token in stop_ids:
-                done.add(row)
-                continue
-            generated[row].append(token)
-            if markers is not None:
-                # Only the recent tokens can complete a marker; a longer miss is harmless,
-                # because every verdict is taken on the whole reply at the end.
-                recent = generated[row][-MARKER_WINDOW_TOKENS:]
-                text = normalise_response(tokenizer.decode(recent, skip_special_tokens=True))
-                if contains_marker(text, markers) and contains_marker(
-                    normalise_response(tokenizer.decode(generated[row], skip_special_tokens=True)),
-                    markers,
-                ):
-                    done.add(row)
-                    continue
-            keep.append(slot)
-        if not keep or step == max_new_tokens - 1:
+            draft = pending_drafts[slot] if slot < len(pending_drafts) else []
+            kept = _accept(
+                reply, choices[slot], draft, stop_ids, max_new_tokens, tokenizer, markers, finish
+            )
+            stats.drafted += len(draft)
+            stats.accepted += min(kept, len(draft))
+            # The columns of rejected draft tokens (and padding) are never attended to again.
+            first_rejected = attention_mask.shape[1] - width + 1 + kept
+            attention_mask[slot, first_rejected:] = 0
+            reply.position += kept
+        if verdicts is not None and verdicts.stop():
+            verdicts.stopped = True
+            break
+        keep = [slot for slot, row in enumerate(active) if not replies[row].done]
+        if not keep:
             break
         if can_drop_rows and len(keep) < len(active):
-            # A CPU index works for cache layers on any device.
-            selection = torch.tensor(keep, dtype=torch.long)
+            selection = torch.tensor(keep, dtype=torch.long)  # a CPU index suits any device
             try:
                 cache.batch_select_indices(selection)
             except Exception:  # A cache kind that cannot drop rows: keep computing them.
                 can_drop_rows = False
             else:
-                on_input = selection.to(input_device)
-                tokens = tokens[on_input]
-                attention_mask = attention_mask[on_input]
-                next_positions = next_positions[on_input]
+                attention_mask = attention_mask[selection.to(attention_mask.device)]
                 active = [active[slot] for slot in keep]
-        attention_mask = torch.cat(
-            [attention_mask, attention_mask.new_ones((attention_mask.shape[0], 1))], dim=1
-        )
+        # The next pass: each live row's newest token, then its draft (if any).
+        drafts = []
+        for row in active:
+            reply = replies[row]
+            if reply.done or context.drafts is None:
+                drafts.append([])
+                continue
+            limit = max_new_tokens - len(reply.tokens) - 1
+            drafts.append(context.drafts.draft(reply.index, reply.tokens, limit))
+        draft_width = max(len(draft) for draft in drafts)
+        inputs = torch.full((len(active), 1 + draft_width), pad, dtype=torch.long)
+        new_mask = torch.zeros_like(inputs)
+        positions = torch.zeros_like(inputs)
+        for slot, row in enumerate(active):
+            reply = replies[row]
+            tokens = [reply.tokens[-1] if reply.tokens else pad, *drafts[slot]]
+            inputs[slot, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            new_mask[slot, : len(tokens)] = 0 if reply.done else 1
+            positions[slot] = reply.position + torch.arange(1 + draft_width)
+            reply.position += 1
+        device = first.input_ids.device
+        attention_mask = torch.cat([attention_mask, new_mask.to(attention_mask.device)], dim=1)
         outputs = model(
-            input_ids=tokens.unsqueeze(-1),
+            input_ids=inputs.to(device),
             attention_mask=attention_mask,
-            position_ids=next_positions,
+            position_ids=positions.to(device),
             use_cache=True,
             **cache_option(model, cache),
-            **forward_options(model),
+            **forward_options(model, 1 + draft_width),
         )
-        cache = _returned_cache(outputs, cache)
-        next_positions = next_positions + 1
-        forward_passes += 1
-    if stats is not None:
-        stats.tokens += sum(len(row) for row in generated)
-        stats.forward_passes += forward_passes
-        stats.rows += rows
-    return [tokenizer.decode(row, skip_special_tokens=True) for row in generated]
+        cache = returned_cache(outputs, cache)
+        fed = int(new_mask.sum())
+        stats.forward_passes += 1
+        stats.input_tokens += fed
+        stats.layer_tokens += fed * depth
+        logits = outputs.logits[:, -(1 + draft_width) :, :]
+        pending_drafts = drafts
+    stats.tokens += sum(len(reply.tokens) for reply in replies)
+    stats.rows += rows
+    if context.drafts is not None:
+        for reply in replies:
+            context.drafts.add(reply.index, reply.tokens)
+    return [tokenizer.decode(reply.tokens, skip_special_tokens=True) for reply in replies]
+
+
+def _accept(
+    reply: _Reply,
+    choices: list[int],
+    draft: list[int],
+    stop_ids: set[int],
+    max_new_tokens: int,
+    tokenizer,
+    markers: tuple[str, ...] | None,
+    finish: Callable[[_Reply, bool], None],
+) -> int:
+    """Add a pass's greedy tokens to `reply`: the model's choice at each position, for as long as
+    it equals the drafted token there (then the next position's choice counts too). Stops at the
+    end of the reply (EOS, a marker, the length). Returns how many drafted tokens were kept."""
+    kept = 0
+    for offset, token in enumerate(choices):
+        if token in stop_ids:
+            finish(reply, _refused(tokenizer, reply.tokens, markers))
+            break
+        reply.tokens.append(token)
+        if markers is not None and _marker_in(tokenizer, reply.tokens, markers):
+            finish(reply, True)
+            break
+        if len(reply.tokens) >= max_new_tokens:
+            finish(reply, _refused(tokenizer, reply.tokens, markers))
+            break
+        if offset < len(draft) and draft[offset] == token:
+            kept += 1
+            continue
+        break
+    return kept
+
+
+def _refused(tokenizer, tokens: list[int], markers: tuple[str, ...] | None) -> bool:
+    """The verdict on a finished reply: empty or holding a marker (never, without markers)."""
+    if markers is None:
+        return False
+    normalised = normalise_response(tokenizer.decode(tokens, skip_special_tokens=True))
+    return not normalised or contains_marker(normalised, markers)
+
+
+def _marker_in(tokenizer, tokens: list[int], markers: tuple[str, ...]) -> bool:
+    """Whether the reply so far contains a marker. Only the recent tokens can complete one, so
+    only they are decoded first; a hit is confirmed on the whole reply."""
+    recent = normalise_response(
+        tokenizer.decode(tokens[-MARKER_WINDOW_TOKENS:], skip_special_tokens=True)
+    )
+    if not contains_marker(recent, markers):
+        return False
+    return contains_marker(
+        normalise_response(tokenizer.decode(tokens, skip_special_tokens=True)), markers
+    )
 
 
 def generate(
@@ -359,32 +328,46 @@ def generate(
     stats: GenerationStats | None = None,
     first_logits: list[torch.Tensor] | None = None,
     prefix: SharedPrefix | None = None,
+    context: Context | None = None,
+    verdicts: Verdicts | None = None,
 ) -> list[str]:
     """Replies for every batch, in the callers' original order. With `first_logits`, each
-    batch's first-token logits are appended to it (in batch order, not the callers')."""
+    batch's first-token logits are appended to it (in batch order, not the callers'). With
+    `verdicts`, generation stops once its limit of refusals is reached (the replies not yet
+    finished are then cut short, and `verdicts.stopped` says so)."""
     total = sum(len(batch.indices) for batch in batches)
     replies = [""] * total
     with torch.inference_mode():
         for batch in batches:
+            if verdicts is not None and verdicts.stop():
+                verdicts.stopped = True
+                break
             for index, reply in zip(
                 batch.indices,
-                generate_batch(loaded, batch, max_new_tokens, markers, stats, first_logits, prefix),
+                generate_batch(
+                    loaded,
+                    batch,
+                    max_new_tokens,
+                    markers,
+                    stats,
+                    first_logits,
+                    prefix,
+                    context,
+                    verdicts,
+                ),
                 strict=True,
             ):
                 replies[index] = reply
     return replies
 
 
-def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that start at 0 on each row's first real token (left padding shifts them)."""
-    positions = attention_mask.long().cumsum(-1) - 1
-    return positions.clamp_(min=0)
-
-
 __all__ = [
+    "Context",
     "EncodedBatch",
+    "FirstPass",
     "GenerationStats",
     "SharedPrefix",
+    "Verdicts",
     "cache_option",
     "encode_texts",
     "first_token_logits",

@@ -39,6 +39,7 @@ from hctl_worker.job_directory import (
     write_results,
 )
 from hctl_worker.markers import DEFAULT_REFUSAL_MARKERS, is_refusal
+from hctl_worker.pruning import PruningBar
 from hctl_worker.reporter import Listener, Reporter, guarded, report_error
 from hctl_worker.search_space import SearchSpace, to_ablation_params
 from hctl_worker.settings import WorkerSettings
@@ -165,9 +166,17 @@ def _search(
     _queue_first_trials(settings, reporter, study, bench)
 
     def evaluate(values: dict[str, float | str]) -> studies.Outcome:
+        limit = None
+        if settings.prune_trials:
+            bar = PruningBar.for_prompts(
+                finished, len(bench.evaluator.bad_texts), settings.prune_margin
+            )
+            limit = bar.refusal_limit
         with bench.ablator.applied(to_ablation_params(values, COMPONENTS)):
-            score = bench.evaluator.score()
-        return studies.Outcome(kl=score.kl, refusals=score.refusals, total_bad=score.total_bad)
+            score = bench.evaluator.score(refusal_limit=limit)
+        return studies.Outcome(
+            kl=score.kl, refusals=score.refusals, total_bad=score.total_bad, pruned=score.pruned
+        )
 
     with reporter.stage("search", f"{settings.n_trials} trials") as stage:
         recovered = studies.recover_interrupted(study)

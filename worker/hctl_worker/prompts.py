@@ -3,6 +3,10 @@
 A local file is read directly. A hub dataset goes through the `datasets` library when it is
 installed; without it, `huggingface_hub` downloads the split's JSON / JSON Lines / CSV / Parquet
 files (Parquet needs `pyarrow`). Every failure is a PromptError with a hint.
+
+A prompt longer than `MAX_PROMPT_CHARACTERS` is refused: the directions and every evaluation run
+the model over whole prompts, so one runaway line (a file with no line breaks) would hold the
+worker for many minutes and gigabytes, and no refusal benchmark needs such prompts.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from pathlib import Path
 
 from hctl_worker.errors import PromptError
 from hctl_worker.settings import SPLIT_PATTERN, PromptSource, WorkerSettings
+
+MAX_PROMPT_CHARACTERS = 16_000  # about 4,000 tokens; benchmark prompts are far shorter
 
 
 @dataclass(frozen=True)
@@ -58,10 +64,28 @@ def load_prompts(source: PromptSource, setting: str = "prompts") -> list[str]:
             + (f" (split '{source.split}')" if source.split else ""),
             "Put one prompt per line in the file (blank lines are skipped), or widen the split.",
         )
+    _check_lengths(prompts, source, setting)
     return [
         " ".join(part for part in (source.prefix, prompt, source.suffix) if part)
         for prompt in prompts
     ]
+
+
+def is_local_file(source: PromptSource) -> bool:
+    """Whether `source` names a local text file (present or not), not a hub dataset or a folder."""
+    path = Path(source.dataset).expanduser()
+    return path.is_file() or (not path.exists() and _looks_local(source.dataset))
+
+
+def _check_lengths(prompts: list[str], source: PromptSource, setting: str) -> None:
+    for number, prompt in enumerate(prompts, start=1):
+        if len(prompt) > MAX_PROMPT_CHARACTERS:
+            raise PromptError(
+                f"{setting}: prompt {number} of {source.dataset} is {len(prompt):,} characters "
+                f"long; prompts are limited to {MAX_PROMPT_CHARACTERS:,}",
+                "Shorten or remove it (one prompt per line; a file without line breaks is one "
+                "prompt), or choose a split without it.",
+            )
 
 
 def parse_split(split: str | None) -> tuple[str, str | None, str | None]:
@@ -103,6 +127,11 @@ def _read_text_file(path: Path, setting: str) -> list[str]:
         ) from None
     except OSError as error:
         raise PromptError(f"{setting}: cannot read {path}: {error.strerror}") from None
+    if "\x00" in text:
+        raise PromptError(
+            f"{setting}: {path} is a binary file, not text",
+            "Give a text file with one prompt per line (UTF-8).",
+        )
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 

@@ -110,6 +110,10 @@ class WorkerSettings(BaseSettings):
     max_response_length: int = Field(default=100, ge=1)
     refusal_markers: list[str] | None = None
     kl_skip_threshold: float = Field(default=1.0, ge=0)  # 0 = always count refusals
+    prune_trials: bool = True
+    prune_margin: float = Field(default=0.05, ge=0, le=1)  # of the harmful prompts
+    replay_memory: float = Field(default=0.25, ge=0)  # of the model's size; 0 = no replay
+    draft_replies: bool = True
 
     # Directions and edits.
     orthogonalize_direction: bool = True

@@ -36,7 +36,7 @@ STUDY_NAME = "hctl"
 BROKEN_KL = 1e6  # stands for a KL that came out NaN or infinite
 # The user attributes a finished trial gets (everything else was set when it was queued).
 _RESULT_ATTRS = frozenset(
-    {"number", "params", "kl", "refusals", "total_bad", "seconds", "ablation"}
+    {"number", "params", "kl", "refusals", "total_bad", "seconds", "pruned", "ablation"}
 )
 
 
@@ -48,6 +48,7 @@ class Outcome:
     refusals: int | None  # None: skipped because the KL was already too high
     total_bad: int
     seconds: float = 0.0
+    pruned: bool = False  # stopped once behind the front; `refusals` is a lower bound
 
 
 def open_study(journal: Path, *, seed: int, n_startup_trials: int) -> optuna.Study:
@@ -91,8 +92,8 @@ def recover_interrupted(study: optuna.Study) -> int:
 
 
 def finished_trials(study: optuna.Study) -> list[Trial]:
-    """The finished trials in the order they finished."""
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    """The finished trials (pruned ones included) in the order they finished."""
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     results = [_result(trial) for trial in trials if "number" in trial.user_attrs]
     return sorted(results, key=lambda result: result.number)
 
@@ -106,6 +107,7 @@ def _result(trial: FrozenTrial) -> Trial:
         refusals=attributes["refusals"],
         total_bad=int(attributes["total_bad"]),
         seconds=float(attributes.get("seconds", 0.0)),
+        pruned=bool(attributes.get("pruned", False)),
         ablation=dict(attributes.get("ablation", {})),
         origin=attributes.get("origin"),
     )
@@ -127,7 +129,8 @@ def run_search(
     `evaluate` gets the sampled point; `describe` turns it into what the trial stores for export
     (the engine's `AblationParams.to_dict()`). A drawn trial for which `skip` says yes (a queued
     point another trial already covers) is marked failed and not run. A trial that raises is
-    marked failed, then the error goes up: an interrupted trial is never counted.
+    marked failed, then the error goes up: an interrupted trial is never counted. A pruned outcome
+    is told to Optuna as PRUNED (TPE counts it among the poor trials) and counts as finished.
     """
     done = len(finished_trials(study))
     while done < n_trials:
@@ -151,6 +154,7 @@ def run_search(
             refusals=outcome.refusals,
             total_bad=outcome.total_bad,
             seconds=outcome.seconds or (clock() - started),
+            pruned=outcome.pruned,
             ablation=describe(values) if describe else {},
             origin=trial.user_attrs.get("origin"),
         )
@@ -161,11 +165,15 @@ def run_search(
             ("refusals", result.refusals),
             ("total_bad", result.total_bad),
             ("seconds", result.seconds),
+            ("pruned", result.pruned),
             ("ablation", result.ablation),
         ):
             trial.set_user_attr(key, value)
-        refusals = result.refusals if result.refusals is not None else result.total_bad
-        study.tell(trial, [float(refusals), float(result.kl)])
+        if result.pruned:
+            study.tell(trial, state=TrialState.PRUNED)
+        else:
+            refusals = result.refusals if result.refusals is not None else result.total_bad
+            study.tell(trial, [float(refusals), float(result.kl)])
         if on_trial is not None:
             on_trial(result)
     return finished_trials(study)

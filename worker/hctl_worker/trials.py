@@ -34,6 +34,9 @@ class Trial(BaseModel):
     refusals: int | None  # None when refusal counting was skipped (the KL was already too high)
     total_bad: int
     seconds: float = 0.0
+    # Its evaluation stopped once it was behind the front (`pruning.py`): `refusals` is the count
+    # so far, a lower bound, and the trial never enters the front.
+    pruned: bool = False
     # The engine's own description of the edit (`AblationParams.to_dict()`), which the worker
     # keeps in its journal and results files to export the trial exactly. It is the worker's
     # business, so events and other serialisations leave it out.
@@ -43,8 +46,9 @@ class Trial(BaseModel):
     origin: str | None = None
 
     def objectives(self) -> tuple[float, ...] | None:
-        """The scores the search minimises, most important first; None when one is missing."""
-        if self.refusals is None:
+        """The scores the search minimises, most important first; None when one is missing (or
+        only bounded, as for a pruned trial)."""
+        if self.refusals is None or self.pruned:
             return None
         return (float(self.refusals), self.kl)
 
@@ -58,7 +62,8 @@ def pareto_front(trials: Iterable[TrialType]) -> list[TrialType]:
     In the order of their objectives (then their numbers), a trial is kept unless one kept
     before it is at least as good on every objective. With refusals and KL that is heretic's
     rule: sorted by refusals, then KL, a trial is kept when its KL is strictly below that of every
-    trial before it. Trials missing a score (refusals skipped for a high KL) never make the front.
+    trial before it. Trials missing a score (refusals skipped for a high KL) never make the front,
+    nor do pruned ones (a trial on the front already beat them).
     """
     scored = sorted(
         ((objectives, trial) for trial in trials if (objectives := trial.objectives()) is not None),
@@ -78,7 +83,11 @@ def _at_least_as_good(first: Sequence[float], second: Sequence[float]) -> bool:
 def best_within(trials: Iterable[TrialType], kl_limit: float) -> TrialType | None:
     """The fewest refusals among the scored trials whose KL is within the limit, then the lowest
     KL, then the earliest; None when no trial is within it."""
-    within = [trial for trial in trials if trial.refusals is not None and trial.kl <= kl_limit]
+    within = [
+        trial
+        for trial in trials
+        if trial.refusals is not None and not trial.pruned and trial.kl <= kl_limit
+    ]
     if not within:
         return None
     return min(within, key=lambda trial: (trial.refusals, trial.kl, trial.number))

@@ -90,6 +90,7 @@ def prepare(settings: WorkerSettings, paths: JobPaths, reporter: Reporter) -> Wo
     )
 
     with reporter.stage("baseline") as stage:
+        ablator = Ablator(loaded, measured.directions, row_normalization=settings.row_normalization)
         evaluator = Evaluator(
             loaded,
             good_texts=good_evaluation,
@@ -98,6 +99,9 @@ def prepare(settings: WorkerSettings, paths: JobPaths, reporter: Reporter) -> Wo
             max_response_length=settings.max_response_length,
             batch_size=batch_size,
             kl_skip_threshold=settings.kl_skip_threshold or None,
+            unchanged_layers=ablator.unchanged_layers,
+            replay_memory=settings.replay_memory,
+            drafts=settings.draft_replies,
         )
         baseline = evaluator.baseline()
         reporter.emit(
@@ -109,12 +113,13 @@ def prepare(settings: WorkerSettings, paths: JobPaths, reporter: Reporter) -> Wo
             )
         )
         stage.result = f"{baseline.refusals}/{baseline.total_bad} refusals"
+        reporter.log(evaluator.reuse.describe())
     return Workbench(
         loaded=loaded,
         good_evaluation=good_evaluation,
         evaluator=evaluator,
         baseline=baseline,
-        ablator=Ablator(loaded, measured.directions, row_normalization=settings.row_normalization),
+        ablator=ablator,
         profile=profile,
     )
 

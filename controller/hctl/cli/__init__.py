@@ -1,7 +1,7 @@
 """The `hctl` command line. Commands are thin: parse, call one function below the CLI, render.
 
-Each area registers its commands from its own module (`pods`, `config`, `remote`, `runs`), so the
-command list is read here in one place.
+Each area registers its commands from its own module (`pods`, `config`, `remote`, `runs`, `jobs`),
+so the command list is read here in one place.
 """
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ import typer
 
 from hctl import __version__
 from hctl.cli import config as config_commands
+from hctl.cli import jobs as job_commands
 from hctl.cli import pods as pod_commands
 from hctl.cli import remote as remote_commands
 from hctl.cli import runs as run_commands
-from hctl.cli.common import HctlGroup
+from hctl.output import HctlGroup
 
 app = typer.Typer(
     name="hctl",
@@ -44,6 +45,7 @@ pod_commands.register(app)
 config_commands.register(app)
 remote_commands.register(app)
 run_commands.register(app)
+job_commands.register(app)
 
 
 def main() -> None:

@@ -1,44 +1,15 @@
-"""What every command shares: the consoles, error rendering, confirmation."""
+"""What every command shares: the consoles, error rendering (see `hctl.output`), confirmation."""
 
 from __future__ import annotations
 
 import sys
-from typing import Any
 
-import click
 import typer
-from rich.console import Console
-from typer.core import TyperGroup
 
-from hctl.errors import Aborted, HctlError
+from hctl.errors import Aborted
+from hctl.output import console, error_console
 
-console = Console(highlight=False)
-error_console = Console(stderr=True, highlight=False)
-
-
-def render_error(error: HctlError) -> None:
-    """One line of what happened and one of what to do next; never a traceback."""
-    error_console.print(f"[bold red]error:[/] {error.message}", soft_wrap=True)
-    if error.hint:
-        error_console.print(f"[yellow]hint:[/] {error.hint}", soft_wrap=True)
-
-
-class HctlGroup(TyperGroup):
-    """The root command group: turns every `HctlError` into a rendered message and an exit code.
-
-    Doing it here, rather than in `main()`, means `typer.testing.CliRunner` sees exactly what a
-    user sees.
-    """
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except HctlError as error:
-            render_error(error)
-            raise typer.Exit(error.exit_code) from None
-        except KeyboardInterrupt:
-            error_console.print("[yellow]interrupted[/]")
-            raise typer.Exit(130) from None
+__all__ = ["confirm", "console", "error_console"]
 
 
 def confirm(question: str, *, assume_yes: bool) -> None:

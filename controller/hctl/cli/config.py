@@ -1,14 +1,22 @@
-"""`hctl config show` and `hctl config set`: the settings in force, and the config file."""
+"""`hctl config` (= `hctl config show`) and `hctl config set`: the settings in force, the file."""
 
 from __future__ import annotations
 
-import json
+import sys
 
 import typer
-from rich.table import Table
 
-from hctl.cli.common import console
 from hctl.errors import ConfigError
+from hctl.output import (
+    Column,
+    HctlCommand,
+    HctlGroup,
+    json_option,
+    print_json,
+    print_line,
+    print_remark,
+    print_table,
+)
 from hctl.settings import (
     config_file,
     describe_settings,
@@ -20,43 +28,54 @@ from hctl.settings import (
 
 config_app = typer.Typer(
     name="config",
-    help="Show the settings in force, or change one in the config file.",
-    no_args_is_help=True,
+    cls=HctlGroup,
+    help="Show the settings in force (the default), or change one in the config file.",
+    invoke_without_command=True,
 )
+SETTING_COLUMNS = [Column("setting", whole=True), Column("value", whole=True), Column("from"),
+                   Column("meaning")]  # fmt: skip
 
 
-@config_app.command("show")
-def show(
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-) -> None:
+@config_app.callback()
+def _config(ctx: typer.Context, as_json: bool = json_option()) -> None:
+    """Show the settings in force (as `hctl config show`), or change one with `hctl config set`."""
+    if ctx.invoked_subcommand is None:
+        show(as_json=as_json)
+
+
+@config_app.command("show", cls=HctlCommand)
+def show(as_json: bool = json_option()) -> None:
     """Show every setting, where its value comes from, and the config file (secrets masked).
 
     Precedence: command line > HCTL_* environment > config file > default.
     """
     views = describe_settings(load_settings())
     if as_json:
-        typer.echo(json.dumps([view.model_dump() for view in views], indent=2))
+        print_json([view.model_dump() for view in views])
         return
-    table = Table(title="Settings (command line > HCTL_* environment > config file > default)")
-    for column in ("setting", "value", "from", "meaning"):
-        table.add_column(column, overflow="fold")
-    for view in views:
-        table.add_row(view.name, view.value, view.source, view.description)
-    console.print(table)
-    console.print(f"Config file: {config_file()}", soft_wrap=True)
+    rows = [[view.name, view.value, view.source, view.description] for view in views]
+    print_table(SETTING_COLUMNS, rows, title="Settings (command line > HCTL_* > file > default)")
+    print_remark(f"Config file: {config_file()}")
 
 
-@config_app.command("set")
+def _secret_from_input(name: str) -> str:
+    """A secret typed at a hidden prompt, or read from stdin when there is no terminal."""
+    if sys.stdin.isatty():
+        return typer.prompt(f"{name} (hidden)", hide_input=True, default="", show_default=False)
+    return sys.stdin.readline().strip()
+
+
+@config_app.command("set", cls=HctlCommand)
 def set_value(
     key: str = typer.Argument(..., help="Setting name, e.g. gpu, volume_gb, runpod_api_key."),
     value: str | None = typer.Argument(
-        None, help="New value; left out for a secret, hctl asks for it without echoing it."
+        None, help="New value; left out for a secret, hctl asks for it (or reads it from stdin)."
     ),
 ) -> None:
     """Write one setting to the config file (readable only by you); "" removes it.
 
     For the API key give no value: hctl asks for it on a hidden prompt, so it never lands in your
-    shell history.
+    shell history; in a script, pipe it in (`hctl config set runpod_api_key < key.txt`).
     """
     name = setting_name(key)
     given = value
@@ -66,21 +85,22 @@ def set_value(
                 f"No value given for {name}.",
                 f'Give one: hctl config set {name} VALUE ("" removes it from the file).',
             )
-        value = typer.prompt(f"{name} (hidden)", hide_input=True, default="", show_default=False)
+        value = _secret_from_input(name)
         if not value:
             raise ConfigError(
                 f"No value given for {name}; nothing was changed.",
-                f"Run `hctl config set {name}` again and paste the value at the prompt.",
+                f"Run `hctl config set {name}` again and paste the value at the prompt "
+                "(or pipe it in).",
             )
     typed_secret = is_secret(name) and given is not None
     path = set_config_value(name, value)
     if typed_secret:
-        console.print(
+        print_line(
             "Tip: leave the value out next time; hctl then asks for it hidden, so it stays out "
             "of your shell history."
         )
     shown = "(hidden)" if is_secret(name) else repr(value)
-    console.print(f"{name} = {shown} written to {path}" if value else f"{name} removed from {path}")
+    print_line(f"{name} = {shown} written to {path}" if value else f"{name} removed from {path}")
 
 
 def register(app: typer.Typer) -> None:

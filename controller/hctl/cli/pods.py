@@ -6,16 +6,24 @@ and renders the result with rich. A command that takes a pod defaults to the onl
 
 from __future__ import annotations
 
-import json
 from enum import Enum
 
 import typer
-from rich.table import Table
 
 from hctl import pods as pod_service
 from hctl import sshkeys
 from hctl.cli.common import confirm, console
 from hctl.gpus import select_gpu_types
+from hctl.output import (
+    Cell,
+    Column,
+    HctlCommand,
+    json_option,
+    print_json,
+    print_line,
+    print_remark,
+    print_table,
+)
 from hctl.providers import make_provider
 from hctl.providers.base import GpuType, Pod, Provider
 from hctl.services import lease
@@ -60,14 +68,29 @@ def _endpoints(pod: Pod) -> str:
     return "\n".join(lines) or "-"
 
 
-def _gpu_table(gpus: list[GpuType]) -> Table:
-    table = Table(title="RunPod GPU types (prices per GPU-hour)")
-    for column in ("GPU id", "name", "VRAM", "secure", "community", "spot", "stock"):
-        table.add_column(
-            column, justify="right" if column in ("VRAM", "secure") else "left", overflow="fold"
-        )
-    for gpu in gpus:
-        table.add_row(
+GPU_COLUMNS = [
+    Column("GPU id", whole=True),
+    Column("name"),
+    Column("VRAM", justify="right"),
+    Column("secure", justify="right"),
+    Column("community", justify="right"),
+    Column("spot", justify="right"),
+    Column("stock"),
+]
+POD_COLUMNS = [
+    Column("name", whole=True),
+    Column("id", whole=True),
+    Column("status"),
+    Column("GPU"),
+    Column("$/h", justify="right"),
+    Column("uptime", justify="right"),
+    Column("SSH", whole=True),
+]
+
+
+def _gpu_rows(gpus: list[GpuType]) -> list[list[Cell]]:
+    return [
+        [
             gpu.id,
             gpu.display_name,
             f"{gpu.memory_gb} GB",
@@ -75,27 +98,27 @@ def _gpu_table(gpus: list[GpuType]) -> Table:
             _money(gpu.price("COMMUNITY")),
             _money(gpu.price("ALL", spot=True)),
             gpu.stock or "none",
-        )
-    return table
+        ]
+        for gpu in gpus
+    ]
 
 
-def _pod_table(pods: list[Pod]) -> Table:
-    table = Table(title="Pods")
-    for column in ("name", "id", "status", "GPU", "$/h", "uptime", "SSH"):
-        # Fold rather than cut: ids and endpoints are copied from here, so they must be whole.
-        table.add_column(column, overflow="fold")
+def _pod_rows(pods: list[Pod]) -> list[list[Cell]]:
+    rows: list[list[Cell]] = []
     for pod in pods:
         gpu = f"{pod.gpu_count}x {pod.gpu_display_name or pod.gpu_type_id or '?'}"
-        table.add_row(
-            pod.name,
-            pod.id,
-            str(pod.status),
-            gpu + (" spot" if pod.spot else ""),
-            _money(pod.cost_per_hr),
-            _uptime(pod.uptime_seconds),
-            _endpoints(pod),
+        rows.append(
+            [
+                pod.name,
+                pod.id,
+                str(pod.status),
+                gpu + (" spot" if pod.spot else ""),
+                _money(pod.cost_per_hr),
+                _uptime(pod.uptime_seconds),
+                _endpoints(pod),
+            ]
         )
-    return table
+    return rows
 
 
 def _wait_with_spinner(provider: Provider, pod: Pod, settings: Settings) -> Pod:
@@ -117,24 +140,24 @@ def _wait_with_spinner(provider: Provider, pod: Pod, settings: Settings) -> Pod:
 
 def _describe_plan(plan: pod_service.PodPlan, provider: Provider) -> None:
     spec = plan.spec
-    console.print(
+    print_line(
         f"{spec.name}: {spec.gpu_count}x {plan.gpu.display_name} ({'any' if spec.cloud_type == 'ALL' else spec.cloud_type.lower()} cloud"
         f"{', spot' if spec.spot else ''}), {spec.image}, {spec.container_disk_gb} GB disk + "
         f"{spec.volume_gb} GB volume at {spec.volume_mount_path}"
     )
     if spec.lease is not None:
-        console.print(lease.describe(provider, spec.lease))
+        print_line(lease.describe(provider, spec.lease))
     for note in plan.notes:
-        console.print(note)
-    console.print(
-        f"Price: [bold]{_money(plan.price_per_hour)}/h[/] for the GPU"
+        print_line(note)
+    print_line(
+        f"Price: {_money(plan.price_per_hour)}/h for the GPU"
         f" + about {_money(plan.storage_per_hour)}/h for the disks."
     )
 
 
 def _describe_ready(pod: Pod) -> None:
-    console.print(f"[green]{pod.name} ({pod.id}) is reachable.[/]")
-    console.print(_endpoints(pod))
+    print_line(f"{pod.name} ({pod.id}) is reachable.", style="green")
+    print_line(_endpoints(pod))
 
 
 def gpus(
@@ -149,7 +172,7 @@ def gpus(
         CloudOption.ALL, "--cloud", case_sensitive=False, help="Prices of SECURE, COMMUNITY or ALL."
     ),
     spot: bool = typer.Option(False, "--spot", help="Filter and sort by spot price."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    as_json: bool = json_option(),
 ) -> None:
     """List RunPod's GPU types with VRAM, prices per hour and stock, cheapest first."""
     _, provider = _provider()
@@ -162,11 +185,12 @@ def gpus(
         spot=spot,
     )
     if as_json:
-        typer.echo(json.dumps([gpu.model_dump() for gpu in chosen], indent=2))
+        print_json([gpu.model_dump() for gpu in chosen])
         return
-    console.print(_gpu_table(chosen))
     if not chosen:
-        console.print("No GPU type matches those filters.")
+        print_remark("No GPU type matches those filters.")
+        return
+    print_table(GPU_COLUMNS, _gpu_rows(chosen), title="RunPod GPU types (prices per GPU-hour)")
 
 
 def create_pod(
@@ -204,24 +228,25 @@ def create_pod(
     # Bad input is refused before anything else happens.
     pod_env, pod_ports = pod_service.parse_env(env), pod_service.parse_ports(ports)
     settings, provider = _provider(image=image, cloud_type=cloud.value if cloud else None)
-    key, created = sshkeys.ensure_key(settings.ssh_key_path)
-    if created:
-        console.print(f"Made a new SSH key for hctl: {settings.ssh_key_path}")
     plan = pod_service.plan_pod(
         provider, settings, gpu=gpu, container_disk_gb=container_disk, volume_gb=volume,
         spot=spot, bid_per_gpu=bid, name=name, env=pod_env,
         ports=pod_ports, max_hours=max_hours,
         at_limit="terminate" if terminate_at_limit else "stop",
-        public_key=sshkeys.pod_public_keys(provider, key),
     )  # fmt: skip
+    # Only a request that passed every check may make a key (a file in the user's ~/.ssh).
+    key, created = sshkeys.ensure_key(settings.ssh_key_path)
+    if created:
+        print_line(f"Made a new SSH key for hctl: {settings.ssh_key_path}")
+    plan.spec.env["PUBLIC_KEY"] = sshkeys.pod_public_keys(provider, key)
     _describe_plan(plan, provider)
     confirm(f"Create this pod for about {_money(plan.price_per_hour)}/h?", assume_yes=yes)
     pod = pod_service.create_pod(provider, plan)
-    console.print(f"[green]Created {pod.name} ({pod.id}) at {_money(pod.cost_per_hr)}/h.[/]")
+    print_line(f"Created {pod.name} ({pod.id}) at {_money(pod.cost_per_hr)}/h.", style="green")
     mismatch = pod_service.price_note(plan, pod)
     if mismatch:
-        console.print(mismatch)
-    console.print(
+        print_line(mismatch)
+    print_line(
         f"It bills until you stop it (`hctl stop-pod {pod.id}`) or terminate it "
         f"(`hctl terminate-pod {pod.id}`)."
     )
@@ -229,27 +254,25 @@ def create_pod(
     if plan.spec.lease is not None and lease.kept_by_pod(provider):
         ready = _wait_with_spinner(provider, pod, settings)
         lease.arm_over_ssh(ready, provider, plan.spec.lease, settings)
-        console.print("Its lease watchdog runs on the pod.")
+        print_line("Its lease watchdog runs on the pod.")
         _describe_ready(ready)
     elif wait:
         _describe_ready(_wait_with_spinner(provider, pod, settings))
 
 
-def list_pods(
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-) -> None:
+def list_pods(as_json: bool = json_option()) -> None:
     """List your pods: status, GPU, price per hour, uptime and SSH endpoints (proxy and direct)."""
     _, provider = _provider()
     pods = provider.list()
     if as_json:
-        typer.echo(json.dumps([pod.model_dump(mode="json") for pod in pods], indent=2))
+        print_json([pod.model_dump(mode="json") for pod in pods])
         return
     if not pods:
-        console.print("No pods. `hctl create-pod` makes one.")
+        print_remark("No pods. `hctl create-pod` makes one.")
         return
-    console.print(_pod_table(pods))
+    print_table(POD_COLUMNS, _pod_rows(pods))
     running = sum(pod.cost_per_hr for pod in pods if pod.active)
-    console.print(f"Running pods cost {_money(running)}/h in all.")
+    print_remark(f"Running pods cost {_money(running)}/h in all.")
 
 
 def start_pod(
@@ -262,12 +285,13 @@ def start_pod(
     settings, provider = _provider()
     target = pod_service.resolve_pod(provider, pod, status="stopped")
     if target.active:
-        console.print(f"{target.name} ({target.id}) is running already.")
+        print_line(f"{target.name} ({target.id}) is running already.")
         started = target
     else:
         started = provider.start(target.id)
-        console.print(
-            f"[green]Started {started.name} ({started.id}) at {_money(started.cost_per_hr)}/h.[/]"
+        print_line(
+            f"Started {started.name} ({started.id}) at {_money(started.cost_per_hr)}/h.",
+            style="green",
         )
     if wait:
         _describe_ready(_wait_with_spinner(provider, started, settings))
@@ -280,11 +304,11 @@ def stop_pod(
     """Stop a pod: the GPU stops billing, the volume stays (see terminate-pod to delete it)."""
     _, provider = _provider()
     target = pod_service.resolve_pod(provider, pod)
-    console.print(STOP_VERSUS_TERMINATE)
+    print_line(STOP_VERSUS_TERMINATE)
     confirm(f"Stop {target.name} ({target.id})?", assume_yes=yes)
     stopped = provider.stop(target.id)
-    console.print(
-        f"[green]Stopped {stopped.name} ({stopped.id}).[/] `hctl start-pod {stopped.id}` starts it again."
+    print_line(
+        f"Stopped {stopped.name} ({stopped.id}). `hctl start-pod {stopped.id}` starts it again."
     )
 
 
@@ -295,12 +319,10 @@ def terminate_pod(
     """Terminate a pod: delete it and its volume; nothing more is billed."""
     _, provider = _provider()
     target = pod_service.resolve_pod(provider, pod)
-    console.print(STOP_VERSUS_TERMINATE)
+    print_line(STOP_VERSUS_TERMINATE)
     confirm(f"Terminate {target.name} ({target.id}) and delete its volume?", assume_yes=yes)
     provider.terminate(target.id)
-    console.print(
-        f"[green]Terminated {target.name} ({target.id}).[/] Nothing more is billed for it."
-    )
+    print_line(f"Terminated {target.name} ({target.id}). Nothing more is billed for it.")
 
 
 def ssh_key() -> None:
@@ -308,19 +330,19 @@ def ssh_key() -> None:
     settings, provider = _provider()
     key, created = sshkeys.ensure_key(settings.ssh_key_path)
     made = "Made" if created else "Using"
-    console.print(f"{made} the SSH key {settings.ssh_key_path} ({key.split()[0]}).")
+    print_line(f"{made} the SSH key {settings.ssh_key_path} ({key.split()[0]}).")
     if sshkeys.register_key(provider, key):  # type: ignore[arg-type]
-        console.print("Registered it with your RunPod account; pods started from now on accept it.")
+        print_line("Registered it with your RunPod account; pods started from now on accept it.")
     else:
-        console.print("Your RunPod account has it already.")
+        print_line("Your RunPod account has it already.")
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the `hctl` application."""
-    app.command("gpus")(gpus)
-    app.command("create-pod")(create_pod)
-    app.command("list-pods")(list_pods)
-    app.command("start-pod")(start_pod)
-    app.command("stop-pod")(stop_pod)
-    app.command("terminate-pod")(terminate_pod)
-    app.command("ssh-key")(ssh_key)
+    app.command("gpus", cls=HctlCommand)(gpus)
+    app.command("create-pod", cls=HctlCommand)(create_pod)
+    app.command("list-pods", cls=HctlCommand)(list_pods)
+    app.command("start-pod", cls=HctlCommand)(start_pod)
+    app.command("stop-pod", cls=HctlCommand)(stop_pod)
+    app.command("terminate-pod", cls=HctlCommand)(terminate_pod)
+    app.command("ssh-key", cls=HctlCommand)(ssh_key)

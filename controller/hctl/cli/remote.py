@@ -10,13 +10,18 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-import click
 import typer
-from rich.table import Table
-from typer.core import TyperCommand
 
 from hctl.cli.common import confirm, console, error_console
 from hctl.errors import ConfigError, ConnectError, PodNotReadyError
+from hctl.output import (
+    Column,
+    HctlCommand,
+    json_option,
+    print_json,
+    print_line,
+    print_table,
+)
 from hctl.remote.base import Remote
 from hctl.settings import hctl_home, load_settings
 
@@ -24,10 +29,10 @@ TARGET_HELP = "Pod id or name, ssh://USER@HOST:PORT, or `local` (default: the on
 PTY_HELP = "Go through a PTY shell, as RunPod's proxy requires (automatic for ssh.runpod.io)."
 
 
-class DashDashCommand(TyperCommand):
+class DashDashCommand(HctlCommand):
     """Keeps everything after `--` for the command itself, so `-la` is never an hctl option."""
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
         if "--" in args:
             index = args.index("--")
             ctx.meta["hctl_after_dashes"] = args[index + 1 :]
@@ -36,7 +41,7 @@ class DashDashCommand(TyperCommand):
 
 
 def _note(message: str) -> None:
-    error_console.print(f"[dim]{message}[/]", soft_wrap=True)
+    print_line(message, style="dim", output=error_console)
 
 
 def _open(target: str | None, pty: bool = False) -> tuple[Remote, Any]:
@@ -63,7 +68,7 @@ def exec_command(
         if len(before) > 1:
             raise ConfigError(f"Too many targets: {' '.join(before)}", "Put the command after --.")
         target, command_words = (before[0] if before else None), after
-    if not command_words:
+    if not "".join(command_words).strip():
         raise ConfigError("No command given.", "Write it after --, e.g. hctl exec -- nvidia-smi")
     remote, _pod = _open(target, pty)
     try:
@@ -109,18 +114,19 @@ def setup(
     finally:
         remote.close()
     state = "installed" if info.installed else "already installed"
-    console.print(f"hctl-worker {info.version} {state} on {remote.description}: {info.command}")
-    console.print(
+    print_line(f"hctl-worker {info.version} {state} on {remote.description}: {info.command}")
+    print_line(
         f"python {info.python} · torch {info.torch} (CUDA {info.cuda or 'none'}) · "
         f"transformers {info.transformers} · accelerate {info.accelerate}"
     )
     for name, value in info.environment.items():
-        console.print(f"{name}={value}")
+        print_line(f"{name}={value}")
 
 
 def status(
     target: str = typer.Argument(None, help=TARGET_HELP, show_default=False),
     pty: bool = typer.Option(False, "--pty", help=PTY_HELP),
+    as_json: bool = json_option(),
 ) -> None:
     """GPU, memory, utilisation, processes on the GPU, free disk and the model cache's size."""
     from hctl.remote.gpu import machine_status
@@ -131,7 +137,11 @@ def status(
         report = machine_status(remote, load_settings().volume_path)
     finally:
         remote.close()
-    console.print(f"[bold]{remote.description}[/]")
+    if as_json:
+        print_json({"machine": remote.description, "pod": pod.id if pod else None,
+                    **report.model_dump(mode="json")})  # fmt: skip
+        return
+    print_line(remote.description, style="bold")
     for part in status_tables(report):
         console.print(part)
     if pod is not None:
@@ -174,38 +184,46 @@ def gpu_free(
     try:
         processes = [p for p in gpu_processes(remote) if p.pid not in PROTECTED_PIDS]
         if not processes:
-            console.print("No process holds GPU memory.")
+            print_line("No process holds GPU memory.")
             return
-        table = Table("pid", "process", "memory")
-        for process in processes:
-            table.add_row(str(process.pid), process.name, f"{process.used_memory_mib or 0:.0f} MiB")
-        console.print(table)
+        print_table(
+            [Column("pid", justify="right"), Column("process", whole=True),
+             Column("memory", justify="right")],
+            [[str(p.pid), p.name, f"{p.used_memory_mib or 0:.0f} MiB"] for p in processes],
+        )  # fmt: skip
         confirm(f"Stop these {len(processes)} process(es)?", assume_yes=yes)
         stopped = free_gpu_memory(remote, processes)
     finally:
         remote.close()
-    console.print(f"Stopped {len(stopped)} of {len(processes)}: {' '.join(map(str, stopped))}")
+    print_line(f"Stopped {len(stopped)} of {len(processes)}: {' '.join(map(str, stopped))}")
     if len(stopped) < len(processes):
         raise typer.Exit(1)
 
 
-def doctor() -> None:
+def doctor(as_json: bool = json_option()) -> None:
     """Check the SSH key, the API key, the API and every running pod; say how to fix each."""
     from hctl.providers import make_provider
     from hctl.remote.doctor import run_doctor
 
     settings = load_settings()
-    checks = run_doctor(settings, lambda: make_provider(settings))
-    table = Table("", "check", "detail", "fix")
-    for check in checks:
-        mark = "[green]ok[/]" if check.ok else "[red]FAIL[/]"
-        table.add_row(mark, check.name, check.detail, "" if check.ok else check.fix)
-    console.print(table)
+    # One try, no retries: a check should say "unreachable" at once, not after a minute.
+    quick = settings.model_copy(update={"api_retries": 0, "api_timeout_s": 10.0})
+    checks = run_doctor(settings, lambda: make_provider(quick))
     failed = [check for check in checks if not check.ok]
+    if as_json:
+        print_json([check.model_dump() for check in checks])
+    else:
+        print_table(
+            [Column(""), Column("check", whole=True), Column("detail"), Column("fix")],
+            [["ok" if check.ok else "FAIL", check.name, check.detail,
+              "" if check.ok else check.fix] for check in checks],
+        )  # fmt: skip
+        if failed:
+            print_line(f"{len(failed)} check(s) failed.", style="red", output=error_console)
+        else:
+            print_line("Everything hctl needs is in place.")
     if failed:
-        error_console.print(f"[red]{len(failed)} check(s) failed.[/]")
         raise typer.Exit(1)
-    console.print("Everything hctl needs is in place.")
 
 
 def ssh_config(
@@ -219,11 +237,11 @@ def ssh_config(
 
     entry = host_entry_for(target, load_settings(), alias=name)
     if print_only:
-        console.print(entry.render(), end="", soft_wrap=True, markup=False, highlight=False)
+        console.out(entry.render(), end="", highlight=False)
         return
     changed = write_host_entry(entry)
     state = "written" if changed else "already up to date"
-    console.print(f"Host {entry.alias} {state} in ~/.ssh/config: try `ssh {entry.alias}`.")
+    print_line(f"Host {entry.alias} {state} in ~/.ssh/config: try `ssh {entry.alias}`.")
 
 
 def forget_host(
@@ -238,17 +256,17 @@ def forget_host(
             f"No host key recorded under {name!r}.",
             f"Recorded: {', '.join(known.names()) or 'none'} (in {hctl_home() / 'known_hosts'}).",
         )
-    console.print(f"Forgot the host key of {name}; the next connection records the new one.")
+    print_line(f"Forgot the host key of {name}; the next connection records the new one.")
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the `hctl` application."""
     app.command("exec", cls=DashDashCommand)(exec_command)
-    app.command("connect")(connect)
-    app.command("setup")(setup)
-    app.command("status")(status)
-    app.command("monitor")(monitor)
-    app.command("gpu-free")(gpu_free)
-    app.command("doctor")(doctor)
-    app.command("ssh-config")(ssh_config)
-    app.command("forget-host")(forget_host)
+    app.command("connect", cls=HctlCommand)(connect)
+    app.command("setup", cls=HctlCommand)(setup)
+    app.command("status", cls=HctlCommand)(status)
+    app.command("monitor", cls=HctlCommand)(monitor)
+    app.command("gpu-free", cls=HctlCommand)(gpu_free)
+    app.command("doctor", cls=HctlCommand)(doctor)
+    app.command("ssh-config", cls=HctlCommand)(ssh_config)
+    app.command("forget-host", cls=HctlCommand)(forget_host)

@@ -4,13 +4,14 @@
 samples from one long-lived `nvidia-smi -l` channel into a `rich.live.Live` view, for `count`
 samples or until Ctrl-C, and shows the pod's cost so far when the target is a pod.
 `monitor_through_api` is for a pod SSH cannot reach yet: it shows the GPU use the provider
-reports (no SSH needed), read again every interval.
+reports (no SSH needed), read again every interval; piped, as plain tab-separated lines.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -18,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from hctl.errors import HctlError
+from hctl.output import Cell, Column, error_console, plain_lines, print_line, write_lines
 from hctl.providers.base import Pod
 from hctl.remote.base import Remote
 from hctl.remote.gpu import GpuSample, MachineStatus, stream_gpu_samples
@@ -103,27 +105,47 @@ def run_monitor(
     with Live(waiting, console=console, auto_refresh=False, transient=False) as live:
 
         def show(samples: list[GpuSample]) -> None:
+            live.transient = False  # a reading stays on the screen (and is all a pipe gets)
             live.update(Group(gpu_table(samples), cost_line(pod, clock() - started)), refresh=True)
 
+        live.transient = True  # until a reading arrives: a failure leaves no "waiting" behind
         try:
             return stream_gpu_samples(remote, show, count=count, interval_s=interval_s)
         except KeyboardInterrupt:
             return -1
 
 
+API_GPU_COLUMNS = [
+    Column("pod", whole=True),
+    Column("status"),
+    Column("GPU", justify="right"),
+    Column("util", justify="right"),
+    Column("memory", justify="right"),
+]
+
+
+def api_gpu_rows(pod: Pod) -> list[list[Cell]]:
+    """The GPU use the provider reports for a pod, one row per GPU (`API_GPU_COLUMNS`)."""
+    return [
+        [pod.id, str(pod.status), str(index), _value(gpu.utilisation_percent, " %"),
+         _value(gpu.memory_percent, " %")]
+        for index, gpu in enumerate(pod.gpus)
+    ]  # fmt: skip
+
+
+def _no_figures(pod: Pod) -> str:
+    return f"pod {pod.id} is {pod.status}: no GPU figures reported yet."
+
+
 def api_gpu_table(pod: Pod) -> RenderableType:
     """The GPU use the provider reports for a pod (utilisation and memory, in percent)."""
     if not pod.gpus:
-        return Text(f"pod {pod.id} is {pod.status}: no GPU figures reported yet.")
-    table = Table(
-        title=f"GPUs of pod {pod.id} (as the provider reports them)", title_justify="left"
-    )
-    for column in ("GPU", "util", "memory"):
-        table.add_column(column, justify="right")
-    for index, gpu in enumerate(pod.gpus):
-        table.add_row(
-            str(index), _value(gpu.utilisation_percent, " %"), _value(gpu.memory_percent, " %")
-        )
+        return Text(_no_figures(pod))
+    table = Table()
+    for column in API_GPU_COLUMNS[2:]:
+        table.add_column(column.name, justify=column.justify)
+    for row in api_gpu_rows(pod):
+        table.add_row(*row[2:])
     return Group(Text(f"GPUs of pod {pod.id}, as the provider reports them:"), table)
 
 
@@ -138,7 +160,9 @@ def monitor_through_api(
 ) -> bool:
     """Show a pod's GPU use from the provider's API, for `count` readings or until Ctrl-C.
 
-    False when `target` is not a pod (an SSH address or this machine: nothing to ask).
+    On a terminal the view is redrawn in place; piped, every reading adds one tab-separated line
+    per GPU under one header line (the cost goes to stderr). False when `target` is not a pod
+    (an SSH address or this machine: nothing to ask).
     """
     from hctl.providers import make_provider
     from hctl.targets import resolve_pod_target
@@ -147,8 +171,9 @@ def monitor_through_api(
     pod = resolve_pod_target(target, settings, provider)
     if pod is None:
         return False
+    show = _live_view(console, pod) if console.is_terminal else _piped_view(console, pod)
     shown = 0
-    with Live(api_gpu_table(pod), console=console, auto_refresh=False) as live:
+    with show as update:
         try:
             while count is None or shown < count:
                 if shown:
@@ -156,10 +181,44 @@ def monitor_through_api(
                 try:
                     pod = provider.get(pod.id)
                 except HctlError as error:
-                    live.update(Text(f"cannot read pod {pod.id}: {error.message}"), refresh=True)
+                    update(None, f"cannot read pod {pod.id}: {error.message}")
                     continue
-                live.update(Group(api_gpu_table(pod), cost_line(pod)), refresh=True)
+                update(pod, None)
                 shown += 1
         except KeyboardInterrupt:
             pass
     return True
+
+
+# A view of the API readings: called with a fresh pod, or with None and what went wrong.
+ReadingView = Callable[[Pod | None, str | None], None]
+
+
+@contextmanager
+def _live_view(console: Console, pod: Pod) -> Iterator[ReadingView]:
+    with Live(api_gpu_table(pod), console=console, auto_refresh=False) as live:
+
+        def update(fresh: Pod | None, problem: str | None) -> None:
+            if fresh is None:
+                live.update(Text(problem or ""), refresh=True)
+            else:
+                live.update(Group(api_gpu_table(fresh), cost_line(fresh)), refresh=True)
+
+        yield update
+
+
+@contextmanager
+def _piped_view(console: Console, pod: Pod) -> Iterator[ReadingView]:
+    print_line(f"GPUs of pod {pod.id}, as the provider reports them:", output=error_console)
+    write_lines(console, plain_lines(API_GPU_COLUMNS, []))
+
+    def update(fresh: Pod | None, problem: str | None) -> None:
+        if fresh is None:
+            print_line(problem or "", output=error_console)
+            return
+        if not fresh.gpus:
+            print_line(_no_figures(fresh), output=error_console)
+        write_lines(console, plain_lines(API_GPU_COLUMNS, api_gpu_rows(fresh))[1:])
+        print_line(cost_line(fresh).plain, output=error_console)
+
+    yield update

@@ -14,6 +14,9 @@ The throughput model is deliberately simple and written down here so a user can 
   as `SETUP_TRIALS` trials' worth of work.
 - **export**: writing the chosen model: `EXPORT_FIXED_SECONDS` + bf16 bytes / `DISK_BYTES_PER_SECOND`.
 
+On this machine (`--on local`), the last job measured here replaces the model when there is one
+(see `services.calibration`): a CPU is nothing like the GPUs the model was calibrated on.
+
 Speeds are relative to an RTX 3090 (≈ the batched decoding throughput ratio), in `GPU_SPEED`; a GPU not in
 the table counts as 1.0. The estimate is a planning figure, not a bill: the live view reports the
 money actually spent from the pod's own price per hour.
@@ -26,6 +29,7 @@ from pydantic import BaseModel
 from hctl.errors import ConfigError
 from hctl.gpus import resolve_gpu
 from hctl.providers.base import CloudType, GpuType
+from hctl.services.calibration import Measurement
 from hctl.services.models import ModelInfo
 
 BOOT_SECONDS = 120.0
@@ -112,6 +116,7 @@ class Estimate(BaseModel):
     phases: list[Phase]
     fits: bool = True
     fit_problem: str = ""
+    basis: str = ""  # where the figures come from when not the throughput model
 
     @property
     def total_seconds(self) -> float:
@@ -160,8 +165,12 @@ def estimate_job(
     on_this_machine: bool = False,
     volume_gb: float | None = None,
     speed: float | None = None,
+    measured: Measurement | None = None,
 ) -> Estimate:
-    """The phases of one job on one GPU (`gpu` None: this machine or an SSH host, price 0/unknown)."""
+    """The phases of one job on one GPU (`gpu` None: this machine or an SSH host, price 0/unknown).
+
+    `measured`: a job this machine ran (for `on_this_machine`), whose figures replace the model's.
+    """
     if n_trials < 1:
         raise ConfigError(
             f"The number of trials must be at least 1, not {n_trials}.", "Use --trials 1 or more."
@@ -180,16 +189,26 @@ def estimate_job(
     else:
         download_seconds = download_bytes / DOWNLOAD_BYTES_PER_SECOND
     per_trial = trial_seconds(model.parameters, speed, response_tokens)
+    load_seconds = LOAD_FIXED_SECONDS + download_bytes / DISK_BYTES_PER_SECOND
+    setup_seconds = SETUP_TRIALS * per_trial
+    export_seconds = EXPORT_FIXED_SECONDS + (model.bf16_bytes or 0) / DISK_BYTES_PER_SECOND
+    basis = ""
+    if measured is not None and on_this_machine:
+        per_trial = measured.trial_for(model.parameters, response_tokens)
+        load_seconds = measured.load_for(model.parameters, DISK_BYTES_PER_SECOND)
+        setup_seconds = measured.setup_for(model.parameters)
+        if measured.export_seconds is not None:
+            export_seconds = measured.export_seconds + max(
+                0.0, load_seconds - measured.load_seconds
+            )
+        basis = f"measured on this machine ({measured.model}, {measured.measured_at[:10]})"
     phases = [
         Phase(name="boot", seconds=BOOT_SECONDS if new_pod and not on_this_machine else 0.0),
         Phase(name="download", seconds=download_seconds),
-        Phase(name="load", seconds=LOAD_FIXED_SECONDS + download_bytes / DISK_BYTES_PER_SECOND),
-        Phase(name="directions", seconds=SETUP_TRIALS * per_trial),
+        Phase(name="load", seconds=load_seconds),
+        Phase(name="directions", seconds=setup_seconds),
         Phase(name="search", seconds=n_trials * per_trial),
-        Phase(
-            name="export",
-            seconds=EXPORT_FIXED_SECONDS + (model.bf16_bytes or 0) / DISK_BYTES_PER_SECOND,
-        ),
+        Phase(name="export", seconds=export_seconds),
     ]
     fits, problem = True, ""
     needed_memory = required_gpu_memory_gb(model)
@@ -217,6 +236,7 @@ def estimate_job(
         phases=phases,
         fits=fits,
         fit_problem=problem,
+        basis=basis,
     )
 
 

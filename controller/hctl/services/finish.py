@@ -8,13 +8,14 @@ import shlex
 from collections.abc import Callable
 from pathlib import Path
 
-from hctl.errors import JobError, PodNotFoundError
+from hctl.errors import ConfigError, JobError, PodNotFoundError
 from hctl.services.estimate import format_money
 from hctl.services.follow import FINISHING_FILE
 from hctl.services.jobs import JobRecord
 from hctl.services.launch import Notify, upload_secrets, with_secrets
 from hctl.services.pareto_plot import save_svg
 from hctl.services.progress import JobProgress
+from hctl.services.request import check_download_folder
 from hctl.services.toolkit import Toolkit
 from hctl_worker.events import LOG_FILE
 from hctl_worker.trials import DEFAULT_KL_LIMIT, Trial, choose, find
@@ -38,8 +39,10 @@ def pick_trial(
         chosen = find(front, wanted) or progress.trials.get(wanted)
         if chosen is None:
             raise JobError(
-                f"Trial {wanted} is not one of this job's finished trials.",
-                f"`hctl results {record.job_id}` lists them.",
+                f"There is no finished trial {wanted} in job {record.job_id} "
+                f"({progress.trials_done} trials finished).",
+                f"`hctl results {record.job_id}` lists them; `hctl attach {record.job_id} "
+                "--trial K` saves one of those.",
             )
         return chosen
     if chooser is not None:
@@ -104,7 +107,19 @@ def export_trial(
 
 
 def download_folder(record: JobRecord, remote_dir: str, local_dir: Path, toolkit: Toolkit) -> int:
-    """Copy a folder from the machine; returns the number of files."""
+    """Copy a folder from the machine into a new or empty `local_dir`; returns the number of files.
+
+    The folder was checked before the job started; it is checked again, since the search took a
+    while: nothing of the user's is overwritten.
+    """
+    try:
+        check_download_folder(local_dir)
+    except ConfigError as error:
+        raise JobError(
+            f"Not downloading: {error.message}",
+            f"The model stays on the machine ({remote_dir}); `hctl attach {record.job_id}` "
+            "downloads it once the folder is empty or gone.",
+        ) from None
     remote = toolkit.connect(record)
     try:
         listing = remote.run(
@@ -116,6 +131,12 @@ def download_folder(record: JobRecord, remote_dir: str, local_dir: Path, toolkit
             target.parent.mkdir(parents=True, exist_ok=True)
             remote.get(f"{remote_dir}/{name}", target)
         return len(names)
+    except OSError as error:
+        raise JobError(
+            f"Downloading to {local_dir} failed: {error.strerror or error}.",
+            f"The model stays on the machine ({remote_dir}); free the folder, then "
+            f"`hctl attach {record.job_id}` downloads it.",
+        ) from None
     finally:
         remote.close()
 
@@ -168,6 +189,39 @@ def finish_job(
         record = store.save(record.model_copy(update={"downloaded_to": str(local)}))
         notify(f"downloaded {count} files to {local}")
     return record
+
+
+def next_steps(record: JobRecord) -> list[tuple[str, str]]:
+    """What a user can do with a finished job's model: (command to type, what it does)."""
+    job = record.job_id
+    steps = [(f"hctl results {job}", "the Pareto front, the chosen trial and where the model is")]
+    saved, trial = record.saved_model_dir, record.chosen_trial
+    if saved is None or trial is None:
+        return steps
+    here = record.downloaded_to or (saved if record.target == "local" else None)
+    worker = "hctl-worker" if record.target == "local" else record.worker_command
+    export = (
+        f"{worker} export --job-dir {shlex.quote(record.remote_job_dir)} --trial {trial} "
+        "--upload-repo USER/NAME"
+    )
+    if here is not None:
+        steps.append((f"hctl-worker chat {shlex.quote(here)}", "talk to it (needs hctl[worker])"))
+    if record.target == "local":
+        if not record.uploaded_repo:
+            steps.append((export, "upload it to the Hugging Face hub (HF_TOKEN set)"))
+        return steps
+    if record.target == "pod" and record.after == "terminate":
+        return steps  # the pod and its volume are gone; only what was downloaded or uploaded stays
+    machine = record.pod_id if record.target == "pod" else record.address
+    if record.target == "pod" and record.after != "keep":
+        steps.append(
+            (f"hctl start-pod {machine} --wait", "start the pod again (its volume kept it)")
+        )
+    steps.append((f"hctl connect {machine}", "a shell there, then:"))
+    steps.append((f"{worker} chat {shlex.quote(saved)}", "talk to it on the machine"))
+    if not record.uploaded_repo:
+        steps.append((export, "upload it from the machine (HF_TOKEN set there)"))
+    return steps
 
 
 # --- The machine after the job ------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Local job records: what hctl remembers about each job, under `hctl_home()/jobs/<job id>/`.
+"""Local job records: what hctl remembers about each job, under `data_dir()/jobs/<job id>/`.
 
 ```
 jobs/<job id>/
@@ -9,11 +9,14 @@ jobs/<job id>/
     pareto.svg       the Pareto front as a picture, written when the job finishes
 ```
 
-With these files a job can be inspected after its pod is gone, and resumed on a new one.
+With these files a job can be inspected after its pod is gone, and resumed on a new one. A job
+id names a folder, so only the characters hctl's ids use are accepted: `../x` or an absolute path
+is refused, never read. Jobs kept by earlier versions under the config folder are still found.
 """
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from datetime import datetime, timezone
@@ -23,11 +26,13 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from hctl.errors import ConfigError, JobError
-from hctl.settings import hctl_home
+from hctl.settings import data_dir, hctl_home
 from hctl_worker.events import EVENTS_FILE, JOURNAL_FILE, SETTINGS_FILE, read_events
 
 RECORD_FILE = "job.json"
 PARETO_PICTURE = "pareto.svg"
+CALIBRATION_FILE = "calibration.json"
+JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 TargetKind = Literal["pod", "ssh", "local"]
 JobStatus = Literal[
@@ -86,13 +91,39 @@ class JobRecord(BaseModel):
     message: str = ""
 
 
-class JobStore:
-    """The local job records in one folder (hctl's home by default)."""
+def check_job_id(job_id: str) -> str:
+    """A job id as typed; anything that could name another folder is a ConfigError."""
+    if not JOB_ID.fullmatch(job_id):
+        raise ConfigError(
+            f"{job_id!r} is not a job id.",
+            "Job ids look like 0612-0930-a1b2; `hctl jobs` lists them.",
+        )
+    return job_id
 
-    def __init__(self, root: Path | None = None) -> None:
-        self.root = root if root is not None else hctl_home() / "jobs"
+
+class JobStore:
+    """The local job records in one folder (the user's data folder by default).
+
+    `legacy` is where earlier versions kept them (the config folder): its jobs are still listed
+    and used where they are; new jobs go to `root`.
+    """
+
+    def __init__(self, root: Path | None = None, legacy: Path | None = None) -> None:
+        self.root = root if root is not None else data_dir() / "jobs"
+        if legacy is None and root is None:
+            legacy = hctl_home() / "jobs"
+        self.legacy = legacy if legacy is not None and legacy != self.root else None
+
+    @property
+    def calibration_path(self) -> Path:
+        """This machine's measured speed (see `services.calibration`), beside the jobs."""
+        return self.root.parent / CALIBRATION_FILE
 
     def folder(self, job_id: str) -> Path:
+        check_job_id(job_id)
+        in_legacy = self.legacy is not None and (self.legacy / job_id / RECORD_FILE).is_file()
+        if in_legacy and not (self.root / job_id).exists():
+            return self.legacy / job_id  # type: ignore[operator]
         return self.root / job_id
 
     def events_path(self, job_id: str) -> Path:
@@ -137,11 +168,15 @@ class JobStore:
 
     def list(self) -> list[JobRecord]:
         """Every job record, oldest first; damaged records are skipped."""
-        if not self.root.is_dir():
-            return []
+        folders = {
+            folder.name: folder
+            for root in (self.legacy, self.root)
+            if root is not None and root.is_dir()
+            for folder in root.iterdir()
+        }
         records = []
-        for folder in sorted(self.root.iterdir()):
-            path = folder / RECORD_FILE
+        for name in sorted(folders):
+            path = folders[name] / RECORD_FILE
             if not path.is_file():
                 continue
             try:

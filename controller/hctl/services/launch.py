@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import tomli_w
 
@@ -32,7 +32,7 @@ from hctl.errors import (
 from hctl.gpus import resolve_gpu
 from hctl.providers.base import GpuType, Pod, PodLease, Provider
 from hctl.remote.base import Remote
-from hctl.services import lease
+from hctl.services import calibration, lease
 from hctl.services.estimate import Estimate, alternatives, estimate_job, format_money
 from hctl.services.follow import (
     ATTACHED_FILE,
@@ -43,42 +43,19 @@ from hctl.services.follow import (
 )
 from hctl.services.jobs import JobRecord, TargetKind, new_job_id
 from hctl.services.models import ModelInfo, inspect_model
-from hctl.services.toolkit import Toolkit
-from hctl_worker.errors import WorkerError
-from hctl_worker.events import JOURNAL_FILE, LOG_FILE, SETTINGS_FILE
-from hctl_worker.settings import (
-    PROMPT_TABLES,
-    load_settings,
-    parse_assignment,
-    read_config_file,
-    translate_heretic_keys,
+from hctl.services.request import (
+    RunRequest,
+    build_worker_settings,
+    check_request,
+    check_trial_number,
 )
+from hctl.services.toolkit import Toolkit
+from hctl_worker.events import JOURNAL_FILE, LOG_FILE, SETTINGS_FILE
+from hctl_worker.settings import PROMPT_TABLES
 
 SECRETS_FILE = ".secrets.env"
 FINISHING_HOLD_S = 3 * 3600  # an export holds the pod up at most this long
 Notify = Callable[[str], None]
-
-
-@dataclass
-class RunRequest:
-    """What the user asked for on the command line."""
-
-    model: str
-    n_trials: int = 200
-    gpu: str | None = None
-    spot: bool = False
-    pod: str | None = None
-    on: str | None = None  # "local" or "ssh://user@host:port"
-    config_file: Path | None = None
-    worker_overrides: dict[str, Any] | None = None
-    trial: int | None = None
-    download: Path | None = None
-    max_cost: float | None = None
-    after: Literal["stop", "terminate", "keep"] | None = None
-    upload: str | None = None
-    params: str | None = None
-    image: str | None = None
-    job_dir: str | None = None  # --on local: where the job directory goes
 
 
 @dataclass
@@ -90,6 +67,7 @@ class RunPlan:
     target: TargetKind
     estimate: Estimate
     worker_settings: dict[str, Any]
+    n_trials: int  # from the settings cascade: --trials, HERETIC_N_TRIALS, the file, the default
     gpu: GpuType | None = None
     pod: Pod | None = None  # an existing pod to reuse
     catalogue: list[GpuType] | None = None
@@ -126,77 +104,21 @@ def hf_token(toolkit: Toolkit) -> str | None:
     return token.get_secret_value() if token is not None else None
 
 
-# A local model folder may carry its own prompt files in `prompts/` (the test fixtures do); they
-# are used for every prompt set the settings do not name, so such a model runs offline.
-FOLDER_PROMPTS = {
-    "good_prompts": "harmless_train.txt",
-    "bad_prompts": "harmful_train.txt",
-    "good_evaluation_prompts": "harmless_test.txt",
-    "bad_evaluation_prompts": "harmful_test.txt",
-}
-
-
-def parse_assignments(items: list[str]) -> dict[str, Any]:
-    """`--set KEY=VALUE` items (the value read as TOML, else a string)."""
-    values: dict[str, Any] = {}
-    for item in items:
-        try:
-            key, value = parse_assignment(item)
-        except WorkerError as error:
-            raise ConfigError(error.message, error.hint) from None
-        values[key] = value
-    return values
-
-
-def build_worker_settings(request: RunRequest, model: ModelInfo) -> dict[str, Any]:
-    """The worker's settings for this job, validated here so a mistake costs nothing."""
-    overrides = dict(request.worker_overrides or {})
-    overrides["model"] = str(model.local_path) if model.local_path else model.reference
-    overrides["n_trials"] = request.n_trials
-    if request.config_file is not None and not request.config_file.is_file():
-        raise ConfigError(
-            f"The worker settings file {request.config_file} does not exist.",
-            "Check the --config path (the worker's config.default.toml shows the format).",
-        )
-    try:
-        named: set[str] = set(overrides)
-        if request.config_file is not None:
-            named |= set(translate_heretic_keys(read_config_file(request.config_file), "")[0])
-        if model.local_path is not None:
-            for key, name in FOLDER_PROMPTS.items():
-                path = model.local_path / "prompts" / name
-                if key not in named and path.is_file():
-                    overrides[key] = {"dataset": str(path)}
-        settings = load_settings(request.config_file, overrides)
-    except WorkerError as error:
-        raise ConfigError(error.message, error.hint) from None
-    values = settings.to_toml_dict()
-    # The controller decides the trial, the export and the upload after the search.
-    for key in ("trial", "save_directory", "upload_repo"):
-        values.pop(key, None)
-    return values
-
-
 def plan_run(request: RunRequest, toolkit: Toolkit) -> RunPlan:
     """Check the request and estimate it; raises before anything is created."""
-    if request.n_trials < 1:
-        raise ConfigError(
-            f"--trials must be at least 1, not {request.n_trials}.", "Use --trials 1 or more."
-        )
-    if request.max_cost is not None and request.max_cost <= 0:
-        raise ConfigError("--max-cost must be more than 0.", "Give a budget in USD, e.g. 2.50.")
-    if request.trial is not None and not 1 <= request.trial <= request.n_trials:
-        raise ConfigError(
-            f"--trial {request.trial} is not a trial of this job: its trials are numbered "
-            f"1-{request.n_trials} as they finish.",
-            "Give a trial number from 1 to --trials, or leave --trial out to choose after the search.",
-        )
+    check_request(request)
     target = target_kind(request)
+    if target == "local" and request.job_dir:
+        from hctl.remote.local import LocalRemote
+
+        check_not_running(LocalRemote(), str(Path(request.job_dir).expanduser().resolve()))
     token = hf_token(toolkit)
     model = inspect_model(
         request.model, parameters_override=request.params, token=token, client=toolkit.hub_client
     )
     worker_settings = build_worker_settings(request, model)
+    n_trials = int(worker_settings["n_trials"])
+    check_trial_number(request, n_trials)
     response_tokens = int(worker_settings.get("max_response_length", 100))
     settings = toolkit.settings
     gpu: GpuType | None = None
@@ -218,13 +140,14 @@ def plan_run(request: RunRequest, toolkit: Toolkit) -> RunPlan:
     estimate = estimate_job(
         model,
         gpu,
-        n_trials=request.n_trials,
+        n_trials=n_trials,
         cloud_type=settings.cloud_type,
         spot=request.spot,
         response_tokens=response_tokens,
         new_pod=target == "pod" and pod is None,
         on_this_machine=target == "local",
         volume_gb=settings.volume_gb if target == "pod" and pod is None else None,
+        measured=calibration.load(toolkit.store.calibration_path) if target == "local" else None,
     )
     if pod is not None and pod.cost_per_hr:
         estimate = estimate.model_copy(update={"price_per_hour": pod.cost_per_hr})
@@ -253,6 +176,7 @@ def plan_run(request: RunRequest, toolkit: Toolkit) -> RunPlan:
         target=target,
         estimate=estimate,
         worker_settings=worker_settings,
+        n_trials=n_trials,
         gpu=gpu,
         pod=pod,
         catalogue=catalogue,
@@ -271,7 +195,7 @@ def _alternatives_hint(
         model,
         catalogue,
         exclude=estimate.gpu_id,
-        n_trials=request.n_trials,
+        n_trials=estimate.n_trials,
         cloud_type=toolkit.settings.cloud_type,
         spot=request.spot,
     )
@@ -615,6 +539,19 @@ def launch_command(
     )
 
 
+def check_not_running(remote: Remote, job_dir: str) -> None:
+    """Refuse to start a second worker in a job directory whose worker still runs (its launcher
+    lives exactly as long as it does; a worker started by hand there is refused by the worker's
+    own lock on the events file)."""
+    result = remote.run(f"if {running_test(job_dir)}; then echo busy; fi", timeout=30)
+    if "busy" in result.output:
+        raise JobError(
+            f"A worker is already running in {job_dir} on {remote.description}.",
+            "Let it finish (`hctl jobs` shows it; `hctl attach JOB` follows it), stop it with "
+            "`hctl cancel JOB`, or give this run another --output folder.",
+        )
+
+
 def start_worker(
     record: JobRecord,
     plan_settings: dict[str, Any],
@@ -635,6 +572,7 @@ def start_worker(
         )  # fmt: skip
         if kept:
             notify(kept)
+    check_not_running(remote, job_dir)
     handle = toolkit.ensure_worker(remote)
     worker = handle.command
     remote.run(f"umask 077 && mkdir -p {shlex.quote(job_dir)}", timeout=60)
@@ -680,7 +618,7 @@ def new_record(plan: RunPlan, toolkit: Toolkit) -> JobRecord:
         job_id=job_id,
         model=request.model,
         worker_model=str(plan.worker_settings.get("model")),
-        n_trials=request.n_trials,
+        n_trials=plan.n_trials,
         target=plan.target,
         pod_id=plan.pod.id if plan.pod is not None else None,
         address=request.on if plan.target == "ssh" else None,
@@ -689,7 +627,7 @@ def new_record(plan: RunPlan, toolkit: Toolkit) -> JobRecord:
         price_per_hour=plan.estimate.price_per_hour or 0.0,
         max_cost=request.max_cost if request.max_cost is not None else settings.max_cost,
         after=request.after or settings.after,
-        download_dir=str(request.download.resolve()) if request.download else None,
+        download_dir=str(request.download.expanduser().resolve()) if request.download else None,
         upload_repo=request.upload,
         trial_choice=request.trial,
         kl_limit=settings.kl_limit,

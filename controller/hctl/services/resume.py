@@ -46,6 +46,15 @@ def resume_job(
     total = n_trials if n_trials is not None else record.n_trials
     if total < 1:
         raise JobError("--trials must be at least 1.", "Give the total number of trials.")
+    finished = record.status == "finished" or (
+        progress.done is not None and progress.trials_done >= record.n_trials
+    )
+    if finished and total <= progress.trials_done:
+        raise JobError(
+            f"Job {record.job_id} is finished: its {progress.trials_done} trials ran.",
+            f"`hctl results {record.job_id}` shows them; `hctl resume {record.job_id} --trials N` "
+            f"with N above {progress.trials_done} runs more.",
+        )
     settings_values = dict(record.worker_settings)
     settings_values["n_trials"] = total
     # A resumed search may find a better trial: the choice, export and download are redone.
@@ -132,7 +141,7 @@ def _resume_machine(
         # from any folder.
         model=str(record.worker_settings.get("model") or record.model),
         n_trials=max(1, record.n_trials - len(local_progress(record, toolkit).trials)),
-        gpu=gpu or record.gpu_id,
+        gpu=(gpu or record.gpu_id) if pod is None else None,  # a given pod has its own GPU
         pod=pod,
         params=str(record.parameters) if record.parameters else None,
         after=record.after,

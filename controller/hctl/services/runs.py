@@ -28,23 +28,22 @@ from hctl.errors import (
     PodNotFoundError,
     PodNotReadyError,
 )
-from hctl.remote.base import Remote
+from hctl.services import calibration
 from hctl.services.budget import Meter
 from hctl.services.estimate import format_money
 from hctl.services.finish import TrialChooser, finish_job, release_machine
 from hctl.services.follow import (
-    LAUNCHER_PID_FILE,
     MAX_READ_BYTES,
     Follower,
     RemoteJobChannel,
-    running_test,
 )
 from hctl.services.jobs import JobRecord
 from hctl.services.launch import Notify
 from hctl.services.progress import JobProgress
+from hctl.services.stopping import stop_worker
 from hctl.services.toolkit import Toolkit
 from hctl.services.view import LiveView, Money
-from hctl_worker.events import EVENTS_FILE, LOG_FILE, PID_FILE, StartEvent, TrialEvent, read_events
+from hctl_worker.events import EVENTS_FILE, LOG_FILE, StartEvent, TrialEvent, read_events
 
 Outcome = Literal["finished", "failed", "budget", "detached", "cancelled", "interrupted"]
 
@@ -100,22 +99,6 @@ def follower_for(record: JobRecord, toolkit: Toolkit, offset: int, **options: An
 
 def channel_factory(record: JobRecord, toolkit: Toolkit) -> Callable[[], RemoteJobChannel]:
     return lambda: RemoteJobChannel(toolkit.connect(record), record.remote_job_dir)
-
-
-def stop_worker(remote: Remote, job_dir: str) -> bool:
-    """Ask the worker to stop (SIGTERM: it ends the current trial as failed and exits, and a
-    resumed search runs that trial again); False when it was not running."""
-    worker_pid = shlex.quote(f"{job_dir}/{PID_FILE}")
-    launcher_pid = shlex.quote(f"{job_dir}/{LAUNCHER_PID_FILE}")
-    result = remote.run(
-        f'if [ -f {worker_pid} ] && kill -0 "$(cat {worker_pid})" 2>/dev/null; then '
-        f'kill -TERM "$(cat {worker_pid})"; echo stopped; '
-        f"elif {running_test(job_dir)}; then "
-        f'kill -TERM -- "-$(cat {launcher_pid})" 2>/dev/null || kill -TERM "$(cat {launcher_pid})"; '
-        "echo stopped; else echo idle; fi",
-        timeout=30,
-    )
-    return "stopped" in result.output
 
 
 def follow_job(
@@ -228,18 +211,6 @@ def follow_job(
     return FollowResult(outcome, progress, record)
 
 
-def wait_for_worker_exit(
-    channel: RemoteJobChannel, toolkit: Toolkit, *, timeout_s: float = 120.0
-) -> bool:
-    """Wait (bounded) until a signalled worker has exited; True when it has."""
-    deadline = toolkit.clock() + timeout_s
-    while toolkit.clock() < deadline:
-        if channel.read(10**15).worker_alive is not True:
-            return True
-        toolkit.sleep(0.25)
-    return False
-
-
 def _check_pod(record: JobRecord, toolkit: Toolkit) -> None:
     """Raise when the job's pod is gone or no longer running (a connection may outlive it)."""
     if record.target != "pod" or record.pod_id is None:
@@ -260,8 +231,7 @@ def _stop_for_budget(
     )
     remote = toolkit.connect(record)
     try:
-        stop_worker(remote, record.remote_job_dir)
-        wait_for_worker_exit(RemoteJobChannel(remote, record.remote_job_dir), toolkit)
+        stop_worker(remote, record.remote_job_dir, toolkit)
     finally:
         remote.close()
     sync_job(record, toolkit)
@@ -316,11 +286,29 @@ def complete(
                 record, progress, toolkit, view.note, worker=worker, token=token, chooser=chooser
             )
             sync_job(record, toolkit)  # the export's own events, so the copy stays complete
+    except HctlError as error:
+        # The search is kept; `hctl attach` finishes the job again.
+        store.save(record.model_copy(update={"status": "failed", "message": error.message}))
+        raise
     finally:
         release_machine(record, toolkit, view.note)
     status = {"finished": "finished", "budget": "budget", "failed": "failed"}[result.outcome]
     record = store.save(record.model_copy(update={"status": status}))
+    if record.target == "local" and status != "failed":
+        _measure_this_machine(record, toolkit)
     return result.outcome, record, progress
+
+
+def _measure_this_machine(record: JobRecord, toolkit: Toolkit) -> None:
+    """Keep what this job took, so the next local estimate is a measurement."""
+    measurement = calibration.measure(
+        toolkit.store.events(record.job_id),
+        model=record.model,
+        parameters=record.parameters or 1,
+        response_tokens=int(record.worker_settings.get("max_response_length", 100)),
+    )
+    if measurement is not None and record.parameters:
+        calibration.save(toolkit.store.calibration_path, measurement)
 
 
 def cancel_job(record: JobRecord, toolkit: Toolkit, notify: Notify) -> JobRecord:
@@ -331,12 +319,16 @@ def cancel_job(record: JobRecord, toolkit: Toolkit, notify: Notify) -> JobRecord
         notify(f"could not reach the machine ({error.message}); releasing it anyway")
     else:
         try:
-            stopped = stop_worker(remote, record.remote_job_dir)
-            if stopped:
-                wait_for_worker_exit(RemoteJobChannel(remote, record.remote_job_dir), toolkit)
-            notify("worker stopped" if stopped else "the worker was not running")
+            state = stop_worker(remote, record.remote_job_dir, toolkit)
         finally:
             remote.close()
+        notify(
+            {
+                "stopped": "worker stopped",
+                "killed": "worker killed: it had not stopped after SIGTERM",
+                "idle": "the worker was not running",
+            }[state]
+        )
         sync_job(record, toolkit)
     record = toolkit.store.save(record.model_copy(update={"status": "cancelled"}))
     return release_machine(record, toolkit, notify)

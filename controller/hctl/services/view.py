@@ -16,6 +16,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from hctl.output import Cell, Column
 from hctl.services.estimate import Estimate, format_duration, format_money
 from hctl.services.progress import JobProgress
 from hctl_worker.events import (
@@ -43,27 +44,40 @@ class Money:
     eta_seconds: float | None = None
 
 
-def estimate_table(estimates: list[Estimate], *, title: str) -> Table:
-    """One row per GPU: its hourly price AND the total for this job."""
-    table = Table(title=title, title_justify="left")
-    table.add_column("GPU")
-    table.add_column("memory", justify="right")
-    table.add_column("$/hour", justify="right")
-    table.add_column("s/trial", justify="right")
-    table.add_column("duration", justify="right")
-    table.add_column("total", justify="right", style="bold")
-    table.add_column("note")
-    for estimate in estimates:
-        table.add_row(
+ESTIMATE_COLUMNS = [
+    Column("GPU"),
+    Column("memory", justify="right"),
+    Column("$/hour", justify="right"),
+    Column("s/trial", justify="right"),
+    Column("duration", justify="right"),
+    Column("total", justify="right", style="bold"),
+    Column("note"),
+]
+
+
+def estimate_rows(estimates: list[Estimate]) -> list[list[Cell]]:
+    """One row per GPU: its hourly price AND the total for this job (`ESTIMATE_COLUMNS`)."""
+    return [
+        [
             estimate.gpu_name + (" (spot)" if estimate.spot else ""),
             f"{estimate.memory_gb} GB" if estimate.memory_gb else "—",
             format_money(estimate.price_per_hour),
             f"{estimate.seconds_per_trial:.1f}",
             format_duration(estimate.total_seconds),
             format_money(estimate.total_cost),
-            "" if estimate.fits else f"[red]does not fit: {estimate.fit_problem}[/]",
-        )
-    return table
+            "" if estimate.fits else Text(f"does not fit: {estimate.fit_problem}", style="red"),
+        ]
+        for estimate in estimates
+    ]
+
+
+def estimate_data(estimate: Estimate) -> dict:
+    """An estimate for `--json`, with its totals."""
+    return {
+        **estimate.model_dump(),
+        "total_seconds": estimate.total_seconds,
+        "total_cost": estimate.total_cost,
+    }
 
 
 def phases_line(estimate: Estimate) -> str:
@@ -74,15 +88,18 @@ def phases_line(estimate: Estimate) -> str:
     )
 
 
-def pareto_table(
-    front: list[Trial], *, chosen: int | None = None, title: str = "Pareto front"
-) -> Table:
-    table = Table(title=title, title_justify="left")
-    table.add_column("trial", justify="right", no_wrap=True, min_width=5)
-    table.add_column("refusals", justify="right", no_wrap=True, min_width=8)
-    table.add_column("KL divergence", justify="right", no_wrap=True, min_width=13)
-    table.add_column("parameters", no_wrap=True, overflow="ellipsis", max_width=30)
-    table.add_column("", no_wrap=True, min_width=8)
+PARETO_COLUMNS = [
+    Column("trial", justify="right"),
+    Column("refusals", justify="right"),
+    Column("KL divergence", justify="right"),
+    Column("parameters"),
+    Column(""),
+]
+
+
+def pareto_rows(front: list[Trial], *, chosen: int | None = None) -> list[list[Cell]]:
+    """The Pareto front, one row per trial (`PARETO_COLUMNS`); the chosen one is marked."""
+    rows: list[list[Cell]] = []
     for trial in front:
         params = " ".join(
             ([trial.origin] if trial.origin else [])
@@ -91,14 +108,16 @@ def pareto_table(
                 for name, value in list(trial.params.items())[:3]
             ]
         )
-        table.add_row(
-            str(trial.number),
-            f"{trial.refusals}/{trial.total_bad}",
-            f"{trial.kl:.4f}",
-            params,
-            "[bold green]← chosen[/]" if trial.number == chosen else "",
+        rows.append(
+            [
+                str(trial.number),
+                f"{trial.refusals}/{trial.total_bad}",
+                f"{trial.kl:.4f}",
+                params,
+                Text("← chosen", style="bold green") if trial.number == chosen else "",
+            ]
         )
-    return table
+    return rows
 
 
 def event_line(event: object, progress: JobProgress, money: Money | None = None) -> str | None:
@@ -122,11 +141,12 @@ def event_line(event: object, progress: JobProgress, money: Money | None = None)
         )
         return f"baseline: {event.refusals}/{event.total_bad} refusals on harmful prompts{good}"
     if isinstance(event, TrialEvent):
-        refusals = (
-            "refusals skipped (KL too high)"
-            if event.refusals is None
-            else f"refusals {event.refusals}/{event.total_bad}"
-        )
+        if event.refusals is None:
+            refusals = "refusals skipped (KL too high)"
+        elif event.pruned:
+            refusals = f"pruned at {event.refusals}/{event.total_bad} refusals (behind the front)"
+        else:
+            refusals = f"refusals {event.refusals}/{event.total_bad}"
         best = progress.best()
         best_text = (
             f" | best #{best.number} ({best.refusals}/{best.total_bad}, KL {best.kl:.4f})"

@@ -5,18 +5,22 @@ API (`graphql`, `rest`) turns an answer into data or an error; this module decid
 again, by what repeating the request could do:
 
 - `retry="always"` (reads, stop, start, terminate): 429, 5xx, network errors and answers that
-  may not have been applied are retried with exponential backoff, honouring `Retry-After`.
+  may not have been applied are retried with exponential backoff, honouring `Retry-After` (up to
+  `MAX_WAIT_S`; a longer one is an error, since hctl does not hang for minutes).
 - `retry="rate_limit_only"` (creates): a 429 was refused before anything happened, and a
   connection that was never made sent nothing, so those are retried here. Any other failure is
   raised: an `OutcomeUnknownError` (no answer, a 5xx, RunPod's "Something went wrong") means the
   create may have been applied, and the caller must look for the pod before anything else (see
   `hctl.providers.runpod.common.create_once`).
 
-Authentication and validation errors are never retried. `pause` is the one place that waits.
+Authentication and validation errors are never retried. `pause` is the one place that waits;
+a wait of `NOTICE_AFTER_S` or more is announced there (`on_wait`, stderr by default), so hctl
+never sits silent, whichever API it talks to.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
@@ -30,18 +34,27 @@ Sleep = Callable[[float], None]
 RetryPolicy = Literal["always", "rate_limit_only"]
 T = TypeVar("T")
 
-MAX_WAIT_S = 60.0
+MAX_WAIT_S = 60.0  # a longer Retry-After is an error: hctl does not hang for minutes
+NOTICE_AFTER_S = 2.0  # a wait this long or longer is announced, never silent
 
 
 class RateLimitedError(ApiError):
-    """HTTP 429: refused before anything happened, so even a create may be sent again."""
+    """HTTP 429: refused before anything happened, so even a create may be sent again.
 
-    def __init__(self, retry_after: float) -> None:
-        super().__init__(
-            "RunPod is limiting the rate of requests (HTTP 429).",
-            "Wait a minute and try again.",
-            retryable=True,
-        )
+    `waited=False`: RunPod asked for a wait longer than hctl waits on its own (`MAX_WAIT_S`).
+    """
+
+    def __init__(self, retry_after: float, *, waited: bool = True) -> None:
+        if waited:
+            message = "RunPod is limiting the rate of requests (HTTP 429)."
+            hint = "Wait a minute and try again."
+        else:
+            message = (
+                f"RunPod is limiting the rate of requests (HTTP 429) and asks to wait "
+                f"{retry_after:.0f} s, longer than hctl waits on its own ({MAX_WAIT_S:.0f} s)."
+            )
+            hint = f"Try again in {retry_after / 60:.0f} minute(s); nothing was changed."
+        super().__init__(message, hint, retryable=True)
         self.retry_after = retry_after
 
 
@@ -57,6 +70,12 @@ class ConnectFailedError(ApiError):
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message, hint, retryable=True)
+
+
+def say_on_stderr(message: str) -> None:
+    """How a wait is announced unless told otherwise: a `note:` line on stderr."""
+    sys.stderr.write(f"note: {message}\n")
+    sys.stderr.flush()
 
 
 def retry_after(response: httpx.Response) -> float:
@@ -81,6 +100,7 @@ class ApiHttp:
         backoff_s: float = 1.0,
         sleep: Sleep = time.sleep,
         transport: httpx.BaseTransport | None = None,
+        on_wait: Callable[[str], None] = say_on_stderr,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.address_setting = address_setting  # named in hints, e.g. HCTL_RUNPOD_REST_URL
@@ -88,6 +108,7 @@ class ApiHttp:
         self._retries = retries
         self._backoff_s = backoff_s
         self._sleep = sleep
+        self._on_wait = on_wait
         self._http = httpx.Client(
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
             transport=transport,
@@ -124,14 +145,24 @@ class ApiHttp:
                 if not self._may_retry(error, retry) or attempt >= self._retries:
                     raise
                 if isinstance(error, RateLimitedError):
-                    self.pause(error.retry_after, error)
+                    self.pause(error.retry_after, error, retry=attempt + 1)
                 else:
-                    self.pause(self._backoff_s * 2**attempt, error)
+                    self.pause(self._backoff_s * 2**attempt, error, retry=attempt + 1)
                 attempt += 1
 
-    def pause(self, seconds: float, reason: ProviderError) -> None:
-        """Wait before sending again (at most MAX_WAIT_S): the one place hctl waits on an API."""
-        self._sleep(min(max(seconds, 0.0), MAX_WAIT_S))
+    def pause(self, seconds: float, reason: ProviderError, *, retry: int | None = None) -> None:
+        """Wait before sending again: the one place hctl waits on an API.
+
+        A `Retry-After` longer than MAX_WAIT_S is raised as an error (nothing was changed);
+        a backoff is cut to MAX_WAIT_S. A wait of NOTICE_AFTER_S or more is announced first.
+        """
+        if isinstance(reason, RateLimitedError) and seconds > MAX_WAIT_S:
+            raise RateLimitedError(seconds, waited=False) from None
+        wait = min(max(seconds, 0.0), MAX_WAIT_S)
+        if wait >= NOTICE_AFTER_S:
+            which = f" (retry {retry} of {self._retries})" if retry is not None else ""
+            self._on_wait(f"{reason.message} Retrying in {wait:.0f} s{which}.")
+        self._sleep(wait)
 
     @staticmethod
     def _may_retry(error: ProviderError, retry: RetryPolicy) -> bool:

@@ -1,0 +1,125 @@
+"""One worker per job directory, and a cancel that really stops it.
+
+A stand-in worker (a small Python program that ignores SIGTERM, as a worker deep inside one long
+computation does) is started the way hctl starts workers (`launch.launch_command`, detached).
+`hctl cancel` must end it and say how; a second `hctl run` on its job directory must be refused
+before anything starts; and a second writer of a job's events is refused before it writes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from hctl.cli import app
+from hctl.remote.local import LocalRemote
+from hctl.services import launch, runs, stopping
+from hctl.services.jobs import JobRecord, JobStore
+from hctl.services.toolkit import default_toolkit
+from hctl.settings import load_settings
+from hctl_worker.cli import app as worker_app
+from hctl_worker.errors import JobDirectoryError
+from hctl_worker.events import EventWriter, LogEvent, read_events
+from tests.conftest import REPO_ROOT
+
+TINY = str(REPO_ROOT / "tests" / "fixtures" / "tiny-refuser")
+
+STUBBORN_WORKER = """\
+import os, pathlib, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+job = pathlib.Path(sys.argv[sys.argv.index("--job-dir") + 1])
+(job / "worker.pid").write_text(str(os.getpid()))
+time.sleep(300)
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.fixture
+def stubborn_job(tmp_path: Path):  # noqa: ANN201
+    """A job directory whose worker ignores SIGTERM; yields its folder and the worker's pid."""
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    script = tmp_path / "stubborn.py"
+    script.write_text(STUBBORN_WORKER)
+    worker = f"{sys.executable} {script}"
+    LocalRemote().run(launch.launch_command(worker, str(job_dir)), timeout=30)
+    pid_file = job_dir / "worker.pid"
+    deadline = time.monotonic() + 30
+    while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = int(pid_file.read_text())
+    yield job_dir, pid
+    if alive(pid):
+        os.kill(pid, 9)
+
+
+def test_cancel_kills_a_worker_that_ignores_sigterm_and_says_so(
+    stubborn_job, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_dir, pid = stubborn_job
+    monkeypatch.setattr(stopping, "STOP_GRACE_S", 1.0)
+    store = JobStore()
+    record = store.save(
+        JobRecord(job_id="1129-0000-abcd", model="m", worker_model="m", n_trials=5,
+                  target="local", remote_job_dir=str(job_dir), status="running")
+    )  # fmt: skip
+    notes: list[str] = []
+    runs.cancel_job(record, default_toolkit(load_settings()), notes.append)
+    assert not alive(pid)
+    assert any(note.startswith("worker killed") for note in notes), notes
+    assert store.load(record.job_id).status == "cancelled"
+
+
+def test_a_second_run_on_a_busy_job_directory_is_refused_before_it_starts(stubborn_job) -> None:
+    job_dir, pid = stubborn_job
+    result = CliRunner().invoke(
+        app, ["run", TINY, "--on", "local", "--output", str(job_dir), "--trials", "2", "--yes"]
+    )
+    assert result.exit_code != 0
+    assert f"A worker is already running in {job_dir}" in result.output
+    assert "hint:" in result.output
+    assert JobStore().list() == []  # no job was recorded for it
+    assert alive(pid)  # the running worker was left alone
+
+
+def test_only_one_writer_holds_a_jobs_events(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    first = EventWriter(path)
+    first.emit(LogEvent(message="one"))
+    with pytest.raises(JobDirectoryError, match="another worker"):
+        EventWriter(path)
+    first.emit(LogEvent(message="two"))
+    first.close()
+    with EventWriter(path) as successor:
+        successor.emit(LogEvent(message="three"))
+    events, _ = read_events(path)
+    assert [event.seq for event in events] == [0, 1, 2]
+
+
+@pytest.mark.worker  # the worker's run command needs the worker extra
+def test_a_second_worker_on_a_job_is_refused_and_writes_no_event(tmp_path: Path) -> None:
+    job_dir = tmp_path / "job"
+    holder = EventWriter(job_dir / "events.jsonl")  # the first worker, busy
+    holder.emit(LogEvent(message="working"))
+    try:
+        result = CliRunner().invoke(
+            worker_app, ["run", "--job-dir", str(job_dir), "--model", TINY, "--n-trials", "2"]
+        )
+    finally:
+        holder.close()
+    assert result.exit_code == 2, result.output
+    assert "another worker" in result.output and "hint:" in result.output
+    events, _ = read_events(job_dir / "events.jsonl")
+    assert [event.seq for event in events] == [0]  # nothing written by the refused worker

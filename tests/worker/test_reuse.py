@@ -1,0 +1,281 @@
+"""Doing less work per trial changes no result: layer replay, draft replies and pruning give the
+refusals and KL of the plain evaluation on the fixtures, and the trials they prune are ones the
+plain evaluation ranks behind the front."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from hctl_worker.ablation import AblationParams, Ablator, ComponentKernel
+from hctl_worker.directions import last_token_residuals, refusal_directions
+from hctl_worker.drafts import DraftStore
+from hctl_worker.evaluation import Evaluator
+from hctl_worker.markers import DEFAULT_REFUSAL_MARKERS
+from hctl_worker.model import LoadedModel, load_model
+from hctl_worker.pruning import PruningBar
+from hctl_worker.replay import DepthPlan, plan_depth
+from hctl_worker.search_space import SearchSpace
+from hctl_worker.study import Outcome, finished_trials, open_study, run_search
+from hctl_worker.trials import Trial, pareto_front
+from scripts.make_random_model import byte_tokenizer, random_model, tiny_config
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+SYSTEM = "You are a helpful assistant."
+
+
+# ---- pure parts ------------------------------------------------------------------------------
+
+
+def test_the_depth_plan_buys_depth_first_then_spreads_checkpoints() -> None:
+    assert plan_depth(8, 10, 100, 7 * 10 + 7 * 100) == DepthPlan(7, (1, 2, 3, 4, 5, 6, 7))
+    assert plan_depth(8, 10, 100, 7 * 10 + 4 * 100) == DepthPlan(7, (1, 3, 5, 7))
+    assert plan_depth(8, 10, 100, 4 * 10 + 100) == DepthPlan(4, (4,))
+    assert plan_depth(8, 10, 100, 50) == DepthPlan(0, ())
+    assert plan_depth(8, 10, 100, 0) == DepthPlan(0, ())
+    plan = DepthPlan(8, (2, 4, 6, 8))
+    assert [plan.start_for(k) for k in (0, 1, 2, 5, 30)] == [0, 0, 2, 4, 8]
+
+
+def test_drafts_follow_the_most_frequent_reply_that_starts_like_this_one() -> None:
+    store = DraftStore()
+    store.add(0, [1, 2, 3, 4])
+    store.add(0, [1, 2, 5])
+    store.add(0, [1, 2, 5, 6])
+    assert store.draft(0, [], 10) == [1, 2, 5, 6]
+    assert store.draft(0, [1, 2, 3], 10) == [4]
+    assert store.draft(0, [1, 2], 1) == [5]
+    assert store.draft(0, [7], 10) == []
+    assert store.draft(1, [], 10) == []
+
+
+def test_the_pruning_bar_is_the_fewest_refusals_at_no_higher_kl_plus_the_margin() -> None:
+    trials = [
+        Trial(number=1, kl=0.01, refusals=20, total_bad=32),
+        Trial(number=2, kl=0.05, refusals=5, total_bad=32),
+        Trial(number=3, kl=0.03, refusals=25, total_bad=32),  # behind trial 1
+        Trial(number=4, kl=0.001, refusals=None, total_bad=32),  # skipped: no score
+    ]
+    bar = PruningBar(trials, margin=2)
+    assert bar.refusal_limit(0.005) is None  # nothing on the front has a KL this low
+    assert bar.refusal_limit(0.02) == 22
+    assert bar.refusal_limit(0.5) == 7
+    assert bar.refusal_limit(float("nan")) is None
+    assert PruningBar.for_prompts(trials, 32, 0.05).margin == 2  # 1.6 rounded up
+
+
+# ---- the engine against the plain evaluation -------------------------------------------------
+
+
+def _prompts(fixture: Path, name: str, count: int) -> list[str]:
+    lines = (fixture / "prompts" / f"{name}.txt").read_text().splitlines()
+    return [line for line in lines if line.strip()][:count]
+
+
+def _random_params(generator: random.Random, n_layers: int) -> AblationParams:
+    last = max(n_layers - 1, 1)
+
+    def kernel() -> ComponentKernel:
+        peak = generator.uniform(0.3, 1.5)
+        return ComponentKernel(
+            max_weight=peak,
+            max_weight_position=generator.uniform(0, last),
+            min_weight=generator.uniform(0, 1) * peak,
+            min_weight_distance=generator.uniform(0.5, last),
+        )
+
+    index = None if generator.random() < 0.3 else generator.uniform(0, last)
+    return AblationParams(index, {"attention": kernel(), "mlp": kernel()})
+
+
+def _fixture_bench(name: str, n_good: int, n_bad: int):
+    """A fixture model, its templated test prompts, an ablator, and the plain and the optimised
+    evaluator of the same prompts."""
+    fixture = FIXTURES / name
+    loaded = load_model(str(fixture), dtypes=["float32"], device_map="cpu")
+    good = loaded.template(_prompts(fixture, "harmless_test", n_good), SYSTEM)
+    bad = loaded.template(_prompts(fixture, "harmful_test", n_bad), SYSTEM)
+    residuals_bad = last_token_residuals(loaded, bad, 8)
+    residuals_good = last_token_residuals(loaded, good, 8)
+    ablator = Ablator(loaded, refusal_directions(residuals_bad, residuals_good))
+    plain, optimised = _evaluators(
+        loaded,
+        ablator,
+        good,
+        bad,
+        markers=DEFAULT_REFUSAL_MARKERS,
+        max_response_length=12,
+        batch_size=8,
+    )
+    return loaded, bad, ablator, plain, optimised
+
+
+def _evaluators(loaded: LoadedModel, ablator: Ablator, good: list[str], bad: list[str], **common):
+    plain = Evaluator(
+        loaded,
+        good_texts=good,
+        bad_texts=bad,
+        share_prefix=False,
+        replay_memory=0,
+        drafts=False,
+        **common,
+    )
+    optimised = Evaluator(
+        loaded, good_texts=good, bad_texts=bad, unchanged_layers=ablator.unchanged_layers, **common
+    )
+    return plain, optimised
+
+
+@pytest.mark.parametrize("name", ["tiny-refuser", "tiny-refuser-early"])
+def test_reuse_gives_the_plain_evaluations_refusals_and_kl_in_fewer_passes(name: str) -> None:
+    loaded, _, ablator, plain, optimised = _fixture_bench(name, 24, 24)
+    assert optimised.reuse.plan.enabled and optimised.shares_prefix > 0
+    assert plain.baseline() == optimised.baseline()
+    generator = random.Random(3)
+    starts, refusal_counts, passes = [], set(), {"plain": 0, "optimised": 0}
+    for _ in range(10):
+        params = _random_params(generator, loaded.n_layers)
+        plain.stats.__init__()
+        optimised.stats.__init__()
+        with ablator.applied(params):
+            starts.append(optimised.reuse.plan.start_for(ablator.unchanged_layers()))
+            expected, got = plain.score(), optimised.score()
+        assert got.refusals == expected.refusals
+        assert got.kl == pytest.approx(expected.kl, rel=1e-4, abs=1e-7)
+        passes["plain"] += plain.stats.forward_passes
+        passes["optimised"] += optimised.stats.forward_passes
+        refusal_counts.add(expected.refusals)
+    # The check meant something: some trials started above layer 0, drafts saved passes, and
+    # refusals varied.
+    assert any(start > 0 for start in starts)
+    assert passes["optimised"] < passes["plain"]
+    assert len(refusal_counts) > 1
+
+
+@pytest.mark.parametrize("architecture", ["qwen3", "gemma2", "lfm2"])
+def test_models_whose_caches_cannot_be_replayed_fall_back_to_the_same_scores(
+    architecture: str,
+) -> None:
+    """Sliding-window and convolution caches are neither replayed nor shared; scores agree."""
+    tokenizer = byte_tokenizer()
+    tokenizer.padding_side = "left"
+    config = tiny_config(architecture, hidden=32, layers=3, vocab=len(tokenizer))
+    config.eos_token_id = tokenizer.eos_token_id
+    model = random_model(config, seed=7)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20)
+    loaded = LoadedModel(model, tokenizer, torch.float32, architecture)
+    prompts = [
+        "Hello there!",
+        "How do I bake bread?",
+        "Tell me a joke.",
+        "x",
+        "Why is the sky blue?",
+    ]
+    texts = loaded.template(prompts, SYSTEM)
+    residuals = last_token_residuals(loaded, texts, 4)
+    ablator = Ablator(loaded, refusal_directions(residuals[:2], residuals[2:]))
+    plain, optimised = _evaluators(
+        loaded, ablator, texts[:3], texts, markers=["e", "zz"], max_response_length=6, batch_size=2
+    )
+    assert optimised.reuse.plan.enabled is (architecture == "qwen3")
+    assert optimised.reuse.use_drafts is (architecture == "qwen3")
+    kernel = ComponentKernel(1.2, 2.0, 1.2, 0.5)  # layer 2 only
+    with ablator.applied(AblationParams(1.5, {"attention": kernel, "mlp": kernel})):
+        expected, got = plain.score(), optimised.score()
+    assert got.refusals == expected.refusals
+    assert got.kl == pytest.approx(expected.kl, rel=1e-4, abs=1e-7)
+
+
+def test_a_pruned_trial_is_one_the_plain_evaluation_ranks_behind_the_front() -> None:
+    _, bad, ablator, plain, optimised = _fixture_bench("tiny-refuser", 16, 24)
+    # A front of one trial that removes the refusals at little KL...
+    late = ComponentKernel(1.5, 3.0, 1.0, 0.5)
+    with ablator.applied(AblationParams(3.0, {"attention": late, "mlp": late})):
+        best = plain.score()
+    front = [Trial(number=1, kl=best.kl, refusals=best.refusals, total_bad=len(bad))]
+    # ...and trials with early directions, which keep refusing, some at a higher KL.
+    generator = random.Random(11)
+    pruned = 0
+    for number in range(2, 10):
+        early = ComponentKernel(generator.uniform(1.0, 1.5), generator.uniform(0, 2), 1.0, 3.0)
+        params = AblationParams(generator.uniform(0, 1.5), {"attention": early, "mlp": early})
+        with ablator.applied(params):
+            full = plain.score()
+            bar = PruningBar(front, margin=1)
+            fast = optimised.score(refusal_limit=bar.refusal_limit)
+        assert fast.kl == pytest.approx(full.kl, rel=1e-4, abs=1e-7)
+        if not fast.pruned:
+            assert fast.refusals == full.refusals
+            continue
+        pruned += 1
+        # Pruned: the count so far is a lower bound, and the full evaluation puts the trial
+        # behind the front.
+        assert fast.refusals <= full.refusals
+        assert fast.refusals >= bar.refusal_limit(fast.kl)
+        trial = Trial(number=number, kl=full.kl, refusals=full.refusals, total_bad=len(bad))
+        assert pareto_front([*front, trial]) == front
+    assert pruned > 0
+
+
+def test_pruned_trials_are_in_the_journal_count_as_finished_and_stay_off_the_front(
+    tmp_path: Path,
+) -> None:
+    journal = tmp_path / "journal.log"
+    space = SearchSpace.heretic(8, ("attention", "mlp"))
+    outcomes = iter(
+        [
+            Outcome(kl=0.01, refusals=3, total_bad=10),
+            Outcome(kl=0.02, refusals=5, total_bad=10, pruned=True),
+            Outcome(kl=0.005, refusals=8, total_bad=10),
+        ]
+    )
+    trials = run_search(
+        open_study(journal, seed=1, n_startup_trials=5),
+        space,
+        lambda values: next(outcomes),
+        n_trials=3,
+    )
+    assert [trial.pruned for trial in trials] == [False, True, False]
+    assert [trial.number for trial in pareto_front(trials)] == [1, 3]
+    study = optuna.load_study(
+        study_name="hctl", storage=open_study(journal, seed=1, n_startup_trials=5)._storage
+    )
+    assert [trial.state for trial in study.trials] == [
+        TrialState.COMPLETE,
+        TrialState.PRUNED,
+        TrialState.COMPLETE,
+    ]
+    # A resumed search counts the pruned trial as done and reads it back as it was.
+    again = open_study(journal, seed=1, n_startup_trials=5)
+    assert [trial.pruned for trial in finished_trials(again)] == [False, True, False]
+    assert finished_trials(again)[1].refusals == 5
+    assert (
+        len(
+            run_search(
+                again, space, lambda values: Outcome(kl=1, refusals=1, total_bad=10), n_trials=3
+            )
+        )
+        == 3
+    )
+
+
+def test_unchanged_layers_are_those_below_every_edited_one() -> None:
+    loaded = load_model(str(FIXTURES / "tiny-refuser"), dtypes=["float32"], device_map="cpu")
+    ablator = Ablator(loaded, torch.randn(loaded.n_layers + 1, loaded.hidden_size))
+    assert ablator.unchanged_layers() == loaded.n_layers  # no trial: nothing edited
+    late = ComponentKernel(1.0, 3.0, 0.5, 1.0)  # layers 2 and 3
+    off = ComponentKernel(0.0, 0.0, 0.0, 1.0)  # weight 0 everywhere: edits nothing
+    with ablator.applied(AblationParams(1.0, {"attention": late, "mlp": off})):
+        assert ablator.unchanged_layers() == 2
+    with ablator.applied(AblationParams(1.0, {"attention": late, "mlp": late})):
+        assert ablator.unchanged_layers() == 2
+    early = ComponentKernel(1.0, 0.0, 1.0, 1.0)  # layers 0 and 1
+    with ablator.applied(AblationParams(1.0, {"attention": late, "mlp": early})):
+        assert ablator.unchanged_layers() == 0
+    assert ablator.unchanged_layers() == loaded.n_layers

@@ -1,0 +1,132 @@
+"""A batch's first forward pass, and what a generation may reuse around it.
+
+The first pass runs a batch's prompts (less the shared prefix) followed by a draft reply per row.
+It is the same in every trial, so it can be recorded once on the unmodified model and replayed
+below a trial's first edited layer (`replay.py`). `Context` gathers what one generation reuses:
+the refreshed shared prefix, the replay's start layer, the first passes, and the draft store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from hctl_worker.drafts import DraftStore
+from hctl_worker.encoding import (
+    EncodedBatch,
+    cache_option,
+    forward_options,
+    new_cache,
+    position_ids_for,
+)
+from hctl_worker.prefix import SharedPrefix
+from hctl_worker.replay import Recording, replaying
+
+if TYPE_CHECKING:
+    from hctl_worker.model import LoadedModel
+
+
+@dataclass
+class FirstPass:
+    """A batch's first forward pass: its prompts (less the shared prefix) followed by a draft
+    reply per row (padded to one width). Fixed across trials, so it can be recorded once on the
+    unmodified model and replayed below a trial's first edited layer."""
+
+    batch: EncodedBatch
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor  # prefix columns included
+    position_ids: torch.Tensor
+    drafts: list[list[int]]
+    recording: Recording | None = None
+
+    @property
+    def draft_width(self) -> int:
+        return max((len(draft) for draft in self.drafts), default=0)
+
+    @classmethod
+    def build(
+        cls,
+        batch: EncodedBatch,
+        prefix: SharedPrefix | None,
+        drafts: Sequence[Sequence[int]] | None = None,
+        pad_id: int = 0,
+    ) -> FirstPass:
+        rows, width = batch.input_ids.shape
+        device = batch.input_ids.device
+        drafts = [list(draft) for draft in drafts] if drafts else [[] for _ in range(rows)]
+        if prefix is None:
+            input_ids, attention_mask = batch.input_ids, batch.attention_mask
+        else:
+            # A left-padded row is padding + prefix + rest; without the prefix's columns it is
+            # padding + rest, still left-padded, and the prefix moves in front of the padding.
+            rest = width - prefix.length
+            columns = torch.arange(rest, device=device)[None, :]
+            padding = (batch.attention_mask == 0).sum(dim=1, keepdim=True)
+            source = columns + prefix.length * (columns >= padding)
+            input_ids = batch.input_ids.gather(1, source)
+            rest_mask = batch.attention_mask.gather(1, source)
+            attention_mask = torch.cat([rest_mask.new_ones((rows, prefix.length)), rest_mask], 1)
+        draft_width = max((len(draft) for draft in drafts), default=0)
+        if draft_width:
+            padded = torch.full((rows, draft_width), pad_id, dtype=torch.long)
+            for row, draft in enumerate(drafts):
+                padded[row, : len(draft)] = torch.tensor(draft, dtype=torch.long)
+            input_ids = torch.cat([input_ids, padded.to(device)], dim=1)
+            # Padding after a short draft is never kept (a draft is only short when it ended),
+            # so it can stay visible here; it is masked once the pass is over.
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(padded.shape)], 1)
+        positions = position_ids_for(attention_mask)[:, -input_ids.shape[1] :]
+        return cls(batch, input_ids, attention_mask, positions, drafts)
+
+    def run(self, model, cache, layers: Sequence[torch.nn.Module] = (), start: int = 0):
+        """The forward pass, starting at layer `start` when that is not 0."""
+        replay = (
+            replaying(layers, self.recording, start, cache)
+            if start > 0 and self.recording is not None
+            else nullcontext()
+        )
+        with replay:
+            return model(
+                input_ids=self.input_ids,
+                attention_mask=self.attention_mask,
+                position_ids=self.position_ids,
+                use_cache=True,
+                **cache_option(model, cache),
+                **forward_options(model, self.draft_width + 1),
+            )
+
+
+@dataclass
+class Context:
+    """What a generation may reuse: the shared prefix (already refreshed for the model as it is),
+    the layers below `start` replayed from each first pass's recording, and drafts."""
+
+    prefix: SharedPrefix | None = None
+    layers: Sequence[torch.nn.Module] = ()
+    start: int = 0
+    drafts: DraftStore | None = None
+    first_passes: dict[int, FirstPass] = field(default_factory=dict)  # by id(batch)
+
+    def start_for(self, first: FirstPass) -> int:
+        """Where `first` starts computing: `start` when it was recorded, else layer 0."""
+        return self.start if first.recording is not None else 0
+
+    def first_pass(self, batch: EncodedBatch, pad_id: int) -> FirstPass:
+        found = self.first_passes.get(id(batch))
+        return found if found is not None else FirstPass.build(batch, self.prefix, None, pad_id)
+
+
+def pad_id(loaded: LoadedModel) -> int:
+    pad = loaded.tokenizer.pad_token_id
+    return int(pad) if pad is not None else 0
+
+
+def start_cache(model: torch.nn.Module, prefix: SharedPrefix | None, rows: int):
+    return prefix.copy_for(model, rows) if prefix is not None else new_cache(model)
+
+
+__all__ = ["Context", "FirstPass", "pad_id", "start_cache"]

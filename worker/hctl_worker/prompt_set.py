@@ -1,0 +1,321 @@
+"""Prompt sets asked in every trial, and what every trial can reuse of them.
+
+The evaluator asks the same prompts in every trial: the harmless ones for KL, the harmful ones for
+refusals. `Reuse` prepares, once, on the unmodified model, what no trial changes:
+
+- the prefix all prompts share (`prefix.py`), checked to give the model's own numbers;
+- the unmodified model's greedy reply to each prompt that is generated, which becomes the draft
+  of every trial's reply (`drafts.py`), and the replies of earlier trials, added as they come;
+- each batch's first pass (prompt + draft), recorded layer by layer within a memory budget
+  (`replay.py`), so a trial starts computing at its first edited layer. A replayed pass is
+  compared with a plain one before it is relied on.
+
+`PromptSet` is one set of prompts with the two calls the evaluation makes: first-token logits
+under the current edit, and replies (with early stop) under the current edit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as functional
+
+from hctl_worker.architecture import find_layers
+from hctl_worker.drafts import DraftStore
+from hctl_worker.encoding import (
+    EncodedBatch,
+    cache_option,
+    encode_texts,
+    forward_options,
+    new_cache,
+    returned_cache,
+)
+from hctl_worker.first_pass import Context, FirstPass, start_cache
+from hctl_worker.generation import GenerationStats, Verdicts, first_token_logits, generate
+from hctl_worker.model import is_out_of_memory
+from hctl_worker.prefix import SharedPrefix
+from hctl_worker.replay import DepthPlan, plan_depth, record, replayable
+
+if TYPE_CHECKING:
+    from hctl_worker.model import LoadedModel
+
+# A shortcut (shared prefix, replayed layers) is used only if it changes the first-token
+# distribution by less than this KL (nats) on the unmodified model: rounding differences, never
+# a different computation. 16-bit kernels round differently for other shapes.
+TOLERANCE = 1e-4
+TOLERANCE_16_BIT = 2e-3
+
+# What the recordings may hold, as a fraction of the model's own size, but at least
+# MINIMUM_REPLAY_BYTES (small models' recordings are small whatever the fraction).
+DEFAULT_REPLAY_MEMORY = 0.25
+MINIMUM_REPLAY_BYTES = 64 * 2**20
+
+
+def _agree(loaded: LoadedModel, plain: torch.Tensor, other: torch.Tensor) -> bool:
+    exact = loaded.dtype == torch.float32
+    plain_lp = functional.log_softmax(plain.float(), dim=-1)
+    other_lp = functional.log_softmax(other.float(), dim=-1)
+    agreement = (plain_lp.argmax(dim=-1) == other_lp.argmax(dim=-1)).float().mean().item()
+    divergence = functional.kl_div(other_lp, plain_lp, reduction="batchmean", log_target=True)
+    tolerance = TOLERANCE if exact else TOLERANCE_16_BIT
+    return agreement >= (1.0 if exact else 0.9) and float(divergence) <= tolerance
+
+
+class Reuse:
+    """What every trial reuses: the shared prefix, first passes recorded below the edits, drafts.
+
+    `unchanged_layers()` says how many leading layers the model's current edit leaves as they
+    were (the ablator knows); 0 means replay nothing.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        texts: Sequence[str],
+        *,
+        share_prefix: bool = True,
+        unchanged_layers: Callable[[], int] | None = None,
+        replay_memory: float = DEFAULT_REPLAY_MEMORY,
+        drafts: bool = True,
+    ) -> None:
+        self.loaded = loaded
+        self.layers = find_layers(loaded.model)
+        # Drafts and replays write columns into the cache that later masks hide or fill; only a
+        # plain key/value cache keeps nothing else (a convolution or recurrent state would be
+        # changed by a rejected draft token for good).
+        plain_cache = self._plain_cache()
+        self.use_drafts = drafts and plain_cache
+        if not plain_cache:
+            replay_memory = 0
+        self.unchanged_layers = unchanged_layers or (lambda: 0)
+        self.replay_memory = replay_memory
+        self.prefix = SharedPrefix.find(loaded, texts) if share_prefix else None
+        self.plan = DepthPlan(0, ())
+        self.first_passes: dict[int, FirstPass] = {}
+
+    def _plain_cache(self) -> bool:
+        model = self.loaded.model
+        token = torch.zeros((1, 1), dtype=torch.long, device=self.loaded.input_device)
+        cache = new_cache(model)
+        try:
+            with torch.inference_mode():
+                outputs = model(
+                    input_ids=token,
+                    attention_mask=torch.ones_like(token),
+                    use_cache=True,
+                    **cache_option(model, cache),
+                    **forward_options(model),
+                )
+        except Exception as error:
+            if is_out_of_memory(error):
+                raise
+            return False
+        return replayable(returned_cache(outputs, cache))
+
+    def check_prefix(self, batch: EncodedBatch) -> None:
+        """Keep the shared prefix only if it gives this model's own first-token logits."""
+        if self.prefix is None:
+            return
+        try:
+            self.prefix.refresh(self.loaded.model)
+            if not self.prefix.supported():
+                self.prefix = None
+                return
+            with torch.inference_mode():
+                plain = first_token_logits(self.loaded, batch)
+                shared = first_token_logits(self.loaded, batch, self.prefix)
+        except Exception as error:
+            if is_out_of_memory(error):
+                raise
+            self.prefix = None
+            return
+        if not _agree(self.loaded, plain, shared):
+            self.prefix = None
+
+    def context(self, drafts: DraftStore | None = None) -> Context:
+        """The context of a pass under the model's current edit (refreshes the prefix)."""
+        start = self.plan.start_for(self.unchanged_layers()) if self.plan.enabled else 0
+        if self.prefix is not None:
+            self.prefix.refresh(self.loaded.model, self.layers, start)
+        return Context(
+            prefix=self.prefix,
+            layers=self.layers,
+            start=start,
+            drafts=drafts,
+            first_passes=self.first_passes,
+        )
+
+    def prepare(self, sets: Sequence[PromptSet]) -> None:
+        """Build each batch's first pass (with its rows' drafts where the set drafts its first
+        pass) and record them all on the (unmodified) model within the memory budget; keep the
+        recordings only if a replayed pass gives the model's own numbers."""
+        pad = self.loaded.tokenizer.pad_token_id or 0
+        batches = []
+        for prompt_set in sets:
+            drafts = prompt_set.draft_tokens() if prompt_set.draft_first_pass else {}
+            for batch in prompt_set.batches:
+                rows = [drafts.get(index, []) for index in batch.indices]
+                self.first_passes[id(batch)] = FirstPass.build(batch, self.prefix, rows, pad)
+                batches.append(batch)
+        try:
+            self._record(batches)
+        except Exception as error:
+            if is_out_of_memory(error):
+                raise
+            self._forget_recordings()
+
+    def _record(self, batches: Sequence[EncodedBatch]) -> None:
+        n_layers = len(self.layers)
+        if self.replay_memory <= 0 or n_layers < 2 or not batches:
+            return
+        model = self.loaded.model
+        passes = [self.first_passes[id(batch)] for batch in batches]
+        every_layer = tuple(range(1, n_layers))
+        with torch.inference_mode():
+            probe = start_cache(model, self.prefix, len(passes[0].batch.indices))
+            recording = record(
+                self.layers, probe, lambda: passes[0].run(model, probe), every_layer, n_layers - 1
+            )
+            if not replayable(probe):
+                return
+            tokens = [first.input_ids.numel() for first in passes]
+            scale = (sum(tokens) + (self.prefix.length if self.prefix else 0)) / tokens[0]
+            key_value = (recording.keys[0].nbytes + recording.values[0].nbytes) * scale
+            hidden = next(iter(recording.hidden.values())).nbytes * scale
+            model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            budget = max(self.replay_memory * model_bytes, MINIMUM_REPLAY_BYTES)
+            plan = plan_depth(n_layers, int(key_value), int(hidden), budget)
+            plan = DepthPlan(
+                plan.recorded_layers, tuple(c for c in plan.checkpoints if c < n_layers)
+            )
+            if not plan.enabled:
+                return
+            recording.trim(plan)
+            passes[0].recording = recording
+            for first in passes[1:]:
+                cache = start_cache(model, self.prefix, len(first.batch.indices))
+                first.recording = record(
+                    self.layers,
+                    cache,
+                    lambda first=first, cache=cache: first.run(model, cache),
+                    plan.checkpoints,
+                    plan.recorded_layers,
+                )
+            if self.prefix is not None:
+                self.prefix.record(model, self.layers, plan.checkpoints, plan.recorded_layers)
+            self.plan = plan
+            if not self._replay_agrees(passes[0]):
+                self._forget_recordings()
+
+    def _replay_agrees(self, first: FirstPass) -> bool:
+        """A replay from the middle checkpoint gives the plain pass's logits."""
+        start = self.plan.checkpoints[len(self.plan.checkpoints) // 2]
+        model = self.loaded.model
+        keep = first.draft_width + 1
+        plain = first.run(model, start_cache(model, self.prefix, len(first.batch.indices)))
+        if self.prefix is not None:
+            self.prefix.refresh(model, self.layers, start)
+        replayed = first.run(
+            model, start_cache(model, self.prefix, len(first.batch.indices)), self.layers, start
+        )
+        if self.prefix is not None:
+            self.prefix.refresh(model)
+        return _agree(
+            self.loaded,
+            plain.logits[:, -keep:, :].flatten(0, 1),
+            replayed.logits[:, -keep:, :].flatten(0, 1),
+        )
+
+    def _forget_recordings(self) -> None:
+        self.plan = DepthPlan(0, ())
+        for first in self.first_passes.values():
+            first.recording = None
+        if self.prefix is not None:
+            self.prefix.recording = None
+
+    def describe(self) -> str:
+        """One log line: what trials reuse."""
+        prefix = f"shared prefix {self.prefix.length} tokens" if self.prefix else "no shared prefix"
+        if self.plan.enabled:
+            spacing = (
+                self.plan.checkpoints[1] - self.plan.checkpoints[0]
+                if len(self.plan.checkpoints) > 1
+                else 1
+            )
+            replay = (
+                f"layers replayed below the first edited one (checkpoints every {spacing} up to "
+                f"layer {self.plan.checkpoints[-1]}, {self.recorded_bytes() / 2**20:.0f} MiB)"
+            )
+        else:
+            replay = "no layer replay"
+        drafts = "draft replies" if self.use_drafts else "no draft replies"
+        return f"reuse: {prefix}; {replay}; {drafts}"
+
+    def recorded_bytes(self) -> int:
+        recordings = [first.recording for first in self.first_passes.values()]
+        if self.prefix is not None:
+            recordings.append(self.prefix.recording)
+        return sum(recording.nbytes() for recording in recordings if recording is not None)
+
+
+class PromptSet:
+    """One set of prompts asked in every trial, batched once."""
+
+    def __init__(
+        self, reuse: Reuse, texts: Sequence[str], batch_size: int, *, draft_first_pass: bool
+    ) -> None:
+        self.reuse = reuse
+        # Whether the first pass carries each prompt's most frequent reply as a draft (for sets
+        # that are answered; a set only read for its first-token logits would pay for nothing).
+        self.draft_first_pass = draft_first_pass
+        self.texts = list(texts)
+        self.batches = encode_texts(reuse.loaded, self.texts, batch_size)
+        # Replies seen so far to these prompts (indices into `texts`), as drafts.
+        self.drafts = DraftStore() if reuse.use_drafts else None
+
+    def first_token_logits(self) -> torch.Tensor:
+        """Next-token logits after each prompt under the current edit, [prompts, vocab], float32,
+        in batch order (prompts sorted by length)."""
+        context = self.reuse.context()
+        with torch.inference_mode():
+            pieces = [
+                first_token_logits(self.reuse.loaded, b, context=context) for b in self.batches
+            ]
+        return torch.cat(pieces, dim=0)
+
+    def replies(
+        self,
+        max_new_tokens: int,
+        markers: tuple[str, ...] | None = None,
+        stats: GenerationStats | None = None,
+        verdicts: Verdicts | None = None,
+        first_logits: list[torch.Tensor] | None = None,
+    ) -> list[str]:
+        """Greedy replies under the current edit, in the texts' order; with `markers` a reply
+        stops once it is certainly a refusal, with `verdicts` the whole set stops at its limit."""
+        return generate(
+            self.reuse.loaded,
+            self.batches,
+            max_new_tokens,
+            markers,
+            stats,
+            first_logits,
+            context=self.reuse.context(self.drafts),
+            verdicts=verdicts,
+        )
+
+    def draft_tokens(self) -> dict[int, list[int]]:
+        """The most frequent reply seen so far to each prompt (for the first passes' drafts)."""
+        store = self.drafts
+        if store is None:
+            return {}
+        return {
+            index: store.draft(index, [], 1 << 30)
+            for batch in self.batches
+            for index in batch.indices
+        }
+
+
+__all__ = ["DEFAULT_REPLAY_MEMORY", "PromptSet", "Reuse"]
