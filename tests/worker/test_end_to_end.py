@@ -22,13 +22,14 @@ runner = CliRunner()
 
 def write_fixture_config(
     path: Path,
-    fixture: str = "tiny-refuser",
+    fixture: str | Path = "tiny-refuser",
     *,
     n_trials: int = 40,
     evaluation_split: str | None = None,
     **extra: object,
 ) -> Path:
-    """A config for a fixture model and its own prompt files (directions from 64 + 64)."""
+    """A config for a fixture model (a folder name under tests/fixtures, or a model folder) and
+    its own prompt files (directions from 64 + 64)."""
     model = FIXTURES / fixture
     prompts = model / "prompts"
     values: dict[str, object] = {
@@ -123,7 +124,7 @@ def check_search_removes_refusals(events: list[dict], job_dir: Path, n_trials: i
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fixture", ["tiny-refuser", "tiny-refuser-early"])
+@pytest.mark.parametrize("fixture", ["tiny-refuser", "tiny-refuser-early", "tiny-refuser-spread"])
 def test_search_removes_refusals_of_a_tiny_refuser(tmp_path: Path, fixture: str) -> None:
     config = write_fixture_config(tmp_path / "config.toml", fixture)
     job_dir = tmp_path / "job"
