@@ -19,8 +19,9 @@ from optuna.trial import TrialState
 
 from hctl.services.progress import JobProgress
 from hctl_worker.events import EVENTS_FILE, read_events
+from hctl_worker.startup import CANONICAL, KEY_ATTR, PLAN_ATTR
 from hctl_worker.storage import journal_storage
-from hctl_worker.study import STUDY_NAME, finished_trials, open_study
+from hctl_worker.study import FINISHED, STUDY_NAME, finished_trials, open_study
 from hctl_worker.teamwork import OWNER_ATTR
 from hctl_worker.trials import pareto_front
 from tests.standins.postgres import PostgresServer
@@ -100,7 +101,16 @@ def test_workers_on_one_journal_share_one_search(tmp_path: Path, n_workers: int)
     workers = [start(config_file, job_dir) for _ in range(n_workers)]
     finish(workers)
     names = {str(number) for number in range(1, n_workers + 1)}
-    check_search(journal_study(job_dir), n_trials, names, job_dir)
+    study = journal_study(job_dir)
+    check_search(study, n_trials, names, job_dir)
+    # The first points were queued once for the study, not once per worker: every planned point
+    # ran once, the canonical ones (classic abliteration) among them.
+    plan = study.user_attrs[PLAN_ATTR]
+    ran = [trial.user_attrs.get(KEY_ATTR) for trial in study.get_trials(states=FINISHED)]
+    planned = [key for key in ran if key is not None]
+    assert len(planned) == len(set(planned)) and set(planned) <= set(plan)
+    canonical = [key for key in plan if key.startswith(CANONICAL)]
+    assert canonical and set(canonical) <= set(planned)
     events = read_events(job_dir / EVENTS_FILE)[0]
     assert {event.worker for event in events if event.type == "done"} == names
     # The directions were computed once, by one worker; the others read them.

@@ -46,6 +46,7 @@ from hctl_worker.pruning import PruningBar
 from hctl_worker.reporter import Listener, Reporter, guarded, report_error
 from hctl_worker.search_space import SearchSpace, to_ablation_params
 from hctl_worker.settings import WorkerSettings
+from hctl_worker.startup import describe_plan, enqueue_once, plan_startup, superseded
 from hctl_worker.storage import redact
 from hctl_worker.teamwork import Teamwork, forget_reports, mark_reported, reported_numbers
 from hctl_worker.trials import Trial, choose, describe_scores, pareto_front
@@ -175,15 +176,31 @@ def _check_trial_can_exist(settings: WorkerSettings, finished: int, job_id: str)
         )
 
 
-def search_space(settings: WorkerSettings, separation: Sequence[float]) -> SearchSpace:
+def search_space(settings: WorkerSettings, n_layers: int) -> SearchSpace:
     scopes = (
         ("global", "per_layer")
         if settings.direction_scope == "search"
         else (settings.direction_scope,)
     )
     if settings.search_ranges == "heretic":
-        return SearchSpace.heretic(len(separation) - 1, COMPONENTS, scopes)
-    return SearchSpace.measured(separation, COMPONENTS, scopes)
+        return SearchSpace.heretic(n_layers, COMPONENTS, scopes)
+    return SearchSpace.whole(n_layers, COMPONENTS, scopes)
+
+
+def _queue_first_trials(
+    settings: WorkerSettings, reporter: Reporter, study: optuna.Study, bench: Workbench
+) -> None:
+    """The canonical trials and the measured startup points, queued once per study; heretic's
+    ranges run exactly as heretic does (uniform startup trials, no canonical ones)."""
+    if settings.search_ranges == "heretic":
+        return
+    assert settings.seed is not None
+    space = search_space(settings, bench.profile.n_layers)
+    plan = plan_startup(
+        space, bench.profile, n_startup_trials=settings.n_startup_trials, seed=settings.seed
+    )
+    queued = enqueue_once(study, plan)
+    reporter.log(describe_plan(plan) + ("" if queued else " (queued before)"))
 
 
 def _search(
@@ -197,9 +214,11 @@ def _search(
     """Take part in the search until it has `n_trials` finished trials (this worker's and the
     others'); every trial numbered in this worker's turn is reported here: its event, the front,
     results/pareto.json. Returns every finished trial."""
-    space = search_space(settings, bench.separation) if bench is not None else None
-    if space is not None:
-        reporter.log(f"search space: {space.describe()}")
+    space = search_space(settings, bench.profile.n_layers) if bench is not None else None
+    if space is not None and bench is not None:
+        reporter.log(f"search space ({settings.search_ranges}): {space.describe()}")
+        with studies.study_storage(study).exclusive():  # once per study, whichever worker
+            _queue_first_trials(settings, reporter, study, bench)
 
     def evaluate(values: dict[str, float | str]) -> studies.Outcome:
         assert bench is not None
@@ -231,6 +250,7 @@ def _search(
             report=report,
             describe=lambda values: to_ablation_params(values, COMPONENTS).to_dict(),
             team=team,
+            skip=superseded,
         )
         front = pareto_front(finished)
         write_results(paths, front)

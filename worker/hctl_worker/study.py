@@ -53,8 +53,8 @@ STUDY_NAME = "hctl"
 DEFAULT_DIRECTIONS: tuple[Direction, ...] = ("minimize", "minimize")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # The user attributes a finished trial gets (everything else was set when it was queued); the
-# last three only in journals from before scores had names.
-RESULT_ATTRS = frozenset(
+# last three are those of journals written before scores had names.
+_RESULT_ATTRS = frozenset(
     {"number", "params", "scores", "seconds", "pruned", "ablation", "run_by"}
     | {"kl", "refusals", "total_bad"}
 )
@@ -158,6 +158,7 @@ def _result(trial: FrozenTrial) -> Trial:
         pruned=bool(attributes.get("pruned", False)),
         run_by=str(attributes.get("run_by", "")),
         ablation=dict(attributes.get("ablation", {})),
+        origin=attributes.get("origin"),
         **legacy,
     )
 
@@ -189,7 +190,7 @@ def _requeue(study: optuna.Study, trial: FrozenTrial) -> bool:
     if trial.params:
         # A queued point keeps what it was queued with (its origin), not partial results.
         queued_with = {
-            key: value for key, value in trial.user_attrs.items() if key not in RESULT_ATTRS
+            key: value for key, value in trial.user_attrs.items() if key not in _RESULT_ATTRS
         }
         study.enqueue_trial(dict(trial.params), user_attrs=queued_with, skip_if_exists=False)
     return True
@@ -208,18 +209,20 @@ def run_search(
     report: Report | None = None,
     describe: Callable[[dict[str, float | str]], dict[str, Any]] | None = None,
     team: Teamwork | None = None,
+    skip: Callable[[optuna.Study, optuna.Trial], bool] | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> list[Trial]:
     """Take part in the search until `n_trials` have finished (counting those from earlier runs
     and from other workers); returns every finished trial.
 
     `evaluate` gets the sampled point; `describe` turns it into what the trial stores for export
-    (the engine's `AblationParams.to_dict()`). `report(trial, finished)` is called in the turn
-    that numbers the trial (with every finished trial of the study), also for trials a dead
-    worker finished but never reported; `on_trial(trial)` for this worker's own trials. A trial
-    that raises is marked failed, then the error goes up: an interrupted trial is never counted.
-    A pruned outcome is told to Optuna as PRUNED (TPE counts it among the poor trials) and
-    counts as finished.
+    (the engine's `AblationParams.to_dict()`). A drawn trial for which `skip` says yes (a queued
+    point another trial already covers) is marked failed and not run. `report(trial, finished)` is
+    called in the turn that numbers the trial (with every finished trial of the study), also for
+    trials a dead worker finished but never reported; `on_trial(trial)` for this worker's own
+    trials. A trial that raises is marked failed, then the error goes up: an interrupted trial is
+    never counted. A pruned outcome is told to Optuna as PRUNED (TPE counts it among the poor
+    trials) and counts as finished.
     """
     team = team or Teamwork()
     storage = study_storage(study)
@@ -233,6 +236,9 @@ def run_search(
                     _requeue(study, running)
             free = len(finished) + len(_running(study)) < n_trials
             trial = study.ask() if free else None
+            if trial is not None and skip is not None and skip(study, trial):
+                study.tell(trial, state=TrialState.FAIL)
+                continue
             if trial is not None:
                 team.claim(study, trial._trial_id)
         if trial is None:
@@ -276,6 +282,7 @@ def _finish(
             pruned=outcome.pruned,
             run_by=team.name,
             ablation=describe(values) if describe else {},
+            origin=trial.user_attrs.get("origin"),
         )
         for key, value in (
             ("number", result.number),

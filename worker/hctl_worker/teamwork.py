@@ -11,8 +11,6 @@ No coordinator: everything one worker must know of the others is in the study's 
 - Which finished trials have their events written: study system attributes
   `hctl:reported:<number>`, so a trial a worker told the study but died before reporting is
   reported by the next worker, once.
-- Whether the study's first queued points were queued: `hctl:queued`, set by the worker that
-  queued them, so they are queued once per study, not once per worker.
 """
 
 from __future__ import annotations
@@ -30,7 +28,6 @@ from optuna.trial import FrozenTrial
 OWNER_ATTR = "hctl:owner"
 BEAT_ATTR = "hctl:beat"
 REPORTED_PREFIX = "hctl:reported:"
-QUEUED_ATTR = "hctl:queued"
 
 
 @dataclass
@@ -106,13 +103,3 @@ def forget_reports(study: optuna.Study, numbers: set[int]) -> None:
     restored from copies): the next turn reports them again. Called holding the lock."""
     for number in numbers:
         study._storage.set_study_system_attr(study._study_id, f"{REPORTED_PREFIX}{number}", None)
-
-
-def queue_once(study: optuna.Study, queue: Callable[[], None]) -> bool:
-    """Run `queue` (which enqueues the study's first points) unless a worker did already;
-    called holding the study's lock. Whether it ran."""
-    if study._storage.get_study_system_attrs(study._study_id).get(QUEUED_ATTR):
-        return False
-    queue()
-    study._storage.set_study_system_attr(study._study_id, QUEUED_ATTR, True)
-    return True
