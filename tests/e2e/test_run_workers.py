@@ -90,7 +90,7 @@ def test_cancel_stops_every_worker_of_the_job(monkeypatch) -> None:
     result = CliRunner().invoke(app, ["cancel", record.job_id, "--yes"], catch_exceptions=False)
     assert result.exit_code == 0 and "worker stopped" in result.output, result.output
     assert not any(alive(pid) for pid in pids)
-    assert runs.workeralive(record, toolkit) is False
+    assert runs.worker_alive(record, toolkit) is False
     assert JobStore().load(record.job_id).status == "cancelled"
     assert os.path.getsize(JobStore().journal_path(record.job_id)) > 0
 

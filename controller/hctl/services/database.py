@@ -1,5 +1,9 @@
 """The database the workers of a several-pod job share: PostgreSQL on the job's first pod.
 
+Status: `hctl run --pods N` does not exist yet; today the tests' PostgreSQL stand-in
+(`tests/standins/postgres.py`) starts its server with this module's script, so the script is
+tested, and `hctl-worker run --storage postgresql://...` is how workers join such a study.
+
 Optuna's `RDBStorage` is the distributed engine; this module only gets a server going. The first
 pod runs it from its volume (`<volume>/hctl/databases/<job id>/`), so a stopped pod keeps the
 study. Each job has its own database, user and password. The password is made here, reaches the
