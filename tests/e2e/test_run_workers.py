@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -110,3 +111,36 @@ def test_a_pod_with_two_gpus_runs_a_worker_on_each_and_ends_stopped(pod_rig: Pod
     assert pod["gpuCount"] == 2 and pod["status"] == "EXITED"
     assert record.price_per_hour == pytest.approx(pod["costPerHr"])
     assert f"stopped pod {pod['id']}" in output
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_search_loses_no_trial_in_the_view(monkeypatch) -> None:
+    """SIGKILL one of two workers (no event from it again): the other takes over its trial and
+    ends the search; `hctl attach` shows every trial once and the job finished."""
+    monkeypatch.chdir(REPO_ROOT)
+    toolkit = default_toolkit(load_settings())
+    settings = ["batch_size=64", "max_response_length=8", "heartbeat_seconds=0.5",
+                "stale_after_seconds=4"]  # fmt: skip
+    plan = launch.plan_run(
+        RunRequest(model=TINY, n_trials=12, on="local", workers=2,
+                   worker_overrides=parse_assignments(settings)),
+        toolkit,
+    )  # fmt: skip
+    record = launch.start_job(plan, toolkit, lambda message: None)
+    victim = Path(record.remote_job_dir) / "workers" / "2.pid"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # until worker 2 has reported a trial of its own
+        runs.sync_job(record, toolkit)
+        trials = runs.local_progress(record, toolkit).trials.values()
+        if any(trial.run_by == "2" for trial in trials):
+            break
+        time.sleep(0.2)
+    pid = int(victim.read_text())
+    os.kill(pid, signal.SIGKILL)
+    result = CliRunner().invoke(app, ["attach", record.job_id, "--yes"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    numbers = sorted(int(number) for _, number, _ in TRIAL_LINE.findall(result.output))
+    assert numbers == list(range(1, 13))  # every trial shown once, none missing
+    assert JobStore().load(record.job_id).status == "finished"
+    study = load_trials(journal_storage(JobStore().journal_path(record.job_id)))
+    assert [trial.number for trial in study] == list(range(1, 13))

@@ -160,6 +160,8 @@ def follow_job(
             if liveness.launcher_gone(poll, progress):
                 _check_pod(record, toolkit)  # a pod the provider stopped: interrupted
             if liveness.ended_early(poll, progress):
+                if progress.done is not None:  # another worker ended the search: it is done
+                    break
                 message = worker_log_tail(record, toolkit, lines=5).strip()
                 view.note(f"the worker stopped without finishing; its log ends with:\n{message}")
                 record = store.save(
