@@ -16,9 +16,9 @@ from hctl.gpus import resolve_gpu
 from hctl.remote.local import LocalRemote
 from hctl.services.estimate import estimate_job, required_gpu_memory_gb
 from hctl.services.job_protocol import EXIT_FILE, launch_command
-from hctl.services.launch import plan_team
 from hctl.services.models import ModelInfo
 from hctl.services.request import RunRequest, check_request
+from hctl.services.team import plan_team
 from tests.e2e.fakes import CATALOGUE
 
 SMALL = ModelInfo(reference="m/4B", parameters=4_000_000_000)
