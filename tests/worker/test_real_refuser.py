@@ -14,7 +14,9 @@ import pytest
 
 from tests.realmodels import read_prompts, script_module
 
-pytestmark = [pytest.mark.real, pytest.mark.slow]
+# A 135M model generating a few hundred replies on two CPU threads: minutes, more on a busy
+# machine; the limit guards against a hang, not for speed.
+pytestmark = [pytest.mark.real, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 torch = pytest.importorskip("torch")
 
