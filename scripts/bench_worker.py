@@ -182,7 +182,15 @@ def summarise(rows: list[dict]) -> dict:
     def mean(key: str) -> float:
         return sum(row[key] for row in rows) / len(rows)
 
+    parts = sorted({part for row in rows for part in row["parts_s"]})
+    generating = sum(
+        value for row in rows for part, value in row["parts_s"].items() if "replies" in part
+    )
     return {
+        "parts_s": {
+            part: sum(r["parts_s"].get(part, 0.0) for r in rows) / len(rows) for part in parts
+        },
+        "generated_tokens_per_s": sum(r["generated_tokens"] for r in rows) / max(generating, 1e-9),
         "seconds_per_trial": sum(seconds) / len(seconds),
         "median_s": seconds[len(seconds) // 2],
         "min_s": seconds[0],
@@ -302,6 +310,7 @@ def bench(arguments: argparse.Namespace) -> dict:
             combination, kind = variant.split(" ")
             scoring, evaluator = scorings[combination], evaluators[variant]
             evaluator.stats = GenerationStats()
+            evaluator.seconds = {}
             limit = None
             if kind != "plain" and arguments.prune_margin >= 0 and scoring.can_prune:
                 harmful = len(bad_test)
@@ -330,10 +339,13 @@ def bench(arguments: argparse.Namespace) -> dict:
                     "generated_tokens": stats.tokens,
                     "drafted": stats.drafted,
                     "accepted": stats.accepted,
+                    "parts_s": dict(evaluator.seconds),
                 }
             )
             finished[variant].append(trial)
     results["trials"] = {variant: summarise(rows) for variant, rows in records.items()}
+    for variant in variants:
+        results["trials"][variant]["draft_choices"] = evaluators[variant].draft_choices()
     last = trial_params(arguments.params, generator, loaded.n_layers)
     for variant in variants:
         results["trials"][variant]["kl_passes_ms"] = kl_passes_ms(
@@ -482,7 +494,13 @@ def print_table(results: dict) -> None:
                 f"{kind}: start layer (mean) / drafts kept / pruned",
                 f"{row['mean_start_layer']:.1f} / {row['draft_acceptance']:.0%} / {row['pruned']}",
             ),
+            (
+                f"{kind}: per trial by stage",
+                ", ".join(f"{part} {value:.3f} s" for part, value in row["parts_s"].items())
+                + f"; {row['generated_tokens_per_s']:.0f} generated tokens/s",
+            ),
             (f"{kind}: refusals across trials", f"{row['refusals_min']}..{row['refusals_max']}"),
+            (f"{kind}: generations drafted / plain", json.dumps(row["draft_choices"])),
             (
                 f"{kind}: KL passes alone",
                 ", ".join(f"{part} {ms:.1f} ms" for part, ms in row["kl_passes_ms"].items()),

@@ -20,7 +20,9 @@ These are the seams for speed work: how each is computed can change without touc
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping, Sequence
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -103,6 +105,7 @@ class Evaluator:
         self.stop_markers = dict(stop_markers or {})
         self.batch_size = max(1, int(batch_size))
         self.stats = GenerationStats()
+        self.seconds: dict[str, float] = {}  # per measurement, summed (for benchmarks)
         self.reuse = Reuse(
             loaded,
             harmless.texts + harmful.texts,
@@ -180,6 +183,14 @@ class Evaluator:
         """How many prompt tokens each prefill skips (0 when the prefix is not shared)."""
         return self.reuse.prefix.length if self.reuse.prefix is not None else 0
 
+    def draft_choices(self) -> dict[PromptSetName, str]:
+        """How each answered set's generations ran (drafted or plain), for logs and benchmarks."""
+        return {
+            name: prompt_set.policy.describe()
+            for name, prompt_set in self._sets.items()
+            if prompt_set.drafts is not None and prompt_set.policy.drafted + prompt_set.policy.plain
+        }
+
     @property
     def continuation_tokens(self) -> int:
         """Tokens of the original's continuations scored (0 when none were measured)."""
@@ -191,10 +202,18 @@ class Evaluator:
 
     # -- what a trial's evaluation computes, each once -----------------------------------------
 
+    @contextmanager
+    def _timed(self, part: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - started
+
     def replies(self, prompt_set: PromptSetName, verdicts: Verdicts | None = None) -> list[str]:
         """Greedy replies to one prompt set, in its order; with `verdicts`, generation stops
         once its limit of (marker) refusals is reached."""
-        with _translated_out_of_memory():
+        with self._timed(f"{prompt_set}_replies"), _translated_out_of_memory():
             return self._sets[prompt_set].replies(
                 self.reply_lengths[prompt_set],
                 self.stop_markers.get(prompt_set),
@@ -211,7 +230,8 @@ class Evaluator:
 
     def first_token_divergences(self) -> torch.Tensor:
         """Per harmless prompt (in batch order): KL(original ‖ now) of the first token."""
-        current = self._first_token_logprobs()
+        with self._timed("first_token_kl"):
+            current = self._first_token_logprobs()
         return position_divergences(current, self.base_logprobs.to(current.device)).cpu()
 
     def continuation_divergences(self) -> TokenDivergences:
@@ -220,7 +240,7 @@ class Evaluator:
             raise ValueError("no continuations were measured (continuation_tokens = 0)")
         width = max(batch.positions for batch in self._forced)
         values, masks = [], []
-        with torch.inference_mode(), _translated_out_of_memory():
+        with self._timed("multi_token_kl"), torch.inference_mode(), _translated_out_of_memory():
             for batch, original in zip(self._forced, self._base_forced, strict=True):
                 current = forced_logprobs(self.loaded, batch)
                 divergence = position_divergences(current, original.to(current.device)).cpu()

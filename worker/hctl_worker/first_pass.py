@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from hctl_worker.draft_policy import DraftPolicy, PassCost
 from hctl_worker.drafts import DraftStore
 from hctl_worker.encoding import (
     EncodedBatch,
@@ -42,10 +43,33 @@ class FirstPass:
     position_ids: torch.Tensor
     drafts: list[list[int]]
     recording: Recording | None = None
+    _shortened: dict[int, FirstPass] = field(default_factory=dict, repr=False)
 
     @property
     def draft_width(self) -> int:
         return max((len(draft) for draft in self.drafts), default=0)
+
+    def with_drafts_cut(self, width: int) -> FirstPass:
+        """The same pass with every draft cut to at most `width` tokens (0: the prompts alone,
+        which is all a first-token measurement needs). The pass is causal, so the shorter pass
+        computes exactly the columns it keeps, and its recording is the recording's first
+        columns."""
+        width = max(0, width)
+        if width >= self.draft_width:
+            return self
+        if width not in self._shortened:
+            columns = self.input_ids.shape[1] - self.draft_width + width
+            cut = self.draft_width - width
+            recording = self.recording.first_columns(columns) if self.recording else None
+            self._shortened[width] = FirstPass(
+                self.batch,
+                self.input_ids[:, :columns],
+                self.attention_mask[:, : self.attention_mask.shape[1] - cut],
+                self.position_ids[:, :columns],
+                [draft[:width] for draft in self.drafts],
+                recording,
+            )
+        return self._shortened[width]
 
     @classmethod
     def build(
@@ -103,13 +127,20 @@ class FirstPass:
 @dataclass
 class Context:
     """What a generation may reuse: the shared prefix (already refreshed for the model as it is),
-    the layers below `start` replayed from each first pass's recording, and drafts."""
+    the layers below `start` replayed from each first pass's recording, and drafts (when
+    `policy` says they pay; `cost` times the passes for it)."""
 
     prefix: SharedPrefix | None = None
     layers: Sequence[torch.nn.Module] = ()
     start: int = 0
     drafts: DraftStore | None = None
     first_passes: dict[int, FirstPass] = field(default_factory=dict)  # by id(batch)
+    policy: DraftPolicy | None = None
+    cost: PassCost | None = None
+
+    @property
+    def drafting(self) -> bool:
+        return self.drafts is not None and (self.policy is None or self.policy.drafting)
 
     def start_for(self, first: FirstPass) -> int:
         """Where `first` starts computing: `start` when it was recorded, else layer 0."""

@@ -18,12 +18,14 @@ matter (`pruning.py`).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from hctl_worker.draft_policy import FinishedReply
 from hctl_worker.encoding import (
     EncodedBatch,
     cache_option,
@@ -92,10 +94,10 @@ def first_token_logits(
             **forward_options(model),
         )
         return outputs.logits[:, -1, :].float()
-    first = context.first_pass(batch, pad_id(loaded))
+    first = context.first_pass(batch, pad_id(loaded)).with_drafts_cut(0)
     cache = start_cache(model, context.prefix, len(batch.indices))
     outputs = first.run(model, cache, context.layers, context.start_for(first))
-    return outputs.logits[:, -(first.draft_width + 1), :].float()
+    return outputs.logits[:, -1, :].float()
 
 
 def _stop_token_ids(loaded: LoadedModel) -> set[int]:
@@ -140,6 +142,7 @@ class _Reply:
         self.position = position  # position id of the next token to feed
         self.done = False
         self.refused = False
+        self.stopped = False  # ended by the model's stop token
 
 
 def generate_batch(
@@ -163,9 +166,13 @@ def generate_batch(
     rows = len(batch.indices)
     if max_new_tokens <= 0 and first_logits is None:
         return ["" for _ in range(rows)]
-    first = context.first_pass(batch, pad)
-    outputs, cache = _first_pass_outputs(loaded, first, context)
+    drafting = context.drafting
+    recorded = context.first_pass(batch, pad)
+    first = recorded if drafting else recorded.with_drafts_cut(0)
     depth = loaded.n_layers
+    first_share = (depth - context.start_for(first)) / depth
+    pass_started, pass_cells = time.perf_counter(), rows * first.input_ids.shape[1] * first_share
+    outputs, cache = _first_pass_outputs(loaded, first, context)
     fed = int(first.attention_mask[:, -first.input_ids.shape[1] :].sum())
     stats.forward_passes += 1
     stats.input_tokens += fed
@@ -184,6 +191,7 @@ def generate_batch(
     active = list(range(rows))  # the reply held in each cache slot
     pending_drafts = first.drafts
     can_drop_rows = hasattr(cache, "batch_select_indices")
+    stopped_early = False
 
     def finish(reply: _Reply, refused: bool) -> None:
         reply.done, reply.refused = True, refused
@@ -192,6 +200,8 @@ def generate_batch(
 
     while True:
         choices = logits.argmax(dim=-1).tolist()  # [slots, 1 + draft width]
+        if context.cost is not None:
+            context.cost.observe(pass_cells, time.perf_counter() - pass_started)
         width = logits.shape[1]
         for slot, row in enumerate(active):
             reply = replies[row]
@@ -208,7 +218,7 @@ def generate_batch(
             attention_mask[slot, first_rejected:] = 0
             reply.position += kept
         if verdicts is not None and verdicts.stop():
-            verdicts.stopped = True
+            verdicts.stopped = stopped_early = True
             break
         keep = [slot for slot, row in enumerate(active) if not replies[row].done]
         if not keep:
@@ -226,7 +236,7 @@ def generate_batch(
         drafts = []
         for row in active:
             reply = replies[row]
-            if reply.done or context.drafts is None:
+            if reply.done or context.drafts is None or not drafting:
                 drafts.append([])
                 continue
             limit = max_new_tokens - len(reply.tokens) - 1
@@ -244,6 +254,7 @@ def generate_batch(
             reply.position += 1
         device = first.input_ids.device
         attention_mask = torch.cat([attention_mask, new_mask.to(attention_mask.device)], dim=1)
+        pass_started, pass_cells = time.perf_counter(), inputs.numel()
         outputs = model(
             input_ids=inputs.to(device),
             attention_mask=attention_mask,
@@ -261,6 +272,15 @@ def generate_batch(
         pending_drafts = drafts
     stats.tokens += sum(len(reply.tokens) for reply in replies)
     stats.rows += rows
+    if context.drafts is not None and context.policy is not None and not stopped_early:
+        context.policy.observe_batch(
+            [FinishedReply(reply.index, reply.tokens, reply.stopped) for reply in replies],
+            recorded.input_ids.shape[1] - recorded.draft_width,
+            first_share,
+            max_new_tokens,
+            context.drafts,
+            recorded.drafts,
+        )
     if context.drafts is not None:
         for reply in replies:
             context.drafts.add(reply.index, reply.tokens)
@@ -283,6 +303,7 @@ def _accept(
     kept = 0
     for offset, token in enumerate(choices):
         if token in stop_ids:
+            reply.stopped = True
             finish(reply, _refused(tokenizer, reply.tokens, markers))
             break
         reply.tokens.append(token)

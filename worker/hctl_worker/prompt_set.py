@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as functional
 
 from hctl_worker.architecture import find_layers
+from hctl_worker.draft_policy import DraftPolicy, PassCost
 from hctl_worker.drafts import DraftStore
 from hctl_worker.encoding import (
     EncodedBatch,
@@ -94,6 +95,7 @@ class Reuse:
         self.prefix = SharedPrefix.find(loaded, texts) if share_prefix else None
         self.plan = DepthPlan(0, ())
         self.first_passes: dict[int, FirstPass] = {}
+        self.pass_cost = PassCost()  # what a forward pass costs here, for the draft policies
 
     def _plain_cache(self) -> bool:
         model = self.loaded.model
@@ -134,7 +136,9 @@ class Reuse:
         if not _agree(self.loaded, plain, shared):
             self.prefix = None
 
-    def context(self, drafts: DraftStore | None = None) -> Context:
+    def context(
+        self, drafts: DraftStore | None = None, policy: DraftPolicy | None = None
+    ) -> Context:
         """The context of a pass under the model's current edit (refreshes the prefix)."""
         start = self.plan.start_for(self.unchanged_layers()) if self.plan.enabled else 0
         if self.prefix is not None:
@@ -145,6 +149,8 @@ class Reuse:
             start=start,
             drafts=drafts,
             first_passes=self.first_passes,
+            policy=policy,
+            cost=self.pass_cost if drafts is not None else None,
         )
 
     def prepare(self, sets: Sequence[PromptSet]) -> None:
@@ -272,8 +278,10 @@ class PromptSet:
         self.draft_first_pass = draft_first_pass
         self.texts = list(texts)
         self.batches = encode_texts(reuse.loaded, self.texts, batch_size)
-        # Replies seen so far to these prompts (indices into `texts`), as drafts.
+        # Replies seen so far to these prompts (indices into `texts`), as drafts, and whether
+        # drafting pays (measured once the first passes carry drafts).
         self.drafts = DraftStore() if reuse.use_drafts else None
+        self.policy = DraftPolicy(reuse.pass_cost)
 
     def first_token_logits(self) -> torch.Tensor:
         """Next-token logits after each prompt under the current edit, [prompts, vocab], float32,
@@ -295,16 +303,21 @@ class PromptSet:
     ) -> list[str]:
         """Greedy replies under the current edit, in the texts' order; with `markers` a reply
         stops once it is certainly a refusal, with `verdicts` the whole set stops at its limit."""
-        return generate(
+        policy = self.policy if self.drafts is not None and self.reuse.first_passes else None
+        context = self.reuse.context(self.drafts, policy)
+        replies = generate(
             self.reuse.loaded,
             self.batches,
             max_new_tokens,
             markers,
             stats,
             first_logits,
-            context=self.reuse.context(self.drafts),
+            context=context,
             verdicts=verdicts,
         )
+        if policy is not None:
+            policy.finish(context.drafting, complete=verdicts is None or not verdicts.stopped)
+        return replies
 
     def draft_tokens(self) -> dict[int, list[int]]:
         """The most frequent reply seen so far to each prompt (for the first passes' drafts)."""

@@ -1,0 +1,112 @@
+"""Whether to draft is decided by measured pass times and exact pass counts, and changes no
+result: the pass cost fit, the counts of passes and tokens with and without drafts (checked
+against the engine's own counts), and a plain (undrafted) trial scoring like the plain
+evaluation."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from hctl_worker.draft_policy import DraftPolicy, FinishedReply, PassCost, passes_needed
+from hctl_worker.drafts import DraftStore
+from tests.worker.test_reuse import _fixture_bench, _random_params
+
+
+def test_the_pass_cost_is_a_fixed_part_plus_a_part_per_token() -> None:
+    cost = PassCost()
+    assert cost.fitted() is None
+    cost.observe(100, 0.05 + 0.001 * 100)
+    assert cost.fitted() is None  # one size: no slope yet
+    cost.observe(100, 0.05 + 0.001 * 100)
+    assert cost.fitted() is None
+    for cells in (1, 10, 1000):
+        cost.observe(cells, 0.05 + 0.001 * cells)
+    fixed, per_cell = cost.fitted()
+    assert fixed == pytest.approx(0.05) and per_cell == pytest.approx(0.001)
+    assert cost.estimate(3, 200) == pytest.approx(3 * 0.05 + 200 * 0.001)
+
+
+def test_passes_are_counted_as_the_engine_runs_them() -> None:
+    replies = [
+        FinishedReply(0, [5, 6, 7], stopped=False),  # ran to the length limit: 3 choices
+        FinishedReply(1, [8], stopped=True),  # then the stop token: 2 choices
+    ]
+    # Without drafts: one choice per pass; the first pass runs the 4 prompt columns (half of
+    # the layers, the rest replayed), then 2 rows, then 1.
+    assert passes_needed(replies, 4, 0.5, 3, None) == (3, 2 * 4 * 0.5 + 2 + 1)
+    # Drafts that are the replies: all in the first pass, which carries them (3 columns wide).
+    store = DraftStore()
+    assert passes_needed(replies, 4, 1.0, 3, store, [[5, 6, 7], [8]]) == (1, 2 * (4 + 3))
+    # A first draft wrong at its second token: [5] kept, 6 chosen; the store then drafts 7 after
+    # [5, 6] (one token: the last one is the model's choice), so one more pass ends the reply.
+    longer = [FinishedReply(0, [5, 6, 7, 8], stopped=False), replies[1]]
+    store.add(0, [5, 6, 7, 8])
+    passes, cells = passes_needed(longer, 4, 1.0, 4, store, [[5, 9, 9, 9], [8]])
+    assert passes == 2
+    assert cells == 2 * (4 + 4) + 1 * (1 + 1)
+
+
+def test_the_policy_drafts_until_measurement_says_plain_is_cheaper() -> None:
+    cost = PassCost()
+    for cells in (1, 100):
+        cost.observe(cells, 0.01 * cells)  # no fixed part: every token fed costs
+    policy = DraftPolicy(cost)
+    assert policy.drafting  # nothing measured yet
+    replies = [FinishedReply(0, [1, 2, 3], stopped=False)]
+    store = DraftStore()
+    store.add(0, [9, 9, 9])  # a draft that is always wrong: wasted tokens
+    policy.observe_batch(replies, 4, 1.0, 3, store, [[9, 9, 9]])
+    policy.finish(drafted=True, complete=True)
+    assert not policy.drafting
+    policy.finish(drafted=False, complete=False)  # a stopped generation teaches nothing
+    assert not policy.drafting
+    assert policy.describe() == "1 drafted, 1 plain"
+
+
+class _Counting(DraftPolicy):
+    """Drafts or not as told; records, per batch, the passes counted for both ways (at the
+    moment the engine asks)."""
+
+    def __init__(self, cost, drafting: bool) -> None:
+        super().__init__(cost)
+        self.counted: list[tuple[int, int]] = []
+        self.forced = drafting
+
+    @property
+    def drafting(self) -> bool:
+        return self.forced
+
+    def observe_batch(self, replies, columns, share, length, store, first_drafts) -> None:
+        with_drafts = passes_needed(replies, columns, share, length, store, first_drafts)[0]
+        plain = passes_needed(replies, columns, share, length, None)[0]
+        self.counted.append((with_drafts, plain))
+        super().observe_batch(replies, columns, share, length, store, first_drafts)
+
+
+@pytest.mark.parametrize("drafting", [True, False])
+def test_drafted_or_not_the_counts_match_the_engine_and_the_scores_the_plain_ones(
+    drafting: bool,
+) -> None:
+    loaded, _, ablator, plain, optimised = _fixture_bench("tiny-refuser", 16, 16)
+    assert plain.baseline() == optimised.baseline()
+    harmful = optimised.evaluator._sets["harmful"]
+    cost = optimised.reuse.pass_cost
+    assert cost.fitted() is not None  # the baseline's passes were timed
+    generator = random.Random(5)
+    for _ in range(4):
+        harmful.policy = counting = _Counting(cost, drafting)
+        params = _random_params(generator, loaded.n_layers)
+        with ablator.applied(params):
+            optimised.evaluator.stats.__init__()
+            expected = plain.score()
+            context = optimised.evaluator.evaluate()
+            context.harmful_replies()
+            passes = optimised.evaluator.stats.forward_passes
+            counted = list(counting.counted)
+            got = optimised.score()
+        assert got.refusals == expected.refusals
+        assert got.kl == pytest.approx(expected.kl, rel=1e-4, abs=1e-7)
+        assert counted and sum(count[0 if drafting else 1] for count in counted) == passes
+        assert (counting.drafted > 0) is drafting and (counting.plain > 0) is not drafting
