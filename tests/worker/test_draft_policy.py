@@ -11,7 +11,10 @@ import pytest
 
 from hctl_worker.draft_policy import DraftPolicy, FinishedReply, PassCost, passes_needed
 from hctl_worker.drafts import DraftStore
-from tests.worker.test_reuse import _fixture_bench, _random_params
+from hctl_worker.markers import DEFAULT_REFUSAL_MARKERS
+from hctl_worker.trials import Trial
+from tests.worker.scoring import evaluator_for, scored, scoring_for
+from tests.worker.test_reuse import FIXTURES, SYSTEM, _fixture_bench, _prompts, _random_params
 
 
 def test_the_pass_cost_is_a_fixed_part_plus_a_part_per_token() -> None:
@@ -110,3 +113,45 @@ def test_drafted_or_not_the_counts_match_the_engine_and_the_scores_the_plain_one
         assert got.kl == pytest.approx(expected.kl, rel=1e-4, abs=1e-7)
         assert counted and sum(count[0 if drafting else 1] for count in counted) == passes
         assert (counting.drafted > 0) is drafting and (counting.plain > 0) is not drafting
+
+
+def test_the_kl_pass_is_the_first_pass_of_the_harmless_replies() -> None:
+    """With the harmless replies read (the default scorers), a trial's KL pass is kept and the
+    harmless replies continue from it: the same scores as the plain evaluation, one pass fewer
+    per batch; a trial whose replies are skipped leaves nothing kept for the next one."""
+    loaded, bad, ablator, _, _ = _fixture_bench("tiny-refuser", 16, 16)
+    good = loaded.template(_prompts(FIXTURES / "tiny-refuser", "harmless_test", 16), SYSTEM)
+    scoring = scoring_for(DEFAULT_REFUSAL_MARKERS)  # KeywordRate, KLDivergence, HarmlessRefusals
+    common = dict(good=good, bad=bad, max_response_length=8, batch_size=8)
+    plain = evaluator_for(
+        loaded, scoring, share_prefix=False, replay_memory=0, drafts=False, **common
+    )
+    optimised = evaluator_for(loaded, scoring, unchanged_layers=ablator.unchanged_layers, **common)
+    assert scored(scoring, plain).scores == scored(scoring, optimised).scores  # KL exactly 0
+    harmless = optimised._sets["harmless"]
+    calls: list[int] = []
+    handle = loaded.model.register_forward_pre_hook(lambda *args: calls.append(1))
+    generator = random.Random(7)
+    for _ in range(4):
+        with ablator.applied(_random_params(generator, loaded.n_layers)):
+            expected = scored(scoring, plain)
+            calls.clear()
+            context = optimised.evaluate()
+            kl = context.first_token_divergences()
+            assert len(harmless._started) == len(harmless.batches)  # kept for the replies
+            context.harmless_replies()
+            assert harmless._started == {}
+            kept_calls = len(calls)
+            calls.clear()
+            optimised.evaluate()  # a new trial: nothing kept
+            optimised.first_token_divergences()  # not kept
+            assert harmless._started == {}
+            optimised.replies("harmless")
+            assert kept_calls == len(calls) - len(harmless.batches)  # one pass fewer a batch
+            got = Trial(number=0, scores=scoring.score(context))
+        assert got.refusals == expected.refusals
+        harmless_refusals = got.scores["HarmlessRefusals"].value
+        assert harmless_refusals == expected.scores["HarmlessRefusals"].value
+        assert got.kl == pytest.approx(expected.kl, rel=1e-4, abs=1e-7)
+        assert float(kl.mean()) == pytest.approx(expected.kl, rel=1e-4, abs=1e-7)
+    handle.remove()

@@ -104,6 +104,7 @@ class Evaluator:
         }
         self.stop_markers = dict(stop_markers or {})
         self.batch_size = max(1, int(batch_size))
+        self.answered = frozenset(answered)
         self.stats = GenerationStats()
         self.seconds: dict[str, float] = {}  # per measurement, summed (for benchmarks)
         self.reuse = Reuse(
@@ -132,8 +133,9 @@ class Evaluator:
                 for name in answered:
                     self._sets[name].replies(self.reply_lengths[name], None, self.stats)
             self.reuse.prepare(list(self._sets.values()))
-            # The KL reference, computed the way every trial's logits are.
-            self.base_logprobs = self._first_token_logprobs()
+            # The KL reference, computed the way a trial's logits are (while it drafts).
+            self.base_logprobs = self._first_token_logprobs("harmless" in self.answered)
+            self._sets["harmless"].forget_started()
         if continuation_tokens > 0:
             self._measure_continuations(continuation_tokens)
 
@@ -198,6 +200,8 @@ class Evaluator:
 
     def evaluate(self) -> TrialEvaluation:
         """The context for scoring the model as it is now (call it with the trial's edit on)."""
+        for prompt_set in self._sets.values():
+            prompt_set.forget_started()  # passes kept under an earlier edit
         return TrialEvaluation(self)
 
     # -- what a trial's evaluation computes, each once -----------------------------------------
@@ -221,17 +225,20 @@ class Evaluator:
                 verdicts,
             )
 
-    def _first_token_logprobs(self) -> torch.Tensor:
+    def _first_token_logprobs(self, keep_for_replies: bool = False) -> torch.Tensor:
         """[harmless prompts, vocabulary], in batch order (the reference has the same order, so
         the permutation never needs undoing)."""
         with _translated_out_of_memory():
-            logits = self._sets["harmless"].first_token_logits()
+            logits = self._sets["harmless"].first_token_logits(keep_for_replies)
         return functional.log_softmax(logits, dim=-1)
 
-    def first_token_divergences(self) -> torch.Tensor:
-        """Per harmless prompt (in batch order): KL(original ‖ now) of the first token."""
+    def first_token_divergences(self, keep_for_replies: bool = False) -> torch.Tensor:
+        """Per harmless prompt (in batch order): KL(original ‖ now) of the first token. With
+        `keep_for_replies` (and the harmless replies answered), the passes are kept as the
+        first passes of the harmless replies under the same edit."""
+        keep = keep_for_replies and "harmless" in self.answered
         with self._timed("first_token_kl"):
-            current = self._first_token_logprobs()
+            current = self._first_token_logprobs(keep)
         return position_divergences(current, self.base_logprobs.to(current.device)).cpu()
 
     def continuation_divergences(self) -> TokenDivergences:
@@ -295,7 +302,7 @@ class TrialEvaluation:
 
     def first_token_divergences(self) -> torch.Tensor:
         if self._first_token is None:
-            self._first_token = self._evaluator.first_token_divergences()
+            self._first_token = self._evaluator.first_token_divergences(keep_for_replies=True)
         return self._first_token
 
     def continuation_divergences(self) -> TokenDivergences:

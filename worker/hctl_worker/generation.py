@@ -19,7 +19,7 @@ matter (`pruning.py`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -34,9 +34,15 @@ from hctl_worker.encoding import (
     position_ids_for,
     returned_cache,
 )
-from hctl_worker.first_pass import Context, FirstPass, pad_id, start_cache
+from hctl_worker.first_pass import (
+    Context,
+    FirstPass,
+    StartedBatch,
+    pad_id,
+    start_batch,
+    start_cache,
+)
 from hctl_worker.markers import contains_marker, normalise_response
-from hctl_worker.model import is_out_of_memory
 from hctl_worker.prefix import SharedPrefix
 
 if TYPE_CHECKING:
@@ -113,26 +119,6 @@ def _stop_token_ids(loaded: LoadedModel) -> set[int]:
     return ids
 
 
-def _first_pass_outputs(loaded: LoadedModel, first: FirstPass, context: Context):
-    model = loaded.model
-    cache = start_cache(model, context.prefix, len(first.batch.indices))
-    try:
-        outputs = first.run(model, cache, context.layers, context.start_for(first))
-    except Exception as error:
-        if is_out_of_memory(error) or context.prefix is not None or first.draft_width:
-            raise
-        # Remote-code models older than transformers' Cache objects build their own.
-        outputs = model(
-            input_ids=first.input_ids,
-            attention_mask=first.attention_mask,
-            position_ids=first.position_ids,
-            use_cache=True,
-            **forward_options(model),
-        )
-        cache = None
-    return outputs, returned_cache(outputs, cache)
-
-
 class _Reply:
     """One row's reply as it grows, and whether (and how) it is finished."""
 
@@ -155,9 +141,11 @@ def generate_batch(
     prefix: SharedPrefix | None = None,
     context: Context | None = None,
     verdicts: Verdicts | None = None,
+    started: StartedBatch | None = None,
 ) -> list[str]:
     """Greedy replies for one batch; rows leave the batch at EOS or, with `markers`, as soon as
-    their normalised text contains one (the reply is then a refusal whatever follows)."""
+    their normalised text contains one (the reply is then a refusal whatever follows). With
+    `started`, the batch's first pass has run already (under the same edit)."""
     context = context or Context(prefix=prefix)
     model, tokenizer = loaded.model, loaded.tokenizer
     stats = stats if stats is not None else GenerationStats()
@@ -166,21 +154,16 @@ def generate_batch(
     rows = len(batch.indices)
     if max_new_tokens <= 0 and first_logits is None:
         return ["" for _ in range(rows)]
-    drafting = context.drafting
-    recorded = context.first_pass(batch, pad)
-    first = recorded if drafting else recorded.with_drafts_cut(0)
+    started = started or start_batch(loaded, batch, context)
+    first, cache, drafting = started.first, started.cache, started.drafting
     depth = loaded.n_layers
-    first_share = (depth - context.start_for(first)) / depth
-    pass_started, pass_cells = time.perf_counter(), rows * first.input_ids.shape[1] * first_share
-    outputs, cache = _first_pass_outputs(loaded, first, context)
     fed = int(first.attention_mask[:, -first.input_ids.shape[1] :].sum())
     stats.forward_passes += 1
     stats.input_tokens += fed
-    stats.layer_tokens += fed * (depth - context.start_for(first))
-    logits = outputs.logits[:, -(first.draft_width + 1) :, :]
+    stats.layer_tokens += round(fed * depth * started.share)
     if first_logits is not None:
         # The prompt's last logits are the first-token distribution KL needs: one pass for both.
-        first_logits.append(logits[:, 0, :].float())
+        first_logits.append(started.first_logits)
     if max_new_tokens <= 0:
         return ["" for _ in range(rows)]
     replies = [
@@ -192,6 +175,7 @@ def generate_batch(
     pending_drafts = first.drafts
     can_drop_rows = hasattr(cache, "batch_select_indices")
     stopped_early = False
+    choices = started.choices  # [slots, 1 + draft width]: the greedy token at each column
 
     def finish(reply: _Reply, refused: bool) -> None:
         reply.done, reply.refused = True, refused
@@ -199,10 +183,7 @@ def generate_batch(
             verdicts.decide(refused)
 
     while True:
-        choices = logits.argmax(dim=-1).tolist()  # [slots, 1 + draft width]
-        if context.cost is not None:
-            context.cost.observe(pass_cells, time.perf_counter() - pass_started)
-        width = logits.shape[1]
+        width = len(choices[0])
         for slot, row in enumerate(active):
             reply = replies[row]
             if reply.done:  # a finished row the cache could not drop
@@ -264,22 +245,24 @@ def generate_batch(
             **forward_options(model, 1 + draft_width),
         )
         cache = returned_cache(outputs, cache)
+        choices = outputs.logits[:, -(1 + draft_width) :, :].argmax(dim=-1).tolist()
+        if context.cost is not None:
+            context.cost.observe(pass_cells, time.perf_counter() - pass_started)
         fed = int(new_mask.sum())
         stats.forward_passes += 1
         stats.input_tokens += fed
         stats.layer_tokens += fed * depth
-        logits = outputs.logits[:, -(1 + draft_width) :, :]
         pending_drafts = drafts
     stats.tokens += sum(len(reply.tokens) for reply in replies)
     stats.rows += rows
     if context.drafts is not None and context.policy is not None and not stopped_early:
         context.policy.observe_batch(
             [FinishedReply(reply.index, reply.tokens, reply.stopped) for reply in replies],
-            recorded.input_ids.shape[1] - recorded.draft_width,
-            first_share,
+            started.recorded.input_ids.shape[1] - started.recorded.draft_width,
+            started.share,
             max_new_tokens,
             context.drafts,
-            recorded.drafts,
+            started.recorded.drafts,
         )
     if context.drafts is not None:
         for reply in replies:
@@ -351,11 +334,14 @@ def generate(
     prefix: SharedPrefix | None = None,
     context: Context | None = None,
     verdicts: Verdicts | None = None,
+    started: Mapping[int, StartedBatch] | None = None,
 ) -> list[str]:
     """Replies for every batch, in the callers' original order. With `first_logits`, each
     batch's first-token logits are appended to it (in batch order, not the callers'). With
     `verdicts`, generation stops once its limit of refusals is reached (the replies not yet
-    finished are then cut short, and `verdicts.stopped` says so)."""
+    finished are then cut short, and `verdicts.stopped` says so). `started` holds batches
+    (by id) whose first pass has run already under the same edit."""
+    started = started or {}
     total = sum(len(batch.indices) for batch in batches)
     replies = [""] * total
     with torch.inference_mode():
@@ -375,6 +361,7 @@ def generate(
                     prefix,
                     context,
                     verdicts,
+                    started.get(id(batch)),
                 ),
                 strict=True,
             ):
