@@ -346,6 +346,10 @@ def bench(arguments: argparse.Namespace) -> dict:
     results["trials"] = {variant: summarise(rows) for variant, rows in records.items()}
     for variant in variants:
         results["trials"][variant]["draft_choices"] = evaluators[variant].draft_choices()
+        fitted = evaluators[variant].reuse.pass_cost.fitted()
+        results["trials"][variant]["pass_cost"] = (
+            {"fixed_ms": 1000 * fitted[0], "per_token_ms": 1000 * fitted[1]} if fitted else None
+        )
     last = trial_params(arguments.params, generator, loaded.n_layers)
     for variant in variants:
         results["trials"][variant]["kl_passes_ms"] = kl_passes_ms(
@@ -501,6 +505,13 @@ def print_table(results: dict) -> None:
             ),
             (f"{kind}: refusals across trials", f"{row['refusals_min']}..{row['refusals_max']}"),
             (f"{kind}: generations drafted / plain", json.dumps(row["draft_choices"])),
+            (
+                f"{kind}: measured pass cost",
+                "-"
+                if row["pass_cost"] is None
+                else f"{row['pass_cost']['fixed_ms']:.1f} ms + "
+                f"{row['pass_cost']['per_token_ms']:.3f} ms per token fed (all layers)",
+            ),
             (
                 f"{kind}: KL passes alone",
                 ", ".join(f"{part} {ms:.1f} ms" for part, ms in row["kl_passes_ms"].items()),

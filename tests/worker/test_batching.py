@@ -107,3 +107,32 @@ def test_the_measurement_is_kept_for_the_job_and_remeasured_for_other_prompts(
     assert "tokens/s by size" in again.describe()
     (tmp_path / CACHE_FILE).write_text("{not json")
     assert not cached_batch_size(tmp_path, loaded, texts[:2], max_batch_size=4).cached
+
+
+def test_a_job_measures_its_batch_size_once_and_logs_the_figures(tmp_path) -> None:
+    from tests.worker.test_end_to_end import run_events, write_fixture_config
+
+    config = write_fixture_config(
+        tmp_path / "config.toml", n_trials=1, evaluation_split="[:8]", batch_size=0,
+        max_batch_size=8, max_response_length=4,
+    )  # fmt: skip
+    job = tmp_path / "job"
+
+    def batch_size_stage(events: list[dict]) -> str:
+        return next(
+            event["message"]
+            for event in events
+            if event["type"] == "stage"
+            and event["stage"] == "batch_size"
+            and event["state"] == "end"
+        )
+
+    first = batch_size_stage(run_events("--config", str(config), "--job-dir", str(job)))
+    assert first.startswith("batch size ") and "tokens/s by size: 1: " in first
+    assert (job / CACHE_FILE).is_file()
+    again = run_events("--config", str(config), "--job-dir", str(job), "--n-trials", "2")
+    assert batch_size_stage(again) == first.replace("(tokens/s", "(from the job's cache; tokens/s")
+    fixed = run_events(
+        "--config", str(config), "--job-dir", str(job), "--n-trials", "3", "--batch-size", "3"
+    )
+    assert batch_size_stage(fixed) == "batch size 3 (set)"
