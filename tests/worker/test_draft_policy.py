@@ -95,6 +95,8 @@ def test_drafted_or_not_the_counts_match_the_engine_and_the_scores_the_plain_one
     loaded, _, ablator, plain, optimised = _fixture_bench("tiny-refuser", 16, 16)
     assert plain.baseline() == optimised.baseline()
     harmful = optimised.evaluator._sets["harmful"]
+    # The unmodified model's replies are its drafts: the baseline teaches the policy nothing.
+    assert harmful.policy.drafted == harmful.policy.plain == 0
     cost = optimised.reuse.pass_cost
     assert cost.fitted() is not None  # the baseline's passes were timed
     generator = random.Random(5)

@@ -322,8 +322,12 @@ class PromptSet:
         return torch.cat(pieces, dim=0)
 
     def _policy(self) -> DraftPolicy | None:
-        """The draft policy, once the first passes carry drafts (prepared)."""
-        return self.policy if self.drafts is not None and self.reuse.first_passes else None
+        """The draft policy, once the first passes carry drafts (prepared), for edited models:
+        the unmodified model's replies are the drafts themselves, which says nothing about
+        how a trial's replies will go (it drafts, and teaches the policy nothing)."""
+        prepared = self.drafts is not None and self.reuse.first_passes
+        edited = self.reuse.unchanged_layers() < len(self.reuse.layers)
+        return self.policy if prepared and edited else None
 
     def replies(
         self,
