@@ -51,21 +51,35 @@ def test_passes_are_counted_as_the_engine_runs_them() -> None:
     assert cells == 2 * (4 + 4) + 1 * (1 + 1)
 
 
-def test_the_policy_drafts_until_measurement_says_plain_is_cheaper() -> None:
-    cost = PassCost()
-    for cells in (1, 100):
-        cost.observe(cells, 0.01 * cells)  # no fixed part: every token fed costs
-    policy = DraftPolicy(cost)
-    assert policy.drafting  # nothing measured yet
+def test_the_policy_drafts_only_where_measurement_says_it_is_cheaper() -> None:
+    def cost_of(fixed: float) -> PassCost:
+        cost = PassCost()
+        for cells in (1, 100):
+            cost.observe(cells, fixed + 0.01 * cells)
+        return cost
+
     replies = [FinishedReply(0, [1, 2, 3], stopped=False)]
-    store = DraftStore()
-    store.add(0, [9, 9, 9])  # a draft that is always wrong: wasted tokens
-    policy.observe_batch(replies, 4, 1.0, 3, store, [[9, 9, 9]])
-    policy.finish(drafted=True, complete=True)
-    assert not policy.drafting
-    policy.finish(drafted=False, complete=False)  # a stopped generation teaches nothing
-    assert not policy.drafting
-    assert policy.describe() == "1 drafted, 1 plain"
+    right, wrong = DraftStore(), DraftStore()
+    right.add(0, [1, 2, 3])
+    wrong.add(0, [9, 9, 9])
+    # Every token fed costs, nothing else (a CPU): drafts never pay, even right ones.
+    compute = DraftPolicy(cost_of(0.0))
+    assert not compute.drafting  # nothing priced yet: no drafts
+    compute.observe_batch(replies, 4, 1.0, 3, right, [[1, 2, 3]])
+    compute.finish(drafted=False, complete=True)
+    assert not compute.drafting  # 7 columns in one pass against 4 + 1 + 1 in three
+    # A pass costs much whatever it carries (a GPU): right drafts pay, wrong ones do not.
+    passes = DraftPolicy(cost_of(0.5))
+    passes.observe_batch(replies, 4, 1.0, 3, wrong, [[9, 9, 9]])
+    passes.finish(drafted=False, complete=True)
+    assert not passes.drafting
+    for _ in range(2):
+        passes.observe_batch(replies, 4, 1.0, 3, right, [[1, 2, 3]])
+        passes.finish(drafted=False, complete=True)
+    assert passes.drafting
+    passes.finish(drafted=True, complete=False)  # a stopped generation teaches nothing
+    assert passes.drafting
+    assert passes.describe() == "1 drafted, 3 plain"
 
 
 class _Counting(DraftPolicy):
@@ -131,6 +145,12 @@ def test_the_kl_pass_is_the_first_pass_of_the_harmless_replies() -> None:
     optimised = evaluator_for(loaded, scoring, unchanged_layers=ablator.unchanged_layers, **common)
     assert scored(scoring, plain).scores == scored(scoring, optimised).scores  # KL exactly 0
     harmless = optimised._sets["harmless"]
+    for drafting in (False, True):  # the two runs compared must draft alike
+        harmless.policy = _Counting(optimised.reuse.pass_cost, drafting)
+        _compare_kept_and_not(loaded, ablator, scoring, plain, optimised, harmless)
+
+
+def _compare_kept_and_not(loaded, ablator, scoring, plain, optimised, harmless) -> None:
     calls: list[int] = []
     handle = loaded.model.register_forward_pre_hook(lambda *args: calls.append(1))
     generator = random.Random(7)

@@ -14,7 +14,7 @@ So the worker measures both sides:
 - `DraftPolicy`: after each trial, the passes and tokens the same replies would have taken with
   and without drafts (the engine is deterministic given the replies, so both are counted
   exactly, `passes_needed`), priced by `PassCost`; the next trial drafts when drafting was the
-  cheaper of the two over the recent trials.
+  cheaper of the two over the recent trials (before any trial was priced, it does not).
 """
 
 from __future__ import annotations
@@ -133,10 +133,10 @@ class DraftPolicy:
 
     @property
     def drafting(self) -> bool:
-        """Draft unless measurement says the plain way is cheaper (drafting is the default)."""
-        if not self._with:
-            return True
-        return sum(self._with) <= sum(self._without)
+        """Draft once measurement says it is the cheaper way. Until a trial's replies were
+        priced, do not: a trial's drafts cost their compute for sure and save only what its
+        replies keep (and a trial whose replies are skipped or pruned keeps nothing)."""
+        return bool(self._with) and sum(self._with) < sum(self._without)
 
     def observe_batch(
         self,

@@ -133,9 +133,16 @@ class Evaluator:
                 for name in answered:
                     self._sets[name].replies(self.reply_lengths[name], None, self.stats)
             self.reuse.prepare(list(self._sets.values()))
-            # The KL reference, computed the way a trial's logits are (while it drafts).
-            self.base_logprobs = self._first_token_logprobs("harmless" in self.answered)
-            self._sets["harmless"].forget_started()
+            # The KL references, computed the way a trial's logits are: from the prompts, and
+            # where a trial's KL pass may carry the replies' drafts, from that pass too (the
+            # same numbers but for rounding; the same shapes give exactly the same numbers).
+            self.base_logprobs = self._first_token_logprobs()
+            self._base_drafted: torch.Tensor | None = None
+            if "harmless" in self.answered:
+                drafted = self._first_token_logprobs(keep_for_replies=True, draft=True)
+                if any(self._sets["harmless"].drafted_batches):
+                    self._base_drafted = drafted
+                self._sets["harmless"].forget_started()
         if continuation_tokens > 0:
             self._measure_continuations(continuation_tokens)
 
@@ -225,12 +232,27 @@ class Evaluator:
                 verdicts,
             )
 
-    def _first_token_logprobs(self, keep_for_replies: bool = False) -> torch.Tensor:
+    def _first_token_logprobs(
+        self, keep_for_replies: bool = False, draft: bool | None = None
+    ) -> torch.Tensor:
         """[harmless prompts, vocabulary], in batch order (the reference has the same order, so
         the permutation never needs undoing)."""
         with _translated_out_of_memory():
-            logits = self._sets["harmless"].first_token_logits(keep_for_replies)
+            logits = self._sets["harmless"].first_token_logits(keep_for_replies, draft)
         return functional.log_softmax(logits, dim=-1)
+
+    def _reference(self) -> torch.Tensor:
+        """The unmodified model's first-token log-probabilities, each batch from a pass shaped
+        like the one its current logits came from."""
+        harmless = self._sets["harmless"]
+        if self._base_drafted is None or not any(harmless.drafted_batches):
+            return self.base_logprobs
+        pieces, row = [], 0
+        for batch, drafted in zip(harmless.batches, harmless.drafted_batches, strict=True):
+            source = self._base_drafted if drafted else self.base_logprobs
+            pieces.append(source[row : row + len(batch.indices)])
+            row += len(batch.indices)
+        return torch.cat(pieces, dim=0)
 
     def first_token_divergences(self, keep_for_replies: bool = False) -> torch.Tensor:
         """Per harmless prompt (in batch order): KL(original ‖ now) of the first token. With
@@ -239,7 +261,7 @@ class Evaluator:
         keep = keep_for_replies and "harmless" in self.answered
         with self._timed("first_token_kl"):
             current = self._first_token_logprobs(keep)
-        return position_divergences(current, self.base_logprobs.to(current.device)).cpu()
+        return position_divergences(current, self._reference().to(current.device)).cpu()
 
     def continuation_divergences(self) -> TokenDivergences:
         """Per harmless prompt (in batch order) and continuation position: KL(original ‖ now)."""

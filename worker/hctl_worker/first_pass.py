@@ -189,7 +189,9 @@ def start_batch(loaded: LoadedModel, batch: EncodedBatch, context: Context) -> S
     if context.cost is not None:
         cells = len(batch.indices) * first.input_ids.shape[1] * share
         context.cost.observe(cells, time.perf_counter() - started)
-    return StartedBatch(recorded, first, drafting, cache, choices, logits[:, 0, :].float(), share)
+    # A copy: a view would keep every column's logits alive while the batch is kept.
+    first_logits = logits[:, 0, :].float().clone()
+    return StartedBatch(recorded, first, drafting, cache, choices, first_logits, share)
 
 
 def _first_pass_outputs(loaded: LoadedModel, first: FirstPass, context: Context):

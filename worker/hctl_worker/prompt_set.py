@@ -295,28 +295,35 @@ class PromptSet:
         self.policy = DraftPolicy(reuse.pass_cost)
         # Batches whose first pass ran for the KL under the current edit, for its replies.
         self._started: dict[int, StartedBatch] = {}
+        self.drafted_batches: list[bool] = []
 
     def forget_started(self) -> None:
         """Drop the kept first passes (the edit is about to change)."""
         self._started.clear()
 
-    def first_token_logits(self, keep_for_replies: bool = False) -> torch.Tensor:
+    def first_token_logits(
+        self, keep_for_replies: bool = False, draft: bool | None = None
+    ) -> torch.Tensor:
         """Next-token logits after each prompt under the current edit, [prompts, vocab], float32,
         in batch order (prompts sorted by length). With `keep_for_replies`, the passes are the
-        replies' first passes (with their drafts), kept within the memory budget for the
-        replies of the same edit, which then start from them."""
+        replies' first passes (with their drafts when the set drafts; `draft=True` makes it),
+        kept within the memory budget for the replies of the same edit, which then start from
+        them. `drafted_batches` says afterwards which batches' passes carried drafts."""
         self.forget_started()
         budget = self.reuse.keep_budget() if keep_for_replies else 0
-        policy = self._policy()
+        policy = None if draft else self._policy()
         context = self.reuse.context(self.drafts if budget else None, policy if budget else None)
         pieces, kept = [], 0
+        self.drafted_batches = []
         with torch.inference_mode():
             for batch in self.batches:
                 if kept >= budget:
                     pieces.append(first_token_logits(self.reuse.loaded, batch, context=context))
+                    self.drafted_batches.append(False)
                     continue
                 started = start_batch(self.reuse.loaded, batch, context)
                 pieces.append(started.first_logits)
+                self.drafted_batches.append(started.first.draft_width > 0)
                 self._started[id(batch)] = started
                 kept += started.cache_bytes()
         return torch.cat(pieces, dim=0)
