@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from hctl_worker.batching import CACHE_FILE, cached_batch_size, candidate_sizes, find_batch_size
+from hctl_worker.batching import (
+    CACHE_FILE,
+    cached_batch_size,
+    candidate_sizes,
+    measure_batch_size,
+)
 from hctl_worker.errors import OutOfMemoryError
 from hctl_worker.model import load_model
 from scripts.make_random_model import make_random_model
@@ -46,10 +51,10 @@ def test_the_fastest_size_wins_not_the_largest(loaded) -> None:
     # tokens/s (as many tokens per row) for sizes 1, 2, 4, 8: 1, 2, 4, 1.6 -> 4, and 8 ends the sweep (below 70 %).
     clock = SteppingClock([1.0, 1.0, 1.0, 5.0])
     messages: list[str] = []
-    size = find_batch_size(
+    choice = measure_batch_size(
         loaded, texts, max_batch_size=64, on_message=messages.append, clock=clock, max_new_tokens=2
     )
-    assert size == 4
+    assert choice.size == 4 and sorted(choice.tokens_per_second) == [1, 2, 4, 8]
     assert clock.durations == []
     assert messages[-1] == "chose batch size 4"
 
@@ -63,8 +68,8 @@ def test_out_of_memory_stops_at_the_last_size_that_fit(loaded) -> None:
     try:
         texts = loaded.template(["hi"] * 4, None)
         clock = SteppingClock([1.0, 1.0])  # sizes 1 and 2 fit; 2 is faster
-        size = find_batch_size(loaded, texts, max_batch_size=16, max_new_tokens=2, clock=clock)
-        assert size == 2
+        choice = measure_batch_size(loaded, texts, max_batch_size=16, max_new_tokens=2, clock=clock)
+        assert choice.size == 2
         assert clock.durations == []
     finally:
         handle.remove()
@@ -77,7 +82,7 @@ def test_out_of_memory_at_size_one_is_an_error(loaded) -> None:
     handle = loaded.model.register_forward_pre_hook(always_fail, with_kwargs=True)
     try:
         with pytest.raises(OutOfMemoryError):
-            find_batch_size(loaded, loaded.template(["hi"], None), max_batch_size=4)
+            measure_batch_size(loaded, loaded.template(["hi"], None), max_batch_size=4)
     finally:
         handle.remove()
 

@@ -64,26 +64,6 @@ class BatchSizeChoice:
         return f"batch size {self.size} ({source}tokens/s by size: {figures})"
 
 
-def find_batch_size(
-    loaded: LoadedModel,
-    texts: Sequence[str],
-    *,
-    max_batch_size: int,
-    on_message: Callable[[str], None] | None = None,
-    max_new_tokens: int = 8,
-    clock: Callable[[], float] = time.perf_counter,
-) -> int:
-    """The batch size with the highest measured throughput (tokens per second), OOM-safe."""
-    return measure_batch_size(
-        loaded,
-        texts,
-        max_batch_size=max_batch_size,
-        on_message=on_message,
-        max_new_tokens=max_new_tokens,
-        clock=clock,
-    ).size
-
-
 def measure_batch_size(
     loaded: LoadedModel,
     texts: Sequence[str],
@@ -93,6 +73,7 @@ def measure_batch_size(
     max_new_tokens: int = 8,
     clock: Callable[[], float] = time.perf_counter,
 ) -> BatchSizeChoice:
+    """The batch size with the highest measured throughput (tokens per second), OOM-safe."""
     if not texts:
         raise ValueError("no texts to measure the batch size on")
     say = on_message or (lambda message: None)
@@ -174,6 +155,5 @@ __all__ = [
     "BatchSizeChoice",
     "cached_batch_size",
     "candidate_sizes",
-    "find_batch_size",
     "measure_batch_size",
 ]

@@ -10,7 +10,10 @@ trial cheaper without changing its replies:
 - a batch's first pass (its prompts and a draft reply per row, `first_pass.py`) can start above
   the layers the trial leaves unchanged (`replay.py`);
 - each pass feeds a draft of the reply (`drafts.py`) and keeps it for as long as every drafted
-  token is the model's own greedy choice, so one pass can produce many tokens.
+  token is the model's own greedy choice, so one pass can produce many tokens; a prompt set
+  drafts only while that measures cheaper (`draft_policy.py`: on a CPU, rarely);
+- a batch whose first pass already ran (the KL pass over the harmless prompts, kept) continues
+  from it (`started`).
 
 `Verdicts` counts the refusals decided so far, so a caller can stop a trial that can no longer
 matter (`pruning.py`).
