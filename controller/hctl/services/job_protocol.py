@@ -24,7 +24,7 @@ import shlex
 from dataclasses import dataclass
 from typing import Literal
 
-from hctl.errors import ConnectionLostError
+from hctl.errors import ConnectionLostError, JobError
 from hctl.remote.base import Remote
 from hctl_worker.events import EVENTS_FILE, JOURNAL_FILE, LOG_FILE, SETTINGS_FILE, WORKERS_DIR
 
@@ -110,6 +110,19 @@ def parse_read_output(output: str) -> Chunk:
     state = status.strip().split()[0] if status.strip() else "unknown"
     alive = {"alive": True, "dead": False}.get(state)
     return Chunk(data=_decode_base64(events), worker_alive=alive, journal=_decode_base64(journal))
+
+
+def check_not_running(remote: Remote, job_dir: str) -> None:
+    """Refuse to start a second worker in a job directory whose worker still runs (its launcher
+    lives exactly as long as it does; a worker started by hand there is refused by the worker's
+    own lock on the events file)."""
+    result = remote.run(f"if {running_test(job_dir)}; then echo busy; fi", timeout=30)
+    if "busy" in result.output:
+        raise JobError(
+            f"A worker is already running in {job_dir} on {remote.description}.",
+            "Let it finish (`hctl jobs` shows it; `hctl attach JOB` follows it), stop it with "
+            "`hctl cancel JOB`, or give this run another --output folder.",
+        )
 
 
 # --- Launching --------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ from hctl.errors import JobError, PodNotFoundError
 from hctl.providers.base import PodStatus
 from hctl.services.estimate import format_money
 from hctl.services.jobs import JobRecord
-from hctl.services.launch import Notify, hf_token, release_after_failure
+from hctl.services.planning import Notify, hf_token
+from hctl.services.provisioning import release_after_failure
 from hctl.services.runs import local_progress, meter_for, worker_alive
 from hctl.services.toolkit import Toolkit
 from hctl_worker.events import EVENTS_FILE, JOURNAL_FILE
@@ -136,7 +137,8 @@ def _resume_machine(
 ) -> tuple[JobRecord, bool]:
     """The pod to continue on: the job's own if it still exists, the given one, or a new one
     (then the flag is True)."""
-    from hctl.services.launch import RunRequest, bring_up_pod, plan_run, remote_base_dir
+    from hctl.services.planning import RunRequest, plan_run
+    from hctl.services.provisioning import bring_up_pod, remote_base_dir
 
     reuse_own = pod is None and gpu is None and _pod_usable(record, toolkit)
     if reuse_own:

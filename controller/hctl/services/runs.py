@@ -36,7 +36,7 @@ from hctl.services.follow import Follower, RemoteJobChannel
 from hctl.services.follow_policies import BudgetWatch, Liveness, mirror
 from hctl.services.job_protocol import MAX_READ_BYTES
 from hctl.services.jobs import JobRecord
-from hctl.services.launch import Notify
+from hctl.services.planning import Notify
 from hctl.services.progress import JobProgress
 from hctl.services.stopping import stop_worker
 from hctl.services.toolkit import Toolkit
