@@ -58,6 +58,8 @@ def load_job(toolkit: Toolkit, job: str) -> JobRecord:
 
 
 def machine(record: JobRecord) -> str:
+    if record.members:
+        return "pods " + ", ".join(member.pod_id for member in record.members)
     if record.target == "pod":
         return f"pod {record.pod_id}"
     return record.address or "this machine"

@@ -9,6 +9,7 @@ The plan itself is `planning.plan_run`; a job on several pods is `fleet_launch`.
 from __future__ import annotations
 
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,22 @@ import tomli_w
 from hctl.errors import JobError, RemoteError
 from hctl.remote.base import Remote
 from hctl.services import lease
-from hctl.services.job_protocol import check_not_running, launch_command
+from hctl.services.job_protocol import PGPASS_FILE, check_not_running, launch_command
 from hctl.services.jobs import JobRecord, new_job_id
 from hctl.services.planning import Notify, RunPlan, RunRequest, hf_token, plan_run
 from hctl.services.provisioning import bring_up_pod, release_after_failure, remote_base_dir
 from hctl.services.toolkit import Toolkit
-from hctl.services.uploads import place_inputs, put_text, upload_secrets
+from hctl.services.uploads import place_inputs, put_text, upload_private, upload_secrets
 from hctl_worker.events import JOURNAL_FILE, SETTINGS_FILE
+
+
+@dataclass(frozen=True)
+class WorkerDatabase:
+    """The study's database as one pod's workers reach it (a job on several pods)."""
+
+    url: str  # postgresql://USER@HOST:PORT/DB, no password
+    password_line: str  # the .pgpass line (the password inside), written 0600 on the machine
+    first_worker: int  # the pod's workers are named from this number on
 
 
 def start_worker(
@@ -36,8 +46,35 @@ def start_worker(
     token: str | None,
     resume_files: dict[str, Path] | None = None,
 ) -> JobRecord:
+    """Start the job's workers on its machine (see `launch_workers`); returns the saved record
+    of the running job."""
+    worker, one_gpu_each = launch_workers(
+        record, plan_settings, remote, toolkit, notify, token=token, resume_files=resume_files
+    )
+    return toolkit.store.save(
+        record.model_copy(
+            update={"status": "running", "worker_command": worker, "one_gpu_each": one_gpu_each}
+        )
+    )
+
+
+def launch_workers(
+    record: JobRecord,
+    plan_settings: dict[str, Any],
+    remote: Remote,
+    toolkit: Toolkit,
+    notify: Notify,
+    *,
+    token: str | None,
+    resume_files: dict[str, Path] | None = None,
+    database: WorkerDatabase | None = None,
+) -> tuple[str, bool]:
     """Keep the pod's lease, install the worker, put the job directory in place, and start the
-    worker detached."""
+    workers detached; returns the worker's command and whether each worker has a GPU of its own.
+
+    `database`: the study is in that database (a job on several pods, see `fleet_launch`): its
+    password goes into the job directory's 0600 `.pgpass`, the workers get its URL without it.
+    """
     job_dir = record.remote_job_dir
     if record.target == "pod" and record.lease_until is not None:
         kept = lease.keep_for_job(
@@ -62,6 +99,9 @@ def start_worker(
             remote.put(path, f"{job_dir}/{name}")
             notify(f"uploaded the copy of {name} from this computer")
     upload_secrets(remote, job_dir, {"HF_TOKEN": token})
+    if database is not None and database.password_line:
+        upload_private(remote, database.password_line, f"{job_dir}/{PGPASS_FILE}")
+    one_gpu_each = record.one_gpu_each or _gpu_each_on_host(record, remote, notify)
     self_stop = stop_command = None
     if record.target == "pod" and record.after != "keep":
         self_stop = toolkit.settings.self_stop_grace_s
@@ -69,7 +109,9 @@ def start_worker(
     result = remote.run(
         launch_command(
             worker, job_dir, env=handle.environment, self_stop_after_s=self_stop,
-            stop_command=stop_command, workers=record.workers, one_gpu_each=record.one_gpu_each,
+            stop_command=stop_command, workers=record.workers, one_gpu_each=one_gpu_each,
+            first_worker=database.first_worker if database else 1,
+            storage=database.url if database else None,
         ),
         timeout=60,
     )  # fmt: skip
@@ -80,9 +122,26 @@ def start_worker(
         )
     started = f"{record.workers} workers" if record.workers > 1 else "worker"
     notify(f"{started} started on {remote.description} in {job_dir}")
-    return toolkit.store.save(
-        record.model_copy(update={"status": "running", "worker_command": worker})
-    )
+    return worker, one_gpu_each
+
+
+def _gpu_each_on_host(record: JobRecord, remote: Remote, notify: Notify) -> bool:
+    """`--on ssh://... --workers N` on a host with N GPUs or more: each worker gets its own
+    (CUDA_VISIBLE_DEVICES), as on a pod with `--gpus N`."""
+    if record.target != "ssh" or record.workers < 2:
+        return False
+    listing = remote.run(
+        "nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null", timeout=60
+    ).output
+    count = sum(1 for line in listing.splitlines() if line.strip().isdigit())
+    if count < record.workers:
+        if count:
+            notify(
+                f"{remote.description} has {count} GPU(s) for {record.workers} workers: they share"
+            )
+        return False
+    notify(f"{remote.description} has {count} GPUs: each of the {record.workers} workers gets one")
+    return True
 
 
 def new_record(plan: RunPlan, toolkit: Toolkit) -> JobRecord:

@@ -18,6 +18,7 @@ from hctl.gpus import resolve_gpu
 from hctl.providers.base import GpuType, Pod
 from hctl.services import calibration
 from hctl.services.estimate import Estimate, alternatives, estimate_job, format_money
+from hctl.services.fleet import FleetPlan, plan_fleet
 from hctl.services.job_protocol import check_not_running
 from hctl.services.jobs import TargetKind
 from hctl.services.models import ModelInfo, inspect_model
@@ -48,6 +49,7 @@ class RunPlan:
     catalogue: list[GpuType] | None = None
     hf_token: str | None = None
     team: Team = field(default_factory=lambda: Team())
+    fleet: FleetPlan | None = None  # --pods N: the pods and how they reach the database
 
     @property
     def creates_pod(self) -> bool:
@@ -113,7 +115,10 @@ def plan_run(request: RunRequest, toolkit: Toolkit) -> RunPlan:
             gpu = next((item for item in catalogue if item.id == pod.gpu_type_id), None)
         else:
             gpu = resolve_gpu(catalogue, request.gpu or settings.gpu)
-    team = plan_team(request, model, gpu)
+    team = plan_team(request, model, gpu, pod_gpus=pod.gpu_count if pod is not None else 1)
+    fleet = (
+        plan_fleet(request, toolkit.provider(), settings.database_port) if target == "pod" else None
+    )
     estimate = estimate_job(
         model,
         gpu,
@@ -127,6 +132,7 @@ def plan_run(request: RunRequest, toolkit: Toolkit) -> RunPlan:
         measured=calibration.load(toolkit.store.calibration_path) if target == "local" else None,
         gpu_count=team.gpu_count,
         workers=team.workers,
+        pods=team.pods,
     )
     if pod is not None and pod.cost_per_hr:
         estimate = estimate.model_copy(update={"price_per_hour": pod.cost_per_hr})
@@ -161,6 +167,7 @@ def plan_run(request: RunRequest, toolkit: Toolkit) -> RunPlan:
         catalogue=catalogue,
         hf_token=token,
         team=team,
+        fleet=fleet,
     )
 
 

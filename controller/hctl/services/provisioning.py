@@ -27,9 +27,16 @@ def remote_base_dir(record_target: TargetKind, remote: Remote, toolkit: Toolkit)
 
 
 def create_pod(
-    plan: RunPlan, job_id: str, toolkit: Toolkit, notify: Notify
+    plan: RunPlan,
+    job_id: str,
+    toolkit: Toolkit,
+    notify: Notify,
+    *,
+    name: str | None = None,
+    ports: list[str] | None = None,
+    global_networking: bool = False,
 ) -> tuple[Pod, PodLease]:
-    """A new pod named `hctl-<job id>`, with a lease sized from the estimate."""
+    """A new pod named `name` (default `hctl-<job id>`), with a lease sized from the estimate."""
     from hctl import pods, sshkeys
 
     settings = toolkit.settings
@@ -47,10 +54,12 @@ def create_pod(
         image=plan.request.image,
         spot=plan.request.spot,
         bid_per_gpu=plan.gpu.price(settings.cloud_type, spot=True) if plan.request.spot else None,
-        name=f"hctl-{job_id}",
+        name=name or f"hctl-{job_id}",
+        ports=ports,
         max_hours=lease_s / 3600,
         at_limit="terminate",
         public_key=sshkeys.pod_public_keys(provider, key),
+        global_networking=global_networking,
     )
     try:
         pod = pods.create_pod(provider, pod_plan)
@@ -151,7 +160,7 @@ def bring_up_pod(plan: RunPlan, record: JobRecord, toolkit: Toolkit, notify: Not
         if pod_id is None and plan.pod is None:
             # Interrupted while the create request was in flight: the pod may exist although
             # its id never reached us. It carries the job's unique name, so look for it.
-            pod_id = _pod_named(provider, f"hctl-{record.job_id}", notify)
+            pod_id = pod_named(provider, f"hctl-{record.job_id}", notify)
             created_here = pod_id is not None
         if pod_id is not None:
             release_after_failure(
@@ -164,7 +173,7 @@ def bring_up_pod(plan: RunPlan, record: JobRecord, toolkit: Toolkit, notify: Not
         raise
 
 
-def _pod_named(provider: Provider, name: str, notify: Notify) -> str | None:
+def pod_named(provider: Provider, name: str, notify: Notify) -> str | None:
     try:
         return next((pod.id for pod in provider.list() if pod.name == name), None)
     except HctlError as error:

@@ -99,8 +99,12 @@ def secrets_env(values: dict[str, str | None]) -> str:
 
 def upload_secrets(remote: Remote, job_dir: str, values: dict[str, str | None]) -> None:
     text = secrets_env(values)
-    if not text:
-        return
-    path = f"{job_dir}/{SECRETS_FILE}"
+    if text:
+        upload_private(remote, text, f"{job_dir}/{SECRETS_FILE}")
+
+
+def upload_private(remote: Remote, text: str, path: str) -> None:
+    """A file only its owner may read (0600), inside a job directory (0700: nobody else can see
+    it in the moment before the chmod)."""
     put_text(remote, text, path)
     remote.run(f"chmod 600 {shlex.quote(path)}", timeout=30)
