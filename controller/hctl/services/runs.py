@@ -149,8 +149,9 @@ def follow_job(
     )
     old_events, offset = read_events(store.events_path(record.job_id))
     for event in old_events:
+        again = _reported_again(event, progress)
         progress.apply(event)
-        if replay:
+        if replay and not again:
             view.event(event, progress, None)
     # A worker just started again: the ends of its earlier runs (or of an export) are not the
     # end; only what follows its new start event counts.
@@ -168,9 +169,11 @@ def follow_job(
             mirror(store, record, poll)
             trial_seen = False
             for event in poll.events:
+                again = _reported_again(event, progress)
                 progress.apply(event)
                 started_again = started_again or isinstance(event, StartEvent)
-                view.event(event, progress, money_now(record, progress, toolkit))
+                if not again:
+                    view.event(event, progress, money_now(record, progress, toolkit))
                 trial_seen = trial_seen or isinstance(event, TrialEvent)
             if trial_seen:
                 note = budget.warning(money_now(record, progress, toolkit))
@@ -215,6 +218,12 @@ def follow_job(
             record.model_copy(update={"status": "failed", "message": progress.error.message})
         )
     return FollowResult(outcome, progress, record)
+
+
+def _reported_again(event: object, progress: JobProgress) -> bool:
+    """A trial already shown, reported again by another worker (the first died between its
+    event and its mark in the study; on several pods the two events are in different files)."""
+    return isinstance(event, TrialEvent) and event.number in progress.trials
 
 
 def _check_pod(record: JobRecord, toolkit: Toolkit) -> None:
