@@ -167,10 +167,23 @@ def test_two_pods_share_one_search_on_postgresql_and_both_end_stopped(two_pods: 
         for path in place.rglob("*"):
             if path.is_file() and path.name != ".pgpass":
                 assert watch.password.encode() not in path.read_bytes(), path
-    # results and logs act on the whole job.
+    # results, logs and resume act on the whole job.
     runner = CliRunner()
     results = runner.invoke(app, ["results", record.job_id], catch_exceptions=False)
     assert results.exit_code == 0 and "6/6 trials; search finished" in results.output
+    logs = runner.invoke(app, ["logs", record.job_id], catch_exceptions=False)
+    assert (
+        logs.exit_code == 0 and f"pod {first}:" in logs.stdout and f"pod {second}:" in logs.stdout
+    )
+    more = runner.invoke(app, ["resume", record.job_id, "--trials", "8", "--yes"],
+                         catch_exceptions=False)  # fmt: skip
+    assert more.exit_code == 0, more.output
+    assert f"started pod {first}" in more.output and f"started pod {second}" in more.output
+    again = TRIAL_LINE.findall(more.output)
+    assert sorted(int(number) for _, number, _ in again) == [7, 8]
+    study = _study(record, two_pods.job_dir(record, 0))
+    assert sorted(trial.number for trial in study) == list(range(1, 9))
+    assert two_pods.rig.pod_statuses() == {first: "EXITED", second: "EXITED"}
 
 
 def _kill_pod_two_when_it_ran_a_trial(two_pods: TwoPods, killed: list[str]) -> None:

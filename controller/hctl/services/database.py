@@ -122,11 +122,13 @@ def password_line(database: Database) -> str:
 
 
 def start_on(remote: Remote, database: Database, data_dir: str, job_dir: str) -> None:
-    """Start the server on a pod (creating the job's database the first time): the setup SQL
-    goes into the job directory (0700) as a 0600 file, which the start script deletes."""
+    """Start the server on a pod, creating the job's database when `database` has a password
+    (the first time): the setup SQL goes into the job directory (0700) as a 0600 file, which
+    the start script deletes. Without one, the server of an existing database starts again."""
     remote.run(f"umask 077 && mkdir -p {shlex.quote(job_dir)}", timeout=60)
     sql_file = f"{job_dir}/.database.sql"
-    upload_private(remote, setup_sql(database), sql_file)
+    if database.password:  # else the database exists: only its server starts (again)
+        upload_private(remote, setup_sql(database), sql_file)
     script = start_command(data_dir, sql_file, port=database.port)
     result = remote.run(f"sh -c {shlex.quote(script)} 2>&1", timeout=300)
     if result.exit_code == NOT_INSTALLED_EXIT:

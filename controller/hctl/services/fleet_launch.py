@@ -8,8 +8,8 @@ left billing by accident.
 
 from __future__ import annotations
 
-from hctl.errors import HctlError, JobError
-from hctl.providers.base import Pod
+from hctl.errors import HctlError, JobError, PodNotFoundError
+from hctl.providers.base import Pod, PodStatus, Provider
 from hctl.services.database import Database, new_database, password_line, start_on
 from hctl.services.fleet import FleetPlan, database_address, job_dir_name, pod_view
 from hctl.services.jobs import JobRecord, PodMember
@@ -150,3 +150,82 @@ def _release_all(
         release_after_failure(
             provider, pod_id, created_here=True, started_here=False, notify=notify
         )
+
+
+def resume_fleet(
+    record: JobRecord, toolkit: Toolkit, notify: Notify, *, settings_values: dict
+) -> JobRecord:
+    """Continue a job on several pods on its own pods: each one still there is started again
+    (a lost one is left out), then the database on the first, then the workers, which read the
+    study where it is. The password files are still in the pods' job directories."""
+    provider = toolkit.provider()
+    first = record.members[0]
+    try:
+        status = provider.get(first.pod_id).status
+    except PodNotFoundError:
+        status = PodStatus.TERMINATED
+    if status in (PodStatus.TERMINATED, PodStatus.FAILED):
+        raise JobError(
+            f"Pod {first.pod_id}, which held the study's database, is {status}: the study "
+            "cannot be continued.",
+            f"`hctl results {record.job_id}` shows the trials it ran; start a new job to search "
+            "again.",
+        )
+    members, ready = [], []
+    for member in record.members:
+        pod = _started_again(provider, member, toolkit, notify)
+        if pod is None:
+            members.append(member.model_copy(update={"lost": member.lost or "gone"}))
+            continue
+        members.append(member.model_copy(update={"lost": ""}))
+        ready.append(pod)
+    record = toolkit.store.save(
+        record.model_copy(update={"members": members, "started_at": toolkit.clock()})
+    )
+    assert record.database_dir is not None and record.database_url is not None
+    port = record.database_url.rpartition("/")[0].rpartition(":")[2]
+    database = Database(record.database_url.rpartition("/")[2], "", int(port), password="")
+    view = pod_view(record, members[0])
+    remote = toolkit.connect(view)
+    try:
+        start_on(remote, database, record.database_dir, view.remote_job_dir)
+    finally:
+        remote.close()
+    notify(f"PostgreSQL runs again on pod {first.pod_id}")
+    worker = record.worker_command
+    live = [member for member in members if not member.lost]
+    for member, pod in zip(live, ready, strict=True):
+        host, port_there, how = database_address(ready[0], pod, database.port)
+        notify(f"pod {pod.id} reaches the database {how} ({host}:{port_there})")
+        view = pod_view(record, member)
+        remote = toolkit.connect(view)
+        try:
+            worker, _ = launch_workers(
+                view, settings_values, remote, toolkit, notify, token=None,
+                database=WorkerDatabase(url=database.at(host, port_there).url, password_line="",
+                                        first_worker=member.first_worker),
+            )  # fmt: skip
+        finally:
+            remote.close()
+    return toolkit.store.save(
+        record.model_copy(update={"status": "running", "worker_command": worker})
+    )
+
+
+def _started_again(
+    provider: Provider, member: PodMember, toolkit: Toolkit, notify: Notify
+) -> Pod | None:
+    """The pod running and reachable again; None when it is gone."""
+    try:
+        pod = provider.get(member.pod_id)
+    except PodNotFoundError:
+        notify(f"pod {member.pod_id} is gone: the search goes on without it")
+        return None
+    if pod.status in (PodStatus.TERMINATED, PodStatus.FAILED):
+        notify(f"pod {member.pod_id} is {pod.status}: the search goes on without it")
+        return None
+    if not pod.active:
+        provider.start(pod.id)
+        notify(f"started pod {pod.id}")
+    notify(f"waiting for pod {pod.id} to become reachable")
+    return toolkit.wait_until_ready(provider, pod.id)

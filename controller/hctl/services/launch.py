@@ -32,7 +32,7 @@ class WorkerDatabase:
     """The study's database as one pod's workers reach it (a job on several pods)."""
 
     url: str  # postgresql://USER@HOST:PORT/DB, no password
-    password_line: str  # the .pgpass line (the password inside), written 0600 on the machine
+    password_line: str  # the .pgpass line (the password inside), written 0600; "": already there
     first_worker: int  # the pod's workers are named from this number on
 
 

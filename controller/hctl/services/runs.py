@@ -255,16 +255,25 @@ def _stop_for_budget(
 
 def worker_log_tail(record: JobRecord, toolkit: Toolkit, *, lines: int = 50) -> str:
     """The end of the workers' log (of every pod, for a job on several)."""
+    if not record.members:
+        return _log_tail(record, toolkit, lines)
     tails = []
-    for view in pod_views(record):
-        remote = toolkit.connect(view)
+    for view in pod_views(record, with_lost=True):
         try:
-            path = shlex.quote(f"{view.remote_job_dir}/{LOG_FILE}")
-            tail = remote.run(f"tail -n {int(lines)} {path} 2>/dev/null", timeout=60).output
-        finally:
-            remote.close()
-        tails.append(f"pod {view.pod_id}:\n{tail}" if record.members else tail)
-    return "\n".join(tails)
+            tail = _log_tail(view, toolkit, lines)
+        except HctlError as error:
+            tail = f"(not reachable: {error.message})\n"
+        tails.append(f"pod {view.pod_id}:\n{tail}")
+    return "".join(tails)
+
+
+def _log_tail(record: JobRecord, toolkit: Toolkit, lines: int) -> str:
+    remote = toolkit.connect(record)
+    try:
+        path = shlex.quote(f"{record.remote_job_dir}/{LOG_FILE}")
+        return remote.run(f"tail -n {int(lines)} {path} 2>/dev/null", timeout=60).output
+    finally:
+        remote.close()
 
 
 # --- Whole flows ----------------------------------------------------------------------------
