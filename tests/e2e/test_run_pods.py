@@ -7,26 +7,33 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner, Result
 
 from hctl.cli import app
+from hctl.services import fleet_launch, planning, runs
 from hctl.services.database import stop_command
 from hctl.services.jobs import JobRecord, JobStore
+from hctl.services.request import RunRequest, parse_assignments
+from hctl.services.toolkit import default_toolkit
+from hctl.settings import load_settings
 from hctl_worker.storage import database_storage
 from hctl_worker.study import STUDY_NAME, load_trials
 from hctl_worker.trials import pareto_front
+from tests.controller.test_job_directory import alive
 from tests.e2e.conftest import TINY, PodRig
 from tests.standins.postgres import free_port, postgres_missing
-from tests.standins.sshd import SshdServer
+from tests.standins.sshd import SshdServer, stop_watchdog
 
 FAST = ["--set", "batch_size=64", "--set", "max_response_length=8"]
 TRIAL_LINE = re.compile(r"^\[worker (\w+)\] trial (\d+)/(\d+): ", re.MULTILINE)
@@ -38,7 +45,6 @@ class TwoPods:
     rig: PodRig
     pod2_sshd: SshdServer
     database_port: int
-    cleanups: list = field(default_factory=list)
 
     def job_dir(self, record: JobRecord, index: int) -> Path:
         return Path(record.members[index].remote_job_dir)
@@ -62,11 +68,17 @@ def two_pods(
     emulator.cloud.private_ip = "127.0.0.1"
     port = free_port()
     monkeypatch.setenv("HCTL_DATABASE_PORT", str(port))
-    rig = TwoPods(rig=pod_rig, pod2_sshd=sshd_other_host_key, database_port=port)
-    yield rig
+    # The volume outside pytest's folders (private to root; pytest runs elsewhere on a shared
+    # machine make them so again): the database server runs as another user.
+    volume = Path(tempfile.mkdtemp(prefix="hctl-pods-"))
+    monkeypatch.setenv("HCTL_VOLUME_PATH", str(volume))
+    rig = PodRig(emulator=emulator, sshd=pod_rig.sshd, volume=volume)
+    yield TwoPods(rig=rig, pod2_sshd=sshd_other_host_key, database_port=port)
     # The stand-in pods are this machine: a stopped pod does not stop its processes.
-    for database in (pod_rig.volume / "hctl" / "databases").glob("*"):
+    for database in (volume / "hctl" / "databases").glob("*"):
         subprocess.run(["sh", "-c", stop_command(str(database))], timeout=120, check=False)
+    stop_watchdog(volume / "hctl")
+    shutil.rmtree(volume, ignore_errors=True)
 
 
 def _run(*options: str) -> Result:
@@ -241,3 +253,33 @@ def test_a_pod_lost_mid_search_leaves_the_others_to_finish_it(two_pods: TwoPods)
     # Seen lost while following ("is terminated: the other pods go on"), or at the release when
     # the search ended before the next read of it.
     assert re.search(rf"pod {second} is (already )?gone", output), output
+
+
+@pytest.mark.slow
+def test_cancel_stops_every_pods_workers_and_releases_every_pod(two_pods: TwoPods) -> None:
+    """A detached job on two pods: `attach` follows both, `cancel` stops the workers of both
+    and stops both pods, saying so pod by pod."""
+    toolkit = default_toolkit(load_settings())
+    request = RunRequest(model=TINY, n_trials=200, pods=2, gpu="NVIDIA GeForce RTX 4090",
+                         worker_overrides=parse_assignments(FAST[1::2]))  # fmt: skip
+    plan = planning.plan_run(request, toolkit)
+    record = fleet_launch.start_fleet(plan, toolkit, lambda message: None)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:  # until a worker of each pod has reported a trial
+        runs.sync_job(record, toolkit)
+        trials = runs.local_progress(record, toolkit).trials.values()
+        if {trial.run_by for trial in trials} == {"1", "2"}:
+            break
+        time.sleep(0.2)
+    pids = [int(path.read_text()) for index in (0, 1)
+            for path in (two_pods.job_dir(record, index) / "workers").glob("*.pid")]  # fmt: skip
+    assert len(pids) == 2 and all(alive(pid) for pid in pids)
+    assert runs.worker_alive(record, toolkit) is True
+    result = CliRunner().invoke(app, ["cancel", record.job_id, "--yes"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert not any(alive(pid) for pid in pids)
+    assert result.output.count("worker stopped") + result.output.count("worker killed") == 2
+    first, second = (member.pod_id for member in record.members)
+    assert f"stopped pod {first}" in result.output and f"stopped pod {second}" in result.output
+    assert two_pods.rig.pod_statuses() == {first: "EXITED", second: "EXITED"}
+    assert JobStore().load(record.job_id).status == "cancelled"

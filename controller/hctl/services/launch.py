@@ -101,7 +101,7 @@ def launch_workers(
     upload_secrets(remote, job_dir, {"HF_TOKEN": token})
     if database is not None and database.password_line:
         upload_private(remote, database.password_line, f"{job_dir}/{PGPASS_FILE}")
-    one_gpu_each = record.one_gpu_each or _gpu_each_on_host(record, remote, notify)
+    one_gpu_each = record.one_gpu_each or gpu_each_on_host(record, remote, notify)
     self_stop = stop_command = None
     if record.target == "pod" and record.after != "keep":
         self_stop = toolkit.settings.self_stop_grace_s
@@ -125,7 +125,7 @@ def launch_workers(
     return worker, one_gpu_each
 
 
-def _gpu_each_on_host(record: JobRecord, remote: Remote, notify: Notify) -> bool:
+def gpu_each_on_host(record: JobRecord, remote: Remote, notify: Notify) -> bool:
     """`--on ssh://... --workers N` on a host with N GPUs or more: each worker gets its own
     (CUDA_VISIBLE_DEVICES), as on a pod with `--gpus N`."""
     if record.target != "ssh" or record.workers < 2:
