@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 import secrets
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hctl.errors import JobError
 from hctl.remote.base import Remote
@@ -44,7 +44,7 @@ class Database:
     name: str  # the database and its user, e.g. hctl_0612_0930_a1b2
     host: str
     port: int
-    password: str
+    password: str = field(repr=False)  # never shown, even in a traceback
 
     @property
     def url(self) -> str:

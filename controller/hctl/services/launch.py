@@ -9,7 +9,7 @@ The plan itself is `planning.plan_run`; a job on several pods is `fleet_launch`.
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,8 @@ class WorkerDatabase:
     """The study's database as one pod's workers reach it (a job on several pods)."""
 
     url: str  # postgresql://USER@HOST:PORT/DB, no password
-    password_line: str  # the .pgpass line (the password inside), written 0600; "": already there
+    # the .pgpass line (the password inside), written 0600; "": already there
+    password_line: str = field(repr=False)
     first_worker: int  # the pod's workers are named from this number on
 
 
