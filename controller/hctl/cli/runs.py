@@ -286,7 +286,7 @@ def smoke_test(
         model=SMOKE_MODEL, gpu=gpu, spot=False, trials=trials, pod=pod, on=on, config=None,
         trial=None, yes=yes, download=None, max_cost=None, keep=False, terminate=False,
         upload=None, params=SMOKE_PARAMETERS, image=None, job_dir=None, assignments=None,
-        dry_run=False, gpus=None, workers=None,
+        dry_run=False, gpus=None, workers=None, pods=None,
     )  # fmt: skip
 
 
