@@ -11,7 +11,7 @@ import pytest
 
 from hctl.errors import ConnectionLostError, PodNotFoundError
 from hctl.providers.base import Pod, PodStatus
-from hctl.services.fleet_follow import DatabaseLostError, FleetFollower
+from hctl.services.fleet_follow import DatabaseLostError, FleetFollower, check_database_pod
 from hctl.services.follow import Poll
 from hctl.services.jobs import JobRecord, JobStore, PodMember
 from hctl_worker.events import StartEvent, encode
@@ -112,3 +112,18 @@ def test_losing_the_first_pod_says_the_database_was_on_it(
     message = raised.value.message
     assert "pod pod1, which held the study's database" in message and kept in message
     assert "the other pods cannot go on without it and are released" in message
+
+
+def test_the_database_pod_is_checked_when_every_worker_went_quiet(tmp_path: Path) -> None:
+    pods = [FakeFollower([_poll("1", False)]), FakeFollower([_poll("2", False)])]
+    _, record, _, store = _follow(tmp_path, pods, {"pod1": PodStatus.RUNNING})
+    toolkit = SimpleNamespace(
+        store=store, provider=lambda: FakeProvider({"pod1": PodStatus.RUNNING})
+    )
+    check_database_pod(record, toolkit)  # type: ignore[arg-type]  # runs: nothing to say
+    stopped = SimpleNamespace(
+        store=store, provider=lambda: FakeProvider({"pod1": PodStatus.STOPPED})
+    )
+    with pytest.raises(DatabaseLostError, match="pod pod1, which held the study's database"):
+        check_database_pod(record, stopped)  # type: ignore[arg-type]
+    assert store.load(record.job_id).members[0].lost == "stopped mid-search"

@@ -76,11 +76,7 @@ class FleetFollower:
     def _check_member(self, index: int, error: HctlError) -> None:
         """A pod that did not answer: lost when the provider says it no longer runs."""
         member = self.record.members[index]
-        try:
-            pod = self.toolkit.provider().get(member.pod_id)
-            status = None if pod.active else str(pod.status)
-        except PodNotFoundError:
-            status = str(PodStatus.TERMINATED)
+        status = lost_status(self.toolkit, member.pod_id)
         if status is None:
             if index not in self._unreachable:
                 self._unreachable.add(index)
@@ -102,6 +98,26 @@ class FleetFollower:
     def close(self) -> None:
         for follower in self._followers.values():
             follower.close()
+
+
+def lost_status(toolkit: Toolkit, pod_id: str) -> str | None:
+    """The status of a pod that no longer runs (gone: terminated); None while it runs."""
+    try:
+        pod = toolkit.provider().get(pod_id)
+    except PodNotFoundError:
+        return str(PodStatus.TERMINATED)
+    return None if pod.active else str(pod.status)
+
+
+def check_database_pod(record: JobRecord, toolkit: Toolkit) -> None:
+    """Raise `DatabaseLostError` when the first pod (the study's database) no longer runs."""
+    first = record.members[0]
+    status = lost_status(toolkit, first.pod_id)
+    if status is None:
+        return
+    first.lost = f"{status} mid-search"
+    toolkit.store.save(record)
+    raise DatabaseLostError(database_lost_message(record, first, status))
 
 
 def database_lost_message(record: JobRecord, member: PodMember, status: str) -> str:

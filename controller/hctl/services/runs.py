@@ -37,6 +37,7 @@ from hctl.services.fleet_follow import (
     DatabaseLostError,
     FleetFollower,
     any_alive,
+    check_database_pod,
     release_pods,
     stop_workers,
 )
@@ -229,6 +230,9 @@ def _reported_again(event: object, progress: JobProgress) -> bool:
 def _check_pod(record: JobRecord, toolkit: Toolkit) -> None:
     """Raise when the job's pod is gone or no longer running (a connection may outlive it)."""
     if record.target != "pod" or record.pod_id is None:
+        return
+    if record.members:  # the first pod, with the study's database
+        check_database_pod(record, toolkit)
         return
     pod = toolkit.provider().get(record.pod_id)
     if not pod.active:
