@@ -124,6 +124,15 @@ def test_worker_is_installed_without_replacing_torch(instructions: list[Instruct
     assert "torch.__version__" in runs and "torch==${torch_version}" in runs
 
 
+def test_postgresql_is_installed_for_jobs_on_several_pods(instructions: list[Instruction]) -> None:
+    """The first pod of `hctl run --pods N` runs the study's PostgreSQL from the image's binaries,
+    where `hctl.services.database` looks for them (Debian's versioned folder)."""
+    runs = " ; ".join(instruction.arguments for instruction in _all(instructions, "RUN"))
+    installs = [part for part in re.split(r"[;&|]+", runs) if "apt-get install" in part]
+    assert any("postgresql" in shlex.split(install) for install in installs), installs
+    assert "/usr/lib/postgresql/*/bin/pg_ctl" in runs  # the build fails without the binaries
+
+
 def test_caches_are_on_the_volume_and_downloads_are_fast(instructions: list[Instruction]) -> None:
     environment = _environment(instructions)
     assert environment["HF_HOME"].startswith("/workspace/")

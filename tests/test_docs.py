@@ -413,7 +413,12 @@ def test_every_job_directory_file_is_documented() -> None:
         for name, value in vars(events).items()
         if name.endswith(("_FILE", "_DIR")) and isinstance(value, str)
     }
-    for module_name in ("hctl.services.follow", "hctl.services.launch", "hctl.services.jobs"):
+    for module_name in (
+        "hctl.services.follow",
+        "hctl.services.launch",
+        "hctl.services.jobs",
+        "hctl.services.job_protocol",
+    ):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError:

@@ -260,6 +260,7 @@ def plan_pod(
     max_hours: float | None = None,
     at_limit: LeaseAction = "stop",
     public_key: str | None = None,
+    global_networking: bool = False,
     now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
 ) -> PodPlan:
     """Check everything about a pod before anything is sent that could create (and bill) one."""
@@ -321,6 +322,7 @@ def plan_pod(
         spot=spot,
         bid_per_gpu=bid_per_gpu,
         allowed_cuda_versions=cuda,
+        global_networking=global_networking,
         lease=lease,
     )
     unit_price = bid_per_gpu if spot and bid_per_gpu is not None else offer.price_per_gpu_hour

@@ -192,6 +192,12 @@ class Settings(BaseSettings):
         ge=0,
         description="A pod stops itself this long after its worker ends when no hctl follows it.",
     )
+    database_port: int = Field(
+        default=5432,
+        ge=1024,
+        le=65535,
+        description="--pods: the TCP port of the job's PostgreSQL server on its first pod.",
+    )
 
     @property
     def ssh_key_path(self) -> Path:

@@ -47,6 +47,27 @@ CASES: list[tuple[str, list[str], str]] = [
     ("hctl", ["run", *POD, "--output", "elsewhere"], "only applies to --on local"),
     ("hctl", ["run", *LOCAL, "--output", "taken.txt"], "is a file; the job needs a folder"),
     ("hctl", ["run", *POD, "--keep", "--terminate"], "contradict"),
+    # hctl run: several pods
+    ("hctl", ["run", *POD, "--pods", "0"], "--pods 0 is not a count"),
+    ("hctl", ["run", *POD, "--pods", "1000"], "--pods 1000 is not a count"),
+    ("hctl", ["run", *LOCAL, "--pods", "2"], "--pods only apply to a pod"),
+    ("hctl", ["run", *POD, "--pod", "x", "--pods", "2"], "--pods only apply to a new pod"),
+    (
+        "hctl",
+        [
+            "run",
+            *POD,
+            "--params",
+            "70B",
+            "--pods",
+            "2",
+            "--gpus",
+            "2",
+            "--gpu",
+            "NVIDIA GeForce RTX 4090",
+        ],
+        "2x RTX 4090 has 48 GB",
+    ),  # fmt: skip
     ("hctl", ["run", *POD, "--gpu", "RTX 9999"], "RTX 9999"),
     ("hctl", ["run", *POD, "--pod", "no-such-pod"], "no-such-pod"),
     # hctl run: money

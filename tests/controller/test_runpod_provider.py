@@ -341,6 +341,26 @@ def test_ssh_endpoints_follow_the_emulator_routing(runpod_emulator: EmulatorServ
     assert pod.endpoint("proxy").address == "ssh://root@127.0.0.1:2200"
 
 
+def test_a_pods_public_tcp_ports_and_private_address_are_read_back(
+    runpod_emulator: EmulatorServer,
+) -> None:
+    """What a job on several pods needs: the database port's public mapping, and the private
+    network's address where the API has one (REST `globalNetworking`)."""
+    runpod_emulator.ready_after_polls = 0
+    runpod_emulator.route_ssh(direct=("203.0.113.7", 2222))
+    provider = provider_for(runpod_emulator)
+    created = provider.create(spec(ports=["22/tcp", "5432/tcp"], global_networking=True))
+    pod = provider.get(created.id)
+    mapping = pod.public_port(5432)
+    assert mapping is not None and (mapping.host, mapping.port) == ("203.0.113.7", 45432)
+    assert provider.capabilities.public_tcp_ports
+    assert provider.capabilities.private_network == (runpod_emulator.api == "rest")
+    assert pod.private_ip == ("10.65.1.42" if runpod_emulator.api == "rest" else None)
+    runpod_emulator.cloud.global_networking_offered = False  # a data centre without it
+    other = provider.get(provider.create(spec("hctl-test-2", global_networking=True)).id)
+    assert other.private_ip is None and other.public_port(5432) is None
+
+
 def test_wait_until_ready_rereads_endpoints_after_every_start(
     runpod_emulator: EmulatorServer,
 ) -> None:

@@ -108,9 +108,9 @@ def test_a_kept_pod_or_another_machine_gets_no_self_stop(tmp_path: Path) -> None
 
 def test_on_local_on_windows_is_refused_with_a_hint(monkeypatch: pytest.MonkeyPatch) -> None:
     from hctl.errors import ConfigError
-    from hctl.services import launch
+    from hctl.services import planning
 
-    monkeypatch.setattr(launch.os, "name", "nt")
+    monkeypatch.setattr(planning.os, "name", "nt")
     with pytest.raises(ConfigError) as caught:
-        launch.target_kind(launch.RunRequest(model="m", on="local"))
+        planning.target_kind(planning.RunRequest(model="m", on="local"))
     assert "POSIX" in caught.value.message and "--on ssh://" in caught.value.hint

@@ -32,7 +32,11 @@ What they offer (both APIs alike):
 - `.set_stock(gpu_id, None | "Low" | "Medium" | "High", cloud=None | "SECURE" | "COMMUNITY")`;
   `.catalogue` is the list of `CatalogueGpu` (prices per GPU-hour, hosts' CUDA versions).
 - `.route_ssh(direct=("127.0.0.1", port), pod_host_id="root")` — point every pod's SSH endpoints
-  at something real. Pair it with `HCTL_SSH_PROXY_HOST/PORT`.
+  at something real. Pair it with `HCTL_SSH_PROXY_HOST/PORT`. `each=[(ip, port), ...]` gives
+  the pods created next one address each, in turn (several stand-in pods).
+- `.cloud.port_offset` (REST: TCP port P other than 22 is public at P + offset, default 40000),
+  `.cloud.private_ip` (the address `globalNetworking` gives), `.cloud.global_networking_offered`
+  (False: the data centre has no private network, the pods come without it).
 - `.add_pod(name=..., status="RUNNING", ready=True, env=None, spot=False)` — a pod made elsewhere.
 - `.pub_key` — the account's SSH keys, one per line; settable.
 - `.requests` / `.requests_for("create")` — what was sent (`.operation`, `.api_operations`,

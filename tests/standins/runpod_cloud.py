@@ -147,6 +147,7 @@ class EmulatedPod:
     polls_until_ready: int = 0
     public_port: int = 17445
     public_ip: str = "213.173.108.12"
+    direct_route: tuple[str, int] | None = None  # set by `route_ssh(each=...)`
     created_at: str = field(
         default_factory=lambda: datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     )
@@ -228,7 +229,15 @@ class RunPodCloud:
         self._faults: list[Fault] = []
         self._ports = itertools.count(17445, 7)
         self._direct: tuple[str, int] | None = None
+        self._each: list[tuple[str, int]] = []
+        self._created = 0
         self._pod_host_id: str | None = None
+        # The network between pods: a TCP port P other than 22 is public at the pod's address,
+        # port P + `port_offset`; `globalNetworking` gives a pod `private_ip`, where the data
+        # centre offers it (`global_networking_offered`).
+        self.port_offset = 40000
+        self.private_ip = "10.65.1.42"
+        self.global_networking_offered = True
         self._offset_s = 0.0
         self._billed: dict[str, float] = {}  # pod id → USD up to its last status change
         self._billed_since: dict[str, float] = {}
@@ -295,17 +304,25 @@ class RunPodCloud:
                 gpu.community_stock = stock
 
     def route_ssh(
-        self, *, direct: tuple[str, int] | None = None, pod_host_id: str | None = None
+        self,
+        *,
+        direct: tuple[str, int] | None = None,
+        pod_host_id: str | None = None,
+        each: list[tuple[str, int]] | None = None,
     ) -> None:
         """Report SSH endpoints that lead somewhere real (e.g. a test sshd).
 
         `direct=(ip, port)`: every pod's port 22 maps to this public ip and port (also after a
-        start). `pod_host_id`: every pod's proxy user name reads this. Applies to existing and
-        future pods; None restores the default.
+        start). `each=[(ip, port), ...]`: the first pod created from now on maps to the first,
+        the next to the second, and so on (round robin), for several stand-in pods.
+        `pod_host_id`: every pod's proxy user name reads this. Applies to existing and future
+        pods; None restores the default.
         """
         with self.lock:
             self._direct = direct
             self._pod_host_id = pod_host_id
+            self._each = list(each or [])
+            self._created = 0
 
     def add_pod(
         self,
@@ -347,7 +364,7 @@ class RunPodCloud:
         return self._pod_host_id or f"{pod.id}-{pod.host_suffix}"
 
     def direct_address(self, pod: EmulatedPod) -> tuple[str, int]:
-        return self._direct or (pod.public_ip, pod.public_port)
+        return pod.direct_route or self._direct or (pod.public_ip, pod.public_port)
 
     def find(self, pod_id: str) -> EmulatedPod | None:
         return self._pods.get(pod_id)
@@ -431,11 +448,14 @@ class RunPodCloud:
             stop_after=given.get("stop_after"),
             terminate_after=given.get("terminate_after"),
             allowed_cuda_versions=given.get("allowed_cuda_versions"),
-            global_networking=bool(given.get("global_networking")),
+            global_networking=bool(given.get("global_networking"))
+            and self.global_networking_offered,
             docker_args=given.get("docker_args") or "",
             polls_until_ready=self.ready_after_polls,
             public_port=next(self._ports),
+            direct_route=self._each[self._created % len(self._each)] if self._each else None,
         )
+        self._created += 1
         self._pods[pod.id] = pod
         self._billed_since[pod.id] = pod.started_at
         self._billed.setdefault(pod.id, 0.0)

@@ -284,7 +284,7 @@ class RunPodEmulator(EmulatorServer):
         for entry in pod.ports:
             number, _, kind = entry.partition("/")
             if kind == "tcp":
-                public = port if number == "22" else int(number) + 40000
+                public = port if number == "22" else int(number) + self.cloud.port_offset
                 ports.append({"ip": ip, "isIpPublic": True, "privatePort": int(number),
                               "publicPort": public, "type": "tcp"})  # fmt: skip
             else:

@@ -360,7 +360,7 @@ class RunPodRestEmulator(EmulatorServer):
         for entry in pod.ports:
             number, _, kind = entry.partition("/")
             if kind == "tcp":
-                public = public_port if number == "22" else int(number) + 40000
+                public = public_port if number == "22" else int(number) + cloud.port_offset
                 ports.append({"private": int(number), "public": public, "type": "tcp", "ip": ip})
             else:
                 ports.append({"private": int(number), "public": None, "type": "http", "ip": None})
@@ -413,7 +413,7 @@ class RunPodRestEmulator(EmulatorServer):
         }
         if pod.global_networking:
             view["globalNetworking"].update(
-                {"ip": "10.65.1.42", "internalDns": f"{pod.id}.runpod.internal"}
+                {"ip": cloud.private_ip, "internalDns": f"{pod.id}.runpod.internal"}
             )
         return view
 

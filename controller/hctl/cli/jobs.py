@@ -58,6 +58,8 @@ def load_job(toolkit: Toolkit, job: str) -> JobRecord:
 
 
 def machine(record: JobRecord) -> str:
+    if record.members:
+        return "pods " + ", ".join(member.pod_id for member in record.members)
     if record.target == "pod":
         return f"pod {record.pod_id}"
     return record.address or "this machine"
@@ -90,7 +92,8 @@ def show_results(
     if picture.is_file():
         print_line(f"Pareto plot: {picture}")
     if record.saved_model_dir:
-        print_line(f"Saved model (on {machine(record)}): {record.saved_model_dir}")
+        where = f"pod {record.pod_id}" if record.members else machine(record)  # the first pod
+        print_line(f"Saved model (on {where}): {record.saved_model_dir}")
     if record.downloaded_to:
         print_line(f"Downloaded to: {record.downloaded_to}")
     if status_line:

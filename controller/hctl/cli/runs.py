@@ -16,7 +16,7 @@ from hctl.cli.common import confirm
 from hctl.cli.jobs import JOB_HELP, load_job, machine, show_results, toolkit
 from hctl.errors import ConfigError, JobError
 from hctl.output import HctlCommand, console, json_option, print_json, print_line, print_table
-from hctl.services import launch, lease, runs
+from hctl.services import fleet_launch, launch, lease, runs
 from hctl.services import resume as resume_service
 from hctl.services.budget import check_estimate_within
 from hctl.services.estimate import compare_gpus, format_money
@@ -69,15 +69,19 @@ def _follow(
         )
         if record.target == "pod":
             print_line(
-                f"Pod {record.pod_id} keeps billing {format_money(record.price_per_hour)}/h until "
-                "the job is followed to its end (or cancelled)."
+                f"{machine(record).capitalize()} keep{'' if record.members else 's'} billing "
+                f"{format_money(record.price_per_hour)}/h until the job is followed to its end "
+                "(or cancelled)."
             )
         return
     if outcome == "interrupted":
         raise JobError(
             f"Job {job} stopped mid-search: {record.message}",
-            f"Its journal and events are on this computer: `hctl resume {job}` continues on a "
-            "new pod without redoing any trial.",
+            f"`hctl results {job}` shows the trials so far; `hctl resume {job}` continues once "
+            "the database's pod can start again."
+            if record.members
+            else f"Its journal and events are on this computer: `hctl resume {job}` continues on "
+            "a new pod without redoing any trial.",
         )
     show_results(record, progress, toolkit, status_line=outcome != "failed")
     if outcome == "failed":
@@ -106,6 +110,8 @@ def _show_plan(plan: launch.RunPlan, kit: Toolkit) -> None:
         print_line(f"Durations {plan.estimate.basis}.")
     if plan.team.note:
         print_line(f"Workers: {plan.team.note}.")
+    if plan.fleet is not None:
+        print_line(f"Database: {plan.fleet.note}.")
     elif plan.team.workers > 1:
         print_line(f"Workers: {plan.team.workers} share one search.")
     if plan.creates_pod:
@@ -123,6 +129,9 @@ def run(
     on: str | None = typer.Option(None, "--on", help="local, or ssh://USER@HOST:PORT."),
     gpus: int | None = typer.Option(
         None, "--gpus", help="GPUs of the new pod; one worker each, one search (default 1)."
+    ),
+    pods: int | None = typer.Option(
+        None, "--pods", help="New pods sharing one search, its study in PostgreSQL on the first."
     ),
     workers: int | None = typer.Option(
         None, "--workers", help="--on: workers sharing one search on that machine (default 1)."
@@ -161,7 +170,7 @@ def run(
         worker_overrides=parse_assignments(assignments or []), trial=trial,
         download=download, max_cost=max_cost, upload=upload, params=params, image=image,
         after="keep" if keep else ("terminate" if terminate else None), job_dir=job_dir,
-        gpus=gpus, workers=workers,
+        gpus=gpus, workers=workers, pods=pods,
     )  # fmt: skip
     plan = launch.plan_run(request, kit)
     _show_plan(plan, kit)
@@ -175,8 +184,8 @@ def run(
         return
     if plan.target == "pod":
         confirm(f"Run this job for about {format_money(plan.estimate.total_cost)}?", assume_yes=yes)
-    record = launch.start_job(plan, kit, print_line)
-    _follow(record, kit, assume_yes=yes, replay=False)
+    start = fleet_launch.start_fleet if plan.fleet is not None else launch.start_job
+    _follow(start(plan, kit, print_line), kit, assume_yes=yes, replay=False)
 
 
 def estimate(
@@ -277,7 +286,7 @@ def smoke_test(
         model=SMOKE_MODEL, gpu=gpu, spot=False, trials=trials, pod=pod, on=on, config=None,
         trial=None, yes=yes, download=None, max_cost=None, keep=False, terminate=False,
         upload=None, params=SMOKE_PARAMETERS, image=None, job_dir=None, assignments=None,
-        dry_run=False, gpus=None, workers=None,
+        dry_run=False, gpus=None, workers=None, pods=None,
     )  # fmt: skip
 
 

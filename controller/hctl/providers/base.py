@@ -119,6 +119,14 @@ class SshEndpoint(BaseModel):
         return f"ssh://{self.user}@{self.host}:{self.port}"
 
 
+class PortMapping(BaseModel):
+    """A pod's TCP port as reached from outside: `private` inside the pod is `host:port`."""
+
+    private: int
+    host: str
+    port: int
+
+
 class GpuUse(BaseModel):
     """How busy one of a pod's GPUs is, as the provider reports it (no SSH needed)."""
 
@@ -146,6 +154,10 @@ class Pod(BaseModel):
     ready: bool = False  # running, with its SSH port mapped
     ssh: list[SshEndpoint] = Field(default_factory=list)
     gpus: list[GpuUse] = Field(default_factory=list)  # empty until the provider reports them
+    public_ports: list[PortMapping] = Field(
+        default_factory=list
+    )  # TCP ports mapped to the internet
+    private_ip: str | None = None  # its address on the private network between pods, if any
     spot: bool = False
     created_at: datetime | None = None
 
@@ -161,6 +173,9 @@ class Pod(BaseModel):
     def endpoint(self, kind: Literal["proxy", "direct"]) -> SshEndpoint | None:
         return next((endpoint for endpoint in self.ssh if endpoint.kind == kind), None)
 
+    def public_port(self, private: int) -> PortMapping | None:
+        return next((mapping for mapping in self.public_ports if mapping.private == private), None)
+
 
 class Capabilities(BaseModel):
     """What a provider can do beyond the protocol's basics, and how to say what it cannot."""
@@ -170,6 +185,9 @@ class Capabilities(BaseModel):
     billing: bool = False  # it reports what each pod was really billed
     spot_note: str = ""  # said whenever a spot pod is planned (e.g. the API it depends on)
     no_spot_hint: str = ""  # the hint when spot is asked of a provider without it
+    # How the pods of one job can reach each other (a database on the first, see `fleet`):
+    private_network: bool = False  # a private network between the account's pods
+    public_tcp_ports: bool = False  # a pod's TCP ports exposed on a public address
 
 
 class Provider(Protocol):

@@ -1,15 +1,16 @@
 """The database the workers of a several-pod job share: PostgreSQL on the job's first pod.
 
-Status: `hctl run --pods N` does not exist yet; today the tests' PostgreSQL stand-in
-(`tests/standins/postgres.py`) starts its server with this module's script, so the script is
-tested, and `hctl-worker run --storage postgresql://...` is how workers join such a study.
+`hctl run --pods N` starts it with `start_on` (see `fleet_launch`); the tests' PostgreSQL
+stand-in (`tests/standins/postgres.py`) runs the same script. Workers join the study with
+`hctl-worker run --storage postgresql://...`.
 
 Optuna's `RDBStorage` is the distributed engine; this module only gets a server going. The first
 pod runs it from its volume (`<volume>/hctl/databases/<job id>/`), so a stopped pod keeps the
 study. Each job has its own database, user and password. The password is made here, reaches the
 pod inside a 0600 SQL file that the start script feeds to `psql` on its standard input and then
-deletes, reaches the workers through their secrets file (`PGPASSWORD`), and never appears in a
-command line, an event or a log: the URL the workers get has no password in it.
+deletes, reaches the workers through a 0600 password file in their job directory (`.pgpass`,
+found through `PGPASSFILE`), and never appears in a command line, an event or a log: the URL the
+workers get has no password in it.
 
 The server refuses to run as root, as pods run everything: the start script runs it as the
 `postgres` user then (the Debian package, which the pod image installs, creates that user).
@@ -20,7 +21,11 @@ from __future__ import annotations
 import re
 import secrets
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from hctl.errors import JobError
+from hctl.remote.base import Remote
+from hctl.services.uploads import upload_private
 
 DEFAULT_PORT = 5432
 # Where pg_ctl and friends are: on PATH, else the Debian package's versioned folder.
@@ -39,7 +44,7 @@ class Database:
     name: str  # the database and its user, e.g. hctl_0612_0930_a1b2
     host: str
     port: int
-    password: str
+    password: str = field(repr=False)  # never shown, even in a traceback
 
     @property
     def url(self) -> str:
@@ -64,13 +69,18 @@ def setup_sql(database: Database) -> str:
     )
 
 
-def start_command(data_dir: str, sql_file: str, *, port: int, listen: str = "*") -> str:
+def start_command(
+    data_dir: str, sql_file: str, *, port: int, listen: str = "*", socket_dir: str = "/tmp"
+) -> str:
     """A POSIX shell script that starts the job's server (creating it the first time) and runs
     the setup SQL file once, deleting it. Run it again after a pod restart: it starts the
-    server again. Exits 3 when PostgreSQL is not installed."""
+    server again. Exits 3 when PostgreSQL is not installed. The local socket (trusted: the
+    setup runs through it) is in `socket_dir`, a short path (a socket's path is limited to
+    about 100 characters; a data directory's may be longer)."""
     data = shlex.quote(data_dir)
     sql = shlex.quote(sql_file)
-    options = shlex.quote(f"-p {int(port)} -h {listen} -k {data_dir}")
+    # pg_ctl hands these to a shell: `*` (every address) must reach the server unexpanded.
+    options = shlex.quote(f"-p {int(port)} -h {shlex.quote(listen)} -k {shlex.quote(socket_dir)}")
     return (
         "set -e; "
         f"{FIND_BINARIES}; "
@@ -83,12 +93,14 @@ def start_command(data_dir: str, sql_file: str, *, port: int, listen: str = "*")
         f'if [ -n "$AS" ]; then chown postgres {data}; P=$(dirname {data}); '
         'while [ "$P" != / ]; do chmod o+x "$P" 2>/dev/null || true; P=$(dirname "$P"); done; fi; '
         f'if [ ! -f {data}/PG_VERSION ]; then $AS "$BIN/initdb" -D {data} -U postgres '
-        "--auth-local=trust --auth-host=scram-sha-256 >/dev/null; "
+        # UTF-8 whatever the shell's locale (SQL_ASCII, the default without one, makes the
+        # driver hand back bytes where Optuna's libraries expect text).
+        "-E UTF8 --locale=C --auth-local=trust --auth-host=scram-sha-256 >/dev/null; "
         f"echo 'host all all 0.0.0.0/0 scram-sha-256' >>{data}/pg_hba.conf; fi; "
         f'if ! $AS "$BIN/pg_ctl" -D {data} status >/dev/null 2>&1; then '
         f'$AS "$BIN/pg_ctl" -D {data} -l {data}/server.log -w -t 60 -o {options} start >/dev/null; '
         "fi; "
-        f'if [ -f {sql} ]; then $AS "$BIN/psql" -h {data} -p {int(port)} -U postgres -d postgres '
+        f'if [ -f {sql} ]; then $AS "$BIN/psql" -h {shlex.quote(socket_dir)} -p {int(port)} -U postgres -d postgres '
         f"-q -v ON_ERROR_STOP=1 <{sql} >/dev/null; rm -f {sql}; fi"
     )
 
@@ -102,3 +114,33 @@ def stop_command(data_dir: str) -> str:
         f'if [ -x "$BIN/pg_ctl" ] && [ -f {data}/PG_VERSION ]; then '
         f'$AS "$BIN/pg_ctl" -D {data} -m fast -w stop >/dev/null 2>&1 || true; fi'
     )
+
+
+def password_line(database: Database) -> str:
+    """The database's line of a libpq password file (any host: each pod reaches it its own way)."""
+    return f"*:*:{database.name}:{database.name}:{database.password}\n"
+
+
+def start_on(remote: Remote, database: Database, data_dir: str, job_dir: str) -> None:
+    """Start the server on a pod, creating the job's database when `database` has a password
+    (the first time): the setup SQL goes into the job directory (0700) as a 0600 file, which
+    the start script deletes. Without one, the server of an existing database starts again."""
+    remote.run(f"umask 077 && mkdir -p {shlex.quote(job_dir)}", timeout=60)
+    sql_file = f"{job_dir}/.database.sql"
+    if database.password:  # else the database exists: only its server starts (again)
+        upload_private(remote, setup_sql(database), sql_file)
+    script = start_command(data_dir, sql_file, port=database.port)
+    result = remote.run(f"sh -c {shlex.quote(script)} 2>&1", timeout=300)
+    if result.exit_code == NOT_INSTALLED_EXIT:
+        raise JobError(
+            f"PostgreSQL is not installed on {remote.description}, so it cannot hold the study "
+            "of a job on several pods.",
+            "Use hctl's worker image (the default --image installs it), or an image with "
+            "Debian's postgresql package.",
+        )
+    if result.exit_code != 0:
+        remote.run(f"rm -f {shlex.quote(sql_file)}", timeout=30)
+        raise JobError(
+            f"Could not start PostgreSQL on {remote.description}: {result.output.strip()[-300:]}",
+            f"Its log is {data_dir}/server.log on that pod.",
+        )

@@ -168,9 +168,11 @@ def estimate_job(
     measured: Measurement | None = None,
     gpu_count: int = 1,
     workers: int = 1,
+    pods: int = 1,
 ) -> Estimate:
     """The phases of one job on `gpu_count` GPUs of one type (`gpu` None: this machine or an SSH
-    host, price 0/unknown), run by `workers` workers sharing the search.
+    host, price 0/unknown), run by `workers` workers sharing the search; `pods` such pods run
+    `pods` x `workers` workers on one search (the database on the first costs no more).
 
     `measured`: a job this machine ran (for `on_this_machine`), whose figures replace the model's.
     Several workers divide the search's time (each runs its own trials); one worker on several
@@ -213,7 +215,7 @@ def estimate_job(
         Phase(name="download", seconds=download_seconds),
         Phase(name="load", seconds=load_seconds),
         Phase(name="directions", seconds=setup_seconds),
-        Phase(name="search", seconds=n_trials * per_trial / max(1, workers)),
+        Phase(name="search", seconds=n_trials * per_trial / max(1, workers * pods)),
         Phase(name="export", seconds=export_seconds),
     ]
     fits, problem = True, ""
@@ -233,10 +235,12 @@ def estimate_job(
         problem = f"{model.reference} needs about {needed_disk:.0f} GB of disk; the volume has {volume_gb:.0f} GB"
     price = gpu.price(cloud_type, spot) if gpu is not None else (0.0 if on_this_machine else None)
     if price is not None:
-        price *= gpu_count
+        price *= gpu_count * pods
     return Estimate(
         gpu_id=gpu.id if gpu is not None else ("local" if on_this_machine else "ssh"),
-        gpu_name=(f"{gpu_count}x " if gpu_count > 1 else "") + gpu.display_name
+        gpu_name=(f"{pods} pods of " if pods > 1 else "")
+        + (f"{gpu_count}x " if gpu_count > 1 else "")
+        + gpu.display_name
         if gpu is not None
         else ("this machine" if on_this_machine else "SSH host"),
         memory_gb=gpu.memory_gb if gpu is not None else None,

@@ -12,11 +12,12 @@ from hctl.errors import ConfigError, JobError, PodNotFoundError
 from hctl.services.estimate import format_money
 from hctl.services.job_protocol import FINISHING_FILE, with_secrets
 from hctl.services.jobs import JobRecord
-from hctl.services.launch import Notify, upload_secrets
 from hctl.services.pareto_plot import save_svg
+from hctl.services.planning import Notify
 from hctl.services.progress import JobProgress
 from hctl.services.request import check_download_folder
 from hctl.services.toolkit import Toolkit
+from hctl.services.uploads import upload_secrets
 from hctl_worker.events import LOG_FILE
 from hctl_worker.trials import DEFAULT_KL_LIMIT, Trial, choose, find
 

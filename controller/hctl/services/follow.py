@@ -74,6 +74,7 @@ class Poll:
     raw: bytes = b""
     worker_alive: bool | None = None
     journal_raw: bytes = b""  # complete journal lines after the journal offset
+    parts: dict[int, bytes] = field(default_factory=dict)  # several pods: each pod's new lines
 
 
 class Follower:

@@ -26,9 +26,13 @@ DEAD_POLLS = 2  # empty polls with no live launcher before the job counts as end
 
 
 def mirror(store: JobStore, record: JobRecord, poll: Poll) -> None:
-    """Append what the poll brought to the job's copies at home (journal first)."""
+    """Append what the poll brought to the job's copies at home (journal first). A job on
+    several pods: the merged events first, then each pod's copy, whose size is its offset (a
+    controller killed between the two copies some events twice; trials are keyed by number)."""
     store.append_journal(record.job_id, poll.journal_raw)
     store.append_events(record.job_id, poll.raw)
+    for index, data in poll.parts.items():
+        store.append_member_events(record.job_id, index, data)
 
 
 @dataclass

@@ -8,6 +8,8 @@ of a job directory, and for the marker files that protocol uses.
   .attached      touched by every read: a pod stops itself only when nobody looked for a while
   .finishing     held while a controller exports the chosen trial
   .secrets.env   the secrets for the workers (0600), deleted before they start
+  .pgpass        a job on several pods: the study's database password (0600), which the workers
+                 (and an export) read through PGPASSFILE, never from a command line
   workers/K.pid  each worker's own process (written by the worker)
 ```
 
@@ -24,7 +26,7 @@ import shlex
 from dataclasses import dataclass
 from typing import Literal
 
-from hctl.errors import ConnectionLostError
+from hctl.errors import ConnectionLostError, JobError
 from hctl.remote.base import Remote
 from hctl_worker.events import EVENTS_FILE, JOURNAL_FILE, LOG_FILE, SETTINGS_FILE, WORKERS_DIR
 
@@ -41,6 +43,7 @@ ATTACHED_FILE = ".attached"
 # Present while a controller exports the chosen trial (see `self_stop_command`).
 FINISHING_FILE = ".finishing"
 SECRETS_FILE = ".secrets.env"
+PGPASS_FILE = ".pgpass"
 FINISHING_HOLD_S = 3 * 3600  # an export holds the pod up at most this long
 
 
@@ -112,6 +115,19 @@ def parse_read_output(output: str) -> Chunk:
     return Chunk(data=_decode_base64(events), worker_alive=alive, journal=_decode_base64(journal))
 
 
+def check_not_running(remote: Remote, job_dir: str) -> None:
+    """Refuse to start a second worker in a job directory whose worker still runs (its launcher
+    lives exactly as long as it does; a worker started by hand there is refused by the worker's
+    own lock on the events file)."""
+    result = remote.run(f"if {running_test(job_dir)}; then echo busy; fi", timeout=30)
+    if "busy" in result.output:
+        raise JobError(
+            f"A worker is already running in {job_dir} on {remote.description}.",
+            "Let it finish (`hctl jobs` shows it; `hctl attach JOB` follows it), stop it with "
+            "`hctl cancel JOB`, or give this run another --output folder.",
+        )
+
+
 # --- Launching --------------------------------------------------------------------------------
 
 
@@ -119,10 +135,15 @@ def with_secrets(job_dir: str, command: str) -> str:
     """Run `command` with the secrets file's variables, deleting the file before it starts.
 
     The secrets never appear in argv: they are read by the shell from a 0600 file inside the
-    job directory (itself 0700), which is gone before the command runs.
+    job directory (itself 0700), which is gone before the command runs. A database password
+    file (`.pgpass`, a job on several pods) stays, and the command finds it through PGPASSFILE.
     """
     secrets = shlex.quote(f"{job_dir}/{SECRETS_FILE}")
-    return f"if [ -f {secrets} ]; then . {secrets}; rm -f {secrets}; fi; {command}"
+    pgpass = shlex.quote(f"{job_dir}/{PGPASS_FILE}")
+    return (
+        f"if [ -f {secrets} ]; then . {secrets}; rm -f {secrets}; fi; "
+        f"if [ -f {pgpass} ]; then export PGPASSFILE={pgpass}; fi; {command}"
+    )
 
 
 def self_stop_command(job_dir: str, grace_s: float, stop_command: str) -> str:
@@ -160,6 +181,8 @@ def launch_command(
     stop_command: str | None = None,
     workers: int = 1,
     one_gpu_each: bool = False,
+    first_worker: int = 1,
+    storage: str | None = None,
 ) -> str:
     """Start the job's workers detached: their own session, no terminal, output to the log.
 
@@ -171,7 +194,9 @@ def launch_command(
     worker K sees only GPU K-1 (`CUDA_VISIBLE_DEVICES`). `setsid` puts the launcher in a session
     of its own, so neither a dropped connection nor the end of this SSH session can reach it.
     With `self_stop_after_s` and the provider's `stop_command`, the pod stops itself when the
-    workers have ended and nobody is attached (see `self_stop_command`).
+    workers have ended and nobody is attached (see `self_stop_command`). With `storage` (a
+    database URL without its password) the study is there and the workers are named from
+    `first_worker` on, so the workers of several pods have different names.
     """
     quoted = shlex.quote(job_dir)
     exports = "".join(
@@ -181,16 +206,18 @@ def launch_command(
     if self_stop_after_s is not None and stop_command is not None:
         after = f"; ({self_stop_command(job_dir, self_stop_after_s, stop_command)}) &"
     run = f"{worker} run --config {quoted}/{SETTINGS_FILE} --job-dir {quoted} --events"
+    if storage is not None:
+        run += f" --storage {shlex.quote(storage)}"
     log = f">>{quoted}/{LOG_FILE} 2>&1"
-    if workers == 1 and not one_gpu_each:
+    if workers == 1 and not one_gpu_each and storage is None:
         body = f"{run} {log}; echo $? >{quoted}/{EXIT_FILE}"
     else:
         starts = "".join(
-            (f"CUDA_VISIBLE_DEVICES={number - 1} " if one_gpu_each else "")
-            + f"{run} --worker {number} {log} & P{number}=$!; "
-            for number in range(1, workers + 1)
+            (f"CUDA_VISIBLE_DEVICES={index} " if one_gpu_each else "")
+            + f"{run} --worker {first_worker + index} {log} & P{index}=$!; "
+            for index in range(workers)
         )
-        waits = " ".join(f"$P{number}" for number in range(1, workers + 1))
+        waits = " ".join(f"$P{index}" for index in range(workers))
         body = (
             f"{starts}X=0; for P in {waits}; do wait $P; E=$?; "
             f'[ "$X" = 0 ] && X=$E; done; echo $X >{quoted}/{EXIT_FILE}'

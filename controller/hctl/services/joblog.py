@@ -33,17 +33,23 @@ def _stamp(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
-def rendered_events(record: JobRecord, toolkit: Toolkit) -> dict[int, str]:
-    """Each copied event's readable line by sequence number (None-lines left out)."""
+def _key(event: object) -> tuple[str, int]:
+    """An event's identity in the log: its worker and sequence number (workers on several pods
+    number their events alike)."""
+    return str(getattr(event, "worker", "")), int(getattr(event, "seq", -1))
+
+
+def rendered_events(record: JobRecord, toolkit: Toolkit) -> dict[tuple[str, int], str]:
+    """Each copied event's readable line by worker and sequence number (None-lines left out)."""
     progress = JobProgress(
-        n_trials=record.n_trials, model=record.model, expected_workers=record.workers
+        n_trials=record.n_trials, model=record.model, expected_workers=record.all_workers
     )
-    rendered: dict[int, str] = {}
+    rendered: dict[tuple[str, int], str] = {}
     for event in toolkit.store.events(record.job_id):
         progress.apply(event)
         line = event_line(event, progress)
         if line is not None:
-            rendered[getattr(event, "seq", -1)] = f"{_stamp(getattr(event, 'ts', 0.0))} {line}"
+            rendered[_key(event)] = f"{_stamp(getattr(event, 'ts', 0.0))} {line}"
     return rendered
 
 
@@ -69,8 +75,8 @@ def readable_log(record: JobRecord, toolkit: Toolkit, *, lines: int) -> Log:
         event = _event_of(line)
         if event is None:
             shown.append(line)
-        elif getattr(event, "seq", None) in rendered:
-            shown.append(rendered[event.seq])  # type: ignore[attr-defined]
+        elif _key(event) in rendered:
+            shown.append(rendered[_key(event)])
     return Log(lines=shown, from_machine=True)
 
 

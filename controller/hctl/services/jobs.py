@@ -4,6 +4,7 @@
 jobs/<job id>/
     job.json         the record below (where the job runs, what it costs, how far it got)
     events.jsonl     a copy of the worker's events, appended as they are read
+    pods/K.events.jsonl  a job on several pods: pod K's events (events.jsonl merges them)
     study.journal    a copy of the Optuna journal, refreshed after each trial (resume needs it)
     settings.toml    the worker settings the job runs with
     pareto.svg       the Pareto front as a picture, written when the job finishes
@@ -52,6 +53,16 @@ def new_job_id(clock: float | None = None) -> str:
     return time.strftime("%m%d-%H%M", moment) + "-" + secrets.token_hex(2)
 
 
+class PodMember(BaseModel):
+    """One pod of a job on several pods (`hctl run --pods N`); the first holds the database."""
+
+    pod_id: str
+    remote_job_dir: str = ""  # its own job directory (its workers' events and log)
+    first_worker: int = 1  # its workers are named first_worker, first_worker + 1, ...
+    price_per_hour: float = 0.0
+    lost: str = ""  # why it left the job mid-search (gone, stopped), if it did
+
+
 class JobRecord(BaseModel):
     """Everything needed to find, follow, finish and resume a job."""
 
@@ -92,6 +103,16 @@ class JobRecord(BaseModel):
     kl_limit: float | None = None
     spent_before: float = 0.0  # money spent on earlier machines of this job (before a resume)
     message: str = ""
+    # --pods N: every pod of the job, the first (pod_id, remote_job_dir) holding the study's
+    # PostgreSQL database in database_dir; the workers reach it at database_url (no password).
+    members: list[PodMember] = Field(default_factory=list)
+    database_dir: str | None = None
+    database_url: str | None = None
+
+    @property
+    def all_workers(self) -> int:
+        """The workers of the whole job (every pod's)."""
+        return self.workers * max(1, len(self.members))
 
 
 def check_job_id(job_id: str) -> str:
@@ -131,6 +152,18 @@ class JobStore:
 
     def events_path(self, job_id: str) -> Path:
         return self.folder(job_id) / EVENTS_FILE
+
+    def member_events_path(self, job_id: str, index: int) -> Path:
+        """The copy of one pod's events (a job on several pods); `events.jsonl` merges them."""
+        return self.folder(job_id) / "pods" / f"{index + 1}.{EVENTS_FILE}"
+
+    def append_member_events(self, job_id: str, index: int, data: bytes) -> None:
+        if not data:
+            return
+        path = self.member_events_path(job_id, index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("ab") as handle:
+            handle.write(data)
 
     def journal_path(self, job_id: str) -> Path:
         return self.folder(job_id) / JOURNAL_FILE

@@ -65,6 +65,7 @@ class RunRequest:
     job_dir: str | None = None  # --on local: where the job directory goes
     workers: int | None = None  # --workers: workers sharing the search (--on local / ssh)
     gpus: int | None = None  # --gpus: GPUs of a new pod, one worker each
+    pods: int | None = None  # --pods: new pods sharing one search (a database on the first)
 
 
 def parse_assignments(items: list[str]) -> dict[str, Any]:
@@ -114,6 +115,7 @@ def check_request(request: RunRequest) -> None:
 
 MAX_GPUS = 8  # the most GPUs one pod offers
 MAX_WORKERS = 64
+MAX_PODS = 16
 
 
 def _check_counts(request: RunRequest) -> None:
@@ -121,6 +123,7 @@ def _check_counts(request: RunRequest) -> None:
     for option, value, most in (
         ("--workers", request.workers, MAX_WORKERS),
         ("--gpus", request.gpus, MAX_GPUS),
+        ("--pods", request.pods, MAX_PODS),
     ):
         if value is not None and not 1 <= value <= most:
             raise ConfigError(
@@ -149,6 +152,7 @@ def _check_target_options(request: RunRequest) -> None:
         "--spot": request.spot,
         "--image": request.image is not None,
         "--gpus": request.gpus is not None,
+        "--pods": request.pods is not None,
         "--keep": request.after == "keep",
         "--terminate": request.after == "terminate",
     }
@@ -160,7 +164,8 @@ def _check_target_options(request: RunRequest) -> None:
                 f"Leave out {' and '.join(given)}, or leave out --on to rent a pod.",
             )
     if request.pod is not None:
-        given = [name for name in ("--gpu", "--spot", "--image", "--gpus") if pod_only[name]]
+        new_pod_only = ("--gpu", "--spot", "--image", "--gpus", "--pods")
+        given = [name for name in new_pod_only if pod_only[name]]
         if given:
             raise ConfigError(
                 f"{' and '.join(given)} only apply to a new pod; --pod {request.pod} exists already.",

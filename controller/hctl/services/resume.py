@@ -11,8 +11,10 @@ from typing import Any
 from hctl.errors import JobError, PodNotFoundError
 from hctl.providers.base import PodStatus
 from hctl.services.estimate import format_money
+from hctl.services.fleet_launch import resume_fleet
 from hctl.services.jobs import JobRecord
-from hctl.services.launch import Notify, hf_token, release_after_failure
+from hctl.services.planning import Notify, hf_token
+from hctl.services.provisioning import release_after_failure
 from hctl.services.runs import local_progress, meter_for, worker_alive
 from hctl.services.toolkit import Toolkit
 from hctl_worker.events import EVENTS_FILE, JOURNAL_FILE
@@ -75,7 +77,15 @@ def resume_job(
         )
         spent = meter.spent(last_seen) if record.started_at is not None else record.spent_before
         updates["spent_before"] = spent
+    if record.members and (gpu is not None or pod is not None):
+        raise JobError(
+            f"Job {record.job_id} runs on several pods; it continues on its own pods.",
+            f"Leave out --gpu and --pod: `hctl resume {record.job_id}`.",
+        )
     record = store.save(record.model_copy(update=updates))
+    if record.members:
+        notify(f"resuming job {record.job_id}: {progress.trials_done} trials done, {total} wanted")
+        return resume_fleet(record, toolkit, notify, settings_values=settings_values)
     created_now = False
     if record.target == "pod":
         record, created_now = _resume_machine(
@@ -136,7 +146,8 @@ def _resume_machine(
 ) -> tuple[JobRecord, bool]:
     """The pod to continue on: the job's own if it still exists, the given one, or a new one
     (then the flag is True)."""
-    from hctl.services.launch import RunRequest, bring_up_pod, plan_run, remote_base_dir
+    from hctl.services.planning import RunRequest, plan_run
+    from hctl.services.provisioning import bring_up_pod, remote_base_dir
 
     reuse_own = pod is None and gpu is None and _pod_usable(record, toolkit)
     if reuse_own:

@@ -31,14 +31,22 @@ from hctl.errors import (
 from hctl.services import calibration
 from hctl.services.budget import Meter
 from hctl.services.estimate import format_money
-from hctl.services.finish import TrialChooser, finish_job, release_machine
+from hctl.services.finish import TrialChooser, finish_job
+from hctl.services.fleet import pod_views
+from hctl.services.fleet_follow import (
+    DatabaseLostError,
+    FleetFollower,
+    any_alive,
+    check_database_pod,
+    release_pods,
+    stop_workers,
+)
 from hctl.services.follow import Follower, RemoteJobChannel
 from hctl.services.follow_policies import BudgetWatch, Liveness, mirror
 from hctl.services.job_protocol import MAX_READ_BYTES
 from hctl.services.jobs import JobRecord
-from hctl.services.launch import Notify
+from hctl.services.planning import Notify
 from hctl.services.progress import JobProgress
-from hctl.services.stopping import stop_worker
 from hctl.services.toolkit import Toolkit
 from hctl.services.view import LiveView, Money
 from hctl_worker.events import EVENTS_FILE, LOG_FILE, StartEvent, TrialEvent, read_events
@@ -56,7 +64,7 @@ class FollowResult:
 def local_progress(record: JobRecord, toolkit: Toolkit) -> JobProgress:
     """The progress the local copy of the events shows."""
     progress = JobProgress(
-        n_trials=record.n_trials, model=record.model, expected_workers=record.workers
+        n_trials=record.n_trials, model=record.model, expected_workers=record.all_workers
     )
     events, _ = read_events(toolkit.store.events_path(record.job_id))
     for event in events:
@@ -85,8 +93,25 @@ def money_now(record: JobRecord, progress: JobProgress, toolkit: Toolkit) -> Mon
     )
 
 
-def follower_for(record: JobRecord, toolkit: Toolkit, offset: int, **options: Any) -> Follower:
-    """A follower of the job's events from `offset`, mirroring its journal after the copy home."""
+def follower_for(
+    record: JobRecord, toolkit: Toolkit, offset: int, **options: Any
+) -> Follower | FleetFollower:
+    """A follower of the job's events from `offset`, mirroring its journal after the copy home;
+    a job on several pods: one for all its pods (each pod from its own copy's size)."""
+    if record.members:
+        notify = options.get("on_reconnect") or (lambda message: None)
+        return FleetFollower(
+            record,
+            toolkit,
+            lambda view, start: Follower(
+                channel_factory(view, toolkit),
+                offset=start,
+                sleep=toolkit.sleep,
+                clock=toolkit.clock,
+                give_up_after_s=0,
+            ),  # fmt: skip
+            notify,
+        )
     return Follower(
         channel_factory(record, toolkit),
         offset=offset,
@@ -121,12 +146,13 @@ def follow_job(
         poll_interval_s if poll_interval_s is not None else toolkit.settings.follow_interval_s
     )
     progress = JobProgress(
-        n_trials=record.n_trials, model=record.model, expected_workers=record.workers
+        n_trials=record.n_trials, model=record.model, expected_workers=record.all_workers
     )
     old_events, offset = read_events(store.events_path(record.job_id))
     for event in old_events:
+        again = _reported_again(event, progress)
         progress.apply(event)
-        if replay:
+        if replay and not again:
             view.event(event, progress, None)
     # A worker just started again: the ends of its earlier runs (or of an export) are not the
     # end; only what follows its new start event counts.
@@ -144,9 +170,11 @@ def follow_job(
             mirror(store, record, poll)
             trial_seen = False
             for event in poll.events:
+                again = _reported_again(event, progress)
                 progress.apply(event)
                 started_again = started_again or isinstance(event, StartEvent)
-                view.event(event, progress, money_now(record, progress, toolkit))
+                if not again:
+                    view.event(event, progress, money_now(record, progress, toolkit))
                 trial_seen = trial_seen or isinstance(event, TrialEvent)
             if trial_seen:
                 note = budget.warning(money_now(record, progress, toolkit))
@@ -174,8 +202,10 @@ def follow_job(
         return FollowResult("detached", progress, record)
     except (PodNotFoundError, PodNotReadyError) as error:
         view.note(
-            f"the job's pod is gone or stopped ({error.message}); its journal and events are "
-            f"safe on this computer: `hctl resume {record.job_id}` continues on a new pod"
+            error.message
+            if isinstance(error, DatabaseLostError)
+            else f"the job's pod is gone or stopped ({error.message}); its journal and events "
+            f"are safe on this computer: `hctl resume {record.job_id}` continues on a new pod"
         )
         record = store.save(
             record.model_copy(update={"status": "interrupted", "message": error.message})
@@ -191,9 +221,18 @@ def follow_job(
     return FollowResult(outcome, progress, record)
 
 
+def _reported_again(event: object, progress: JobProgress) -> bool:
+    """A trial already shown, reported again by another worker (the first died between its
+    event and its mark in the study; on several pods the two events are in different files)."""
+    return isinstance(event, TrialEvent) and event.number in progress.trials
+
+
 def _check_pod(record: JobRecord, toolkit: Toolkit) -> None:
     """Raise when the job's pod is gone or no longer running (a connection may outlive it)."""
     if record.target != "pod" or record.pod_id is None:
+        return
+    if record.members:  # the first pod, with the study's database
+        check_database_pod(record, toolkit)
         return
     pod = toolkit.provider().get(record.pod_id)
     if not pod.active:
@@ -210,11 +249,7 @@ def _stop_for_budget(
         f"{format_money(record.max_cost)}; stopping after trial {progress.trials_done} "
         "(the search so far is kept)"
     )
-    remote = toolkit.connect(record)
-    try:
-        stop_worker(remote, record.remote_job_dir, toolkit)
-    finally:
-        remote.close()
+    stop_workers(record, toolkit, view.note)
     sync_job(record, toolkit)
     record = toolkit.store.save(
         record.model_copy(update={"status": "budget", "message": "budget cap reached"})
@@ -223,6 +258,20 @@ def _stop_for_budget(
 
 
 def worker_log_tail(record: JobRecord, toolkit: Toolkit, *, lines: int = 50) -> str:
+    """The end of the workers' log (of every pod, for a job on several)."""
+    if not record.members:
+        return _log_tail(record, toolkit, lines)
+    tails = []
+    for view in pod_views(record, with_lost=True):
+        try:
+            tail = _log_tail(view, toolkit, lines)
+        except HctlError as error:
+            tail = f"(not reachable: {error.message})\n"
+        tails.append(f"pod {view.pod_id}:\n{tail}")
+    return "".join(tails)
+
+
+def _log_tail(record: JobRecord, toolkit: Toolkit, lines: int) -> str:
     remote = toolkit.connect(record)
     try:
         path = shlex.quote(f"{record.remote_job_dir}/{LOG_FILE}")
@@ -259,6 +308,8 @@ def complete(
             f"billing {format_money(record.price_per_hour)}/h meanwhile.",
         ) from None
     record, progress = result.record, result.progress
+    if result.outcome == "interrupted" and record.members:
+        release_pods(record, toolkit, view.note)  # the database is lost: the rest stop too
     if result.outcome in {"detached", "interrupted"}:
         return result.outcome, record, progress
     try:
@@ -272,7 +323,7 @@ def complete(
         store.save(record.model_copy(update={"status": "failed", "message": error.message}))
         raise
     finally:
-        release_machine(record, toolkit, view.note)
+        release_pods(record, toolkit, view.note)
     status = {"finished": "finished", "budget": "budget", "failed": "failed"}[result.outcome]
     record = store.save(record.model_copy(update={"status": status}))
     if record.target == "local" and status != "failed":
@@ -293,16 +344,9 @@ def _measure_this_machine(record: JobRecord, toolkit: Toolkit) -> None:
 
 
 def cancel_job(record: JobRecord, toolkit: Toolkit, notify: Notify) -> JobRecord:
-    """Stop the worker (its results so far are kept) and release the machine."""
-    try:
-        remote = toolkit.connect(record)
-    except HctlError as error:
-        notify(f"could not reach the machine ({error.message}); releasing it anyway")
-    else:
-        try:
-            state = stop_worker(remote, record.remote_job_dir, toolkit)
-        finally:
-            remote.close()
+    """Stop the workers (every pod's; the results so far are kept) and release the machines."""
+    states = stop_workers(record, toolkit, notify)
+    for state in states:
         notify(
             {
                 "stopped": "worker stopped",
@@ -310,9 +354,10 @@ def cancel_job(record: JobRecord, toolkit: Toolkit, notify: Notify) -> JobRecord
                 "idle": "the worker was not running",
             }[state]
         )
+    if states:
         sync_job(record, toolkit)
     record = toolkit.store.save(record.model_copy(update={"status": "cancelled"}))
-    return release_machine(record, toolkit, notify)
+    return release_pods(record, toolkit, notify)
 
 
 def sync_job(record: JobRecord, toolkit: Toolkit) -> bool:
@@ -336,7 +381,9 @@ def sync_job(record: JobRecord, toolkit: Toolkit) -> bool:
 
 
 def worker_alive(record: JobRecord, toolkit: Toolkit) -> bool | None:
-    """Whether the job's worker runs now; None when its machine cannot be reached."""
+    """Whether the job's workers run now (any pod's); None when no machine can be reached."""
+    if record.members:
+        return any_alive(record, lambda view: worker_alive(view, toolkit))
     try:
         channel = channel_factory(record, toolkit)()
     except HctlError:

@@ -22,6 +22,7 @@ from hctl.providers.base import (
     Pod,
     PodSpec,
     PodStatus,
+    PortMapping,
     PriceOffer,
     SshEndpoint,
 )
@@ -55,6 +56,7 @@ class RunPodGraphQLProvider:
     capabilities = Capabilities(
         spot=True,
         lease=True,
+        public_tcp_ports=True,  # no private network: GraphQL reports no pod's private address
         spot_note=(
             "Spot pods exist only in RunPod's GraphQL API, which RunPod retires "
             f"{common.RETIREMENT}; this one is rented through it."
@@ -307,6 +309,14 @@ class RunPodGraphQLProvider:
                 )
                 for gpu in (runtime or {}).get("gpus") or []
                 if gpu
+            ],
+            public_ports=[
+                PortMapping(private=port["privatePort"], host=port["ip"], port=port["publicPort"])
+                for port in (runtime or {}).get("ports") or []
+                if port
+                and port.get("type") == "tcp"
+                and port.get("isIpPublic")
+                and port.get("publicPort")
             ],
             spot=data.get("podType") in ("INTERRUPTABLE", "BID"),
             created_at=_created_at(data.get("createdAt")),

@@ -23,6 +23,7 @@ from hctl.providers.base import (
     Pod,
     PodSpec,
     PodStatus,
+    PortMapping,
     PriceOffer,
     SshEndpoint,
 )
@@ -51,6 +52,8 @@ class RunPodRestProvider:
         spot=False,
         lease=False,
         billing=True,
+        private_network=True,  # globalNetworking, in the data centres that offer it
+        public_tcp_ports=True,
         no_spot_hint=(
             "Spot pods exist only in RunPod's GraphQL API, which RunPod retires "
             f"{common.RETIREMENT}: run it with HCTL_PROVIDER=runpod-graphql (or `hctl config "
@@ -293,6 +296,14 @@ class RunPodRestProvider:
                 GpuUse(utilisation_percent=item.get("util"), memory_percent=item.get("memoryUtil"))
                 for item in runtime.get("gpus") or []
             ],
+            public_ports=[
+                PortMapping(private=port["private"], host=port["ip"], port=port["public"])
+                for port in runtime.get("ports") or []
+                if port.get("type") == "tcp" and port.get("ip") and port.get("public")
+            ],
+            private_ip=(data.get("globalNetworking") or {}).get("ip")
+            if (data.get("globalNetworking") or {}).get("enabled")
+            else None,
             created_at=_moment(data.get("createdAt")),
         )
 
