@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from hctl_worker.batching import candidate_sizes, find_batch_size
+from hctl_worker.batching import (
+    CACHE_FILE,
+    cached_batch_size,
+    candidate_sizes,
+    measure_batch_size,
+)
 from hctl_worker.errors import OutOfMemoryError
 from hctl_worker.model import load_model
 from scripts.make_random_model import make_random_model
@@ -21,6 +26,7 @@ def test_candidate_sizes_double_up_to_the_maximum() -> None:
     assert candidate_sizes(1) == [1]
     assert candidate_sizes(8) == [1, 2, 4, 8]
     assert candidate_sizes(12) == [1, 2, 4, 8, 12]
+    assert candidate_sizes(128, prompts=20) == [1, 2, 4, 8, 16, 20]
     with pytest.raises(ValueError):
         candidate_sizes(0)
 
@@ -41,14 +47,14 @@ class SteppingClock:
 
 
 def test_the_fastest_size_wins_not_the_largest(loaded) -> None:
-    texts = loaded.template(["hi", "hello there"], None)
-    # prompts/s for sizes 1, 2, 4, 8: 1, 2, 4, 1.6 -> 4, and 8 ends the sweep (below 70 %).
+    texts = loaded.template(["hi", "hello there"] * 4, None)
+    # tokens/s (as many tokens per row) for sizes 1, 2, 4, 8: 1, 2, 4, 1.6 -> 4, and 8 ends the sweep (below 70 %).
     clock = SteppingClock([1.0, 1.0, 1.0, 5.0])
     messages: list[str] = []
-    size = find_batch_size(
+    choice = measure_batch_size(
         loaded, texts, max_batch_size=64, on_message=messages.append, clock=clock, max_new_tokens=2
     )
-    assert size == 4
+    assert choice.size == 4 and sorted(choice.tokens_per_second) == [1, 2, 4, 8]
     assert clock.durations == []
     assert messages[-1] == "chose batch size 4"
 
@@ -60,10 +66,10 @@ def test_out_of_memory_stops_at_the_last_size_that_fit(loaded) -> None:
 
     handle = loaded.model.register_forward_pre_hook(fail_above_two, with_kwargs=True)
     try:
-        texts = loaded.template(["hi"], None)
+        texts = loaded.template(["hi"] * 4, None)
         clock = SteppingClock([1.0, 1.0])  # sizes 1 and 2 fit; 2 is faster
-        size = find_batch_size(loaded, texts, max_batch_size=16, max_new_tokens=2, clock=clock)
-        assert size == 2
+        choice = measure_batch_size(loaded, texts, max_batch_size=16, max_new_tokens=2, clock=clock)
+        assert choice.size == 2
         assert clock.durations == []
     finally:
         handle.remove()
@@ -76,6 +82,62 @@ def test_out_of_memory_at_size_one_is_an_error(loaded) -> None:
     handle = loaded.model.register_forward_pre_hook(always_fail, with_kwargs=True)
     try:
         with pytest.raises(OutOfMemoryError):
-            find_batch_size(loaded, loaded.template(["hi"], None), max_batch_size=4)
+            measure_batch_size(loaded, loaded.template(["hi"], None), max_batch_size=4)
     finally:
         handle.remove()
+
+
+def test_the_measurement_is_kept_for_the_job_and_remeasured_for_other_prompts(
+    loaded, tmp_path
+) -> None:
+    texts = loaded.template(["hi", "hello there", "what is this"], None)
+    passes = []
+    handle = loaded.model.register_forward_pre_hook(lambda *args: passes.append(1))
+    try:
+        measured = cached_batch_size(tmp_path, loaded, texts, max_batch_size=4)
+        after_measuring = len(passes)
+        again = cached_batch_size(tmp_path, loaded, texts, max_batch_size=4)
+        assert len(passes) == after_measuring  # read back, nothing run
+        other = cached_batch_size(tmp_path, loaded, texts[:2], max_batch_size=4)
+        assert len(passes) > after_measuring
+    finally:
+        handle.remove()
+    assert after_measuring > 0 and not measured.cached
+    assert again.cached and again.size == measured.size
+    assert again.tokens_per_second == measured.tokens_per_second
+    # A sweep may end early when throughput falls (timing); it never goes past the prompts.
+    assert measured.size in measured.tokens_per_second
+    assert set(measured.tokens_per_second) <= {1, 2, 3}
+    assert not other.cached and set(other.tokens_per_second) <= {1, 2}
+    assert "tokens/s by size" in again.describe()
+    (tmp_path / CACHE_FILE).write_text("{not json")
+    assert not cached_batch_size(tmp_path, loaded, texts[:2], max_batch_size=4).cached
+
+
+def test_a_job_measures_its_batch_size_once_and_logs_the_figures(tmp_path) -> None:
+    from tests.worker.test_end_to_end import run_events, write_fixture_config
+
+    config = write_fixture_config(
+        tmp_path / "config.toml", n_trials=1, evaluation_split="[:8]", batch_size=0,
+        max_batch_size=8, max_response_length=4,
+    )  # fmt: skip
+    job = tmp_path / "job"
+
+    def batch_size_stage(events: list[dict]) -> str:
+        return next(
+            event["message"]
+            for event in events
+            if event["type"] == "stage"
+            and event["stage"] == "batch_size"
+            and event["state"] == "end"
+        )
+
+    first = batch_size_stage(run_events("--config", str(config), "--job-dir", str(job)))
+    assert first.startswith("batch size ") and "tokens/s by size: 1: " in first
+    assert (job / CACHE_FILE).is_file()
+    again = run_events("--config", str(config), "--job-dir", str(job), "--n-trials", "2")
+    assert batch_size_stage(again) == first.replace("(tokens/s", "(from the job's cache; tokens/s")
+    fixed = run_events(
+        "--config", str(config), "--job-dir", str(job), "--n-trials", "3", "--batch-size", "3"
+    )
+    assert batch_size_stage(fixed) == "batch size 3 (set)"

@@ -274,7 +274,7 @@ def export(
     """Save (and/or upload) trial K of a job as a merged model, once its search has ended."""
     listener = _event_printer if events else None
     with user_errors():
-        from hctl_worker.pipeline import export_job
+        from hctl_worker.job_export import export_job
 
         _run_with_view(
             lambda listeners: export_job(

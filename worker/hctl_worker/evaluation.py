@@ -20,7 +20,9 @@ These are the seams for speed work: how each is computed can change without touc
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping, Sequence
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -102,7 +104,9 @@ class Evaluator:
         }
         self.stop_markers = dict(stop_markers or {})
         self.batch_size = max(1, int(batch_size))
+        self.answered = frozenset(answered)
         self.stats = GenerationStats()
+        self.seconds: dict[str, float] = {}  # per measurement, summed (for benchmarks)
         self.reuse = Reuse(
             loaded,
             harmless.texts + harmful.texts,
@@ -129,8 +133,16 @@ class Evaluator:
                 for name in answered:
                     self._sets[name].replies(self.reply_lengths[name], None, self.stats)
             self.reuse.prepare(list(self._sets.values()))
-            # The KL reference, computed the way every trial's logits are.
+            # The KL references, computed the way a trial's logits are: from the prompts, and
+            # where a trial's KL pass may carry the replies' drafts, from that pass too (the
+            # same numbers but for rounding; the same shapes give exactly the same numbers).
             self.base_logprobs = self._first_token_logprobs()
+            self._base_drafted: torch.Tensor | None = None
+            if "harmless" in self.answered:
+                drafted = self._first_token_logprobs(keep_for_replies=True, draft=True)
+                if any(self._sets["harmless"].drafted_batches):
+                    self._base_drafted = drafted
+                self._sets["harmless"].forget_started()
         if continuation_tokens > 0:
             self._measure_continuations(continuation_tokens)
 
@@ -180,6 +192,14 @@ class Evaluator:
         """How many prompt tokens each prefill skips (0 when the prefix is not shared)."""
         return self.reuse.prefix.length if self.reuse.prefix is not None else 0
 
+    def draft_choices(self) -> dict[PromptSetName, str]:
+        """How each answered set's generations ran (drafted or plain), for logs and benchmarks."""
+        return {
+            name: prompt_set.policy.describe()
+            for name, prompt_set in self._sets.items()
+            if prompt_set.drafts is not None and prompt_set.policy.drafted + prompt_set.policy.plain
+        }
+
     @property
     def continuation_tokens(self) -> int:
         """Tokens of the original's continuations scored (0 when none were measured)."""
@@ -187,14 +207,24 @@ class Evaluator:
 
     def evaluate(self) -> TrialEvaluation:
         """The context for scoring the model as it is now (call it with the trial's edit on)."""
+        for prompt_set in self._sets.values():
+            prompt_set.forget_started()  # passes kept under an earlier edit
         return TrialEvaluation(self)
 
     # -- what a trial's evaluation computes, each once -----------------------------------------
 
+    @contextmanager
+    def _timed(self, part: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - started
+
     def replies(self, prompt_set: PromptSetName, verdicts: Verdicts | None = None) -> list[str]:
         """Greedy replies to one prompt set, in its order; with `verdicts`, generation stops
         once its limit of (marker) refusals is reached."""
-        with _translated_out_of_memory():
+        with self._timed(f"{prompt_set}_replies"), _translated_out_of_memory():
             return self._sets[prompt_set].replies(
                 self.reply_lengths[prompt_set],
                 self.stop_markers.get(prompt_set),
@@ -202,17 +232,36 @@ class Evaluator:
                 verdicts,
             )
 
-    def _first_token_logprobs(self) -> torch.Tensor:
+    def _first_token_logprobs(
+        self, keep_for_replies: bool = False, draft: bool | None = None
+    ) -> torch.Tensor:
         """[harmless prompts, vocabulary], in batch order (the reference has the same order, so
         the permutation never needs undoing)."""
         with _translated_out_of_memory():
-            logits = self._sets["harmless"].first_token_logits()
+            logits = self._sets["harmless"].first_token_logits(keep_for_replies, draft)
         return functional.log_softmax(logits, dim=-1)
 
-    def first_token_divergences(self) -> torch.Tensor:
-        """Per harmless prompt (in batch order): KL(original ‖ now) of the first token."""
-        current = self._first_token_logprobs()
-        return position_divergences(current, self.base_logprobs.to(current.device)).cpu()
+    def _reference(self) -> torch.Tensor:
+        """The unmodified model's first-token log-probabilities, each batch from a pass shaped
+        like the one its current logits came from."""
+        harmless = self._sets["harmless"]
+        if self._base_drafted is None or not any(harmless.drafted_batches):
+            return self.base_logprobs
+        pieces, row = [], 0
+        for batch, drafted in zip(harmless.batches, harmless.drafted_batches, strict=True):
+            source = self._base_drafted if drafted else self.base_logprobs
+            pieces.append(source[row : row + len(batch.indices)])
+            row += len(batch.indices)
+        return torch.cat(pieces, dim=0)
+
+    def first_token_divergences(self, keep_for_replies: bool = False) -> torch.Tensor:
+        """Per harmless prompt (in batch order): KL(original ‖ now) of the first token. With
+        `keep_for_replies` (and the harmless replies answered), the passes are kept as the
+        first passes of the harmless replies under the same edit."""
+        keep = keep_for_replies and "harmless" in self.answered
+        with self._timed("first_token_kl"):
+            current = self._first_token_logprobs(keep)
+        return position_divergences(current, self._reference().to(current.device)).cpu()
 
     def continuation_divergences(self) -> TokenDivergences:
         """Per harmless prompt (in batch order) and continuation position: KL(original ‖ now)."""
@@ -220,7 +269,7 @@ class Evaluator:
             raise ValueError("no continuations were measured (continuation_tokens = 0)")
         width = max(batch.positions for batch in self._forced)
         values, masks = [], []
-        with torch.inference_mode(), _translated_out_of_memory():
+        with self._timed("multi_token_kl"), torch.inference_mode(), _translated_out_of_memory():
             for batch, original in zip(self._forced, self._base_forced, strict=True):
                 current = forced_logprobs(self.loaded, batch)
                 divergence = position_divergences(current, original.to(current.device)).cpu()
@@ -275,7 +324,7 @@ class TrialEvaluation:
 
     def first_token_divergences(self) -> torch.Tensor:
         if self._first_token is None:
-            self._first_token = self._evaluator.first_token_divergences()
+            self._first_token = self._evaluator.first_token_divergences(keep_for_replies=True)
         return self._first_token
 
     def continuation_divergences(self) -> TokenDivergences:

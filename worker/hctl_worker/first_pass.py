@@ -8,13 +8,15 @@ the refreshed shared prefix, the replay's start layer, the first passes, and the
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hctl_worker.draft_policy import DraftPolicy, PassCost
 from hctl_worker.drafts import DraftStore
 from hctl_worker.encoding import (
     EncodedBatch,
@@ -22,7 +24,9 @@ from hctl_worker.encoding import (
     forward_options,
     new_cache,
     position_ids_for,
+    returned_cache,
 )
+from hctl_worker.model import is_out_of_memory
 from hctl_worker.prefix import SharedPrefix
 from hctl_worker.replay import Recording, replaying
 
@@ -42,10 +46,33 @@ class FirstPass:
     position_ids: torch.Tensor
     drafts: list[list[int]]
     recording: Recording | None = None
+    _shortened: dict[int, FirstPass] = field(default_factory=dict, repr=False)
 
     @property
     def draft_width(self) -> int:
         return max((len(draft) for draft in self.drafts), default=0)
+
+    def with_drafts_cut(self, width: int) -> FirstPass:
+        """The same pass with every draft cut to at most `width` tokens (0: the prompts alone,
+        which is all a first-token measurement needs). The pass is causal, so the shorter pass
+        computes exactly the columns it keeps, and its recording is the recording's first
+        columns."""
+        width = max(0, width)
+        if width >= self.draft_width:
+            return self
+        if width not in self._shortened:
+            columns = self.input_ids.shape[1] - self.draft_width + width
+            cut = self.draft_width - width
+            recording = self.recording.first_columns(columns) if self.recording else None
+            self._shortened[width] = FirstPass(
+                self.batch,
+                self.input_ids[:, :columns],
+                self.attention_mask[:, : self.attention_mask.shape[1] - cut],
+                self.position_ids[:, :columns],
+                [draft[:width] for draft in self.drafts],
+                recording,
+            )
+        return self._shortened[width]
 
     @classmethod
     def build(
@@ -103,13 +130,20 @@ class FirstPass:
 @dataclass
 class Context:
     """What a generation may reuse: the shared prefix (already refreshed for the model as it is),
-    the layers below `start` replayed from each first pass's recording, and drafts."""
+    the layers below `start` replayed from each first pass's recording, and drafts (when
+    `policy` says they pay; `cost` times the passes for it)."""
 
     prefix: SharedPrefix | None = None
     layers: Sequence[torch.nn.Module] = ()
     start: int = 0
     drafts: DraftStore | None = None
     first_passes: dict[int, FirstPass] = field(default_factory=dict)  # by id(batch)
+    policy: DraftPolicy | None = None
+    cost: PassCost | None = None
+
+    @property
+    def drafting(self) -> bool:
+        return self.drafts is not None and (self.policy is None or self.policy.drafting)
 
     def start_for(self, first: FirstPass) -> int:
         """Where `first` starts computing: `start` when it was recorded, else layer 0."""
@@ -118,6 +152,66 @@ class Context:
     def first_pass(self, batch: EncodedBatch, pad_id: int) -> FirstPass:
         found = self.first_passes.get(id(batch))
         return found if found is not None else FirstPass.build(batch, self.prefix, None, pad_id)
+
+
+@dataclass
+class StartedBatch:
+    """A batch whose first pass has run under the current edit: what its generation continues
+    from (the KL pass of a set that is also answered is this pass, kept)."""
+
+    recorded: FirstPass  # the first pass as prepared (every draft whole)
+    first: FirstPass  # the first pass as run (drafts cut when not drafting)
+    drafting: bool
+    cache: Any
+    choices: list[list[int]]  # [rows][1 + draft width]: the greedy token at each kept column
+    first_logits: torch.Tensor  # [rows, vocab] float32: the next-token logits after each prompt
+    share: float  # of the layers, the share the pass computed (the rest replayed)
+
+    def cache_bytes(self) -> int:
+        layers = getattr(self.cache, "layers", None) or []
+        return sum(
+            layer.keys.nbytes + layer.values.nbytes
+            for layer in layers
+            if getattr(layer, "keys", None) is not None
+        )
+
+
+def start_batch(loaded: LoadedModel, batch: EncodedBatch, context: Context) -> StartedBatch:
+    """Run a batch's first pass (prompts, and drafts when the context drafts) into a new cache."""
+    drafting = context.drafting
+    recorded = context.first_pass(batch, pad_id(loaded))
+    first = recorded if drafting else recorded.with_drafts_cut(0)
+    share = (loaded.n_layers - context.start_for(first)) / loaded.n_layers
+    started = time.perf_counter()
+    outputs, cache = _first_pass_outputs(loaded, first, context)
+    logits = outputs.logits[:, -(first.draft_width + 1) :, :]
+    choices = logits.argmax(dim=-1).tolist()
+    if context.cost is not None:
+        cells = len(batch.indices) * first.input_ids.shape[1] * share
+        context.cost.observe(cells, time.perf_counter() - started)
+    # A copy: a view would keep every column's logits alive while the batch is kept.
+    first_logits = logits[:, 0, :].float().clone()
+    return StartedBatch(recorded, first, drafting, cache, choices, first_logits, share)
+
+
+def _first_pass_outputs(loaded: LoadedModel, first: FirstPass, context: Context):
+    model = loaded.model
+    cache = start_cache(model, context.prefix, len(first.batch.indices))
+    try:
+        outputs = first.run(model, cache, context.layers, context.start_for(first))
+    except Exception as error:
+        if is_out_of_memory(error) or context.prefix is not None or first.draft_width:
+            raise
+        # Remote-code models older than transformers' Cache objects build their own.
+        outputs = model(
+            input_ids=first.input_ids,
+            attention_mask=first.attention_mask,
+            position_ids=first.position_ids,
+            use_cache=True,
+            **forward_options(model),
+        )
+        cache = None
+    return outputs, returned_cache(outputs, cache)
 
 
 def pad_id(loaded: LoadedModel) -> int:
@@ -129,4 +223,4 @@ def start_cache(model: torch.nn.Module, prefix: SharedPrefix | None, rows: int):
     return prefix.copy_for(model, rows) if prefix is not None else new_cache(model)
 
 
-__all__ = ["Context", "FirstPass", "pad_id", "start_cache"]
+__all__ = ["Context", "FirstPass", "StartedBatch", "pad_id", "start_batch", "start_cache"]

@@ -10,7 +10,10 @@ trial cheaper without changing its replies:
 - a batch's first pass (its prompts and a draft reply per row, `first_pass.py`) can start above
   the layers the trial leaves unchanged (`replay.py`);
 - each pass feeds a draft of the reply (`drafts.py`) and keeps it for as long as every drafted
-  token is the model's own greedy choice, so one pass can produce many tokens.
+  token is the model's own greedy choice, so one pass can produce many tokens; a prompt set
+  drafts only while that measures cheaper (`draft_policy.py`: on a CPU, rarely);
+- a batch whose first pass already ran (the KL pass over the harmless prompts, kept) continues
+  from it (`started`).
 
 `Verdicts` counts the refusals decided so far, so a caller can stop a trial that can no longer
 matter (`pruning.py`).
@@ -18,12 +21,14 @@ matter (`pruning.py`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from hctl_worker.draft_policy import FinishedReply
 from hctl_worker.encoding import (
     EncodedBatch,
     cache_option,
@@ -32,9 +37,15 @@ from hctl_worker.encoding import (
     position_ids_for,
     returned_cache,
 )
-from hctl_worker.first_pass import Context, FirstPass, pad_id, start_cache
+from hctl_worker.first_pass import (
+    Context,
+    FirstPass,
+    StartedBatch,
+    pad_id,
+    start_batch,
+    start_cache,
+)
 from hctl_worker.markers import contains_marker, normalise_response
-from hctl_worker.model import is_out_of_memory
 from hctl_worker.prefix import SharedPrefix
 
 if TYPE_CHECKING:
@@ -92,10 +103,10 @@ def first_token_logits(
             **forward_options(model),
         )
         return outputs.logits[:, -1, :].float()
-    first = context.first_pass(batch, pad_id(loaded))
+    first = context.first_pass(batch, pad_id(loaded)).with_drafts_cut(0)
     cache = start_cache(model, context.prefix, len(batch.indices))
     outputs = first.run(model, cache, context.layers, context.start_for(first))
-    return outputs.logits[:, -(first.draft_width + 1), :].float()
+    return outputs.logits[:, -1, :].float()
 
 
 def _stop_token_ids(loaded: LoadedModel) -> set[int]:
@@ -111,26 +122,6 @@ def _stop_token_ids(loaded: LoadedModel) -> set[int]:
     return ids
 
 
-def _first_pass_outputs(loaded: LoadedModel, first: FirstPass, context: Context):
-    model = loaded.model
-    cache = start_cache(model, context.prefix, len(first.batch.indices))
-    try:
-        outputs = first.run(model, cache, context.layers, context.start_for(first))
-    except Exception as error:
-        if is_out_of_memory(error) or context.prefix is not None or first.draft_width:
-            raise
-        # Remote-code models older than transformers' Cache objects build their own.
-        outputs = model(
-            input_ids=first.input_ids,
-            attention_mask=first.attention_mask,
-            position_ids=first.position_ids,
-            use_cache=True,
-            **forward_options(model),
-        )
-        cache = None
-    return outputs, returned_cache(outputs, cache)
-
-
 class _Reply:
     """One row's reply as it grows, and whether (and how) it is finished."""
 
@@ -140,6 +131,7 @@ class _Reply:
         self.position = position  # position id of the next token to feed
         self.done = False
         self.refused = False
+        self.stopped = False  # ended by the model's stop token
 
 
 def generate_batch(
@@ -152,9 +144,11 @@ def generate_batch(
     prefix: SharedPrefix | None = None,
     context: Context | None = None,
     verdicts: Verdicts | None = None,
+    started: StartedBatch | None = None,
 ) -> list[str]:
     """Greedy replies for one batch; rows leave the batch at EOS or, with `markers`, as soon as
-    their normalised text contains one (the reply is then a refusal whatever follows)."""
+    their normalised text contains one (the reply is then a refusal whatever follows). With
+    `started`, the batch's first pass has run already (under the same edit)."""
     context = context or Context(prefix=prefix)
     model, tokenizer = loaded.model, loaded.tokenizer
     stats = stats if stats is not None else GenerationStats()
@@ -163,17 +157,16 @@ def generate_batch(
     rows = len(batch.indices)
     if max_new_tokens <= 0 and first_logits is None:
         return ["" for _ in range(rows)]
-    first = context.first_pass(batch, pad)
-    outputs, cache = _first_pass_outputs(loaded, first, context)
+    started = started or start_batch(loaded, batch, context)
+    first, cache, drafting = started.first, started.cache, started.drafting
     depth = loaded.n_layers
     fed = int(first.attention_mask[:, -first.input_ids.shape[1] :].sum())
     stats.forward_passes += 1
     stats.input_tokens += fed
-    stats.layer_tokens += fed * (depth - context.start_for(first))
-    logits = outputs.logits[:, -(first.draft_width + 1) :, :]
+    stats.layer_tokens += round(fed * depth * started.share)
     if first_logits is not None:
         # The prompt's last logits are the first-token distribution KL needs: one pass for both.
-        first_logits.append(logits[:, 0, :].float())
+        first_logits.append(started.first_logits)
     if max_new_tokens <= 0:
         return ["" for _ in range(rows)]
     replies = [
@@ -184,6 +177,8 @@ def generate_batch(
     active = list(range(rows))  # the reply held in each cache slot
     pending_drafts = first.drafts
     can_drop_rows = hasattr(cache, "batch_select_indices")
+    stopped_early = False
+    choices = started.choices  # [slots, 1 + draft width]: the greedy token at each column
 
     def finish(reply: _Reply, refused: bool) -> None:
         reply.done, reply.refused = True, refused
@@ -191,8 +186,7 @@ def generate_batch(
             verdicts.decide(refused)
 
     while True:
-        choices = logits.argmax(dim=-1).tolist()  # [slots, 1 + draft width]
-        width = logits.shape[1]
+        width = len(choices[0])
         for slot, row in enumerate(active):
             reply = replies[row]
             if reply.done:  # a finished row the cache could not drop
@@ -208,7 +202,7 @@ def generate_batch(
             attention_mask[slot, first_rejected:] = 0
             reply.position += kept
         if verdicts is not None and verdicts.stop():
-            verdicts.stopped = True
+            verdicts.stopped = stopped_early = True
             break
         keep = [slot for slot, row in enumerate(active) if not replies[row].done]
         if not keep:
@@ -226,7 +220,7 @@ def generate_batch(
         drafts = []
         for row in active:
             reply = replies[row]
-            if reply.done or context.drafts is None:
+            if reply.done or context.drafts is None or not drafting:
                 drafts.append([])
                 continue
             limit = max_new_tokens - len(reply.tokens) - 1
@@ -244,6 +238,7 @@ def generate_batch(
             reply.position += 1
         device = first.input_ids.device
         attention_mask = torch.cat([attention_mask, new_mask.to(attention_mask.device)], dim=1)
+        pass_started, pass_cells = time.perf_counter(), inputs.numel()
         outputs = model(
             input_ids=inputs.to(device),
             attention_mask=attention_mask,
@@ -253,14 +248,25 @@ def generate_batch(
             **forward_options(model, 1 + draft_width),
         )
         cache = returned_cache(outputs, cache)
+        choices = outputs.logits[:, -(1 + draft_width) :, :].argmax(dim=-1).tolist()
+        if context.cost is not None:
+            context.cost.observe(pass_cells, time.perf_counter() - pass_started)
         fed = int(new_mask.sum())
         stats.forward_passes += 1
         stats.input_tokens += fed
         stats.layer_tokens += fed * depth
-        logits = outputs.logits[:, -(1 + draft_width) :, :]
         pending_drafts = drafts
     stats.tokens += sum(len(reply.tokens) for reply in replies)
     stats.rows += rows
+    if context.drafts is not None and context.policy is not None and not stopped_early:
+        context.policy.observe_batch(
+            [FinishedReply(reply.index, reply.tokens, reply.stopped) for reply in replies],
+            started.recorded.input_ids.shape[1] - started.recorded.draft_width,
+            started.share,
+            max_new_tokens,
+            context.drafts,
+            started.recorded.drafts,
+        )
     if context.drafts is not None:
         for reply in replies:
             context.drafts.add(reply.index, reply.tokens)
@@ -283,6 +289,7 @@ def _accept(
     kept = 0
     for offset, token in enumerate(choices):
         if token in stop_ids:
+            reply.stopped = True
             finish(reply, _refused(tokenizer, reply.tokens, markers))
             break
         reply.tokens.append(token)
@@ -330,11 +337,14 @@ def generate(
     prefix: SharedPrefix | None = None,
     context: Context | None = None,
     verdicts: Verdicts | None = None,
+    started: Mapping[int, StartedBatch] | None = None,
 ) -> list[str]:
     """Replies for every batch, in the callers' original order. With `first_logits`, each
     batch's first-token logits are appended to it (in batch order, not the callers'). With
     `verdicts`, generation stops once its limit of refusals is reached (the replies not yet
-    finished are then cut short, and `verdicts.stopped` says so)."""
+    finished are then cut short, and `verdicts.stopped` says so). `started` holds batches
+    (by id) whose first pass has run already under the same edit."""
+    started = started or {}
     total = sum(len(batch.indices) for batch in batches)
     replies = [""] * total
     with torch.inference_mode():
@@ -354,6 +364,7 @@ def generate(
                     prefix,
                     context,
                     verdicts,
+                    started.get(id(batch)),
                 ),
                 strict=True,
             ):

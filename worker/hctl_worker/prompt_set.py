@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as functional
 
 from hctl_worker.architecture import find_layers
+from hctl_worker.draft_policy import DraftPolicy, PassCost
 from hctl_worker.drafts import DraftStore
 from hctl_worker.encoding import (
     EncodedBatch,
@@ -32,7 +33,7 @@ from hctl_worker.encoding import (
     new_cache,
     returned_cache,
 )
-from hctl_worker.first_pass import Context, FirstPass, start_cache
+from hctl_worker.first_pass import Context, FirstPass, StartedBatch, start_batch, start_cache
 from hctl_worker.generation import GenerationStats, Verdicts, first_token_logits, generate
 from hctl_worker.model import is_out_of_memory
 from hctl_worker.prefix import SharedPrefix
@@ -85,7 +86,7 @@ class Reuse:
         # Drafts and replays write columns into the cache that later masks hide or fill; only a
         # plain key/value cache keeps nothing else (a convolution or recurrent state would be
         # changed by a rejected draft token for good).
-        plain_cache = self._plain_cache()
+        plain_cache = self.plain_cache = self._plain_cache()
         self.use_drafts = drafts and plain_cache
         if not plain_cache:
             replay_memory = 0
@@ -94,6 +95,7 @@ class Reuse:
         self.prefix = SharedPrefix.find(loaded, texts) if share_prefix else None
         self.plan = DepthPlan(0, ())
         self.first_passes: dict[int, FirstPass] = {}
+        self.pass_cost = PassCost()  # what a forward pass costs here, for the draft policies
 
     def _plain_cache(self) -> bool:
         model = self.loaded.model
@@ -134,7 +136,9 @@ class Reuse:
         if not _agree(self.loaded, plain, shared):
             self.prefix = None
 
-    def context(self, drafts: DraftStore | None = None) -> Context:
+    def context(
+        self, drafts: DraftStore | None = None, policy: DraftPolicy | None = None
+    ) -> Context:
         """The context of a pass under the model's current edit (refreshes the prefix)."""
         start = self.plan.start_for(self.unchanged_layers()) if self.plan.enabled else 0
         if self.prefix is not None:
@@ -145,6 +149,8 @@ class Reuse:
             start=start,
             drafts=drafts,
             first_passes=self.first_passes,
+            policy=policy,
+            cost=self.pass_cost if drafts is not None else None,
         )
 
     def prepare(self, sets: Sequence[PromptSet]) -> None:
@@ -184,8 +190,7 @@ class Reuse:
             scale = (sum(tokens) + (self.prefix.length if self.prefix else 0)) / tokens[0]
             key_value = (recording.keys[0].nbytes + recording.values[0].nbytes) * scale
             hidden = next(iter(recording.hidden.values())).nbytes * scale
-            model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-            budget = max(self.replay_memory * model_bytes, MINIMUM_REPLAY_BYTES)
+            budget = self.memory_budget()
             plan = plan_depth(n_layers, int(key_value), int(hidden), budget)
             plan = DepthPlan(
                 plan.recorded_layers, tuple(c for c in plan.checkpoints if c < n_layers)
@@ -253,6 +258,18 @@ class Reuse:
         drafts = "draft replies" if self.use_drafts else "no draft replies"
         return f"reuse: {prefix}; {replay}; {drafts}"
 
+    def keep_budget(self) -> int:
+        """Bytes a trial may keep of its prompt passes for its replies (the replay budget; none
+        for caches that are not plain keys and values, or with replay off)."""
+        return self.memory_budget() if self.replay_memory > 0 and self.plain_cache else 0
+
+    def memory_budget(self) -> int:
+        """What the recordings may hold: `replay_memory` of the model's size, at least
+        MINIMUM_REPLAY_BYTES."""
+        model = self.loaded.model
+        model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        return int(max(self.replay_memory * model_bytes, MINIMUM_REPLAY_BYTES))
+
     def recorded_bytes(self) -> int:
         recordings = [first.recording for first in self.first_passes.values()]
         if self.prefix is not None:
@@ -272,18 +289,52 @@ class PromptSet:
         self.draft_first_pass = draft_first_pass
         self.texts = list(texts)
         self.batches = encode_texts(reuse.loaded, self.texts, batch_size)
-        # Replies seen so far to these prompts (indices into `texts`), as drafts.
+        # Replies seen so far to these prompts (indices into `texts`), as drafts, and whether
+        # drafting pays (measured once the first passes carry drafts).
         self.drafts = DraftStore() if reuse.use_drafts else None
+        self.policy = DraftPolicy(reuse.pass_cost)
+        # Batches whose first pass ran for the KL under the current edit, for its replies.
+        self._started: dict[int, StartedBatch] = {}
+        self.drafted_batches: list[bool] = []
 
-    def first_token_logits(self) -> torch.Tensor:
+    def forget_started(self) -> None:
+        """Drop the kept first passes (the edit is about to change)."""
+        self._started.clear()
+
+    def first_token_logits(
+        self, keep_for_replies: bool = False, draft: bool | None = None
+    ) -> torch.Tensor:
         """Next-token logits after each prompt under the current edit, [prompts, vocab], float32,
-        in batch order (prompts sorted by length)."""
-        context = self.reuse.context()
+        in batch order (prompts sorted by length). With `keep_for_replies`, the passes are the
+        replies' first passes (with their drafts when the set drafts; `draft=True` makes it),
+        kept within the memory budget for the replies of the same edit, which then start from
+        them. `drafted_batches` says afterwards which batches' passes carried drafts."""
+        self.forget_started()
+        budget = self.reuse.keep_budget() if keep_for_replies else 0
+        policy = None if draft else self._policy()
+        context = self.reuse.context(self.drafts if budget else None, policy if budget else None)
+        pieces, kept = [], 0
+        self.drafted_batches = []
         with torch.inference_mode():
-            pieces = [
-                first_token_logits(self.reuse.loaded, b, context=context) for b in self.batches
-            ]
+            for batch in self.batches:
+                if kept >= budget:
+                    pieces.append(first_token_logits(self.reuse.loaded, batch, context=context))
+                    self.drafted_batches.append(False)
+                    continue
+                started = start_batch(self.reuse.loaded, batch, context)
+                pieces.append(started.first_logits)
+                self.drafted_batches.append(started.first.draft_width > 0)
+                self._started[id(batch)] = started
+                kept += started.cache_bytes()
         return torch.cat(pieces, dim=0)
+
+    def _policy(self) -> DraftPolicy | None:
+        """The draft policy, once the first passes carry drafts (prepared), for edited models:
+        the unmodified model's replies are the drafts themselves, which says nothing about
+        how a trial's replies will go (it drafts, and teaches the policy nothing)."""
+        prepared = self.drafts is not None and self.reuse.first_passes
+        edited = self.reuse.unchanged_layers() < len(self.reuse.layers)
+        return self.policy if prepared and edited else None
 
     def replies(
         self,
@@ -295,16 +346,23 @@ class PromptSet:
     ) -> list[str]:
         """Greedy replies under the current edit, in the texts' order; with `markers` a reply
         stops once it is certainly a refusal, with `verdicts` the whole set stops at its limit."""
-        return generate(
+        policy = self._policy()
+        context = self.reuse.context(self.drafts, policy)
+        started, self._started = self._started, {}
+        replies = generate(
             self.reuse.loaded,
             self.batches,
             max_new_tokens,
             markers,
             stats,
             first_logits,
-            context=self.reuse.context(self.drafts),
+            context=context,
             verdicts=verdicts,
+            started=started,
         )
+        if policy is not None:
+            policy.finish(context.drafting, complete=verdicts is None or not verdicts.stopped)
+        return replies
 
     def draft_tokens(self) -> dict[int, list[int]]:
         """The most frequent reply seen so far to each prompt (for the first passes' drafts)."""

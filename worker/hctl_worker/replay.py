@@ -80,6 +80,16 @@ class Recording:
         tensors = [*self.keys, *self.values, *self.hidden.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    def first_columns(self, columns: int) -> Recording:
+        """The recording of a pass over only the first `columns` of this pass's tokens (a
+        causal pass computes them the same whatever follows)."""
+        return Recording(
+            keys=[keys[:, :, :columns, :] for keys in self.keys],
+            values=[values[:, :, :columns, :] for values in self.values],
+            hidden={index: hidden[:, :columns] for index, hidden in self.hidden.items()},
+            returns_tuple=self.returns_tuple,
+        )
+
     def trim(self, plan: DepthPlan) -> None:
         """Keep only what the plan uses."""
         del self.keys[plan.recorded_layers :]

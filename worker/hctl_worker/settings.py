@@ -1,12 +1,8 @@
 """The worker's settings: command line > `HERETIC_*` environment > config file > defaults.
 
 The names follow heretic's (`model`, `n_trials`, `good_prompts`, `row_normalization`...) so a
-heretic `config.toml` carries over. heretic keys that mean the same thing under another name here
-(`upload_repo_id`, `keyword_markers`, `[scorer.KeywordRate.prompts]`...) are renamed, heretic's
-`scorers` list is read as this worker's; heretic keys
-for features this worker does not have (plots, interactive menus) and heretic's
-`trial_index` (an index into its Pareto front, where `trial` here is a trial number) are accepted
-and ignored with a warning; anything else is an error naming the key.
+heretic `config.toml` carries over; heretic's other names are translated (`heretic_keys.py`),
+heretic's `scorers` list is read as this worker's. Prompt sets are `prompt_source.PromptSource`.
 
 `config.default.toml`, next to this module, documents every setting with its default.
 This module is torch-free so a bad setting is reported before anything heavy is imported.
@@ -15,24 +11,25 @@ This module is torch-free so a bad setting is reported before anything heavy is 
 from __future__ import annotations
 
 import contextvars
-import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PrivateAttr,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from hctl_worker.errors import SettingsError
+from hctl_worker.heretic_keys import translate_keys
+from hctl_worker.prompt_source import (
+    BAD_EVALUATION_PROMPTS,
+    BAD_PROMPTS,
+    GOOD_EVALUATION_PROMPTS,
+    GOOD_PROMPTS,
+    PROMPT_TABLES,
+    SPLIT_PATTERN,
+    PromptSource,
+)
 from hctl_worker.scorers.choices import (
     DEFAULT_SCORERS,
     ClassifierSettings,
@@ -47,45 +44,6 @@ else:  # pragma: no cover - the package allows Python 3.10
 
 DEFAULT_CONFIG_NAME = "config.toml"
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("config.default.toml")
-
-
-class PromptSource(BaseModel):
-    """Where a set of prompts comes from: a hub dataset (id, split, column) or a local text file.
-
-    `dataset` is a hub dataset id, a local folder saved by `datasets`, or a plain text file with
-    one prompt per line. `split` is a split name with an optional slice (`train[:400]`,
-    `test[10:20]`, `train[:10%]`); for a text file only the slice part counts (`[:400]`).
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    dataset: str
-    split: str | None = None
-    column: str = "text"
-    prefix: str = Field(default="", description="Text put before every prompt (with a space).")
-    suffix: str = Field(default="", description="Text put after every prompt (with a space).")
-    commit: str | None = Field(default=None, description="Dataset revision (hub datasets).")
-
-    @field_validator("split")
-    @classmethod
-    def _check_split(cls, value: str | None) -> str | None:
-        if value is not None and not SPLIT_PATTERN.fullmatch(value.strip()):
-            raise ValueError(
-                f"'{value}' is not a split: write a name and an optional slice, "
-                "e.g. 'train', 'train[:400]', 'test[10:20]', '[:50%]'"
-            )
-        return value
-
-
-SPLIT_PATTERN = re.compile(
-    r"(?P<name>[\w.-]*)\s*(\[\s*(?P<start>-?\d+%?)?\s*:\s*(?P<end>-?\d+%?)?\s*\])?"
-)
-
-
-GOOD_PROMPTS = PromptSource(dataset="mlabonne/harmless_alpaca", split="train[:400]")
-BAD_PROMPTS = PromptSource(dataset="mlabonne/harmful_behaviors", split="train[:400]")
-GOOD_EVALUATION_PROMPTS = PromptSource(dataset="mlabonne/harmless_alpaca", split="test[:100]")
-BAD_EVALUATION_PROMPTS = PromptSource(dataset="mlabonne/harmful_behaviors", split="test[:100]")
 
 
 class WorkerSettings(BaseSettings):
@@ -232,56 +190,6 @@ class WorkerSettings(BaseSettings):
         return _drop_none(self.model_dump(mode="json"))
 
 
-# heretic keys that mean the same here under another name.
-RENAMED_KEYS = {
-    "upload_repo_id": "upload_repo",
-    "upload_repo_private": "upload_private",
-    "keyword_markers": "refusal_markers",
-}
-
-# heretic keys for things this worker does not do; accepted so a heretic config carries over.
-IGNORED_HERETIC_KEYS = {
-    "evaluate_model": "scoring another model is not supported",
-    "reproduce": "reproduction files are not supported",
-    "collect_reproducibles": "reproduction files are not supported",
-    "offload_outputs_to_cpu": "outputs always go to the CPU",
-    "response_prefix": "response prefixes are not supported",
-    "chain_of_thought_skips": "response prefixes are not supported",
-    "print_debug_information": "there is no debug printing",
-    "print_residual_geometry": "there are no residual statistics",
-    "plot_residuals": "there are no residual plots",
-    "residual_plot_path": "there are no residual plots",
-    "residual_plot_title": "there are no residual plots",
-    "residual_plot_style": "there are no residual plots",
-    "full_normalization_lora_rank": "edits are exact, not LoRA approximations",
-    "winsorization_quantile": "winsorization is not supported",
-    "study_checkpoint_dir": "the study lives in the job directory",
-    "checkpoint_action": "the same job directory always continues its study",
-    "n_additional_trials": "raise n_trials instead",
-    "model_action": "set save_directory or upload_repo instead",
-    "upload_reproducibility_information": "reproduction files are not supported",
-    "ignore_mismatches": "reproduction files are not supported",
-    "kl_divergence_scale": "objectives are the scorers' raw values",
-    "kl_divergence_target": "objectives are the scorers' raw values",
-    "print_responses": "responses are not printed",
-    "multidirectional_som": "multi-direction (SOM) ablation is not supported",
-    "som_x": "multi-direction (SOM) ablation is not supported",
-    "som_y": "multi-direction (SOM) ablation is not supported",
-    "som_iterations": "multi-direction (SOM) ablation is not supported",
-    "som_lr": "multi-direction (SOM) ablation is not supported",
-    "som_sigma": "multi-direction (SOM) ablation is not supported",
-    "som_k": "multi-direction (SOM) ablation is not supported",
-    "trusted_models": "set trust_remote_code instead",
-    "trial_index": "it is an index into heretic's Pareto front; set trial to a trial number, as "
-    "hctl-worker pareto lists them, or leave it unset to choose the best automatically",
-}
-
-# Keys of a heretic prompt table that only matter to heretic's plots.
-IGNORED_PROMPT_KEYS = {"residual_plot_label", "residual_plot_color", "system_prompt"}
-
-PROMPT_TABLES = ("good_prompts", "bad_prompts", "good_evaluation_prompts", "bad_evaluation_prompts")
-
-
 def _drop_none(value: Any) -> Any:
     if isinstance(value, dict):
         return {key: _drop_none(item) for key, item in value.items() if item is not None}
@@ -316,80 +224,8 @@ def _pending_file_values() -> dict[str, Any]:
 
 
 def translate_heretic_keys(raw: Mapping[str, Any], origin: str) -> tuple[dict[str, Any], list[str]]:
-    """Map a heretic-style table onto this worker's names; returns the values and warnings."""
-    values: dict[str, Any] = {}
-    warnings: list[str] = []
-    fields = WorkerSettings.model_fields
-    for key, value in raw.items():
-        if key == "quantization":
-            if value not in (None, "none"):
-                raise SettingsError(
-                    f"{origin}: quantization = '{value}' is not supported",
-                    "Remove the quantization setting; the worker loads models unquantized.",
-                )
-            continue
-        if key == "export_strategy":
-            if value not in (None, "merge"):
-                warnings.append(f"{origin}: export_strategy '{value}' ignored; exports are merged")
-            continue
-        if key == "scorer" and isinstance(value, Mapping):
-            values.update(_translate_scorer_tables(value, origin, warnings))
-            continue
-        if key in IGNORED_HERETIC_KEYS:
-            warnings.append(f"{origin}: '{key}' ignored ({IGNORED_HERETIC_KEYS[key]})")
-            continue
-        name = RENAMED_KEYS.get(key, key)
-        if name not in fields:
-            close = _closest(name, fields)
-            suggestion = f"Did you mean '{close}'? " if close else ""
-            raise SettingsError(
-                f"{origin}: unknown setting '{key}'",
-                suggestion + "config.default.toml lists every setting.",
-            )
-        if name in PROMPT_TABLES and isinstance(value, Mapping):
-            value = _translate_prompt_table(value, f"{origin} [{key}]", warnings)
-        values[name] = value
-    return values, warnings
-
-
-def _translate_prompt_table(
-    table: Mapping[str, Any], origin: str, warnings: list[str]
-) -> dict[str, Any]:
-    kept = {}
-    for key, value in table.items():
-        if key in IGNORED_PROMPT_KEYS:
-            warnings.append(f"{origin}: '{key}' ignored")
-        else:
-            kept[key] = value
-    return kept
-
-
-def _translate_scorer_tables(
-    scorers: Mapping[str, Any], origin: str, warnings: list[str]
-) -> dict[str, Any]:
-    """heretic HEAD's `[scorer.KeywordRate]` / `[scorer.KLDivergence]` tables."""
-    values: dict[str, Any] = {}
-    for name, table in scorers.items():
-        if not isinstance(table, Mapping):
-            continue
-        for key, value in table.items():
-            where = f"{origin} [scorer.{name}]"
-            if key == "prompts" and name == "KeywordRate":
-                values["bad_evaluation_prompts"] = _translate_prompt_table(value, where, warnings)
-            elif key == "prompts" and name == "KLDivergence":
-                values["good_evaluation_prompts"] = _translate_prompt_table(value, where, warnings)
-            elif key == "keyword_markers" and name == "KeywordRate":
-                values["refusal_markers"] = value
-            else:
-                warnings.append(f"{where}: '{key}' ignored")
-    return values
-
-
-def _closest(name: str, candidates: Mapping[str, Any]) -> str | None:
-    import difflib
-
-    matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-    return matches[0] if matches else None
+    """Map a heretic-style table onto the settings' names; returns the values and warnings."""
+    return translate_keys(raw, origin, WorkerSettings.model_fields)
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -507,3 +343,16 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     except tomllib.TOMLDecodeError:
         value = raw.strip()
     return key, value
+
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "PROMPT_TABLES",
+    "SPLIT_PATTERN",
+    "PromptSource",
+    "WorkerSettings",
+    "load_settings",
+    "parse_assignment",
+    "read_config_file",
+    "translate_heretic_keys",
+]

@@ -16,7 +16,7 @@ import torch
 
 from hctl_worker.ablation import Ablator
 from hctl_worker.architecture import COMPONENTS
-from hctl_worker.batching import find_batch_size
+from hctl_worker.batching import cached_batch_size
 from hctl_worker.directions import (
     last_token_activations,
     layer_separation,
@@ -74,10 +74,21 @@ def prepare(settings: WorkerSettings, paths: JobPaths, reporter: Reporter) -> Wo
     bad_evaluation = loaded.template(prompts.bad_evaluation, system_prompt)
 
     with reporter.stage("batch_size") as stage:
-        batch_size = settings.batch_size or find_batch_size(
-            loaded, bad_evaluation, max_batch_size=settings.max_batch_size, on_message=reporter.log
-        )
-        stage.result = f"batch size {batch_size}"
+        if settings.batch_size:
+            batch_size = settings.batch_size
+            stage.result = f"batch size {batch_size} (set)"
+        else:
+            with directions_lock(paths):  # workers starting together: one measures
+                choice = cached_batch_size(
+                    paths.root,
+                    loaded,
+                    bad_evaluation,
+                    max_batch_size=settings.max_batch_size,
+                    on_message=reporter.log,
+                )
+            batch_size = choice.size
+            stage.result = choice.describe()
+            reporter.log(choice.describe())
 
     with reporter.stage("directions") as stage:
         measured = directions_for(
