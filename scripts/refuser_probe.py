@@ -176,6 +176,13 @@ def _rate(trial: Trial, name: str) -> float:
     return score.value / score.of
 
 
+def best_separating_layers(separation: Sequence[float], count: int) -> list[int]:
+    """The `count` layers whose outputs separate best, best first (a direction's index is the
+    layer whose output it is read from: hidden state k + 1)."""
+    layers = sorted(range(len(separation) - 1), key=lambda layer: -separation[layer + 1])
+    return layers[:count]
+
+
 def greedy_replies(
     folder: Path | str,
     prompts: Sequence[str],
@@ -266,6 +273,7 @@ __all__ = [
     "Edit",
     "EditResult",
     "RefuserProbe",
+    "best_separating_layers",
     "edit_table",
     "greedy_replies",
     "read_prompt_files",
