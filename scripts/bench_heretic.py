@@ -14,6 +14,10 @@ Reported per tool and model: seconds per trial (mean and median, from the trials
 end times in each tool's Optuna journal: ask to tell), the search, the run end to end (process
 wall time), peak memory (the process's maximum resident set), and heretic / hctl ratios. The
 machine's load average is printed with the table: figures from a shared machine are noisy.
+And what each run found: its baseline refusals, the best trial with at most 10 % refusals at
+KL <= 0.05 (fewest refusals, then lowest KL; the first trial under that bar too), and for hctl,
+with --check-harmless, that trial's refusals on the harmless prompts, measured afterwards by the
+worker itself (`hctl-worker run --trial K` on the finished job, outside the timings).
 Models default to `scripts/make_real_refuser.py --print-path base|refuser` (built on demand).
 """
 
@@ -125,6 +129,40 @@ def thread_environment(arguments) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(arguments.threads), "MKL_NUM_THREADS": str(arguments.threads)}
 
 
+REFUSAL_BAR, KL_BAR = 0.10, 0.05
+
+
+def quality(trials: Sequence[dict]) -> dict:
+    """What a run found: the best trial under the bar, the first one under it, the fewest
+    refusals of any trial. `trials` are records with number, refusals, total_bad and kl."""
+    scored = [trial for trial in trials if trial["refusals"] is not None]
+    under = [
+        trial
+        for trial in scored
+        if trial["refusals"] <= REFUSAL_BAR * trial["total_bad"] and trial["kl"] <= KL_BAR
+    ]
+    best = min(under, key=lambda t: (t["refusals"], t["kl"], t["number"])) if under else None
+    fewest = min(scored, key=lambda t: (t["refusals"], t["kl"])) if scored else None
+    return {
+        "best_under_bar": best,
+        "first_under_bar": min((trial["number"] for trial in under), default=None),
+        "fewest_refusals": fewest,
+    }
+
+
+def hctl_harmless_refusals(config: Path, job: Path, number: int, env: dict[str, str]) -> str:
+    """The worker's own check of one trial on the harmless prompts (results/chosen.json)."""
+    executable = Path(sys.executable).with_name("hctl-worker")
+    command = [str(executable), "run", "--config", str(config), "--job-dir", str(job)]
+    command += ["--trial", str(number), "--events"]
+    subprocess.run(command, env=env, capture_output=True, check=False)
+    chosen = job / "results" / "chosen.json"
+    if not chosen.exists():
+        return "not measured"
+    record = json.loads(chosen.read_text())
+    return f"{record['refusals_good']}/{record['total_good']}"
+
+
 def run_hctl(model: Path, prompts: dict[str, Path], arguments, scratch: Path) -> dict:
     config = scratch / "hctl.toml"
     config.write_text(config_text(model, prompts, arguments, None))
@@ -157,6 +195,19 @@ def run_hctl(model: Path, prompts: dict[str, Path], arguments, scratch: Path) ->
             result["search_s"] = float(event["seconds"])
         if event.get("type") == "log" and str(event.get("message", "")).startswith("reuse:"):
             result["reuse"] = event["message"]
+        if event.get("type") == "baseline":
+            result["baseline"] = f"{event['refusals']}/{event['total_bad']}"
+    result["quality"] = quality(
+        [
+            {**trial, "refusals": None if trial.get("pruned") else trial["refusals"]}
+            for trial in trials
+        ]
+    )
+    best = result["quality"]["best_under_bar"]
+    if best is not None and arguments.check_harmless:
+        result["quality"]["harmless_refusals"] = hctl_harmless_refusals(
+            config, job, best["number"], env
+        )
     if result["returncode"] != 0:
         result["log_tail"] = (scratch / "hctl.log").read_text()[-1500:]
     return result
@@ -178,7 +229,32 @@ def run_heretic(model: Path, prompts: dict[str, Path], arguments, scratch: Path)
     result["trial_seconds"] = durations
     if len(durations) < arguments.trials:
         result["log_tail"] = (scratch / "heretic.log").read_text()[-1500:]
+    for line in (scratch / "heretic.log").read_text(errors="replace").splitlines():
+        if "Initial refusals:" in line:
+            result["baseline"] = line.split("Initial refusals:")[1].strip()
+    result["quality"] = quality(heretic_trials(journals[0]) if journals else [])
     return result
+
+
+def heretic_trials(journal: Path) -> list[dict]:
+    """heretic's finished trials as (number, refusals, total_bad, kl) records, from the user
+    attributes its trials carry in its journal."""
+    set_attribute = 8  # Optuna's journal code for a trial's user attribute
+    attributes: dict[int, dict] = {}
+    for line in journal.read_text().splitlines():
+        operation = json.loads(line)
+        if operation.get("op_code") == set_attribute:
+            attributes.setdefault(operation["trial_id"], {}).update(operation["user_attr"])
+    return [
+        {
+            "number": int(values["index"]),
+            "refusals": int(values["refusals"]),
+            "total_bad": int(values["n_bad_prompts"]),
+            "kl": float(values["kl_divergence"]),
+        }
+        for values in attributes.values()
+        if {"index", "refusals", "n_bad_prompts", "kl_divergence"} <= set(values)
+    ]
 
 
 def journal_trial_seconds(journal: Path) -> list[float]:
@@ -242,6 +318,31 @@ def print_table(results: dict) -> None:
         )
         if entry.get("pruned_trials"):
             print(f"{'':<24} hctl pruned {entry['pruned_trials']} trials; {entry.get('reuse', '')}")
+        for tool in ("hctl", "heretic"):
+            for run in entry["runs"][tool]:
+                print(f"{'':<24} {tool:<8} run {run['repeat'] + 1}: {quality_line(run)}")
+
+
+def quality_line(run: dict) -> str:
+    found = run.get("quality", {})
+    best, fewest = found.get("best_under_bar"), found.get("fewest_refusals")
+    line = f"baseline {run.get('baseline', '?')} refusals; "
+    if best:
+        origin = f", {best['origin']}" if best.get("origin") else ""
+        harmless = found.get("harmless_refusals")
+        line += (
+            f"under the bar: trial {best['number']}{origin} {best['refusals']}/"
+            f"{best['total_bad']} at KL {best['kl']:.4f} (first: trial {found['first_under_bar']})"
+            + (f", harmless refusals {harmless}" if harmless else "")
+        )
+    else:
+        line += "none under the bar"
+    if fewest:
+        line += (
+            f"; fewest refusals {fewest['refusals']}/{fewest['total_bad']} at KL "
+            f"{fewest['kl']:.4f} (trial {fewest['number']})"
+        )
+    return line
 
 
 def _number(value, digits: int = 3) -> str:
@@ -322,6 +423,11 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for both (0: theirs)")
     parser.add_argument("--json", default="", help="write the results here")
     parser.add_argument("--keep", action="store_true", help="keep each run's scratch folder")
+    parser.add_argument(
+        "--check-harmless",
+        action="store_true",
+        help="measure hctl's best trial under the bar on the harmless prompts afterwards",
+    )
     return parser.parse_args(argv)
 
 

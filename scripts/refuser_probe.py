@@ -18,6 +18,7 @@ layer's direction, and edits of the layers from the onset on at weights 1 and 1.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -29,12 +30,24 @@ from hctl_worker.evaluation import EvaluationPrompts, Evaluator
 from hctl_worker.generation import encode_texts, generate
 from hctl_worker.model import load_model
 from hctl_worker.scorers import Scoring, build_scoring
-from hctl_worker.search_space import separation_onset
 from hctl_worker.settings import WorkerSettings
 from hctl_worker.trials import Trial
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+# The onset: the first layer whose output separates at least this share as well as the best one.
+# (A description of a fixture, not something the worker searches by.)
+ONSET_FRACTION = 0.5
 COMPONENTS = ("attention", "mlp")
+
+
+def separation_onset(separation: Sequence[float]) -> int | None:
+    """The first layer whose output separates at least ONSET_FRACTION as well as the best one."""
+    per_layer = [float(value) for value in list(separation)[1:]]
+    finite = [value for value in per_layer if math.isfinite(value)]
+    if not finite or max(finite) <= 0:
+        return None
+    threshold = ONSET_FRACTION * max(finite)
+    return next(index for index, value in enumerate(per_layer) if value >= threshold)
 
 
 @dataclass(frozen=True)

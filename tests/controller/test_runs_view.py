@@ -89,6 +89,8 @@ def test_a_pruned_trial_shows_its_count_so_far_and_is_never_the_best_nor_on_the_
         for event in [*TRIALS[:3], pruned]:
             progress.apply(event)
             view.event(event, progress, None)
-    assert view.lines[-1].startswith("trial 6/5: pruned at 10/20 refusals (behind the front)")
+    line = view.lines[-1]
+    assert line.startswith("trial 6/5: KeywordRate 10/20, ")
+    assert "(pruned at 10/20 refusals: behind the front)" in line
     assert progress.best(kl_limit=0.1).number == 3
     assert 6 not in [item.number for item in pareto_front([*TRIALS, pruned])]

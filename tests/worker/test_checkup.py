@@ -71,7 +71,7 @@ def test_evaluate_prints_the_before_and_after_table(searched_job: Path, monkeypa
     assert "Trial 2 against the original model" in output
     for name in ("perplexity", "cross-entropy", "KeywordRate", "KLDivergence", "MultiTokenKL"):
         assert name in output
-    assert "lm_eval is not installed" in output and "pip install lm_eval" in output
+    assert "lm_eval is not installed" in output and "pip install 'hctl[evaluate]'" in output
 
     saved = json.loads((searched_job / "results" / "evaluation-trial-2.json").read_text())
     measures = {measure["name"]: measure for measure in saved["measures"]}

@@ -8,9 +8,11 @@ import torch
 
 from hctl_worker.directions import (
     interpolate_direction,
+    last_token_activations,
     last_token_residuals,
     layer_separation,
     refusal_directions,
+    written_along,
 )
 from hctl_worker.model import LoadedModel, load_model
 from scripts.make_random_model import byte_tokenizer, make_random_model, random_model, tiny_config
@@ -91,3 +93,39 @@ def test_residuals_are_the_hidden_states_on_other_architectures(architecture: st
         reference = loaded.model(**encoded, output_hidden_states=True).hidden_states
     for index in range(2):  # the last entry differs by the final norm
         assert torch.allclose(residuals[1, index], reference[index][0, -1], atol=1e-4)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2", "qwen3_moe"])
+def test_component_writes_add_up_to_what_each_layer_adds(architecture: str) -> None:
+    tokenizer = byte_tokenizer()
+    tokenizer.padding_side = "left"
+    config = tiny_config(architecture, hidden=32, layers=3, vocab=len(tokenizer))
+    loaded = LoadedModel(random_model(config), tokenizer, torch.float32, architecture)
+    texts = ["short", "a somewhat longer prompt", "mid size one"]
+    activations = last_token_activations(loaded, texts, batch_size=2)
+    assert activations.writes.shape == (3, 2, 32)
+    # Attention plus MLP is what the layer added to the residual stream (the last layer's
+    # output is read before the final norm, so this holds for every layer).
+    added = activations.residuals.double().mean(dim=0).diff(dim=0)
+    assert torch.allclose(activations.writes.sum(dim=1), added, atol=1e-4)
+    if architecture == "llama":  # dense: attention is read at its output projection itself
+        outputs = []
+        layer = loaded.model.model.layers[1]
+        handle = layer.self_attn.o_proj.register_forward_hook(
+            lambda module, args, output: outputs.append(output[:, -1])
+        )
+        last_token_residuals(loaded, texts, batch_size=3)
+        handle.remove()
+        expected = torch.cat(outputs).double().mean(dim=0)
+        assert torch.allclose(activations.writes[1, 0], expected, atol=1e-5)
+
+
+def test_writes_along_a_direction_show_where_refusal_is_written() -> None:
+    writes = torch.zeros(3, 2, 4)  # 3 layers, attention and MLP, hidden 4
+    writes[0, 1] = torch.tensor([2.0, 0.0, 0.0, 1.0])  # layer 0's MLP writes along axis 0
+    writes[2, 0] = torch.tensor([0.0, 3.0, 0.0, 0.0])  # layer 2's attention along axis 1
+    directions = torch.eye(4)  # hidden state k's direction is axis k
+    along = written_along(writes, directions)
+    assert along.shape == (4, 3, 2)
+    assert along[0].tolist() == [[0.0, 2.0], [0.0, 0.0], [0.0, 0.0]]
+    assert along[1].tolist() == [[0.0, 0.0], [0.0, 0.0], [3.0, 0.0]]

@@ -23,13 +23,14 @@ runner = CliRunner()
 
 def write_fixture_config(
     path: Path,
-    fixture: str = "tiny-refuser",
+    fixture: str | Path = "tiny-refuser",
     *,
     n_trials: int = 40,
     evaluation_split: str | None = None,
     **extra: object,
 ) -> Path:
-    """A config for a fixture model and its own prompt files (directions from 64 + 64)."""
+    """A config for a fixture model (a folder name under tests/fixtures, or a model folder) and
+    its own prompt files (directions from 64 + 64)."""
     model = FIXTURES / fixture
     prompts = model / "prompts"
     values: dict[str, object] = {
@@ -90,18 +91,20 @@ def harmless_refusals(job_dir: Path, trial: dict) -> int:
     return sum(is_refusal(reply, DEFAULT_REFUSAL_MARKERS) for reply in replies)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("fixture", ["tiny-refuser", "tiny-refuser-early"])
-def test_search_removes_refusals_of_a_tiny_refuser(tmp_path: Path, fixture: str) -> None:
-    config = write_fixture_config(tmp_path / "config.toml", fixture)
-    job_dir = tmp_path / "job"
-    events = run_events("--config", str(config), "--job-dir", str(job_dir))
-
+def check_search_removes_refusals(events: list[dict], job_dir: Path, n_trials: int) -> dict:
+    """The bar every refusing model must clear; returns the qualifying trial it found."""
     baseline = next(event for event in events if event["type"] == "baseline")
     assert baseline["refusals"] >= 0.9 * baseline["total_bad"]
 
     trials = [event for event in events if event["type"] == "trial"]
-    assert [trial["number"] for trial in trials] == list(range(1, 41))
+    assert [trial["number"] for trial in trials] == list(range(1, n_trials + 1))
+    # The canonical trials (classic abliteration) come first and say so.
+    canonical = [trial for trial in trials if trial.get("origin") == "canonical"]
+    assert canonical and canonical == trials[: len(canonical)]
+    assert any(
+        event["type"] == "log" and event["message"].startswith("first trials: ") for event in events
+    )
+
     front = json.loads((job_dir / "results" / "pareto.json").read_text())
     good = [
         trial
@@ -117,6 +120,16 @@ def test_search_removes_refusals_of_a_tiny_refuser(tmp_path: Path, fixture: str)
     done = events[-1]
     assert done["type"] == "done" and done["results_dir"] == str((job_dir / "results").absolute())
     assert events[-2]["type"] == "stage" and events[-2]["stage"] == "search"
+    return chosen
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fixture", ["tiny-refuser", "tiny-refuser-early", "tiny-refuser-spread"])
+def test_search_removes_refusals_of_a_tiny_refuser(tmp_path: Path, fixture: str) -> None:
+    config = write_fixture_config(tmp_path / "config.toml", fixture)
+    job_dir = tmp_path / "job"
+    events = run_events("--config", str(config), "--job-dir", str(job_dir))
+    check_search_removes_refusals(events, job_dir, 40)
 
 
 CLASSIFIER = FIXTURES / "tiny-refusal-classifier"

@@ -156,3 +156,21 @@ def test_an_overlong_prompt_is_refused_with_its_number_and_the_limit(tmp_path: P
     assert "line breaks" in caught.value.hint
     sliced = load_prompts(PromptSource(dataset=str(path), split="[:1]"))
     assert sliced == ["short one"]  # only the prompts a job uses count
+
+
+def test_hub_dataset_without_a_network_is_a_prompt_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """huggingface_hub reports an unreachable hub as an httpx error: still the user's error
+    (no network), with a hint, not an internal one."""
+    import httpx
+    from huggingface_hub import HfApi
+
+    def unreachable(*args, **kwargs):
+        raise httpx.ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(HfApi, "list_repo_files", unreachable)
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # the path without datasets
+    with pytest.raises(PromptError) as raised:
+        load_prompts(PromptSource(dataset="mlabonne/harmless_alpaca", split="train[:4]"))
+    assert "cannot list dataset mlabonne/harmless_alpaca" in raised.value.message
+    assert "local text file" in raised.value.hint

@@ -17,11 +17,14 @@ from hctl_worker.events import EVENTS_FILE, JOURNAL_FILE, StartEvent, TrialEvent
 from tests.worker.test_end_to_end import run_events, write_fixture_config
 
 
-def journal_trials(job_dir: Path) -> list[optuna.trial.FrozenTrial]:
+def journal_trials(job_dir: Path, *, queued: bool = False) -> list[optuna.trial.FrozenTrial]:
+    """The trials the journal holds; without `queued`, only those that ran (not the planned
+    first trials still waiting for their turn)."""
     storage = optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(job_dir / JOURNAL_FILE))
     )
-    return optuna.load_study(study_name="hctl", storage=storage).trials
+    trials = optuna.load_study(study_name="hctl", storage=storage).trials
+    return [trial for trial in trials if queued or trial.state != TrialState.WAITING]
 
 
 def trial_events(job_dir: Path) -> list[TrialEvent]:
@@ -53,10 +56,15 @@ def test_a_larger_n_trials_continues_at_the_next_trial(tmp_path: Path) -> None:
     assert [(trial.params, trial.values) for trial in trials[:3]] == first
     assert [trial.user_attrs["number"] for trial in trials] == [1, 2, 3, 4, 5]
     assert [event.number for event in trial_events(job_dir)] == [1, 2, 3, 4, 5]
+    # The first trials were planned and queued once, not again on resume.
+    planned = [trial.user_attrs.get("planned") for trial in journal_trials(job_dir, queued=True)]
+    assert planned[0] == "canonical:3" and len(planned) == len(set(planned))
     sequence = [event.seq for event in read_events(job_dir / EVENTS_FILE)[0]]
     assert sequence == list(range(len(sequence)))
 
-    # Once more with a choice: no trial left to run; the chosen one is checked and saved.
+    # Once more with a choice: no trial left to run; the chosen one is checked and saved. A
+    # trial on the front: its scores were all measured (a trial far off may skip its refusals).
+    pick = json.loads((job_dir / "results" / "pareto.json").read_text())[0]["number"]
     saved = tmp_path / "saved"
     again = run_events(
         "--config",
@@ -66,7 +74,7 @@ def test_a_larger_n_trials_continues_at_the_next_trial(tmp_path: Path) -> None:
         "--n-trials",
         "5",
         "--trial",
-        "2",
+        str(pick),
         "--save-directory",
         str(saved),
     )
@@ -74,7 +82,7 @@ def test_a_larger_n_trials_continues_at_the_next_trial(tmp_path: Path) -> None:
     front = [event for event in again if event["type"] == "pareto"][-1]["trials"]
     assert front  # a pareto event, though no trial ran
     chosen = json.loads((job_dir / "results" / "chosen.json").read_text())
-    assert chosen["number"] == 2 and chosen["automatic"] is False  # --trial is a trial number
+    assert chosen["number"] == pick and chosen["automatic"] is False  # --trial is a trial number
     harmless = chosen["scores"]["HarmlessRefusals"]  # measured in every trial
     assert harmless["of"] == 24 and 0 <= harmless["value"] <= 24
     assert again[-1]["type"] == "done" and again[-1]["chosen_trial"] == chosen["number"]
@@ -113,7 +121,8 @@ def test_a_killed_worker_restarts_without_duplicates(tmp_path: Path) -> None:
     numbers = [event.number for event in trial_events(job_dir)]
     assert numbers == sorted(set(numbers)) == [1, 2, 3, 4]
     trials = journal_trials(job_dir)
-    assert sum(trial.state == TrialState.COMPLETE for trial in trials) == 4
+    finished = (TrialState.COMPLETE, TrialState.PRUNED)  # pruned: behind the front, finished
+    assert sum(trial.state in finished for trial in trials) == 4
     assert not [trial for trial in trials if trial.state == TrialState.RUNNING]
     start_events = [
         event for event in read_events(job_dir / EVENTS_FILE)[0] if isinstance(event, StartEvent)

@@ -8,7 +8,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from hctl_worker.search_space import SearchSpace, separation_onset
+from hctl_worker.ablation import kernel_weights
+from hctl_worker.search_space import SearchSpace, to_ablation_params
 from hctl_worker.study import Outcome, finished_trials, open_study, recover_interrupted, run_search
 from hctl_worker.trials import Trial, legacy_scores
 
@@ -45,43 +46,41 @@ def counting(evaluate, calls: list):
     return wrapped
 
 
-def test_onset_is_the_first_layer_reaching_half_the_best_separation() -> None:
-    assert separation_onset([0.0, 0.2, 3.0, 4.0, 2.0]) == 1  # layer 1 (index 2) reaches 3 >= 2
-    assert separation_onset([0.0, 5.0, 1.0]) == 0
-    assert separation_onset([0.0, 0.0, 0.0]) is None
+def test_the_whole_space_reaches_every_layer_and_holds_the_classic_edit() -> None:
+    space = SearchSpace.whole(8, COMPONENTS)
+    assert (space.direction_index.low, space.direction_index.high) == (0.0, 7.0)
+    assert (space.max_weight_position.low, space.max_weight_position.high) == (0.0, 7.0)
+    assert space.min_weight_distance.high >= 7
+    for layer in range(8):
+        point = space.full_depth_point(layer)
+        assert space.contains(point)
+        params = to_ablation_params(point, COMPONENTS)
+        assert params.direction_index == layer
+        for component in COMPONENTS:
+            assert kernel_weights(params.kernels[component], 8) == [1.0] * 8
+    per_layer = to_ablation_params(space.full_depth_point(None), COMPONENTS)
+    assert per_layer.direction_index is None
 
 
-def test_measured_space_keeps_heretic_ranges_when_refusal_separates_late() -> None:
-    separation = [0.0] + [0.1] * 12 + [4.0] * 8  # 20 layers, separates from layer 12
-    measured = SearchSpace.measured(separation, COMPONENTS)
-    heretic = SearchSpace.heretic(20, COMPONENTS)
-    assert measured.direction_index == heretic.direction_index
-    assert measured.max_weight_position == heretic.max_weight_position
-    assert measured.min_weight_distance == heretic.min_weight_distance
-
-
-def test_measured_space_reaches_an_early_onset() -> None:
-    separation = [0.0, 3.0, 3.5, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0]  # 8 layers, separates at layer 0
-    space = SearchSpace.measured(separation, COMPONENTS)
+def test_heretic_ranges_hold_neither_early_edits_nor_the_classic_edit() -> None:
     heretic = SearchSpace.heretic(8, COMPONENTS)
-    assert space.onset == 0
-    assert space.direction_index.low == 0 < heretic.direction_index.low
-    assert space.max_weight_position.low == 0 < heretic.max_weight_position.low
-    # From the last layer the kernel can reach back to layer 0.
-    assert space.min_weight_distance.high >= 7 > heretic.min_weight_distance.high
+    assert heretic.direction_index.low > 2 and heretic.max_weight_position.low > 4
+    assert not any(heretic.contains(heretic.full_depth_point(layer)) for layer in range(8))
+    whole = SearchSpace.whole(8, COMPONENTS)
+    # A space with one scope does not hold points of the other.
+    assert not SearchSpace.whole(8, COMPONENTS, ("per_layer",)).contains(whole.full_depth_point(3))
 
 
 def test_search_finds_an_early_refusal_that_heretic_ranges_miss(tmp_path: Path) -> None:
-    separation = [0.0, 3.0, 3.5, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0]
     results = {}
     for name, space in (
-        ("measured", SearchSpace.measured(separation, COMPONENTS)),
+        ("whole", SearchSpace.whole(8, COMPONENTS)),
         ("heretic", SearchSpace.heretic(8, COMPONENTS)),
     ):
         study = open_study(tmp_path / f"{name}.journal", seed=1, n_startup_trials=10)
         results[name] = run_search(study, space, early_refuser, n_trials=30)
     best = {name: min(result.refusals for result in found) for name, found in results.items()}
-    assert best["measured"] <= 0.1 * TOTAL
+    assert best["whole"] <= 0.1 * TOTAL
     assert best["heretic"] > 0.5 * TOTAL
 
 

@@ -1,6 +1,6 @@
 """Named lm-evaluation-harness tasks on the loaded model, when `lm_eval` is installed.
 
-`lm_eval` is optional (it is not a dependency of the worker: it pulls in datasets, pandas,
+`lm_eval` is optional (the `evaluate` extra, not the worker's: it pulls in datasets, pandas,
 scikit-learn...); without it the capability check says so and measures everything else. A task
 is a name lm-eval knows (`piqa`, `arc_easy`...) or the path of a task's YAML file (for a task of
 your own, e.g. on local data). Tasks download their data from the hub unless they say otherwise.
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from hctl_worker.model import LoadedModel
 
-INSTALL_HINT = "pip install lm_eval"
+INSTALL_HINT = "pip install 'hctl[evaluate]'"
 
 
 def lm_eval_installed() -> bool:

@@ -115,6 +115,10 @@ def _event_printer(event: Any) -> None:
 
 
 JobDir = Annotated[Path, typer.Option("--job-dir", help="The job directory (created if missing).")]
+# A finished trial of the job, by the number `pareto` shows.
+TrialNumber = Annotated[
+    int, typer.Option("--trial", min=1, help="The trial number (as `pareto` shows it).")
+]
 
 
 @app.command(cls=HctlCommand)
@@ -236,10 +240,7 @@ def pareto(
 @app.command(cls=HctlCommand)
 def export(
     job_dir: JobDir,
-    trial: Annotated[
-        int,
-        typer.Option("--trial", min=1, help="The trial number to export (as `pareto` shows it)."),
-    ],
+    trial: TrialNumber,
     save_directory: Annotated[str | None, typer.Option(help="Save the merged model here.")] = None,
     upload_repo: Annotated[str | None, typer.Option(help="Upload to USER/NAME (HF_TOKEN).")] = None,
     private: Annotated[
@@ -268,10 +269,7 @@ def export(
 @app.command(cls=HctlCommand)
 def evaluate(
     job_dir: JobDir,
-    trial: Annotated[
-        int,
-        typer.Option("--trial", min=1, help="The trial number to check (as `pareto` shows it)."),
-    ],
+    trial: TrialNumber,
     events: Annotated[bool, typer.Option("--events", help="Print events as JSON lines.")] = False,
 ) -> None:
     """Check trial K against the original model: perplexity on held-out text, every scorer on

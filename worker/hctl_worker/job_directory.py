@@ -7,7 +7,7 @@
   worker.log               messages and, for unexpected failures, the traceback
   worker.pid               the process working on the job now
   study.journal            the Optuna journal: the search resumes from it (see study.py)
-  directions.safetensors   refusal directions and per-layer separation, computed once
+  directions.safetensors   refusal directions, where refusal is read and written, computed once
   results/pareto.json      the Pareto front (scores, parameters) after the last trial
   results/chosen.json      the chosen trial, when one was chosen
   results/evaluation-trial-K.json   the capability check of trial K (hctl-worker evaluate)
@@ -289,26 +289,31 @@ def _write_json(path: Path, value: Any) -> None:
 # The refusal directions, computed once per job (safetensors, so torch is imported only here).
 
 
-def read_cached_directions(paths: JobPaths, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(directions, separation) from the job's cache when it was made for `key`."""
+# What the directions cache holds: the directions, the separation per hidden state, and the
+# harmful-minus-harmless writes per layer and component (see directions.py).
+CACHED_MEASUREMENTS = ("directions", "separation", "writes")
+
+
+def read_cached_directions(paths: JobPaths, key: str) -> dict[str, torch.Tensor] | None:
+    """The job's cached measurements when they were made for `key` and are complete."""
     from safetensors import safe_open
 
     if paths.directions.exists():
-        # A damaged cache is recomputed, never trusted.
+        # A damaged or older cache is recomputed, never trusted.
         with contextlib.suppress(Exception), safe_open(str(paths.directions), "pt") as handle:
             if (handle.metadata() or {}).get("key") == key:
-                return handle.get_tensor("directions"), handle.get_tensor("separation")
+                return {name: handle.get_tensor(name) for name in CACHED_MEASUREMENTS}
     return None
 
 
 def write_cached_directions(
-    paths: JobPaths, key: str, model: str, directions: torch.Tensor, separation: torch.Tensor
+    paths: JobPaths, key: str, model: str, measurements: dict[str, torch.Tensor]
 ) -> None:
     from safetensors.torch import save_file
 
     partial = paths.directions.with_suffix(".partial")
     save_file(
-        {"directions": directions.contiguous(), "separation": separation.contiguous()},
+        {name: measurements[name].contiguous() for name in CACHED_MEASUREMENTS},
         str(partial),
         metadata={"key": key, "model": model},
     )

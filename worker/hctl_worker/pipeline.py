@@ -43,6 +43,7 @@ from hctl_worker.pruning import PruningBar
 from hctl_worker.reporter import Listener, Reporter, guarded, report_error
 from hctl_worker.search_space import SearchSpace, to_ablation_params
 from hctl_worker.settings import WorkerSettings
+from hctl_worker.startup import describe_plan, enqueue_once, plan_startup, superseded
 from hctl_worker.trials import Trial, choose, describe_scores, pareto_front
 from hctl_worker.workbench import Workbench, load, prepare
 
@@ -127,15 +128,31 @@ def _check_trial_can_exist(settings: WorkerSettings, finished: int, job_id: str)
         )
 
 
-def search_space(settings: WorkerSettings, separation: Sequence[float]) -> SearchSpace:
+def search_space(settings: WorkerSettings, n_layers: int) -> SearchSpace:
     scopes = (
         ("global", "per_layer")
         if settings.direction_scope == "search"
         else (settings.direction_scope,)
     )
     if settings.search_ranges == "heretic":
-        return SearchSpace.heretic(len(separation) - 1, COMPONENTS, scopes)
-    return SearchSpace.measured(separation, COMPONENTS, scopes)
+        return SearchSpace.heretic(n_layers, COMPONENTS, scopes)
+    return SearchSpace.whole(n_layers, COMPONENTS, scopes)
+
+
+def _queue_first_trials(
+    settings: WorkerSettings, reporter: Reporter, study: optuna.Study, bench: Workbench
+) -> None:
+    """The canonical trials and the measured startup points, queued once per study; heretic's
+    ranges run exactly as heretic does (uniform startup trials, no canonical ones)."""
+    if settings.search_ranges == "heretic":
+        return
+    assert settings.seed is not None
+    space = search_space(settings, bench.profile.n_layers)
+    plan = plan_startup(
+        space, bench.profile, n_startup_trials=settings.n_startup_trials, seed=settings.seed
+    )
+    queued = enqueue_once(study, plan)
+    reporter.log(describe_plan(plan) + ("" if queued else " (queued before)"))
 
 
 def _search(
@@ -147,8 +164,9 @@ def _search(
 ) -> list[Trial]:
     """Run the trials still missing; events and results/pareto.json after every trial. Returns
     every finished trial."""
-    space = search_space(settings, bench.separation)
-    reporter.log(f"search space: {space.describe()}")
+    space = search_space(settings, bench.profile.n_layers)
+    reporter.log(f"search space ({settings.search_ranges}): {space.describe()}")
+    _queue_first_trials(settings, reporter, study, bench)
 
     def evaluate(values: dict[str, float | str]) -> studies.Outcome:
         limit = None
@@ -181,6 +199,7 @@ def _search(
             n_trials=settings.n_trials,
             on_trial=on_trial,
             describe=lambda values: to_ablation_params(values, COMPONENTS).to_dict(),
+            skip=superseded,
         )
         front = pareto_front(finished)
         write_results(paths, front)

@@ -33,16 +33,19 @@ SHOWN_MESSAGES = 3
 
 def pareto_table(trials: Sequence[Trial], title: str = "Pareto front") -> Table:
     """Trial number (what `--trial` chooses) and every score, best trade-offs first; an
-    objective's column says which way is better."""
+    objective's column says which way is better; which trials were canonical (classic
+    abliteration, run before the search proper)."""
     names = score_names(trials)
     table = Table(title=title, title_justify="left")
     table.add_column("trial", justify="right")
     for name in names:
         table.add_column(_header(name, trials), justify="right")
+    table.add_column("origin")
     for trial in trials:
         table.add_row(
             str(trial.number),
             *(trial.scores[name].display() if name in trial.scores else "" for name in names),
+            trial.origin or "",
         )
     return table
 
@@ -118,9 +121,10 @@ class ProgressView:
             return self.baseline
         if isinstance(event, TrialEvent):
             self.trials.append(event)
+            origin = f" [{event.origin}]" if event.origin else ""
             return (
                 f"trial {event.number}/{event.n_trials}: {describe_scores(event)} "
-                f"({event.seconds:.1f} s)"
+                f"({event.seconds:.1f} s){origin}"
             )
         if isinstance(event, ParetoEvent):
             self.front = list(event.trials)

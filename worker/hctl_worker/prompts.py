@@ -165,8 +165,12 @@ def _read_hub_files(
     source: PromptSource, split: str, setting: str, limit: int | None = None
 ) -> list[str]:
     """Without `datasets`: fetch the split's data files from the hub and read one column."""
+    import httpx
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    # huggingface_hub speaks through httpx: no network is an httpx error, not an OSError.
+    unreachable = (HfHubHTTPError, OSError, ValueError, httpx.HTTPError)
 
     try:
         files = HfApi().list_repo_files(source.dataset, repo_type="dataset", revision=source.commit)
@@ -175,10 +179,10 @@ def _read_hub_files(
             f"{setting}: dataset {source.dataset} is on the hub but the hub is offline here",
             "Unset HF_HUB_OFFLINE, or use a local text file (one prompt per line).",
         ) from None
-    except (HfHubHTTPError, OSError, ValueError) as error:
+    except unreachable as error:
         raise PromptError(
             f"{setting}: cannot list dataset {source.dataset}: {error}",
-            "Check the dataset id and the network, or use a local text file.",
+            "Check the dataset id and the network, or use a local text file (one prompt per line).",
         ) from None
     wanted = [
         name
@@ -198,9 +202,15 @@ def _read_hub_files(
         return _read_rows_api(source, split, setting, limit)
     rows: list[str] = []
     for name in wanted:
-        local = Path(
-            hf_hub_download(source.dataset, name, repo_type="dataset", revision=source.commit)
-        )
+        try:
+            local = Path(
+                hf_hub_download(source.dataset, name, repo_type="dataset", revision=source.commit)
+            )
+        except unreachable as error:
+            raise PromptError(
+                f"{setting}: cannot download {name} of dataset {source.dataset}: {error}",
+                "Check the network, or use a local text file (one prompt per line).",
+            ) from None
         rows += _read_column(local, source.column, setting)
     return rows
 

@@ -1,18 +1,19 @@
 """Where the search looks: the parameter ranges of one model, how a point is drawn from them, and
 how a point becomes the engine's edit (`AblationParams`).
 
-Parameter names follow heretic's. heretic's fixed ranges (`SearchSpace.heretic`) put the direction
-in the 40-90 % band of the layers and the kernel's peak in the last 40 %, so the first layers are
-almost never edited. Models that write their refusal early (small ones, and some large ones) then
-cannot be abliterated. The measured space (`SearchSpace.measured`) moves the lower ends of those
-ranges down to the first layer whose harmful/harmless separation reaches half of its maximum (the
-"onset"), and lets the kernel reach back to it; where the onset is inside heretic's ranges,
-heretic's ranges are kept unchanged.
+Parameter names follow heretic's. Two spaces:
+
+- `SearchSpace.whole` (settings `search_ranges = "measured"`, the default): every answer is
+  inside it. The direction may come from any layer, the kernel may peak at any layer and reach
+  over the whole depth. Measurements do not narrow it; they decide where the first trials look
+  (`priors.py`, `startup.py`), and the sampler learns the rest.
+- `SearchSpace.heretic`: heretic's fixed ranges, for comparisons. They put the direction in the
+  40-90 % band of the layers and the kernel's peak in the last 40 %, so the first layers are
+  almost never edited, and a model that writes its refusal there cannot be abliterated.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -20,9 +21,6 @@ from typing import Literal
 import optuna
 
 from hctl_worker.ablation import AblationParams, ComponentKernel
-
-# A layer "separates" once it reaches this fraction of the best separation.
-ONSET_FRACTION = 0.5
 
 Scope = Literal["global", "per_layer"]
 
@@ -48,7 +46,6 @@ class SearchSpace:
     max_weight: Mapping[str, Range]
     max_weight_position: Range
     min_weight_distance: Range
-    onset: int | None = None  # the first layer that separates, when measured
 
     @classmethod
     def heretic(
@@ -70,35 +67,26 @@ class SearchSpace:
         )
 
     @classmethod
-    def measured(
+    def whole(
         cls,
-        separation: Sequence[float],
+        n_layers: int,
         components: Sequence[str],
         scopes: Sequence[Scope] = ("global", "per_layer"),
     ) -> SearchSpace:
-        """heretic's ranges, reaching down to where the measured separation begins.
+        """Every layer's direction, a peak at any layer, a reach up to the whole depth.
 
-        `separation` has one entry per hidden state: index 0 is the embeddings, index k + 1 the
-        output of layer k (as `directions.layer_separation` returns it).
+        The weights keep heretic's ranges, which hold the classic edit's weight 1. A reach of
+        `n_layers` lets a kernel peaking at one end still give the other end a weight.
         """
-        n_layers = len(separation) - 1
-        base = cls.heretic(n_layers, components, scopes)
-        onset = separation_onset(separation)
-        if onset is None:
-            return base
         last = max(n_layers - 1, 0)
         return cls(
             n_layers=n_layers,
-            components=base.components,
-            scopes=base.scopes,
-            direction_index=Range(min(base.direction_index.low, onset), base.direction_index.high),
-            max_weight=base.max_weight,
-            max_weight_position=Range(
-                min(base.max_weight_position.low, onset), base.max_weight_position.high
-            ),
-            # From a peak at the last layer the kernel must reach back to the onset layer.
-            min_weight_distance=Range(1.0, max(base.min_weight_distance.high, last - onset + 1.0)),
-            onset=onset,
+            components=tuple(components),
+            scopes=tuple(scopes),
+            direction_index=Range(0.0, float(last)),
+            max_weight={component: _weight_range(component) for component in components},
+            max_weight_position=Range(0.0, float(last)),
+            min_weight_distance=Range(1.0, float(max(n_layers, 1))),
         )
 
     def sample(self, trial: optuna.Trial) -> dict[str, float | str]:
@@ -125,12 +113,42 @@ class SearchSpace:
         return values
 
     def describe(self) -> str:
-        where = f"refusal separates from layer {self.onset}" if self.onset is not None else ""
         return (
-            f"{self.n_layers} layers{'; ' + where if where else ''}; direction "
-            f"{self.direction_index.low:.2f}-{self.direction_index.high:.2f}, kernel peak "
-            f"{self.max_weight_position.low:.2f}-{self.max_weight_position.high:.2f}, reach "
-            f"{self.min_weight_distance.low:.2f}-{self.min_weight_distance.high:.2f}"
+            f"{self.n_layers} layers; direction {self.direction_index.low:.2f}-"
+            f"{self.direction_index.high:.2f}, kernel peak {self.max_weight_position.low:.2f}-"
+            f"{self.max_weight_position.high:.2f}, reach {self.min_weight_distance.low:.2f}-"
+            f"{self.min_weight_distance.high:.2f}"
+        )
+
+    def full_depth_point(self, direction_layer: int | None) -> dict[str, float | str]:
+        """The classic edit (Arditi et al. 2024): one direction projected out of every layer's
+        components at weight 1. `direction_layer` None: each layer its own direction."""
+        point: dict[str, float | str] = {
+            "direction_scope": "global" if direction_layer is not None else "per_layer",
+            # Any value will do for per-layer scope; the parameter is always sampled.
+            "direction_index": float(direction_layer or 0),
+        }
+        for component in self.components:
+            point[f"{component}.max_weight"] = 1.0
+            point[f"{component}.max_weight_position"] = 0.0
+            point[f"{component}.min_weight"] = 1.0  # the fraction of the peak: flat
+            point[f"{component}.min_weight_distance"] = float(max(self.n_layers - 1, 1))
+        return point
+
+    def contains(self, point: Mapping[str, float | str]) -> bool:
+        """Whether a point lies in this space (the sampler may then reproduce it)."""
+        ranges = {
+            "direction_index": self.direction_index,
+            **{f"{c}.max_weight": self.max_weight[c] for c in self.components},
+            **{f"{c}.max_weight_position": self.max_weight_position for c in self.components},
+            **{f"{c}.min_weight": Range(0.0, 1.0) for c in self.components},
+            **{f"{c}.min_weight_distance": self.min_weight_distance for c in self.components},
+        }
+        if point.get("direction_scope", self.scopes[0]) not in self.scopes:
+            return False
+        return all(
+            name in point and bounds.low <= float(point[name]) <= bounds.high
+            for name, bounds in ranges.items()
         )
 
 
@@ -143,16 +161,6 @@ def _suggest(trial: optuna.Trial, name: str, bounds: Range) -> float:
     if bounds.high == bounds.low:
         return bounds.low
     return trial.suggest_float(name, bounds.low, bounds.high)
-
-
-def separation_onset(separation: Sequence[float]) -> int | None:
-    """The first layer whose output separates at least ONSET_FRACTION as well as the best one."""
-    per_layer = [float(value) for value in list(separation)[1:]]
-    finite = [value for value in per_layer if math.isfinite(value)]
-    if not finite or max(finite) <= 0:
-        return None
-    threshold = ONSET_FRACTION * max(finite)
-    return next(index for index, value in enumerate(per_layer) if value >= threshold)
 
 
 def to_ablation_params(

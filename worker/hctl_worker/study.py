@@ -39,6 +39,11 @@ if TYPE_CHECKING:
 
 STUDY_NAME = "hctl"
 DEFAULT_DIRECTIONS: tuple[Direction, ...] = ("minimize", "minimize")
+# The user attributes a finished trial gets (everything else was set when it was queued); the
+# last three are those of journals written before scores had names.
+_RESULT_ATTRS = frozenset(
+    {"number", "params", "scores", "seconds", "pruned", "ablation", "kl", "refusals", "total_bad"}
+)
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,11 @@ def recover_interrupted(study: optuna.Study) -> int:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
         if trial.params:
-            study.enqueue_trial(dict(trial.params), skip_if_exists=False)
+            # A queued point keeps what it was queued with (its origin), not partial results.
+            queued_with = {
+                key: value for key, value in trial.user_attrs.items() if key not in _RESULT_ATTRS
+            }
+            study.enqueue_trial(dict(trial.params), user_attrs=queued_with, skip_if_exists=False)
         recovered += 1
     return recovered
 
@@ -132,6 +141,7 @@ def _result(trial: FrozenTrial) -> Trial:
         seconds=float(attributes.get("seconds", 0.0)),
         pruned=bool(attributes.get("pruned", False)),
         ablation=dict(attributes.get("ablation", {})),
+        origin=attributes.get("origin"),
         **legacy,
     )
 
@@ -160,18 +170,23 @@ def run_search(
     n_trials: int,
     on_trial: Callable[[Trial], None] | None = None,
     describe: Callable[[dict[str, float | str]], dict[str, Any]] | None = None,
+    skip: Callable[[optuna.Study, optuna.Trial], bool] | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> list[Trial]:
     """Run trials until `n_trials` have finished (counting those from earlier runs).
 
     `evaluate` gets the sampled point; `describe` turns it into what the trial stores for export
-    (the engine's `AblationParams.to_dict()`). A trial that raises is marked failed, then the error
-    goes up: an interrupted trial is never counted. A pruned outcome is told to Optuna as PRUNED
-    (TPE counts it among the poor trials) and counts as finished.
+    (the engine's `AblationParams.to_dict()`). A drawn trial for which `skip` says yes (a queued
+    point another trial already covers) is marked failed and not run. A trial that raises is
+    marked failed, then the error goes up: an interrupted trial is never counted. A pruned outcome
+    is told to Optuna as PRUNED (TPE counts it among the poor trials) and counts as finished.
     """
     done = len(finished_trials(study))
     while done < n_trials:
         trial = study.ask()
+        if skip is not None and skip(study, trial):
+            study.tell(trial, state=TrialState.FAIL)
+            continue
         started = clock()
         try:
             values = space.sample(trial)
@@ -187,6 +202,7 @@ def run_search(
             seconds=outcome.seconds or (clock() - started),
             pruned=outcome.pruned,
             ablation=describe(values) if describe else {},
+            origin=trial.user_attrs.get("origin"),
         )
         for key, value in (
             ("number", result.number),

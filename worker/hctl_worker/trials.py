@@ -92,6 +92,9 @@ class Trial(BaseModel):
     # keeps in its journal and results files to export the trial exactly. It is the worker's
     # business, so events and other serialisations leave it out.
     ablation: dict[str, float | None] = Field(default_factory=dict, exclude=True)
+    # Where the point came from when it was not the sampler's own draw: "canonical" for classic
+    # abliteration (one direction, every layer at weight 1), run before the search proper.
+    origin: str | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -1,8 +1,8 @@
 """The workbench: what every trial of a job needs, prepared once.
 
 Prompts → model → batch size → refusal directions → scorers and baseline (prompts first: they
-fail fast). The directions are cached in the job directory, so a resumed job does not compute
-them again.
+fail fast). The directions, and where refusal is read and written (one pass over the direction
+prompts), are cached in the job directory, so a resumed job does not compute them again.
 """
 
 from __future__ import annotations
@@ -15,16 +15,24 @@ from dataclasses import dataclass
 import torch
 
 from hctl_worker.ablation import Ablator
+from hctl_worker.architecture import COMPONENTS
 from hctl_worker.batching import find_batch_size
-from hctl_worker.directions import last_token_residuals, layer_separation, refusal_directions
+from hctl_worker.directions import (
+    last_token_activations,
+    layer_separation,
+    refusal_directions,
+    written_along,
+)
 from hctl_worker.evaluation import EvaluationPrompts, Evaluator
 from hctl_worker.events import BaselineEvent
 from hctl_worker.job_directory import JobPaths, read_cached_directions, write_cached_directions
 from hctl_worker.model import LoadedModel, load_model
+from hctl_worker.priors import RefusalProfile
 from hctl_worker.prompts import PromptSets, load_prompt_sets
 from hctl_worker.reporter import Reporter
 from hctl_worker.scorers import Scoring, build_scoring
 from hctl_worker.settings import WorkerSettings
+from hctl_worker.startup import CANONICAL_DIRECTIONS
 from hctl_worker.trials import Score, Trial
 
 
@@ -37,7 +45,7 @@ class Workbench:
     scoring: Scoring
     baseline: dict[str, Score]
     ablator: Ablator
-    separation: list[float]
+    profile: RefusalProfile  # where refusal is read and written, for the search's first trials
 
     def score(
         self, refusal_limit: Callable[[float], int | None] | None = None
@@ -67,7 +75,7 @@ def prepare(settings: WorkerSettings, paths: JobPaths, reporter: Reporter) -> Wo
         stage.result = f"batch size {batch_size}"
 
     with reporter.stage("directions") as stage:
-        directions, separation, cached = directions_for(
+        measured = directions_for(
             paths,
             loaded,
             loaded.template(prompts.good, system_prompt),
@@ -76,14 +84,21 @@ def prepare(settings: WorkerSettings, paths: JobPaths, reporter: Reporter) -> Wo
             batch_size,
             on_progress=stage.progress,
         )
+        profile = refusal_profile(measured)
         stage.result = (
-            ("from cache; " if cached else "")
+            ("from cache; " if measured.cached else "")
             + "separation per layer "
-            + ", ".join(f"{value:.2f}" for value in separation.tolist())
+            + ", ".join(f"{value:.2f}" for value in profile.separation)
         )
+    best = profile.best_layers(CANONICAL_DIRECTIONS)
+    reporter.log(
+        "refusal is read best at the output of layer "
+        + ", ".join(f"{layer} ({profile.separation[layer + 1]:.2f})" for layer in best)
+        + (f"; {profile.describe(best[0])}" if best else "")
+    )
 
     with reporter.stage("baseline") as stage:
-        ablator = Ablator(loaded, directions, row_normalization=settings.row_normalization)
+        ablator = Ablator(loaded, measured.directions, row_normalization=settings.row_normalization)
         scoring = build_scoring(settings, loaded)
         evaluator = evaluator_for(
             settings, loaded, prompts, scoring, batch_size, ablator.unchanged_layers
@@ -98,7 +113,7 @@ def prepare(settings: WorkerSettings, paths: JobPaths, reporter: Reporter) -> Wo
         scoring=scoring,
         baseline=baseline,
         ablator=ablator,
-        separation=separation.tolist(),
+        profile=profile,
     )
 
 
@@ -171,6 +186,16 @@ def load(settings: WorkerSettings, reporter: Reporter) -> LoadedModel:
     return loaded
 
 
+@dataclass
+class Measurements:
+    """What one pass over the direction prompts gives (see directions.py)."""
+
+    directions: torch.Tensor  # [n_layers + 1, hidden]
+    separation: torch.Tensor  # [n_layers + 1]
+    writes: torch.Tensor  # [n_layers, components, hidden], harmful minus harmless means
+    cached: bool = False
+
+
 def directions_for(
     paths: JobPaths,
     loaded: LoadedModel,
@@ -179,20 +204,44 @@ def directions_for(
     settings: WorkerSettings,
     batch_size: int,
     on_progress: Callable[[int, int], None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Refusal directions and per-layer separation, from the job's cache when it matches."""
+) -> Measurements:
+    """Refusal directions, per-layer separation and writes, from the job's cache when it matches."""
     key = _directions_key(loaded.source, good_texts, bad_texts, settings.orthogonalize_direction)
     cached = read_cached_directions(paths, key)
     if cached is not None:
-        return cached[0], cached[1], True
-    bad = last_token_residuals(loaded, bad_texts, batch_size)
+        return Measurements(**cached, cached=True)
+    bad = last_token_activations(loaded, bad_texts, batch_size)
     if on_progress:
         on_progress(len(bad_texts), len(bad_texts) + len(good_texts))
-    good = last_token_residuals(loaded, good_texts, batch_size)
-    directions = refusal_directions(bad, good, orthogonalize=settings.orthogonalize_direction)
-    separation = layer_separation(bad, good)
-    write_cached_directions(paths, key, loaded.source, directions, separation)
-    return directions, separation, False
+    good = last_token_activations(loaded, good_texts, batch_size)
+    measured = Measurements(
+        directions=refusal_directions(
+            bad.residuals, good.residuals, orthogonalize=settings.orthogonalize_direction
+        ),
+        separation=layer_separation(bad.residuals, good.residuals),
+        writes=(bad.writes - good.writes).to(torch.float32),
+    )
+    write_cached_directions(
+        paths,
+        key,
+        loaded.source,
+        {
+            "directions": measured.directions,
+            "separation": measured.separation,
+            "writes": measured.writes,
+        },
+    )
+    return measured
+
+
+def refusal_profile(measured: Measurements) -> RefusalProfile:
+    """The measurements as the search's priors read them (plain numbers)."""
+    written = written_along(measured.writes, measured.directions).tolist()
+    return RefusalProfile(
+        separation=tuple(float(value) for value in measured.separation.tolist()),
+        written=tuple(tuple(tuple(layer) for layer in per_direction) for per_direction in written),
+        components=COMPONENTS,
+    )
 
 
 def _directions_key(

@@ -106,8 +106,11 @@ def pareto_rows(front: list[Trial], *, chosen: int | None = None) -> list[list[C
     rows: list[list[Cell]] = []
     for trial in front:
         params = " ".join(
-            f"{name.rsplit('.', 1)[-1]}={value:.2f}" if isinstance(value, float) else f"{value}"
-            for name, value in list(trial.params.items())[:3]
+            ([trial.origin] if trial.origin else [])
+            + [
+                f"{name.rsplit('.', 1)[-1]}={value:.2f}" if isinstance(value, float) else f"{value}"
+                for name, value in list(trial.params.items())[:3]
+            ]
         )
         rows.append(
             [
@@ -169,9 +172,10 @@ def event_line(event: object, progress: JobProgress, money: Money | None = None)
         money_text = ""
         if money is not None:
             money_text = f" | ETA {format_duration(money.eta_seconds or 0)} | spent {format_money(money.spent)}"
+        origin = f" ({event.origin})" if event.origin else ""
         return (
             f"trial {event.number}/{event.n_trials}: {describe_scores(event)}{note}, "
-            f"{event.seconds:.1f}s{best_text}{money_text}"
+            f"{event.seconds:.1f}s{origin}{best_text}{money_text}"
         )
     if isinstance(event, LogEvent):
         if event.level in {"warning", "error"}:
