@@ -29,6 +29,7 @@ from hctl_worker.directions import last_token_residuals, layer_separation, refus
 from hctl_worker.evaluation import EvaluationPrompts, Evaluator
 from hctl_worker.generation import encode_texts, generate
 from hctl_worker.model import load_model
+from hctl_worker.priors import RefusalProfile
 from hctl_worker.scorers import Scoring, build_scoring
 from hctl_worker.settings import WorkerSettings
 from hctl_worker.trials import Trial
@@ -190,10 +191,10 @@ def _rate(trial: Trial, name: str) -> float:
 
 
 def best_separating_layers(separation: Sequence[float], count: int) -> list[int]:
-    """The `count` layers whose outputs separate best, best first (a direction's index is the
-    layer whose output it is read from: hidden state k + 1)."""
-    layers = sorted(range(len(separation) - 1), key=lambda layer: -separation[layer + 1])
-    return layers[:count]
+    """The layers whose directions the worker's canonical trials use: the best-separating
+    layer, then the best of shallower depths (`RefusalProfile.best_layers`)."""
+    profile = RefusalProfile(tuple(separation), written=(), components=())
+    return profile.best_layers(count)
 
 
 def greedy_replies(
