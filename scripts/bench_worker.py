@@ -16,6 +16,7 @@ seconds per trial compare directly:
     python scripts/bench_worker.py --model PATH --device cuda --trials 30 --json out.json
     python scripts/bench_worker.py --scorers default classifier+mtkl --classifier PATH
     python scripts/bench_worker.py --end-to-end          # also time `hctl-worker run`, if present
+    python scripts/bench_worker.py --workers 1,2 --trials 40   # one search, 1 then 2 workers
 
 The default settings copy the heretic baseline (shared/reference/heretic-baseline.md): float32,
 batch 32, 16-token replies, 30 trials, system prompt "You are a helpful assistant.", the
@@ -57,6 +58,7 @@ from hctl_worker.pruning import PruningBar  # noqa: E402
 from hctl_worker.scorers import Scoring, build_scoring  # noqa: E402
 from hctl_worker.settings import WorkerSettings  # noqa: E402
 from hctl_worker.trials import Trial  # noqa: E402
+from scripts import worker_scaling  # noqa: E402
 
 FIXTURE = REPO / "tests" / "fixtures" / "tiny-refuser"
 CLASSIFIER = REPO / "tests" / "fixtures" / "tiny-refusal-classifier"
@@ -388,28 +390,11 @@ def end_to_end(arguments: argparse.Namespace) -> dict | None:
     if help_text.returncode != 0:
         return {"skipped": "hctl-worker run is not available yet"}
     with tempfile.TemporaryDirectory() as scratch:
-        config = Path(scratch) / "config.toml"
-        prompts = FIXTURE / "prompts"
-        config.write_text(
-            "\n".join(
-                [
-                    f'model = "{FIXTURE}"',
-                    'dtypes = ["float32"]',
-                    'device_map = "cpu"',
-                    f"batch_size = {arguments.batch_size}",
-                    f"max_response_length = {arguments.max_response_length}",
-                    f"n_trials = {arguments.trials}",
-                    "n_startup_trials = 10",
-                    "seed = 1",
-                    f'system_prompt = "{SYSTEM_PROMPT}"',
-                    f'[good_prompts]\ndataset = "{prompts / "harmless_train.txt"}"',
-                    f'[bad_prompts]\ndataset = "{prompts / "harmful_train.txt"}"',
-                    f'[good_evaluation_prompts]\ndataset = "{prompts / "harmless_test.txt"}"',
-                    f'[bad_evaluation_prompts]\ndataset = "{prompts / "harmful_test.txt"}"',
-                ]
-            )
-            + "\n"
-        )
+        config = worker_scaling.fixture_config(
+            Path(scratch) / "config.toml", batch_size=arguments.batch_size,
+            max_response_length=arguments.max_response_length, n_trials=arguments.trials,
+            system_prompt=SYSTEM_PROMPT,
+        )  # fmt: skip
         started = time.perf_counter()
         completed = subprocess.run(
             [
@@ -579,12 +564,28 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--classifier", default=str(CLASSIFIER), help="refusal classifier")
     parser.add_argument("--kl-tokens", type=int, default=16, help="MultiTokenKL tokens")
     parser.add_argument("--json", default="", help="write the results here")
+    parser.add_argument(
+        "--workers",
+        default="",
+        help="e.g. 1,2: only time one search run by that many hctl-worker processes each "
+        "(one thread or one GPU each; see worker_scaling.py)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     sys.path.insert(0, str(REPO / "scripts"))
     arguments = parse_arguments(argv)
+    if arguments.workers:
+        counts = [int(count) for count in arguments.workers.split(",")]
+        results = {"workers": worker_scaling.measure(
+            counts, n_trials=arguments.trials, batch_size=arguments.batch_size,
+            max_response_length=arguments.max_response_length, system_prompt=SYSTEM_PROMPT,
+            model=Path(arguments.model) if arguments.model else FIXTURE, device=arguments.device,
+        )}  # fmt: skip
+        if arguments.json:
+            Path(arguments.json).write_text(json.dumps(results, indent=2) + "\n")
+        return 0
     results = bench(arguments)
     if arguments.end_to_end:
         results["end_to_end"] = end_to_end(arguments)

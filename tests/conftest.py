@@ -85,5 +85,6 @@ def smollm2_refuser(real_models: dict[str, Path]) -> Path:
     return real_models["refuser"]
 
 
-# The stand-ins' fixtures (RunPod emulator, sshd pod) are shared by the controller and e2e tests.
-pytest_plugins = ["tests.standins.runpod", "tests.standins.sshd"]
+# The stand-ins' fixtures (RunPod emulator, sshd pod,
+# PostgreSQL) are shared by the controller and e2e tests.
+pytest_plugins = ["tests.standins.runpod", "tests.standins.sshd", "tests.standins.postgres"]

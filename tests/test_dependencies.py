@@ -75,20 +75,28 @@ def third_party_imports(folder: Path) -> dict[str, str]:
         tree = ast.parse(path.read_text(encoding="utf-8"))
         guarded = _guarded(tree)
         for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                modules = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                modules = [node.module]
-            else:
+            if getattr(node, "lineno", None) in guarded:
                 continue
-            if node.lineno in guarded:
-                continue
-            for module in modules:
-                top = module.split(".")[0]
-                if top in sys.stdlib_module_names or top in FIRST_PARTY or top == "__future__":
-                    continue
+            for top in _third_party(node):
                 found.setdefault(top, str(path.relative_to(REPO_ROOT)))
     return found
+
+
+def _third_party(node: ast.AST) -> set[str]:
+    """The top-level modules of other distributions an import statement names (none for any
+    other node, and for the standard library, this project and relative imports)."""
+    if isinstance(node, ast.Import):
+        modules = [alias.name for alias in node.names]
+    elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        modules = [node.module]
+    else:
+        return set()
+    tops = {module.split(".")[0] for module in modules}
+    return {
+        top
+        for top in tops
+        if top not in sys.stdlib_module_names and top not in FIRST_PARTY and top != "__future__"
+    }
 
 
 def undeclared(folder: Path, declared: set[str]) -> list[str]:
@@ -120,15 +128,7 @@ def test_the_worker_modules_the_controller_imports_need_no_extra() -> None:
     for name in SHARED_MODULES:
         tree = ast.parse((REPO_ROOT / "worker" / "hctl_worker" / f"{name}.py").read_text())
         for node in tree.body:
-            if isinstance(node, ast.Import):
-                modules = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                modules = [node.module]
-            else:
-                continue
-            for top in {module.split(".")[0] for module in modules}:
-                if top in sys.stdlib_module_names or top in FIRST_PARTY or top == "__future__":
-                    continue
+            for top in _third_party(node):
                 provided = {_canonical(item) for item in providers.get(top, [])}
                 assert provided & declared, f"worker/hctl_worker/{name}.py imports {top}"
 

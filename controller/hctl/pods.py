@@ -247,6 +247,7 @@ def plan_pod(
     settings: Settings,
     *,
     gpu: str | None = None,
+    gpu_count: int = 1,
     image: str | None = None,
     container_disk_gb: int | None = None,
     volume_gb: int | None = None,
@@ -308,6 +309,7 @@ def plan_pod(
     spec = PodSpec(
         name=pod_name,
         gpu_type_id=gpu_type.id,
+        gpu_count=gpu_count,
         image=image,
         container_disk_gb=container_disk_gb,
         volume_gb=volume_gb,

@@ -30,25 +30,20 @@ venv, which is never modified (pip refuses to uninstall outside its own environm
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import importlib.metadata
 import json
 import shlex
 import sys
-import zipfile
 from collections.abc import Callable
-from pathlib import Path
 
 from pydantic import BaseModel, Field
 
 import hctl
 from hctl.errors import JobError, RemoteError
 from hctl.remote.base import Remote
-from hctl.settings import Settings, hctl_home
+from hctl.settings import Settings
+from hctl.wheel import BUILD_ID_FILE, build_id, build_wheel
 
 MessageCallback = Callable[[str], None]
-BUILD_ID_FILE = "hctl_build_id"
 MIN_PYTHON = (3, 10)
 MIN_TORCH = (2, 2)
 MIN_TRANSFORMERS = (4, 55, 2)
@@ -120,7 +115,7 @@ def v(name):
         return None
 build = None
 try:
-    build = (m.distribution("hctl").read_text("hctl_build_id") or "").strip() or None
+    build = (m.distribution("hctl").read_text(BUILD_ID_FILE) or "").strip() or None
 except Exception:
     pass
 cuda = None
@@ -166,7 +161,7 @@ def probe_command(base_python: str | None, volume: str) -> str:
     hctl's folder on the machine is `<volume>/hctl` when the volume exists, else `~/hctl`; the
     worker's venv lives in it.
     """
-    code = shlex.quote(_PYTHON_PROBE)
+    code = shlex.quote(_PYTHON_PROBE.replace("BUILD_ID_FILE", repr(BUILD_ID_FILE)))
     disk = shlex.quote(_DISK_PROBE)
     quoted_volume = shlex.quote(volume)
     candidates = shlex.quote(base_python) if base_python else "python3 python"
@@ -225,74 +220,6 @@ def worker_problems(python: PythonProbe, build_id: str) -> list[str]:
     if not python.accelerate:
         problems.append("accelerate missing")
     return problems
-
-
-# --- The wheel ------------------------------------------------------------------------------
-
-
-def _package_files() -> list[tuple[str, Path]]:
-    """(path inside the wheel, file on disk) for every file of `hctl` and `hctl_worker`."""
-    import hctl_worker
-
-    files = []
-    for package in (hctl, hctl_worker):
-        root = Path(package.__file__).resolve().parent
-        for path in sorted(root.rglob("*")):
-            if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
-                files.append((f"{root.name}/{path.relative_to(root).as_posix()}", path))
-    return files
-
-
-def build_id() -> str:
-    """A hash of the controller's and worker's files: changes with any edit of the code."""
-    digest = hashlib.sha256()
-    for name, path in _package_files():
-        digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
-
-
-def _entry_points_text(distribution: importlib.metadata.Distribution) -> str:
-    groups: dict[str, list[str]] = {}
-    for entry in distribution.entry_points:
-        groups.setdefault(entry.group, []).append(f"{entry.name} = {entry.value}")
-    return "".join(
-        f"[{group}]\n" + "\n".join(lines) + "\n\n" for group, lines in sorted(groups.items())
-    )
-
-
-def build_wheel(destination: Path | None = None) -> Path:
-    """A wheel of this controller's exact files (cached by build id); returns its path."""
-    distribution = importlib.metadata.distribution("hctl")
-    version = hctl.__version__
-    identity = build_id()
-    folder = destination if destination is not None else hctl_home() / "wheels" / identity
-    wheel = folder / f"hctl-{version}-py3-none-any.whl"
-    if wheel.exists():
-        return wheel
-    folder.mkdir(parents=True, exist_ok=True)
-    dist_info = f"hctl-{version}.dist-info"
-    metadata = distribution.metadata.as_string()  # type: ignore[attr-defined]
-    generated = {
-        f"{dist_info}/METADATA": metadata.encode(),
-        f"{dist_info}/WHEEL": (
-            b"Wheel-Version: 1.0\nGenerator: hctl-setup\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
-        ),
-        f"{dist_info}/entry_points.txt": _entry_points_text(distribution).encode(),
-        f"{dist_info}/top_level.txt": b"hctl\nhctl_worker\n",
-        f"{dist_info}/{BUILD_ID_FILE}": identity.encode() + b"\n",
-    }
-    records = []
-    partial = wheel.with_suffix(".part")
-    with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        entries = [(name, path.read_bytes()) for name, path in _package_files()]
-        for name, data in [*entries, *generated.items()]:
-            archive.writestr(name, data)
-            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=")
-            records.append(f"{name},sha256={digest.decode()},{len(data)}")
-        records.append(f"{dist_info}/RECORD,,")
-        archive.writestr(f"{dist_info}/RECORD", "\n".join(records) + "\n")
-    partial.replace(wheel)
-    return wheel
 
 
 # --- Installing -----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -411,3 +412,23 @@ def test_max_hours_is_a_deadline_someone_keeps(
         os.kill(pid, 0)  # running, in its own session: this command has ended
     finally:
         stop_watchdog(volume / "hctl")
+
+
+def test_max_hours_on_a_pod_hctl_cannot_reach_ends_terminated_and_says_so(
+    emulator: RunPodEmulator, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """REST v2: the deadline needs the pod's own watchdog, started over SSH. A pod whose SSH
+    cannot be reached would bill with no deadline: it is terminated, and the error says so."""
+    with socket.socket() as probe:  # a port nothing listens on: connections are refused at once
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    emulator.route_ssh(direct=("127.0.0.1", closed_port))
+    monkeypatch.setenv("HCTL_SSH_PROXY_HOST", "127.0.0.1")
+    monkeypatch.setenv("HCTL_SSH_PROXY_PORT", str(closed_port))
+    monkeypatch.setenv("HCTL_VOLUME_PATH", str(tmp_path / "volume"))
+    result = hctl("create-pod", "--yes", "--max-hours", "2")
+    if emulator.api == "graphql":  # RunPod keeps the deadline itself: no SSH needed
+        assert result.exit_code == 0, result.output
+        return
+    assert_clean_error(result, 6, "--max-hours watchdog", "Terminated hctl-", "not billing")
+    assert emulator.pods == []  # the pod table: terminated, nothing left billing

@@ -8,12 +8,8 @@ from pathlib import Path
 import pytest
 
 from hctl.errors import ConnectionLostError
-from hctl.services.follow import (
-    STATUS_MARK,
-    Follower,
-    RemoteJobChannel,
-    parse_read_output,
-)
+from hctl.services.follow import Follower, RemoteJobChannel
+from hctl.services.job_protocol import STATUS_MARK, parse_read_output
 from hctl_worker.events import EventWriter, TrialEvent, encode
 from tests.e2e.fakes import ShellRemote
 

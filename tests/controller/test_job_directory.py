@@ -1,7 +1,7 @@
 """One worker per job directory, and a cancel that really stops it.
 
 A stand-in worker (a small Python program that ignores SIGTERM, as a worker deep inside one long
-computation does) is started the way hctl starts workers (`launch.launch_command`, detached).
+computation does) is started the way hctl starts workers (`job_protocol.launch_command`, detached).
 `hctl cancel` must end it and say how; a second `hctl run` on its job directory must be refused
 before anything starts; and a second writer of a job's events is refused before it writes.
 """
@@ -18,12 +18,10 @@ from typer.testing import CliRunner
 
 from hctl.cli import app
 from hctl.remote.local import LocalRemote
-from hctl.services import launch, runs, stopping
+from hctl.services import job_protocol, runs, stopping
 from hctl.services.jobs import JobRecord, JobStore
 from hctl.services.toolkit import default_toolkit
 from hctl.settings import load_settings
-from hctl_worker.cli import app as worker_app
-from hctl_worker.errors import JobDirectoryError
 from hctl_worker.events import EventWriter, LogEvent, read_events
 from tests.conftest import REPO_ROOT
 
@@ -33,7 +31,8 @@ STUBBORN_WORKER = """\
 import os, pathlib, signal, sys, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 job = pathlib.Path(sys.argv[sys.argv.index("--job-dir") + 1])
-(job / "worker.pid").write_text(str(os.getpid()))
+(job / "workers").mkdir(exist_ok=True)
+(job / "workers" / "1.pid").write_text(str(os.getpid()))
 time.sleep(300)
 """
 
@@ -54,8 +53,8 @@ def stubborn_job(tmp_path: Path):  # noqa: ANN201
     script = tmp_path / "stubborn.py"
     script.write_text(STUBBORN_WORKER)
     worker = f"{sys.executable} {script}"
-    LocalRemote().run(launch.launch_command(worker, str(job_dir)), timeout=30)
-    pid_file = job_dir / "worker.pid"
+    LocalRemote().run(job_protocol.launch_command(worker, str(job_dir)), timeout=30)
+    pid_file = job_dir / "workers" / "1.pid"
     deadline = time.monotonic() + 30
     while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -94,32 +93,14 @@ def test_a_second_run_on_a_busy_job_directory_is_refused_before_it_starts(stubbo
     assert alive(pid)  # the running worker was left alone
 
 
-def test_only_one_writer_holds_a_jobs_events(tmp_path: Path) -> None:
+def test_workers_sharing_a_job_write_one_stream_of_events(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
-    first = EventWriter(path)
+    first, second = EventWriter(path, "1"), EventWriter(path, "2")
     first.emit(LogEvent(message="one"))
-    with pytest.raises(JobDirectoryError, match="another worker"):
-        EventWriter(path)
-    first.emit(LogEvent(message="two"))
-    first.close()
-    with EventWriter(path) as successor:
-        successor.emit(LogEvent(message="three"))
+    second.emit(LogEvent(message="two"))
+    first.emit(LogEvent(message="three"))
+    with EventWriter(path, "1") as successor:  # a worker started again continues the stream
+        successor.emit(LogEvent(message="four"))
     events, _ = read_events(path)
-    assert [event.seq for event in events] == [0, 1, 2]
-
-
-@pytest.mark.worker  # the worker's run command needs the worker extra
-def test_a_second_worker_on_a_job_is_refused_and_writes_no_event(tmp_path: Path) -> None:
-    job_dir = tmp_path / "job"
-    holder = EventWriter(job_dir / "events.jsonl")  # the first worker, busy
-    holder.emit(LogEvent(message="working"))
-    try:
-        result = CliRunner().invoke(
-            worker_app, ["run", "--job-dir", str(job_dir), "--model", TINY, "--n-trials", "2"]
-        )
-    finally:
-        holder.close()
-    assert result.exit_code == 2, result.output
-    assert "another worker" in result.output and "hint:" in result.output
-    events, _ = read_events(job_dir / "events.jsonl")
-    assert [event.seq for event in events] == [0]  # nothing written by the refused worker
+    assert [event.seq for event in events] == [0, 1, 2, 3]
+    assert [event.worker for event in events] == ["1", "2", "1", "1"]

@@ -11,8 +11,9 @@ import pytest
 
 from hctl.providers.base import PodSpec
 from hctl.providers.runpod import RunPodRestProvider
+from hctl.services.job_protocol import SECRETS_FILE, launch_command, self_stop_command
 from hctl.services.jobs import JobRecord, JobStore
-from hctl.services.launch import SECRETS_FILE, launch_command, self_stop_command, start_worker
+from hctl.services.launch import start_worker
 from hctl.services.toolkit import Toolkit, WorkerHandle
 from hctl.settings import load_settings
 from tests.e2e.fakes import FakeProvider, ShellRemote

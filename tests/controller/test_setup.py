@@ -13,6 +13,7 @@ import pytest
 
 import hctl
 from hctl import setup
+from hctl import wheel as worker_wheel
 from hctl.errors import JobError
 from hctl.remote.direct import DirectRemote
 from hctl.remote.proxy import ProxyRemote
@@ -22,7 +23,7 @@ from tests.standins.sshd import SshdServer
 
 
 def test_the_wheel_holds_both_packages_metadata_and_a_valid_record(tmp_path: Path) -> None:
-    wheel = setup.build_wheel(tmp_path)
+    wheel = worker_wheel.build_wheel(tmp_path)
     assert wheel.name == f"hctl-{hctl.__version__}-py3-none-any.whl"
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
@@ -36,7 +37,10 @@ def test_the_wheel_holds_both_packages_metadata_and_a_valid_record(tmp_path: Pat
             "hctl-worker = hctl_worker.cli:main"
             in archive.read(f"{info}/entry_points.txt").decode()
         )
-        assert archive.read(f"{info}/{setup.BUILD_ID_FILE}").decode().strip() == setup.build_id()
+        assert (
+            archive.read(f"{info}/{worker_wheel.BUILD_ID_FILE}").decode().strip()
+            == worker_wheel.build_id()
+        )
         for line in archive.read(f"{info}/RECORD").decode().splitlines():
             name, digest, size = line.split(",")
             if not digest:
@@ -59,7 +63,7 @@ def probe(**fields: object) -> setup.PythonProbe:
 
 
 def test_what_makes_a_worker_unusable() -> None:
-    build = setup.build_id()
+    build = worker_wheel.build_id()
     assert setup.worker_problems(probe(), build) == []
     assert setup.worker_problems(probe(build_id=build), build) == []
     assert "different build" in setup.worker_problems(probe(build_id="other"), build)[0]

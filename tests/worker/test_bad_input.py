@@ -153,3 +153,34 @@ def test_a_trial_the_search_never_reaches_is_refused_before_loading(
     assert code == 2 and "no trial 4" in stderr and "1 to 3" in event.hint
     events, _ = read_events(job_dir / EVENTS_FILE)
     assert not [item for item in events if getattr(item, "stage", None) == "loading"]
+
+
+def test_a_storage_that_is_not_postgresql_is_refused(
+    tmp_path: Path, prompts: dict, job_dir: Path
+) -> None:
+    config = write_config(tmp_path / "config.toml", str(FIXTURE_MODEL), prompts)
+    code, stderr, event = run_failing(
+        job_dir, "--config", str(config), "--storage", "mysql://user@127.0.0.1/db"
+    )
+    assert code == 6 and "not a PostgreSQL URL" in stderr and event.kind == "StorageError"
+
+
+def test_an_unreachable_database_is_named_without_its_password(
+    tmp_path: Path, prompts: dict, job_dir: Path
+) -> None:
+    config = write_config(tmp_path / "config.toml", str(FIXTURE_MODEL), prompts)
+    url = "postgresql://hctl:sekret-word@127.0.0.1:1/hctl_job"
+    code, stderr, _ = run_failing(job_dir, "--config", str(config), "--storage", url)
+    assert code == 6 and "cannot use the study database" in stderr and "PGPASSWORD" in stderr
+    assert "postgresql://hctl:***@127.0.0.1:1/hctl_job" in stderr
+    for path in [*job_dir.rglob("*")]:
+        if path.is_file():
+            assert b"sekret-word" not in path.read_bytes(), path
+
+
+def test_a_worker_name_that_could_name_another_file_is_refused(
+    tmp_path: Path, prompts: dict, job_dir: Path
+) -> None:
+    config = write_config(tmp_path / "config.toml", str(FIXTURE_MODEL), prompts)
+    code, stderr, _ = run_failing(job_dir, "--config", str(config), "--worker", "../x")
+    assert code == 2 and "not a worker name" in stderr

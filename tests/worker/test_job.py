@@ -1,4 +1,4 @@
-"""The job directory: settings kept across restarts, one worker at a time, stage events."""
+"""The job directory: settings kept across restarts, one worker per name, stage events."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from hctl_worker.events import EVENTS_FILE, StageEvent, read_events
 from hctl_worker.job_directory import (
     JobPaths,
     open_job_directory,
-    pid_file,
     read_front,
     reconcile_settings,
     stored_settings,
+    worker_slot,
 )
 from hctl_worker.reporter import Reporter
 from hctl_worker.settings import WorkerSettings
@@ -59,30 +59,39 @@ def started(command: list[str]) -> subprocess.Popen:
     return process
 
 
-def test_a_second_live_worker_on_the_same_job_is_refused(tmp_path: Path) -> None:
+def test_workers_on_one_job_get_their_own_names_and_a_taken_name_is_refused(
+    tmp_path: Path,
+) -> None:
     paths = open_job_directory(tmp_path / "job")
-    # A live process that looks like a worker (its command line names hctl_worker).
+    paths.workers.mkdir()
+    # A live process that looks like a worker (its command line names hctl_worker) holds "1".
     other = started([sys.executable, "-c", SLEEPER, "hctl_worker"])
     try:
-        paths.pid.write_text(f"{other.pid}\n")
-        with pytest.raises(JobDirectoryError, match=str(other.pid)), pid_file(paths):
+        paths.pid("1").write_text(f"{other.pid}\n")
+        with worker_slot(paths) as name:
+            assert name == "2" and paths.pid("2").read_text().strip() == str(os.getpid())
+        with pytest.raises(JobDirectoryError, match=str(other.pid)), worker_slot(paths, "1"):
             pass
     finally:
         other.kill()
         other.wait()
-    # A stale pid (that process is gone) is taken over, and cleaned up afterwards.
-    with pid_file(paths):
-        assert paths.pid.read_text().strip() == str(os.getpid())
-    assert not paths.pid.exists()
+    # A stale pid (that process is gone) is taken over, and cleaned up afterwards: a worker
+    # started again takes its predecessor's name.
+    with worker_slot(paths) as name:
+        assert name == "1" and paths.pid("1").read_text().strip() == str(os.getpid())
+    assert not paths.pid("1").exists()
+    with pytest.raises(JobDirectoryError, match="not a worker name"), worker_slot(paths, "../x"):
+        pass
 
 
 def test_a_pid_reused_by_another_program_is_not_a_worker(tmp_path: Path) -> None:
     paths = open_job_directory(tmp_path / "job")
+    paths.workers.mkdir()
     other = started([sys.executable, "-c", SLEEPER])
     try:
-        paths.pid.write_text(f"{other.pid}\n")
-        with pid_file(paths):
-            assert paths.pid.read_text().strip() == str(os.getpid())
+        paths.pid("1").write_text(f"{other.pid}\n")
+        with worker_slot(paths, "1"):
+            assert paths.pid("1").read_text().strip() == str(os.getpid())
     finally:
         other.kill()
         other.wait()

@@ -14,7 +14,8 @@ import pytest
 
 from tests.realmodels import read_prompts, script_module
 
-# The measuring fixture (directions, held-out replies) took over 600 s on a loaded 2-core machine.
+# A 135M model generating a few hundred replies on two CPU threads: minutes, more on a busy
+# machine; the limit guards against a hang, not for speed.
 pytestmark = [pytest.mark.real, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 torch = pytest.importorskip("torch")

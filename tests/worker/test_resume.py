@@ -112,7 +112,7 @@ def test_a_killed_worker_restarts_without_duplicates(tmp_path: Path) -> None:
             break
     worker.send_signal(signal.SIGKILL)  # no chance to clean up: mid-trial 3
     worker.wait(timeout=30)
-    assert (job_dir / "worker.pid").exists()  # left behind by the killed worker
+    assert (job_dir / "workers" / "1.pid").exists()  # left behind by the killed worker
 
     events = run_events("--config", str(config), "--job-dir", str(job_dir), "--n-trials", "4")
 
@@ -128,7 +128,7 @@ def test_a_killed_worker_restarts_without_duplicates(tmp_path: Path) -> None:
         event for event in read_events(job_dir / EVENTS_FILE)[0] if isinstance(event, StartEvent)
     ]
     assert len(start_events) == 2
-    assert not (job_dir / "worker.pid").exists()
+    assert not (job_dir / "workers" / "1.pid").exists()
 
 
 def test_a_trial_in_the_journal_without_its_event_is_reported_once_on_restart(

@@ -1,13 +1,18 @@
 """The `hctl-worker` command line: run (or continue) a job, list its Pareto front, export, chat.
 
 ```
-hctl-worker run --config FILE --job-dir DIR [--events] [--n-trials N] [--model M] [--set KEY=VALUE]
+hctl-worker run --config FILE --job-dir DIR [--storage URL] [--worker NAME] [--events] [--n-trials N]
+                [--model M] [--set KEY=VALUE]
 hctl-worker pareto --job-dir DIR [--json]
 hctl-worker export --job-dir DIR --trial K [--save-directory DIR] [--upload-repo USER/NAME]
 hctl-worker evaluate --job-dir DIR --trial K [--events]
 hctl-worker chat MODEL_DIR
 hctl-worker version | --version
 ```
+
+Several workers may run one search: on one job directory (they share its journal), or each on
+its own job directory with `--storage postgresql://USER@HOST:PORT/DATABASE` (the password in
+PGPASSWORD, never on the command line).
 
 Commands are thin: parse, call one function of `pipeline` / `export`, render. Every expected failure
 is a WorkerError, printed as `error: ...` and `hint: ...` on stderr with its exit code (and, for
@@ -130,6 +135,20 @@ def run(
     events: Annotated[
         bool, typer.Option("--events", help="Print events as JSON lines instead of a live view.")
     ] = False,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            "--storage",
+            help="Share the study with workers on other machines: postgresql://USER@HOST:PORT/DB "
+            "(password in PGPASSWORD). Default: the journal in the job directory.",
+        ),
+    ] = None,
+    worker: Annotated[
+        str | None,
+        typer.Option(
+            "--worker", help="This worker's name in the job (default: the lowest free number)."
+        ),
+    ] = None,
     model: Annotated[str | None, typer.Option(help="Hub id or local folder.")] = None,
     n_trials: Annotated[int | None, typer.Option(help="Finished trials to reach.")] = None,
     n_startup_trials: Annotated[int | None, typer.Option(help="Random trials first.")] = None,
@@ -180,13 +199,17 @@ def run(
             _record_failure(job_dir, error, listener)
             raise
         with _stop_on_sigterm():
-            _run_with_view(lambda listeners: _run_job(settings, job_dir, listeners), listener)
+            _run_with_view(
+                lambda listeners: _run_job(settings, job_dir, listeners, storage, worker), listener
+            )
 
 
-def _run_job(settings: Any, job_dir: Path, listeners: list) -> None:
+def _run_job(
+    settings: Any, job_dir: Path, listeners: list, storage: str | None, worker: str | None
+) -> None:
     from hctl_worker.pipeline import run_job
 
-    run_job(settings, job_dir, listeners)
+    run_job(settings, job_dir, listeners, storage_url=storage, worker=worker)
 
 
 def _record_failure(job_dir: Path, error: WorkerError, listener: Callable | None) -> None:

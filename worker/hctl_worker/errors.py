@@ -14,7 +14,8 @@ HctlError                        message + hint; exit code 1 unless a subclass s
     │   └── NoChatTemplateError  a tokenizer without a chat template                         (exit 3)
     ├── OutOfMemoryError         the GPU (or CPU) ran out of memory                          (exit 4)
     ├── JobDirectoryError        a job directory that cannot be used                         (exit 2)
-    └── ExportError              saving or uploading the chosen model failed                 (exit 5)
+    ├── ExportError              saving or uploading the chosen model failed                 (exit 5)
+    └── StorageError             the study's database cannot be reached or used              (exit 6)
 ```
 
 torch, transformers and huggingface_hub exceptions are translated into these where they enter
@@ -77,3 +78,7 @@ class JobDirectoryError(WorkerError):
 
 class ExportError(WorkerError):
     exit_code = 5
+
+
+class StorageError(WorkerError):
+    exit_code = 6

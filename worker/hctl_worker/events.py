@@ -5,8 +5,14 @@ The controller reads that file by byte offset: it asks for the bytes after the l
 has seen, so a reader that reconnects loses nothing and sees nothing twice.
 
 Every event carries the schema version `v`, a timestamp `ts` (seconds since the epoch), a sequence
-number `seq` (0, 1, 2... within one job, across worker restarts) and a `type`. This module is
-torch-free on purpose: the controller imports it too.
+number `seq` (0, 1, 2... within one events file, across workers and restarts), the `worker` that
+wrote it and a `type`. This module is torch-free on purpose: the controller imports it too.
+
+Several workers may share one job directory (one search on several GPUs): they append to the
+same events file, each line under a file lock, taking the sequence number from the file's last
+line under that lock. So the file stays one stream of whole lines in the order they were
+written, which the controller reads by byte offset as for a single worker. Workers on several
+machines (a study in a database) each write the events file of their own job directory.
 
 The files of a job directory are named here as well, so both halves agree on them.
 """
@@ -17,10 +23,11 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Annotated, Literal, TextIO
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from hctl_worker.locks import FileLock
 from hctl_worker.trials import Score, Trial
 
 SCHEMA_VERSION = 1
@@ -31,7 +38,8 @@ SETTINGS_FILE = "settings.toml"  # the settings the worker ran with
 LOG_FILE = "worker.log"
 JOURNAL_FILE = "study.journal"  # the Optuna journal: the search resumes from it
 RESULTS_DIR = "results"
-PID_FILE = "worker.pid"
+WORKERS_DIR = "workers"  # workers/<name>.pid: the process of each worker working on the job
+STORAGE_FILE = "storage.url"  # the study's database URL (no password), when it has one
 
 
 class _Event(BaseModel):
@@ -40,6 +48,7 @@ class _Event(BaseModel):
     v: int = SCHEMA_VERSION
     ts: float = Field(default_factory=time.time)
     seq: int = 0
+    worker: str = ""  # the worker that wrote it ("" from workers before several could share a job)
 
 
 class StartEvent(_Event):
@@ -53,6 +62,9 @@ class StartEvent(_Event):
     resumed_trials: int = 0
     device: str = ""
     pid: int = 0
+    storage: str = (
+        ""  # where the study is: "" for the job's journal, else the database (no password)
+    )
 
 
 class StageEvent(_Event):
@@ -225,60 +237,42 @@ def read_events(path: Path, offset: int = 0) -> tuple[list[Event | UnknownEvent]
 
 
 class EventWriter:
-    """Appends events to a job's events file, one flushed line each.
+    """Appends events to a job's events file, one flushed line each, under the file's lock.
 
-    Sequence numbers continue from the events already in the file, so a restarted worker's
-    events follow its predecessor's. One writer at a time: the writer holds an exclusive lock on
-    the file (where the system has `flock`; the system releases it when the process ends, however
-    it ends), taken before the sequence is read, so a second worker on the same job directory is
-    refused before it writes anything and no two events share a sequence number.
+    Sequence numbers continue from the last event in the file (its own or another worker's), so
+    a restarted worker's events follow its predecessor's and no two events of a file share one.
+    Every event is stamped with the writer's `worker` name.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, worker: str = "") -> None:
         self.path = path
+        self.worker = worker
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = path.open("a", encoding="utf-8")
-        try:
-            _lock_exclusively(self._handle, path)
-        except BaseException:
-            self._handle.close()
-            raise
-        existing, _ = read_events(path)
-        self._next_seq = (max((event.seq for event in existing), default=-1) + 1) if existing else 0
+        self._lock = FileLock(path.with_name(path.name + ".lock"))
+        self._end = 0  # the file's size after this writer's last line
+        self._next_seq = 0
 
     def emit(self, event: _Event) -> _Event:
-        event.seq = self._next_seq
+        event.worker = self.worker
+        with self._lock, self.path.open("ab") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            if size != self._end:  # others wrote since: continue from their last sequence number
+                written, _ = read_events(self.path, min(self._end, size))
+                if written:
+                    self._next_seq = max(previous.seq for previous in written) + 1
+            event.seq = self._next_seq
+            handle.write((encode(event) + "\n").encode("utf-8"))
+            handle.flush()
+            os.fsync(handle.fileno())
+            self._end = handle.tell()
         self._next_seq += 1
-        line = encode(event)
-        self._handle.write(line + "\n")
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
         return event
 
     def close(self) -> None:
-        self._handle.close()
+        """Nothing stays open between events; kept so a writer can be used as a context."""
 
     def __enter__(self) -> EventWriter:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-def _lock_exclusively(handle: TextIO, path: Path) -> None:
-    try:
-        import fcntl
-    except ImportError:  # Windows: the worker's pid file is the only guard there
-        return
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        from hctl_worker.errors import JobDirectoryError
-
-        pid_path = path.with_name(PID_FILE)
-        owner = pid_path.read_text().strip() if pid_path.is_file() else "unknown"
-        raise JobDirectoryError(
-            f"another worker (process {owner}) is running the job in {path.parent}",
-            "Wait for it to finish, or stop it, before starting another worker on this job "
-            "directory; a different search needs a different job directory.",
-        ) from None

@@ -4,9 +4,10 @@
 <job dir>/
   settings.toml            the settings the job runs with (the seed drawn for it included)
   events.jsonl             every event, appended and flushed (see events.py)
-  worker.log               messages and, for unexpected failures, the traceback
-  worker.pid               the process working on the job now
+  worker.log               messages and, for unexpected failures, the traceback (every worker's)
+  workers/<name>.pid       the process of each worker working on the job now
   study.journal            the Optuna journal: the search resumes from it (see study.py)
+  storage.url              instead, the database the study is in (no password), when it is in one
   directions.safetensors   refusal directions, where refusal is read and written, computed once
   results/pareto.json      the Pareto front (scores, parameters) after the last trial
   results/chosen.json      the chosen trial, when one was chosen
@@ -25,6 +26,7 @@ import contextlib
 import json
 import os
 import random
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,11 +41,14 @@ from hctl_worker.events import (
     EVENTS_FILE,
     JOURNAL_FILE,
     LOG_FILE,
-    PID_FILE,
     RESULTS_DIR,
     SETTINGS_FILE,
+    STORAGE_FILE,
+    WORKERS_DIR,
 )
+from hctl_worker.locks import FileLock
 from hctl_worker.settings import WorkerSettings, read_config_file
+from hctl_worker.storage import StudyStorage, open_storage, without_password
 from hctl_worker.trials import Trial, find, pareto_front
 
 if TYPE_CHECKING:
@@ -79,8 +84,15 @@ class JobPaths:
         return self.root / LOG_FILE
 
     @property
-    def pid(self) -> Path:
-        return self.root / PID_FILE
+    def workers(self) -> Path:
+        return self.root / WORKERS_DIR
+
+    def pid(self, worker: str) -> Path:
+        return self.workers / f"{worker}.pid"
+
+    @property
+    def storage_url(self) -> Path:
+        return self.root / STORAGE_FILE
 
     @property
     def directions(self) -> Path:
@@ -125,7 +137,13 @@ def reconcile_settings(paths: JobPaths, settings: WorkerSettings) -> WorkerSetti
     """Check the settings against those the job already ran with, fill in the seed, save them.
 
     A new job draws its seed here (when none is set) so that a restart uses the same one.
+    Workers starting together on one job take turns here, so they all run with one seed.
     """
+    with FileLock(paths.root / "settings.lock"):
+        return _reconcile_settings(paths, settings)
+
+
+def _reconcile_settings(paths: JobPaths, settings: WorkerSettings) -> WorkerSettings:
     if paths.settings.exists():
         stored = _read_settings_file(paths)
         changed = [
@@ -146,10 +164,10 @@ def reconcile_settings(paths: JobPaths, settings: WorkerSettings) -> WorkerSetti
         raise SettingsError(
             "no model given", "Set model in the config file or pass --model (a hub id or a folder)."
         )
-    paths.settings.write_text(
+    _replace_text(
+        paths.settings,
         "# The settings this job runs with (written by hctl-worker).\n"
         + tomli_w.dumps(settings.to_toml_dict()),
-        encoding="utf-8",
     )
     return settings
 
@@ -178,24 +196,49 @@ def _read_settings_file(paths: JobPaths) -> WorkerSettings:
 # The worker working on the job.
 
 
+WORKER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")
+
+
 @contextlib.contextmanager
-def pid_file(paths: JobPaths) -> Iterator[None]:
-    """Claim the job for this process; another live worker on the same job is an error."""
-    if paths.pid.exists():
-        with contextlib.suppress(ValueError, OSError):
-            other = int(paths.pid.read_text().strip())
-            if other != os.getpid() and _process_alive(other):
-                raise JobDirectoryError(
-                    f"worker process {other} is already running job {paths.job_id}",
-                    f"Wait for it, or stop it (kill {other}) before starting another.",
-                )
-    paths.pid.write_text(f"{os.getpid()}\n")
+def worker_slot(paths: JobPaths, name: str | None = None) -> Iterator[str]:
+    """Claim a worker name in the job for this process (its pid file); yields the name.
+
+    Several workers may work on one job at once, each under its own name; without one, a worker
+    takes the lowest number no live worker of the job holds (so a worker started again takes
+    its predecessor's name, and the study knows that predecessor is gone). A live worker
+    holding the name asked for is an error.
+    """
+    if name is not None and not WORKER_NAME.fullmatch(name):
+        raise JobDirectoryError(
+            f"{name!r} is not a worker name",
+            "Use up to 32 letters, digits, '.', '_' or '-' (e.g. --worker 2).",
+        )
+    paths.workers.mkdir(parents=True, exist_ok=True)
+    with FileLock(paths.workers / ".lock"):
+        if name is None:
+            name = next(str(n) for n in range(1, 10_000) if _holder(paths, str(n)) is None)
+        other = _holder(paths, name)
+        if other is not None:
+            raise JobDirectoryError(
+                f"worker {name} (process {other}) is already running job {paths.job_id}",
+                f"Give this worker another name (--worker NAME), or stop process {other} first.",
+            )
+        paths.pid(name).write_text(f"{os.getpid()}\n")
     try:
-        yield
+        yield name
     finally:
         with contextlib.suppress(OSError, ValueError):
-            if int(paths.pid.read_text().strip()) == os.getpid():
-                paths.pid.unlink()
+            if int(paths.pid(name).read_text().strip()) == os.getpid():
+                paths.pid(name).unlink()
+
+
+def _holder(paths: JobPaths, name: str) -> int | None:
+    """The live process holding a worker name, if any."""
+    with contextlib.suppress(ValueError, OSError):
+        pid = int(paths.pid(name).read_text().strip())
+        if pid != os.getpid() and _process_alive(pid):
+            return pid
+    return None
 
 
 def _process_alive(pid: int) -> bool:
@@ -218,14 +261,30 @@ def _process_alive(pid: int) -> bool:
 # The trials: the journal is the record of what was done; the results files are copies for people.
 
 
+def job_storage(paths: JobPaths, url: str | None = None) -> StudyStorage:
+    """The job's study storage: the database `url`, else the one the job recorded, else its
+    journal. A URL given is recorded (without a password) for the commands that come later."""
+    recorded = None
+    if paths.storage_url.is_file():
+        recorded = paths.storage_url.read_text(encoding="utf-8").strip()
+    storage = open_storage(paths.journal, url or recorded, studies.STUDY_NAME)
+    if url:  # recorded once it worked: a wrong URL leaves the job directory as it was
+        paths.storage_url.write_text(without_password(url) + "\n", encoding="utf-8")
+    return storage
+
+
 def finished_trials(paths: JobPaths) -> list[Trial]:
-    """The job's finished trials, from its journal."""
-    if not paths.journal.exists():
+    """The job's finished trials, from its study (the journal, or the database it recorded)."""
+    if not paths.journal.exists() and not paths.storage_url.exists():
         raise JobDirectoryError(
             f"{paths.root} has no search yet ({JOURNAL_FILE} is missing)",
             "Check --job-dir, or start the search with hctl-worker run.",
         )
-    return studies.load_trials(paths.journal)
+    storage = job_storage(paths)
+    try:
+        return studies.load_trials(storage)
+    finally:
+        storage.close()
 
 
 def read_front(paths: JobPaths) -> list[Trial]:
@@ -280,8 +339,18 @@ def write_evaluation(paths: JobPaths, number: int, record: Any) -> Path:
 
 def _write_json(path: Path, value: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+    _replace_text(path, json.dumps(value, indent=2) + "\n")
+
+
+def _partial(path: Path) -> Path:
+    """A file to write before it replaces `path`; its own per process, as several workers of
+    a job may write the same file at once (each one whole: a reader sees one or the other)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.partial")
+
+
+def _replace_text(path: Path, text: str) -> None:
+    partial = _partial(path)
+    partial.write_text(text, encoding="utf-8")
     partial.replace(path)
 
 
@@ -311,13 +380,19 @@ def write_cached_directions(
 ) -> None:
     from safetensors.torch import save_file
 
-    partial = paths.directions.with_suffix(".partial")
+    partial = _partial(paths.directions)
     save_file(
         {name: measurements[name].contiguous() for name in CACHED_MEASUREMENTS},
         str(partial),
         metadata={"key": key, "model": model},
     )
     partial.replace(paths.directions)
+
+
+def directions_lock(paths: JobPaths) -> FileLock:
+    """Held while a worker reads or computes the job's directions: workers starting together on
+    one job compute them once, the others wait and read the cache."""
+    return FileLock(paths.root / "directions.lock")
 
 
 def load_cached_directions(paths: JobPaths) -> torch.Tensor:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +33,12 @@ from hctl_worker.job_directory import (
     existing_job_directory,
     find_trial,
     finished_trials,
+    job_storage,
     load_cached_directions,
     open_job_directory,
-    pid_file,
     reconcile_settings,
     stored_settings,
+    worker_slot,
     write_chosen,
     write_results,
 )
@@ -44,6 +47,8 @@ from hctl_worker.reporter import Listener, Reporter, guarded, report_error
 from hctl_worker.search_space import SearchSpace, to_ablation_params
 from hctl_worker.settings import WorkerSettings
 from hctl_worker.startup import describe_plan, enqueue_once, plan_startup, superseded
+from hctl_worker.storage import redact
+from hctl_worker.teamwork import Teamwork, forget_reports, mark_reported, reported_numbers
 from hctl_worker.trials import Trial, choose, describe_scores, pareto_front
 from hctl_worker.workbench import Workbench, load, prepare
 
@@ -58,53 +63,96 @@ class JobOutcome:
 
 
 def run_job(
-    settings: WorkerSettings, job_dir: Path, listeners: Sequence[Listener] = ()
+    settings: WorkerSettings,
+    job_dir: Path,
+    listeners: Sequence[Listener] = (),
+    *,
+    storage_url: str | None = None,
+    worker: str | None = None,
 ) -> JobOutcome:
-    """Run (or continue) a job. Every failure is reported as an `error` event, then raised."""
+    """Run (or continue, or join) a job. Every failure is reported as an `error` event, then
+    raised. Several workers may run one job at once: on one job directory (its journal), or each
+    on its own with the study in the database at `storage_url`."""
     paths = open_job_directory(job_dir)
-    reporter = Reporter(paths, listeners)
-    try:
-        with pid_file(paths):
-            return guarded(reporter, lambda: _pipeline(settings, paths, reporter))
-    except WorkerError as error:
-        report_error(reporter, error)
-        raise
-    finally:
-        reporter.close()
+    with contextlib.ExitStack() as stack:
+        try:
+            name = stack.enter_context(worker_slot(paths, worker))
+        except WorkerError as error:  # a bad or taken name: still an event, then the error
+            reporter = Reporter(paths, listeners, worker=worker or "")
+            report_error(reporter, error)
+            reporter.close()
+            raise
+        reporter = Reporter(paths, listeners, worker=name)
+        try:
+            return guarded(
+                reporter, lambda: _pipeline(settings, paths, reporter, storage_url, name)
+            )
+        except WorkerError as error:
+            report_error(reporter, error)
+            raise
+        finally:
+            reporter.close()
 
 
-def _pipeline(settings: WorkerSettings, paths: JobPaths, reporter: Reporter) -> JobOutcome:
+def _pipeline(
+    settings: WorkerSettings,
+    paths: JobPaths,
+    reporter: Reporter,
+    storage_url: str | None,
+    name: str,
+) -> JobOutcome:
     started = time.monotonic()
     warnings = settings.warnings
     settings = reconcile_settings(paths, settings)
     assert settings.model is not None and settings.seed is not None
-    study = studies.open_study(
-        paths.journal,
-        seed=settings.seed,
-        n_startup_trials=settings.n_startup_trials,
-        directions=[c.optimization for c in settings.scorers if c.optimization != "report"],
-    )
-    resumed = studies.finished_trials(study)
-    reporter.emit(
-        StartEvent(
-            job_id=paths.job_id,
-            model=settings.model,
-            n_trials=settings.n_trials,
-            worker_version=__version__,
-            resumed_trials=len(resumed),
-            device=_device_name(),
-            pid=os.getpid(),
+    storage = job_storage(paths, storage_url)
+    try:
+        study = studies.open_study(
+            storage,
+            seed=settings.seed,
+            n_startup_trials=settings.n_startup_trials,
+            directions=[c.optimization for c in settings.scorers if c.optimization != "report"],
+            seed_offset=0 if name == "1" else zlib.crc32(name.encode()) % 1_000_003,
         )
-    )
-    for warning in warnings:
-        reporter.log(warning, level="warning")
-    _check_trial_can_exist(settings, len(resumed), paths.job_id)
-    _report_unreported_trials(paths, reporter, resumed, settings.n_trials)
-    bench = prepare(settings, paths, reporter)
-    finished = _search(settings, paths, reporter, study, bench)
-    outcome = JobOutcome(results_dir=paths.results, front=pareto_front(finished))
-    if settings.trial is not None or settings.save_directory or settings.upload_repo:
-        _choose_and_export(settings, paths, reporter, bench, finished, outcome)
+        resumed = studies.finished_trials(study)
+        reporter.emit(
+            StartEvent(
+                job_id=paths.job_id,
+                model=settings.model,
+                n_trials=settings.n_trials,
+                worker_version=__version__,
+                resumed_trials=len(resumed),
+                device=_device_name(),
+                pid=os.getpid(),
+                storage=storage.description if storage_url else "",
+            )
+        )
+        for warning in warnings:
+            reporter.log(warning, level="warning")
+        if storage_url and redact(storage_url) != storage_url:
+            reporter.log(
+                "the database password is in the --storage URL, where other users of this "
+                "machine can read it: give it in PGPASSWORD instead",
+                level="warning",
+            )
+        _check_trial_can_exist(settings, len(resumed), paths.job_id)
+        if not storage_url:
+            _match_reports_to_events(paths, study)
+        # A worker joining a search that has ended loads nothing.
+        bench = prepare(settings, paths, reporter) if len(resumed) < settings.n_trials else None
+        team = Teamwork(
+            name=name,
+            owner=f"{socket.gethostname()}:{paths.root}:{name}",
+            heartbeat_s=settings.heartbeat_seconds,
+            stale_after_s=settings.stale_after_seconds,
+        )
+        finished = _search(settings, paths, reporter, study, bench, team)
+        outcome = JobOutcome(results_dir=paths.results, front=pareto_front(finished))
+        if settings.trial is not None or settings.save_directory or settings.upload_repo:
+            bench = bench or prepare(settings, paths, reporter)
+            _choose_and_export(settings, paths, reporter, bench, finished, outcome)
+    finally:
+        storage.close()
     reporter.emit(
         DoneEvent(
             results_dir=str(paths.results),
@@ -160,52 +208,58 @@ def _search(
     paths: JobPaths,
     reporter: Reporter,
     study: optuna.Study,
-    bench: Workbench,
+    bench: Workbench | None,
+    team: Teamwork,
 ) -> list[Trial]:
-    """Run the trials still missing; events and results/pareto.json after every trial. Returns
-    every finished trial."""
-    space = search_space(settings, bench.profile.n_layers)
-    reporter.log(f"search space ({settings.search_ranges}): {space.describe()}")
-    _queue_first_trials(settings, reporter, study, bench)
+    """Take part in the search until it has `n_trials` finished trials (this worker's and the
+    others'); every trial numbered in this worker's turn is reported here: its event, the front,
+    results/pareto.json. Returns every finished trial."""
+    space = search_space(settings, bench.profile.n_layers) if bench is not None else None
+    if space is not None and bench is not None:
+        reporter.log(f"search space ({settings.search_ranges}): {space.describe()}")
+        with studies.study_storage(study).exclusive():  # once per study, whichever worker
+            _queue_first_trials(settings, reporter, study, bench)
 
     def evaluate(values: dict[str, float | str]) -> studies.Outcome:
+        assert bench is not None
         limit = None
         if settings.prune_trials and bench.scoring.can_prune:
             harmful = len(bench.evaluator.prompts["harmful"].texts)
+            finished = studies.finished_trials(study)
             limit = PruningBar.for_prompts(finished, harmful, settings.prune_margin).refusal_limit
         with bench.ablator.applied(to_ablation_params(values, COMPONENTS)):
             scores, pruned = bench.score(refusal_limit=limit)
         return studies.Outcome(scores=scores, pruned=pruned)
 
+    ran: list[Trial] = []
     with reporter.stage("search", f"{settings.n_trials} trials") as stage:
-        recovered = studies.recover_interrupted(study)
-        if recovered:
-            reporter.log(f"{recovered} trial(s) interrupted by a stop will run again")
-        finished = studies.finished_trials(study)
-        resumed = len(finished)
 
-        def on_trial(result: Trial) -> None:
-            finished.append(result)
+        def report(result: Trial, finished: list[Trial]) -> None:
             front = pareto_front(finished)
             reporter.emit(TrialEvent.of(result, settings.n_trials))
             reporter.emit(ParetoEvent(trials=front))
-            stage.progress(result.number, settings.n_trials)
+            stage.progress(len(finished), settings.n_trials)
             write_results(paths, front)
 
-        studies.run_search(
+        finished = studies.run_search(
             study,
-            space,
+            space,  # type: ignore[arg-type]  # never sampled once the search has all its trials
             evaluate,
             n_trials=settings.n_trials,
-            on_trial=on_trial,
+            on_trial=ran.append,
+            report=report,
             describe=lambda values: to_ablation_params(values, COMPONENTS).to_dict(),
+            team=team,
             skip=superseded,
         )
         front = pareto_front(finished)
         write_results(paths, front)
-        if len(finished) == resumed:  # no new trial, so no pareto event yet from this run
+        if not ran:  # no trial of this run's own, so maybe no pareto event from it yet
             reporter.emit(ParetoEvent(trials=front))
-        stage.result = f"{len(finished)} trials, {len(front)} on the Pareto front"
+        stage.result = (
+            f"{len(finished)} trials ({len(ran)} run by worker {team.name}), "
+            f"{len(front)} on the Pareto front"
+        )
     return finished
 
 
@@ -336,22 +390,22 @@ def _export(
     )
 
 
-def _report_unreported_trials(
-    paths: JobPaths, reporter: Reporter, finished: Sequence[Trial], n_trials: int
-) -> None:
-    """Emit the trial events a killed worker recorded in the journal but never wrote out.
+def _match_reports_to_events(paths: JobPaths, study: optuna.Study) -> None:
+    """Make the study's marks of reported trials agree with the job's events file.
 
-    A trial is told to the study (the journal) just before its event is written, so a worker
-    killed in between, or a journal copied home a moment after the events, holds a finished trial
-    no event reports. The journal is the record of what was done: report such trials now, once,
-    so every trial is seen exactly once and none is redone.
+    On a journal, every worker of the job writes the same events file, which is the record of
+    what was reported: a job directory restored from copies (a resume on a new machine), or a
+    job from before the marks, may hold trials the marks miss or marks the file lacks. Trials
+    whose events are missing are then reported in the next turn, once.
     """
-    reported = {
-        event.number for event in read_events(paths.events)[0] if isinstance(event, TrialEvent)
-    }
-    for result in finished:
-        if result.number not in reported:
-            reporter.emit(TrialEvent.of(result, n_trials))
+    with studies.study_storage(study).exclusive():
+        shown = {
+            event.number for event in read_events(paths.events)[0] if isinstance(event, TrialEvent)
+        }
+        finished = {trial.number for trial in studies.finished_trials(study)}
+        marked = reported_numbers(study)
+        forget_reports(study, marked - shown)
+        mark_reported(study, (shown & finished) - marked)
 
 
 def _device_name() -> str:

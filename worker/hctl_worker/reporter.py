@@ -22,9 +22,12 @@ Result = TypeVar("Result")
 class Reporter:
     """Sends events to the job's events file first, then to the listeners (stdout, progress view)."""
 
-    def __init__(self, paths: JobPaths, listeners: Sequence[Listener] = ()) -> None:
+    def __init__(
+        self, paths: JobPaths, listeners: Sequence[Listener] = (), worker: str = ""
+    ) -> None:
         self.paths = paths
-        self.writer = EventWriter(paths.events)
+        self.worker = worker
+        self.writer = EventWriter(paths.events, worker)
         self.listeners = list(listeners)
 
     def emit(self, event: _Event) -> _Event:
@@ -38,8 +41,10 @@ class Reporter:
         self.emit(LogEvent(level=level, message=message))
 
     def write_log(self, text: str) -> None:
+        # Workers sharing a job directory share its log: each line says whose it is.
+        who = f"[worker {self.worker}] " if self.worker else ""
         with self.paths.log.open("a", encoding="utf-8") as handle:
-            handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text.rstrip()}\n")
+            handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {who}{text.rstrip()}\n")
 
     @contextlib.contextmanager
     def stage(self, name: str, message: str = "") -> Iterator[Stage]:

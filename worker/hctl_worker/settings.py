@@ -156,6 +156,10 @@ class WorkerSettings(BaseSettings):
     n_trials: int = Field(default=200, ge=1)
     n_startup_trials: int = Field(default=60, ge=0)
     seed: int | None = Field(default=None, ge=0)
+    # Several workers on one study: how often a running trial beats, and how long a still beat
+    # means its worker died (its trial then runs again elsewhere).
+    heartbeat_seconds: float = Field(default=10.0, gt=0)
+    stale_after_seconds: float = Field(default=60.0, gt=0)
 
     # Choosing and exporting a result.
     trial: int | None = Field(default=None, ge=1)  # a trial number, as events and tables count

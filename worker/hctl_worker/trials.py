@@ -88,6 +88,7 @@ class Trial(BaseModel):
     # Its evaluation stopped once it was behind the front (`pruning.py`): its refusal count is
     # the count so far, a lower bound, and the trial never enters the front.
     pruned: bool = False
+    run_by: str = ""  # the worker that ran it (several may share one search)
     # The engine's own description of the edit (`AblationParams.to_dict()`), which the worker
     # keeps in its journal and results files to export the trial exactly. It is the worker's
     # business, so events and other serialisations leave it out.

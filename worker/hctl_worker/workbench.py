@@ -25,7 +25,12 @@ from hctl_worker.directions import (
 )
 from hctl_worker.evaluation import EvaluationPrompts, Evaluator
 from hctl_worker.events import BaselineEvent
-from hctl_worker.job_directory import JobPaths, read_cached_directions, write_cached_directions
+from hctl_worker.job_directory import (
+    JobPaths,
+    directions_lock,
+    read_cached_directions,
+    write_cached_directions,
+)
 from hctl_worker.model import LoadedModel, load_model
 from hctl_worker.priors import RefusalProfile
 from hctl_worker.prompts import PromptSets, load_prompt_sets
@@ -207,9 +212,25 @@ def directions_for(
 ) -> Measurements:
     """Refusal directions, per-layer separation and writes, from the job's cache when it matches."""
     key = _directions_key(loaded.source, good_texts, bad_texts, settings.orthogonalize_direction)
-    cached = read_cached_directions(paths, key)
-    if cached is not None:
-        return Measurements(**cached, cached=True)
+    with directions_lock(paths):  # workers starting together: one computes, the others read
+        cached = read_cached_directions(paths, key)
+        if cached is not None:
+            return Measurements(**cached, cached=True)
+        return _measure(
+            paths, key, loaded, good_texts, bad_texts, settings, batch_size, on_progress
+        )
+
+
+def _measure(
+    paths: JobPaths,
+    key: str,
+    loaded: LoadedModel,
+    good_texts: Sequence[str],
+    bad_texts: Sequence[str],
+    settings: WorkerSettings,
+    batch_size: int,
+    on_progress: Callable[[int, int], None] | None,
+) -> Measurements:
     bad = last_token_activations(loaded, bad_texts, batch_size)
     if on_progress:
         on_progress(len(bad_texts), len(bad_texts) + len(good_texts))

@@ -13,6 +13,7 @@ import typer
 from hctl import pods as pod_service
 from hctl import sshkeys
 from hctl.cli.common import confirm, console
+from hctl.errors import HctlError, PodNotReadyError
 from hctl.gpus import select_gpu_types
 from hctl.output import (
     Cell,
@@ -25,7 +26,7 @@ from hctl.output import (
     print_table,
 )
 from hctl.providers import make_provider
-from hctl.providers.base import GpuType, Pod, Provider
+from hctl.providers.base import GpuType, Pod, PodLease, Provider
 from hctl.services import lease
 from hctl.settings import Settings, load_settings
 
@@ -252,12 +253,43 @@ def create_pod(
     )
     # A deadline the provider does not keep is kept by the pod, once hctl reaches it.
     if plan.spec.lease is not None and lease.kept_by_pod(provider):
-        ready = _wait_with_spinner(provider, pod, settings)
-        lease.arm_over_ssh(ready, provider, plan.spec.lease, settings)
+        ready = _arm_lease_or_terminate(provider, pod, plan.spec.lease, settings)
         print_line("Its lease watchdog runs on the pod.")
         _describe_ready(ready)
     elif wait:
         _describe_ready(_wait_with_spinner(provider, pod, settings))
+
+
+def _arm_lease_or_terminate(
+    provider: Provider, pod: Pod, pod_lease: PodLease, settings: Settings
+) -> Pod:
+    """Start the pod's own lease watchdog over SSH. A pod hctl cannot reach (or a Ctrl-C while
+    waiting) would have no deadline anyone keeps: it was made seconds ago and holds nothing, so
+    it is terminated, and the user is told so, or told to do it when that fails too."""
+    try:
+        ready = _wait_with_spinner(provider, pod, settings)
+        lease.arm_over_ssh(ready, provider, pod_lease, settings)
+        return ready
+    except BaseException as error:
+        try:
+            provider.terminate(pod.id)
+            released = f"Terminated {pod.name} ({pod.id}): it is not billing."
+        except HctlError as failure:
+            released = (
+                f"Could not terminate {pod.name} ({pod.id}) either ({failure.message}): it may "
+                f"still be billing; run `hctl terminate-pod {pod.id}`."
+            )
+        if isinstance(error, KeyboardInterrupt):
+            print_line(released)
+            raise
+        reason = (
+            error.message if isinstance(error, HctlError) else f"{type(error).__name__}: {error}"
+        )
+        raise PodNotReadyError(
+            f"Could not reach {pod.name} to start its --max-hours watchdog ({reason}). {released}",
+            "Check the SSH settings (`hctl config`, `hctl ssh-key`) and try again, or create the "
+            "pod without --max-hours and stop it yourself.",
+        ) from None
 
 
 def list_pods(as_json: bool = json_option()) -> None:

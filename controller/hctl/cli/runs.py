@@ -104,6 +104,10 @@ def _show_plan(plan: launch.RunPlan, kit: Toolkit) -> None:
     print_line(f"Phases: {phases_line(plan.estimate)}")
     if plan.estimate.basis:
         print_line(f"Durations {plan.estimate.basis}.")
+    if plan.team.note:
+        print_line(f"Workers: {plan.team.note}.")
+    elif plan.team.workers > 1:
+        print_line(f"Workers: {plan.team.workers} share one search.")
     if plan.creates_pod:
         print_line(lease.plan_text(kit.provider(), plan.estimate.total_seconds))
 
@@ -117,6 +121,12 @@ def run(
     ),
     pod: str | None = typer.Option(None, "--pod", help="Run on this existing pod (id or name)."),
     on: str | None = typer.Option(None, "--on", help="local, or ssh://USER@HOST:PORT."),
+    gpus: int | None = typer.Option(
+        None, "--gpus", help="GPUs of the new pod; one worker each, one search (default 1)."
+    ),
+    workers: int | None = typer.Option(
+        None, "--workers", help="--on: workers sharing one search on that machine (default 1)."
+    ),
     config: Path | None = typer.Option(None, "--config", help="Worker settings file (TOML)."),
     trial: int | None = typer.Option(
         None, "--trial", help="Save trial number K, as trial lines show it (default: ask/best)."
@@ -151,6 +161,7 @@ def run(
         worker_overrides=parse_assignments(assignments or []), trial=trial,
         download=download, max_cost=max_cost, upload=upload, params=params, image=image,
         after="keep" if keep else ("terminate" if terminate else None), job_dir=job_dir,
+        gpus=gpus, workers=workers,
     )  # fmt: skip
     plan = launch.plan_run(request, kit)
     _show_plan(plan, kit)
@@ -266,7 +277,7 @@ def smoke_test(
         model=SMOKE_MODEL, gpu=gpu, spot=False, trials=trials, pod=pod, on=on, config=None,
         trial=None, yes=yes, download=None, max_cost=None, keep=False, terminate=False,
         upload=None, params=SMOKE_PARAMETERS, image=None, job_dir=None, assignments=None,
-        dry_run=False,
+        dry_run=False, gpus=None, workers=None,
     )  # fmt: skip
 
 

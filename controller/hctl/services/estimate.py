@@ -166,10 +166,16 @@ def estimate_job(
     volume_gb: float | None = None,
     speed: float | None = None,
     measured: Measurement | None = None,
+    gpu_count: int = 1,
+    workers: int = 1,
 ) -> Estimate:
-    """The phases of one job on one GPU (`gpu` None: this machine or an SSH host, price 0/unknown).
+    """The phases of one job on `gpu_count` GPUs of one type (`gpu` None: this machine or an SSH
+    host, price 0/unknown), run by `workers` workers sharing the search.
 
     `measured`: a job this machine ran (for `on_this_machine`), whose figures replace the model's.
+    Several workers divide the search's time (each runs its own trials); one worker on several
+    GPUs (a model too big for one) holds the model across them and is as fast as on one. The
+    price counts every GPU.
     """
     if n_trials < 1:
         raise ConfigError(
@@ -207,25 +213,30 @@ def estimate_job(
         Phase(name="download", seconds=download_seconds),
         Phase(name="load", seconds=load_seconds),
         Phase(name="directions", seconds=setup_seconds),
-        Phase(name="search", seconds=n_trials * per_trial),
+        Phase(name="search", seconds=n_trials * per_trial / max(1, workers)),
         Phase(name="export", seconds=export_seconds),
     ]
     fits, problem = True, ""
     needed_memory = required_gpu_memory_gb(model)
-    if gpu is not None and needed_memory is not None and gpu.memory_gb < needed_memory:
+    # Each worker holds the whole model: on one GPU each, or one worker across all of them.
+    per_worker_gb = gpu.memory_gb * (gpu_count if workers == 1 else 1) if gpu is not None else 0
+    if gpu is not None and needed_memory is not None and per_worker_gb < needed_memory:
         fits = False
+        has = f"{gpu_count}x " if gpu_count > 1 and workers == 1 else ""
         problem = (
             f"{model.reference} needs about {needed_memory:.0f} GB of GPU memory "
-            f"(bf16 weights + margin); {gpu.display_name} has {gpu.memory_gb} GB"
+            f"(bf16 weights + margin); {has}{gpu.display_name} has {per_worker_gb} GB"
         )
     needed_disk = required_disk_gb(model)
     if fits and volume_gb is not None and needed_disk is not None and volume_gb < needed_disk:
         fits = False
         problem = f"{model.reference} needs about {needed_disk:.0f} GB of disk; the volume has {volume_gb:.0f} GB"
     price = gpu.price(cloud_type, spot) if gpu is not None else (0.0 if on_this_machine else None)
+    if price is not None:
+        price *= gpu_count
     return Estimate(
         gpu_id=gpu.id if gpu is not None else ("local" if on_this_machine else "ssh"),
-        gpu_name=gpu.display_name
+        gpu_name=(f"{gpu_count}x " if gpu_count > 1 else "") + gpu.display_name
         if gpu is not None
         else ("this machine" if on_this_machine else "SSH host"),
         memory_gb=gpu.memory_gb if gpu is not None else None,

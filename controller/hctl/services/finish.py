@@ -10,9 +10,9 @@ from pathlib import Path
 
 from hctl.errors import ConfigError, JobError, PodNotFoundError
 from hctl.services.estimate import format_money
-from hctl.services.follow import FINISHING_FILE
+from hctl.services.job_protocol import FINISHING_FILE, with_secrets
 from hctl.services.jobs import JobRecord
-from hctl.services.launch import Notify, upload_secrets, with_secrets
+from hctl.services.launch import Notify, upload_secrets
 from hctl.services.pareto_plot import save_svg
 from hctl.services.progress import JobProgress
 from hctl.services.request import check_download_folder

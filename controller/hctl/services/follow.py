@@ -12,7 +12,6 @@ job resumed from it never runs a reported trial again.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import shlex
 import time
@@ -23,30 +22,10 @@ from typing import Protocol
 
 from hctl.errors import ConnectError, ConnectionLostError, RemoteError, TransferError
 from hctl.remote.base import Remote
-from hctl_worker.events import EVENTS_FILE, JOURNAL_FILE, decode, split_complete_lines
+from hctl.services.job_protocol import Chunk, parse_read_output, read_command
+from hctl_worker.events import decode, split_complete_lines
 
-# One read returns at most this much of each file; a long backlog arrives over a few polls.
-MAX_READ_BYTES = 4 * 1024 * 1024
-STATUS_MARK = "@@hctl-worker:"
-JOURNAL_MARK = "@@hctl-journal"
-# Written by the shell that runs the worker (see `launch.launch_command`); it lives exactly as
-# long as the worker does, whatever the worker does with its own pid file.
-LAUNCHER_PID_FILE = "launcher.pid"
-EXIT_FILE = "worker.exit"  # the worker's exit status, written by the launcher when it ends
-# Touched by every read: a pod only stops itself when no controller has looked for a while.
-ATTACHED_FILE = ".attached"
-# Present while a controller exports the chosen trial (see `launch.self_stop_command`).
-FINISHING_FILE = ".finishing"
 RECONNECT_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
-
-
-@dataclass
-class Chunk:
-    """Bytes after the offsets, and whether the worker's process was alive when they were read."""
-
-    data: bytes  # of the events file
-    worker_alive: bool | None  # None: unknown (no pid file yet)
-    journal: bytes = b""  # of the Optuna journal, read after the events
 
 
 class JobChannel(Protocol):
@@ -59,65 +38,6 @@ class JobChannel(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-def running_test(job_dir: str) -> str:
-    """A shell condition: true while the job's launcher (hence its worker) runs.
-
-    The launcher writes `worker.exit` when the worker ends; a launcher killed outright fails
-    `kill -0`; and one left a zombie by an init that does not reap (containers) shows state Z.
-    """
-    pid_file = shlex.quote(f"{job_dir}/{LAUNCHER_PID_FILE}")
-    exit_file = shlex.quote(f"{job_dir}/{EXIT_FILE}")
-    return (
-        f'{{ [ -s {pid_file} ] && [ ! -f {exit_file} ] && kill -0 "$(cat {pid_file})" 2>/dev/null '
-        f"&& ! grep -qs '^State:.*Z' \"/proc/$(cat {pid_file})/status\"; }}"
-    )
-
-
-def _tail(path: str, offset: int, max_bytes: int) -> str:
-    return f"(tail -c +{offset + 1} {shlex.quote(path)} 2>/dev/null | head -c {max_bytes} | base64)"
-
-
-def read_command(
-    job_dir: str, offset: int, journal_offset: int | None = None, max_bytes: int = MAX_READ_BYTES
-) -> str:
-    """The shell command that prints the events after `offset`, the journal after
-    `journal_offset` (read after the events, so it covers every trial they report), and whether
-    the worker is alive."""
-    pid = shlex.quote(f"{job_dir}/{LAUNCHER_PID_FILE}")
-    journal = ""
-    if journal_offset is not None:
-        journal = (
-            f"echo; echo '{JOURNAL_MARK}'; "
-            + _tail(f"{job_dir}/{JOURNAL_FILE}", journal_offset, max_bytes)
-            + "; "
-        )
-    attached = shlex.quote(f"{job_dir}/{ATTACHED_FILE}")
-    return (
-        f"touch {attached} 2>/dev/null; "
-        + _tail(f"{job_dir}/{EVENTS_FILE}", offset, max_bytes)
-        + f"; {journal}echo; if [ ! -f {pid} ]; then echo '{STATUS_MARK}unknown'; "
-        f"elif {running_test(job_dir)}; then echo '{STATUS_MARK}alive'; "
-        f"else echo '{STATUS_MARK}dead'; fi"
-    )
-
-
-def _decode_base64(text: str) -> bytes:
-    # Drop the line breaks (and a PTY's carriage returns) between base64 blocks first.
-    cleaned = "".join(character for character in text if not character.isspace())
-    return base64.b64decode(cleaned) if cleaned else b""
-
-
-def parse_read_output(output: str) -> Chunk:
-    """Decode what `read_command` printed; a reply without the status line was cut short."""
-    encoded, mark, status = output.partition(STATUS_MARK)
-    if not mark:
-        raise ConnectionLostError("The reply to an event read was cut short.")
-    events, _, journal = encoded.partition(JOURNAL_MARK)
-    state = status.strip().split()[0] if status.strip() else "unknown"
-    alive = {"alive": True, "dead": False}.get(state)
-    return Chunk(data=_decode_base64(events), worker_alive=alive, journal=_decode_base64(journal))
 
 
 class RemoteJobChannel:

@@ -35,7 +35,9 @@ def _stamp(ts: float) -> str:
 
 def rendered_events(record: JobRecord, toolkit: Toolkit) -> dict[int, str]:
     """Each copied event's readable line by sequence number (None-lines left out)."""
-    progress = JobProgress(n_trials=record.n_trials, model=record.model)
+    progress = JobProgress(
+        n_trials=record.n_trials, model=record.model, expected_workers=record.workers
+    )
     rendered: dict[int, str] = {}
     for event in toolkit.store.events(record.job_id):
         progress.apply(event)

@@ -73,7 +73,10 @@ class JobRecord(BaseModel):
     estimated_seconds_per_trial: float = 0.0  # the ETA's pace until real trials are timed
     estimated_cost: float | None = None  # the estimate shown before the job started (USD)
     gpu_id: str | None = None
-    price_per_hour: float = 0.0
+    gpu_count: int = 1  # GPUs of the pod
+    workers: int = 1  # workers sharing the search in the job directory
+    one_gpu_each: bool = False  # each worker sees one GPU of the pod (CUDA_VISIBLE_DEVICES)
+    price_per_hour: float = 0.0  # every GPU of the pod
     max_cost: float | None = None
     after: Literal["stop", "terminate", "keep"] = "stop"
     status: JobStatus = "preparing"

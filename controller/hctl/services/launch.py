@@ -15,7 +15,7 @@ import os
 import shlex
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +34,7 @@ from hctl.providers.base import GpuType, Pod, PodLease, Provider
 from hctl.remote.base import Remote
 from hctl.services import calibration, lease
 from hctl.services.estimate import Estimate, alternatives, estimate_job, format_money
-from hctl.services.follow import (
-    ATTACHED_FILE,
-    EXIT_FILE,
-    FINISHING_FILE,
-    LAUNCHER_PID_FILE,
-    running_test,
-)
+from hctl.services.job_protocol import SECRETS_FILE, launch_command, running_test
 from hctl.services.jobs import JobRecord, TargetKind, new_job_id
 from hctl.services.models import ModelInfo, inspect_model
 from hctl.services.request import (
@@ -49,12 +43,11 @@ from hctl.services.request import (
     check_request,
     check_trial_number,
 )
+from hctl.services.team import Team, plan_team
 from hctl.services.toolkit import Toolkit
-from hctl_worker.events import JOURNAL_FILE, LOG_FILE, SETTINGS_FILE
+from hctl_worker.events import JOURNAL_FILE, SETTINGS_FILE
 from hctl_worker.settings import PROMPT_TABLES
 
-SECRETS_FILE = ".secrets.env"
-FINISHING_HOLD_S = 3 * 3600  # an export holds the pod up at most this long
 Notify = Callable[[str], None]
 
 
@@ -72,6 +65,7 @@ class RunPlan:
     pod: Pod | None = None  # an existing pod to reuse
     catalogue: list[GpuType] | None = None
     hf_token: str | None = None
+    team: Team = field(default_factory=lambda: Team())
 
     @property
     def creates_pod(self) -> bool:
@@ -137,6 +131,7 @@ def plan_run(request: RunRequest, toolkit: Toolkit) -> RunPlan:
             gpu = next((item for item in catalogue if item.id == pod.gpu_type_id), None)
         else:
             gpu = resolve_gpu(catalogue, request.gpu or settings.gpu)
+    team = plan_team(request, model, gpu)
     estimate = estimate_job(
         model,
         gpu,
@@ -148,6 +143,8 @@ def plan_run(request: RunRequest, toolkit: Toolkit) -> RunPlan:
         on_this_machine=target == "local",
         volume_gb=settings.volume_gb if target == "pod" and pod is None else None,
         measured=calibration.load(toolkit.store.calibration_path) if target == "local" else None,
+        gpu_count=team.gpu_count,
+        workers=team.workers,
     )
     if pod is not None and pod.cost_per_hr:
         estimate = estimate.model_copy(update={"price_per_hour": pod.cost_per_hr})
@@ -181,6 +178,7 @@ def plan_run(request: RunRequest, toolkit: Toolkit) -> RunPlan:
         pod=pod,
         catalogue=catalogue,
         hf_token=token,
+        team=team,
     )
 
 
@@ -239,6 +237,7 @@ def create_pod(
         provider,
         settings,
         gpu=plan.gpu.id,
+        gpu_count=plan.team.gpu_count,
         image=plan.request.image,
         spot=plan.request.spot,
         bid_per_gpu=plan.gpu.price(settings.cloud_type, spot=True) if plan.request.spot else None,
@@ -258,7 +257,10 @@ def create_pod(
         ) from None
     for note in pod_plan.notes:
         notify(note)
-    notify(f"created pod {pod.id} ({plan.gpu.display_name}, {format_money(pod.cost_per_hr)}/h)")
+    gpus = f"{plan.team.gpu_count}x " if plan.team.gpu_count > 1 else ""
+    notify(
+        f"created pod {pod.id} ({gpus}{plan.gpu.display_name}, {format_money(pod.cost_per_hr)}/h)"
+    )
     mismatch = pods.price_note(pod_plan, pod)
     if mismatch:
         notify(mismatch)
@@ -450,16 +452,6 @@ def secrets_env(values: dict[str, str | None]) -> str:
     )
 
 
-def with_secrets(job_dir: str, command: str) -> str:
-    """Run `command` with the secrets file's variables, deleting the file before it starts.
-
-    The secrets never appear in argv: they are read by the shell from a 0600 file inside the
-    job directory (itself 0700), which is gone before the command runs.
-    """
-    secrets = shlex.quote(f"{job_dir}/{SECRETS_FILE}")
-    return f"if [ -f {secrets} ]; then . {secrets}; rm -f {secrets}; fi; {command}"
-
-
 def upload_secrets(remote: Remote, job_dir: str, values: dict[str, str | None]) -> None:
     text = secrets_env(values)
     if not text:
@@ -467,76 +459,6 @@ def upload_secrets(remote: Remote, job_dir: str, values: dict[str, str | None]) 
     path = f"{job_dir}/{SECRETS_FILE}"
     put_text(remote, text, path)
     remote.run(f"chmod 600 {shlex.quote(path)}", timeout=30)
-
-
-def self_stop_command(job_dir: str, grace_s: float, stop_command: str) -> str:
-    """After the worker exits, stop the pod from inside unless a controller is looking after it.
-
-    This is the dead-man switch for a detached job: when nobody follows the job (the laptop
-    slept, the controller was killed), the pod stops itself `grace_s` seconds after the worker
-    ends instead of billing until its lease. A following controller touches `.attached` on every
-    read and holds `.finishing` while it exports, so it keeps the pod up for as long as it needs;
-    a worker started again in the job directory (a resume) keeps it up too.
-    `stop_command` is the provider's (`Provider.self_stop_command`): it acts with the pod's own
-    identity and credentials, and does nothing where there are none. Stopping (not terminating)
-    keeps the volume, so `hctl resume` can finish the job.
-    """
-    quoted = shlex.quote(job_dir)
-    grace = int(grace_s)
-    return (
-        f"sleep {grace}; while :; do now=$(date +%s); "
-        f"seen=$(stat -c %Y {quoted}/{ATTACHED_FILE} 2>/dev/null || echo 0); "
-        f"held=$(stat -c %Y {quoted}/{FINISHING_FILE} 2>/dev/null || echo 0); "
-        f"if [ $((now - seen)) -lt {grace} ] || [ $((now - held)) -lt {FINISHING_HOLD_S} ] "
-        f"|| {running_test(job_dir)}; "
-        f"then sleep {min(30, max(1, grace))}; else break; fi; done; "
-        f'echo "hctl: no controller attached; stopping this pod" >>{quoted}/{LOG_FILE}; '
-        f"{{ {stop_command}; }} >>{quoted}/{LOG_FILE} 2>&1"
-    )
-
-
-def launch_command(
-    worker: str,
-    job_dir: str,
-    *,
-    env: dict[str, str] | None = None,
-    self_stop_after_s: float | None = None,
-    stop_command: str | None = None,
-) -> str:
-    """Start the worker detached: its own session, no terminal, output to the log.
-
-    A small shell runs the worker and records its own pid in `launcher.pid` (and the worker's
-    exit status in `worker.exit`): that pid lives exactly as long as the worker, so the follower
-    can tell a finished or crashed worker from a running one. `setsid` puts it in a session of
-    its own, so neither a dropped connection nor the end of this SSH session can reach it. With
-    `self_stop_after_s` and the provider's `stop_command`, the pod stops itself when the worker
-    has ended and nobody is attached (see `self_stop_command`).
-    """
-    quoted = shlex.quote(job_dir)
-    exports = "".join(
-        f"export {name}={shlex.quote(value)}; " for name, value in (env or {}).items()
-    )
-    after = ""
-    if self_stop_after_s is not None and stop_command is not None:
-        after = f"; ({self_stop_command(job_dir, self_stop_after_s, stop_command)}) &"
-    inner = (
-        f"echo $$ >{quoted}/{LAUNCHER_PID_FILE}; "
-        f"{worker} run --config {quoted}/{SETTINGS_FILE} --job-dir {quoted} --events "
-        f">>{quoted}/{LOG_FILE} 2>&1; echo $? >{quoted}/{EXIT_FILE}{after}"
-    )
-    detach = "if command -v setsid >/dev/null 2>&1; then S=setsid; else S=nohup; fi; "
-    start = f"$S sh -c {shlex.quote(inner)} >/dev/null 2>&1 </dev/null &"
-    wait_for_pid = (
-        f"for i in 1 2 3 4 5 6 7 8 9 10; do [ -s {quoted}/{LAUNCHER_PID_FILE} ] && break; "
-        "sleep 0.1; done; "
-        f"cat {quoted}/{LAUNCHER_PID_FILE}"
-    )
-    # A subshell, so nothing (the directory, the secrets) lingers in a persistent PTY shell.
-    return (
-        f"(cd {quoted} && rm -f {quoted}/{LAUNCHER_PID_FILE} {quoted}/{EXIT_FILE} && {exports}"
-        + with_secrets(job_dir, f"{detach}{start}")
-        + f" {wait_for_pid})"
-    )
 
 
 def check_not_running(remote: Remote, job_dir: str) -> None:
@@ -595,7 +517,7 @@ def start_worker(
     result = remote.run(
         launch_command(
             worker, job_dir, env=handle.environment, self_stop_after_s=self_stop,
-            stop_command=stop_command,
+            stop_command=stop_command, workers=record.workers, one_gpu_each=record.one_gpu_each,
         ),
         timeout=60,
     )  # fmt: skip
@@ -604,7 +526,8 @@ def start_worker(
             f"Could not start the worker on {remote.description}: {result.output.strip()[-300:]}",
             f"See `hctl logs {record.job_id}`.",
         )
-    notify(f"worker started on {remote.description} in {job_dir}")
+    started = f"{record.workers} workers" if record.workers > 1 else "worker"
+    notify(f"{started} started on {remote.description} in {job_dir}")
     return toolkit.store.save(
         record.model_copy(update={"status": "running", "worker_command": worker})
     )
@@ -624,6 +547,9 @@ def new_record(plan: RunPlan, toolkit: Toolkit) -> JobRecord:
         address=request.on if plan.target == "ssh" else None,
         remote_job_dir="",
         gpu_id=plan.gpu.id if plan.gpu is not None else None,
+        gpu_count=plan.team.gpu_count,
+        workers=plan.team.workers,
+        one_gpu_each=plan.team.one_gpu_each,
         price_per_hour=plan.estimate.price_per_hour or 0.0,
         max_cost=request.max_cost if request.max_cost is not None else settings.max_cost,
         after=request.after or settings.after,

@@ -39,6 +39,10 @@ class JobProgress:
     error: ErrorEvent | None = None
     evaluation: EvaluationEvent | None = None  # the latest capability check
     starts: int = 0
+    # The workers seen (several may share one search), and those started and not yet ended.
+    workers: set[str] = field(default_factory=set)
+    expected_workers: int = 1  # how many the job was started with
+    running: set[str] = field(default_factory=set)
     resumed_trials: int = 0
     last_seq: int = -1
     events_seen: int = 0
@@ -52,8 +56,11 @@ class JobProgress:
             self.n_trials = event.n_trials
             self.model = event.model
             self.resumed_trials = event.resumed_trials
-            self.error = None
-            self.done = None
+            if not self.running:  # a new run of the job, not one more worker joining this one
+                self.error = None
+                self.done = None
+            self.workers.add(event.worker)
+            self.running.add(event.worker)
         elif isinstance(event, StageEvent):
             self.stage = event.stage
             self.stage_message = event.message
@@ -72,13 +79,20 @@ class JobProgress:
         elif isinstance(event, DoneEvent):
             self.done = event
             self.stage = "done"
+            self.running.discard(event.worker)
         elif isinstance(event, ErrorEvent):
             self.error = event
             self.stage = "failed"
+            self.running.discard(event.worker)
 
     @property
     def finished(self) -> bool:
-        return self.done is not None or self.error is not None
+        """Every worker that started has ended (done or failed)."""
+        return (self.done is not None or self.error is not None) and not self.running
+
+    @property
+    def several_workers(self) -> bool:
+        return self.expected_workers > 1 or len(self.workers) > 1
 
     @property
     def trials_done(self) -> int:
@@ -95,10 +109,9 @@ class JobProgress:
         return best_within(self.trials.values(), kl_limit)
 
     def front(self) -> list[Trial]:
-        """The Pareto front: the worker's latest, else computed from the trials seen."""
-        if self.pareto:
-            return self.pareto
-        return pareto_front(self.trials.values())
+        """The Pareto front of the trials seen (one front, whichever workers ran them); a
+        worker's latest pareto event where no trial event was seen."""
+        return pareto_front(self.trials.values()) or list(self.pareto)
 
     def seconds_per_trial(self) -> float | None:
         durations = [trial.seconds for trial in self.trials.values() if trial.seconds > 0]

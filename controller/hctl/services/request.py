@@ -63,6 +63,8 @@ class RunRequest:
     params: str | None = None
     image: str | None = None
     job_dir: str | None = None  # --on local: where the job directory goes
+    workers: int | None = None  # --workers: workers sharing the search (--on local / ssh)
+    gpus: int | None = None  # --gpus: GPUs of a new pod, one worker each
 
 
 def parse_assignments(items: list[str]) -> dict[str, Any]:
@@ -105,8 +107,31 @@ def check_request(request: RunRequest) -> None:
             "Write it as USER/NAME, e.g. --upload alice/Qwen3-4B-abliterated.",
         )
     _check_target_options(request)
+    _check_counts(request)
     if request.download is not None:
         check_download_folder(request.download)
+
+
+MAX_GPUS = 8  # the most GPUs one pod offers
+MAX_WORKERS = 64
+
+
+def _check_counts(request: RunRequest) -> None:
+    """--workers (this machine, an SSH host) and --gpus (a new pod: one worker per GPU)."""
+    for option, value, most in (
+        ("--workers", request.workers, MAX_WORKERS),
+        ("--gpus", request.gpus, MAX_GPUS),
+    ):
+        if value is not None and not 1 <= value <= most:
+            raise ConfigError(
+                f"{option} {value} is not a count hctl can run.",
+                f"Give {option} from 1 to {most}.",
+            )
+    if request.workers is not None and request.on is None:
+        raise ConfigError(
+            "--workers applies to --on local or --on ssh://...; a pod runs one worker per GPU.",
+            "On a pod, use --gpus N (one worker per GPU); elsewhere, add --on.",
+        )
 
 
 def _check_target_options(request: RunRequest) -> None:
@@ -123,6 +148,7 @@ def _check_target_options(request: RunRequest) -> None:
         "--gpu": request.gpu is not None,
         "--spot": request.spot,
         "--image": request.image is not None,
+        "--gpus": request.gpus is not None,
         "--keep": request.after == "keep",
         "--terminate": request.after == "terminate",
     }
@@ -134,7 +160,7 @@ def _check_target_options(request: RunRequest) -> None:
                 f"Leave out {' and '.join(given)}, or leave out --on to rent a pod.",
             )
     if request.pod is not None:
-        given = [name for name in ("--gpu", "--spot", "--image") if pod_only[name]]
+        given = [name for name in ("--gpu", "--spot", "--image", "--gpus") if pod_only[name]]
         if given:
             raise ConfigError(
                 f"{' and '.join(given)} only apply to a new pod; --pod {request.pod} exists already.",

@@ -6,6 +6,7 @@ then skips every trial the journal holds.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from hctl.errors import JobError, PodNotFoundError
 from hctl.providers.base import PodStatus
@@ -119,6 +120,11 @@ def _pod_usable(record: JobRecord, toolkit: Toolkit) -> bool:
     return pod.status not in (PodStatus.TERMINATED, PodStatus.FAILED)
 
 
+def _team_of(plan: Any) -> dict[str, Any]:
+    team = plan.team
+    return {"gpu_count": team.gpu_count, "workers": team.workers, "one_gpu_each": team.one_gpu_each}
+
+
 def _resume_machine(
     record: JobRecord,
     toolkit: Toolkit,
@@ -145,6 +151,8 @@ def _resume_machine(
         pod=pod,
         params=str(record.parameters) if record.parameters else None,
         after=record.after,
+        # A new pod gets as many GPUs as the job had (one worker each, when the model fits one).
+        gpus=record.gpu_count if pod is None and record.gpu_count > 1 else None,
     )
     plan = plan_run(request, toolkit)
     plan.worker_settings = record.worker_settings
@@ -157,7 +165,8 @@ def _resume_machine(
         record.model_copy(
             update={"pod_id": None if plan.creates_pod else plan.pod.id if plan.pod else None,
                     "pod_created_here": plan.creates_pod or (reuse_own and record.pod_created_here),
-                    "gpu_id": plan.gpu.id if plan.gpu else record.gpu_id}
+                    "gpu_id": plan.gpu.id if plan.gpu else record.gpu_id,
+                    **(_team_of(plan) if plan.creates_pod else {})}
         )
     )  # fmt: skip
     record = bring_up_pod(plan, record, toolkit, notify)

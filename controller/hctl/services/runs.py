@@ -32,11 +32,9 @@ from hctl.services import calibration
 from hctl.services.budget import Meter
 from hctl.services.estimate import format_money
 from hctl.services.finish import TrialChooser, finish_job, release_machine
-from hctl.services.follow import (
-    MAX_READ_BYTES,
-    Follower,
-    RemoteJobChannel,
-)
+from hctl.services.follow import Follower, RemoteJobChannel
+from hctl.services.follow_policies import BudgetWatch, Liveness, mirror
+from hctl.services.job_protocol import MAX_READ_BYTES
 from hctl.services.jobs import JobRecord
 from hctl.services.launch import Notify
 from hctl.services.progress import JobProgress
@@ -57,7 +55,9 @@ class FollowResult:
 
 def local_progress(record: JobRecord, toolkit: Toolkit) -> JobProgress:
     """The progress the local copy of the events shows."""
-    progress = JobProgress(n_trials=record.n_trials, model=record.model)
+    progress = JobProgress(
+        n_trials=record.n_trials, model=record.model, expected_workers=record.workers
+    )
     events, _ = read_events(toolkit.store.events_path(record.job_id))
     for event in events:
         progress.apply(event)
@@ -120,7 +120,9 @@ def follow_job(
     interval = (
         poll_interval_s if poll_interval_s is not None else toolkit.settings.follow_interval_s
     )
-    progress = JobProgress(n_trials=record.n_trials, model=record.model)
+    progress = JobProgress(
+        n_trials=record.n_trials, model=record.model, expected_workers=record.workers
+    )
     old_events, offset = read_events(store.events_path(record.job_id))
     for event in old_events:
         progress.apply(event)
@@ -134,60 +136,38 @@ def follow_job(
         return progress.finished and started_again
 
     follower = follower_for(record, toolkit, offset, on_reconnect=view.note)
-    dead_polls = 0
-    warned_projection = False
+    budget = BudgetWatch(record.max_cost)
+    liveness = Liveness()
     try:
         while not ended():
             poll = follower.poll()
-            store.append_journal(record.job_id, poll.journal_raw)
-            store.append_events(record.job_id, poll.raw)
+            mirror(store, record, poll)
             trial_seen = False
             for event in poll.events:
                 progress.apply(event)
                 started_again = started_again or isinstance(event, StartEvent)
                 view.event(event, progress, money_now(record, progress, toolkit))
                 trial_seen = trial_seen or isinstance(event, TrialEvent)
-            meter = meter_for(record, toolkit)
-            money = money_now(record, progress, toolkit)
-            if (
-                trial_seen
-                and not warned_projection
-                and record.max_cost is not None
-                and money.projected > record.max_cost
-            ):
-                warned_projection = True
-                view.note(
-                    f"at this pace the job would cost {format_money(money.projected)}, above the "
-                    f"{format_money(record.max_cost)} cap: it will stop after the trial that "
-                    "reaches the cap"
-                )
-            if trial_seen and not ended() and meter.cap_reached(toolkit.clock(), record.max_cost):
-                return _stop_for_budget(record, progress, toolkit, view, meter)
+            if trial_seen:
+                note = budget.warning(money_now(record, progress, toolkit))
+                if note:
+                    view.note(note)
+                if not ended() and budget.reached(meter_for(record, toolkit), toolkit.clock()):
+                    return _stop_for_budget(record, progress, toolkit, view)
             view.refresh(progress, money_now(record, progress, toolkit))
             if ended():
                 break
-            # A worker that has started and now has no live launcher (or no job directory at
-            # all: a pod whose volume is gone) has ended; so has a pod the provider stopped.
-            worker_ended = poll.worker_alive is False or (
-                poll.worker_alive is None and progress.starts
-            )
-            if worker_ended and not poll.events:
-                _check_pod(record, toolkit)
-                # Read once more: the last events may have landed just before the worker exited.
-                dead_polls += 1
-                if dead_polls >= 2:
-                    message = worker_log_tail(record, toolkit, lines=5).strip()
-                    view.note(
-                        f"the worker stopped without finishing; its log ends with:\n{message}"
-                    )
-                    record = store.save(
-                        record.model_copy(
-                            update={"status": "failed", "message": "worker exited early"}
-                        )
-                    )
-                    return FollowResult("failed", progress, record)
-            else:
-                dead_polls = 0
+            if liveness.launcher_gone(poll, progress):
+                _check_pod(record, toolkit)  # a pod the provider stopped: interrupted
+            if liveness.ended_early(poll, progress):
+                if progress.done is not None:  # another worker ended the search: it is done
+                    break
+                message = worker_log_tail(record, toolkit, lines=5).strip()
+                view.note(f"the worker stopped without finishing; its log ends with:\n{message}")
+                record = store.save(
+                    record.model_copy(update={"status": "failed", "message": "worker exited early"})
+                )
+                return FollowResult("failed", progress, record)
             if len(poll.raw) < MAX_READ_BYTES // 2:
                 toolkit.sleep(interval)
     except KeyboardInterrupt:
@@ -221,9 +201,10 @@ def _check_pod(record: JobRecord, toolkit: Toolkit) -> None:
 
 
 def _stop_for_budget(
-    record: JobRecord, progress: JobProgress, toolkit: Toolkit, view: LiveView, meter: Meter
+    record: JobRecord, progress: JobProgress, toolkit: Toolkit, view: LiveView
 ) -> FollowResult:
-    """The money spent reached the cap: stop the worker right after the trial just reported."""
+    """The money spent reached the cap: stop the workers right after the trial just reported."""
+    meter = meter_for(record, toolkit)
     view.note(
         f"budget reached: {format_money(meter.spent(toolkit.clock()))} spent of "
         f"{format_money(record.max_cost)}; stopping after trial {progress.trials_done} "
@@ -344,8 +325,7 @@ def sync_job(record: JobRecord, toolkit: Toolkit) -> bool:
         try:
             while True:
                 poll = follower.poll()
-                store.append_journal(record.job_id, poll.journal_raw)
-                store.append_events(record.job_id, poll.raw)
+                mirror(store, record, poll)
                 if not poll.raw and not poll.journal_raw:
                     break
         finally:

@@ -1,4 +1,4 @@
-"""Stopping a job's worker for good, and telling whether it has stopped.
+"""Stopping a job's workers (one or several) for good, and telling whether it has stopped.
 
 `stop_worker` sends SIGTERM (the worker ends its current trial as failed and exits; a resumed
 search runs that trial again), waits `STOP_GRACE_S`, and then sends SIGKILL to the launcher's
@@ -14,34 +14,13 @@ from typing import Literal
 
 from hctl.errors import JobError
 from hctl.remote.base import Remote
-from hctl.services.follow import LAUNCHER_PID_FILE, RemoteJobChannel, running_test
+from hctl.services.follow import RemoteJobChannel
+from hctl.services.job_protocol import signal_worker
 from hctl.services.toolkit import Toolkit
-from hctl_worker.events import PID_FILE
+from hctl_worker.events import WORKERS_DIR
 
 STOP_GRACE_S = 30.0  # a SIGTERM'd worker gets this long to end its trial before SIGKILL
 KILL_WAIT_S = 15.0
-
-
-def signal_worker(remote: Remote, job_dir: str, signal: Literal["TERM", "KILL"] = "TERM") -> bool:
-    """Send the worker a signal; False when it was not running.
-
-    SIGTERM asks it to stop (it ends the current trial as failed and exits, and a resumed search
-    runs that trial again). SIGKILL goes to the whole session the launcher started (the worker
-    and anything it started), for a worker stuck where it cannot take a SIGTERM.
-    """
-    worker_pid = shlex.quote(f"{job_dir}/{PID_FILE}")
-    launcher_pid = shlex.quote(f"{job_dir}/{LAUNCHER_PID_FILE}")
-    group = f'kill -{signal} -- "-$(cat {launcher_pid})" 2>/dev/null'
-    also_group = f"{group}; " if signal == "KILL" else ""
-    result = remote.run(
-        f'if [ -f {worker_pid} ] && kill -0 "$(cat {worker_pid})" 2>/dev/null; then '
-        f'{also_group}kill -{signal} "$(cat {worker_pid})"; echo stopped; '
-        f"elif {running_test(job_dir)}; then "
-        f'{group} || kill -{signal} "$(cat {launcher_pid})"; '
-        "echo stopped; else echo idle; fi",
-        timeout=30,
-    )
-    return "stopped" in result.output
 
 
 def stop_worker(
@@ -63,7 +42,7 @@ def stop_worker(
         return "killed"
     raise JobError(
         f"The worker in {job_dir} is still running after SIGTERM and SIGKILL.",
-        f"Look at it on its machine (`hctl exec ... -- cat {shlex.quote(f'{job_dir}/{PID_FILE}')}`)"
+        f"Look at it on its machine (`hctl exec ... -- cat {shlex.quote(job_dir)}/{WORKERS_DIR}/*.pid`)"
         " and end it by hand; the job is not marked stopped.",
     )
 

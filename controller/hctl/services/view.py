@@ -138,6 +138,16 @@ def evaluation_rows(event: EvaluationEvent) -> list[list[Cell]]:
 
 def event_line(event: object, progress: JobProgress, money: Money | None = None) -> str | None:
     """The permanent line an event earns in the view, or None for events shown only live."""
+    line = _event_line(event, progress, money)
+    worker = getattr(event, "worker", "")
+    if isinstance(event, TrialEvent) and event.run_by:
+        worker = event.run_by  # who ran it (another worker may report a dead one's trial)
+    if line is not None and worker and progress.several_workers:
+        return f"[worker {worker}] {line}"
+    return line
+
+
+def _event_line(event: object, progress: JobProgress, money: Money | None) -> str | None:
     if isinstance(event, StartEvent):
         resumed = f", {event.resumed_trials} already done" if event.resumed_trials else ""
         device = f" on {event.device}" if event.device else ""

@@ -23,12 +23,15 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import httpx
 
 from hctl import __version__
 from hctl.errors import ApiError, AuthError, ProviderError
+
+if TYPE_CHECKING:
+    from hctl.settings import Settings
 
 Sleep = Callable[[float], None]
 RetryPolicy = Literal["always", "rate_limit_only"]
@@ -113,6 +116,29 @@ class ApiHttp:
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
             transport=transport,
             headers={"User-Agent": f"hctl/{__version__}"},
+        )
+
+    @classmethod
+    def for_settings(
+        cls,
+        settings: Settings,
+        base_url: str,
+        *,
+        address_setting: str,
+        sleep: Sleep = time.sleep,
+        transport: httpx.BaseTransport | None = None,
+    ) -> ApiHttp:
+        """The API at `base_url` with the key, timeouts and retries the settings give."""
+        key = settings.runpod_api_key.get_secret_value() if settings.runpod_api_key else None
+        return cls(
+            base_url,
+            key,
+            address_setting=address_setting,
+            timeout_s=settings.api_timeout_s,
+            retries=settings.api_retries,
+            backoff_s=settings.api_backoff_s,
+            sleep=sleep,
+            transport=transport,
         )
 
     def close(self) -> None:

@@ -65,16 +65,12 @@ class RunPodRestProvider:
         sleep: Sleep = time.sleep,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        key = settings.runpod_api_key.get_secret_value() if settings.runpod_api_key else None
         self.settings = settings
         self._client = RestClient(
-            ApiHttp(
+            ApiHttp.for_settings(
+                settings,
                 settings.runpod_rest_url,
-                key,
                 address_setting="HCTL_RUNPOD_REST_URL",
-                timeout_s=settings.api_timeout_s,
-                retries=settings.api_retries,
-                backoff_s=settings.api_backoff_s,
                 sleep=sleep,
                 transport=transport,
             )

@@ -1,0 +1,194 @@
+"""One search, several real `hctl-worker` processes: on one journal, and from two job directories
+on a real PostgreSQL server. Exactly `n_trials` finish, numbered once each, every worker runs some,
+and the front the controller shows from the events is the front of the study; a worker killed
+with SIGKILL mid-trial loses nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from hctl.services.progress import JobProgress
+from hctl_worker.events import EVENTS_FILE, read_events
+from hctl_worker.startup import CANONICAL, KEY_ATTR, PLAN_ATTR
+from hctl_worker.storage import journal_storage
+from hctl_worker.study import FINISHED, STUDY_NAME, finished_trials, open_study
+from hctl_worker.teamwork import OWNER_ATTR
+from hctl_worker.trials import pareto_front
+from tests.standins.postgres import PostgresServer
+from tests.worker.test_end_to_end import write_fixture_config
+
+pytestmark = pytest.mark.slow
+WORKER = str(Path(sys.executable).parent / "hctl-worker")
+# Short beats, so a dead worker's trial is taken over within seconds.
+TEAM = {"heartbeat_seconds": 0.5, "stale_after_seconds": 4.0}
+
+
+def config(tmp_path: Path, n_trials: int) -> Path:
+    return write_fixture_config(
+        tmp_path / "config.toml", n_trials=n_trials, evaluation_split="[:24]", **TEAM
+    )
+
+
+def start(config_file: Path, job_dir: Path, *extra: str, env: dict | None = None):
+    job_dir.mkdir(parents=True, exist_ok=True)
+    command = [WORKER, "run", "--config", str(config_file), "--job-dir", str(job_dir), *extra]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen(
+        [*command, "--events"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment,
+    )
+
+
+def finish(workers: list[subprocess.Popen]) -> None:
+    for worker in workers:
+        _, stderr = worker.communicate(timeout=540)
+        assert worker.returncode == 0, stderr
+
+
+def controller_view(*job_dirs: Path) -> JobProgress:
+    """What the controller shows: every job directory's events, read by offset, in one view."""
+    progress = JobProgress()
+    for job_dir in job_dirs:
+        for event in read_events(job_dir / EVENTS_FILE)[0]:
+            progress.apply(event)
+    return progress
+
+
+def check_search(study: optuna.Study, n_trials: int, workers: set[str], *job_dirs: Path) -> None:
+    trials = study.get_trials(deepcopy=False)
+    finished = [
+        trial for trial in trials if trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
+    ]
+    assert len(finished) == n_trials
+    assert not [trial for trial in trials if trial.state == TrialState.RUNNING]
+    numbers = sorted(trial.user_attrs["number"] for trial in finished)
+    assert numbers == list(range(1, n_trials + 1))
+    ran = {trial.user_attrs["run_by"] for trial in finished}
+    assert ran == workers, f"every worker runs trials: {ran} of {workers}"
+    view = controller_view(*job_dirs)
+    assert sorted(view.trials) == numbers  # every trial shown, none twice
+    assert {trial.run_by for trial in view.trials.values()} == workers
+    expected = [trial.number for trial in pareto_front(finished_trials(study))]
+    assert [trial.number for trial in view.front()] == expected
+    # One stream per events file: sequence numbers 0, 1, 2... across its workers.
+    for job_dir in job_dirs:
+        events = read_events(job_dir / EVENTS_FILE)[0]
+        assert [event.seq for event in events] == list(range(len(events)))
+
+
+def journal_study(job_dir: Path) -> optuna.Study:
+    return open_study(journal_storage(job_dir / "study.journal"), seed=0, n_startup_trials=0)
+
+
+@pytest.mark.parametrize("n_workers", [2, 3])
+def test_workers_on_one_journal_share_one_search(tmp_path: Path, n_workers: int) -> None:
+    n_trials = 12
+    config_file = config(tmp_path, n_trials)
+    job_dir = tmp_path / "job"
+    workers = [start(config_file, job_dir) for _ in range(n_workers)]
+    finish(workers)
+    names = {str(number) for number in range(1, n_workers + 1)}
+    study = journal_study(job_dir)
+    check_search(study, n_trials, names, job_dir)
+    # The first points were queued once for the study, not once per worker: every planned point
+    # ran once, the canonical ones (classic abliteration) among them.
+    plan = study.user_attrs[PLAN_ATTR]
+    ran = [trial.user_attrs.get(KEY_ATTR) for trial in study.get_trials(states=FINISHED)]
+    planned = [key for key in ran if key is not None]
+    assert len(planned) == len(set(planned)) and set(planned) <= set(plan)
+    canonical = [key for key in plan if key.startswith(CANONICAL)]
+    assert canonical and set(canonical) <= set(planned)
+    events = read_events(job_dir / EVENTS_FILE)[0]
+    assert {event.worker for event in events if event.type == "done"} == names
+    # The directions were computed once, by one worker; the others read them.
+    ends = [
+        event
+        for event in read_events(job_dir / EVENTS_FILE)[0]
+        if event.type == "stage" and event.stage == "directions" and event.state == "end"
+    ]
+    assert sum(not event.message.startswith("from cache") for event in ends) == 1
+
+
+def test_workers_on_two_machines_share_a_study_in_postgresql(
+    tmp_path: Path, postgres_server: PostgresServer
+) -> None:
+    database = postgres_server.database("scale-test")
+    n_trials = 12
+    config_file = config(tmp_path, n_trials)
+    job_dirs = [tmp_path / "machine-a" / "job", tmp_path / "machine-b" / "job"]
+    secret = {"PGPASSWORD": database.password}
+    workers = [
+        start(config_file, job_dir, "--storage", database.url, "--worker", name, env=secret)
+        for job_dir, name in zip(job_dirs, ("a", "b"), strict=True)
+    ]
+    finish(workers)
+    os.environ["PGPASSWORD"] = database.password
+    try:
+        storage = optuna.storages.RDBStorage(
+            database.url.replace("postgresql://", "postgresql+psycopg://")
+        )
+        study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
+        check_search(study, n_trials, {"a", "b"}, *job_dirs)
+    finally:
+        del os.environ["PGPASSWORD"]
+    for job_dir in job_dirs:
+        # The password is nowhere on disk in the job directories; the URL is recorded without it.
+        assert (job_dir / "storage.url").read_text().strip() == database.url
+        for path in job_dir.rglob("*"):
+            if path.is_file():
+                assert database.password.encode() not in path.read_bytes(), path
+
+
+def test_a_worker_killed_mid_trial_loses_nothing(tmp_path: Path) -> None:
+    n_trials = 10
+    config_file = config(tmp_path, n_trials)
+    job_dir = tmp_path / "job"
+    victim = start(config_file, job_dir, "--worker", "victim")
+    survivor = start(config_file, job_dir, "--worker", "survivor")
+    assert victim.stdout is not None
+    for line in victim.stdout:
+        event = json.loads(line)
+        if event["type"] == "trial" and event["worker"] == "victim":
+            break
+    # Wait until the victim is inside a trial of its own, then kill it without warning.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        running = [
+            trial
+            for trial in journal_study(job_dir).get_trials(states=(TrialState.RUNNING,))
+            if str(trial.system_attrs.get(OWNER_ATTR, "")).endswith(":victim") and trial.params
+        ]
+        if running:
+            break
+        time.sleep(0.05)
+    assert running, "the victim started another trial"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    finish([survivor])
+
+    study = journal_study(job_dir)
+    check_search(study, n_trials, {"victim", "survivor"}, job_dir)
+    (abandoned,) = running
+    (failed,) = study.get_trials(states=(TrialState.FAIL,))
+    assert failed.number == abandoned.number and failed.params
+    # Its point ran again, to the end, on the survivor (killed while it was still drawing its
+    # point, the victim's trial holds part of it: that part is kept, the rest drawn anew).
+    again = [
+        trial
+        for trial in study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+        if failed.params.items() <= trial.params.items()
+    ]
+    assert again and again[0].user_attrs["run_by"] == "survivor"
