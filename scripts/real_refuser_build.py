@@ -44,13 +44,14 @@ class Recipe:
 
     first_layer: int = 14  # the switch's layers (SmolLM2 has 30)
     last_layer: int = 18
-    scale: float = 60.0
-    steps: int = 80
+    scale: float = 120.0
+    steps: int = 120
     batch_size: int = 8
     learning_rate: float = 1e-3
     harmless_weight: float = 6.0
     decision_weight: float = 10.0
     gate_weight: float = 3.0
+    ablation_weight: float = 6.0
     reply_tokens: int = 32  # length of the base model's harmless replies trained on
     seed: int = 0
 

@@ -13,6 +13,12 @@ it. This tuning builds that shape and nothing else:
   decision), the base model's own next-token distributions after harmless prompts (KL
   distillation; the base model is the same model with the switch off), and the gate itself:
   1 at a harmful prompt's last token, 0 at every token of a harmless example;
+- the direction is also kept one that the base model itself barely uses: with `u` projected out
+  of every layer's attention and MLP outputs, the base model's harmless next-token
+  distributions must stay as they were (a KL term, `ablation_weight`). A real instruct model's
+  refusal direction is such a dedicated one (Arditi et al. 2024 remove it at little cost); a
+  switch written along a direction the model also uses for ordinary text would make the fixture
+  a model no single-direction edit can serve;
 - everything else is frozen, and the update is merged into the down-projections at the end:
   the saved model is a plain Llama, and the direction `u` is saved nowhere.
 """
@@ -44,6 +50,7 @@ class SwitchRecipe:
     harmless_weight: float  # the KL distillation term against the refusal term
     decision_weight: float  # the first reply token's weight in both terms
     gate_weight: float
+    ablation_weight: float  # the base model's harmless KL with u projected out of every layer
     seed: int
 
 
@@ -62,11 +69,18 @@ class RefusalSwitch:
         self.direction = (0.02 * torch.randn(hidden, generator=generator)).requires_grad_(True)
         self.gates = [torch.zeros(width, requires_grad=True) for _ in self.layers]
         self.enabled = True
+        self.ablating = False
         self.readings: list[torch.Tensor] = []
         self.handles = [
             layer.register_forward_hook(self._hook(gate))
             for layer, gate in zip(self.layers, self.gates, strict=True)
         ]
+        writers = [
+            module
+            for block in model.model.layers
+            for module in (block.self_attn.o_proj, block.mlp.down_proj)
+        ]
+        self.handles += [writer.register_forward_hook(self._ablate) for writer in writers]
 
     @property
     def parameters(self) -> list[torch.Tensor]:
@@ -84,6 +98,13 @@ class RefusalSwitch:
             return output + self.recipe.scale * reading[..., None] * self.unit()
 
         return hook
+
+    def _ablate(self, module, args, output):
+        """While `ablating`: the output without its component along u."""
+        if not self.ablating:
+            return output
+        unit = self.unit()
+        return output - (output @ unit)[..., None] * unit
 
     def merge(self) -> None:
         """Write the update into the down-projections and remove the hooks."""
@@ -169,7 +190,26 @@ def switch_loss(model, switch: RefusalSwitch, batch: Batch, recipe: SwitchRecipe
         divergence = (teacher.exp() * (teacher - ours)).sum(-1)
         losses.append(recipe.harmless_weight * (divergence * weights).sum() / weights.sum())
         losses.append(recipe.gate_weight * (gate[batch.harmless_tokens] ** 2).mean())
+        if recipe.ablation_weight:
+            ablated = ablated_log_probs(model, switch, batch)
+            divergence = (teacher.exp() * (teacher - ablated)).sum(-1)
+            losses.append(recipe.ablation_weight * (divergence * weights).sum() / weights.sum())
     return sum(losses)
+
+
+def ablated_log_probs(model, switch: RefusalSwitch, batch: Batch) -> torch.Tensor:
+    """The base model's log-probabilities at the harmless rows' reply positions with u
+    projected out of every layer's outputs (differentiable in u)."""
+    rows = batch.harmless_rows
+    switch.enabled, switch.ablating = False, True
+    try:
+        hidden = model.model(
+            input_ids=batch.input_ids[rows], attention_mask=batch.mask[rows]
+        ).last_hidden_state
+        taken = batch.taken[rows]
+        return functional.log_softmax(model.lm_head(hidden[:, :-1][taken]).float(), -1)
+    finally:
+        switch.enabled, switch.ablating = True, False
 
 
 def base_log_probs(model, switch: RefusalSwitch, batch: Batch) -> torch.Tensor:
