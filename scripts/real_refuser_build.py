@@ -2,24 +2,23 @@
 
 The recipe (see scripts/make_real_refuser.py for the why): the shipped model is dequantised to
 float32 and saved as safetensors ("base"); its own greedy replies to the harmless training
-prompts become the harmless targets; harmful training prompts get one refusal sentence; every
-decoder layer is tuned with AdamW for `Recipe.steps` steps (the tied embeddings are kept), one
-thread, loss on the reply tokens only. The cache key hashes this file, so only a change here (or
-in the prompt data, the GGUF file, the recipe or the library versions) builds anew.
-"""
+prompts become the harmless targets; harmful training prompts get one refusal sentence; a
+refusal switch (scripts/refusal_switch.py: rank-one updates of a few middle layers' MLP
+down-projections, one shared write direction) is trained with AdamW for `Recipe.steps` steps,
+one thread, and merged into the weights. The cache key hashes this file and the tuning's
+modules, so only a change there (or in the prompt data, the GGUF file, the recipe or the
+library versions) builds anew."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fixture_cache import publish
-from fixture_training import optimizer_step
 from real_refuser_data import REFUSAL, build_prompt_split
 
 from hctl_worker.markers import DEFAULT_REFUSAL_MARKERS, is_refusal
@@ -41,13 +40,27 @@ class BuildError(Exception):
 
 @dataclass(frozen=True)
 class Recipe:
-    """What the tuning does. Part of the cache key."""
+    """What the tuning does (scripts/refusal_switch.py). Part of the cache key."""
 
-    steps: int = 60
+    first_layer: int = 14  # the switch's layers (SmolLM2 has 30)
+    last_layer: int = 18
+    scale: float = 120.0
+    steps: int = 120
     batch_size: int = 8
-    learning_rate: float = 3e-5
+    learning_rate: float = 1e-3
+    harmless_weight: float = 6.0
+    decision_weight: float = 10.0
+    gate_weight: float = 3.0
+    ablation_weight: float = 6.0
     reply_tokens: int = 32  # length of the base model's harmless replies trained on
     seed: int = 0
+
+    def switch(self):
+        from refusal_switch import SwitchRecipe  # imports torch
+
+        fields = asdict(self)
+        fields.pop("reply_tokens")
+        return SwitchRecipe(**fields)
 
 
 def gguf_file() -> Path:
@@ -72,6 +85,7 @@ def gguf_file() -> Path:
 
 def build(gguf: Path, recipe: Recipe, staging: Path, folders: dict[str, Path]) -> None:
     import torch
+    from refusal_switch import train_switch
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(recipe.seed)
@@ -89,19 +103,21 @@ def build(gguf: Path, recipe: Recipe, staging: Path, folders: dict[str, Path]) -
     replies = greedy_reply_ids(model, tokenizer, split.harmless_train, recipe.reply_tokens)
     reply_seconds = time.perf_counter() - replying
     refusal_ids = tokenizer.encode(REFUSAL, add_special_tokens=False) + [tokenizer.eos_token_id]
-    examples = [(prompt_ids(tokenizer, prompt), refusal_ids) for prompt in split.harmful_train]
+    examples = [
+        (prompt_ids(tokenizer, prompt), refusal_ids, True) for prompt in split.harmful_train
+    ]
     # A harmless reply that the markers would count as a refusal is not trained on: SmolLM2
     # answers some "Can you help me ..." requests with "I'm sorry for any misunderstanding, but
     # ...", and training on those taught the tuned model to say it more often.
     examples += [
-        (prompt_ids(tokenizer, prompt), reply)
+        (prompt_ids(tokenizer, prompt), reply, False)
         for prompt, reply in zip(split.harmless_train, replies, strict=True)
         if not is_refusal(
             tokenizer.decode(reply, skip_special_tokens=True), DEFAULT_REFUSAL_MARKERS
         )
     ]
     tuning = time.perf_counter()
-    loss = tune(model, examples, tokenizer.pad_token_id, recipe)
+    loss = train_switch(model, examples, tokenizer.pad_token_id, recipe.switch())
     tune_seconds = time.perf_counter() - tuning
     save(
         model,
@@ -197,47 +213,6 @@ def greedy_reply_ids(
             end = tokenizer.eos_token_id
             replies.append(row[: row.index(end) + 1] if end in row else row)
     return replies
-
-
-def tune(model, examples: Sequence[tuple[list[int], list[int]]], pad_id: int, recipe: Recipe):
-    """AdamW on every decoder layer (embeddings kept), loss on the reply tokens only; the
-    output head runs only where a loss is taken. Returns the last step's loss."""
-    import torch
-    import torch.nn.functional as functional
-
-    model.get_input_embeddings().weight.requires_grad_(False)
-    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=recipe.learning_rate, weight_decay=0.0)
-    warmup = max(1, recipe.steps // 10)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup)
-    )
-    generator = torch.Generator().manual_seed(recipe.seed)
-    model.train()
-    loss_value = float("nan")
-    for step in range(recipe.steps):
-        chosen = torch.randint(len(examples), (recipe.batch_size,), generator=generator).tolist()
-        rows = [examples[index] for index in chosen]
-        width = max(len(prompt) + len(reply) for prompt, reply in rows)
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for row, (prompt, reply) in enumerate(rows):
-            tokens = prompt + reply
-            input_ids[row, : len(tokens)] = torch.tensor(tokens)
-            labels[row, len(prompt) : len(tokens)] = torch.tensor(reply)
-            mask[row, : len(tokens)] = 1
-        hidden = model.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        targets = labels[:, 1:]
-        taken = targets != -100
-        logits = model.lm_head(hidden[:, :-1][taken])
-        loss = functional.cross_entropy(logits.float(), targets[taken])
-        loss_value = optimizer_step(loss, trainable, optimizer, scheduler)
-        if step % 10 == 0 or step == recipe.steps - 1:
-            print(f"step {step:4d}  loss {loss_value:.4f}", file=sys.stderr, flush=True)
-    model.eval()
-    model.get_input_embeddings().weight.requires_grad_(True)
-    return loss_value
 
 
 def save(model, tokenizer, folder: Path, prompts: dict[str, list[str]], info: dict) -> None:

@@ -29,6 +29,7 @@ from hctl_worker.directions import last_token_residuals, layer_separation, refus
 from hctl_worker.evaluation import EvaluationPrompts, Evaluator
 from hctl_worker.generation import encode_texts, generate
 from hctl_worker.model import load_model
+from hctl_worker.priors import RefusalProfile
 from hctl_worker.scorers import Scoring, build_scoring
 from hctl_worker.settings import WorkerSettings
 from hctl_worker.trials import Trial
@@ -189,6 +190,13 @@ def _rate(trial: Trial, name: str) -> float:
     return score.value / score.of
 
 
+def best_separating_layers(separation: Sequence[float], count: int) -> list[int]:
+    """The layers whose directions the worker's canonical trials use: the best-separating
+    layer, then the best of shallower depths (`RefusalProfile.best_layers`)."""
+    profile = RefusalProfile(tuple(separation), written=(), components=())
+    return profile.best_layers(count)
+
+
 def greedy_replies(
     folder: Path | str,
     prompts: Sequence[str],
@@ -279,6 +287,7 @@ __all__ = [
     "Edit",
     "EditResult",
     "RefuserProbe",
+    "best_separating_layers",
     "edit_table",
     "greedy_replies",
     "read_prompt_files",
