@@ -25,7 +25,8 @@ MIN_IDENTICAL_REPLIES = 50  # of 100 held-out harmless prompts
 # The targets the committed recipe does not meet yet, with what was measured (see
 # tests/fixtures/README.md). Strict: a recipe that meets one fails its test until this goes.
 MISSED = {
-    "identical": "measured 16 of 100 held-out harmless replies identical over 32 tokens",
+    "identical": "below 50 of 100 held-out harmless replies identical over 32 tokens "
+    "(16 with the previous recipe)",
 }
 
 
