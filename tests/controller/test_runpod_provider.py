@@ -114,11 +114,13 @@ def test_reads_retry_429_honouring_retry_after_and_5xx_with_backoff(
 
 def test_a_request_that_times_out_is_retried(runpod_emulator: EmulatorServer) -> None:
     sleeper = Sleeper()
-    provider = provider_for(runpod_emulator, sleeper, api_timeout_s=0.2, api_retries=1)
-    runpod_emulator.inject_fault("slow", delay_s=1.0)
+    # A timeout the unhindered retry meets even on a busy machine (0.2 s did not, once), and
+    # a slow answer well past it.
+    provider = provider_for(runpod_emulator, sleeper, api_timeout_s=1.5, api_retries=1)
+    runpod_emulator.inject_fault("slow", delay_s=4.0)
     assert provider.list() == []
     assert len(sleeper.waits) == 1 and len(runpod_emulator.requests) == 2
-    runpod_emulator.inject_fault("slow", delay_s=1.0, times=2)
+    runpod_emulator.inject_fault("slow", delay_s=4.0, times=2)
     with pytest.raises(ApiError, match="did not answer in time"):
         provider.list()
 
