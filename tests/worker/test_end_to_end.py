@@ -91,8 +91,8 @@ def harmless_refusals(job_dir: Path, trial: dict) -> int:
     return sum(is_refusal(reply, DEFAULT_REFUSAL_MARKERS) for reply in replies)
 
 
-def check_search_removes_refusals(events: list[dict], job_dir: Path, n_trials: int) -> dict:
-    """The bar every refusing model must clear; returns the qualifying trial it found."""
+def check_search_shape(events: list[dict], n_trials: int) -> None:
+    """A refusing baseline, every trial number once, the canonical trials first and said so."""
     baseline = next(event for event in events if event["type"] == "baseline")
     assert baseline["refusals"] >= 0.9 * baseline["total_bad"]
 
@@ -104,6 +104,11 @@ def check_search_removes_refusals(events: list[dict], job_dir: Path, n_trials: i
     assert any(
         event["type"] == "log" and event["message"].startswith("first trials: ") for event in events
     )
+
+
+def check_search_removes_refusals(events: list[dict], job_dir: Path, n_trials: int) -> dict:
+    """The bar every refusing model must clear; returns the qualifying trial it found."""
+    check_search_shape(events, n_trials)
 
     front = json.loads((job_dir / "results" / "pareto.json").read_text())
     good = [

@@ -124,13 +124,10 @@ def search(smollm2_refuser: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_the_search_starts_with_classic_abliteration_and_removes_the_refusals(search) -> None:
+    from tests.worker.test_end_to_end import check_search_shape
+
     events, _, front = search
-    baseline = next(event for event in events if event["type"] == "baseline")
-    assert baseline["refusals"] >= 0.9 * baseline["total_bad"]
-    trials = [event for event in events if event["type"] == "trial"]
-    assert [trial["number"] for trial in trials] == list(range(1, SEARCH_TRIALS + 1))
-    canonical = [trial for trial in trials if trial.get("origin") == "canonical"]
-    assert canonical and canonical == trials[: len(canonical)]
+    check_search_shape(events, SEARCH_TRIALS)
     removed = [
         trial
         for trial in front
