@@ -117,8 +117,10 @@ def check_search_removes_refusals(events: list[dict], job_dir: Path, n_trials: i
         if trial["refusals"] <= 0.1 * trial["total_bad"] and trial["kl"] <= 0.05
     ]
     assert good, f"best on the front: {[(t['refusals'], round(t['kl'], 4)) for t in front[:3]]}"
+    # The guard is left unmeasured only for trials the front beat (never for a front trial).
+    assert all(trial["scores"]["HarmlessRefusals"]["value"] is not None for trial in front)
     chosen = good[-1]  # the lowest KL among the good ones
-    harmless = chosen["scores"]["HarmlessRefusals"]  # measured in every trial
+    harmless = chosen["scores"]["HarmlessRefusals"]
     assert harmless["value"] <= 0.05 * harmless["of"]
     assert harmless_refusals(job_dir, chosen) == harmless["value"]
 

@@ -23,7 +23,7 @@ from hctl_worker.replay import DepthPlan, plan_depth
 from hctl_worker.scorers import Scoring
 from hctl_worker.search_space import SearchSpace
 from hctl_worker.study import Outcome, finished_trials, open_study, run_search
-from hctl_worker.trials import Trial, legacy_scores, pareto_front
+from hctl_worker.trials import Trial, behind_front, legacy_scores, pareto_front
 from scripts.make_random_model import byte_tokenizer, random_model, tiny_config
 from tests.worker.scoring import evaluator_for, scoring_for
 
@@ -254,6 +254,55 @@ def test_a_pruned_trial_is_one_the_plain_evaluation_ranks_behind_the_front() -> 
         trial = Trial(number=number, kl=full.kl, refusals=full.refusals, total_bad=len(bad))
         assert pareto_front([*front, trial]) == front
     assert pruned > 0
+
+
+def test_a_trial_the_front_beats_gets_no_guard_measured_and_could_not_have_made_the_front() -> None:
+    fixture = FIXTURES / "tiny-refuser"
+    loaded = load_model(str(fixture), dtypes=["float32"], device_map="cpu")
+    good = loaded.template(_prompts(fixture, "harmless_test", 16), SYSTEM)
+    bad = loaded.template(_prompts(fixture, "harmful_test", 16), SYSTEM)
+    directions = refusal_directions(
+        last_token_residuals(loaded, bad, 8), last_token_residuals(loaded, good, 8)
+    )
+    ablator = Ablator(loaded, directions)
+    scoring = scoring_for(DEFAULT_REFUSAL_MARKERS)  # refusals, KL and the harmless guard
+    evaluator = evaluator_for(
+        loaded, scoring, good=good, bad=bad, max_response_length=12, batch_size=8
+    )
+    scoring.set_baseline(scoring.score(evaluator.evaluate()))
+    guard = next(name for name in scoring.names if name in scoring.limits)
+
+    def trial(number: int, params: AblationParams, front=None) -> tuple[Trial, int]:
+        passes_before = evaluator.stats.forward_passes
+        with ablator.applied(params):
+            scores = scoring.score(evaluator.evaluate(), front=front)
+        return Trial(number=number, scores=scores), evaluator.stats.forward_passes - passes_before
+
+    late = ComponentKernel(1.5, 3.0, 1.0, 0.5)
+    best, _ = trial(1, AblationParams(3.0, {"attention": late, "mlp": late}))
+    off = ComponentKernel(0.0, 0.0, 0.0, 1.0)  # weight 0 everywhere: the original, KL 0
+    untouched, _ = trial(2, AblationParams(1.0, {"attention": off, "mlp": off}))
+    front = pareto_front([best, untouched])
+    assert front == [best, untouched] and untouched.kl == 0 and untouched.refusals > 0
+    generator = random.Random(5)
+    skipped = measured = 0
+    for number in range(3, 13):
+        params = _random_params(generator, loaded.n_layers)
+        fast, fast_passes = trial(number, params, front)
+        full, full_passes = trial(number, params)
+        # The objectives are measured alike; only the guard (and its replies) may be left out.
+        assert fast.refusals == full.refusals
+        assert fast.kl == pytest.approx(full.kl, rel=1e-5, abs=1e-8)
+        if fast.scores[guard].value is None:
+            skipped += 1
+            assert fast_passes < full_passes  # the harmless replies were not generated
+            # The fully measured trial could not have made the front either.
+            assert pareto_front([*front, full]) == front
+        else:
+            measured += 1
+            assert fast.scores[guard].value == full.scores[guard].value
+            assert not behind_front(front, full.objectives())
+    assert skipped > 0 and measured > 0
 
 
 def test_pruned_trials_are_in_the_journal_count_as_finished_and_stay_off_the_front(

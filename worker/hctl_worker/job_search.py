@@ -71,13 +71,16 @@ def run_search(
 
     def evaluate(values: dict[str, float | str]) -> studies.Outcome:
         assert bench is not None
-        limit = None
-        if settings.prune_trials and bench.scoring.can_prune:
-            harmful = len(bench.evaluator.prompts["harmful"].texts)
+        limit, front = None, None
+        if settings.prune_trials:  # stop measuring what cannot matter: see `pruning.py`
             finished = studies.finished_trials(study)
-            limit = PruningBar.for_prompts(finished, harmful, settings.prune_margin).refusal_limit
+            front = pareto_front(finished)
+            if bench.scoring.can_prune:
+                harmful = len(bench.evaluator.prompts["harmful"].texts)
+                bar = PruningBar.for_prompts(finished, harmful, settings.prune_margin)
+                limit = bar.refusal_limit
         with bench.ablator.applied(to_ablation_params(values, COMPONENTS)):
-            scores, pruned = bench.score(refusal_limit=limit)
+            scores, pruned = bench.score(refusal_limit=limit, front=front)
         return studies.Outcome(scores=scores, pruned=pruned)
 
     ran: list[Trial] = []

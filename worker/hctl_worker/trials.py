@@ -208,6 +208,22 @@ def _at_least_as_good(first: Sequence[float], second: Sequence[float]) -> bool:
     return all(a <= b for a, b in zip(first, second, strict=True))
 
 
+def behind_front(front: Iterable[Trial], objectives: Sequence[float] | None) -> bool:
+    """Whether a trial finishing now with these objectives (lower is better, as
+    `Trial.objectives()` gives them) can never be on the front: an acceptable front trial is at
+    least as good on every objective. That trial finished first, so it sorts first on a tie, and
+    it stays beaten (a trial leaves the front only for a better one), whatever its guards say."""
+    if objectives is None:
+        return False
+    return any(
+        trial.acceptable
+        and (kept := trial.objectives()) is not None
+        and len(kept) == len(objectives)
+        and _at_least_as_good(kept, objectives)
+        for trial in front
+    )
+
+
 def best_within(trials: Iterable[TrialType], kl_limit: float) -> TrialType | None:
     """The fewest refusals among the scored (not pruned), acceptable trials whose KL is within the
     limit, then the lowest KL, then the earliest; None when no trial is within it."""
@@ -267,6 +283,7 @@ __all__ = [
     "Role",
     "Score",
     "Trial",
+    "behind_front",
     "best_within",
     "choose",
     "describe_scores",

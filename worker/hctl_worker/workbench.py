@@ -53,12 +53,15 @@ class Workbench:
     profile: RefusalProfile  # where refusal is read and written, for the search's first trials
 
     def score(
-        self, refusal_limit: Callable[[float], int | None] | None = None
+        self,
+        refusal_limit: Callable[[float], int | None] | None = None,
+        front: Sequence[Trial] | None = None,
     ) -> tuple[dict[str, Score], bool]:
         """The scores of the model as it is now (with a trial's edit applied), and whether its
-        evaluation stopped at `refusal_limit` (pruned)."""
+        evaluation stopped at `refusal_limit` (pruned); with `front`, no guard is measured for a
+        trial that front already beats (`Scoring.score`)."""
         context = self.evaluator.evaluate()
-        return self.scoring.score(context, refusal_limit), context.pruned
+        return self.scoring.score(context, refusal_limit, front), context.pruned
 
 
 def prepare(settings: WorkerSettings, paths: JobPaths, reporter: Reporter) -> Workbench:

@@ -6,6 +6,10 @@ the damage objective already shows a broken model (`kl_skip_threshold`). A guard
 refusals on harmless prompts) gets a limit from the unmodified model's own value: a trial above
 it is not acceptable (see `trials.Trial.acceptable` and the study's constraint).
 
+The guards are not measured for a trial the current front already beats on every objective
+(`score(front=...)`): it cannot be on the front whether or not it is acceptable, so its guard
+scores are left unmeasured (None), as a pruned trial's are.
+
 Pruning (`pruning.py`) stops a trial's harmful replies once its refusals put it behind the
 front. It is sound only where the front is the two objectives the refusal count and its damage
 measure, and the count is decided while the replies are generated (markers): `can_prune` says
@@ -19,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from hctl_worker.scorers.base import REPLIES, PromptSetName, Reading, Scorer, ScoringContext
-from hctl_worker.trials import Direction, Score
+from hctl_worker.trials import Direction, Score, Trial, behind_front
 
 
 @dataclass(frozen=True)
@@ -79,10 +83,13 @@ class Scoring:
         self,
         context: ScoringContext,
         refusal_limit: Callable[[float], int | None] | None = None,
+        front: Sequence[Trial] | None = None,
     ) -> dict[str, Score]:
         """Every scorer's score for the model as the context sees it, in the settings' order.
         `refusal_limit(damage)` is the refusal count at which the trial stops mattering (used
-        only when `can_prune`)."""
+        only when `can_prune`). With `front` (the current Pareto front), the guards are not
+        measured for a trial that front already beats on every objective: whether it is
+        acceptable cannot change the front, now or later (`trials.behind_front`)."""
         values: dict[str, float | None] = {}
         cheap = [entry for entry in self.active if not entry.scorer.reads & REPLIES]
         for entry in cheap:
@@ -95,10 +102,14 @@ class Scoring:
         )
         if refusal_limit is not None and damage is not None and self.can_prune and not skip:
             context.limit_refusals(refusal_limit(damage))
-        for entry in self.active:
+        guards = [entry for entry in self.active if entry.scorer.name in self.limits]
+        for entry in [entry for entry in self.active if entry not in guards] + guards:
             if entry.scorer.name in values:
                 continue
             if skip or context.pruned:
+                values[entry.scorer.name] = None
+                continue
+            if entry in guards and front is not None and self._behind(front, values, context):
                 values[entry.scorer.name] = None
                 continue
             value = entry.scorer.score(context)
@@ -108,6 +119,16 @@ class Scoring:
             entry.scorer.name: self._record(entry, values[entry.scorer.name], context)
             for entry in self.active
         }
+
+    def _behind(
+        self, front: Sequence[Trial], values: dict[str, float | None], context: ScoringContext
+    ) -> bool:
+        """Whether the front beats a trial with these objective values on every one."""
+        scores = {
+            entry.scorer.name: self._record(entry, values.get(entry.scorer.name), context)
+            for entry in self.objectives
+        }
+        return behind_front(front, Trial(number=0, scores=scores).objectives())
 
     def _damage(self, values: dict[str, float | None]) -> float | None:
         """The damage objective's value (the first one), if it was measured."""
