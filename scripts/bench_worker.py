@@ -57,7 +57,7 @@ from hctl_worker.model import load_model  # noqa: E402
 from hctl_worker.pruning import PruningBar  # noqa: E402
 from hctl_worker.scorers import Scoring, build_scoring  # noqa: E402
 from hctl_worker.settings import WorkerSettings  # noqa: E402
-from hctl_worker.trials import Trial  # noqa: E402
+from hctl_worker.trials import Trial, pareto_front  # noqa: E402
 from scripts import worker_scaling  # noqa: E402
 from scripts.bench_report import print_table, summarise  # noqa: E402
 
@@ -276,17 +276,19 @@ def bench(arguments: argparse.Namespace) -> dict:
             scoring, evaluator = scorings[combination], evaluators[variant]
             evaluator.stats = GenerationStats()
             evaluator.seconds = {}
-            limit = None
-            if kind != "plain" and arguments.prune_margin >= 0 and scoring.can_prune:
-                harmful = len(bad_test)
-                bar = PruningBar.for_prompts(finished[variant], harmful, arguments.prune_margin)
-                limit = bar.refusal_limit
+            limit, front = None, None
+            if kind != "plain" and arguments.prune_margin >= 0:  # as the worker's prune_trials
+                front = pareto_front(finished[variant])
+                if scoring.can_prune:
+                    harmful = len(bad_test)
+                    bar = PruningBar.for_prompts(finished[variant], harmful, arguments.prune_margin)
+                    limit = bar.refusal_limit
             started = time.perf_counter()
             ablator.apply(params)
             start_layer = evaluator.reuse.plan.start_for(ablator.unchanged_layers())
             context = evaluator.evaluate()
             trial = Trial(
-                number=number, scores=scoring.score(context, limit), pruned=context.pruned
+                number=number, scores=scoring.score(context, limit, front), pruned=context.pruned
             )
             ablator.restore()
             seconds = time.perf_counter() - started
