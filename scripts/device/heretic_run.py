@@ -28,7 +28,12 @@ def import_heretic():
     if missing:
         sys.path.insert(0, str(STUBS))
     try:
-        import heretic.main
+        import heretic.main  # heretic-llm: its own environment, never one of hctl's dependencies
+    except ImportError as error:
+        raise SystemExit(
+            f"error: heretic does not import: {error}\n"
+            "hint: put heretic-llm and what it imports on PYTHONPATH (scripts/device/README.md)"
+        ) from error
     finally:
         if missing:
             sys.path.remove(str(STUBS))
