@@ -3,6 +3,14 @@
     python scripts/bench_heretic.py                          # SmolLM2 as shipped + the real refuser
     python scripts/bench_heretic.py --model smollm2=/tmp/smollm2/model --trials 10 --repeats 2
     python scripts/bench_heretic.py --heretic /path/to/venv/bin/heretic --json out.json
+    python scripts/bench_heretic.py --model big=/tmp/qwen3-4b --device cuda --dtype bfloat16 \
+        --hctl-command "python3 scripts/device/hctl_worker_run.py" --hctl-pythonpath worker:/tmp/a \
+        --heretic-command "python3 scripts/device/heretic_run.py" --heretic-pythonpath /tmp/b
+
+Each tool's command line and PYTHONPATH can be given (`--hctl-command`, `--heretic-command`,
+`--hctl-pythonpath`, `--heretic-pythonpath`): by default `hctl-worker` next to this Python and
+heretic's executable (`--heretic`), each with the environment as it is. Both load the model on
+`--device` (the config's device_map) in `--dtype`.
 
 Each model is run by `hctl-worker run` and by heretic (headless from a config.toml in a scratch
 folder; heretic 1.4.0 asks which trial to export at the end, and its standard input is closed, so
@@ -26,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -83,8 +92,8 @@ def config_text(model: Path, prompts: dict[str, Path], arguments, study_dir: Pat
     """One config.toml both tools read (hctl reads heretic's names)."""
     lines = [
         f'model = "{model}"',
-        'dtypes = ["float32"]',
-        'device_map = "cpu"',
+        f'dtypes = ["{arguments.dtype}"]',
+        f'device_map = "{arguments.device}"',
         f"batch_size = {arguments.batch_size}",
         f"max_response_length = {arguments.max_response_length}",
         f"n_trials = {arguments.trials}",
@@ -101,32 +110,48 @@ def config_text(model: Path, prompts: dict[str, Path], arguments, study_dir: Pat
 
 
 def measured(command: list[str], cwd: Path, env: dict[str, str], log: Path) -> dict:
-    """Run a command under /usr/bin/time -v: wall seconds, peak RSS, exit code."""
-    timing = log.with_suffix(".time")
+    """Run a command: wall seconds, peak RSS (the process's own, from wait4), exit code."""
     started = time.perf_counter()
     with log.open("w") as output:
-        completed = subprocess.run(
-            ["/usr/bin/time", "-v", "-o", str(timing), *command],
+        process = subprocess.Popen(
+            command,
             cwd=cwd,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=output,
             stderr=subprocess.STDOUT,
-            check=False,
         )
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started
-    peak_kb = 0
-    for line in timing.read_text().splitlines() if timing.exists() else []:
-        if "Maximum resident set size" in line:
-            peak_kb = int(line.rsplit(":", 1)[1])
-    return {"returncode": completed.returncode, "wall_s": wall, "peak_rss_mb": peak_kb / 1024}
+    # ru_maxrss is in kilobytes on Linux.
+    return {"returncode": process.returncode, "wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024}
 
 
-def thread_environment(arguments) -> dict[str, str]:
-    """The same CPU thread count for both tools, when one is asked for."""
-    if not arguments.threads:
-        return {}
-    return {"OMP_NUM_THREADS": str(arguments.threads), "MKL_NUM_THREADS": str(arguments.threads)}
+def tool_environment(arguments, pythonpath: str) -> dict[str, str]:
+    """One tool's environment: offline, its own PYTHONPATH when one is given, and the same CPU
+    thread count for both tools when one is asked for."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.update(HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    if arguments.threads:
+        env.update(OMP_NUM_THREADS=str(arguments.threads), MKL_NUM_THREADS=str(arguments.threads))
+    return env
+
+
+def hctl_command(arguments) -> list[str]:
+    """How hctl's worker is started: --hctl-command, else `hctl-worker` next to this Python."""
+    if arguments.hctl_command:
+        return shlex.split(arguments.hctl_command)
+    return [str(Path(sys.executable).with_name("hctl-worker"))]
+
+
+def heretic_command(arguments) -> list[str]:
+    """How heretic is started: --heretic-command, else the --heretic executable."""
+    if arguments.heretic_command:
+        return shlex.split(arguments.heretic_command)
+    return [str(arguments.heretic)]
 
 
 REFUSAL_BAR, KL_BAR = 0.10, 0.05
@@ -150,10 +175,11 @@ def quality(trials: Sequence[dict]) -> dict:
     }
 
 
-def hctl_harmless_refusals(config: Path, job: Path, number: int, env: dict[str, str]) -> str:
+def hctl_harmless_refusals(
+    arguments, config: Path, job: Path, number: int, env: dict[str, str]
+) -> str:
     """The worker's own check of one trial on the harmless prompts (results/chosen.json)."""
-    executable = Path(sys.executable).with_name("hctl-worker")
-    command = [str(executable), "run", "--config", str(config), "--job-dir", str(job)]
+    command = [*hctl_command(arguments), "run", "--config", str(config), "--job-dir", str(job)]
     command += ["--trial", str(number), "--events"]
     subprocess.run(command, env=env, capture_output=True, check=False)
     chosen = job / "results" / "chosen.json"
@@ -167,10 +193,8 @@ def run_hctl(model: Path, prompts: dict[str, Path], arguments, scratch: Path) ->
     config = scratch / "hctl.toml"
     config.write_text(config_text(model, prompts, arguments, None))
     job = scratch / "hctl-job"
-    executable = Path(sys.executable).with_name("hctl-worker")
-    env = {**os.environ, **thread_environment(arguments), "HF_HUB_OFFLINE": "1"}
-    env["TRANSFORMERS_OFFLINE"] = "1"
-    command = [str(executable), "run", "--config", str(config), "--job-dir", str(job)]
+    env = tool_environment(arguments, arguments.hctl_pythonpath)
+    command = [*hctl_command(arguments), "run", "--config", str(config), "--job-dir", str(job)]
     result = measured(command, scratch, env, scratch / "hctl.log")
     events = (
         [
@@ -206,7 +230,7 @@ def run_hctl(model: Path, prompts: dict[str, Path], arguments, scratch: Path) ->
     best = result["quality"]["best_under_bar"]
     if best is not None and arguments.check_harmless:
         result["quality"]["harmless_refusals"] = hctl_harmless_refusals(
-            config, job, best["number"], env
+            arguments, config, job, best["number"], env
         )
     if result["returncode"] != 0:
         result["log_tail"] = (scratch / "hctl.log").read_text()[-1500:]
@@ -218,9 +242,8 @@ def run_heretic(model: Path, prompts: dict[str, Path], arguments, scratch: Path)
     work.mkdir()
     studies = work / "checkpoints"
     (work / "config.toml").write_text(config_text(model, prompts, arguments, studies))
-    env = {**os.environ, **thread_environment(arguments), "HF_HUB_OFFLINE": "1"}
-    env.update(HF_DATASETS_OFFLINE="1", TERM="dumb")
-    command = [str(arguments.heretic), "--model", str(model)]
+    env = {**tool_environment(arguments, arguments.heretic_pythonpath), "TERM": "dumb"}
+    command = [*heretic_command(arguments), "--model", str(model)]
     result = measured(command, work, env, scratch / "heretic.log")
     journals = list(studies.glob("*.jsonl")) if studies.is_dir() else []
     durations: list[float] = []
@@ -362,7 +385,9 @@ def bench(arguments) -> dict:
         "good_evaluation_prompts": arguments.eval_prompts,
         "bad_evaluation_prompts": arguments.eval_prompts,
     }
+    commands = {"hctl": hctl_command(arguments), "heretic": heretic_command(arguments)}
     results: dict = {"settings": vars(arguments) | {"heretic": str(arguments.heretic)}}
+    results["commands"] = commands
     results["load_before"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     runs: dict[str, dict[str, list[dict]]] = {name: {"hctl": [], "heretic": []} for name in models}
     for repeat in range(arguments.repeats):
@@ -411,6 +436,16 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", default=[], help="NAME=FOLDER (repeatable)")
     parser.add_argument("--heretic", type=Path, default=DEFAULT_HERETIC, help="heretic executable")
+    parser.add_argument(
+        "--heretic-command", default="", help="heretic's command line (instead of --heretic)"
+    )
+    parser.add_argument(
+        "--hctl-command", default="", help="the worker's command line (default: hctl-worker)"
+    )
+    parser.add_argument("--hctl-pythonpath", default="", help="PYTHONPATH for the worker only")
+    parser.add_argument("--heretic-pythonpath", default="", help="PYTHONPATH for heretic only")
+    parser.add_argument("--device", default="cpu", help="device_map for both (cpu, cuda, auto)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--startup-trials", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=1, help="alternating runs per tool")
@@ -433,10 +468,11 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = parse_arguments(argv)
-    if not arguments.heretic.exists():
+    if not arguments.heretic_command and not arguments.heretic.exists():
         print(f"error: no heretic at {arguments.heretic}", file=sys.stderr)
         print(
-            "hint: give --heretic PATH (pip install heretic-llm in its own venv)", file=sys.stderr
+            "hint: give --heretic PATH or --heretic-command (pip install heretic-llm in its own venv)",
+            file=sys.stderr,
         )
         return 2
     results = bench(arguments)

@@ -1,11 +1,14 @@
 """Build random-weight causal language models of real architectures, with a byte tokenizer.
 
 Used by the worker's unit tests (tiny sizes, built in-process in well under a second) and by
-scripts/bench_worker.py (a real model's shape, e.g. Qwen3-0.6B, written out by hand: no hub).
+scripts/bench_worker.py and scripts/device/ (a real model's shape, e.g. Qwen3-0.6B, Qwen3-4B or
+Llama-3-8B, written out by hand from the published config.json: no hub; the real vocabulary size,
+so the output layer costs what it really costs, though the byte tokenizer uses few of its rows).
 The tokenizer maps every byte to one token and has a ChatML chat template, so nothing is trained.
 
     python scripts/make_random_model.py OUT_DIR --arch qwen3 [--hidden 64 --layers 2]
     python scripts/make_random_model.py OUT_DIR --arch qwen3-0.6b --dtype bfloat16
+    python scripts/make_random_model.py OUT_DIR --arch qwen3-4b --dtype bfloat16 --device cuda
 """
 
 from __future__ import annotations
@@ -229,12 +232,62 @@ def qwen3_0_6b_config():
     )
 
 
-def random_model(config, *, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """Random weights of `config`, in eval mode. Larger init std so layers differ visibly."""
+def qwen3_4b_config():
+    """Qwen3-4B's published config.json, written out by hand (no hub access here)."""
+    import transformers
+
+    return transformers.Qwen3Config(
+        vocab_size=151936,
+        hidden_size=2560,
+        intermediate_size=9728,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+        rope_theta=1000000,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        bos_token_id=151643,
+        eos_token_id=151645,
+    )
+
+
+def llama_3_8b_config():
+    """Meta-Llama-3-8B-Instruct's published config.json, written out by hand (no hub access)."""
+    import transformers
+
+    return transformers.LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=128000,
+        eos_token_id=128009,
+    )
+
+
+REAL_SHAPES = {
+    "qwen3-0.6b": qwen3_0_6b_config,
+    "qwen3-4b": qwen3_4b_config,
+    "llama-3-8b": llama_3_8b_config,
+}
+
+
+def random_model(config, *, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu"):
+    """Random weights of `config`, in eval mode, initialised on `device` (a GPU builds a large
+    model in seconds). Larger init std so layers differ visibly."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
 
 
@@ -246,17 +299,18 @@ def make_random_model(
     layers: int = 2,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
 ) -> Path:
     """Write a random model plus the byte tokenizer to `directory` (save_pretrained layout)."""
     directory = Path(directory)
     tokenizer = byte_tokenizer()
-    if architecture == "qwen3-0.6b":
-        config = qwen3_0_6b_config()
+    if architecture in REAL_SHAPES:
+        config = REAL_SHAPES[architecture]()
     else:
         config = tiny_config(architecture, hidden=hidden, layers=layers, vocab=len(tokenizer))
     config.pad_token_id = tokenizer.pad_token_id
     config.eos_token_id = tokenizer.eos_token_id
-    model = random_model(config, seed=seed, dtype=dtype)
+    model = random_model(config, seed=seed, dtype=dtype, device=device)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     directory.mkdir(parents=True, exist_ok=True)
@@ -269,12 +323,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out")
     parser.add_argument(
-        "--arch", default="qwen3", help=f"{', '.join(TINY_ARCHITECTURES)}, qwen3-0.6b"
+        "--arch", default="qwen3", help=", ".join([*TINY_ARCHITECTURES, *REAL_SHAPES])
     )
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu", help="where the weights are initialised")
     arguments = parser.parse_args(argv)
     path = make_random_model(
         arguments.out,
@@ -283,6 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         layers=arguments.layers,
         seed=arguments.seed,
         dtype=getattr(torch, arguments.dtype),
+        device=arguments.device,
     )
     print(path)
     return 0

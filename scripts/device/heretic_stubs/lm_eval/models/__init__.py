@@ -1,0 +1,1 @@
+"""Import-only stand-in for lm_eval.models: benchmark only, never used in a run (see lm_eval)."""
