@@ -88,6 +88,17 @@ else
   echo "skipped: heretic does not import"
 fi
 
+# What is left of the lease: the worker's own stages (KL, replies, drafts, pass cost) on the same
+# model, stopped in time for the summary.
+LEFT=$(( (SMOKE == 1 ? 900 : 500) - SECONDS ))
+if [ "$LEFT" -gt 60 ]; then
+  step "5b. the worker's stages (bench_worker.py, at most $LEFT s)"
+  PYTHONPATH=$HCTL_PATH timeout "$LEFT" "$PY" scripts/bench_worker.py --model "$MODEL" \
+    --device "$DEVICE" --dtype "$DTYPE" --params heretic --trials "$TRIALS" --prompts "$EVAL" \
+    --batch-size "$BATCH" --max-response-length "$NEW" --json "$OUTDIR/bench_worker.json" \
+    2>&1 | tail -25 || echo "bench_worker failed or ran out of time"
+fi
+
 step "6. summary"
 "$PY" scripts/device/summary.py "$OUTDIR"
 [ "$HERETIC_OK" = 1 ] || { echo "error: heretic did not import (see step 1): no comparison"; exit 3; }
