@@ -126,3 +126,16 @@ def test_trials_score_the_same_with_static_steps_on_a_fixture() -> None:
         pruned += int(expected_pruned.pruned)
     assert static.stats.static_passes > 0
     assert len(refusals) > 1 and pruned > 0
+
+
+def test_a_graph_that_cannot_be_captured_turns_graphs_off_and_changes_no_reply() -> None:
+    """Capture needs CUDA: here it fails at its first step, the batch goes on eagerly, and the
+    model says once that its graphs are off."""
+    loaded = _random_loaded("qwen3")
+    decoder = StaticDecoder(static=True, graphs=True, reason="decode steps on CUDA graphs")
+    batches = encode_texts(loaded, loaded.template(PROMPTS, SYSTEM), 3)
+    stats = GenerationStats()
+    got = generate(loaded, batches, 12, stats=stats, context=Context(decoder=decoder))
+    assert got == generate(loaded, batches, 12)
+    assert decoder.static and not decoder.graphs and stats.static_passes > 0
+    assert "capture failed" in decoder.describe()

@@ -261,7 +261,7 @@ class Reuse:
         else:
             replay = "no layer replay"
         drafts = "draft replies" if self.use_drafts else "no draft replies"
-        return f"reuse: {prefix}; {replay}; {drafts}"
+        return f"reuse: {prefix}; {replay}; {drafts}; {self.decoder.describe()}"
 
     def keep_budget(self) -> int:
         """Bytes a trial may keep of its prompt passes for its replies (the replay budget; none

@@ -313,10 +313,20 @@ class Decoding:
     def _capture_and_replay(self) -> None:
         """Capture this step as a graph (on a side stream, after the eager warm-up step) and
         replay it; any failure runs it eagerly and turns graphs off for the model."""
+        device = self.input_ids.device
+        # Not `torch.cuda.graph`: it collects garbage and empties the allocator's cache on every
+        # capture, which here is every batch of every trial.
         try:
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):  # on a side stream of its own
-                self._forward()
+            with torch.cuda.stream(stream):
+                graph.capture_begin(capture_error_mode="thread_local")
+                try:
+                    self._forward()
+                finally:
+                    graph.capture_end()
+            torch.cuda.current_stream(device).wait_stream(stream)
         except Exception as error:
             self.use_graphs = False
             if self.decoder is not None:
