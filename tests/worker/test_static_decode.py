@@ -129,7 +129,7 @@ def test_trials_score_the_same_with_static_steps_on_a_fixture() -> None:
 
 
 def test_a_graph_that_cannot_be_captured_turns_graphs_off_and_changes_no_reply() -> None:
-    """Capture needs CUDA: here it fails at its first step, the batch goes on eagerly, and the
+    """Graphs need CUDA: here they fail at the first step, the batch goes on eagerly, and the
     model says once that its graphs are off."""
     loaded = _random_loaded("qwen3")
     decoder = StaticDecoder(static=True, graphs=True, reason="decode steps on CUDA graphs")
@@ -138,4 +138,4 @@ def test_a_graph_that_cannot_be_captured_turns_graphs_off_and_changes_no_reply()
     got = generate(loaded, batches, 12, stats=stats, context=Context(decoder=decoder))
     assert got == generate(loaded, batches, 12)
     assert decoder.static and not decoder.graphs and stats.static_passes > 0
-    assert "capture failed" in decoder.describe()
+    assert "CUDA graphs failed" in decoder.describe()

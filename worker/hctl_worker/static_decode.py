@@ -11,8 +11,8 @@ tokens are ignored.
 
 A trial's edits are forward hooks, and a graph replays whatever ran when it was captured, so a
 graph lives for one batch's generation only (`Decoding`): its first step runs eagerly (the
-warm-up), the second is captured, and the rest replay it. Anything that fails during capture
-turns graphs off for the model (said once), never the generation.
+warm-up), the second is captured, and the rest replay it. Anything that fails there turns
+graphs off for the model (said once), never the generation.
 
 Whether a model qualifies is decided once (`StaticDecoder.for_model`): a plain key/value cache,
 an attention that takes a 4D mask, no experts (their routing may depend on the batch), and a few
@@ -126,7 +126,7 @@ class StaticDecoder:
     def fall_back(self, error: BaseException) -> None:
         """Graph capture failed: eager static steps from now on for this model (said once)."""
         self.graphs = False
-        self.reason = f"decode steps eagerly: CUDA graph capture failed ({type(error).__name__})"
+        self.reason = f"decode steps eagerly: CUDA graphs failed ({type(error).__name__})"
         log.warning("%s: %s", self.reason, error)
 
 
@@ -145,7 +145,9 @@ def _unfit(loaded: LoadedModel, plain_cache: bool) -> str | None:
 
 
 def _probe(loaded: LoadedModel) -> str | None:
-    """Run a few greedy steps of two rows (one left-padded) both ways; None when they agree."""
+    """A few greedy steps of two rows (one left-padded) both ways, the static one fed the dynamic
+    one's tokens; None when their logits agree (to rounding: in 16 bits a longer cache may round
+    differently) and, in float32, so do their choices."""
     device = loaded.input_device
     vocab = int(loaded.model.get_input_embeddings().weight.shape[0])
     tokens = torch.arange(5, dtype=torch.long) * 7919 % max(vocab - 1, 1) + 1
@@ -153,20 +155,23 @@ def _probe(loaded: LoadedModel) -> str | None:
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, :2] = 0
     with torch.inference_mode():
-        plain = _probe_logits(loaded, input_ids, attention_mask, static=False)
-        static = _probe_logits(loaded, input_ids, attention_mask, static=True)
+        plain = _probe_logits(loaded, input_ids, attention_mask)
+        static = _probe_logits(loaded, input_ids, attention_mask, fed=plain.argmax(-1))
     if static is None:
         return "its cache cannot be copied into buffers"
-    if not torch.equal(plain.argmax(-1), static.argmax(-1)):
+    exact = loaded.dtype == torch.float32
+    if exact and not torch.equal(plain.argmax(-1), static.argmax(-1)):
         return "static steps chose other tokens than dynamic ones on a probe"
     scale = float(plain.abs().max()) or 1.0
-    tolerance = 1e-4 if loaded.dtype == torch.float32 else 5e-2
+    tolerance = 1e-4 if exact else 5e-2
     if float((plain - static).abs().max()) > tolerance * scale:
         return "static steps' logits differ from dynamic ones on a probe"
     return None
 
 
-def _probe_logits(loaded, input_ids, attention_mask, static: bool) -> torch.Tensor | None:
+def _probe_logits(loaded, input_ids, attention_mask, fed=None) -> torch.Tensor | None:
+    """[rows, 1 + steps, vocab] float logits of greedy steps: dynamic, or static when `fed`
+    gives the token fed at each step (None: the cache cannot be copied)."""
     model = loaded.model
     cache = new_cache(model)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -180,13 +185,15 @@ def _probe_logits(loaded, input_ids, attention_mask, static: bool) -> torch.Tens
     )
     cache = returned_cache(outputs, cache)
     logits = [outputs.logits[:, -1, :].float()]
-    token = logits[-1].argmax(-1, keepdim=True)
     position = positions[:, -1:] + 1
-    decoding = Decoding.start(loaded, cache, attention_mask, _PROBE_STEPS) if static else None
-    if static and decoding is None:
-        return None
-    for _ in range(_PROBE_STEPS):
-        if static:
+    decoding = None
+    if fed is not None:
+        decoding = Decoding.start(loaded, cache, attention_mask, _PROBE_STEPS)
+        if decoding is None:
+            return None
+    for step in range(_PROBE_STEPS):
+        token = logits[-1].argmax(-1, keepdim=True) if fed is None else fed[:, step : step + 1]
+        if decoding is not None:
             step_logits = decoding.step_logits(token, position, [1, 1])
         else:
             attention_mask = torch.cat([attention_mask, torch.ones_like(token)], 1)
@@ -201,15 +208,21 @@ def _probe_logits(loaded, input_ids, attention_mask, static: bool) -> torch.Tens
             cache = returned_cache(outputs, cache)
             step_logits = outputs.logits[:, -1, :].float()
         logits.append(step_logits)
-        token, position = step_logits.argmax(-1, keepdim=True), position + 1
+        position = position + 1
     return torch.stack(logits, 1)
 
 
 class Decoding:
     """One batch's static decode: the buffers, and (on CUDA) its graph once captured."""
 
-    def __init__(self, loaded: LoadedModel, cache: KeyValueBuffers, mask: torch.Tensor) -> None:
-        self.loaded, self.cache = loaded, cache
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        cache: KeyValueBuffers,
+        mask: torch.Tensor,
+        decoder: StaticDecoder | None = None,
+    ) -> None:
+        self.loaded, self.cache, self.decoder = loaded, cache, decoder
         rows, device = mask.shape[0], mask.device
         attention = getattr(loaded.model.config, "_attn_implementation", None) or "eager"
         self.boolean = attention == "sdpa"
@@ -218,10 +231,10 @@ class Decoding:
         self.position_ids = torch.zeros((rows, 1), dtype=torch.long, device=device)
         self.logits: torch.Tensor | None = None
         self.choices: torch.Tensor | None = None
+        self.use_graphs = decoder is not None and decoder.graphs
+        self.stream = None  # the side stream of the warm-up and the capture
         self.graph = None
         self.steps = 0
-        self.decoder: StaticDecoder | None = None
-        self.use_graphs = False
 
     @classmethod
     def start(
@@ -248,10 +261,7 @@ class Decoding:
             low = torch.finfo(loaded.dtype).min
             mask = torch.zeros(seen.shape, dtype=loaded.dtype, device=seen.device)
             mask = mask.masked_fill_(~seen, low)[:, None, None, :]
-        decoding = cls(loaded, buffers, mask.contiguous())
-        decoding.decoder = decoder
-        decoding.use_graphs = decoder is not None and decoder.graphs
-        return decoding
+        return cls(loaded, buffers, mask.contiguous(), decoder)
 
     def step(self, tokens: Sequence[int], positions: Sequence[int], live: Sequence[int]) -> list:
         """One pass of one token per row; the greedy choice per row (as [[token], ...])."""
@@ -263,8 +273,8 @@ class Decoding:
         )
         if self.graph is not None:
             self.graph.replay()
-        elif self.use_graphs and self.steps > 1:
-            self._capture_and_replay()
+        elif self.use_graphs:
+            self._on_graphs()
         else:
             self._forward()
         self.cache.advance()
@@ -310,31 +320,36 @@ class Decoding:
         self.logits = outputs.logits
         self.choices = outputs.logits[:, -1, :].argmax(dim=-1)
 
-    def _capture_and_replay(self) -> None:
-        """Capture this step as a graph (on a side stream, after the eager warm-up step) and
-        replay it; any failure runs it eagerly and turns graphs off for the model."""
+    def _on_graphs(self) -> None:
+        """The first step eagerly (the warm-up), the second captured as a graph and replayed,
+        both on a side stream; any failure runs the step eagerly and turns graphs off for the
+        model. (Not `torch.cuda.graph`: it collects garbage and empties the allocator's cache on
+        every capture, which here is every batch of every trial.)"""
         device = self.input_ids.device
-        # Not `torch.cuda.graph`: it collects garbage and empties the allocator's cache on every
-        # capture, which here is every batch of every trial.
         try:
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.stream(stream):
-                graph.capture_begin(capture_error_mode="thread_local")
-                try:
+            if self.stream is None:
+                self.stream = torch.cuda.Stream(device)
+            self.stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(self.stream):
+                if self.steps == 1:
                     self._forward()
-                finally:
-                    graph.capture_end()
-            torch.cuda.current_stream(device).wait_stream(stream)
+                else:
+                    graph = torch.cuda.CUDAGraph()
+                    graph.capture_begin(capture_error_mode="thread_local")
+                    try:
+                        self._forward()
+                    finally:
+                        graph.capture_end()
+                    self.graph = graph
+            torch.cuda.current_stream(device).wait_stream(self.stream)
         except Exception as error:
-            self.use_graphs = False
+            self.use_graphs, self.graph = False, None
             if self.decoder is not None:
                 self.decoder.fall_back(error)
             self._forward()
             return
-        self.graph = graph
-        graph.replay()
+        if self.graph is not None:
+            self.graph.replay()
 
 
 __all__ = ["DecodeMode", "Decoding", "KeyValueBuffers", "StaticDecoder"]
