@@ -27,16 +27,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: scripts.device
 
 import torch  # noqa: E402
-from decode_roofline import (  # noqa: E402
-    FIXTURE_PROMPTS,
-    SYSTEM_PROMPT,
-    prompts_for,
-    synchronize,
-    weight_bytes,
-)
 
 from hctl_worker.ablation import AblationParams, Ablator, ComponentKernel  # noqa: E402
 from hctl_worker.directions import last_token_residuals, refusal_directions  # noqa: E402
@@ -45,6 +38,13 @@ from hctl_worker.first_pass import Context  # noqa: E402
 from hctl_worker.generation import GenerationStats, generate  # noqa: E402
 from hctl_worker.model import LoadedModel, load_model  # noqa: E402
 from hctl_worker.static_decode import StaticDecoder  # noqa: E402
+from scripts.device.decode_roofline import (  # noqa: E402
+    FIXTURE_PROMPTS,
+    SYSTEM_PROMPT,
+    prompts_for,
+    synchronize,
+    weight_bytes,
+)
 
 
 def trials(n_layers: int, count: int) -> list[AblationParams]:
