@@ -6,21 +6,27 @@
 #   set -o pipefail; bash scripts/device/bench_h200.sh 2>&1 | tee $OUT/bench_h200.log   # GPU machine
 #   bash scripts/device/bench_h200.sh --cpu-smoke --python VENV/bin/python --wheels DIR --out DIR
 #
+# --graphs-only (about 5 minutes): steps 1-3, the CUDA-graph check (graph_check.py: the same
+# replies with decode graphs off and on for a few edited trials, and the decode step each way
+# against the bandwidth limit) and step 5 (the worker with graphs: decode_graphs = "auto");
+# steps 4 and 5b are skipped.
+#
 # Wheels travel in WHEELS/common (both tools), WHEELS/hctl (optuna 5) and WHEELS/heretic (optuna
 # 4.x, heretic-llm and what it imports): each set goes into its own folder under SITE, and each
 # tool gets its own PYTHONPATH. heretic starts through heretic_run.py (import-only stand-ins for
 # lm_eval and bitsandbytes), the worker through hctl_worker_run.py (worker/ on its path).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
-PY=python3 WHEELS=$REPO/.whl OUTDIR=${OUT:-/tmp/hctl-bench-out} SITE=/tmp/hctl-site SMOKE=0
+PY=python3 WHEELS=$REPO/.whl OUTDIR=${OUT:-/tmp/hctl-bench-out} SITE=/tmp/hctl-site SMOKE=0 GRAPHS=0
 while [ $# -gt 0 ]; do
   case $1 in
     --cpu-smoke) SMOKE=1 ;;
+    --graphs-only) GRAPHS=1 ;;
     --python) PY=$2; shift ;;
     --wheels) WHEELS=$2; shift ;;
     --out) OUTDIR=$2; shift ;;
     --site) SITE=$2; shift ;;
-    *) echo "error: unknown option $1"; echo "hint: --cpu-smoke, --python, --wheels, --out, --site"; exit 2 ;;
+    *) echo "error: unknown option $1"; echo "hint: --cpu-smoke, --graphs-only, --python, --wheels, --out, --site"; exit 2 ;;
   esac
   shift
 done
@@ -69,11 +75,19 @@ rm -rf "$MODEL"
 "$PY" scripts/make_random_model.py "$MODEL" --arch "$ARCH" --dtype "$DTYPE" --device "$DEVICE" "${SHAPE[@]}"
 du -sh "$MODEL"
 
-step "4. the worker's decode step (batch $BATCH, $NEW new tokens)"
-PYTHONPATH=$HCTL_PATH "$PY" scripts/device/decode_roofline.py "$MODEL" --device "$DEVICE" \
-  --dtype "$DTYPE" --batch-size "$BATCH" --new-tokens "$NEW" \
-  --facts "$OUTDIR/device.json" --json "$OUTDIR/decode.json" \
-  || echo "decode timing failed (see above)"
+if [ "$GRAPHS" = 1 ]; then
+  step "4g. decode steps as CUDA graphs: the same replies? how fast? (batch $BATCH, $NEW new tokens)"
+  PYTHONPATH=$HCTL_PATH timeout 240 "$PY" scripts/device/graph_check.py "$MODEL" --device "$DEVICE" \
+    --dtype "$DTYPE" --batch-size "$BATCH" --new-tokens "$NEW" \
+    --facts "$OUTDIR/device.json" --json "$OUTDIR/graphs.json" \
+    || echo "graph check failed, found a MISMATCH or ran out of time (see above)"
+else
+  step "4. the worker's decode step (batch $BATCH, $NEW new tokens)"
+  PYTHONPATH=$HCTL_PATH "$PY" scripts/device/decode_roofline.py "$MODEL" --device "$DEVICE" \
+    --dtype "$DTYPE" --batch-size "$BATCH" --new-tokens "$NEW" \
+    --facts "$OUTDIR/device.json" --json "$OUTDIR/decode.json" \
+    || echo "decode timing failed (see above)"
+fi
 
 step "5. hctl vs heretic, alternating (a random model never refuses: the time per trial is what compares)"
 if [ "$HERETIC_OK" = 1 ]; then
@@ -91,7 +105,7 @@ fi
 # What is left of the lease: the worker's own stages (KL, replies, drafts, pass cost) on the same
 # model, stopped in time for the summary.
 LEFT=$(( (SMOKE == 1 ? 900 : 500) - SECONDS ))
-if [ "$LEFT" -gt 60 ]; then
+if [ "$GRAPHS" = 0 ] && [ "$LEFT" -gt 60 ]; then
   step "5b. the worker's stages (bench_worker.py, at most $LEFT s)"
   PYTHONPATH=$HCTL_PATH timeout "$LEFT" "$PY" scripts/bench_worker.py --model "$MODEL" \
     --device "$DEVICE" --dtype "$DTYPE" --params heretic --trials "$TRIALS" --prompts "$EVAL" \

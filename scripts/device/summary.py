@@ -20,8 +20,9 @@ def _n(value, scale: float = 1.0, digits: int = 2) -> str:
 
 
 def lines(out: Path) -> list[str]:
-    device, decode, bench = (
-        read(out / name) for name in ("device.json", "decode.json", "bench_heretic.json")
+    device, decode, bench, graphs = (
+        read(out / name)
+        for name in ("device.json", "decode.json", "bench_heretic.json", "graphs.json")
     )
     shown = []
     copy = device.get("copy", {})
@@ -54,8 +55,27 @@ def lines(out: Path) -> list[str]:
             f"({_n(decode.get('fraction_of_limit_weights_and_cache'), 100, 1)} % counting "
             f"~{_n(decode['cache_bytes_per_step'], 1e-9)} GB of key/value cache)"
         )
-    else:
+    elif not graphs:
         shown.append("worker decode step: no decode.json (see the log)")
+    if graphs:
+        shown.extend(_graph_lines(graphs))
+    return shown
+
+
+def _graph_lines(graphs: dict) -> list[str]:
+    """graph_check.py's verdict on the replies and its decode step each way."""
+    replies = graphs.get("replies", {})
+    verdict = "MISMATCH" if replies.get("mismatches") else "identical"
+    shown = [
+        f"decode graphs, batch {graphs.get('batch_size')}: replies {verdict} over "
+        f"{len(replies.get('trials', []))} trials; limit {_n(graphs.get('weights_limit_s'), 1e3)} ms"
+    ]
+    for name, figures in graphs.get("timing", {}).items():
+        shown.append(
+            f"  {name:<7} {_n(figures['decode_step_s'], 1e3)} ms per step "
+            f"({_n(figures.get('times_the_limit'), digits=1)}x the limit); "
+            f"{graphs['decoders'].get(name, '')}"
+        )
     return shown
 
 

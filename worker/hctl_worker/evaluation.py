@@ -41,6 +41,7 @@ from hctl_worker.generation import GenerationStats, Verdicts, encode_texts, gene
 from hctl_worker.model import free_memory, is_out_of_memory
 from hctl_worker.prompt_set import DEFAULT_REPLAY_MEMORY, PromptSet, Reuse
 from hctl_worker.scorers.base import PromptSetName, TokenDivergences
+from hctl_worker.static_decode import DecodeMode
 
 if TYPE_CHECKING:
     from hctl_worker.model import LoadedModel
@@ -90,6 +91,7 @@ class Evaluator:
         unchanged_layers: Callable[[], int] | None = None,
         replay_memory: float = DEFAULT_REPLAY_MEMORY,
         drafts: bool = True,
+        decode_graphs: DecodeMode = "off",
     ) -> None:
         if not harmless.texts or not harmful.texts:
             raise ValueError("the evaluator needs harmless and harmful prompts")
@@ -114,6 +116,7 @@ class Evaluator:
             unchanged_layers=unchanged_layers,
             replay_memory=replay_memory,
             drafts=drafts,
+            decode_graphs=decode_graphs,
         )
         self._sets = {
             name: PromptSet(

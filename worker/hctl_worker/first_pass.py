@@ -29,6 +29,7 @@ from hctl_worker.encoding import (
 from hctl_worker.model import is_out_of_memory
 from hctl_worker.prefix import SharedPrefix
 from hctl_worker.replay import Recording, replaying
+from hctl_worker.static_decode import StaticDecoder
 
 if TYPE_CHECKING:
     from hctl_worker.model import LoadedModel
@@ -130,8 +131,8 @@ class FirstPass:
 @dataclass
 class Context:
     """What a generation may reuse: the shared prefix (already refreshed for the model as it is),
-    the layers below `start` replayed from each first pass's recording, and drafts (when
-    `policy` says they pay; `cost` times the passes for it)."""
+    the layers below `start` replayed from each first pass's recording, drafts (when `policy`
+    says they pay; `cost` times the passes for it), and how passes without drafts run."""
 
     prefix: SharedPrefix | None = None
     layers: Sequence[torch.nn.Module] = ()
@@ -140,6 +141,7 @@ class Context:
     first_passes: dict[int, FirstPass] = field(default_factory=dict)  # by id(batch)
     policy: DraftPolicy | None = None
     cost: PassCost | None = None
+    decoder: StaticDecoder | None = None  # whether width-1 passes run statically
 
     @property
     def drafting(self) -> bool:

@@ -47,6 +47,7 @@ from hctl_worker.first_pass import (
 )
 from hctl_worker.markers import contains_marker, normalise_response
 from hctl_worker.prefix import SharedPrefix
+from hctl_worker.static_decode import Decoding
 
 if TYPE_CHECKING:
     from hctl_worker.model import LoadedModel
@@ -66,6 +67,7 @@ class GenerationStats:
     layer_tokens: int = 0  # input tokens times the layers that computed them (not replayed)
     drafted: int = 0  # draft tokens fed
     accepted: int = 0  # draft tokens that were the model's own choice
+    static_passes: int = 0  # passes run on static buffers (or replayed as a CUDA graph)
 
 
 @dataclass
@@ -179,6 +181,12 @@ def generate_batch(
     can_drop_rows = hasattr(cache, "batch_select_indices")
     stopped_early = False
     choices = started.choices  # [slots, 1 + draft width]: the greedy token at each column
+    # Passes of one token per row (no drafts follow) may run on static buffers, or a CUDA graph.
+    decoder = context.decoder
+    static = (
+        decoder is not None and decoder.static and not (context.drafts is not None and drafting)
+    )
+    decoding: Decoding | None = None
 
     def finish(reply: _Reply, refused: bool) -> None:
         reply.done, reply.refused = True, refused
@@ -207,6 +215,21 @@ def generate_batch(
         keep = [slot for slot, row in enumerate(active) if not replies[row].done]
         if not keep:
             break
+        if static and decoding is None:
+            decoding = Decoding.start(loaded, cache, attention_mask, max_new_tokens, decoder)
+            static = decoding is not None
+        if decoding is not None:  # every row stays; finished ones compute and are ignored
+            pass_started = time.perf_counter()
+            choices = decoding.step_replies(replies, pad)
+            if context.cost is not None:
+                context.cost.observe(rows, time.perf_counter() - pass_started)
+            fed = len(keep)
+            stats.forward_passes += 1
+            stats.static_passes += 1
+            stats.input_tokens += fed
+            stats.layer_tokens += fed * depth
+            pending_drafts = []
+            continue
         if can_drop_rows and len(keep) < len(active):
             selection = torch.tensor(keep, dtype=torch.long)  # a CPU index suits any device
             try:

@@ -38,6 +38,7 @@ from hctl_worker.generation import GenerationStats, Verdicts, first_token_logits
 from hctl_worker.model import is_out_of_memory
 from hctl_worker.prefix import SharedPrefix
 from hctl_worker.replay import DepthPlan, plan_depth, record, replayable
+from hctl_worker.static_decode import DecodeMode, StaticDecoder
 
 if TYPE_CHECKING:
     from hctl_worker.model import LoadedModel
@@ -80,6 +81,7 @@ class Reuse:
         unchanged_layers: Callable[[], int] | None = None,
         replay_memory: float = DEFAULT_REPLAY_MEMORY,
         drafts: bool = True,
+        decode_graphs: DecodeMode = "off",
     ) -> None:
         self.loaded = loaded
         self.layers = find_layers(loaded.model)
@@ -87,7 +89,9 @@ class Reuse:
         # plain key/value cache keeps nothing else (a convolution or recurrent state would be
         # changed by a rejected draft token for good).
         plain_cache = self.plain_cache = self._plain_cache()
-        self.use_drafts = drafts and plain_cache
+        self.decoder = StaticDecoder.for_model(loaded, decode_graphs, plain_cache)
+        # A graphed pass of one token per row costs little: drafts would only add tokens.
+        self.use_drafts = drafts and plain_cache and not self.decoder.graphs
         if not plain_cache:
             replay_memory = 0
         self.unchanged_layers = unchanged_layers or (lambda: 0)
@@ -151,6 +155,7 @@ class Reuse:
             first_passes=self.first_passes,
             policy=policy,
             cost=self.pass_cost if drafts is not None else None,
+            decoder=self.decoder,
         )
 
     def prepare(self, sets: Sequence[PromptSet]) -> None:
@@ -256,7 +261,7 @@ class Reuse:
         else:
             replay = "no layer replay"
         drafts = "draft replies" if self.use_drafts else "no draft replies"
-        return f"reuse: {prefix}; {replay}; {drafts}"
+        return f"reuse: {prefix}; {replay}; {drafts}; {self.decoder.describe()}"
 
     def keep_budget(self) -> int:
         """Bytes a trial may keep of its prompt passes for its replies (the replay budget; none

@@ -165,6 +165,7 @@ def evaluator_for(
         unchanged_layers=unchanged_layers,
         replay_memory=settings.replay_memory,
         drafts=settings.draft_replies,
+        decode_graphs=settings.decode_graphs,
     )
 
 
