@@ -77,7 +77,7 @@ du -sh "$MODEL"
 
 if [ "$GRAPHS" = 1 ]; then
   step "4g. decode steps as CUDA graphs: the same replies? how fast? (batch $BATCH, $NEW new tokens)"
-  PYTHONPATH=$HCTL_PATH timeout 240 "$PY" scripts/device/graph_check.py "$MODEL" --device "$DEVICE" \
+  PYTHONPATH=$HCTL_PATH timeout 150 "$PY" scripts/device/graph_check.py "$MODEL" --device "$DEVICE" \
     --dtype "$DTYPE" --batch-size "$BATCH" --new-tokens "$NEW" \
     --facts "$OUTDIR/device.json" --json "$OUTDIR/graphs.json" \
     || echo "graph check failed, found a MISMATCH or ran out of time (see above)"
