@@ -38,7 +38,7 @@ if [ "$SMOKE" = 1 ]; then
 else
   # 64 + 64 evaluation prompts in one batch each, 32-token replies, 8 trials: each tool's run is
   # about a minute of loading, directions and baseline plus 8 trials, both inside LIMIT seconds.
-  DEVICE=cuda DTYPE=bfloat16 ARCH=qwen3-4b BATCH=64 NEW=32 TRIALS=8 EVAL=64 TRAIN=128 MB=4096 LIMIT=300
+  DEVICE=cuda DTYPE=bfloat16 ARCH=qwen3-4b BATCH=64 NEW=32 TRIALS=8 EVAL=64 TRAIN=128 MB=4096 LIMIT=220
   SHAPE=()
 fi
 MODEL=/tmp/hctl-models/$ARCH
