@@ -191,7 +191,9 @@ def hctl_harmless_refusals(
 
 def run_hctl(model: Path, prompts: dict[str, Path], arguments, scratch: Path) -> dict:
     config = scratch / "hctl.toml"
-    config.write_text(config_text(model, prompts, arguments, None))
+    # hctl's own settings (e.g. decode_graphs = "auto") go before the tables, in hctl's file only.
+    own = "".join(f"{setting}\n" for setting in arguments.hctl_setting)
+    config.write_text(own + config_text(model, prompts, arguments, None))
     job = scratch / "hctl-job"
     env = tool_environment(arguments, arguments.hctl_pythonpath)
     command = [*hctl_command(arguments), "run", "--config", str(config), "--job-dir", str(job)]
@@ -444,6 +446,10 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--hctl-pythonpath", default="", help="PYTHONPATH for the worker only")
     parser.add_argument("--heretic-pythonpath", default="", help="PYTHONPATH for heretic only")
+    parser.add_argument(
+        "--hctl-setting", action="append", default=[],
+        help='a line of TOML for hctl\'s config only, e.g. \'decode_graphs = "auto"\' (repeatable)',
+    )  # fmt: skip
     parser.add_argument("--device", default="cpu", help="device_map for both (cpu, cuda, auto)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--trials", type=int, default=10)

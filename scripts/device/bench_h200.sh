@@ -75,6 +75,8 @@ rm -rf "$MODEL"
 "$PY" scripts/make_random_model.py "$MODEL" --arch "$ARCH" --dtype "$DTYPE" --device "$DEVICE" "${SHAPE[@]}"
 du -sh "$MODEL"
 
+HCTL_SETTINGS=()
+[ "$GRAPHS" = 1 ] && HCTL_SETTINGS=(--hctl-setting 'decode_graphs = "auto"')
 if [ "$GRAPHS" = 1 ]; then
   step "4g. decode steps as CUDA graphs: the same replies? how fast? (batch $BATCH, $NEW new tokens)"
   PYTHONPATH=$HCTL_PATH timeout 150 "$PY" scripts/device/graph_check.py "$MODEL" --device "$DEVICE" \
@@ -96,7 +98,7 @@ if [ "$HERETIC_OK" = 1 ]; then
     --batch-size "$BATCH" --max-response-length "$NEW" \
     --hctl-command "$PY $REPO/scripts/device/hctl_worker_run.py" --hctl-pythonpath "$HCTL_PATH" \
     --heretic-command "$PY $REPO/scripts/device/heretic_run.py" --heretic-pythonpath "$HERETIC_PATH" \
-    --json "$OUTDIR/bench_heretic.json" 2>&1 | tee "$OUTDIR/bench_heretic.log" \
+    "${HCTL_SETTINGS[@]}" --json "$OUTDIR/bench_heretic.json" 2>&1 | tee "$OUTDIR/bench_heretic.log" \
     || echo "bench_heretic failed or passed its $LIMIT s limit (see bench_heretic.log)"
 else
   echo "skipped: heretic does not import"

@@ -73,7 +73,7 @@ def test_auto_uses_nothing_static_off_cuda_and_the_setting_takes_only_auto_or_of
     loaded = _random_loaded("qwen3")
     assert not StaticDecoder.for_model(loaded, "auto").static
     assert not StaticDecoder.for_model(loaded, "off").static
-    assert WorkerSettings().decode_graphs == "auto"
+    assert WorkerSettings().decode_graphs == "off"  # until checked on a GPU
     with pytest.raises(ValueError):
         WorkerSettings(decode_graphs="eager")
 

@@ -88,7 +88,7 @@ class WorkerSettings(BaseSettings):
     prune_margin: float = Field(default=0.05, ge=0, le=1)  # of the harmful prompts
     replay_memory: float = Field(default=0.25, ge=0)  # of the model's size; 0 = no replay
     draft_replies: bool = True
-    decode_graphs: Literal["auto", "off"] = "auto"
+    decode_graphs: Literal["auto", "off"] = "off"  # "auto": not yet run on a GPU
 
     # Scorers: what a trial is judged by.
     scorers: list[ScorerChoice] = Field(
