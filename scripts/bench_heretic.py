@@ -186,7 +186,11 @@ def hctl_harmless_refusals(
     if not chosen.exists():
         return "not measured"
     record = json.loads(chosen.read_text())
-    return f"{record['refusals_good']}/{record['total_good']}"
+    scores = record.get("scores", {}).values()
+    harmless = next((score for score in scores if score.get("role") == "harmless_refusals"), None)
+    if harmless is None or harmless.get("value") is None:
+        return "not measured"
+    return f"{round(harmless['value'])}/{harmless['of']}"
 
 
 def run_hctl(model: Path, prompts: dict[str, Path], arguments, scratch: Path) -> dict:
