@@ -211,16 +211,17 @@ def tiny_config(architecture: str, *, hidden: int = 64, layers: int = 2, vocab: 
     raise ValueError(f"unknown architecture {architecture!r}; choose from {TINY_ARCHITECTURES}")
 
 
-def qwen3_0_6b_config():
-    """Qwen3-0.6B's published config.json, written out by hand (no hub access here)."""
+def _qwen3_config(hidden: int, intermediate: int, layers: int, heads: int):
+    """A Qwen3 size from its published config.json, written out by hand (no hub access here):
+    what the sizes share (vocabulary, 8 key/value heads of 128, rope, tied embeddings)."""
     import transformers
 
     return transformers.Qwen3Config(
         vocab_size=151936,
-        hidden_size=1024,
-        intermediate_size=3072,
-        num_hidden_layers=28,
-        num_attention_heads=16,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
         num_key_value_heads=8,
         head_dim=128,
         max_position_embeddings=40960,
@@ -230,27 +231,16 @@ def qwen3_0_6b_config():
         bos_token_id=151643,
         eos_token_id=151645,
     )
+
+
+def qwen3_0_6b_config():
+    """Qwen3-0.6B's shape."""
+    return _qwen3_config(hidden=1024, intermediate=3072, layers=28, heads=16)
 
 
 def qwen3_4b_config():
-    """Qwen3-4B's published config.json, written out by hand (no hub access here)."""
-    import transformers
-
-    return transformers.Qwen3Config(
-        vocab_size=151936,
-        hidden_size=2560,
-        intermediate_size=9728,
-        num_hidden_layers=36,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        max_position_embeddings=40960,
-        rope_theta=1000000,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        bos_token_id=151643,
-        eos_token_id=151645,
-    )
+    """Qwen3-4B's shape."""
+    return _qwen3_config(hidden=2560, intermediate=9728, layers=36, heads=32)
 
 
 def llama_3_8b_config():

@@ -133,8 +133,9 @@ def measure(arguments) -> dict:
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def decode_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every decode-step timing takes (this script's and graph_check.py's)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("model")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16")
@@ -143,7 +144,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--facts", default="", help="device_facts.py's JSON (copy bandwidth)")
     parser.add_argument("--json", default="", help="write the figures here")
-    arguments = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = decode_parser(__doc__.splitlines()[0]).parse_args(argv)
     result = measure(arguments)
     print(
         f"decode step: {result['decode_step_s'] * 1e3:.2f} ms at batch {result['batch_size']} "

@@ -16,7 +16,6 @@ On a CPU the graph part is skipped (said so); the static and dynamic paths are s
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -41,6 +40,7 @@ from hctl_worker.static_decode import StaticDecoder  # noqa: E402
 from scripts.device.decode_roofline import (  # noqa: E402
     FIXTURE_PROMPTS,
     SYSTEM_PROMPT,
+    decode_parser,
     prompts_for,
     synchronize,
     weight_bytes,
@@ -120,16 +120,8 @@ def step_time(loaded, batches, new_tokens: int, decoder: StaticDecoder, repeats:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser = decode_parser(__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=4, help="edited trials compared")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--facts", default="", help="device_facts.py's JSON (copy bandwidth)")
-    parser.add_argument("--json", default="", help="write the figures here")
     arguments = parser.parse_args(argv)
     model_dir = Path(arguments.model)
     loaded = load_model(str(model_dir), dtypes=[arguments.dtype], device_map=arguments.device)

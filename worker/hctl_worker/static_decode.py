@@ -27,7 +27,13 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from hctl_worker.encoding import cache_option, forward_options, new_cache, returned_cache
+from hctl_worker.encoding import (
+    cache_option,
+    forward_options,
+    new_cache,
+    position_ids_for,
+    returned_cache,
+)
 
 if TYPE_CHECKING:
     from hctl_worker.model import LoadedModel
@@ -174,17 +180,22 @@ def _probe_logits(loaded, input_ids, attention_mask, fed=None) -> torch.Tensor |
     gives the token fed at each step (None: the cache cannot be copied)."""
     model = loaded.model
     cache = new_cache(model)
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    outputs = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=positions,
-        use_cache=True,
-        **cache_option(model, cache),
-        **forward_options(model),
-    )
-    cache = returned_cache(outputs, cache)
-    logits = [outputs.logits[:, -1, :].float()]
+
+    def dynamic_step(ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor):
+        nonlocal cache
+        outputs = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **cache_option(model, cache),
+            **forward_options(model),
+        )
+        cache = returned_cache(outputs, cache)
+        return outputs.logits[:, -1, :].float()
+
+    positions = position_ids_for(attention_mask)
+    logits = [dynamic_step(input_ids, attention_mask, positions)]
     position = positions[:, -1:] + 1
     decoding = None
     if fed is not None:
@@ -197,16 +208,7 @@ def _probe_logits(loaded, input_ids, attention_mask, fed=None) -> torch.Tensor |
             step_logits = decoding.step_logits(token, position, [1, 1])
         else:
             attention_mask = torch.cat([attention_mask, torch.ones_like(token)], 1)
-            outputs = model(
-                input_ids=token,
-                attention_mask=attention_mask,
-                position_ids=position,
-                use_cache=True,
-                **cache_option(model, cache),
-                **forward_options(model),
-            )
-            cache = returned_cache(outputs, cache)
-            step_logits = outputs.logits[:, -1, :].float()
+            step_logits = dynamic_step(token, attention_mask, position)
         logits.append(step_logits)
         position = position + 1
     return torch.stack(logits, 1)
