@@ -226,8 +226,7 @@ class Decoding:
     ) -> None:
         self.loaded, self.cache, self.decoder = loaded, cache, decoder
         rows, device = mask.shape[0], mask.device
-        attention = getattr(loaded.model.config, "_attn_implementation", None) or "eager"
-        self.boolean = attention == "sdpa"
+        self.boolean = mask.dtype == torch.bool  # sdpa's mask (`start`); else additive
         self.mask = mask  # [rows, 1, 1, columns]: True (or 0.0) where a column is attended
         self.input_ids = torch.zeros((rows, 1), dtype=torch.long, device=device)
         self.position_ids = torch.zeros((rows, 1), dtype=torch.long, device=device)
