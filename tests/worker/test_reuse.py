@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
 import torch
 from optuna.trial import TrialState
 
+from hctl_worker import prompt_set
 from hctl_worker.ablation import AblationParams, Ablator, ComponentKernel
 from hctl_worker.directions import last_token_residuals, refusal_directions
 from hctl_worker.drafts import DraftStore
@@ -42,6 +44,33 @@ def test_the_depth_plan_buys_depth_first_then_spreads_checkpoints() -> None:
     assert plan_depth(8, 10, 100, 0) == DepthPlan(0, ())
     plan = DepthPlan(8, (2, 4, 6, 8))
     assert [plan.start_for(k) for k in (0, 1, 2, 5, 30)] == [0, 0, 2, 4, 8]
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 30])
+def test_the_shortcut_check_reads_logits_in_chunks_and_decides_as_on_all_rows(
+    monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    """The check that a shortcut gives the plain pass's distributions compares a few rows at a
+    time (no float32 copy of every row); per row it is the whole-batch KL and argmax test."""
+    generator = torch.Generator().manual_seed(0)
+    plain = torch.randn(23, 50, generator=generator)
+    loaded = SimpleNamespace(dtype=torch.float32)
+    monkeypatch.setattr(prompt_set, "AGREEMENT_CHUNK_ELEMENTS", chunk * 50)
+    nudged = plain + 1e-3 * torch.randn(plain.shape, generator=generator)
+    assert prompt_set._agree(loaded, plain, plain.clone())
+    whole = torch.nn.functional.kl_div(
+        torch.log_softmax(nudged, -1),
+        torch.log_softmax(plain, -1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    assert float(whole) < prompt_set.TOLERANCE
+    assert prompt_set._agree(loaded, plain, nudged) == bool(
+        (plain.argmax(-1) == nudged.argmax(-1)).all()
+    )
+    moved = plain.clone()
+    moved[-1] = torch.roll(moved[-1], 1)  # one row, the last chunk's, a different distribution
+    assert not prompt_set._agree(loaded, plain, moved)
 
 
 def test_drafts_follow_the_most_frequent_reply_that_starts_like_this_one() -> None:

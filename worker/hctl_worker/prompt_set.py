@@ -70,9 +70,7 @@ def _agree(loaded: LoadedModel, plain: torch.Tensor, other: torch.Tensor) -> boo
         plain_lp = functional.log_softmax(plain[start : start + step].float(), dim=-1)
         other_lp = functional.log_softmax(other[start : start + step].float(), dim=-1)
         matching += int((plain_lp.argmax(dim=-1) == other_lp.argmax(dim=-1)).sum())
-        divergence += float(
-            functional.kl_div(other_lp, plain_lp, reduction="sum", log_target=True)
-        )
+        divergence += float(functional.kl_div(other_lp, plain_lp, reduction="sum", log_target=True))
     tolerance = TOLERANCE if exact else TOLERANCE_16_BIT
     agreement = matching / max(1, rows)
     return agreement >= (1.0 if exact else 0.9) and divergence / max(1, rows) <= tolerance
