@@ -36,18 +36,24 @@ import json
 import os
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
+
+from heretic_comparison import (
+    heretic_trials,
+    journal_trial_seconds,
+    print_table,
+    quality,
+    ratio,
+    summary,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE_PROMPTS = REPO / "tests" / "fixtures" / "tiny-refuser" / "prompts"
-DEFAULT_HERETIC = Path("/work/wt/heretic-venv/bin/heretic")
 SYSTEM_PROMPT = "You are a helpful assistant."
 PROMPT_FILES = {
     "good_prompts": "harmless_train",
@@ -154,27 +160,6 @@ def heretic_command(arguments) -> list[str]:
     return [str(arguments.heretic)]
 
 
-REFUSAL_BAR, KL_BAR = 0.10, 0.05
-
-
-def quality(trials: Sequence[dict]) -> dict:
-    """What a run found: the best trial under the bar, the first one under it, the fewest
-    refusals of any trial. `trials` are records with number, refusals, total_bad and kl."""
-    scored = [trial for trial in trials if trial["refusals"] is not None]
-    under = [
-        trial
-        for trial in scored
-        if trial["refusals"] <= REFUSAL_BAR * trial["total_bad"] and trial["kl"] <= KL_BAR
-    ]
-    best = min(under, key=lambda t: (t["refusals"], t["kl"], t["number"])) if under else None
-    fewest = min(scored, key=lambda t: (t["refusals"], t["kl"])) if scored else None
-    return {
-        "best_under_bar": best,
-        "first_under_bar": min((trial["number"] for trial in under), default=None),
-        "fewest_refusals": fewest,
-    }
-
-
 def hctl_harmless_refusals(
     arguments, config: Path, job: Path, number: int, env: dict[str, str]
 ) -> str:
@@ -265,123 +250,6 @@ def run_heretic(model: Path, prompts: dict[str, Path], arguments, scratch: Path)
     return result
 
 
-def heretic_trials(journal: Path) -> list[dict]:
-    """heretic's finished trials as (number, refusals, total_bad, kl) records, from the user
-    attributes its trials carry in its journal."""
-    set_attribute = 8  # Optuna's journal code for a trial's user attribute
-    attributes: dict[int, dict] = {}
-    for line in journal.read_text().splitlines():
-        operation = json.loads(line)
-        if operation.get("op_code") == set_attribute:
-            attributes.setdefault(operation["trial_id"], {}).update(operation["user_attr"])
-    return [
-        {
-            "number": int(values["index"]),
-            "refusals": int(values["refusals"]),
-            "total_bad": int(values["n_bad_prompts"]),
-            "kl": float(values["kl_divergence"]),
-        }
-        for values in attributes.values()
-        if {"index", "refusals", "n_bad_prompts", "kl_divergence"} <= set(values)
-    ]
-
-
-def journal_trial_seconds(journal: Path) -> list[float]:
-    """Each finished (complete or pruned) trial's start-to-end seconds, from an Optuna journal."""
-    create_trial, set_state, complete, pruned = 4, 6, 1, 2  # Optuna's journal codes
-    starts: dict[int, datetime] = {}
-    durations: dict[int, float] = {}
-    created = 0
-    for line in journal.read_text().splitlines():
-        operation = json.loads(line)
-        code = operation.get("op_code")
-        if code == create_trial:
-            if operation.get("datetime_start"):
-                starts[created] = datetime.fromisoformat(operation["datetime_start"])
-            created += 1
-        elif code == set_state and operation.get("datetime_start"):  # an enqueued trial begins
-            starts[operation["trial_id"]] = datetime.fromisoformat(operation["datetime_start"])
-        elif code == set_state and operation.get("state") in (complete, pruned):
-            trial = operation["trial_id"]
-            if trial in starts and operation.get("datetime_complete"):
-                end = datetime.fromisoformat(operation["datetime_complete"])
-                durations[trial] = (end - starts[trial]).total_seconds()
-    return [durations[trial] for trial in sorted(durations)]
-
-
-def summary(runs: Sequence[dict]) -> dict:
-    per_trial = [seconds for run in runs for seconds in run.get("trial_seconds", [])]
-    return {
-        "runs": len(runs),
-        "trials": len(per_trial),
-        "trial_mean_s": statistics.mean(per_trial) if per_trial else None,
-        "trial_median_s": statistics.median(per_trial) if per_trial else None,
-        "search_s": statistics.median([sum(run.get("trial_seconds", [])) for run in runs]),
-        "end_to_end_s": statistics.median(run["wall_s"] for run in runs),
-        "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
-        "failed_runs": sum(1 for run in runs if run.get("log_tail")),
-    }
-
-
-def print_table(results: dict) -> None:
-    print(
-        f"machine load (1/5/15 min): {results['load_before']} before, {results['load_after']} after"
-    )
-    header = f"{'model':<24} {'':<8} {'mean s/trial':>12} {'median':>8} {'search s':>9} "
-    header += f"{'end-to-end s':>12} {'peak MB':>8}"
-    print(header)
-    for name, entry in results["models"].items():
-        for tool in ("hctl", "heretic"):
-            row = entry[tool]
-            print(
-                f"{name:<24} {tool:<8} {_number(row['trial_mean_s']):>12} "
-                f"{_number(row['trial_median_s']):>8} {_number(row['search_s']):>9} "
-                f"{_number(row['end_to_end_s']):>12} {_number(row['peak_rss_mb'], 0):>8}"
-            )
-        ratios = entry["ratios"]
-        print(
-            f"{name:<24} {'ratio':<8} {_number(ratios['trial_mean']):>12} "
-            f"{_number(ratios['trial_median']):>8} {_number(ratios['search']):>9} "
-            f"{_number(ratios['end_to_end']):>12} {_number(ratios['peak_rss'], 2):>8}"
-            "   (heretic / hctl)"
-        )
-        if entry.get("pruned_trials"):
-            print(f"{'':<24} hctl pruned {entry['pruned_trials']} trials; {entry.get('reuse', '')}")
-        for tool in ("hctl", "heretic"):
-            for run in entry["runs"][tool]:
-                print(f"{'':<24} {tool:<8} run {run['repeat'] + 1}: {quality_line(run)}")
-
-
-def quality_line(run: dict) -> str:
-    found = run.get("quality", {})
-    best, fewest = found.get("best_under_bar"), found.get("fewest_refusals")
-    line = f"baseline {run.get('baseline', '?')} refusals; "
-    if best:
-        origin = f", {best['origin']}" if best.get("origin") else ""
-        harmless = found.get("harmless_refusals")
-        line += (
-            f"under the bar: trial {best['number']}{origin} {best['refusals']}/"
-            f"{best['total_bad']} at KL {best['kl']:.4f} (first: trial {found['first_under_bar']})"
-            + (f", harmless refusals {harmless}" if harmless else "")
-        )
-    else:
-        line += "none under the bar"
-    if fewest:
-        line += (
-            f"; fewest refusals {fewest['refusals']}/{fewest['total_bad']} at KL "
-            f"{fewest['kl']:.4f} (trial {fewest['number']})"
-        )
-    return line
-
-
-def _number(value, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def _ratio(first, second):
-    return first / second if first and second else None
-
-
 def bench(arguments) -> dict:
     models = dict(item.split("=", 1) for item in arguments.model) or default_models()
     models = {name: str(Path(folder).resolve()) for name, folder in models.items()}
@@ -425,11 +293,11 @@ def bench(arguments) -> dict:
             "hctl": hctl,
             "heretic": heretic,
             "ratios": {
-                "trial_mean": _ratio(heretic["trial_mean_s"], hctl["trial_mean_s"]),
-                "trial_median": _ratio(heretic["trial_median_s"], hctl["trial_median_s"]),
-                "search": _ratio(heretic["search_s"], hctl["search_s"]),
-                "end_to_end": _ratio(heretic["end_to_end_s"], hctl["end_to_end_s"]),
-                "peak_rss": _ratio(heretic["peak_rss_mb"], hctl["peak_rss_mb"]),
+                "trial_mean": ratio(heretic["trial_mean_s"], hctl["trial_mean_s"]),
+                "trial_median": ratio(heretic["trial_median_s"], hctl["trial_median_s"]),
+                "search": ratio(heretic["search_s"], hctl["search_s"]),
+                "end_to_end": ratio(heretic["end_to_end_s"], hctl["end_to_end_s"]),
+                "peak_rss": ratio(heretic["peak_rss_mb"], hctl["peak_rss_mb"]),
             },
             "pruned_trials": sum(run.get("pruned", 0) for run in runs[name]["hctl"]),
             "reuse": next((run["reuse"] for run in runs[name]["hctl"] if run.get("reuse")), ""),
@@ -441,7 +309,9 @@ def bench(arguments) -> dict:
 def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", default=[], help="NAME=FOLDER (repeatable)")
-    parser.add_argument("--heretic", type=Path, default=DEFAULT_HERETIC, help="heretic executable")
+    parser.add_argument(
+        "--heretic", type=Path, default=None, help="heretic executable (default: heretic on PATH)"
+    )
     parser.add_argument(
         "--heretic-command", default="", help="heretic's command line (instead of --heretic)"
     )
@@ -478,13 +348,18 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = parse_arguments(argv)
-    if not arguments.heretic_command and not arguments.heretic.exists():
-        print(f"error: no heretic at {arguments.heretic}", file=sys.stderr)
-        print(
-            "hint: give --heretic PATH or --heretic-command (pip install heretic-llm in its own venv)",
-            file=sys.stderr,
-        )
-        return 2
+    if not arguments.heretic_command:
+        found = arguments.heretic or shutil.which("heretic")
+        if found is None or not Path(found).exists():
+            print(f"error: no heretic at {found or 'heretic on PATH'}", file=sys.stderr)
+            print(
+                "hint: install it in its own venv (python -m venv /tmp/heretic && "
+                "/tmp/heretic/bin/pip install heretic-llm==1.4.0), then give "
+                "--heretic /tmp/heretic/bin/heretic, or give --heretic-command",
+                file=sys.stderr,
+            )
+            return 2
+        arguments.heretic = Path(found)
     results = bench(arguments)
     print_table(results)
     if arguments.json:

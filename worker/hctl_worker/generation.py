@@ -69,6 +69,13 @@ class GenerationStats:
     accepted: int = 0  # draft tokens that were the model's own choice
     static_passes: int = 0  # passes run on static buffers (or replayed as a CUDA graph)
 
+    def count_pass(self, fed: int, layer_tokens: float, static: bool = False) -> None:
+        """One forward pass: `fed` tokens, through `layer_tokens` token-layers (not replayed)."""
+        self.forward_passes += 1
+        self.static_passes += int(static)
+        self.input_tokens += fed
+        self.layer_tokens += round(layer_tokens)
+
 
 @dataclass
 class Verdicts:
@@ -163,9 +170,7 @@ def generate_batch(
     first, cache, drafting = started.first, started.cache, started.drafting
     depth = loaded.n_layers
     fed = int(first.attention_mask[:, -first.input_ids.shape[1] :].sum())
-    stats.forward_passes += 1
-    stats.input_tokens += fed
-    stats.layer_tokens += round(fed * depth * started.share)
+    stats.count_pass(fed, fed * depth * started.share)
     if first_logits is not None:
         # The prompt's last logits are the first-token distribution KL needs: one pass for both.
         first_logits.append(started.first_logits)
@@ -223,11 +228,7 @@ def generate_batch(
             choices = decoding.step_replies(replies, pad)
             if context.cost is not None:
                 context.cost.observe(rows, time.perf_counter() - pass_started)
-            fed = len(keep)
-            stats.forward_passes += 1
-            stats.static_passes += 1
-            stats.input_tokens += fed
-            stats.layer_tokens += fed * depth
+            stats.count_pass(len(keep), len(keep) * depth, static=True)
             pending_drafts = []
             continue
         if can_drop_rows and len(keep) < len(active):
@@ -275,9 +276,7 @@ def generate_batch(
         if context.cost is not None:
             context.cost.observe(pass_cells, time.perf_counter() - pass_started)
         fed = int(new_mask.sum())
-        stats.forward_passes += 1
-        stats.input_tokens += fed
-        stats.layer_tokens += fed * depth
+        stats.count_pass(fed, fed * depth)
         pending_drafts = drafts
     stats.tokens += sum(len(reply.tokens) for reply in replies)
     stats.rows += rows
