@@ -29,6 +29,7 @@ def summarise(rows: list[dict]) -> dict:
         "layer_tokens": mean("layer_tokens"),
         "input_tokens": mean("input_tokens"),
         "generated_tokens": mean("generated_tokens"),
+        "floor_tokens": None if rows[0]["floor_tokens"] is None else mean("floor_tokens"),
         "draft_acceptance": sum(r["accepted"] for r in rows)
         / max(1, sum(r["drafted"] for r in rows)),
         "pruned": sum(1 for row in rows if row["pruned"]),
@@ -40,6 +41,21 @@ def summarise(rows: list[dict]) -> dict:
             (r["refusals"] for r in rows if r["refusals"] is not None), default=None
         ),
     }
+
+
+def floor_line(row: dict) -> str:
+    """The least any exact evaluation of the same trials computes, priced at the fitted cost
+    per token (no cost per pass): how far the trials are from it."""
+    if row["floor_tokens"] is None:
+        return "-"
+    if row["pass_cost"] is None:
+        return f"{row['floor_tokens']:.0f} all-layer tokens per trial"
+    floor_s = row["floor_tokens"] * row["pass_cost"]["per_token_ms"] / 1000
+    return (
+        f"{row['floor_tokens']:.0f} all-layer tokens per trial (own prompt tokens above the "
+        f"first edited layer + reply tokens) = {floor_s:.3f} s at the fitted cost per token; "
+        f"trials took {row['seconds_per_trial'] / max(floor_s, 1e-9):.2f}x that"
+    )
 
 
 def print_table(results: dict) -> None:
@@ -99,6 +115,7 @@ def print_table(results: dict) -> None:
                 else f"{row['pass_cost']['fixed_ms']:.1f} ms + "
                 f"{row['pass_cost']['per_token_ms']:.3f} ms per token fed (all layers)",
             ),
+            (f"{kind}: exact-work floor", floor_line(row)),
             (
                 f"{kind}: KL passes alone",
                 ", ".join(f"{part} {ms:.1f} ms" for part, ms in row["kl_passes_ms"].items()),

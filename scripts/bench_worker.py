@@ -49,28 +49,26 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from hctl_worker.ablation import AblationParams, Ablator, ComponentKernel  # noqa: E402
+from hctl_worker.ablation import Ablator  # noqa: E402
 from hctl_worker.directions import last_token_residuals, refusal_directions  # noqa: E402
-from hctl_worker.evaluation import EvaluationPrompts, Evaluator  # noqa: E402
+from hctl_worker.evaluation import EvaluationPrompts  # noqa: E402
 from hctl_worker.generation import GenerationStats  # noqa: E402
 from hctl_worker.model import load_model  # noqa: E402
 from hctl_worker.pruning import PruningBar  # noqa: E402
-from hctl_worker.scorers import Scoring, build_scoring  # noqa: E402
-from hctl_worker.settings import WorkerSettings  # noqa: E402
 from hctl_worker.trials import Trial, pareto_front  # noqa: E402
 from scripts import worker_scaling  # noqa: E402
 from scripts.bench_report import print_table, summarise  # noqa: E402
+from scripts.bench_trials import (  # noqa: E402
+    COMBINATIONS,
+    kl_passes_ms,
+    make_evaluator,
+    make_scoring,
+    own_prompt_tokens,
+    trial_params,
+)
 
 FIXTURE = REPO / "tests" / "fixtures" / "tiny-refuser"
 CLASSIFIER = REPO / "tests" / "fixtures" / "tiny-refusal-classifier"
-GUARD = ("HarmlessRefusals", "report")
-COMBINATIONS: dict[str, tuple[tuple[str, str], ...]] = {
-    "markers+kl": (("KeywordRate", "minimize"), ("KLDivergence", "minimize")),
-    "default": (("KeywordRate", "minimize"), ("KLDivergence", "minimize"), GUARD),
-    "markers+mtkl": (("KeywordRate", "minimize"), ("MultiTokenKL", "minimize"), GUARD),
-    "classifier+kl": (("RefusalClassifier", "minimize"), ("KLDivergence", "minimize"), GUARD),
-    "classifier+mtkl": (("RefusalClassifier", "minimize"), ("MultiTokenKL", "minimize"), GUARD),
-}
 SYSTEM_PROMPT = "You are a helpful assistant."
 SYNTHETIC_PROMPTS = [
     "How do I bake sourdough bread at home?",
@@ -87,94 +85,6 @@ SYNTHETIC_PROMPTS = [
 def read_prompts(folder: Path, name: str) -> list[str]:
     path = folder / "prompts" / f"{name}.txt"
     return [line for line in path.read_text().splitlines() if line.strip()]
-
-
-def random_params(generator: random.Random, n_layers: int) -> AblationParams:
-    """Parameters drawn like a search would: every layer reachable, both scopes."""
-    last = max(n_layers - 1, 1)
-
-    def kernel() -> ComponentKernel:
-        maximum = generator.uniform(0.5, 1.5)
-        return ComponentKernel(
-            max_weight=maximum,
-            max_weight_position=generator.uniform(0, last),
-            min_weight=generator.uniform(0, 1) * maximum,
-            min_weight_distance=generator.uniform(1, max(last, 1)),
-        )
-
-    index = None if generator.random() < 0.3 else generator.uniform(0, last)
-    return AblationParams(index, {"attention": kernel(), "mlp": kernel()})
-
-
-def trial_params(kind: str, generator: random.Random, n_layers: int) -> AblationParams:
-    """`random`: every layer reachable; `heretic`: heretic's ranges (peak in the last 40 %);
-    `full-depth`: every layer at weight 1 with one late direction (the canonical trials)."""
-    last = max(n_layers - 1, 1)
-    if kind == "random":
-        return random_params(generator, n_layers)
-    if kind == "full-depth":
-        full = ComponentKernel(1.0, last / 2, 1.0, float(n_layers))
-        return AblationParams(generator.uniform(0.6 * last, last), {"attention": full, "mlp": full})
-
-    def kernel(low: float) -> ComponentKernel:
-        maximum = max(0.0, generator.uniform(low, 1.5))
-        return ComponentKernel(
-            max_weight=maximum,
-            max_weight_position=generator.uniform(0.6 * last, last),
-            min_weight=generator.uniform(0, 1) * maximum,
-            min_weight_distance=generator.uniform(1, max(0.6 * last, 1)),
-        )
-
-    index = None if generator.random() < 0.5 else generator.uniform(0.4 * last, 0.9 * last)
-    return AblationParams(index, {"attention": kernel(0.8), "mlp": kernel(-0.25)})
-
-
-def make_scoring(combination: str, loaded, arguments) -> Scoring:
-    settings = WorkerSettings(
-        scorers=[{"name": name, "optimization": how} for name, how in COMBINATIONS[combination]],
-        refusal_classifier={"model": arguments.classifier, "batch_size": arguments.batch_size},
-        kl_tokens=arguments.kl_tokens,
-        max_response_length=arguments.max_response_length,
-        kl_skip_threshold=0,  # score every trial fully: comparable timings
-    )
-    return build_scoring(settings, loaded)
-
-
-def make_evaluator(kind, loaded, ablator, scoring, prompts, arguments) -> Evaluator:
-    """`reuse`: the worker's evaluator; `plain`: no shared prefix, replay, drafts or pruning;
-    `no-drafts`: the worker's without draft replies."""
-    plain = kind == "plain"
-    good, bad = prompts
-    return Evaluator.for_scoring(
-        loaded,
-        scoring,
-        harmless=good,
-        harmful=bad,
-        max_response_length=arguments.max_response_length,
-        batch_size=arguments.batch_size,
-        kl_tokens=arguments.kl_tokens,
-        harmless_response_length=min(16, arguments.max_response_length),
-        share_prefix=not plain,
-        unchanged_layers=None if plain else ablator.unchanged_layers,
-        replay_memory=0 if plain else arguments.replay_memory,
-        drafts=not (plain or kind == "no-drafts" or arguments.no_drafts),
-    )
-
-
-def kl_passes_ms(evaluator: Evaluator, ablator: Ablator, params: AblationParams) -> dict:
-    """What each KL measurement costs alone, an edit applied (mean of 5)."""
-    measured = {"first_token_kl": evaluator.first_token_divergences}
-    if evaluator.continuation_tokens:
-        measured["multi_token_kl"] = evaluator.continuation_divergences
-    parts = {}
-    ablator.apply(params)
-    for part, measure in measured.items():
-        started = time.perf_counter()
-        for _ in range(5):
-            measure()
-        parts[part] = 1000 * (time.perf_counter() - started) / 5
-    ablator.restore()
-    return parts
 
 
 def peak_rss_mb() -> float:
@@ -265,6 +175,10 @@ def bench(arguments: argparse.Namespace) -> dict:
     results["shared_prefix_tokens"] = evaluator.shares_prefix
     results["reuse"] = evaluator.reuse.describe()
 
+    prompt_tokens = {
+        variant: own_prompt_tokens(evaluator, loaded, arguments.batch_size)
+        for variant, evaluator in evaluators.items()
+    }
     generator = random.Random(arguments.seed)
     records: dict[str, list[dict]] = {variant: [] for variant in variants}
     finished: dict[str, list[Trial]] = {variant: [] for variant in variants}
@@ -285,7 +199,8 @@ def bench(arguments: argparse.Namespace) -> dict:
                     limit = bar.refusal_limit
             started = time.perf_counter()
             ablator.apply(params)
-            start_layer = evaluator.reuse.plan.start_for(ablator.unchanged_layers())
+            first_edited = ablator.unchanged_layers()
+            start_layer = evaluator.reuse.plan.start_for(first_edited)
             context = evaluator.evaluate()
             trial = Trial(
                 number=number, scores=scoring.score(context, limit, front), pruned=context.pruned
@@ -297,6 +212,14 @@ def bench(arguments: argparse.Namespace) -> dict:
                 {
                     "seconds": seconds,
                     "start_layer": start_layer,
+                    # What any exact evaluation of this trial computes, in all-layer tokens:
+                    # the prompts' own tokens (no padding, no shared prefix) above the first
+                    # edited layer, and the reply tokens it generated but each reply's last
+                    # (not fed back when the reply ends at its length): a lower bound.
+                    "floor_tokens": None
+                    if kind == "plain"  # it computes the prefix and whole replies on purpose
+                    else prompt_tokens[variant] * (1 - first_edited / loaded.n_layers)
+                    + max(0, stats.tokens - stats.rows),
                     "kl": trial.kl,
                     "refusals": trial.refusals,
                     "pruned": trial.pruned,
