@@ -17,6 +17,8 @@ folder; heretic 1.4.0 asks which trial to export at the end, and its standard in
 it stops there), in turn: hctl, heretic, hctl, heretic... so that machine load hits both alike.
 Both get the same prompt files (the model folder's `prompts/`, else the tiny fixture's), the same
 system prompt, dtype, batch size, reply length, trial count and seed, and the same kind of edit.
+hctl also measures its harmless-refusal guard, which heretic does not have; with
+`--heretics-measurements` it measures only heretic's two objectives (the same work per trial).
 
 Reported per tool and model: seconds per trial (mean and median, from the trials' own start and
 end times in each tool's Optuna journal: ask to tell), the search, the run end to end (process
@@ -55,6 +57,10 @@ from heretic_comparison import (
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE_PROMPTS = REPO / "tests" / "fixtures" / "tiny-refuser" / "prompts"
 SYSTEM_PROMPT = "You are a helpful assistant."
+HERETICS_SCORERS = (
+    'scorers = [{ name = "KeywordRate", optimization = "minimize" }, '
+    '{ name = "KLDivergence", optimization = "minimize" }]'
+)
 PROMPT_FILES = {
     "good_prompts": "harmless_train",
     "bad_prompts": "harmful_train",
@@ -181,7 +187,10 @@ def hctl_harmless_refusals(
 def run_hctl(model: Path, prompts: dict[str, Path], arguments, scratch: Path) -> dict:
     config = scratch / "hctl.toml"
     # hctl's own settings (e.g. decode_graphs = "auto") go before the tables, in hctl's file only.
-    own = "".join(f"{setting}\n" for setting in arguments.hctl_setting)
+    settings = list(arguments.hctl_setting)
+    if arguments.heretics_measurements:
+        settings.append(HERETICS_SCORERS)
+    own = "".join(f"{setting}\n" for setting in settings)
     config.write_text(own + config_text(model, prompts, arguments, None))
     job = scratch / "hctl-job"
     env = tool_environment(arguments, arguments.hctl_pythonpath)
@@ -323,6 +332,11 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--hctl-setting", action="append", default=[],
         help='a line of TOML for hctl\'s config only, e.g. \'decode_graphs = "auto"\' (repeatable)',
+    )  # fmt: skip
+    parser.add_argument(
+        "--heretics-measurements", action="store_true",
+        help="hctl measures only what heretic does: KeywordRate and KLDivergence, without the "
+        "harmless-refusal guard (HarmlessRefusals)",
     )  # fmt: skip
     parser.add_argument("--device", default="cpu", help="device_map for both (cpu, cuda, auto)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
