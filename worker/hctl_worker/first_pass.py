@@ -53,6 +53,10 @@ class FirstPass:
     def draft_width(self) -> int:
         return max((len(draft) for draft in self.drafts), default=0)
 
+    def forget_recording(self) -> None:
+        self.recording = None
+        self._shortened.clear()  # the cut passes hold parts of it
+
     def with_drafts_cut(self, width: int) -> FirstPass:
         """The same pass with every draft cut to at most `width` tokens (0: the prompts alone,
         which is all a first-token measurement needs). The pass is causal, so the shorter pass
@@ -110,8 +114,16 @@ class FirstPass:
         positions = position_ids_for(attention_mask)[:, -input_ids.shape[1] :]
         return cls(batch, input_ids, attention_mask, positions, drafts)
 
-    def run(self, model, cache, layers: Sequence[torch.nn.Module] = (), start: int = 0):
-        """The forward pass, starting at layer `start` when that is not 0."""
+    def run(
+        self,
+        model,
+        cache,
+        layers: Sequence[torch.nn.Module] = (),
+        start: int = 0,
+        logits: int | None = None,
+    ):
+        """The forward pass, starting at layer `start` when that is not 0, with the logits of
+        the last `logits` columns (default: the prompt's last and every draft column's)."""
         replay = (
             replaying(layers, self.recording, start, cache)
             if start > 0 and self.recording is not None
@@ -124,7 +136,7 @@ class FirstPass:
                 position_ids=self.position_ids,
                 use_cache=True,
                 **cache_option(model, cache),
-                **forward_options(model, self.draft_width + 1),
+                **forward_options(model, logits or self.draft_width + 1),
             )
 
 

@@ -54,6 +54,9 @@ TOLERANCE_16_BIT = 2e-3
 DEFAULT_REPLAY_MEMORY = 0.25
 MINIMUM_REPLAY_BYTES = 64 * 2**20
 
+# How many draft columns the check of a replay compares (with the prompts' last column).
+CHECKED_DRAFT_COLUMNS = 4
+
 # How many logits `_agree` turns into float32 log-probabilities at once (16 MB).
 AGREEMENT_CHUNK_ELEMENTS = 4 * 2**20
 
@@ -198,7 +201,11 @@ class Reuse:
         with torch.inference_mode():
             probe = start_cache(model, self.prefix, len(passes[0].batch.indices))
             recording = record(
-                self.layers, probe, lambda: passes[0].run(model, probe), every_layer, n_layers - 1
+                self.layers,
+                probe,
+                lambda: passes[0].run(model, probe, logits=1),
+                every_layer,
+                n_layers - 1,
             )
             if not replayable(probe):
                 return
@@ -220,7 +227,7 @@ class Reuse:
                 first.recording = record(
                     self.layers,
                     cache,
-                    lambda first=first, cache=cache: first.run(model, cache),
+                    lambda first=first, cache=cache: first.run(model, cache, logits=1),
                     plan.checkpoints,
                     plan.recorded_layers,
                 )
@@ -231,7 +238,10 @@ class Reuse:
                 self._forget_recordings()
 
     def _replay_agrees(self, first: FirstPass) -> bool:
-        """A replay from the middle checkpoint gives the plain pass's logits."""
+        """A replay from the middle checkpoint gives the plain pass's logits: at the prompts'
+        last tokens and the first few draft tokens (every column's logits, twice, can be more
+        than the model: 100 columns x 32 prompts x 49k tokens is 630 MB in float32)."""
+        first = first.with_drafts_cut(CHECKED_DRAFT_COLUMNS)
         start = self.plan.checkpoints[len(self.plan.checkpoints) // 2]
         model = self.loaded.model
         keep = first.draft_width + 1
@@ -252,7 +262,7 @@ class Reuse:
     def _forget_recordings(self) -> None:
         self.plan = DepthPlan(0, ())
         for first in self.first_passes.values():
-            first.recording = None
+            first.forget_recording()
         if self.prefix is not None:
             self.prefix.recording = None
 
