@@ -5,6 +5,7 @@ refuser and a real PostgreSQL that hctl starts "on pod 1" (the study's database)
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -224,6 +225,17 @@ def _kill_pod_two_when_it_ran_a_trial(two_pods: TwoPods, killed: list[str]) -> N
         time.sleep(0.1)
 
 
+def _reported_trials(events: Path) -> set[int]:
+    """The numbers of the trials a worker's events file reports."""
+    numbers = set()
+    for line in events.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            event = json.loads(line)
+            if event.get("type") == "trial":
+                numbers.add(int(event["number"]))
+    return numbers
+
+
 @pytest.mark.slow
 def test_a_pod_lost_mid_search_leaves_the_others_to_finish_it(two_pods: TwoPods) -> None:
     """Pod 2 terminated mid-search (public-port path: no private network in this data centre):
@@ -245,8 +257,12 @@ def test_a_pod_lost_mid_search_leaves_the_others_to_finish_it(two_pods: TwoPods)
     assert record.status == "finished"
     study = _study(record, two_pods.job_dir(record, 0))
     assert sorted(trial.number for trial in study) == list(range(1, 9))
-    numbers = sorted(int(number) for _, number, _ in TRIAL_LINE.findall(output))
-    assert numbers == list(range(1, 9))  # every trial shown once
+    shown = [int(number) for _, number, _ in TRIAL_LINE.findall(output)]
+    assert len(shown) == len(set(shown)), output  # no trial shown twice
+    # Every trial is shown, but one pod 2 reported as it was killed: its line may not have
+    # reached the controller before the pod's connection dropped (the study has it, above).
+    in_flight = _reported_trials(two_pods.job_dir(record, 1) / "events.jsonl")
+    assert set(range(1, 9)) - set(shown) <= in_flight, output
     # Every pod ended stopped or terminated, and the user was told which.
     assert two_pods.rig.pod_statuses() == {first: "EXITED"}  # pod 2: terminated, gone
     assert f"stopped pod {first}" in output
