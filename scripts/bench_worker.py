@@ -175,10 +175,8 @@ def bench(arguments: argparse.Namespace) -> dict:
     results["shared_prefix_tokens"] = evaluator.shares_prefix
     results["reuse"] = evaluator.reuse.describe()
 
-    prompt_tokens = {
-        variant: own_prompt_tokens(evaluator, loaded, arguments.batch_size)
-        for variant, evaluator in evaluators.items()
-    }
+    # The same for every variant with a floor (the plain ones have none).
+    prompt_tokens = own_prompt_tokens(evaluator, loaded, arguments.batch_size)
     generator = random.Random(arguments.seed)
     records: dict[str, list[dict]] = {variant: [] for variant in variants}
     finished: dict[str, list[Trial]] = {variant: [] for variant in variants}
@@ -218,7 +216,7 @@ def bench(arguments: argparse.Namespace) -> dict:
                     # (not fed back when the reply ends at its length): a lower bound.
                     "floor_tokens": None
                     if kind == "plain"  # it computes the prefix and whole replies on purpose
-                    else prompt_tokens[variant] * (1 - first_edited / loaded.n_layers)
+                    else prompt_tokens * (1 - first_edited / loaded.n_layers)
                     + max(0, stats.tokens - stats.rows),
                     "kl": trial.kl,
                     "refusals": trial.refusals,
