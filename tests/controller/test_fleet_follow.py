@@ -1,6 +1,7 @@
 """Following a job on several pods as one: every pod's events in one poll, alive while any pod's
 workers are; a pod that stops answering and no longer runs is left out (the others go on), and
-the loss of the first pod, which holds the study's database, ends the job with a plain message."""
+the loss of the first pod, which holds the study's database, ends the job with a plain message.
+The trials a lost pod finished but whose lines never arrived are read from the study."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from hctl.errors import ConnectionLostError, PodNotFoundError
+from hctl.errors import ConnectionLostError, PodNotFoundError, RemoteError
 from hctl.providers.base import Pod, PodStatus
 from hctl.services.fleet_follow import DatabaseLostError, FleetFollower, check_database_pod
 from hctl.services.follow import Poll
 from hctl.services.jobs import JobRecord, JobStore, PodMember
-from hctl_worker.events import StartEvent, encode
+from hctl_worker.events import StartEvent, TrialEvent, encode
+from hctl_worker.trials import legacy_scores
 
 
 class FakeFollower:
@@ -51,7 +53,20 @@ def _poll(worker: str, alive: bool | None) -> Poll:
     return Poll(events=[event], raw=line, worker_alive=alive)
 
 
-def _follow(tmp_path: Path, followers: list[FakeFollower], statuses: dict) -> tuple:
+def _trial(number: int, worker: str) -> TrialEvent:
+    return TrialEvent(number=number, worker=worker, run_by=worker, n_trials=4, params={},
+                      scores=legacy_scores(3, 8, 0.01 * number), seconds=1.0)  # fmt: skip
+
+
+def _trial_poll(worker: str, *numbers: int) -> Poll:
+    events = [_trial(number, worker) for number in numbers]
+    raw = b"".join(encode(event).encode() + b"\n" for event in events)
+    return Poll(events=events, raw=raw, worker_alive=True)
+
+
+def _follow(
+    tmp_path: Path, followers: list[FakeFollower], statuses: dict, read_study=list
+) -> tuple:
     record = JobRecord(
         job_id="1129-2200-ab12", model="m", worker_model="m", n_trials=4, target="pod",
         remote_job_dir="/v/jobs/1129-2200-ab12-pod1", database_dir="/v/databases/1129-2200-ab12",
@@ -63,7 +78,8 @@ def _follow(tmp_path: Path, followers: list[FakeFollower], statuses: dict) -> tu
     toolkit = SimpleNamespace(store=store, provider=lambda: FakeProvider(statuses))
     notes: list[str] = []
     made = iter(followers)
-    fleet = FleetFollower(record, toolkit, lambda view, offset: next(made), notes.append)  # type: ignore[arg-type]
+    fleet = FleetFollower(record, toolkit, lambda view, offset: next(made), notes.append,  # type: ignore[arg-type]
+                          read_study=read_study)  # fmt: skip
     return fleet, record, notes, store
 
 
@@ -127,3 +143,55 @@ def test_the_database_pod_is_checked_when_every_worker_went_quiet(tmp_path: Path
     with pytest.raises(DatabaseLostError, match="pod pod1, which held the study's database"):
         check_database_pod(record, stopped)  # type: ignore[arg-type]
     assert store.load(record.job_id).members[0].lost == "stopped mid-search"
+
+
+def test_the_trials_a_lost_pod_finished_unseen_are_read_from_the_study(tmp_path: Path) -> None:
+    """Pod 2 finished trials 2 and 3 and was lost before their lines arrived: the poll that finds
+    it lost brings them from the study (once, with a note), and none shown before comes again.
+    Pod 1's trial 4, not yet read from pod 1, comes from pod 1 (or, at the search's end, from
+    the study)."""
+    study = [_trial(1, "1"), _trial(2, "2"), _trial(3, "2"), _trial(4, "1")]
+    reads: list[int] = []
+
+    def read_study() -> list[TrialEvent]:
+        reads.append(1)
+        return study
+
+    lost = ConnectionLostError("The connection dropped.")
+    pods = [FakeFollower([_trial_poll("1", 1), _trial_poll("1")]),
+            FakeFollower([lost])]  # fmt: skip
+    fleet, _, notes, _ = _follow(tmp_path, pods, {"pod2": None}, read_study)
+    poll = fleet.poll()  # pod 2 found lost in this poll: the study is read at its end
+    trials = [event for event in poll.events if isinstance(event, TrialEvent)]
+    assert [(event.number, event.worker) for event in trials] == [(1, "1"), (2, "2"), (3, "2")]
+    recovered = b"".join(encode(event).encode() + b"\n" for event in trials[1:])
+    assert poll.raw == poll.parts[0] + recovered  # merged copy: pod 1's lines, then the study's
+    assert set(poll.parts) == {0} and recovered not in poll.parts[0]  # pod 1's own copy
+    assert "read from the study: trial 2, 3" in notes[-1]
+    assert reads == [1]
+    assert fleet.poll().events == [] and reads == [1]  # read once per loss
+    assert [event.number for event in fleet.recover().events] == [4]  # at the search's end
+
+
+def test_a_study_that_cannot_be_read_leaves_a_note_and_the_search_goes_on(tmp_path: Path) -> None:
+    def read_study() -> list[TrialEvent]:
+        raise RemoteError("`hctl-worker trials` failed: no database")
+
+    pods = [FakeFollower([_trial_poll("1", 1)])]
+    fleet, _, notes, _ = _follow(tmp_path, pods, {}, read_study)
+    assert [event.number for event in fleet.poll().events] == [1]
+    assert fleet.recover().events == []
+    assert "could not read the study's trials on pod pod1" in notes[-1]
+    assert "no database" in notes[-1]
+
+
+def test_the_trials_shown_before_a_restart_are_not_read_again(tmp_path: Path) -> None:
+    """A controller attached again knows the trials its copy of the events holds."""
+    pods = [FakeFollower([_trial_poll("1")])]
+    fleet, record, _, store = _follow(tmp_path, pods, {}, lambda: [_trial(1, "1"), _trial(2, "2")])
+    del fleet
+    store.append_events(record.job_id, _trial_poll("1", 1).raw)
+    again = FleetFollower(record, SimpleNamespace(store=store), lambda view, offset: pods[0],  # type: ignore[arg-type]
+                          lambda message: None,
+                          read_study=lambda: [_trial(1, "1"), _trial(2, "2")])  # fmt: skip
+    assert [event.number for event in again.recover().events] == [2]

@@ -1,17 +1,19 @@
-"""`hctl-worker` commands that need no model: version, pareto, help, errors on a bad job dir."""
+"""`hctl-worker` commands that need no model: version, pareto, trials, help, errors on a bad job
+dir."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from typer.testing import CliRunner
 
 from hctl_worker import __version__
 from hctl_worker.cli import app
-from hctl_worker.events import EVENTS_FILE, ErrorEvent, read_events
-from hctl_worker.job_directory import JobPaths
+from hctl_worker.events import EVENTS_FILE, ErrorEvent, TrialEvent, decode, read_events
+from hctl_worker.job_directory import JobPaths, finished_trials
 from hctl_worker.search_space import SearchSpace
 from hctl_worker.study import Outcome, open_study, run_search
 from hctl_worker.trials import legacy_scores
@@ -57,8 +59,57 @@ def test_pareto_table_and_json_list_the_same_front(searched_job: Path) -> None:
     assert [int(row[0]) for row in rows] == [trial["number"] for trial in front]
 
 
-def test_pareto_of_a_folder_without_a_search(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["pareto", "--job-dir", str(tmp_path)])
+def test_trials_lists_every_finished_trial_as_the_search_reported_it(searched_job: Path) -> None:
+    """`trials --events`: one trial event per finished trial, in number order, as the worker
+    that ran it would have reported it (its name, the job's trial count from its settings)."""
+    (searched_job / "settings.toml").write_text(
+        'model = "m"\nseed = 1\nn_trials = 6\n', encoding="utf-8"
+    )
+    result = runner.invoke(app, ["trials", "--job-dir", str(searched_job), "--events"])
+    assert result.exit_code == 0, result.stderr
+    events = [decode(line) for line in result.stdout.splitlines()]
+    assert all(isinstance(event, TrialEvent) for event in events)
+    study = {trial.number: trial for trial in finished_trials(JobPaths(searched_job))}
+    assert [event.number for event in events] == list(range(1, 7)) == sorted(study)
+    for event in events:
+        assert event.n_trials == 6 and event.worker == study[event.number].run_by
+        assert event.scores == study[event.number].scores
+        assert event.params == study[event.number].params
+    table = runner.invoke(app, ["trials", "--job-dir", str(searched_job)])
+    rows = [line.strip("│┃ ").split() for line in table.stdout.splitlines() if "/" in line]
+    assert table.exit_code == 0 and [int(row[0]) for row in rows] == list(range(1, 7))
+
+
+def test_the_controller_reads_a_study_through_a_shell_as_the_worker_lists_it(
+    searched_job: Path, tmp_path: Path
+) -> None:
+    """`fleet_follow.study_trials`: the real `hctl-worker trials` run through a shell (as on the
+    first pod of a job); a job directory without a search gives the worker's error."""
+    from hctl.errors import RemoteError
+    from hctl.remote.local import LocalRemote
+    from hctl.services.fleet_follow import study_trials
+    from hctl.services.jobs import JobRecord, PodMember
+    from hctl.services.toolkit import local_worker_command
+
+    def record(job_dir: Path) -> JobRecord:
+        return JobRecord(job_id="1130-0700-ab12", model="m", worker_model="m", n_trials=6,
+                         target="pod", remote_job_dir=str(job_dir),
+                         worker_command=local_worker_command(),
+                         members=[PodMember(pod_id="p1", remote_job_dir=str(job_dir),
+                                            first_worker=1)])  # fmt: skip
+
+    toolkit = SimpleNamespace(connect=lambda view: LocalRemote())
+    events = study_trials(record(searched_job), toolkit)  # type: ignore[arg-type]
+    study = sorted(finished_trials(JobPaths(searched_job)), key=lambda trial: trial.number)
+    assert [event.number for event in events] == [trial.number for trial in study]
+    assert [event.scores for event in events] == [trial.scores for trial in study]
+    with pytest.raises(RemoteError, match="has no search yet"):
+        study_trials(record(tmp_path / "empty"), toolkit)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("command", ["pareto", "trials"])
+def test_pareto_of_a_folder_without_a_search(tmp_path: Path, command: str) -> None:
+    result = runner.invoke(app, [command, "--job-dir", str(tmp_path)])
     assert result.exit_code == 2
     assert result.stderr.startswith("error: ") and "hint: " in result.stderr
     assert "Traceback" not in result.output + result.stderr

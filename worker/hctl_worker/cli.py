@@ -4,6 +4,7 @@
 hctl-worker run --config FILE --job-dir DIR [--storage URL] [--worker NAME] [--events] [--n-trials N]
                 [--model M] [--set KEY=VALUE]
 hctl-worker pareto --job-dir DIR [--json]
+hctl-worker trials --job-dir DIR [--events]
 hctl-worker export --job-dir DIR --trial K [--save-directory DIR] [--upload-repo USER/NAME]
 hctl-worker evaluate --job-dir DIR --trial K [--events]
 hctl-worker chat MODEL_DIR
@@ -258,6 +259,35 @@ def pareto(
         from hctl_worker.progress import pareto_table
 
         Console().print(pareto_table(front))
+
+
+@app.command(cls=HctlCommand)
+def trials(
+    job_dir: JobDir,
+    events: Annotated[
+        bool, typer.Option("--events", help="Print each trial as its trial event (JSON lines).")
+    ] = False,
+) -> None:
+    """List every finished trial of the job's study, whichever worker or pod ran it."""
+    with user_errors():
+        from hctl_worker.job_directory import JobPaths, finished_trials, stored_settings
+
+        paths = JobPaths(job_dir)
+        found = sorted(finished_trials(paths), key=lambda trial: trial.number)
+        if events:
+            from hctl_worker.events import TrialEvent
+
+            n_trials = stored_settings(paths).n_trials
+            for trial in found:
+                _event_printer(
+                    TrialEvent.of(trial, n_trials).model_copy(update={"worker": trial.run_by})
+                )
+            return
+        from rich.console import Console
+
+        from hctl_worker.progress import pareto_table
+
+        Console().print(pareto_table(found, title="Trials"))
 
 
 @app.command(cls=HctlCommand)

@@ -7,6 +7,11 @@
   (the study lives in PostgreSQL on pod 1, so the others go on, and the trial it was running is
   run again by another worker); merely unreachable, it is read again on the next poll. When pod 1
   itself is lost, the study's database went with it: `DatabaseLostError`.
+- A lost pod may take with it the lines of trials it finished and reported just before (the
+  study has them; its events file never reached here). After a pod is lost, and once the search
+  has ended, the study's finished trials are read on the first pod (`hctl-worker trials`), and
+  those no pod's events brought (while the search runs: those the lost pods' workers ran) come
+  as trial events of the poll: shown, copied home, counted.
 - `stop_workers` stops every pod's workers; `release_pods` stops, terminates or keeps every pod
   as the job says, and says which, pod by pod.
 """
@@ -15,16 +20,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from hctl.errors import HctlError, PodNotFoundError, PodNotReadyError
+from hctl.errors import HctlError, PodNotFoundError, PodNotReadyError, RemoteError
 from hctl.providers.base import PodStatus
 from hctl.services.finish import release_machine
 from hctl.services.fleet import pod_view, pod_views
 from hctl.services.follow import Follower, Poll
+from hctl.services.job_protocol import parse_study_trials, study_trials_command
 from hctl.services.jobs import JobRecord, PodMember
 from hctl.services.planning import Notify
 from hctl.services.stopping import stop_worker
 from hctl.services.toolkit import Toolkit
-from hctl_worker.events import read_events
+from hctl_worker.events import TrialEvent, encode, read_events
+
+STUDY_READ_TIMEOUT_S = 300
 
 
 class DatabaseLostError(PodNotReadyError):
@@ -40,12 +48,17 @@ class FleetFollower:
         toolkit: Toolkit,
         make_follower: Callable[[JobRecord, int], Follower],
         notify: Notify,
+        read_study: Callable[[], list[TrialEvent]] | None = None,
     ) -> None:
         self.record = record
         self.toolkit = toolkit
         self.notify = notify
+        self._read_study = read_study or (lambda: study_trials(record, toolkit))
         self._followers: dict[int, Follower] = {}
         self._unreachable: set[int] = set()
+        self._read_study_pending = False  # a pod was lost: read the study at the end of this poll
+        old_events, _ = read_events(toolkit.store.events_path(record.job_id))
+        self._shown = {event.number for event in old_events if isinstance(event, TrialEvent)}
         for index, member in enumerate(record.members):
             if not member.lost:
                 _, offset = read_events(toolkit.store.member_events_path(record.job_id, index))
@@ -71,7 +84,49 @@ class FleetFollower:
             merged.worker_alive = True
         elif states and all(state is False for state in states):
             merged.worker_alive = False
+        self._note_shown(merged)
+        if self._read_study_pending:
+            self._read_study_pending = False
+            self._add_unreported(merged, lost_workers(self.record))
         return merged
+
+    def recover(self) -> Poll:
+        """The study's finished trials that no pod's events brought (the search has ended)."""
+        poll = Poll(worker_alive=None)
+        self._add_unreported(poll, None)
+        return poll
+
+    def _note_shown(self, poll: Poll) -> None:
+        self._shown.update(event.number for event in poll.events if isinstance(event, TrialEvent))
+
+    def _add_unreported(self, poll: Poll, workers: set[str] | None) -> None:
+        """Add to `poll` the trials the study holds that no event brought here, those of
+        `workers` only (None: any worker's; the other pods' lines may simply not be read yet)."""
+        try:
+            found = self._read_study()
+        except HctlError as error:
+            self.notify(
+                f"could not read the study's trials on pod {self.record.members[0].pod_id} "
+                f"({error.message}): a trial a lost pod finished may be missing here (it is "
+                "in the study)"
+            )
+            return
+        missing = [
+            event
+            for event in found
+            if event.number not in self._shown and (workers is None or event.worker in workers)
+        ]
+        if not missing:
+            return
+        numbers = ", ".join(str(event.number) for event in missing)
+        self.notify(
+            f"read from the study: trial {numbers}, finished by a pod whose report of it never "
+            "arrived (the pod was lost)"
+        )
+        for event in missing:
+            poll.events.append(event)
+            poll.raw += encode(event).encode() + b"\n"
+        self._note_shown(poll)
 
     def _check_member(self, index: int, error: HctlError) -> None:
         """A pod that did not answer: lost when the provider says it no longer runs."""
@@ -87,6 +142,7 @@ class FleetFollower:
         self.toolkit.store.save(self.record)
         if index == 0:
             raise DatabaseLostError(database_lost_message(self.record, member, status))
+        self._read_study_pending = True
         self.notify(
             f"pod {member.pod_id} is {status}: the other pods go on with the search (its "
             "running trial is run again by another worker)"
@@ -98,6 +154,30 @@ class FleetFollower:
     def close(self) -> None:
         for follower in self._followers.values():
             follower.close()
+
+
+def lost_workers(record: JobRecord) -> set[str]:
+    """The names of the workers of the job's lost pods."""
+    return {
+        str(member.first_worker + offset)
+        for member in record.members
+        if member.lost
+        for offset in range(record.workers)
+    }
+
+
+def study_trials(record: JobRecord, toolkit: Toolkit) -> list[TrialEvent]:
+    """Every finished trial of the job's study, as trial events, read on the first pod."""
+    first = pod_view(record, record.members[0])
+    remote = toolkit.connect(first)
+    try:
+        command = study_trials_command(record.worker_command, first.remote_job_dir)
+        result = remote.run(command, timeout=STUDY_READ_TIMEOUT_S)
+    finally:
+        remote.close()
+    if result.exit_code != 0:
+        raise RemoteError(f"`hctl-worker trials` failed: {result.output.strip()[-300:]}")
+    return parse_study_trials(result.output)
 
 
 def lost_status(toolkit: Toolkit, pod_id: str) -> str | None:

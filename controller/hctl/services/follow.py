@@ -123,6 +123,11 @@ class Follower:
     def fetch(self, name: str, local_path: Path) -> bool:
         return self._with_reconnect(lambda channel: channel.fetch(name, local_path))
 
+    def recover(self) -> Poll:
+        """Events the search's end shows were never read: none, one machine's events file
+        being the whole record (see `FleetFollower.recover` for several pods)."""
+        return Poll(worker_alive=None)
+
     def close(self) -> None:
         if self._channel is not None:
             with contextlib.suppress(RemoteError):

@@ -28,12 +28,21 @@ from typing import Literal
 
 from hctl.errors import ConnectionLostError, JobError
 from hctl.remote.base import Remote
-from hctl_worker.events import EVENTS_FILE, JOURNAL_FILE, LOG_FILE, SETTINGS_FILE, WORKERS_DIR
+from hctl_worker.events import (
+    EVENTS_FILE,
+    JOURNAL_FILE,
+    LOG_FILE,
+    SETTINGS_FILE,
+    WORKERS_DIR,
+    TrialEvent,
+    decode,
+)
 
 # One read returns at most this much of each file; a long backlog arrives over a few polls.
 MAX_READ_BYTES = 4 * 1024 * 1024
 STATUS_MARK = "@@hctl-worker:"
 JOURNAL_MARK = "@@hctl-journal"
+TRIALS_MARK = "@@hctl-trials"
 # Written by the shell that runs the worker (see `launch_command`); it lives exactly as
 # long as the worker does, whatever the worker does with its own pid file.
 LAUNCHER_PID_FILE = "launcher.pid"
@@ -115,6 +124,27 @@ def parse_read_output(output: str) -> Chunk:
     return Chunk(data=_decode_base64(events), worker_alive=alive, journal=_decode_base64(journal))
 
 
+def study_trials_command(worker: str, job_dir: str) -> str:
+    """The shell command that prints every finished trial of the job's study as trial events
+    (base64, after a mark, so a PTY cannot mangle them), or the worker's error and its status."""
+    command = f"{worker} trials --job-dir {shlex.quote(job_dir)} --events"
+    return with_database_password(
+        job_dir,
+        f'err=$(mktemp); if out=$({command} 2>"$err"); then rm -f "$err"; '
+        f"echo '{TRIALS_MARK}'; printf '%s\\n' \"$out\" | base64; "
+        'else status=$?; tail -n 5 "$err"; rm -f "$err"; exit $status; fi',
+    )
+
+
+def parse_study_trials(output: str) -> list[TrialEvent]:
+    """Decode what `study_trials_command` printed; a reply without its mark was cut short."""
+    _, mark, encoded = output.rpartition(TRIALS_MARK)
+    if not mark:
+        raise ConnectionLostError("The reply listing the study's trials was cut short.")
+    events = (decode(line) for line in _decode_base64(encoded).splitlines() if line.strip())
+    return [event for event in events if isinstance(event, TrialEvent)]
+
+
 def check_not_running(remote: Remote, job_dir: str) -> None:
     """Refuse to start a second worker in a job directory whose worker still runs (its launcher
     lives exactly as long as it does; a worker started by hand there is refused by the worker's
@@ -139,11 +169,16 @@ def with_secrets(job_dir: str, command: str) -> str:
     file (`.pgpass`, a job on several pods) stays, and the command finds it through PGPASSFILE.
     """
     secrets = shlex.quote(f"{job_dir}/{SECRETS_FILE}")
-    pgpass = shlex.quote(f"{job_dir}/{PGPASS_FILE}")
-    return (
-        f"if [ -f {secrets} ]; then . {secrets}; rm -f {secrets}; fi; "
-        f"if [ -f {pgpass} ]; then export PGPASSFILE={pgpass}; fi; {command}"
+    return f"if [ -f {secrets} ]; then . {secrets}; rm -f {secrets}; fi; " + with_database_password(
+        job_dir, command
     )
+
+
+def with_database_password(job_dir: str, command: str) -> str:
+    """Run `command` finding the study's database password (a job on several pods) through
+    PGPASSFILE; the secrets file, if any, is left for the command it was written for."""
+    pgpass = shlex.quote(f"{job_dir}/{PGPASS_FILE}")
+    return f"if [ -f {pgpass} ]; then export PGPASSFILE={pgpass}; fi; {command}"
 
 
 def self_stop_command(job_dir: str, grace_s: float, stop_command: str) -> str:

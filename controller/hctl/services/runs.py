@@ -41,7 +41,7 @@ from hctl.services.fleet_follow import (
     release_pods,
     stop_workers,
 )
-from hctl.services.follow import Follower, RemoteJobChannel
+from hctl.services.follow import Follower, Poll, RemoteJobChannel
 from hctl.services.follow_policies import BudgetWatch, Liveness, mirror
 from hctl.services.job_protocol import MAX_READ_BYTES
 from hctl.services.jobs import JobRecord
@@ -164,18 +164,25 @@ def follow_job(
     follower = follower_for(record, toolkit, offset, on_reconnect=view.note)
     budget = BudgetWatch(record.max_cost)
     liveness = Liveness()
+
+    def take(poll: Poll) -> bool:
+        """Copy the poll home and show its events; whether it brought a trial."""
+        nonlocal started_again
+        mirror(store, record, poll)
+        trial_seen = False
+        for event in poll.events:
+            again = _reported_again(event, progress)
+            progress.apply(event)
+            started_again = started_again or isinstance(event, StartEvent)
+            if not again:
+                view.event(event, progress, money_now(record, progress, toolkit))
+            trial_seen = trial_seen or isinstance(event, TrialEvent)
+        return trial_seen
+
     try:
         while not ended():
             poll = follower.poll()
-            mirror(store, record, poll)
-            trial_seen = False
-            for event in poll.events:
-                again = _reported_again(event, progress)
-                progress.apply(event)
-                started_again = started_again or isinstance(event, StartEvent)
-                if not again:
-                    view.event(event, progress, money_now(record, progress, toolkit))
-                trial_seen = trial_seen or isinstance(event, TrialEvent)
+            trial_seen = take(poll)
             if trial_seen:
                 note = budget.warning(money_now(record, progress, toolkit))
                 if note:
@@ -198,6 +205,8 @@ def follow_job(
                 return FollowResult("failed", progress, record)
             if len(poll.raw) < MAX_READ_BYTES // 2:
                 toolkit.sleep(interval)
+        if progress.done is not None:
+            take(follower.recover())  # trials a lost pod finished but whose lines were lost
     except KeyboardInterrupt:
         return FollowResult("detached", progress, record)
     except (PodNotFoundError, PodNotReadyError) as error:
