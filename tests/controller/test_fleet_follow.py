@@ -177,21 +177,41 @@ def test_a_study_that_cannot_be_read_leaves_a_note_and_the_search_goes_on(tmp_pa
     def read_study() -> list[TrialEvent]:
         raise RemoteError("`hctl-worker trials` failed: no database")
 
-    pods = [FakeFollower([_trial_poll("1", 1)])]
-    fleet, _, notes, _ = _follow(tmp_path, pods, {}, read_study)
+    lost = ConnectionLostError("The connection dropped.")
+    pods = [FakeFollower([_trial_poll("1", 1)]), FakeFollower([lost])]
+    fleet, _, notes, _ = _follow(tmp_path, pods, {"pod2": None}, read_study)
     assert [event.number for event in fleet.poll().events] == [1]
-    assert fleet.recover().events == []
     assert "could not read the study's trials on pod pod1" in notes[-1]
     assert "no database" in notes[-1]
+    assert fleet.recover().events == []
+
+
+def test_the_study_is_read_at_the_end_only_when_a_pod_was_lost_or_silent(tmp_path: Path) -> None:
+    """Every pod answered to the end: their events hold every trial, nothing is read. A pod that
+    stopped answering (not known lost) may have taken lines with it: the study is read."""
+    reads: list[int] = []
+
+    def read_study() -> list[TrialEvent]:
+        reads.append(1)
+        return [_trial(1, "1"), _trial(2, "2")]
+
+    pods = [FakeFollower([_trial_poll("1", 1)]), FakeFollower([_trial_poll("2")])]
+    fleet, _, _, _ = _follow(tmp_path, pods, {}, read_study)
+    fleet.poll()
+    assert fleet.recover().events == [] and not reads
+    silent = [FakeFollower([_trial_poll("1", 1)]), FakeFollower([ConnectionLostError("dropped")])]
+    fleet, _, _, _ = _follow(tmp_path / "silent", silent, {"pod2": PodStatus.RUNNING}, read_study)
+    fleet.poll()
+    assert [event.number for event in fleet.recover().events] == [2] and reads == [1]
 
 
 def test_the_trials_shown_before_a_restart_are_not_read_again(tmp_path: Path) -> None:
     """A controller attached again knows the trials its copy of the events holds."""
-    pods = [FakeFollower([_trial_poll("1")])]
-    fleet, record, _, store = _follow(tmp_path, pods, {}, lambda: [_trial(1, "1"), _trial(2, "2")])
-    del fleet
-    store.append_events(record.job_id, _trial_poll("1", 1).raw)
+    study = [_trial(1, "1"), _trial(2, "2"), _trial(3, "2")]
+    pods = [FakeFollower([_trial_poll("1")]), FakeFollower([_trial_poll("2")])]
+    _, record, _, store = _follow(tmp_path, pods, {}, lambda: study)
+    store.append_events(record.job_id, _trial_poll("2", 2).raw)
+    record.members[1].lost = "terminated mid-search"
     again = FleetFollower(record, SimpleNamespace(store=store), lambda view, offset: pods[0],  # type: ignore[arg-type]
-                          lambda message: None,
-                          read_study=lambda: [_trial(1, "1"), _trial(2, "2")])  # fmt: skip
-    assert [event.number for event in again.recover().events] == [2]
+                          lambda message: None, read_study=lambda: study)  # fmt: skip
+    assert [event.number for event in again.recover().events] == [1, 3]

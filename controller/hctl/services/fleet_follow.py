@@ -91,9 +91,12 @@ class FleetFollower:
         return merged
 
     def recover(self) -> Poll:
-        """The study's finished trials that no pod's events brought (the search has ended)."""
+        """The study's finished trials that no pod's events brought (the search has ended).
+        Only when a pod was lost or did not answer at the end: every other pod's events were
+        read up to its workers' last."""
         poll = Poll(worker_alive=None)
-        self._add_unreported(poll, None)
+        if self._unreachable or lost_workers(self.record):
+            self._add_unreported(poll, None)
         return poll
 
     def _note_shown(self, poll: Poll) -> None:
