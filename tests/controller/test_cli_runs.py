@@ -35,9 +35,19 @@ def test_estimate_compares_gpus_with_hourly_and_total_prices(hctl_rest_env, runn
 
 
 def test_a_model_of_unknown_size_asks_for_params(hctl_rest_env, runner) -> None:
-    result = runner.invoke(app, ["estimate", "Qwen/Qwen3-4B-Instruct-2507"])
+    result = runner.invoke(app, ["estimate", "microsoft/phi-4"])  # no size in the name
     assert result.exit_code == 2
     assert "--params" in result.output and "Traceback" not in result.output
+
+
+def test_without_the_hub_the_size_in_a_models_name_is_used_and_said(hctl_rest_env, runner) -> None:
+    result = invoke(runner, "estimate", "Qwen/Qwen3-4B-Instruct-2507", "--gpu",
+                    "NVIDIA GeForce RTX 4090")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "4B parameters (from its name;" in result.output and "--params" in result.output
+    named = invoke(runner, "estimate", "Qwen/Qwen3-4B-Instruct-2507", "--params", "4B",
+                   "--gpu", "NVIDIA GeForce RTX 4090")  # fmt: skip
+    assert result.output.splitlines()[1:] == named.output.splitlines()[1:]  # the same estimate
 
 
 @pytest.mark.parametrize(

@@ -22,10 +22,12 @@ from hctl.services.estimate import (
 )
 from hctl.services.lease import lease_deadline
 from hctl.services.models import (
+    NAME_SOURCE,
     ModelInfo,
     config_parameters,
     inspect_hub_model,
     inspect_model,
+    parameters_from_name,
     parse_parameter_count,
 )
 from tests.e2e.fakes import CATALOGUE
@@ -113,6 +115,24 @@ def test_a_repo_the_hub_does_not_know_is_refused(monkeypatch: pytest.MonkeyPatch
         inspect_hub_model("nobody/nothing", client=hub(lambda request: httpx.Response(404)))
 
 
+@pytest.mark.parametrize(
+    ("repo_id", "parameters"),
+    [
+        ("Qwen/Qwen3-4B-Instruct-2507", 4e9),
+        ("meta-llama/Llama-3.1-8B-Instruct", 8e9),  # 3.1 is a version, not a size
+        ("HuggingFaceTB/SmolLM2-135M-Instruct", 135e6),
+        ("google/gemma-2-2b-it", 2e9),
+        ("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", 1.5e9),
+        ("Qwen/Qwen3-30B-A3B", 30e9),  # the active count (A3B) is not the size
+        ("mistralai/Mixtral-8x7B-Instruct-v0.1", 56e9),  # experts x size: an upper bound
+        ("microsoft/phi-4", None),
+        ("org/model-v2", None),
+    ],
+)
+def test_a_size_stated_in_a_repos_name_is_read(repo_id: str, parameters: float | None) -> None:
+    assert parameters_from_name(repo_id) == parameters
+
+
 def test_an_unreachable_hub_leaves_the_size_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HF_HUB_OFFLINE")
 
@@ -121,9 +141,13 @@ def test_an_unreachable_hub_leaves_the_size_unknown(monkeypatch: pytest.MonkeyPa
 
     info = inspect_hub_model("Qwen/Qwen3-4B", client=hub(handler))
     assert info.parameters is None
-    # Offline (the tests' default), the hub is not even asked; --params fills the gap.
+    # Offline (the tests' default), the hub is not even asked: the name's size, said as such,
+    # or --params fill the gap.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert inspect_model("Qwen/Qwen3-4B", parameters_override="4B").parameters == 4e9
+    named = inspect_model("Qwen/Qwen3-4B")
+    assert named.parameters == 4e9 and named.source == NAME_SOURCE
+    assert inspect_model("Qwen/Qwen3-4B", parameters_override="3B").parameters == 3e9
+    assert inspect_model("microsoft/phi-4").parameters is None
 
 
 def test_the_estimate_adds_up_its_phases_and_prices_the_whole_job() -> None:

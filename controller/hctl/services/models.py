@@ -40,13 +40,17 @@ _DTYPE_BYTES = {
 }
 
 
+# The size stated in a repo's name, used when the hub cannot say (offline, gated, unreachable).
+NAME_SOURCE = "its name; the hub was not asked or did not say, --params corrects it"
+
+
 class ModelInfo(BaseModel):
     """A model's reference and size, and where those facts came from."""
 
     reference: str  # what the user typed: a folder or a repo id
     local_path: Path | None = None  # set for a local folder
     parameters: int | None = None
-    source: str = "unknown"  # "safetensors", "config.json", "hub", "--params"
+    source: str = "unknown"  # "safetensors", "config.json", "hub", NAME_SOURCE, "--params"
     gated: bool | None = None  # None: unknown (hub not reachable)
     weights_bytes_on_disk: int | None = None  # the files as stored (local folders only)
 
@@ -82,6 +86,20 @@ def parse_parameter_count(text: str) -> int:
     if count <= 0:
         raise ConfigError(f"The parameter count {text!r} is not positive.", "Write it like 4B.")
     return count
+
+
+def parameters_from_name(repo_id: str) -> int | None:
+    """The size a hub repo's name states (`Qwen3-4B-Instruct` 4B, `gemma-2-2b-it` 2B,
+    `Mixtral-8x7B` 56B, `Qwen3-30B-A3B` 30B: the active count is not the size); the largest
+    when it states several; None when it states none."""
+    counts = []
+    for part in re.split(r"[-_ ]", repo_id.rsplit("/", 1)[-1]):
+        match = re.fullmatch(r"(?:([0-9]+)x)?([0-9]+(?:\.[0-9]+)?)([mMbB])", part)
+        if match:
+            experts, number, suffix = match.groups()
+            scale = 1e9 if suffix in "bB" else 1e6
+            counts.append(int(int(experts or 1) * float(number) * scale))
+    return max(counts) if counts and max(counts) > 0 else None
 
 
 def format_parameter_count(count: int) -> str:
@@ -248,6 +266,9 @@ def inspect_model(
                 "Give a repo id like Qwen/Qwen3-4B-Instruct-2507, or a folder with config.json.",
             )
         info = inspect_hub_model(reference, token=token, client=client)
+        guess = parameters_from_name(reference) if info.parameters is None else None
+        if guess is not None:
+            info = info.model_copy(update={"parameters": guess, "source": NAME_SOURCE})
     if parameters_override:
         info = info.model_copy(
             update={"parameters": parse_parameter_count(parameters_override), "source": "--params"}
