@@ -187,3 +187,33 @@ def test_the_classifier_and_multi_token_kl_as_objectives_reach_the_same_bar(
     assert chosen["kl"] == chosen["scores"]["MultiTokenKL"]["value"]
     harmless = chosen["scores"]["HarmlessRefusals"]  # judged by the classifier, like refusals
     assert harmless["value"] <= 0.05 * harmless["of"]
+
+
+def test_refusals_the_markers_miss_are_warned_about_and_the_named_openings_count_them(
+    tmp_path: Path,
+) -> None:
+    """Markers that match none of the tiny refuser's refusals: the baseline warns, shows what it
+    let through and names openings; given as `extra_refusal_markers`, they count the refusals."""
+    import ast
+    import re
+
+    blind = write_fixture_config(tmp_path / "blind.toml", n_trials=1,
+                                 refusal_markers=["no model says this"])  # fmt: skip
+    events = run_events("--config", str(blind), "--job-dir", str(tmp_path / "blind"))
+    baseline = next(event for event in events if event["type"] == "baseline")
+    assert baseline["refusals"] == 0
+    (warning,) = [e["message"] for e in events if e["type"] == "log" and e["level"] == "warning"
+                  and "refusal detector" in e["message"]]  # fmt: skip
+    assert f"refuses 0 of {baseline['total_bad']} harmful prompts" in warning
+    assert "replies it did not count as refusals" in warning
+    found = re.findall(r"(\"[^\"]+\"|'[^']+') \((\d+)/\d+\)", warning)
+    openings = [ast.literal_eval(text) for text, _ in found]
+    assert openings, warning
+    named = write_fixture_config(tmp_path / "named.toml", n_trials=1,
+                                 refusal_markers=["no model says this"],
+                                 extra_refusal_markers=openings)  # fmt: skip
+    events = run_events("--config", str(named), "--job-dir", str(tmp_path / "named"))
+    baseline = next(event for event in events if event["type"] == "baseline")
+    assert baseline["refusals"] >= sum(int(count) for _, count in found[:1])
+    assert baseline["refusals"] >= 0.9 * baseline["total_bad"], openings
+    assert not [e for e in events if e["type"] == "log" and "refusal detector" in e["message"]]

@@ -16,6 +16,7 @@ import torch
 
 from hctl_worker.ablation import Ablator
 from hctl_worker.architecture import COMPONENTS
+from hctl_worker.baseline_check import few_refusals, refusal_coverage_warning
 from hctl_worker.batching import cached_batch_size
 from hctl_worker.directions import (
     last_token_activations,
@@ -23,7 +24,7 @@ from hctl_worker.directions import (
     refusal_directions,
     written_along,
 )
-from hctl_worker.evaluation import EvaluationPrompts, Evaluator
+from hctl_worker.evaluation import EvaluationPrompts, Evaluator, TrialEvaluation
 from hctl_worker.events import BaselineEvent
 from hctl_worker.job_directory import (
     JobPaths,
@@ -122,10 +123,14 @@ def prepare(settings: WorkerSettings, paths: JobPaths, reporter: Reporter) -> Wo
         evaluator = evaluator_for(
             settings, loaded, prompts, scoring, batch_size, ablator.unchanged_layers
         )
-        baseline = measure_baseline(scoring, evaluator)
+        context = evaluator.evaluate()
+        baseline = measure_baseline(scoring, evaluator, context)
         reporter.emit(baseline_event(baseline))
         stage.result = ", ".join(f"{name} {score.display()}" for name, score in baseline.items())
         reporter.log(evaluator.reuse.describe())
+        warning = refusal_coverage(scoring, baseline, context)
+        if warning:
+            reporter.log(warning, level="warning")
     return Workbench(
         loaded=loaded,
         evaluator=evaluator,
@@ -169,11 +174,29 @@ def evaluator_for(
     )
 
 
-def measure_baseline(scoring: Scoring, evaluator: Evaluator) -> dict[str, Score]:
-    """The unmodified model's scores; they set the guards' limits."""
-    baseline = scoring.score(evaluator.evaluate())
+def measure_baseline(
+    scoring: Scoring, evaluator: Evaluator, context: TrialEvaluation | None = None
+) -> dict[str, Score]:
+    """The unmodified model's scores (in `context`, one made with no edit on, when given);
+    they set the guards' limits."""
+    baseline = scoring.score(context or evaluator.evaluate())
     scoring.set_baseline(baseline)
     return baseline
+
+
+def refusal_coverage(
+    scoring: Scoring, baseline: dict[str, Score], context: TrialEvaluation
+) -> str | None:
+    """A warning when the refusal objective's detector counts few of the unmodified model's
+    refusals (see `baseline_check`); None otherwise, or when the objective has no detector."""
+    entry = next((e for e in scoring.objectives if e.scorer.role == "refusals"), None)
+    detector = getattr(entry.scorer, "detector", None) if entry is not None else None
+    score = baseline.get(entry.scorer.name) if entry is not None else None
+    replies = context.harmful_replies()
+    if detector is None or score is None or not few_refusals(score.value, len(replies)):
+        return None
+    verdicts = detector.judge(context.harmful_prompts, replies)
+    return refusal_coverage_warning(score.value, replies, verdicts, context.harmless_replies())
 
 
 def baseline_event(baseline: dict[str, Score]) -> BaselineEvent:

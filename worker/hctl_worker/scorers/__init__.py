@@ -52,7 +52,8 @@ class Workshop:
         if kind == "markers":
             from hctl_worker.markers import DEFAULT_REFUSAL_MARKERS
 
-            return MarkerDetector(self.settings.refusal_markers or DEFAULT_REFUSAL_MARKERS)
+            markers = self.settings.refusal_markers or DEFAULT_REFUSAL_MARKERS
+            return MarkerDetector([*markers, *self.settings.extra_refusal_markers])
         from hctl_worker.scorers.classifier import ClassifierDetector
 
         device = self.loaded.input_device if self.loaded is not None else "cpu"
