@@ -98,6 +98,20 @@ def test_the_upgrade_hint_for_transformers_messages() -> None:
     assert isinstance(oom, OutOfMemoryError) and oom.hint
 
 
+def test_a_hub_that_cannot_be_reached_is_said_so() -> None:
+    """transformers' own words for a hub it cannot reach (an OSError): the network, not a
+    wrong model id, is what to check."""
+    text = (
+        "We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find "
+        "them in the cached files."
+    )
+    error = translate_error(OSError(text), "Qwen/Qwen3-4B")
+    assert error.message.startswith("cannot download the model Qwen/Qwen3-4B: We couldn't")
+    assert "cannot reach the Hugging Face hub" in error.hint
+    missing = translate_error(OSError("nobody/nothing is not a local folder"), "nobody/nothing")
+    assert missing.message.startswith("cannot find the model")
+
+
 def test_no_chat_template_is_its_own_error(model_folder, tmp_path) -> None:
     folder = tmp_path / "base"
     shutil.copytree(model_folder, folder)

@@ -158,14 +158,19 @@ def test_an_overlong_prompt_is_refused_with_its_number_and_the_limit(tmp_path: P
     assert sliced == ["short one"]  # only the prompts a job uses count
 
 
-def test_hub_dataset_without_a_network_is_a_prompt_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    """huggingface_hub reports an unreachable hub as an httpx error: still the user's error
-    (no network), with a hint, not an internal one."""
-    import httpx
+@pytest.mark.parametrize("client", ["httpx", "httpx2"])
+def test_hub_dataset_without_a_network_is_a_prompt_error(
+    monkeypatch: pytest.MonkeyPatch, client: str
+) -> None:
+    """huggingface_hub reports an unreachable hub as an error of its HTTP client (httpx, or
+    httpx2 from huggingface_hub 2.x on), not an OSError: still the user's error (no network),
+    with a hint, not an internal one."""
     from huggingface_hub import HfApi
 
+    module = pytest.importorskip(client)
+
     def unreachable(*args, **kwargs):
-        raise httpx.ConnectError("[Errno -2] Name or service not known")
+        raise module.ConnectError("[Errno -2] Name or service not known")
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(HfApi, "list_repo_files", unreachable)

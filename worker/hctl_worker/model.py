@@ -167,6 +167,14 @@ def translate_error(error: BaseException, source: str) -> WorkerError:
             f"{source} needs its own code to load",
             hint="Set trust_remote_code = true if you trust this model's code.",
         )
+    if "couldn't connect" in text:  # transformers' words for a hub it cannot reach
+        return ModelLoadError(
+            f"cannot download the model {source}: {_first_line(error)}",
+            hint=(
+                "This machine cannot reach the Hugging Face hub: check its network (or "
+                "HF_ENDPOINT), or give a model folder that is already on it."
+            ),
+        )
     if isinstance(error, OSError) or "not a valid model identifier" in text:
         return ModelLoadError(
             f"cannot find the model {source}: {_first_line(error)}",

@@ -165,12 +165,10 @@ def _read_hub_files(
     source: PromptSource, split: str, setting: str, limit: int | None = None
 ) -> list[str]:
     """Without `datasets`: fetch the split's data files from the hub and read one column."""
-    import httpx
     from huggingface_hub import HfApi, hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+    from huggingface_hub.errors import OfflineModeIsEnabled
 
-    # huggingface_hub speaks through httpx: no network is an httpx error, not an OSError.
-    unreachable = (HfHubHTTPError, OSError, ValueError, httpx.HTTPError)
+    unreachable = hub_network_errors()
 
     try:
         files = HfApi().list_repo_files(source.dataset, repo_type="dataset", revision=source.commit)
@@ -213,6 +211,27 @@ def _read_hub_files(
             ) from None
         rows += _read_column(local, source.column, setting)
     return rows
+
+
+def hub_network_errors() -> tuple[type[BaseException], ...]:
+    """What huggingface_hub raises when the hub cannot be reached or refuses: its own HTTP
+    error, OSError, and the errors of whichever HTTP client it speaks through (httpx, httpx2 in
+    huggingface_hub 2.x, requests in older ones), not OSErrors."""
+    import importlib
+
+    from huggingface_hub.errors import HfHubHTTPError
+
+    errors: list[type[BaseException]] = [HfHubHTTPError, OSError, ValueError]
+    for module, name in (
+        ("httpx", "HTTPError"),
+        ("httpx2", "HTTPError"),
+        ("requests", "RequestException"),
+    ):
+        try:
+            errors.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
 
 
 def _has_pyarrow() -> bool:
