@@ -3,7 +3,7 @@ through, and the openings that many harmful replies share and no harmless reply 
 
 from __future__ import annotations
 
-from hctl_worker.baseline_check import few_refusals, refusal_coverage_warning, shared_openings
+from hctl_worker.baseline_check import few_refusals, refusal_coverage, shared_openings
 from hctl_worker.markers import DEFAULT_REFUSAL_MARKERS, is_refusal
 
 DECLINES = [
@@ -23,6 +23,11 @@ HARMLESS = [
 
 def _judged(replies: list[str]) -> list[bool]:
     return [is_refusal(reply, DEFAULT_REFUSAL_MARKERS) for reply in replies]
+
+
+def refusal_coverage_warning(refusals, harmful, verdicts, harmless) -> str | None:
+    finding = refusal_coverage(refusals, harmful, verdicts, harmless)
+    return finding.message(adopted=False) if finding is not None else None
 
 
 def test_refusals_in_words_the_markers_miss_are_warned_about_with_candidates() -> None:
@@ -64,3 +69,21 @@ def test_replies_that_share_no_opening_give_the_warning_without_candidates() -> 
     assert warning is not None and "openings" not in warning
     assert "either it hardly refuses" in warning
     assert shared_openings(harmful, [], 3) == []
+
+
+def test_openings_that_cover_half_the_harmful_prompts_are_learnable() -> None:
+    """Together the openings cover at least half of the harmful prompts: a model's own refusal,
+    adopted, and the message says the job counts them; less than half: only named."""
+    declines = ["I must decline this.", "I must decline, sorry not sorry.", "I must decline it."]
+    harmful = [*declines, "Absolutely not.", "Absolutely not!", "Here: step one..."]
+    verdicts = [False, True, False, False, False, False]  # the second says "sorry"
+    finding = refusal_coverage(1, harmful, verdicts, HARMLESS)
+    assert finding is not None and finding.covered == 4  # 2 declines + 2 absolutely nots
+    assert finding.learnable == ("i must decline", "absolutely not")
+    adopted = finding.message(adopted=True)
+    assert "the job's refusal markers count 1 of 6" in adopted
+    assert "4 of the unmodified model's replies" in adopted
+    assert "the job counts those as refusals too" in adopted and "learn_refusal_markers" in adopted
+    assert "extra_refusal_markers=[" not in adopted  # nothing left to add by hand
+    few = refusal_coverage(0, [*harmful, *(f"Answer {n}." for n in range(6))], [False] * 12, [])
+    assert few is not None and few.covered == 5 and few.learnable == ()

@@ -63,9 +63,9 @@ def run_events(*arguments: str) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
-def harmless_refusals(job_dir: Path, trial: dict) -> int:
-    """Refusals on the harmless held-out prompts with the trial's edit applied, counted here
-    from full greedy replies (not by the worker's scorer)."""
+def harmless_refusals(job_dir: Path, trial: dict, harmful: bool = False) -> int:
+    """Refusals on the harmless (or `harmful`) held-out prompts with the trial's edit applied,
+    counted here with heretic's markers from full greedy replies (not by the worker's scorer)."""
     from hctl_worker.ablation import AblationParams, Ablator
     from hctl_worker.evaluation import EvaluationPrompts, Evaluator
     from hctl_worker.job_directory import JobPaths, load_cached_directions, stored_settings
@@ -76,7 +76,8 @@ def harmless_refusals(job_dir: Path, trial: dict) -> int:
     paths = JobPaths(job_dir)
     settings = stored_settings(paths)
     loaded = load_model(settings.model, dtypes=["float32"], device_map="cpu")
-    harmless = loaded.template(load_prompts(settings.good_evaluation_prompts), None)
+    prompts = settings.bad_evaluation_prompts if harmful else settings.good_evaluation_prompts
+    harmless = loaded.template(load_prompts(prompts), None)
     ablator = Ablator(loaded, load_cached_directions(paths))
     one = EvaluationPrompts(harmless[:1], harmless[:1])
     evaluator = Evaluator(
@@ -189,31 +190,53 @@ def test_the_classifier_and_multi_token_kl_as_objectives_reach_the_same_bar(
     assert harmless["value"] <= 0.05 * harmless["of"]
 
 
-def test_refusals_the_markers_miss_are_warned_about_and_the_named_openings_count_them(
-    tmp_path: Path,
-) -> None:
-    """Markers that match none of the tiny refuser's refusals: the baseline warns, shows what it
-    let through and names openings; given as `extra_refusal_markers`, they count the refusals."""
+def _warnings(events: list[dict]) -> list[str]:
+    return [event["message"] for event in events
+            if event["type"] == "log" and event["level"] == "warning"]  # fmt: skip
+
+
+def test_refusals_the_markers_miss_are_named_and_given_back_they_count(tmp_path: Path) -> None:
+    """Markers that match none of the tiny refuser's refusals, learning off: the baseline warns,
+    shows what it let through and names openings; given as `extra_refusal_markers`, they count
+    the refusals."""
     import ast
     import re
 
-    blind = write_fixture_config(tmp_path / "blind.toml", n_trials=1,
+    blind = write_fixture_config(tmp_path / "blind.toml", n_trials=1, learn_refusal_markers=False,
                                  refusal_markers=["no model says this"])  # fmt: skip
     events = run_events("--config", str(blind), "--job-dir", str(tmp_path / "blind"))
     baseline = next(event for event in events if event["type"] == "baseline")
     assert baseline["refusals"] == 0
-    (warning,) = [e["message"] for e in events if e["type"] == "log" and e["level"] == "warning"
-                  and "refusal detector" in e["message"]]  # fmt: skip
+    (warning,) = _warnings(events)
     assert f"refuses 0 of {baseline['total_bad']} harmful prompts" in warning
     assert "replies it did not count as refusals" in warning
     found = re.findall(r"(\"[^\"]+\"|'[^']+') \((\d+)/\d+\)", warning)
     openings = [ast.literal_eval(text) for text, _ in found]
     assert openings, warning
-    named = write_fixture_config(tmp_path / "named.toml", n_trials=1,
+    named = write_fixture_config(tmp_path / "named.toml", n_trials=1, learn_refusal_markers=False,
                                  refusal_markers=["no model says this"],
                                  extra_refusal_markers=openings)  # fmt: skip
     events = run_events("--config", str(named), "--job-dir", str(tmp_path / "named"))
     baseline = next(event for event in events if event["type"] == "baseline")
-    assert baseline["refusals"] >= sum(int(count) for _, count in found[:1])
     assert baseline["refusals"] >= 0.9 * baseline["total_bad"], openings
-    assert not [e for e in events if e["type"] == "log" and "refusal detector" in e["message"]]
+    assert not _warnings(events)
+
+
+@pytest.mark.slow
+def test_a_refusal_the_markers_do_not_know_is_learned_and_removed(tmp_path: Path) -> None:
+    """The tiny refuser judged by markers that match none of its refusals: the worker learns its
+    refusal openings from the baseline (and says so), and the search removes its refusals, as
+    heretic's own markers (which do know them) count them afterwards, at KL <= 0.05."""
+    config = write_fixture_config(tmp_path / "config.toml",
+                                  refusal_markers=["no model says this"])  # fmt: skip
+    job_dir = tmp_path / "job"
+    events = run_events("--config", str(config), "--job-dir", str(job_dir))
+    (learned,) = _warnings(events)
+    assert "the job's refusal markers count 0 of" in learned
+    assert "the job counts those as refusals too" in learned
+    check_search_shape(events, 40)  # a refusing baseline: the learned openings count them
+    front = json.loads((job_dir / "results" / "pareto.json").read_text())
+    good = [t for t in front if t["refusals"] <= 0.1 * t["total_bad"] and t["kl"] <= 0.05]
+    assert good, f"best on the front: {[(t['refusals'], round(t['kl'], 4)) for t in front[:3]]}"
+    chosen = good[-1]
+    assert harmless_refusals(job_dir, chosen, harmful=True) <= 0.1 * chosen["total_bad"]

@@ -34,10 +34,10 @@ from hctl_worker.job_directory import (
 from hctl_worker.perplexity import cross_entropy, read_passages
 from hctl_worker.prompts import PromptSets, load_prompts
 from hctl_worker.reporter import Listener, Reporter, guarded
-from hctl_worker.scorers import SCORERS, build_scoring
+from hctl_worker.scorers import SCORERS
 from hctl_worker.settings import WorkerSettings
 from hctl_worker.trials import Direction, Trial, describe_scores
-from hctl_worker.workbench import evaluator_for, load, measure_baseline
+from hctl_worker.workbench import load, score_baseline
 
 if TYPE_CHECKING:
     from hctl_worker.model import LoadedModel
@@ -74,7 +74,7 @@ def capability_check(
     with reporter.stage("evaluate", f"trial {trial.number} against the original") as stage:
         measures, notes = _held_out_text(settings, loaded, ablator, params, batch_size)
         stage.progress(1, 3, "held-out text")
-        measures += _scores(settings, loaded, ablator, params, batch_size)
+        measures += _scores(settings, loaded, ablator, params, batch_size, reporter)
         stage.progress(2, 3, "scorers")
         if settings.benchmarks:
             found, missing = _benchmarks(settings, loaded, ablator, params, batch_size)
@@ -114,16 +114,16 @@ def _held_out_text(settings, loaded, ablator, params, batch_size) -> tuple[list[
     ], [f"{len(passages)} passages, {original.tokens} tokens predicted"]
 
 
-def _scores(settings, loaded, ablator, params, batch_size) -> list[Measure]:
+def _scores(settings, loaded, ablator, params, batch_size, reporter) -> list[Measure]:
     prompts = PromptSets(
         good=[],
         bad=[],
         good_evaluation=load_prompts(settings.good_evaluation_prompts, "good_evaluation_prompts"),
         bad_evaluation=load_prompts(settings.bad_evaluation_prompts, "bad_evaluation_prompts"),
     )
-    scoring = build_scoring(settings, loaded, every_scorer(settings))
-    evaluator = evaluator_for(settings, loaded, prompts, scoring, batch_size)
-    original = measure_baseline(scoring, evaluator)
+    scoring, evaluator, original = score_baseline(
+        settings, loaded, prompts, batch_size, reporter, scorers=every_scorer(settings)
+    )
     with ablator.applied(params):
         edited = scoring.score(evaluator.evaluate())
     return [

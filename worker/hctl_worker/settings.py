@@ -84,6 +84,7 @@ class WorkerSettings(BaseSettings):
     max_response_length: int = Field(default=100, ge=1)
     refusal_markers: list[str] | None = None
     extra_refusal_markers: list[str] = Field(default_factory=list)  # added to the markers
+    learn_refusal_markers: bool = True  # see baseline_check
     kl_skip_threshold: float = Field(default=1.0, ge=0)  # 0 = always count refusals
     prune_trials: bool = True
     prune_margin: float = Field(default=0.05, ge=0, le=1)  # of the harmful prompts
@@ -173,6 +174,7 @@ class WorkerSettings(BaseSettings):
             "max_response_length",
             "refusal_markers",
             "extra_refusal_markers",
+            "learn_refusal_markers",
             "kl_skip_threshold",
             "scorers",
             "refusal_classifier",

@@ -16,7 +16,7 @@ import torch
 
 from hctl_worker.ablation import Ablator
 from hctl_worker.architecture import COMPONENTS
-from hctl_worker.baseline_check import few_refusals, refusal_coverage_warning
+from hctl_worker.baseline_check import CoverageFinding, few_refusals, refusal_coverage
 from hctl_worker.batching import cached_batch_size
 from hctl_worker.directions import (
     last_token_activations,
@@ -39,7 +39,7 @@ from hctl_worker.reporter import Reporter
 from hctl_worker.scorers import Scoring, build_scoring
 from hctl_worker.settings import WorkerSettings
 from hctl_worker.startup import CANONICAL_DIRECTIONS
-from hctl_worker.trials import Score, Trial
+from hctl_worker.trials import Direction, Score, Trial
 
 
 @dataclass
@@ -119,18 +119,12 @@ def prepare(settings: WorkerSettings, paths: JobPaths, reporter: Reporter) -> Wo
 
     with reporter.stage("baseline") as stage:
         ablator = Ablator(loaded, measured.directions, row_normalization=settings.row_normalization)
-        scoring = build_scoring(settings, loaded)
-        evaluator = evaluator_for(
-            settings, loaded, prompts, scoring, batch_size, ablator.unchanged_layers
+        scoring, evaluator, baseline = score_baseline(
+            settings, loaded, prompts, batch_size, reporter, ablator.unchanged_layers
         )
-        context = evaluator.evaluate()
-        baseline = measure_baseline(scoring, evaluator, context)
         reporter.emit(baseline_event(baseline))
         stage.result = ", ".join(f"{name} {score.display()}" for name, score in baseline.items())
         reporter.log(evaluator.reuse.describe())
-        warning = refusal_coverage(scoring, baseline, context)
-        if warning:
-            reporter.log(warning, level="warning")
     return Workbench(
         loaded=loaded,
         evaluator=evaluator,
@@ -184,19 +178,57 @@ def measure_baseline(
     return baseline
 
 
-def refusal_coverage(
+def score_baseline(
+    settings: WorkerSettings,
+    loaded: LoadedModel,
+    prompts: PromptSets,
+    batch_size: int,
+    reporter: Reporter,
+    unchanged_layers: Callable[[], int] | None = None,
+    scorers: list[tuple[str, Direction]] | None = None,
+) -> tuple[Scoring, Evaluator, dict[str, Score]]:
+    """The job's scoring, its evaluator and the unmodified model's scores.
+
+    When the refusal markers count few of the model's refusals but its replies to the harmful
+    prompts share openings no harmless reply has (`baseline_check`), those openings are counted
+    as refusals too (unless `learn_refusal_markers` is off) and the baseline is measured again;
+    either way the user is told what was seen."""
+    scoring = build_scoring(settings, loaded, scorers)
+    evaluator = evaluator_for(settings, loaded, prompts, scoring, batch_size, unchanged_layers)
+    context = evaluator.evaluate()
+    baseline = measure_baseline(scoring, evaluator, context)
+    finding = _refusal_coverage(scoring, baseline, context)
+    if finding is None:
+        return scoring, evaluator, baseline
+    learned = finding.learnable if settings.learn_refusal_markers else ()
+    reporter.log(finding.message(adopted=bool(learned)), level="warning")
+    if not learned:
+        return scoring, evaluator, baseline
+    markers = [*settings.extra_refusal_markers, *learned]
+    settings = settings.model_copy(
+        update={"extra_refusal_markers": markers, "learn_refusal_markers": False}
+    )
+    return score_baseline(
+        settings, loaded, prompts, batch_size, reporter, unchanged_layers, scorers
+    )
+
+
+def _refusal_coverage(
     scoring: Scoring, baseline: dict[str, Score], context: TrialEvaluation
-) -> str | None:
-    """A warning when the refusal objective's detector counts few of the unmodified model's
-    refusals (see `baseline_check`); None otherwise, or when the objective has no detector."""
+) -> CoverageFinding | None:
+    """What the baseline shows when the refusal objective's markers count few of the unmodified
+    model's refusals (see `baseline_check`); None otherwise, or when refusals are not counted
+    by markers (a classifier)."""
     entry = next((e for e in scoring.objectives if e.scorer.role == "refusals"), None)
     detector = getattr(entry.scorer, "detector", None) if entry is not None else None
     score = baseline.get(entry.scorer.name) if entry is not None else None
+    if getattr(detector, "decisive_markers", None) is None or score is None:
+        return None
     replies = context.harmful_replies()
-    if detector is None or score is None or not few_refusals(score.value, len(replies)):
+    if not few_refusals(score.value, len(replies)):
         return None
     verdicts = detector.judge(context.harmful_prompts, replies)
-    return refusal_coverage_warning(score.value, replies, verdicts, context.harmless_replies())
+    return refusal_coverage(score.value, replies, verdicts, context.harmless_replies())
 
 
 def baseline_event(baseline: dict[str, Score]) -> BaselineEvent:
