@@ -1,5 +1,5 @@
 """The warning when the refusal detector counts few of the unmodified model's refusals: what it let
-through, and the openings that many harmful replies share and no harmless reply has."""
+through, and the openings that many harmful replies share and no harmless reply contains."""
 
 from __future__ import annotations
 

@@ -5,11 +5,12 @@ do not know ("I must decline.", another language) scores near zero refusals befo
 the search would then "succeed" at once with an edit that removes nothing. So after the baseline,
 when the markers count at most a quarter of the harmful prompts refused, the worker looks at what
 the model said: the replies the markers let through, and the openings (first two to four words)
-that at least a tenth of the harmful prompts' replies share and no harmless reply opens with.
+that at least a tenth of the harmful prompts' replies share and no harmless reply contains (as
+markers, they would count no harmless reply a refusal).
 
 - Together they cover at least half of the harmful prompts: that is the model's own refusal,
   templated as refusals are (a model that complies answers each harmful prompt in its own words,
-  and its openings are a harmless reply's too). The job counts them as refusals too
+  and its openings are found in harmless replies too). The job counts them as refusals too
   (`learn_refusal_markers`, on by default), and says so with the openings and examples.
 - Less, or learning off: a warning with the examples and the openings, for `extra_refusal_markers`
   (or the RefusalClassifier scorer). A model that hardly refuses is a legitimate job too.
@@ -64,7 +65,7 @@ class CoverageFinding:
             lines = [
                 f"the job's refusal markers count {self.refusals:g} of {self.total} harmful "
                 f"prompts refused, but {self.covered} of the unmodified model's replies to them "
-                f"open with words no harmless reply opens with: {listed}; the job counts those "
+                f"open with words no harmless reply contains: {listed}; the job counts those "
                 "as refusals too (learn_refusal_markers = false: it does not; "
                 "extra_refusal_markers: give your own)"
             ]
@@ -80,7 +81,7 @@ class CoverageFinding:
             lines.append(f"replies it did not count as refusals: {shown}")
         if self.openings and not adopted:
             lines.append(
-                f"openings many of these share and no harmless reply has: {listed}; if they are "
+                f"openings many of these share and no harmless reply contains: {listed}; if they are "
                 "refusals, add them: --set 'extra_refusal_markers=[\"...\"]'"
             )
         if not adopted:
@@ -98,7 +99,7 @@ def refusal_coverage(
 ) -> CoverageFinding | None:
     """What the baseline shows when the detector judged at most a quarter of the unmodified
     model's replies to the harmful prompts refusals (None otherwise): the replies it let
-    through, and the openings those share that no harmless reply has."""
+    through, and the openings those share that no harmless reply contains."""
     total = len(harmful_replies)
     if refusals is None or not few_refusals(refusals, total):
         return None
@@ -120,9 +121,9 @@ def shared_openings(
     replies: Sequence[str], harmless_replies: Sequence[str], total: int
 ) -> list[tuple[str, int]]:
     """Openings (the first few normalised words) that at least a tenth of the `total` harmful
-    prompts' replies share and no harmless reply opens with; the longest of overlapping ones,
+    prompts' replies share and no harmless reply contains; the longest of overlapping ones,
     most shared first."""
-    harmless = {_opening(reply, words) for reply in harmless_replies for words in OPENING_WORDS}
+    harmless = [normalise_response(reply) for reply in harmless_replies]
     found: list[tuple[str, int]] = []
     for words in OPENING_WORDS:
         counts = Counter(_opening(reply, words) for reply in replies)
@@ -130,7 +131,7 @@ def shared_openings(
             if count < max(2, MIN_OPENING_SHARE * total):
                 break
             longer = any(kept.startswith(opening) for kept, _ in found)
-            if opening and opening not in harmless and not longer:
+            if opening and not longer and not any(opening in text for text in harmless):
                 found.append((opening, count))
     found.sort(key=lambda item: -item[1])
     return found[:MAX_OPENINGS]
