@@ -55,3 +55,14 @@ def test_unknown_event_types_are_kept_not_dropped() -> None:
     event = events.decode('{"type": "future-thing", "v": 9, "seq": 4, "x": 1}')
     assert isinstance(event, events.UnknownEvent)
     assert event.seq == 4
+
+
+def test_the_installed_worker_carries_its_data_files() -> None:
+    """Package data reaches an install (the laptop CI runs this on `pip install .`): the
+    held-out text of the capability check and the prompts bundled for a machine without the
+    hub, each file non-empty."""
+    from hctl_worker.job_prompts import BUNDLED_DIR, BUNDLED_FILES
+
+    data = Path(hctl_worker.__file__).parent / "data"
+    files = [data / "held_out.txt", *(BUNDLED_DIR / name for name in BUNDLED_FILES.values())]
+    assert all(path.is_file() and path.stat().st_size > 0 for path in files), files

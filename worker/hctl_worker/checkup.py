@@ -31,8 +31,9 @@ from hctl_worker.job_directory import (
     stored_settings,
     write_evaluation,
 )
+from hctl_worker.job_prompts import load_job_prompts
 from hctl_worker.perplexity import cross_entropy, read_passages
-from hctl_worker.prompts import PromptSets, load_prompts
+from hctl_worker.prompts import PromptSets
 from hctl_worker.reporter import Listener, Reporter, guarded
 from hctl_worker.scorers import SCORERS
 from hctl_worker.settings import WorkerSettings
@@ -74,7 +75,7 @@ def capability_check(
     with reporter.stage("evaluate", f"trial {trial.number} against the original") as stage:
         measures, notes = _held_out_text(settings, loaded, ablator, params, batch_size)
         stage.progress(1, 3, "held-out text")
-        measures += _scores(settings, loaded, ablator, params, batch_size, reporter)
+        measures += _scores(settings, paths, loaded, ablator, params, batch_size, reporter)
         stage.progress(2, 3, "scorers")
         if settings.benchmarks:
             found, missing = _benchmarks(settings, loaded, ablator, params, batch_size)
@@ -114,12 +115,16 @@ def _held_out_text(settings, loaded, ablator, params, batch_size) -> tuple[list[
     ], [f"{len(passages)} passages, {original.tokens} tokens predicted"]
 
 
-def _scores(settings, loaded, ablator, params, batch_size, reporter) -> list[Measure]:
+def _scores(settings, paths, loaded, ablator, params, batch_size, reporter) -> list[Measure]:
+    tables = ("good_evaluation_prompts", "bad_evaluation_prompts")
+    found = load_job_prompts(
+        settings, tables, paths.root, lambda note: reporter.log(note, level="warning")
+    )
     prompts = PromptSets(
         good=[],
         bad=[],
-        good_evaluation=load_prompts(settings.good_evaluation_prompts, "good_evaluation_prompts"),
-        bad_evaluation=load_prompts(settings.bad_evaluation_prompts, "bad_evaluation_prompts"),
+        good_evaluation=found["good_evaluation_prompts"],
+        bad_evaluation=found["bad_evaluation_prompts"],
     )
     scoring, evaluator, original = score_baseline(
         settings, loaded, prompts, batch_size, reporter, scorers=every_scorer(settings)

@@ -129,7 +129,11 @@ def _pipeline(
         if not storage_url:
             match_reports_to_events(paths, study)
         # A worker joining a search that has ended loads nothing.
-        bench = prepare(settings, paths, reporter) if len(resumed) < settings.n_trials else None
+        bench = (
+            prepare(settings, paths, reporter, first_run=not resumed)
+            if len(resumed) < settings.n_trials
+            else None
+        )
         team = Teamwork(
             name=name,
             owner=f"{socket.gethostname()}:{paths.root}:{name}",

@@ -14,13 +14,19 @@ from __future__ import annotations
 import csv
 import json
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from hctl_worker.errors import PromptError
-from hctl_worker.settings import SPLIT_PATTERN, PromptSource, WorkerSettings
+from hctl_worker.settings import SPLIT_PATTERN, PromptSource
 
 MAX_PROMPT_CHARACTERS = 16_000  # about 4,000 tokens; benchmark prompts are far shorter
+
+
+class HubUnreachableError(PromptError):
+    """The hub could not be reached (no network, offline mode, the hub down), as opposed to a
+    dataset, split or column it does not have."""
 
 
 @dataclass(frozen=True)
@@ -31,15 +37,6 @@ class PromptSets:
     bad: list[str]  # harmful, for the refusal directions
     good_evaluation: list[str]  # harmless, for KL (and the harmless refusal check)
     bad_evaluation: list[str]  # harmful, for counting refusals
-
-
-def load_prompt_sets(settings: WorkerSettings) -> PromptSets:
-    return PromptSets(
-        good=load_prompts(settings.good_prompts, "good_prompts"),
-        bad=load_prompts(settings.bad_prompts, "bad_prompts"),
-        good_evaluation=load_prompts(settings.good_evaluation_prompts, "good_evaluation_prompts"),
-        bad_evaluation=load_prompts(settings.bad_evaluation_prompts, "bad_evaluation_prompts"),
-    )
 
 
 def load_prompts(source: PromptSource, setting: str = "prompts") -> list[str]:
@@ -155,7 +152,8 @@ def _read_hub_dataset(
             "Set column and split in the prompt table to ones the dataset has.",
         ) from None
     except Exception as error:  # datasets raises many kinds; the user needs the message only
-        raise PromptError(
+        kind = HubUnreachableError if _is_unreachable(error) else PromptError
+        raise kind(
             f"{setting}: cannot load dataset {source.dataset}: {error}",
             "Check the dataset id and your network, or use a local text file (one prompt per line).",
         ) from None
@@ -173,12 +171,12 @@ def _read_hub_files(
     try:
         files = HfApi().list_repo_files(source.dataset, repo_type="dataset", revision=source.commit)
     except OfflineModeIsEnabled:
-        raise PromptError(
+        raise HubUnreachableError(
             f"{setting}: dataset {source.dataset} is on the hub but the hub is offline here",
             "Unset HF_HUB_OFFLINE, or use a local text file (one prompt per line).",
         ) from None
     except unreachable as error:
-        raise PromptError(
+        raise (HubUnreachableError if _is_unreachable(error) else PromptError)(
             f"{setting}: cannot list dataset {source.dataset}: {error}",
             "Check the dataset id and the network, or use a local text file (one prompt per line).",
         ) from None
@@ -205,7 +203,7 @@ def _read_hub_files(
                 hf_hub_download(source.dataset, name, repo_type="dataset", revision=source.commit)
             )
         except unreachable as error:
-            raise PromptError(
+            raise (HubUnreachableError if _is_unreachable(error) else PromptError)(
                 f"{setting}: cannot download {name} of dataset {source.dataset}: {error}",
                 "Check the network, or use a local text file (one prompt per line).",
             ) from None
@@ -232,6 +230,27 @@ def hub_network_errors() -> tuple[type[BaseException], ...]:
         except (ImportError, AttributeError):
             continue
     return tuple(errors)
+
+
+def _is_unreachable(error: BaseException) -> bool:
+    """A failure to reach the hub, not an answer from it: offline mode, no connection, a
+    timeout, or a server error (5xx); a 4xx answer (no such dataset, no access) is not."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    if isinstance(error, OfflineModeIsEnabled) or "offline mode" in str(error).lower():
+        return True
+    try:
+        status = getattr(getattr(error, "response", None), "status_code", None)
+    except RuntimeError:  # httpx: a request error has no response to show
+        status = None
+    if isinstance(status, int):
+        return status >= 500
+    if isinstance(error, HfHubHTTPError):
+        return True
+    clients = tuple(
+        kind for kind in hub_network_errors() if kind not in (HfHubHTTPError, OSError, ValueError)
+    )
+    return isinstance(error, (*clients, ConnectionError, TimeoutError, socket.gaierror))
 
 
 def _has_pyarrow() -> bool:
@@ -280,7 +299,7 @@ def _read_rows_api(
             response.raise_for_status()
             page = response.json()
         except (httpx.HTTPError, ValueError) as error:
-            raise PromptError(
+            raise (HubUnreachableError if _is_unreachable(error) else PromptError)(
                 f"{setting}: cannot read dataset {source.dataset} from the hub: {error}",
                 "pip install datasets (or pyarrow), or use a local text file (one prompt per line).",
             ) from None

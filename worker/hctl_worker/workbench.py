@@ -32,9 +32,10 @@ from hctl_worker.job_directory import (
     read_cached_directions,
     write_cached_directions,
 )
+from hctl_worker.job_prompts import load_prompt_sets
 from hctl_worker.model import LoadedModel, load_model
 from hctl_worker.priors import RefusalProfile
-from hctl_worker.prompts import PromptSets, load_prompt_sets
+from hctl_worker.prompts import PromptSets
 from hctl_worker.reporter import Reporter
 from hctl_worker.scorers import Scoring, build_scoring
 from hctl_worker.settings import WorkerSettings
@@ -65,10 +66,18 @@ class Workbench:
         return self.scoring.score(context, refusal_limit, front), context.pruned
 
 
-def prepare(settings: WorkerSettings, paths: JobPaths, reporter: Reporter) -> Workbench:
-    """Prompts → model → batch size → directions → baseline, each a stage of the job."""
+def prepare(
+    settings: WorkerSettings, paths: JobPaths, reporter: Reporter, *, first_run: bool = False
+) -> Workbench:
+    """Prompts → model → batch size → directions → baseline, each a stage of the job
+    (`first_run`: the job has no trial yet, so its prompts may still be chosen)."""
     with reporter.stage("prompts") as stage:
-        prompts = load_prompt_sets(settings)
+        prompts = load_prompt_sets(
+            settings,
+            paths.root,
+            lambda note: reporter.log(note, level="warning"),
+            first_run=first_run,
+        )
         stage.result = (
             f"{len(prompts.good)} harmless + {len(prompts.bad)} harmful for directions, "
             f"{len(prompts.good_evaluation)} + {len(prompts.bad_evaluation)} for evaluation"
