@@ -199,7 +199,7 @@ def score_baseline(
     """The job's scoring, its evaluator and the unmodified model's scores.
 
     When the refusal markers count few of the model's refusals but its replies to the harmful
-    prompts share openings no harmless reply has (`baseline_check`), those openings are counted
+    prompts share openings no harmless reply contains (`baseline_check`), those are counted
     as refusals too (unless `learn_refusal_markers` is off) and the baseline is measured again;
     either way the user is told what was seen."""
     scoring = build_scoring(settings, loaded, scorers)
@@ -217,6 +217,7 @@ def score_baseline(
     settings = settings.model_copy(
         update={"extra_refusal_markers": markers, "learn_refusal_markers": False}
     )
+    del scoring, evaluator, context  # its recordings: the new evaluator makes its own
     return score_baseline(
         settings, loaded, prompts, batch_size, reporter, unchanged_layers, scorers
     )
