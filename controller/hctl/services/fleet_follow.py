@@ -123,8 +123,8 @@ class FleetFollower:
             return
         numbers = ", ".join(str(event.number) for event in missing)
         self.notify(
-            f"read from the study: trial {numbers}, finished by a pod whose report of it never "
-            "arrived (the pod was lost)"
+            f"read from the study: trial {numbers}, finished on a pod that was lost or stopped "
+            "answering before its report of it arrived"
         )
         for event in missing:
             poll.events.append(event)
