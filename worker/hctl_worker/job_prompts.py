@@ -19,6 +19,7 @@ it, as before: its prompts are those.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -146,7 +147,7 @@ def _record(job_root: Path | None, record: dict[str, str]) -> None:
     if job_root is None:
         return
     path = job_root / RECORD_FILE
-    temporary = path.with_name(path.name + ".part")
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.part")  # workers may write at once
     temporary.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     temporary.replace(path)
 
