@@ -94,12 +94,11 @@ def parameters_from_name(repo_id: str) -> int | None:
     when it states several; None when it states none."""
     counts = []
     for part in re.split(r"[-_ ]", repo_id.rsplit("/", 1)[-1]):
-        match = re.fullmatch(r"(?:([0-9]+)x)?([0-9]+(?:\.[0-9]+)?)([mMbB])", part)
-        if match:
-            experts, number, suffix = match.groups()
-            scale = 1e9 if suffix in "bB" else 1e6
-            counts.append(int(int(experts or 1) * float(number) * scale))
-    return max(counts) if counts and max(counts) > 0 else None
+        match = re.fullmatch(r"(?:([0-9]+)x)?([0-9]+(?:\.[0-9]+)?[mMbB])", part)
+        if match and float(match.group(2)[:-1]) > 0:
+            experts, size = match.groups()
+            counts.append(int(experts or 1) * parse_parameter_count(size))
+    return max(counts) if counts else None
 
 
 def format_parameter_count(count: int) -> str:
