@@ -213,13 +213,18 @@ def _read_hub_files(
 
 def hub_network_errors() -> tuple[type[BaseException], ...]:
     """What huggingface_hub raises when the hub cannot be reached or refuses: its own HTTP
-    error, OSError, and the errors of whichever HTTP client it speaks through (httpx, httpx2 in
-    huggingface_hub 2.x, requests in older ones), not OSErrors."""
-    import importlib
-
+    error, OSError, ValueError, and the errors of its HTTP client (see `_client_errors`)."""
     from huggingface_hub.errors import HfHubHTTPError
 
-    errors: list[type[BaseException]] = [HfHubHTTPError, OSError, ValueError]
+    return (HfHubHTTPError, OSError, ValueError, *_client_errors())
+
+
+def _client_errors() -> tuple[type[BaseException], ...]:
+    """The errors of whichever HTTP client huggingface_hub speaks through (httpx, httpx2 in
+    huggingface_hub 2.x, requests in older ones): not OSErrors."""
+    import importlib
+
+    errors: list[type[BaseException]] = []
     for module, name in (
         ("httpx", "HTTPError"),
         ("httpx2", "HTTPError"),
@@ -247,10 +252,7 @@ def _is_unreachable(error: BaseException) -> bool:
         return status >= 500
     if isinstance(error, HfHubHTTPError):
         return True
-    clients = tuple(
-        kind for kind in hub_network_errors() if kind not in (HfHubHTTPError, OSError, ValueError)
-    )
-    return isinstance(error, (*clients, ConnectionError, TimeoutError, socket.gaierror))
+    return isinstance(error, (*_client_errors(), ConnectionError, TimeoutError, socket.gaierror))
 
 
 def _has_pyarrow() -> bool:
