@@ -109,7 +109,7 @@ def refusal_coverage(
     openings = tuple(shared_openings(passed, harmless_replies or [], total))
     markers = normalise_markers([opening for opening, _ in openings])
     covered = sum(contains_marker(normalise_response(reply), markers) for reply in passed)
-    return CoverageFinding(refusals, total, passed, openings, covered if openings else 0)
+    return CoverageFinding(refusals, total, passed, openings, covered)
 
 
 def few_refusals(refusals: float | None, total: int) -> bool:
