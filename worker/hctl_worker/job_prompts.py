@@ -81,14 +81,15 @@ def load_job_prompts(
     recorded = _recorded(job_root)
     may_bundle = first_run and not recorded
     found: dict[str, list[str]] = {}
-    bundled: dict[str, str] = {}  # table: why
+    bundled: list[str] = []  # the tables this run takes from the bundle
+    unreachable: str | None = None  # why: the first failure to reach the hub
     for table in tables:
         source: PromptSource = getattr(settings, table)
         default = source.dataset == DEFAULT_SOURCES[table].dataset
-        if recorded.get(table) == "bundled" or (may_bundle and bundled and default):
+        if recorded.get(table) == "bundled" or (may_bundle and unreachable and default):
             found[table] = load_prompts(bundled_source(table, source), table)
             if may_bundle:  # the hub just failed: not asked again
-                bundled[table] = next(iter(bundled.values()))
+                bundled.append(table)
             continue
         try:
             found[table] = load_prompts(source, table)
@@ -96,13 +97,14 @@ def load_job_prompts(
             if not (may_bundle and default):
                 raise
             found[table] = load_prompts(bundled_source(table, source), table)
-            bundled[table] = error.message
+            bundled.append(table)
+            unreachable = error.message
     if may_bundle and len(tables) == len(PROMPT_TABLES):
         _record(
             job_root, {table: "bundled" if table in bundled else "settings" for table in tables}
         )
-    if bundled and on_note is not None:
-        on_note(_note(bundled, found))
+    if unreachable and on_note is not None:
+        on_note(_note(unreachable, bundled, found))
     return found
 
 
@@ -119,8 +121,7 @@ def bundled_source(table: str, source: PromptSource) -> PromptSource:
     )
 
 
-def _note(bundled: dict[str, str], found: dict[str, list[str]]) -> str:
-    reason = next(iter(bundled.values()))
+def _note(reason: str, bundled: list[str], found: dict[str, list[str]]) -> str:
     counts = ", ".join(f"{table} {len(found[table])}" for table in bundled)
     return (
         f"the hub cannot be reached ({reason}): the job uses the prompts bundled with "
