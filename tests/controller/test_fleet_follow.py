@@ -12,10 +12,15 @@ import pytest
 
 from hctl.errors import ConnectionLostError, PodNotFoundError, RemoteError
 from hctl.providers.base import Pod, PodStatus
-from hctl.services.fleet_follow import DatabaseLostError, FleetFollower, check_database_pod
+from hctl.services.fleet_follow import (
+    DatabaseLostError,
+    FleetFollower,
+    check_database_pod,
+    trial_numbers,
+)
 from hctl.services.follow import Poll
 from hctl.services.jobs import JobRecord, JobStore, PodMember
-from hctl_worker.events import StartEvent, TrialEvent, encode
+from hctl_worker.events import StartEvent, TrialEvent, encode, read_events
 from hctl_worker.trials import legacy_scores
 
 
@@ -79,7 +84,7 @@ def _follow(
     notes: list[str] = []
     made = iter(followers)
     fleet = FleetFollower(record, toolkit, lambda view, offset: next(made), notes.append,  # type: ignore[arg-type]
-                          read_study=read_study)  # fmt: skip
+                          set(), read_study=read_study)  # fmt: skip
     return fleet, record, notes, store
 
 
@@ -212,6 +217,7 @@ def test_the_trials_shown_before_a_restart_are_not_read_again(tmp_path: Path) ->
     _, record, _, store = _follow(tmp_path, pods, {}, lambda: study)
     store.append_events(record.job_id, _trial_poll("2", 2).raw)
     record.members[1].lost = "terminated mid-search"
+    shown = trial_numbers(read_events(store.events_path(record.job_id))[0])  # as runs.py does
     again = FleetFollower(record, SimpleNamespace(store=store), lambda view, offset: pods[0],  # type: ignore[arg-type]
-                          lambda message: None, read_study=lambda: study)  # fmt: skip
+                          lambda message: None, shown, read_study=lambda: study)  # fmt: skip
     assert [event.number for event in again.recover().events] == [1, 3]

@@ -18,7 +18,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from hctl.errors import HctlError, PodNotFoundError, PodNotReadyError, RemoteError
 from hctl.providers.base import PodStatus
@@ -48,8 +48,11 @@ class FleetFollower:
         toolkit: Toolkit,
         make_follower: Callable[[JobRecord, int], Follower],
         notify: Notify,
+        shown: set[int],
         read_study: Callable[[], list[TrialEvent]] | None = None,
     ) -> None:
+        """`shown`: the numbers of the trials the job's events at home already hold (what the
+        caller read to find its offset; see `trial_numbers`)."""
         self.record = record
         self.toolkit = toolkit
         self.notify = notify
@@ -57,8 +60,7 @@ class FleetFollower:
         self._followers: dict[int, Follower] = {}
         self._unreachable: set[int] = set()
         self._read_study_pending = False  # a pod was lost: read the study at the end of this poll
-        old_events, _ = read_events(toolkit.store.events_path(record.job_id))
-        self._shown = {event.number for event in old_events if isinstance(event, TrialEvent)}
+        self._shown = set(shown)
         for index, member in enumerate(record.members):
             if not member.lost:
                 _, offset = read_events(toolkit.store.member_events_path(record.job_id, index))
@@ -100,7 +102,7 @@ class FleetFollower:
         return poll
 
     def _note_shown(self, poll: Poll) -> None:
-        self._shown.update(event.number for event in poll.events if isinstance(event, TrialEvent))
+        self._shown.update(trial_numbers(poll.events))
 
     def _add_unreported(self, poll: Poll, workers: set[str] | None) -> None:
         """Add to `poll` the trials the study holds that no event brought here, those of
@@ -157,6 +159,11 @@ class FleetFollower:
     def close(self) -> None:
         for follower in self._followers.values():
             follower.close()
+
+
+def trial_numbers(events: Iterable[object]) -> set[int]:
+    """The numbers of the trials these events report."""
+    return {event.number for event in events if isinstance(event, TrialEvent)}
 
 
 def lost_workers(record: JobRecord) -> set[str]:

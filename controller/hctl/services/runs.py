@@ -40,6 +40,7 @@ from hctl.services.fleet_follow import (
     check_database_pod,
     release_pods,
     stop_workers,
+    trial_numbers,
 )
 from hctl.services.follow import Follower, Poll, RemoteJobChannel
 from hctl.services.follow_policies import BudgetWatch, Liveness, mirror
@@ -94,10 +95,11 @@ def money_now(record: JobRecord, progress: JobProgress, toolkit: Toolkit) -> Mon
 
 
 def follower_for(
-    record: JobRecord, toolkit: Toolkit, offset: int, **options: Any
+    record: JobRecord, toolkit: Toolkit, offset: int, shown: set[int], **options: Any
 ) -> Follower | FleetFollower:
     """A follower of the job's events from `offset`, mirroring its journal after the copy home;
-    a job on several pods: one for all its pods (each pod from its own copy's size)."""
+    a job on several pods: one for all its pods (each pod from its own copy's size), told the
+    trials the copy home already holds (`shown`)."""
     if record.members:
         notify = options.get("on_reconnect") or (lambda message: None)
         return FleetFollower(
@@ -111,6 +113,7 @@ def follower_for(
                 give_up_after_s=0,
             ),  # fmt: skip
             notify,
+            shown,
         )
     return Follower(
         channel_factory(record, toolkit),
@@ -161,7 +164,7 @@ def follow_job(
     def ended() -> bool:
         return progress.finished and started_again
 
-    follower = follower_for(record, toolkit, offset, on_reconnect=view.note)
+    follower = follower_for(record, toolkit, offset, set(progress.trials), on_reconnect=view.note)
     budget = BudgetWatch(record.max_cost)
     liveness = Liveness()
 
@@ -373,9 +376,9 @@ def sync_job(record: JobRecord, toolkit: Toolkit) -> bool:
     """Copy any events and journal lines not yet home (once, best effort); False when the
     machine cannot be reached."""
     store = toolkit.store
-    _, offset = read_events(store.events_path(record.job_id))
+    events, offset = read_events(store.events_path(record.job_id))
     try:
-        follower = follower_for(record, toolkit, offset, give_up_after_s=0)
+        follower = follower_for(record, toolkit, offset, trial_numbers(events), give_up_after_s=0)
         try:
             while True:
                 poll = follower.poll()
