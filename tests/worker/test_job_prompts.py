@@ -86,3 +86,33 @@ def test_a_job_that_took_the_hubs_prompts_does_not_switch_later(tmp_path: Path) 
     assert "offline" in raised.value.message and raised.value.hint
     with pytest.raises(PromptError):
         load_prompt_sets(_settings(), tmp_path / "no-record")  # not a first run: no bundle
+
+
+def test_the_workers_of_a_jobs_other_pods_take_the_prompts_its_first_run_chose(
+    tmp_path: Path,
+) -> None:
+    """Each pod has its own job directory; the study, which they share, carries the choice. A pod
+    whose worker starts after the search has trials takes the bundle too (and keeps a record of
+    its own); a choice of the hub's prompts is followed the same way."""
+    import optuna
+
+    from hctl_worker.study import StudyPromptRecord
+
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    pod_1, pod_2 = tmp_path / "pod-1", tmp_path / "pod-2"
+    pod_1.mkdir(), pod_2.mkdir()
+    first = load_prompt_sets(_settings(), pod_1, first_run=True, shared=StudyPromptRecord(study))
+    assert StudyPromptRecord(study).read() == dict.fromkeys(PROMPT_TABLES, "bundled")
+    later = load_prompt_sets(_settings(), pod_2, first_run=False, shared=StudyPromptRecord(study))
+    assert later == first
+    assert json.loads((pod_2 / RECORD_FILE).read_text()) == dict.fromkeys(PROMPT_TABLES, "bundled")
+    # Without the shared record (or with one naming the hub) the late pod cannot bundle.
+    with pytest.raises(PromptError):
+        load_prompt_sets(_settings(), tmp_path / "pod-3", first_run=False)
+    hub = optuna.create_study()
+    StudyPromptRecord(hub).write(dict.fromkeys(PROMPT_TABLES, "settings"))
+    (tmp_path / "pod-4").mkdir()
+    with pytest.raises(PromptError):
+        load_prompt_sets(
+            _settings(), tmp_path / "pod-4", first_run=True, shared=StudyPromptRecord(hub)
+        )

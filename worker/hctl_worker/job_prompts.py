@@ -10,10 +10,11 @@ same style (written by `scripts/real_refuser_data.py`): 160 harmful and 256 harm
 directions, 100 and 100 held out (on other tasks) for the evaluation.
 
 A job keeps what it used. Only its first run (no trial yet) may take a set from the bundle, and
-that run records in the job directory (`prompt_sources.json`) where each set came from; every
-later run of the job (a resume, another worker, the capability check) takes the same prompts,
-whether or not the hub answers by then. A job whose sets came from the hub keeps failing without
-it, as before: its prompts are those.
+that run records in the job directory (`prompt_sources.json`) where each set came from, and in
+the job's study (`shared`) for the workers of the job's other pods, which have job directories of
+their own. Every later run of the job (a resume, another worker or pod, the capability check)
+takes the same prompts, whether or not the hub answers by then. A job whose sets came from the
+hub keeps failing without it, as before: its prompts are those.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 from hctl_worker.prompt_source import (
     BAD_EVALUATION_PROMPTS,
@@ -50,15 +52,26 @@ DEFAULT_SOURCES = {
 RECORD_FILE = "prompt_sources.json"  # in the job directory: the sets taken from the bundle
 
 
+class SharedRecord(Protocol):
+    """Where a job's sets came from, kept where every worker of the job reads it (its study)."""
+
+    def read(self) -> dict[str, str]: ...
+
+    def write(self, record: dict[str, str]) -> None: ...
+
+
 def load_prompt_sets(
     settings: WorkerSettings,
     job_root: Path | None = None,
     on_note: Callable[[str], None] | None = None,
     *,
     first_run: bool = False,
+    shared: SharedRecord | None = None,
 ) -> PromptSets:
     """The job's four prompt sets (see the module's docstring for the bundled ones)."""
-    found = load_job_prompts(settings, PROMPT_TABLES, job_root, on_note, first_run=first_run)
+    found = load_job_prompts(
+        settings, PROMPT_TABLES, job_root, on_note, first_run=first_run, shared=shared
+    )
     return PromptSets(
         good=found["good_prompts"],
         bad=found["bad_prompts"],
@@ -74,11 +87,14 @@ def load_job_prompts(
     on_note: Callable[[str], None] | None = None,
     *,
     first_run: bool = False,
+    shared: SharedRecord | None = None,
 ) -> dict[str, list[str]]:
-    """The prompts of the named settings tables: as the job recorded (`prompt_sources.json`),
-    else from their sources. Only on a job's `first_run` (no trial yet) may a default set the
-    hub cannot give come from the bundle; that run records where each set came from."""
-    recorded = _recorded(job_root)
+    """The prompts of the named settings tables: as the job recorded (`prompt_sources.json`, or
+    `shared` when this job directory has no record yet), else from their sources. Only on a
+    job's `first_run` (no trial yet, and no record) may a default set the hub cannot give come
+    from the bundle; that run records where each set came from, here and in `shared`."""
+    own = _recorded(job_root)
+    recorded = own or (shared.read() if shared is not None else {})
     may_bundle = first_run and not recorded
     found: dict[str, list[str]] = {}
     bundled: list[str] = []  # the tables this run takes from the bundle
@@ -100,9 +116,12 @@ def load_job_prompts(
             bundled.append(table)
             unreachable = error.message
     if may_bundle and len(tables) == len(PROMPT_TABLES):
-        _record(
-            job_root, {table: "bundled" if table in bundled else "settings" for table in tables}
-        )
+        record = {table: "bundled" if table in bundled else "settings" for table in tables}
+        _record(job_root, record)
+        if shared is not None:
+            shared.write(record)
+    elif recorded and not own:  # another pod's worker chose: this job directory keeps it too
+        _record(job_root, recorded)
     if unreachable and on_note is not None:
         on_note(_note(unreachable, bundled, found))
     return found
@@ -153,4 +172,10 @@ def _record(job_root: Path | None, record: dict[str, str]) -> None:
     temporary.replace(path)
 
 
-__all__ = ["BUNDLED_DIR", "BUNDLED_FILES", "load_job_prompts", "load_prompt_sets"]
+__all__ = [
+    "BUNDLED_DIR",
+    "BUNDLED_FILES",
+    "SharedRecord",
+    "load_job_prompts",
+    "load_prompt_sets",
+]

@@ -129,8 +129,9 @@ def _pipeline(
         if not storage_url:
             match_reports_to_events(paths, study)
         # A worker joining a search that has ended loads nothing.
+        prompt_record = studies.StudyPromptRecord(study)
         bench = (
-            prepare(settings, paths, reporter, first_run=not resumed)
+            prepare(settings, paths, reporter, first_run=not resumed, shared=prompt_record)
             if len(resumed) < settings.n_trials
             else None
         )
@@ -143,7 +144,7 @@ def _pipeline(
         finished = run_search(settings, paths, reporter, study, bench, team)
         outcome = JobOutcome(results_dir=paths.results, front=pareto_front(finished))
         if settings.trial is not None or settings.save_directory or settings.upload_repo:
-            bench = bench or prepare(settings, paths, reporter)
+            bench = bench or prepare(settings, paths, reporter, shared=prompt_record)
             _choose_and_export(settings, paths, reporter, bench, finished, outcome)
     finally:
         storage.close()

@@ -132,6 +132,25 @@ def load_trials(storage: StudyStorage) -> list[Trial]:
     return finished_trials(study)
 
 
+class StudyPromptRecord:
+    """Where the job's prompt sets came from (`job_prompts.SharedRecord`), kept in the study so
+    that the workers of a job's other pods, whose job directories differ, take the same ones."""
+
+    KEY = "prompt_sources"
+
+    def __init__(self, study: optuna.Study) -> None:
+        self.study = study
+
+    def read(self) -> dict[str, str]:
+        record = self.study.user_attrs.get(self.KEY)
+        if not isinstance(record, dict):
+            return {}
+        return {str(table): str(kind) for table, kind in record.items()}
+
+    def write(self, record: dict[str, str]) -> None:
+        self.study.set_user_attr(self.KEY, dict(record))
+
+
 def recover_interrupted(study: optuna.Study) -> int:
     """Mark every running trial failed and queue its point again. Only for a study that no
     worker is running (a test, a tool); live workers use the heartbeat rule instead."""

@@ -32,7 +32,7 @@ from hctl_worker.job_directory import (
     read_cached_directions,
     write_cached_directions,
 )
-from hctl_worker.job_prompts import load_prompt_sets
+from hctl_worker.job_prompts import SharedRecord, load_prompt_sets
 from hctl_worker.model import LoadedModel, load_model
 from hctl_worker.priors import RefusalProfile
 from hctl_worker.prompts import PromptSets
@@ -67,16 +67,23 @@ class Workbench:
 
 
 def prepare(
-    settings: WorkerSettings, paths: JobPaths, reporter: Reporter, *, first_run: bool = False
+    settings: WorkerSettings,
+    paths: JobPaths,
+    reporter: Reporter,
+    *,
+    first_run: bool = False,
+    shared: SharedRecord | None = None,
 ) -> Workbench:
     """Prompts → model → batch size → directions → baseline, each a stage of the job
-    (`first_run`: the job has no trial yet, so its prompts may still be chosen)."""
+    (`first_run`: the job has no trial yet, so its prompts may still be chosen; `shared`: where
+    the job's other workers find that choice)."""
     with reporter.stage("prompts") as stage:
         prompts = load_prompt_sets(
             settings,
             paths.root,
             lambda note: reporter.log(note, level="warning"),
             first_run=first_run,
+            shared=shared,
         )
         stage.result = (
             f"{len(prompts.good)} harmless + {len(prompts.bad)} harmful for directions, "
