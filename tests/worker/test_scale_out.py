@@ -204,10 +204,11 @@ def test_a_worker_killed_mid_trial_loses_nothing(tmp_path: Path) -> None:
     (failed,) = study.get_trials(states=(TrialState.FAIL,))
     assert failed.number == abandoned.number and failed.params
     # Its point ran again, to the end, on the survivor (killed while it was still drawing its
-    # point, the victim's trial holds part of it: that part is kept, the rest drawn anew).
+    # point, the victim's trial holds part of it: that part is kept, the rest drawn anew; an
+    # earlier trial may share such a part by chance, so only trials queued after it count).
     again = [
         trial
         for trial in study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
-        if failed.params.items() <= trial.params.items()
+        if trial.number > failed.number and failed.params.items() <= trial.params.items()
     ]
     assert again and again[0].user_attrs["run_by"] == "survivor"
