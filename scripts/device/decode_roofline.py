@@ -13,6 +13,12 @@ The limit: each decode step reads every weight once (the input embedding only fo
 rows, unless the output layer shares it) and each row's key/value cache; that many bytes over the
 copy bandwidth measured by device_facts.py (--facts) is the fastest a step can be. The fraction
 reported is that time over the measured step: 1.0 would be a step at the bandwidth limit.
+
+With --operators N, one more generation runs under torch's profiler, and the N operators (by
+input shapes) that took the most time are listed, per forward pass of that generation (its
+prompt pass included, which the shapes tell apart): where a step's time goes
+(on one CPU core, for example, the output layer's product and the key/value cache's
+concatenation; on a GPU, how many kernels a step launches).
 """
 
 from __future__ import annotations
@@ -125,12 +131,40 @@ def measure(arguments) -> dict:
         "cache_bytes_per_step": cache,
         "copy_bytes_per_s": bandwidth,
     }
+    if arguments.operators:
+        result["operators"] = operators(loaded, batches, arguments.new_tokens, arguments.operators)
     if bandwidth:
         result["weights_limit_s"] = weights / bandwidth
         result["weights_and_cache_limit_s"] = (weights + cache) / bandwidth
         result["fraction_of_limit_weights"] = result["weights_limit_s"] / step
         result["fraction_of_limit_weights_and_cache"] = result["weights_and_cache_limit_s"] / step
     return result
+
+
+def operators(loaded: LoadedModel, batches, new_tokens: int, top: int) -> list[dict]:
+    """The `top` operators (by name and input shapes) of one generation, in ms per decode step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if loaded.input_device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities, record_shapes=True) as profiler:
+        _, stats = timed(loaded, batches, new_tokens)
+    passes = max(1, stats.forward_passes)
+    rows = []
+    for event in profiler.key_averages(group_by_input_shape=True):
+        device_us = getattr(event, "self_device_time_total", 0) or 0
+        rows.append(
+            {
+                "name": event.key,
+                "shapes": str(event.input_shapes),
+                "calls_per_pass": event.count / passes,
+                "host_ms_per_pass": event.self_cpu_time_total / 1e3 / passes,
+                "device_ms_per_pass": device_us / 1e3 / passes,
+            }
+        )
+    rows.sort(key=lambda row: max(row["host_ms_per_pass"], row["device_ms_per_pass"]), reverse=True)
+    return rows[:top]
 
 
 def decode_parser(description: str) -> argparse.ArgumentParser:
@@ -144,6 +178,9 @@ def decode_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--facts", default="", help="device_facts.py's JSON (copy bandwidth)")
     parser.add_argument("--json", default="", help="write the figures here")
+    parser.add_argument(
+        "--operators", type=int, default=0, help="list the N costliest operators per pass"
+    )
     return parser
 
 
@@ -156,6 +193,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"weights {result['weight_bytes_per_step'] / 1e9:.2f} GB, "
         f"cache ~{result['cache_bytes_per_step'] / 1e9:.2f} GB per step"
     )
+    for row in result.get("operators", []):
+        print(
+            f"  {row['host_ms_per_pass']:8.2f} ms host {row['device_ms_per_pass']:8.2f} ms device "
+            f"{row['calls_per_pass']:6.1f} calls/pass  {row['name']} {row['shapes']}"
+        )
     if arguments.json:
         Path(arguments.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

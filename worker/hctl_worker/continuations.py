@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as functional
 
 from hctl_worker.encoding import EncodedBatch, forward_options, position_ids_for
-from hctl_worker.generation import _stop_token_ids
+from hctl_worker.stop_tokens import stop_token_ids
 
 if TYPE_CHECKING:
     from hctl_worker.model import LoadedModel
@@ -46,7 +46,7 @@ def greedy_continuations(
 ) -> list[list[list[int]]]:
     """Per batch and row: the model's greedy continuation (token ids), at most `tokens` long,
     ending at (and including) the first stop token."""
-    stops = _stop_token_ids(loaded)
+    stops = stop_token_ids(loaded)
     pad = loaded.tokenizer.pad_token_id
     continuations = []
     with torch.inference_mode():

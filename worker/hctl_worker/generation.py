@@ -48,6 +48,7 @@ from hctl_worker.first_pass import (
 from hctl_worker.markers import contains_marker, normalise_response
 from hctl_worker.prefix import SharedPrefix
 from hctl_worker.static_decode import Decoding
+from hctl_worker.stop_tokens import stop_token_ids
 
 if TYPE_CHECKING:
     from hctl_worker.model import LoadedModel
@@ -118,19 +119,6 @@ def first_token_logits(
     return outputs.logits[:, -1, :].float()
 
 
-def _stop_token_ids(loaded: LoadedModel) -> set[int]:
-    ids: set[int] = set()
-    eos = loaded.tokenizer.eos_token_id
-    if eos is not None:
-        ids.add(int(eos))
-    config_eos = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)
-    if isinstance(config_eos, int):
-        ids.add(config_eos)
-    elif isinstance(config_eos, (list, tuple)):
-        ids.update(int(token) for token in config_eos)
-    return ids
-
-
 class _Reply:
     """One row's reply as it grows, and whether (and how) it is finished."""
 
@@ -161,7 +149,7 @@ def generate_batch(
     context = context or Context(prefix=prefix)
     model, tokenizer = loaded.model, loaded.tokenizer
     stats = stats if stats is not None else GenerationStats()
-    stop_ids = _stop_token_ids(loaded)
+    stop_ids = stop_token_ids(loaded)
     pad = pad_id(loaded)
     rows = len(batch.indices)
     if max_new_tokens <= 0 and first_logits is None:
