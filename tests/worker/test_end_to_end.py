@@ -222,6 +222,27 @@ def test_refusals_the_markers_miss_are_named_and_given_back_they_count(tmp_path:
     assert not _warnings(events)
 
 
+def test_learned_markers_are_kept_with_the_job_and_named_in_the_model_card(tmp_path: Path) -> None:
+    """What the exported card says the scores counted: the evaluation prompts' sources (a local
+    file by its name, not its path) and the markers, with those learned from the model's own
+    refusals, which the job directory keeps for a later `hctl-worker export`."""
+    config = write_fixture_config(tmp_path / "config.toml", n_trials=1,
+                                  refusal_markers=["no model says this"],
+                                  save_directory=str(tmp_path / "model"))  # fmt: skip
+    job_dir = tmp_path / "job"
+    run_events("--config", str(config), "--job-dir", str(job_dir))
+    learned = json.loads((job_dir / "learned_markers.json").read_text())
+    assert learned and all(isinstance(marker, str) for marker in learned)
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert "- Harmful prompts (refusals): a file of the user's, `harmful_test.txt`" in card
+    assert str(FIXTURES) not in card
+    (line,) = [line for line in card.splitlines() if line.startswith("- Refusals: ")]
+    assert (
+        "containing the job's marker" in line and "learned from this model's own refusals" in line
+    )
+    assert all(f"`{marker}`" in line for marker in learned)
+
+
 @pytest.mark.slow
 def test_a_refusal_the_markers_do_not_know_is_learned_and_removed(tmp_path: Path) -> None:
     """The tiny refuser judged by markers that match none of its refusals: the worker learns its

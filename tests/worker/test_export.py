@@ -175,3 +175,12 @@ def test_the_real_hub_client_offline_fails_cleanly(tmp_path: Path) -> None:
         upload_folder(tmp_path, "me/model", token=SECRET, private=True)
     assert "me/model" in raised.value.message
     assert SECRET not in raised.value.message + raised.value.hint
+
+
+def test_model_card_says_what_the_scores_counted_and_names_no_local_path(tmp_path) -> None:
+    folder = tmp_path / "home" / "someone" / "my-model"
+    folder.mkdir(parents=True)
+    card = model_card(str(folder), TRIAL, None, None, ["Refusals: replies containing `x`"])
+    assert "What the scores counted:\n\n- Refusals: replies containing `x`\n" in card
+    assert "# my-model (abliterated)" in card and "This is `my-model` with" in card
+    assert "someone" not in card and "base_model" not in card

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
@@ -55,6 +55,7 @@ def export_trial(
     upload_private: bool | None = None,
     baseline: Mapping[str, Score] | None = None,
     evaluation: EvaluationEvent | None = None,
+    measured_on: Sequence[str] = (),
     on_message: Callable[[str], None] | None = None,
 ) -> Exported:
     """Merge the trial into `loaded` (for good) and save and/or upload it."""
@@ -72,7 +73,7 @@ def export_trial(
             f"Set {TOKEN_VARIABLE} to a write token from https://huggingface.co/settings/tokens.",
         )
     ablator.merge(AblationParams.from_dict(trial.ablation))
-    card = model_card(settings.model or loaded.source, trial, baseline, evaluation)
+    card = model_card(settings.model or loaded.source, trial, baseline, evaluation, measured_on)
     directory = Path(save_directory).expanduser() if save_directory else None
     if directory is None:
         import tempfile
@@ -109,9 +110,11 @@ def model_card(
     trial: Trial,
     baseline: Mapping[str, Score] | None = None,
     evaluation: EvaluationEvent | None = None,
+    measured_on: Sequence[str] = (),
 ) -> str:
     """A hub model card: where the model comes from, its scores (against the original's when
-    known), the capability check when one was run, and the edit's parameters."""
+    known) and what they were measured on, the capability check when one was run, and the
+    edit's parameters."""
     rows = "\n".join(
         f"| `{name}` | {_format(value)} |" for name, value in sorted(trial.params.items())
     )
@@ -121,7 +124,7 @@ def model_card(
     return (
         f"{front_matter}\n"
         f"# {Path(base_model).name} (abliterated)\n\n"
-        f"This is `{base_model}` with its refusal direction removed from the weights by hctl "
+        f"This is `{base_id or Path(base_model).name}` with its refusal direction removed from the weights by hctl "
         f"{__version__} (directional ablation searched with Optuna, after heretic). "
         f"It was trial {trial.number} of the search.\n\n"
         "## Scores\n\n"
@@ -133,6 +136,9 @@ def model_card(
             for name, score in trial.scores.items()
         )
         + "\n"
+        + ("What the scores counted:\n\n" if measured_on else "")
+        + "".join(f"- {line}\n" for line in measured_on)
+        + ("\n" if measured_on else "")
         + (_evaluation_section(evaluation) if evaluation is not None else "")
         + "## Parameters\n\n"
         "| parameter | value |\n|---|---|\n"

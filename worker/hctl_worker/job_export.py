@@ -21,6 +21,7 @@ from hctl_worker.job_directory import (
     stored_settings,
 )
 from hctl_worker.pipeline import JobOutcome
+from hctl_worker.provenance import measurement_notes
 from hctl_worker.reporter import Listener, Reporter, guarded
 from hctl_worker.workbench import load
 
@@ -81,6 +82,7 @@ def _export(
             upload_repo=upload_repo,
             upload_private=upload_private,
             evaluation=check,
+            measured_on=measurement_notes(settings, paths.root),
             on_message=reporter.log,
         )
         stage.result = exported.summary()

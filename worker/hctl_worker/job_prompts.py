@@ -93,7 +93,7 @@ def load_job_prompts(
     `shared` when this job directory has no record yet), else from their sources. Only on a
     job's `first_run` (no trial yet, and no record) may a default set the hub cannot give come
     from the bundle; that run records where each set came from, here and in `shared`."""
-    own = _recorded(job_root)
+    own = recorded_sources(job_root)
     recorded = own or (shared.read() if shared is not None else {})
     may_bundle = first_run and not recorded
     found: dict[str, list[str]] = {}
@@ -149,7 +149,8 @@ def _note(reason: str, bundled: list[str], found: dict[str, list[str]]) -> str:
     )
 
 
-def _recorded(job_root: Path | None) -> dict[str, str]:
+def recorded_sources(job_root: Path | None) -> dict[str, str]:
+    """Where the job's sets came from, as its job directory records (empty: no record)."""
     if job_root is None or not (job_root / RECORD_FILE).is_file():
         return {}
     try:
@@ -178,4 +179,5 @@ __all__ = [
     "SharedRecord",
     "load_job_prompts",
     "load_prompt_sets",
+    "recorded_sources",
 ]

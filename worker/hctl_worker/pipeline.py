@@ -35,6 +35,7 @@ from hctl_worker.job_directory import (
     write_chosen,
 )
 from hctl_worker.job_search import match_reports_to_events, run_search
+from hctl_worker.provenance import measurement_notes
 from hctl_worker.reporter import Listener, Reporter, guarded, report_error
 from hctl_worker.settings import WorkerSettings
 from hctl_worker.storage import redact
@@ -216,6 +217,7 @@ def _choose_and_export(
             settings,
             baseline=bench.baseline,
             evaluation=check,
+            measured_on=measurement_notes(settings, paths.root),
             on_message=reporter.log,
         )
         outcome.model_dir, outcome.uploaded_repo = exported.directory, exported.repo

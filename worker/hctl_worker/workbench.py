@@ -36,6 +36,7 @@ from hctl_worker.job_prompts import SharedRecord, load_prompt_sets
 from hctl_worker.model import LoadedModel, load_model
 from hctl_worker.priors import RefusalProfile
 from hctl_worker.prompts import PromptSets
+from hctl_worker.provenance import record_learned_markers
 from hctl_worker.reporter import Reporter
 from hctl_worker.scorers import Scoring, build_scoring
 from hctl_worker.settings import WorkerSettings
@@ -136,7 +137,13 @@ def prepare(
     with reporter.stage("baseline") as stage:
         ablator = Ablator(loaded, measured.directions, row_normalization=settings.row_normalization)
         scoring, evaluator, baseline = score_baseline(
-            settings, loaded, prompts, batch_size, reporter, ablator.unchanged_layers
+            settings,
+            loaded,
+            prompts,
+            batch_size,
+            reporter,
+            ablator.unchanged_layers,
+            on_learned=lambda markers: record_learned_markers(paths.root, markers),
         )
         reporter.emit(baseline_event(baseline))
         stage.result = ", ".join(f"{name} {score.display()}" for name, score in baseline.items())
@@ -202,13 +209,14 @@ def score_baseline(
     reporter: Reporter,
     unchanged_layers: Callable[[], int] | None = None,
     scorers: list[tuple[str, Direction]] | None = None,
+    on_learned: Callable[[list[str]], None] | None = None,
 ) -> tuple[Scoring, Evaluator, dict[str, Score]]:
     """The job's scoring, its evaluator and the unmodified model's scores.
 
     When the refusal markers count few of the model's refusals but its replies to the harmful
     prompts share openings no harmless reply contains (`baseline_check`), those are counted
     as refusals too (unless `learn_refusal_markers` is off) and the baseline is measured again;
-    either way the user is told what was seen."""
+    either way the user is told what was seen (`on_learned` is given the markers learned)."""
     scoring = build_scoring(settings, loaded, scorers)
     evaluator = evaluator_for(settings, loaded, prompts, scoring, batch_size, unchanged_layers)
     context = evaluator.evaluate()
@@ -220,6 +228,8 @@ def score_baseline(
     reporter.log(finding.message(adopted=bool(learned)), level="warning")
     if not learned:
         return scoring, evaluator, baseline
+    if on_learned is not None:
+        on_learned(list(learned))
     markers = [*settings.extra_refusal_markers, *learned]
     settings = settings.model_copy(
         update={"extra_refusal_markers": markers, "learn_refusal_markers": False}
