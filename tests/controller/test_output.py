@@ -129,3 +129,22 @@ def test_local_job_data_lives_in_the_data_folder_not_the_config_folder(
     store = JobStore()
     assert store.root == tmp_path / "data" / "hctl" / "jobs"
     assert store.calibration_path == tmp_path / "data" / "hctl" / "calibration.json"
+
+
+def test_output_to_a_stream_without_arrows_does_not_fail(tmp_path: Path) -> None:
+    """Windows writes a pipe or a file in its ANSI code page (cp1252 here), which has no `↓` or
+    `←`: the table is printed with `?` for them, not a UnicodeEncodeError."""
+    import os
+    import subprocess
+    import sys
+
+    record = a_finished_job(JobStore())
+    environment = {**os.environ, "PYTHONIOENCODING": "cp1252", "COLUMNS": "80"}
+    shown = subprocess.run(
+        [sys.executable, "-c", "from hctl.cli import main; main()", "results", record.job_id],
+        capture_output=True, env=environment, check=False, timeout=60,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr.decode("cp1252", "replace")
+    text = shown.stdout.decode("cp1252")
+    assert "? chosen" in text and whole_on_one_line(text, DEEP)
+    assert b"Traceback" not in shown.stderr

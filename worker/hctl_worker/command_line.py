@@ -3,6 +3,8 @@
 Errors render as one `error:` line and one `hint:` line on stderr; `HctlGroup` gives the same
 shape to command-line mistakes (an unknown option, a value that is not a number), and
 `HctlCommand` keeps help free of type tags on flags (`<bool>`) and names arguments in capitals.
+Output never fails on a character its stream cannot encode (`HctlGroup.main`): Windows writes a
+pipe or a file in its ANSI code page, which has no arrows, for one.
 
 This lives on the worker's side, torch-free, because the worker never imports the controller;
 `hctl.output` re-exports it with the rest of the controller's printing.
@@ -10,6 +12,8 @@ This lives on the worker's side, torch-free, because the worker never imports th
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from typing import Any
 
 import typer
@@ -38,6 +42,17 @@ def render_usage_error(error: Exception, program: str) -> None:
     command = context.command_path if context is not None else program
     message = error.format_message() if hasattr(error, "format_message") else str(error)
     render_error(HctlError(message, f"Run `{command} --help` to see what it takes."))
+
+
+def tolerant_streams() -> None:
+    """Standard output and error print `?` for a character their encoding lacks (a `↓` in a
+    table written to a cp1252 pipe) instead of failing with UnicodeEncodeError."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None and getattr(stream, "errors", "strict") == "strict":
+            # A closed or detached stream has nothing to print to.
+            with contextlib.suppress(ValueError, OSError):
+                reconfigure(errors="replace")
 
 
 def _untagged(params: list[Any]) -> list[Any]:
@@ -75,6 +90,10 @@ class HctlGroup(TyperGroup):
 
     def get_params(self, ctx: typer.Context) -> list[Any]:
         return _untagged(super().get_params(ctx))
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        tolerant_streams()
+        return super().main(*args, **kwargs)
 
     def make_context(self, info_name: str | None, args: list[str], **extra: Any) -> Any:
         try:
