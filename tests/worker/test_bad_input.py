@@ -125,6 +125,29 @@ def test_model_without_chat_template(tmp_path: Path, prompts: dict, job_dir: Pat
     assert "chat template" in stderr and event.kind == "NoChatTemplateError"
 
 
+# A model folder with a part missing (or a path with a space in it): what is missing is named.
+INCOMPLETE_FOLDERS = {
+    "no tokenizer": (("tokenizer.json", "tokenizer_config.json"), "has no tokenizer"),
+    "no weights": (("model.safetensors",), "has no weights"),
+    "only a gguf": (("model.safetensors", "config.json"), "holds a GGUF file (model.gguf)"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INCOMPLETE_FOLDERS))
+def test_a_model_folder_missing_a_part_says_which(
+    tmp_path: Path, prompts: dict, job_dir: Path, name: str
+) -> None:
+    removed, said = INCOMPLETE_FOLDERS[name]
+    model = tmp_path / f"my model ({name})"
+    shutil.copytree(FIXTURE_MODEL, model, ignore=shutil.ignore_patterns("prompts", *removed))
+    if name == "only a gguf":
+        (model / "model.gguf").write_bytes(b"GGUF")
+    config = write_config(tmp_path / "config.toml", str(model), prompts)
+    code, stderr, event = run_failing(job_dir, "--config", str(config))
+    assert code == 3 and event.kind == "ModelLoadError"
+    assert f"{model} {said}" in stderr, stderr
+
+
 def test_settings_of_an_existing_job_cannot_change(
     tmp_path: Path, prompts: dict, job_dir: Path
 ) -> None:

@@ -20,6 +20,7 @@ import torch
 
 from hctl_worker.architecture import find_layers, model_hidden_size
 from hctl_worker.errors import ModelLoadError, NoChatTemplateError, OutOfMemoryError, WorkerError
+from hctl_worker.model_folder import check_model_folder
 
 if TYPE_CHECKING:
     import transformers
@@ -253,11 +254,7 @@ def load_model(
             hint="Check the path, or give a Hugging Face id like Qwen/Qwen3-0.6B.",
         )
     if Path(expanded).is_dir():
-        if not (Path(expanded) / "config.json").is_file():
-            raise ModelLoadError(
-                f"{source} is not a model folder (no config.json in it)",
-                hint="Point at the folder that holds config.json and the weights.",
-            )
+        check_model_folder(Path(expanded), source)
         source_to_load = expanded
     else:
         source_to_load = source
