@@ -184,6 +184,12 @@ def translate_error(error: BaseException, source: str) -> WorkerError:
                 "Qwen/Qwen3-0.6B; for gated or private models set HF_TOKEN."
             ),
         )
+    if "cuda" in text.lower() or "device" in text.lower():
+        return ModelLoadError(
+            f"cannot load {source}: {_first_line(error)}",
+            hint=f"Check device_map: this machine has {torch.cuda.device_count()} GPU(s) torch "
+            'can use; "auto" puts the model on those there are (and the CPU).',
+        )
     return ModelLoadError(
         f"cannot load {source}: {_first_line(error)}",
         hint='Try another dtype (dtypes = ["float32"]) or check the model folder.',
