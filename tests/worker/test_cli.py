@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from hctl_worker import __version__
 from hctl_worker.cli import app
-from hctl_worker.events import EVENTS_FILE, ErrorEvent, TrialEvent, decode, read_events
 from hctl_worker.errors import SettingsError
+from hctl_worker.events import EVENTS_FILE, ErrorEvent, TrialEvent, decode, read_events
 from hctl_worker.job_directory import JobPaths, find_trial, finished_trials
 from hctl_worker.search_space import SearchSpace
 from hctl_worker.study import Outcome, open_study, run_search
