@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from hctl_worker.model import LoadedModel
 
 DEFAULT_TEXT = "held_out.txt"
+MAX_LOGITS = 1 << 27  # logits one pass may hold (512 MiB as float32)
 
 
 @dataclass(frozen=True)
@@ -105,10 +106,15 @@ def _log_likelihoods(
     from that index on, and how many those are."""
     tokenizer = loaded.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # A pass holds every position's logits: fewer rows than `batch_size` when they would be many.
+    longest = max((len(row) for row, _ in rows), default=1)
+    output = loaded.model.get_output_embeddings()
+    vocabulary = output.weight.shape[0] if output is not None else len(tokenizer)
+    batch_size = max(1, min(batch_size, MAX_LOGITS // (longest * vocabulary)))
     results: list[tuple[float, int]] = []
     with torch.inference_mode():
-        for start in range(0, len(rows), max(1, batch_size)):
-            batch = rows[start : start + max(1, batch_size)]
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
             width = max(len(row) for row, _ in batch)
             input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
