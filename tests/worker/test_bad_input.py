@@ -148,6 +148,23 @@ def test_a_model_folder_missing_a_part_says_which(
     assert f"{model} {said}" in stderr, stderr
 
 
+def test_saving_over_the_model_itself_is_refused_before_the_search(
+    tmp_path: Path, prompts: dict, job_dir: Path
+) -> None:
+    model = tmp_path / "my model"
+    shutil.copytree(FIXTURE_MODEL, model, ignore=shutil.ignore_patterns("prompts"))
+    weights = (model / "model.safetensors").read_bytes()
+    config = write_config(tmp_path / "config.toml", str(model), prompts)
+    code, stderr, event = run_failing(
+        job_dir, "--config", str(config), "--save-directory", str(model)
+    )
+    assert code == 5 and event.kind == "ExportError"
+    assert "is the model's own folder: saving there would overwrite the original model" in stderr
+    assert (model / "model.safetensors").read_bytes() == weights
+    events, _ = read_events(job_dir / EVENTS_FILE)
+    assert not [e for e in events if getattr(e, "stage", None) == "loading"]  # nothing loaded
+
+
 def test_settings_of_an_existing_job_cannot_change(
     tmp_path: Path, prompts: dict, job_dir: Path
 ) -> None:
