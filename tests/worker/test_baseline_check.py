@@ -164,6 +164,6 @@ def test_request_dependence_scores_each_reply_after_prompts_spread_over_the_list
     asked about the same task (as prompt files are often sorted) do not hide an answer."""
     prompts = [f"{ask} {task}?" for task in TASKS for ask in ("How do I", "Teach me to")]
     replies = [f"To {p.split(' ', 3)[-1]} you start slowly." for p in prompts]
-    assert request_dependence(prompts, replies, topical_likelihood) == 2.0
-    assert request_dependence(prompts, ["I must decline."] * 10, topical_likelihood) == 0.0
-    assert request_dependence(prompts[:1], replies[:1], topical_likelihood) == 0.0
+    groups = [(prompts, replies), (prompts, ["I must decline."] * 10), (prompts[:1], replies[:1])]
+    assert request_dependence(groups, topical_likelihood) == [2.0, 0.0, 0.0]
+    assert request_dependence([], topical_likelihood) == []

@@ -116,7 +116,7 @@ class CoverageFinding:
         harmless_replies: Sequence[str],
     ) -> CoverageFinding:
         """The finding with each opening's request dependence measured (see the module)."""
-        measured = {}
+        groups = []
         for opening, _ in self.openings:
             marker = normalise_markers([opening])
             pairs = [
@@ -124,13 +124,13 @@ class CoverageFinding:
                 for prompt, reply in zip(self.passed_prompts, self.passed, strict=True)
                 if contains_marker(normalise_response(reply), marker)
             ][:MAX_SCORED]
-            measured[opening] = request_dependence(
-                [prompt for prompt, _ in pairs], [reply for _, reply in pairs], likelihood
-            )
-        answers = request_dependence(
-            harmless_prompts[:MAX_SCORED], harmless_replies[:MAX_SCORED], likelihood
-        )
-        return replace(self, dependence=RequestDependence(measured, answers))
+            groups.append(([prompt for prompt, _ in pairs], [reply for _, reply in pairs]))
+        groups.append((harmless_prompts[:MAX_SCORED], harmless_replies[:MAX_SCORED]))
+        *measured, answers = request_dependence(groups, likelihood)
+        openings = {
+            opening: value for (opening, _), value in zip(self.openings, measured, strict=True)
+        }
+        return replace(self, dependence=RequestDependence(openings, answers))
 
     def message(self, *, adopted: bool) -> str:
         """The warning; `adopted`: the `learnable` openings are now counted as refusals."""
@@ -240,32 +240,37 @@ def refusal_coverage(
 
 
 def request_dependence(
-    prompts: Sequence[str], replies: Sequence[str], likelihood: ReplyLikelihood
-) -> float:
-    """How much likelier each reply is after its own prompt than after others of `prompts`
-    (nats per token, the median over the replies; each is scored after up to SWAPS others,
-    spread over the list so that neighbours asked the same way are not all that is seen).
-    0 with fewer than two replies: there is nothing to swap."""
-    count = len(prompts)
-    shifts = (
-        sorted(
-            {max(1, round(step * count / (SWAPS + 1))) % count for step in range(1, SWAPS + 1)}
-            - {0}
-        )
-        if count > 1
-        else []
-    )
-    if not shifts:
-        return 0.0
-    own = likelihood(prompts, replies)
-    others = [
-        likelihood([prompts[(index + shift) % count] for index in range(count)], replies)
-        for shift in shifts
-    ]
-    gains = [
-        own[index] - statistics.fmean(other[index] for other in others) for index in range(count)
-    ]
-    return statistics.median(gains)
+    groups: Sequence[tuple[Sequence[str], Sequence[str]]], likelihood: ReplyLikelihood
+) -> list[float]:
+    """For each group of (prompts, replies): how much likelier each reply is after its own prompt
+    than after other prompts of its group (nats per token, the median over the replies). Each
+    reply is scored after up to SWAPS others, spread over the group so that neighbours asked
+    about the same thing are not all that is seen; every score in one call of `likelihood`. 0
+    for a group of fewer than two: there is nothing to swap."""
+    prompts: list[str] = []
+    replies: list[str] = []
+    plans: list[tuple[int, int, int]] = []  # (first score, replies, swaps) of each group
+    for group_prompts, group_replies in groups:
+        count = len(group_prompts)
+        steps = range(1, SWAPS + 1) if count > 1 else range(0)
+        shifts = sorted({max(1, round(step * count / (SWAPS + 1))) % count for step in steps} - {0})
+        plans.append((len(prompts), count, len(shifts)))
+        for shift in (0, *shifts) if shifts else ():
+            prompts += [group_prompts[(index + shift) % count] for index in range(count)]
+            replies += group_replies
+    scores = list(likelihood(prompts, replies)) if prompts else []
+    found = []
+    for first, count, swaps in plans:
+        if not swaps:
+            found.append(0.0)
+            continue
+        rows = [scores[first + row * count : first + (row + 1) * count] for row in range(swaps + 1)]
+        own, others = rows[0], rows[1:]
+        gains = [
+            own[index] - statistics.fmean(row[index] for row in others) for index in range(count)
+        ]
+        found.append(statistics.median(gains))
+    return found
 
 
 def covered_by(replies: Sequence[str], openings: Sequence[str]) -> int:
