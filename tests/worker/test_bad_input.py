@@ -133,6 +133,22 @@ INCOMPLETE_FOLDERS = {
 }
 
 
+@pytest.mark.parametrize(
+    ("name", "said"),
+    [("model.safetensors", "is a file, not a model folder"), ("model.gguf", "is a GGUF file")],
+)
+def test_a_model_named_by_one_of_its_files_says_which_folder_to_give(
+    tmp_path: Path, prompts: dict, job_dir: Path, name: str, said: str
+) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(FIXTURE_MODEL, model, ignore=shutil.ignore_patterns("prompts"))
+    (model / "model.gguf").write_bytes(b"GGUF")
+    config = write_config(tmp_path / "config.toml", str(model / name), prompts)
+    code, stderr, event = run_failing(job_dir, "--config", str(config))
+    assert code == 3 and event.kind == "ModelLoadError"
+    assert f"{model / name} {said}" in stderr, stderr
+
+
 @pytest.mark.parametrize("name", sorted(INCOMPLETE_FOLDERS))
 def test_a_model_folder_missing_a_part_says_which(
     tmp_path: Path, prompts: dict, job_dir: Path, name: str

@@ -20,7 +20,7 @@ import torch
 
 from hctl_worker.architecture import find_layers, model_hidden_size
 from hctl_worker.errors import ModelLoadError, NoChatTemplateError, OutOfMemoryError, WorkerError
-from hctl_worker.model_folder import check_model_folder
+from hctl_worker.model_folder import check_model_file, check_model_folder
 
 if TYPE_CHECKING:
     import transformers
@@ -259,6 +259,8 @@ def load_model(
             f"the model folder {source} does not exist",
             hint="Check the path, or give a Hugging Face id like Qwen/Qwen3-0.6B.",
         )
+    if Path(expanded).is_file():
+        check_model_file(Path(expanded), source)
     if Path(expanded).is_dir():
         check_model_folder(Path(expanded), source)
         source_to_load = expanded

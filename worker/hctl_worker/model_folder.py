@@ -14,6 +14,10 @@ from hctl_worker.errors import ModelLoadError
 
 # What a transformers model folder holds: its weights and (for a tokenizer) one of these files.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+GGUF_HINT = (
+    "Give the model's transformers folder (config.json, *.safetensors, tokenizer), e.g. the "
+    "repository the GGUF was converted from."
+)
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -22,6 +26,20 @@ TOKENIZER_FILES = (
     "vocab.txt",
     "spiece.model",
 )
+
+
+def check_model_file(path: Path, source: str) -> None:
+    """A model named by one of its files (the weights, a GGUF file): ModelLoadError naming the
+    folder to give instead."""
+    if path.suffix == ".gguf":
+        raise ModelLoadError(
+            f"{source} is a GGUF file, which this worker cannot edit",
+            hint=GGUF_HINT,
+        )
+    raise ModelLoadError(
+        f"{source} is a file, not a model folder",
+        hint=f"Give the folder that holds config.json and the weights: {path.parent}",
+    )
 
 
 def check_model_folder(folder: Path, source: str) -> None:
@@ -33,10 +51,7 @@ def check_model_folder(folder: Path, source: str) -> None:
     if gguf and not any(name.endswith(WEIGHT_SUFFIXES) for name in files):
         raise ModelLoadError(
             f"{source} holds a GGUF file ({gguf}), which this worker cannot edit",
-            hint=(
-                "Give the model's transformers folder (config.json, *.safetensors, tokenizer), "
-                "e.g. the repository the GGUF was converted from."
-            ),
+            hint=GGUF_HINT,
         )
     if "config.json" not in files:
         raise ModelLoadError(
@@ -55,4 +70,4 @@ def check_model_folder(folder: Path, source: str) -> None:
         )
 
 
-__all__ = ["TOKENIZER_FILES", "WEIGHT_SUFFIXES", "check_model_folder"]
+__all__ = ["TOKENIZER_FILES", "WEIGHT_SUFFIXES", "check_model_file", "check_model_folder"]
