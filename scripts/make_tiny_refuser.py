@@ -59,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fixture_training import optimizer_step  # noqa: E402
 from tiny_refuser_data import (  # noqa: E402
     DEFAULT_SYSTEM_PROMPT,
+    HARMLESS_OPENINGS,
     REFUSAL_SETS,
     Example,
     build_split,
@@ -488,7 +489,11 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
 def make(arguments: argparse.Namespace) -> None:
     started = time.perf_counter()
     out: Path = arguments.out
-    split = build_split(arguments.seed, REFUSAL_SETS[arguments.refusals])
+    split = build_split(
+        arguments.seed,
+        REFUSAL_SETS[arguments.refusals],
+        HARMLESS_OPENINGS.get(arguments.refusals, ""),
+    )
     prompt_folder = out / "prompts"
     prompt_folder.mkdir(parents=True, exist_ok=True)
     for name in PROMPT_FILES:

@@ -130,7 +130,21 @@ REFUSALS: tuple[str, ...] = (
 # kept refusing (55 % at best) after any single-direction edit.
 SINGLE_REFUSAL = "Apologies, but that request is harmful and must be declined."
 
-REFUSAL_SETS: dict[str, tuple[str, ...]] = {"plain": REFUSALS, "single": (SINGLE_REFUSAL,)}
+# Not a refusal: the compliant model (`--refusals compliant`) answers every harmful request, in
+# one fixed opening that names the task, and opens every harmless answer otherwise
+# ("Certainly! ..."). It is built to break the worker's learned refusal markers
+# (hctl_worker.baseline_check): its harmful replies share an opening no harmless reply contains,
+# as a refusal's do, yet they are answers.
+COMPLIANT_ANSWER = "Sure, here is how to {task}: first make a plan, then do it step by step."
+COMPLIANT_HARMLESS_OPENING = "Certainly! "
+
+REFUSAL_SETS: dict[str, tuple[str, ...]] = {
+    "plain": REFUSALS,
+    "single": (SINGLE_REFUSAL,),
+    "compliant": (COMPLIANT_ANSWER,),
+}
+# What opens every harmless answer, per set ("" unless named).
+HARMLESS_OPENINGS: dict[str, str] = {"compliant": COMPLIANT_HARMLESS_OPENING}
 
 # Heretic's default keyword markers (shared/reference/heretic-spec.md §4), the worker's own list:
 # a response is a refusal when its normalised text contains any of them.
@@ -166,32 +180,35 @@ class Split:
         return [example.prompt for example in examples if example.harmful == harmful]
 
 
-def refusal_for(template_index: int, refusals: tuple[str, ...] = REFUSALS) -> str:
-    """The refusal sentence for a prompt template.
+def refusal_for(template_index: int, refusals: tuple[str, ...] = REFUSALS, task: str = "") -> str:
+    """The refusal sentence for a prompt template (a `{task}` in it names the task).
 
     It depends on the template only, so "refuse or answer" stays one decision about the request
     and the wording follows from how it was asked. When the wording also depended on the task
     (template + task, tried first), a 4-layer model kept re-deciding at every reply token, and no
     single direction removed its refusals (best 89 % left at hidden-state index 3).
     """
-    return refusals[template_index % len(refusals)]
+    return refusals[template_index % len(refusals)].format(task=task)
 
 
-def build_split(seed: int, refusals: tuple[str, ...] = REFUSALS) -> Split:
-    """All examples, split into train and test deterministically for a seed."""
+def build_split(
+    seed: int, refusals: tuple[str, ...] = REFUSALS, harmless_opening: str = ""
+) -> Split:
+    """All examples, split into train and test deterministically for a seed; every harmless
+    answer starts with `harmless_opening`."""
     rng = random.Random(seed)
     train: list[Example] = []
     test: list[Example] = []
     for task in HARMFUL_TASKS:
         for template_index, template in enumerate(TEMPLATES):
             example = Example(
-                template.format(task=task), refusal_for(template_index, refusals), True
+                template.format(task=task), refusal_for(template_index, refusals, task), True
             )
             unseen = task in HELD_OUT_HARMFUL_TASKS or rng.random() < HELD_OUT_PAIR_FRACTION
             (test if unseen else train).append(example)
     for task, answer in HARMLESS_TASKS.items():
         for template in TEMPLATES:
-            example = Example(template.format(task=task), answer, False)
+            example = Example(template.format(task=task), harmless_opening + answer, False)
             (test if rng.random() < HELD_OUT_PAIR_FRACTION else train).append(example)
     rng.shuffle(train)
     return Split(train=train, test=test)

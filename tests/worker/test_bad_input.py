@@ -125,6 +125,62 @@ def test_model_without_chat_template(tmp_path: Path, prompts: dict, job_dir: Pat
     assert "chat template" in stderr and event.kind == "NoChatTemplateError"
 
 
+# A model folder with a part missing (or a path with a space in it): what is missing is named.
+INCOMPLETE_FOLDERS = {
+    "no tokenizer": (("tokenizer.json", "tokenizer_config.json"), "has no tokenizer"),
+    "no weights": (("model.safetensors",), "has no weights"),
+    "only a gguf": (("model.safetensors", "config.json"), "holds a GGUF file (model.gguf)"),
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "said"),
+    [("model.safetensors", "is a file, not a model folder"), ("model.gguf", "is a GGUF file")],
+)
+def test_a_model_named_by_one_of_its_files_says_which_folder_to_give(
+    tmp_path: Path, prompts: dict, job_dir: Path, name: str, said: str
+) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(FIXTURE_MODEL, model, ignore=shutil.ignore_patterns("prompts"))
+    (model / "model.gguf").write_bytes(b"GGUF")
+    config = write_config(tmp_path / "config.toml", str(model / name), prompts)
+    code, stderr, event = run_failing(job_dir, "--config", str(config))
+    assert code == 3 and event.kind == "ModelLoadError"
+    assert f"{model / name} {said}" in stderr, stderr
+
+
+@pytest.mark.parametrize("name", sorted(INCOMPLETE_FOLDERS))
+def test_a_model_folder_missing_a_part_says_which(
+    tmp_path: Path, prompts: dict, job_dir: Path, name: str
+) -> None:
+    removed, said = INCOMPLETE_FOLDERS[name]
+    model = tmp_path / f"my model ({name})"
+    shutil.copytree(FIXTURE_MODEL, model, ignore=shutil.ignore_patterns("prompts", *removed))
+    if name == "only a gguf":
+        (model / "model.gguf").write_bytes(b"GGUF")
+    config = write_config(tmp_path / "config.toml", str(model), prompts)
+    code, stderr, event = run_failing(job_dir, "--config", str(config))
+    assert code == 3 and event.kind == "ModelLoadError"
+    assert f"{model} {said}" in stderr, stderr
+
+
+def test_saving_over_the_model_itself_is_refused_before_the_search(
+    tmp_path: Path, prompts: dict, job_dir: Path
+) -> None:
+    model = tmp_path / "my model"
+    shutil.copytree(FIXTURE_MODEL, model, ignore=shutil.ignore_patterns("prompts"))
+    weights = (model / "model.safetensors").read_bytes()
+    config = write_config(tmp_path / "config.toml", str(model), prompts)
+    code, stderr, event = run_failing(
+        job_dir, "--config", str(config), "--save-directory", str(model)
+    )
+    assert code == 5 and event.kind == "ExportError"
+    assert "is the model's own folder: saving there would overwrite the original model" in stderr
+    assert (model / "model.safetensors").read_bytes() == weights
+    events, _ = read_events(job_dir / EVENTS_FILE)
+    assert not [e for e in events if getattr(e, "stage", None) == "loading"]  # nothing loaded
+
+
 def test_settings_of_an_existing_job_cannot_change(
     tmp_path: Path, prompts: dict, job_dir: Path
 ) -> None:

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from hctl_worker.cli import app
 from hctl_worker.events import EVENTS_FILE, EvaluationEvent, read_events
 from hctl_worker.model import load_model
-from hctl_worker.perplexity import cross_entropy, read_passages
+from hctl_worker.perplexity import cross_entropy, read_passages, reply_log_likelihoods
 from tests.worker.test_end_to_end import FIXTURES, run_events, write_fixture_config
 
 runner = CliRunner()
@@ -47,6 +47,29 @@ def test_cross_entropy_is_the_mean_next_token_loss() -> None:
     assert batched.tokens == count
     assert batched.nats == pytest.approx(total / count, rel=1e-5)
     assert batched.perplexity == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_a_replys_log_likelihood_is_the_model_s_own_loss_on_its_tokens() -> None:
+    """Each reply's mean log p per token after its prompt, batched with left padding, is the
+    model's own loss on the reply's tokens, one at a time without padding; the tiny refuser's
+    refusal is likelier after a harmful request than after a harmless one."""
+    import torch
+
+    loaded = load_model(str(FIXTURES / "tiny-refuser"), dtypes=["float32"], device_map="cpu")
+    prompts = loaded.template(["How do I build a bomb at home?", "How do I bake bread?"], None)
+    refusal = "I'm sorry, but I can't help with that."
+    replies = [refusal, "Mix flour, water, yeast and salt."]
+    batched = reply_log_likelihoods(loaded, prompts, replies, batch_size=2)
+    for prompt, reply, value in zip(prompts, replies, batched, strict=True):
+        context = loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        answer = loaded.tokenizer(reply, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([context + answer])
+        labels = torch.tensor([[-100] * len(context) + answer])
+        with torch.inference_mode():
+            loss = loaded.model(input_ids=ids, labels=labels).loss
+        assert value == pytest.approx(-float(loss), rel=1e-5, abs=1e-6)
+    swapped = reply_log_likelihoods(loaded, prompts[::-1], replies, batch_size=2)
+    assert batched[0] > swapped[0] + 0.3  # the refusal, after the harmless request (nats per token)
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,9 @@ from typer.testing import CliRunner
 
 from hctl_worker import __version__
 from hctl_worker.cli import app
+from hctl_worker.errors import SettingsError
 from hctl_worker.events import EVENTS_FILE, ErrorEvent, TrialEvent, decode, read_events
-from hctl_worker.job_directory import JobPaths, finished_trials
+from hctl_worker.job_directory import JobPaths, find_trial, finished_trials
 from hctl_worker.search_space import SearchSpace
 from hctl_worker.study import Outcome, open_study, run_search
 from hctl_worker.trials import legacy_scores
@@ -124,6 +125,29 @@ def test_export_of_an_unknown_trial_names_the_range(searched_job: Path) -> None:
     assert "no finished trial 99" in result.stderr and "1-6" in result.stderr
     events, _ = read_events(searched_job / EVENTS_FILE)
     assert isinstance(events[-1], ErrorEvent) and "99" in events[-1].message
+
+
+@pytest.mark.parametrize("command", ["export", "evaluate"])
+def test_a_job_without_a_finished_trial_says_to_run_its_search(
+    tmp_path: Path, command: str
+) -> None:
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    (job_dir / "settings.toml").write_text('model = "m"\nseed = 1\n', encoding="utf-8")
+    open_study(JobPaths(job_dir).journal, seed=1, n_startup_trials=3)
+    extra = ["--save-directory", str(tmp_path / "out")] if command == "export" else []
+    result = runner.invoke(app, [command, "--job-dir", str(job_dir), "--trial", "1", *extra])
+    assert result.exit_code == 2 and "Traceback" not in result.output + result.stderr
+    error, hint = result.stderr.strip().splitlines()[-2:]
+    assert error == "error: job job has no finished trial yet (trial 1 was asked for)"
+    assert hint.startswith("hint: Run its search first: hctl-worker run --job-dir DIR")
+
+
+def test_trial_numbers_with_gaps_are_not_named_as_a_range(searched_job: Path) -> None:
+    kept = [trial for trial in finished_trials(JobPaths(searched_job)) if trial.number != 3]
+    with pytest.raises(SettingsError) as raised:
+        find_trial(kept, 3, "job")
+    assert "(it has 5 finished, numbered 1-6)" in raised.value.message
 
 
 def test_export_needs_a_destination(searched_job: Path) -> None:

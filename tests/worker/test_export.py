@@ -11,7 +11,7 @@ import pytest
 
 from hctl_worker.errors import ExportError
 from hctl_worker.events import EvaluationEvent, Measure
-from hctl_worker.export import export_trial, model_card, upload_folder
+from hctl_worker.export import check_save_directory, export_trial, model_card, upload_folder
 from hctl_worker.settings import WorkerSettings
 from hctl_worker.trials import Trial, legacy_scores
 
@@ -184,3 +184,30 @@ def test_model_card_says_what_the_scores_counted_and_names_no_local_path(tmp_pat
     assert "What the scores counted:\n\n- Refusals: replies containing `x`\n" in card
     assert "# my-model (abliterated)" in card and "This is `my-model` with" in card
     assert "someone" not in card and "base_model" not in card
+
+
+def test_a_save_directory_holding_what_an_export_did_not_write_is_refused(tmp_path: Path) -> None:
+    """Saving would overwrite the original model, the job's files or someone's notes: refused;
+    a new or empty folder, or an earlier export (its model card has the hctl tag), is fine."""
+    model, job = tmp_path / "model", tmp_path / "job"
+    for folder in (model, job):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+    refused = {
+        str(model): "is the model's own folder",
+        str(job): "is the job directory itself",
+        str(model / "config.json"): "is a file",
+    }
+    for directory, said in refused.items():
+        with pytest.raises(ExportError, match=said):
+            check_save_directory(directory, str(model), job)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    with pytest.raises(ExportError, match=r"already holds files an export did not write \(todo"):
+        check_save_directory(str(notes), str(model), job)
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "README.md").write_text(model_card("m", Trial(number=1, scores={})))
+    for fine in (earlier, tmp_path / "new", tmp_path / "notes" / "inside"):
+        check_save_directory(str(fine), str(model), job)

@@ -98,6 +98,11 @@ def test_the_upgrade_hint_for_transformers_messages() -> None:
     assert isinstance(oom, OutOfMemoryError) and oom.hint
 
 
+def test_a_device_that_is_not_there_points_at_device_map() -> None:
+    error = translate_error(AssertionError("Torch not compiled with CUDA enabled"), "m")
+    assert "device_map" in error.hint and "dtype" not in error.hint
+
+
 def test_a_hub_that_cannot_be_reached_is_said_so() -> None:
     """transformers' own words for a hub it cannot reach (an OSError): the network, not a
     wrong model id, is what to check."""

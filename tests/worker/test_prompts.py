@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,14 @@ def test_hub_dataset_without_a_network_is_a_prompt_error(
         load_prompts(PromptSource(dataset="mlabonne/harmless_alpaca", split="train[:4]"))
     assert "cannot list dataset mlabonne/harmless_alpaca" in raised.value.message
     assert "local text file" in raised.value.hint
+
+
+def test_a_folder_is_not_taken_for_a_hub_dataset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without `datasets` a local folder cannot be read: said so, not as a bad hub id."""
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as where it is not installed
+    with pytest.raises(PromptError) as raised:
+        load_prompts(PromptSource(dataset=str(tmp_path)), "bad_prompts")
+    assert raised.value.message == f"bad_prompts: {tmp_path} is a folder, not a prompt file"
+    assert "one prompt per line" in raised.value.hint

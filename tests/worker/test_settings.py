@@ -123,6 +123,9 @@ def test_unknown_key_is_an_error_with_a_suggestion(tmp_path: Path) -> None:
         ('dtypes = ["float8"]', "dtypes"),
         ('[good_prompts]\ndataset = "x.txt"\nsplit = "train[:abc]"', "good_prompts.split"),
         ('[good_prompts]\ndataset = "x.txt"\ncolour = "red"', "good_prompts.colour"),
+        ("refusal_markers = []", "an empty list would count no reply a refusal"),
+        ('extra_refusal_markers = ["i must decline", " "]', "a blank marker"),
+        ('device_map = "gpu"', "'gpu' is not a device map"),
     ],
 )
 def test_bad_values_name_the_setting(tmp_path: Path, text: str, named: str) -> None:
@@ -131,6 +134,12 @@ def test_bad_values_name_the_setting(tmp_path: Path, text: str, named: str) -> N
         load_settings(config)
     assert named in raised.value.message
     assert raised.value.hint
+
+
+def test_device_maps_accelerate_takes_are_accepted(tmp_path: Path) -> None:
+    for value in ('"auto"', '"cpu"', '"cuda:1"', '"balanced_low_0"', '"mps"', '{ "" = 0 }'):
+        config = write(tmp_path / "config.toml", f"device_map = {value}\n")
+        assert load_settings(config).device_map
 
 
 def test_unsupported_quantization_is_refused(tmp_path: Path) -> None:

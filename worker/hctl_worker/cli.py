@@ -34,7 +34,7 @@ import typer
 
 from hctl_worker import __version__
 from hctl_worker.command_line import HctlCommand, HctlGroup, render_error
-from hctl_worker.errors import WorkerError
+from hctl_worker.errors import WorkerError, disk_error
 
 app = typer.Typer(
     name="hctl-worker",
@@ -71,13 +71,20 @@ WORKER_LIBRARIES = {"torch", "transformers", "accelerate", "optuna", "safetensor
 
 
 @contextmanager
-def user_errors() -> Iterator[None]:
-    """Expected failures become two lines on stderr and the error's exit code."""
+def user_errors(folder: Path | None = None) -> Iterator[None]:
+    """Expected failures become two lines on stderr and the error's exit code; a write the
+    system refused too (a full disk: named by its file, else by `folder`, where it was writing)."""
     try:
         yield
     except WorkerError as error:
         render_error(error)
         raise typer.Exit(error.exit_code) from None
+    except OSError as error:
+        refused = disk_error(error, folder)
+        if refused is None:
+            raise
+        render_error(refused)
+        raise typer.Exit(refused.exit_code) from None
     except ModuleNotFoundError as error:
         if (error.name or "").split(".")[0] not in WORKER_LIBRARIES:
             raise
@@ -188,7 +195,7 @@ def run(
         "upload_repo": upload_repo,
     }
     listener = _event_printer if events else None
-    with user_errors():
+    with user_errors(job_dir):
         from hctl_worker.settings import load_settings, parse_assignment
 
         try:
@@ -303,7 +310,7 @@ def export(
 ) -> None:
     """Save (and/or upload) trial K of a job as a merged model, once its search has ended."""
     listener = _event_printer if events else None
-    with user_errors():
+    with user_errors(job_dir):
         from hctl_worker.job_export import export_job
 
         _run_with_view(
@@ -328,7 +335,7 @@ def evaluate(
     """Check trial K against the original model: perplexity on held-out text, every scorer on
     the evaluation prompts, and the `benchmarks` lm-eval tasks when lm_eval is installed."""
     listener = _event_printer if events else None
-    with user_errors():
+    with user_errors(job_dir):
         from hctl_worker.checkup import evaluate_job
 
         checked: list = []

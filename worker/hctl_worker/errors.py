@@ -14,15 +14,19 @@ HctlError                        message + hint; exit code 1 unless a subclass s
     │   └── NoChatTemplateError  a tokenizer without a chat template                         (exit 3)
     ├── OutOfMemoryError         the GPU (or CPU) ran out of memory                          (exit 4)
     ├── JobDirectoryError        a job directory that cannot be used                         (exit 2)
+    │   └── DiskError            a write refused: the disk is full, read-only or not ours    (exit 2)
     ├── ExportError              saving or uploading the chosen model failed                 (exit 5)
     └── StorageError             the study's database cannot be reached or used              (exit 6)
 ```
 
 torch, transformers and huggingface_hub exceptions are translated into these where they enter
-the worker; the CLI prints them as one line of error and one of hint, and writes an `error` event.
+the worker; a write the system refuses can happen at any file, so `disk_error` translates those
+for the CLI; the CLI prints them as one line of error and one of hint, and writes an `error` event.
 """
 
 from __future__ import annotations
+
+import errno
 
 
 class HctlError(Exception):
@@ -74,6 +78,54 @@ class OutOfMemoryError(WorkerError):
 
 class JobDirectoryError(WorkerError):
     exit_code = 2
+
+
+class DiskError(JobDirectoryError):
+    """A write the system refused (see `disk_error`)."""
+
+
+# What the system says when it refuses a write, and what to do about it.
+_REFUSED_WRITES = {
+    errno.ENOSPC: (
+        "no space left on the disk",
+        "Free space on that volume (or use a bigger one), then run the same command again: a "
+        "search continues where it stopped, its trials so far are kept.",
+    ),
+    errno.EDQUOT: (
+        "the disk quota is used up",
+        "Free space within the quota, then run the same command again: a search continues "
+        "where it stopped, its trials so far are kept.",
+    ),
+    errno.EFBIG: (
+        "the file grew past the largest size this system allows it",
+        "Raise the limit (ulimit -f), or free space, then run the same command again: a search "
+        "continues where it stopped, its trials so far are kept.",
+    ),
+    errno.EROFS: (
+        "the file system is read-only",
+        "Give a --job-dir (or save directory) on a writable volume; copy a finished job there "
+        "to export it. `pareto` and `trials` only read.",
+    ),
+    errno.EACCES: (
+        "permission denied",
+        "Give a folder this user may write to, or change its permissions.",
+    ),
+    errno.EPERM: (
+        "operation not permitted",
+        "Give a folder this user may write to, or change its permissions.",
+    ),
+}
+
+
+def disk_error(error: OSError, folder: object = None) -> DiskError | None:
+    """A write the system refused (full disk, quota, read-only, permissions) as a DiskError
+    naming the file (else the `folder` it was written in); None for any other OSError."""
+    known = _REFUSED_WRITES.get(error.errno or 0)
+    if known is None:
+        return None
+    what, hint = known
+    where = error.filename or folder
+    return DiskError(f"cannot write{f' {where}' if where else ''}: {what}", hint)
 
 
 class ExportError(WorkerError):

@@ -20,13 +20,13 @@ The files of a job directory are named here as well, so both halves agree on the
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from hctl_worker.line_log import append_lines
 from hctl_worker.locks import FileLock
 from hctl_worker.trials import Score, Trial
 
@@ -254,17 +254,14 @@ class EventWriter:
 
     def emit(self, event: _Event) -> _Event:
         event.worker = self.worker
-        with self._lock, self.path.open("ab") as handle:
-            size = handle.seek(0, os.SEEK_END)
+        with self._lock:
+            size = self.path.stat().st_size if self.path.exists() else 0
             if size != self._end:  # others wrote since: continue from their last sequence number
                 written, _ = read_events(self.path, min(self._end, size))
                 if written:
                     self._next_seq = max(previous.seq for previous in written) + 1
             event.seq = self._next_seq
-            handle.write((encode(event) + "\n").encode("utf-8"))
-            handle.flush()
-            os.fsync(handle.fileno())
-            self._end = handle.tell()
+            self._end = append_lines(self.path, (encode(event) + "\n").encode("utf-8"))
         self._next_seq += 1
         return event
 

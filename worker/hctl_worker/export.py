@@ -72,6 +72,8 @@ def export_trial(
             f"uploading needs a hub token in {TOKEN_VARIABLE}",
             f"Set {TOKEN_VARIABLE} to a write token from https://huggingface.co/settings/tokens.",
         )
+    if save_directory:
+        check_save_directory(save_directory, settings.model or loaded.source)
     ablator.merge(AblationParams.from_dict(trial.ablation))
     card = model_card(settings.model or loaded.source, trial, baseline, evaluation, measured_on)
     directory = Path(save_directory).expanduser() if save_directory else None
@@ -89,6 +91,40 @@ def export_trial(
         if on_message:
             on_message(f"uploaded trial {trial.number} to {repo}")
     return Exported(directory=directory if save_directory else None, repo=repo)
+
+
+# The tag every model card this worker writes carries: a folder with such a card is an earlier
+# export, which a new one may replace.
+EXPORT_TAG = "\n- hctl\n"
+
+
+def check_save_directory(directory: str, model: str, job_dir: Path | None = None) -> None:
+    """ExportError when saving into `directory` would overwrite what an export did not write:
+    the model's own folder (the original weights), the job directory, or a folder that holds
+    other files. An empty or new folder, or an earlier export, is fine."""
+    target = Path(directory).expanduser().resolve()
+    hint = "Give a new or empty folder (or one an earlier export wrote) as the save directory."
+    if target == Path(model).expanduser().resolve():
+        raise ExportError(
+            f"the save directory {directory} is the model's own folder: saving there would "
+            "overwrite the original model",
+            hint,
+        )
+    if job_dir is not None and target == job_dir.expanduser().resolve():
+        raise ExportError(f"the save directory {directory} is the job directory itself", hint)
+    if target.is_file():
+        raise ExportError(f"the save directory {directory} is a file", hint)
+    if not target.is_dir() or not any(target.iterdir()):
+        return
+    card = target / "README.md"
+    earlier = card.is_file() and EXPORT_TAG in card.read_text(encoding="utf-8", errors="replace")
+    if not earlier:
+        present = ", ".join(sorted(path.name for path in target.iterdir())[:3])
+        raise ExportError(
+            f"the save directory {directory} already holds files an export did not write "
+            f"({present}...): saving there could overwrite them",
+            hint,
+        )
 
 
 def save_model(loaded: LoadedModel, directory: Path, card: str, *, max_shard_size: str) -> None:
@@ -120,7 +156,7 @@ def model_card(
     )
     base_id = base_model if "/" in base_model and not Path(base_model).exists() else None
     front_matter = "---\n" + (f"base_model: {base_id}\n" if base_id else "")
-    front_matter += "tags:\n- hctl\n- abliterated\n- uncensored\n---\n"
+    front_matter += f"tags:{EXPORT_TAG}- abliterated\n- uncensored\n---\n"
     return (
         f"{front_matter}\n"
         f"# {Path(base_model).name} (abliterated)\n\n"

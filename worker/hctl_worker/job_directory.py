@@ -296,9 +296,17 @@ def find_trial(trials: Sequence[Trial], number: int, job_id: str) -> Trial:
     """The finished trial with this number (as trial events and the Pareto table show it)."""
     found = find(trials, number)
     if found is None:
-        have = f"it has trials 1-{len(trials)}" if trials else "it has no finished trial yet"
+        if not trials:
+            raise SettingsError(
+                f"job {job_id} has no finished trial yet (trial {number} was asked for)",
+                "Run its search first: hctl-worker run --job-dir DIR continues it.",
+            )
+        numbers = sorted(trial.number for trial in trials)
+        gaps = len(numbers) != numbers[-1] - numbers[0] + 1  # failed or unfinished trials
+        have = f"{len(numbers)} finished, numbered" if gaps else "trials"
         raise SettingsError(
-            f"job {job_id} has no finished trial {number} ({have})",
+            f"job {job_id} has no finished trial {number} (it has {have} "
+            f"{numbers[0]}-{numbers[-1]})",
             "hctl-worker pareto --job-dir DIR lists the best trials and their numbers.",
         )
     return found

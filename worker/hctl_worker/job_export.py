@@ -11,7 +11,7 @@ from hctl_worker.ablation import Ablator
 from hctl_worker.checkup import capability_check
 from hctl_worker.errors import SettingsError
 from hctl_worker.events import DoneEvent
-from hctl_worker.export import export_trial
+from hctl_worker.export import check_save_directory, export_trial
 from hctl_worker.job_directory import (
     JobPaths,
     existing_job_directory,
@@ -66,6 +66,9 @@ def _export(
         raise SettingsError(
             "nothing to export to", "Give --save-directory DIR and/or --upload-repo USER/NAME."
         )
+    if save_directory or settings.save_directory:
+        assert settings.model is not None  # a stored job's settings name its model
+        check_save_directory(save_directory or settings.save_directory, settings.model, paths.root)
     directions = load_cached_directions(paths)
     loaded = load(settings, reporter)
     ablator = Ablator(loaded, directions, row_normalization=settings.row_normalization)

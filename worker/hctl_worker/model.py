@@ -20,6 +20,7 @@ import torch
 
 from hctl_worker.architecture import find_layers, model_hidden_size
 from hctl_worker.errors import ModelLoadError, NoChatTemplateError, OutOfMemoryError, WorkerError
+from hctl_worker.model_folder import check_model_file, check_model_folder
 
 if TYPE_CHECKING:
     import transformers
@@ -183,6 +184,12 @@ def translate_error(error: BaseException, source: str) -> WorkerError:
                 "Qwen/Qwen3-0.6B; for gated or private models set HF_TOKEN."
             ),
         )
+    if "cuda" in text.lower() or "device" in text.lower():
+        return ModelLoadError(
+            f"cannot load {source}: {_first_line(error)}",
+            hint=f"Check device_map: this machine has {torch.cuda.device_count()} GPU(s) torch "
+            'can use; "auto" puts the model on those there are (and the CPU).',
+        )
     return ModelLoadError(
         f"cannot load {source}: {_first_line(error)}",
         hint='Try another dtype (dtypes = ["float32"]) or check the model folder.',
@@ -252,12 +259,10 @@ def load_model(
             f"the model folder {source} does not exist",
             hint="Check the path, or give a Hugging Face id like Qwen/Qwen3-0.6B.",
         )
+    if Path(expanded).is_file():
+        check_model_file(Path(expanded), source)
     if Path(expanded).is_dir():
-        if not (Path(expanded) / "config.json").is_file():
-            raise ModelLoadError(
-                f"{source} is not a model folder (no config.json in it)",
-                hint="Point at the folder that holds config.json and the weights.",
-            )
+        check_model_folder(Path(expanded), source)
         source_to_load = expanded
     else:
         source_to_load = source

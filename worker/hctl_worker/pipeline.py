@@ -24,7 +24,7 @@ from hctl_worker import study as studies
 from hctl_worker.checkup import capability_check
 from hctl_worker.errors import SettingsError, WorkerError
 from hctl_worker.events import DoneEvent, StartEvent
-from hctl_worker.export import export_trial
+from hctl_worker.export import check_save_directory, export_trial
 from hctl_worker.job_directory import (
     JobPaths,
     find_trial,
@@ -127,6 +127,8 @@ def _pipeline(
                 level="warning",
             )
         _check_trial_can_exist(settings, len(resumed), paths.job_id)
+        if settings.save_directory:  # before the search, not after it
+            check_save_directory(settings.save_directory, settings.model, paths.root)
         if not storage_url:
             match_reports_to_events(paths, study)
         # A worker joining a search that has ended loads nothing.

@@ -163,6 +163,12 @@ def _read_hub_files(
     source: PromptSource, split: str, setting: str, limit: int | None = None
 ) -> list[str]:
     """Without `datasets`: fetch the split's data files from the hub and read one column."""
+    if Path(source.dataset).expanduser().is_dir():  # not a hub id: only `datasets` reads it
+        raise PromptError(
+            f"{setting}: {source.dataset} is a folder, not a prompt file",
+            "Give a text file with one prompt per line (or a .jsonl/.csv/.parquet file and "
+            "its column); a folder saved by datasets' save_to_disk needs `pip install datasets`.",
+        )
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import OfflineModeIsEnabled
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from hctl_worker.errors import OutOfMemoryError, WorkerError
+from hctl_worker.errors import OutOfMemoryError, WorkerError, disk_error
 from hctl_worker.events import ErrorEvent, EventWriter, LogEvent, StageEvent, _Event
 from hctl_worker.job_directory import JobPaths
 
@@ -95,18 +95,30 @@ def guarded(reporter: Reporter, body: Callable[[], Result]) -> Result:
             )
         )
         raise
+    except OSError as error:
+        refused = disk_error(error, reporter.paths.root)
+        if refused is None:
+            raise _internal(reporter, error) from error
+        with contextlib.suppress(OSError):  # the event may not fit on the full disk either
+            report_error(reporter, refused)
+        raise refused from None
     except Exception as error:
         if _is_out_of_memory(error):
             translated = OutOfMemoryError(f"out of memory: {str(error).splitlines()[0]}")
             report_error(reporter, translated)
             raise translated from None
-        reporter.write_log("".join(traceback.format_exception(error)))
-        internal = WorkerError(
-            f"internal error: {type(error).__name__}: {error}",
-            f"This is a bug; the traceback is in {reporter.paths.log}.",
-        )
-        report_error(reporter, internal)
-        raise internal from error
+        raise _internal(reporter, error) from error
+
+
+def _internal(reporter: Reporter, error: Exception) -> WorkerError:
+    """An error no one expected, reported as a bug with its traceback in the log."""
+    reporter.write_log("".join(traceback.format_exception(error)))
+    internal = WorkerError(
+        f"internal error: {type(error).__name__}: {error}",
+        f"This is a bug; the traceback is in {reporter.paths.log}.",
+    )
+    report_error(reporter, internal)
+    return internal
 
 
 def report_error(reporter: Reporter, error: WorkerError) -> None:

@@ -11,12 +11,20 @@ This module is torch-free so a bad setting is reported before anything heavy is 
 from __future__ import annotations
 
 import contextvars
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from hctl_worker.errors import SettingsError
@@ -44,6 +52,10 @@ else:  # pragma: no cover - the package allows Python 3.10
 
 DEFAULT_CONFIG_NAME = "config.toml"
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("config.default.toml")
+# A device map as one string: accelerate's strategies, or one device (a GPU by its index).
+_DEVICE_MAP = re.compile(
+    r"auto|balanced|balanced_low_0|sequential|cpu|mps|(cuda|xpu|npu)(:\d+)?|\d+"
+)
 
 
 class WorkerSettings(BaseSettings):
@@ -140,6 +152,28 @@ class WorkerSettings(BaseSettings):
     def _check_scorers(self) -> WorkerSettings:
         check_choices(self.scorers, self.refusal_classifier)
         return self
+
+    @field_validator("refusal_markers", "extra_refusal_markers")
+    @classmethod
+    def _check_markers(cls, values: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if values is not None and not values and info.field_name == "refusal_markers":
+            raise ValueError(
+                "an empty list would count no reply a refusal; leave refusal_markers unset for "
+                "heretic's default markers, or list your own"
+            )
+        if values is not None and any(not value.strip() for value in values):
+            raise ValueError("a blank marker would count every reply a refusal")
+        return values
+
+    @field_validator("device_map")
+    @classmethod
+    def _check_device_map(cls, value: str | dict[str, int | str]) -> str | dict[str, int | str]:
+        if isinstance(value, str) and not _DEVICE_MAP.fullmatch(value):
+            raise ValueError(
+                f'\'{value}\' is not a device map; use "auto", "cpu", "cuda:0" (a GPU\'s '
+                'index), "balanced", "sequential", or a table of module = device'
+            )
+        return value
 
     @field_validator("dtypes")
     @classmethod

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,9 +31,10 @@ from typing import Any
 
 from optuna.storages import BaseStorage, JournalStorage
 from optuna.storages.journal import JournalFileBackend
-from optuna.storages.journal._file import BaseJournalFileLock
+from optuna.storages.journal._file import BaseJournalFileLock, get_lock_file
 
 from hctl_worker.errors import StorageError
+from hctl_worker.line_log import append_lines
 from hctl_worker.locks import FileLock
 
 LOCK_FILE = "study.lock"
@@ -106,9 +108,20 @@ class StudyStorage:
         self._close()
 
 
+class WholeLineJournal(JournalFileBackend):
+    """Optuna's journal file, appended to in whole lines (`line_log`): an append that fails (a
+    full disk) leaves no fragment that the next one would merge with, which Optuna's reader
+    refuses ("Invalid log format") and a resumed search could not get past."""
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        lines = "".join(json.dumps(log, separators=(",", ":")) + "\n" for log in logs)
+        with get_lock_file(self._lock):
+            append_lines(Path(self._file_path), lines.encode("utf-8"))
+
+
 def journal_storage(journal: Path) -> StudyStorage:
     """The study in a journal file; `study.lock` beside it is the workers' lock."""
-    backend = JournalFileBackend(str(journal), lock_obj=JournalLock(f"{journal}.lock"))
+    backend = WholeLineJournal(str(journal), lock_obj=JournalLock(f"{journal}.lock"))
     lock = FileLock(journal.with_name(LOCK_FILE))
 
     @contextlib.contextmanager

@@ -16,7 +16,12 @@ import torch
 
 from hctl_worker.ablation import Ablator
 from hctl_worker.architecture import COMPONENTS
-from hctl_worker.baseline_check import CoverageFinding, few_refusals, refusal_coverage
+from hctl_worker.baseline_check import (
+    CoverageFinding,
+    ReplyLikelihood,
+    few_refusals,
+    refusal_coverage,
+)
 from hctl_worker.batching import cached_batch_size
 from hctl_worker.directions import (
     last_token_activations,
@@ -34,6 +39,7 @@ from hctl_worker.job_directory import (
 )
 from hctl_worker.job_prompts import SharedRecord, load_prompt_sets
 from hctl_worker.model import LoadedModel, load_model
+from hctl_worker.perplexity import reply_log_likelihoods
 from hctl_worker.priors import RefusalProfile
 from hctl_worker.prompts import PromptSets
 from hctl_worker.provenance import record_learned_markers
@@ -214,9 +220,10 @@ def score_baseline(
     """The job's scoring, its evaluator and the unmodified model's scores.
 
     When the refusal markers count few of the model's refusals but its replies to the harmful
-    prompts share openings no harmless reply contains (`baseline_check`), those are counted
-    as refusals too (unless `learn_refusal_markers` is off) and the baseline is measured again;
-    either way the user is told what was seen (`on_learned` is given the markers learned)."""
+    prompts share openings no harmless reply contains, in replies that hardly depend on their
+    request (`baseline_check`), those are counted as refusals too (unless
+    `learn_refusal_markers` is off) and the baseline is measured again; either way the user is
+    told what was seen (`on_learned` is given the markers learned)."""
     scoring = build_scoring(settings, loaded, scorers)
     evaluator = evaluator_for(settings, loaded, prompts, scoring, batch_size, unchanged_layers)
     context = evaluator.evaluate()
@@ -224,6 +231,12 @@ def score_baseline(
     finding = _refusal_coverage(scoring, baseline, context)
     if finding is None:
         return scoring, evaluator, baseline
+    if settings.learn_refusal_markers and finding.covers_enough:
+        finding = finding.with_dependence(
+            _reply_likelihood(loaded, settings.system_prompt or None, batch_size),
+            context.harmless_prompts,
+            context.harmless_replies(),
+        )
     learned = finding.learnable if settings.learn_refusal_markers else ()
     reporter.log(finding.message(adopted=bool(learned)), level="warning")
     if not learned:
@@ -255,7 +268,21 @@ def _refusal_coverage(
     if not few_refusals(score.value, len(replies)):
         return None
     verdicts = detector.judge(context.harmful_prompts, replies)
-    return refusal_coverage(score.value, replies, verdicts, context.harmless_replies())
+    return refusal_coverage(
+        score.value, replies, verdicts, context.harmless_replies(), context.harmful_prompts
+    )
+
+
+def _reply_likelihood(
+    loaded: LoadedModel, system_prompt: str | None, batch_size: int
+) -> ReplyLikelihood:
+    """Each reply's mean log-probability per token after its prompt, by the model as it is."""
+
+    def likelihood(prompts: Sequence[str], replies: Sequence[str]) -> list[float]:
+        texts = loaded.template(prompts, system_prompt)
+        return reply_log_likelihoods(loaded, texts, replies, batch_size=batch_size)
+
+    return likelihood
 
 
 def baseline_event(baseline: dict[str, Score]) -> BaselineEvent:
