@@ -8,9 +8,15 @@ torch), and tests marked `worker` elsewhere are skipped. CI runs the rest there.
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
+
+# huggingface_hub reads its offline switch once, when first imported, which may be while a test
+# module is collected (before any fixture runs): set here, no test reaches out to the hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKER_INSTALLED = importlib.util.find_spec("torch") is not None
