@@ -32,7 +32,7 @@ from hctl.providers.base import (
     Provider,
 )
 from hctl.services.lease import lease_environment
-from hctl.settings import MAX_CONTAINER_DISK_GB, MAX_VOLUME_GB, Settings
+from hctl.settings import DEFAULT_IMAGE, MAX_CONTAINER_DISK_GB, MAX_VOLUME_GB, Settings
 
 HCTL_POD_PREFIX = "hctl-"
 MIN_VOLUME_GB = 10  # RunPod's floor for a pod volume
@@ -273,6 +273,11 @@ def plan_pod(
         container_disk_gb=container_disk_gb, volume_gb=volume_gb, max_hours=max_hours,
         bid_per_gpu=bid_per_gpu, spot=spot,
     )  # fmt: skip
+    if at_limit == "terminate" and max_hours is None:
+        raise ConfigError(
+            "--terminate-at-limit needs --max-hours: without a limit there is nothing to act on.",
+            "Add --max-hours HOURS (e.g. --max-hours 4 --terminate-at-limit), or leave it out.",
+        )
     if spot and not provider.capabilities.spot:
         raise ConfigError(
             f"The {provider.name} provider has no spot pods.", provider.capabilities.no_spot_hint
@@ -287,6 +292,11 @@ def plan_pod(
             "Try another --cloud, or another GPU (`hctl gpus`).",
         )
     image = image or settings.image
+    if not image.strip() or any(character.isspace() for character in image):
+        raise ConfigError(
+            f"{image!r} is not a container image.",
+            f"Give one like --image {DEFAULT_IMAGE} (or leave out --image for the image setting).",
+        )
     cuda = required_cuda_versions(image, gpu_type, settings.min_cuda_version)
     names_in_use = {pod.name for pod in provider.list()}
     pod_name = new_pod_name(name)

@@ -40,9 +40,9 @@ CASES: list[tuple[str, list[str], str]] = [
     ("hctl", ["run", TINY, "--on", "ssh://bad", "--yes"], "Not an SSH address"),
     ("hctl", ["run", TINY, "--on", "ssh://root@host:99999", "--yes"], "Not an SSH address"),
     ("hctl", ["run", TINY, "--on", "mars", "--yes"], "not a target"),
-    ("hctl", ["run", *LOCAL, "--gpu", "NVIDIA GeForce RTX 4090"], "--gpu only apply to a pod"),
-    ("hctl", ["run", *LOCAL, "--spot"], "--spot only apply to a pod"),
-    ("hctl", ["run", *LOCAL, "--keep"], "--keep only apply to a pod"),
+    ("hctl", ["run", *LOCAL, "--gpu", "NVIDIA GeForce RTX 4090"], "--gpu only applies to a pod"),
+    ("hctl", ["run", *LOCAL, "--spot"], "--spot only applies to a pod"),
+    ("hctl", ["run", *LOCAL, "--keep"], "--keep only applies to a pod"),
     ("hctl", ["run", *POD, "--pod", "x", "--on", "local"], "cannot be used together"),
     ("hctl", ["run", *POD, "--output", "elsewhere"], "only applies to --on local"),
     ("hctl", ["run", *LOCAL, "--output", "taken.txt"], "is a file; the job needs a folder"),
@@ -50,8 +50,8 @@ CASES: list[tuple[str, list[str], str]] = [
     # hctl run: several pods
     ("hctl", ["run", *POD, "--pods", "0"], "--pods 0 is not a count"),
     ("hctl", ["run", *POD, "--pods", "1000"], "--pods 1000 is not a count"),
-    ("hctl", ["run", *LOCAL, "--pods", "2"], "--pods only apply to a pod"),
-    ("hctl", ["run", *POD, "--pod", "x", "--pods", "2"], "--pods only apply to a new pod"),
+    ("hctl", ["run", *LOCAL, "--pods", "2"], "--pods only applies to a pod"),
+    ("hctl", ["run", *POD, "--pod", "x", "--pods", "2"], "--pods only applies to a new pod"),
     (
         "hctl",
         [
@@ -125,6 +125,9 @@ CASES: list[tuple[str, list[str], str]] = [
     ("hctl", ["create-pod", "--max-hours", "nan", "--yes"], "nan is not a number"),
     ("hctl", ["create-pod", "--max-hours", "1000", "--yes"], "at most 720"),
     ("hctl", ["create-pod", "--spot", "--bid", "0.2", "--yes"], "has no spot pods"),
+    ("hctl", ["create-pod", "--image", "", "--yes"], "'' is not a container image"),
+    ("hctl", ["create-pod", "--image", "my image:1", "--yes"], "is not a container image"),
+    ("hctl", ["create-pod", "--terminate-at-limit", "--yes"], "--terminate-at-limit needs"),
     ("hctl", ["run", *POD, "--spot"], "has no spot pods"),
     ("hctl", ["stop-pod", "no-such-pod", "--yes"], "no-such-pod"),
     ("hctl", ["exec", "--", ""], "No command given"),
