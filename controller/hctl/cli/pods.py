@@ -15,6 +15,7 @@ from hctl import sshkeys
 from hctl.cli.common import confirm, console
 from hctl.errors import HctlError, PodNotReadyError
 from hctl.gpus import select_gpu_types
+from hctl.interrupts import interrupts_held
 from hctl.output import (
     Cell,
     Column,
@@ -144,7 +145,11 @@ def _describe_plan(plan: pod_service.PodPlan, provider: Provider) -> None:
     print_line(
         f"{spec.name}: {spec.gpu_count}x {plan.gpu.display_name} ({'any' if spec.cloud_type == 'ALL' else spec.cloud_type.lower()} cloud"
         f"{', spot' if spec.spot else ''}), {spec.image}, {spec.container_disk_gb} GB disk + "
-        f"{spec.volume_gb} GB volume at {spec.volume_mount_path}"
+        + (
+            f"{spec.volume_gb} GB volume at {spec.volume_mount_path}"
+            if spec.volume_gb
+            else "no volume"
+        )
     )
     if spec.lease is not None:
         print_line(lease.describe(provider, spec.lease))
@@ -272,13 +277,25 @@ def _arm_lease_or_terminate(
         return ready
     except BaseException as error:
         try:
-            provider.terminate(pod.id)
+            with interrupts_held(
+                lambda: print_line(
+                    f"Still terminating {pod.name} ({pod.id}) so that it does not go on billing; "
+                    "Ctrl-C again leaves it as it is."
+                )
+            ):
+                provider.terminate(pod.id)
             released = f"Terminated {pod.name} ({pod.id}): it is not billing."
         except HctlError as failure:
             released = (
                 f"Could not terminate {pod.name} ({pod.id}) either ({failure.message}): it may "
                 f"still be billing; run `hctl terminate-pod {pod.id}`."
             )
+        except KeyboardInterrupt:
+            print_line(
+                f"Left {pod.name} ({pod.id}) as it was: it may be billing; run "
+                f"`hctl terminate-pod {pod.id}`."
+            )
+            raise
         if isinstance(error, KeyboardInterrupt):
             print_line(released)
             raise

@@ -20,6 +20,7 @@ from hctl.services import fleet_launch, launch, lease, runs
 from hctl.services import resume as resume_service
 from hctl.services.budget import check_estimate_within
 from hctl.services.estimate import compare_gpus, format_money
+from hctl.services.finish import unreleased_error
 from hctl.services.jobs import JobRecord
 from hctl.services.models import ModelInfo, format_parameter_count, inspect_model
 from hctl.services.request import RunRequest, parse_assignments
@@ -84,6 +85,8 @@ def _follow(
             "a new pod without redoing any trial.",
         )
     show_results(record, progress, toolkit, status_line=outcome != "failed")
+    if record.unreleased_pods:
+        raise unreleased_error(record)
     if outcome == "failed":
         raise JobError(
             f"Job {job} failed: {record.message or 'see its log'}",
@@ -254,7 +257,9 @@ def cancel(
     kit = toolkit()
     record = load_job(kit, job)
     confirm(f"Stop job {record.job_id} on {machine(record)}?", assume_yes=yes)
-    runs.cancel_job(record, kit, print_line)
+    record = runs.cancel_job(record, kit, print_line)
+    if record.unreleased_pods:
+        raise unreleased_error(record)
 
 
 def resume(
