@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -263,3 +264,26 @@ def test_ssh_config_for_a_pod_pins_its_recorded_key(pod_env: RunPodRestEmulator)
         timeout=30,
     )
     assert (plain.returncode, plain.stdout) == (0, "vscode-ok\n"), plain.stderr
+
+
+def test_exec_piped_into_head_ends_quietly_and_stops_the_remote_command(
+    ssh_env: None, sshd_pod: SshdServer, tmp_path: Path
+) -> None:
+    """`hctl exec ... | head -2`: the reader leaves early; no error about a lost connection."""
+    pid_file = tmp_path / "remote.pid"
+    command = f"echo $$ > {pid_file}; seq 1 200000; sleep 60"
+    process = subprocess.Popen(
+        [sys.executable, "-c", "from hctl.cli import main; main()", "exec", sshd_pod.address,
+         "--", command],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None and process.stderr is not None
+    assert process.stdout.readline() == b"1\n"
+    process.stdout.close()  # what `head -1` does once it has its line
+    assert process.wait(timeout=60) == 141
+    assert b"error:" not in process.stderr.read()
+    remote_pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 15
+    while _running(remote_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(remote_pid)

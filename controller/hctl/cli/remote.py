@@ -15,12 +15,16 @@ import typer
 from hctl.cli.common import confirm, console, error_console
 from hctl.errors import ConfigError, ConnectError, PodNotReadyError
 from hctl.output import (
+    OUTPUT_CLOSED_EXIT,
     Column,
     HctlCommand,
+    OutputClosed,
     json_option,
     print_json,
     print_line,
     print_table,
+    silence_closed_output,
+    stream_to,
 )
 from hctl.remote.base import Remote
 from hctl.settings import hctl_home, load_settings
@@ -75,9 +79,13 @@ def exec_command(
         result = remote.run(
             " ".join(command_words),
             timeout=timeout,
-            on_output=lambda text: (sys.stdout.write(text), sys.stdout.flush()),
-            on_stderr=lambda text: (sys.stderr.write(text), sys.stderr.flush()),
+            on_output=stream_to(sys.stdout),
+            on_stderr=stream_to(sys.stderr),
         )
+    except OutputClosed:
+        # The reader went away (`| head -1`): the remote stopped the command; end quietly.
+        silence_closed_output()
+        raise typer.Exit(OUTPUT_CLOSED_EXIT) from None
     finally:
         remote.close()
     raise typer.Exit(result.exit_code)
