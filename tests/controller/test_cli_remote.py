@@ -93,6 +93,16 @@ def test_monitor_shows_n_samples_then_stops(ssh_env: None, sshd_proxy: SshdServe
     assert again.stdout == "ok\n"
 
 
+def test_monitor_piped_writes_one_tab_separated_line_per_gpu_and_sample(
+    ssh_env: None, sshd_pod: SshdServer
+) -> None:
+    result = hctl("monitor", sshd_pod.address, "--count", "2")
+    assert result.exit_code == 0, result.output
+    header, *rows = result.stdout.splitlines()
+    assert header.split("\t") == ["GPU", "name", "util", "memory", "temp", "power"]
+    assert rows == ["0\tNVIDIA GeForce RTX 4090\t97 %\t14870 / 24564 MiB\t63 °C\t312 / 450 W"] * 2
+
+
 def _detached_sleeper() -> int:
     """A process that is not this test's child (like a GPU job): its pid."""
     output = subprocess.run(
@@ -205,7 +215,8 @@ def test_monitor_of_a_pod_shows_its_cost(pod_env: RunPodRestEmulator) -> None:
     pod_env.add_pod(name="hctl-money")
     result = hctl("monitor", "hctl-money", "--count", "1")
     assert result.exit_code == 0, result.output
-    assert "/h," in result.stdout and "since it started" in result.stdout
+    # Piped, the rows are all stdout holds; the cost goes to stderr.
+    assert "/h," in result.stderr and "since it started" in result.stderr
 
 
 def test_monitor_of_a_pod_ssh_cannot_reach_yet_shows_the_apis_gpu_use(

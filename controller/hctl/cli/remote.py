@@ -173,6 +173,9 @@ def monitor(
             run_monitor(remote, console, pod=pod, count=count, interval_s=interval)
         finally:
             remote.close()
+    except OutputClosed:
+        silence_closed_output()
+        raise typer.Exit(OUTPUT_CLOSED_EXIT) from None
     except (PodNotReadyError, ConnectError) as error:
         _note(f"{error.message} Showing the GPU use RunPod reports instead.")
         settings = load_settings()
