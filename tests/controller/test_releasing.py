@@ -165,3 +165,27 @@ def test_a_job_interrupted_while_its_pod_comes_up_is_recorded_failed(
     (record,) = JobStore().list()
     assert record.status == "failed" and "interrupted" in record.message
     assert hctl_rest_env.pods == []
+
+
+@pytest.mark.parametrize(
+    ("after", "expected"),
+    [
+        ("stop", "by itself about 15 min after it ends; `hctl attach 1130-0000-abcd` saves"),
+        ("keep", "until you stop it (`hctl stop-pod p1`): it was kept (--keep)."),
+    ],
+)
+def test_a_detached_run_says_until_when_its_pod_bills(
+    after: str, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hctl.services import runs
+
+    record = JobStore().save(
+        JobRecord(job_id="1130-0000-abcd", model="m", worker_model="m", n_trials=4, target="pod",
+                  pod_id="p1", remote_job_dir="/workspace/hctl/jobs/a", status="running",
+                  price_per_hour=0.31, after=after)
+    )  # fmt: skip
+    monkeypatch.setattr(runs, "complete", lambda *_, **__: ("detached", record, None))
+    result = CliRunner().invoke(app, ["attach", record.job_id])
+    assert result.exit_code == 0, result.output
+    assert "Pod p1 keeps billing $0.31/h" in result.output
+    assert expected in result.output

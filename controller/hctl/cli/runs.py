@@ -69,11 +69,7 @@ def _follow(
             f"Reattach with `hctl attach {job}`, stop it with `hctl cancel {job}`."
         )
         if record.target == "pod":
-            print_line(
-                f"{machine(record).capitalize()} keep{'' if record.members else 's'} billing "
-                f"{format_money(record.price_per_hour)}/h until the job is followed to its end "
-                "(or cancelled)."
-            )
+            print_line(_billing_while_detached(record, toolkit))
         return
     if outcome == "interrupted":
         raise JobError(
@@ -93,6 +89,22 @@ def _follow(
             f"`hctl logs {job}` shows the worker's log; `hctl resume {job}` retries from the "
             "trials already done.",
         )
+
+
+def _billing_while_detached(record: JobRecord, toolkit: Toolkit) -> str:
+    """What a detached job's pods cost from now on, and when that ends by itself."""
+    pods, one = machine(record).capitalize(), not record.members
+    billing = f"{pods} keep{'s' if one else ''} billing {format_money(record.price_per_hour)}/h"
+    if record.after == "keep":
+        stop = f"`hctl stop-pod {record.pod_id if one else 'POD'}`"
+        return f"{billing} until you stop {'it' if one else 'each'} ({stop}): it was kept (--keep)."
+    minutes = max(1, round(toolkit.settings.self_stop_grace_s / 60))
+    return (
+        f"{billing} while the job runs, and stop{'s' if one else ''} by "
+        f"{'itself' if one else 'themselves'} about {minutes} min after it ends; "
+        f"`hctl attach {record.job_id}` saves the result and stops {'it' if one else 'them'} "
+        f"sooner, `hctl cancel {record.job_id}` now."
+    )
 
 
 def _describe_model(model: ModelInfo) -> None:
