@@ -122,3 +122,11 @@ def test_an_api_address_must_be_an_http_url() -> None:
     assert refused.exit_code == 2 and "http:// or https://" in refused.output
     assert not config_file().exists()
     assert hctl("config", "set", "runpod_api_url", "http://127.0.0.1:9/graphql").exit_code == 0
+
+
+def test_removing_a_secret_gives_no_tip_about_typing_it() -> None:
+    typed = hctl("config", "set", "hf_token", "hf_0123456789abcdef")
+    assert "Tip: leave the value out" in typed.output
+    removed = hctl("config", "set", "hf_token", "")
+    assert removed.exit_code == 0 and "hf_token removed" in removed.output
+    assert "Tip" not in removed.output and file_values() == {}

@@ -294,6 +294,13 @@ def test_stop_start_terminate_the_only_pod(emulator: RunPodEmulator) -> None:
     stopped = hctl("stop-pod", "--yes")
     assert stopped.exit_code == 0, stopped.output
     assert "keeps the volume" in stopped.output and emulator.pod(pod["id"])["status"] == "EXITED"
+    stop_requests = len(emulator.requests_for("stop"))
+    again = hctl("stop-pod", pod["id"], "--yes")  # says so, sends nothing
+    assert (again.exit_code, again.output.splitlines()[0]) == (
+        0, f"{pod['name']} ({pod['id']}) is stopped already: its GPU is not billing. "
+        f"`hctl terminate-pod {pod['id']}` deletes its volume too.",
+    )  # fmt: skip
+    assert len(emulator.requests_for("stop")) == stop_requests
     started = hctl("start-pod", "--wait")
     assert started.exit_code == 0, started.output
     new_port = emulator.pod(pod["id"])["publicPort"]

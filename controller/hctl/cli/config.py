@@ -92,7 +92,7 @@ def set_value(
                 f"Run `hctl config set {name}` again and paste the value at the prompt "
                 "(or pipe it in).",
             )
-    typed_secret = is_secret(name) and given is not None
+    typed_secret = is_secret(name) and bool(given)  # "" removes it: nothing to keep secret
     path = set_config_value(name, value)
     if typed_secret:
         print_line(

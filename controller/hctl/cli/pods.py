@@ -27,7 +27,7 @@ from hctl.output import (
     print_table,
 )
 from hctl.providers import make_provider
-from hctl.providers.base import GpuType, Pod, PodLease, Provider
+from hctl.providers.base import GpuType, Pod, PodLease, PodStatus, Provider
 from hctl.services import lease
 from hctl.settings import Settings, load_settings
 
@@ -353,6 +353,12 @@ def stop_pod(
     """Stop a pod: the GPU stops billing, the volume stays (see terminate-pod to delete it)."""
     _, provider = _provider()
     target = pod_service.resolve_pod(provider, pod)
+    if target.status == PodStatus.STOPPED:
+        print_line(
+            f"{target.name} ({target.id}) is stopped already: its GPU is not billing. "
+            f"`hctl terminate-pod {target.id}` deletes its volume too."
+        )
+        return
     print_line(STOP_VERSUS_TERMINATE)
     confirm(f"Stop {target.name} ({target.id})?", assume_yes=yes)
     stopped = provider.stop(target.id)
