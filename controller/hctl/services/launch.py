@@ -22,7 +22,7 @@ from hctl.services.job_protocol import PGPASS_FILE, check_not_running, launch_co
 from hctl.services.jobs import JobRecord, failed_to_start, new_job_id
 from hctl.services.planning import Notify, RunPlan, RunRequest, hf_token, plan_run
 from hctl.services.provisioning import bring_up_pod, release_after_failure, remote_base_dir
-from hctl.services.toolkit import Toolkit
+from hctl.services.toolkit import Toolkit, check_local_worker
 from hctl.services.uploads import place_inputs, put_text, upload_private, upload_secrets
 from hctl_worker.events import JOURNAL_FILE, SETTINGS_FILE
 
@@ -185,6 +185,8 @@ def local_job_dir(record: JobRecord, request: RunRequest, toolkit: Toolkit) -> s
 
 def start_job(plan: RunPlan, toolkit: Toolkit, notify: Notify) -> JobRecord:
     """Get the machine, start the worker; returns the saved record of a running job."""
+    if plan.target == "local":
+        check_local_worker()
     store = toolkit.store
     record = store.save(new_record(plan, toolkit))
     notify(f"job {record.job_id}")
