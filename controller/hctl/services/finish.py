@@ -47,10 +47,18 @@ def pick_trial(
                 "--trial K` saves one of those.",
             )
         return chosen
-    if chooser is not None:
+    while chooser is not None:
         number = chooser(front, automatic)
-        if number is not None:
-            return find(front, number) or automatic
+        if number is None:
+            break
+        answer = find(front, number) or progress.trials.get(number)
+        if answer is not None:
+            return answer
+        # Asked again: a typo must not save another trial than the one the user named.
+        notify(
+            f"there is no finished trial {number}: the front holds "
+            f"{', '.join(str(trial.number) for trial in front)} (any finished trial may be saved)"
+        )
     if automatic is not None:
         notify(
             f"chose trial {automatic.number}: the fewest refusals ({automatic.refusals}/"
