@@ -189,3 +189,20 @@ def test_a_detached_run_says_until_when_its_pod_bills(
     assert result.exit_code == 0, result.output
     assert "Pod p1 keeps billing $0.31/h" in result.output
     assert expected in result.output
+
+
+def test_cancel_of_a_finished_job_keeps_it_finished_and_touches_nothing(
+    hctl_rest_env: RunPodRestEmulator,
+) -> None:
+    pod = hctl_rest_env.add_pod(name="hctl-1130-0000-abcd", status="EXITED")
+    store = JobStore()
+    store.save(
+        JobRecord(job_id="1130-0000-abcd", model="m", worker_model="m", n_trials=4,
+                  target="pod", pod_id=pod["id"], remote_job_dir="/workspace/hctl/jobs/a",
+                  status="finished", chosen_trial=2)
+    )  # fmt: skip
+    result = CliRunner().invoke(app, ["cancel", "1130-0000-abcd", "--yes"])
+    assert result.exit_code == 0, result.output
+    assert "Job 1130-0000-abcd is finished already: nothing to cancel" in result.output
+    assert store.load("1130-0000-abcd").status == "finished"
+    assert hctl_rest_env.requests_for("stop") == []

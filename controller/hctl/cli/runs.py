@@ -268,6 +268,15 @@ def cancel(
     """Stop a job's worker (results so far are kept) and stop, terminate or keep its pod."""
     kit = toolkit()
     record = load_job(kit, job)
+    if record.status in {"finished", "budget", "cancelled"}:
+        # Nothing runs: its worker ended and its pods were released (or kept) at its end.
+        print_line(
+            f"Job {record.job_id} is {record.status} already: nothing to cancel "
+            f"(`hctl results {record.job_id}` shows it)."
+        )
+        if record.unreleased_pods:
+            raise unreleased_error(record)
+        return
     confirm(f"Stop job {record.job_id} on {machine(record)}?", assume_yes=yes)
     record = runs.cancel_job(record, kit, print_line)
     if record.unreleased_pods:
