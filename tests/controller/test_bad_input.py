@@ -125,6 +125,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("hctl", ["create-pod", "--max-hours", "nan", "--yes"], "nan is not a number"),
     ("hctl", ["create-pod", "--max-hours", "1000", "--yes"], "at most 720"),
     ("hctl", ["create-pod", "--spot", "--bid", "0.2", "--yes"], "has no spot pods"),
+    ("hctl", ["run", *LOCAL, "--upload", "alice/model"], "needs a Hugging Face token"),
+    ("hctl", ["run", *POD, "--upload", "alice/model"], "needs a Hugging Face token"),
     ("hctl", ["create-pod", "--image", "", "--yes"], "'' is not a container image"),
     ("hctl", ["create-pod", "--image", "my image:1", "--yes"], "is not a container image"),
     ("hctl", ["create-pod", "--terminate-at-limit", "--yes"], "--terminate-at-limit needs"),
