@@ -439,3 +439,20 @@ def test_max_hours_on_a_pod_hctl_cannot_reach_ends_terminated_and_says_so(
         return
     assert_clean_error(result, 6, "--max-hours watchdog", "Terminated hctl-", "not billing")
     assert emulator.pods == []  # the pod table: terminated, nothing left billing
+
+
+def test_ctrl_c_or_end_of_input_at_a_question_is_interrupted_exit_130(
+    emulator: RunPodEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A person at a terminal who answers a question with Ctrl-C (or Ctrl-D): as Ctrl-C
+    anywhere else, not typer's "Aborted!" with exit 1."""
+    from types import SimpleNamespace
+
+    from hctl.cli import common
+
+    pod = emulator.add_pod(name="hctl-asked")
+    monkeypatch.setattr(common, "sys", SimpleNamespace(stdin=SimpleNamespace(isatty=lambda: True)))
+    result = hctl("stop-pod", pod["id"], input="")
+    assert result.exit_code == 130, result.output
+    assert "interrupted" in result.output and "Aborted" not in result.output
+    assert emulator.pod(pod["id"])["status"] == "RUNNING"

@@ -12,7 +12,7 @@ from pathlib import Path
 import tomli_w
 import typer
 
-from hctl.cli.common import confirm
+from hctl.cli.common import asking, confirm
 from hctl.cli.jobs import JOB_HELP, load_job, machine, show_results, toolkit
 from hctl.errors import ConfigError, JobError
 from hctl.output import HctlCommand, console, json_option, print_json, print_line, print_table
@@ -48,7 +48,8 @@ def _chooser(assume_yes: bool, view: LiveView) -> runs.TrialChooser | None:
         view.pause()  # the live panel would redraw over the question
         default = getattr(suggested, "number", None)
         print_table(pareto_columns(front), pareto_rows(front, chosen=default), title="Pareto front")
-        return typer.prompt("Trial to save", default=default, type=int)
+        with asking():
+            return typer.prompt("Trial to save", default=default, type=int)
 
     return choose
 

@@ -337,7 +337,17 @@ def complete(
         store.save(release_pods(record, toolkit, view.note).model_copy(update=failed))
         raise
     except BaseException:
-        release_pods(record, toolkit, view.note)
+        # Ctrl-C while choosing or saving the trial: the search is kept, nothing was saved.
+        released = release_pods(record, toolkit, view.note)
+        start = (
+            f"`hctl start-pod {record.pod_id}`, then "
+            if record.target == "pod" and record.after != "keep" and not released.unreleased_pods
+            else ""
+        )
+        view.note(
+            f"the search is done and kept; no trial was saved: {start}`hctl attach "
+            f"{record.job_id}` chooses and saves one"
+        )
         raise
     record = release_pods(record, toolkit, view.note)
     status = {"finished": "finished", "budget": "budget", "failed": "failed"}[result.outcome]
