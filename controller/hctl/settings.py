@@ -223,6 +223,13 @@ class Settings(BaseSettings):
         )
 
 
+# hctl cannot rewrite a file it cannot read without losing what is in it.
+CONFIG_FILE_UNREADABLE_HINT = (
+    "Fix the line it names, or delete the file (the defaults apply then); `hctl config show` "
+    "reads it again."
+)
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Settings with command-line `overrides` on top (None values are ignored).
 
@@ -233,6 +240,20 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**given)
     except ValidationError as error:
+        unknown = [
+            str(problem["loc"][0])
+            for problem in error.errors()
+            if problem["type"] == "extra_forbidden"
+        ]
+        if unknown:  # only the config file can name one (the environment's extras are ignored)
+            close = difflib.get_close_matches(unknown[0], list(Settings.model_fields), n=1)
+            raise ConfigError(
+                f"The config file {config_file()} sets {', '.join(map(repr, unknown))}, which "
+                f"{'is not a setting' if len(unknown) == 1 else 'are not settings'}"
+                + (f" (did you mean {close[0]}?)." if close else "."),
+                f'Remove it: `hctl config set {unknown[0]} ""` (or edit the file); '
+                "`hctl config show` lists the settings.",
+            ) from None
         problems = "; ".join(
             f"{'.'.join(str(part) for part in problem['loc']) or 'settings'}: "
             + _readable(problem["msg"])
@@ -246,7 +267,7 @@ def load_settings(**overrides: Any) -> Settings:
     except (OSError, ValueError) as error:  # an unreadable or malformed config file
         raise ConfigError(
             f"Cannot read the config file {config_file()}: {error}",
-            "Fix or delete the file; `hctl config set KEY VALUE` rewrites it.",
+            CONFIG_FILE_UNREADABLE_HINT,
         ) from None
 
 
@@ -293,7 +314,7 @@ def read_config_file() -> dict[str, Any]:
     except (OSError, ValueError) as error:
         raise ConfigError(
             f"Cannot read the config file {path}: {error}",
-            "Fix or delete the file; `hctl config set KEY VALUE` rewrites it.",
+            CONFIG_FILE_UNREADABLE_HINT,
         ) from None
 
 
@@ -332,8 +353,12 @@ def set_config_value(name: str, value: str | None) -> Path:
     `value` None (or "") removes the setting from the file, so its default applies again.
     Returns the file's path.
     """
-    name = setting_name(name)
     stored = read_config_file()
+    if not value and name in stored and name not in Settings.model_fields:
+        stored.pop(name)  # a key hctl does not know (a typo, an old setting) can be removed
+        _write_config_file(stored)
+        return config_file()
+    name = setting_name(name)
     if value is None or value == "":
         stored.pop(name, None)
     else:
