@@ -127,6 +127,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("hctl", ["create-pod", "--spot", "--bid", "0.2", "--yes"], "has no spot pods"),
     ("hctl", ["run", *LOCAL, "--upload", "alice/model"], "needs a Hugging Face token"),
     ("hctl", ["run", *POD, "--upload", "alice/model"], "needs a Hugging Face token"),
+    ("hctl", ["exec", "ssh://root@127.0.0.1:9", "--timeout", "0", "--", "true"], "--timeout 0"),
+    ("hctl", ["exec", "ssh://root@127.0.0.1:9", "--timeout", "nan", "--", "true"], "--timeout nan"),
     ("hctl", ["create-pod", "--image", "", "--yes"], "'' is not a container image"),
     ("hctl", ["create-pod", "--image", "my image:1", "--yes"], "is not a container image"),
     ("hctl", ["create-pod", "--terminate-at-limit", "--yes"], "--terminate-at-limit needs"),

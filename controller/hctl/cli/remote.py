@@ -7,6 +7,7 @@ needs (automatic for the proxy's address).
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any
 
@@ -74,6 +75,11 @@ def exec_command(
         target, command_words = (before[0] if before else None), after
     if not "".join(command_words).strip():
         raise ConfigError("No command given.", "Write it after --, e.g. hctl exec -- nvidia-smi")
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        # Checked before the command runs: 0 or less would run it and then call it timed out.
+        raise ConfigError(
+            f"--timeout {timeout:g} is not a number of seconds.", "E.g. --timeout 60."
+        )
     remote, _pod = _open(target, pty)
     try:
         result = remote.run(
