@@ -148,6 +148,8 @@ def test_a_job_whose_pod_never_became_reachable_is_recorded_failed_not_preparing
     (record,) = JobStore().list()
     assert record.status == "failed" and "did not become reachable" in record.message
     assert record.pod_id is not None and hctl_rest_env.pods == []
+    shown = CliRunner().invoke(app, ["results", record.job_id])
+    assert shown.output.startswith("0/2 trials; search never started.\n"), shown.output
 
 
 def test_a_job_interrupted_while_its_pod_comes_up_is_recorded_failed(
