@@ -150,6 +150,9 @@ def test_a_job_whose_pod_never_became_reachable_is_recorded_failed_not_preparing
     assert record.pod_id is not None and hctl_rest_env.pods == []
     shown = CliRunner().invoke(app, ["results", record.job_id])
     assert shown.output.startswith("0/2 trials; search never started.\n"), shown.output
+    log = CliRunner().invoke(app, ["logs", record.job_id])
+    assert log.output.startswith(f"Job {record.job_id} never started (Pod "), log.output
+    assert log.output.endswith("): it has no log.\n")
 
 
 def test_a_job_interrupted_while_its_pod_comes_up_is_recorded_failed(

@@ -191,6 +191,10 @@ def logs(
     """The end of the job's log: the worker's messages, its events as readable lines."""
     kit = toolkit()
     record = load_job(kit, job)
+    if not record.remote_job_dir:  # its machine never came up: no worker, no log
+        reason = f" ({record.message})" if record.message else ""
+        print_line(f"Job {record.job_id} never started{reason}: it has no log.")
+        return
     if as_json:
         for line in joblog.raw_events(record, kit, lines=lines):
             typer.echo(line)
