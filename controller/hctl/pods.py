@@ -1,4 +1,5 @@
-"""Pods, below the command line: finding one, planning and creating one, waiting until it answers.
+"""Pods, below the command line: finding one, planning and creating one, waiting until it answers,
+saying what a failed stop or terminate left running.
 
 Provider-independent: everything here works through the `Provider` protocol, so the run command,
 the remote layer and the pod commands share it, and tests can drive it with any provider.
@@ -12,13 +13,20 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from hctl.errors import ConfigError, PodNotFoundError, PodNotReadyError, UnknownGpuError
+from hctl.errors import (
+    ConfigError,
+    PodNotFoundError,
+    PodNotReadyError,
+    ProviderError,
+    UnknownGpuError,
+)
 from hctl.gpus import required_cuda_versions, resolve_gpu
 from hctl.providers.base import (
     CloudType,
@@ -359,3 +367,24 @@ def price_note(plan: PodPlan, pod: Pod) -> str | None:
         f"note: RunPod bills this pod ${pod.cost_per_hr:.2f}/h, not the "
         f"${plan.price_per_hour:.2f}/h quoted."
     )
+
+
+@contextmanager
+def left_as_it_was_on_failure(target: Pod, action: LeaseAction) -> Iterator[None]:
+    """A stop or terminate RunPod would not do leaves the pod as it was: say so, and what it
+    goes on costing, not only that the API failed."""
+    try:
+        yield
+    except PodNotFoundError:
+        raise
+    except ProviderError as error:
+        billing = (
+            f" and billing ${target.cost_per_hr:.2f}/h"
+            if target.status in (PodStatus.RUNNING, PodStatus.STARTING)
+            else ""
+        )
+        raise type(error)(
+            f"Could not {action} {target.name} ({target.id}): {error.message} It is still "
+            f"{target.status}{billing}.",
+            f"{error.hint} Then run `hctl {action}-pod {target.id}` again.".strip(),
+        ) from None

@@ -456,3 +456,18 @@ def test_ctrl_c_or_end_of_input_at_a_question_is_interrupted_exit_130(
     assert result.exit_code == 130, result.output
     assert "interrupted" in result.output and "Aborted" not in result.output
     assert emulator.pod(pod["id"])["status"] == "RUNNING"
+
+
+def test_a_stop_or_terminate_runpod_refuses_says_the_pod_still_bills(
+    emulator: RunPodEmulator,
+) -> None:
+    pod = emulator.add_pod(name="hctl-stubborn")
+    emulator.inject_fault("server_error", operation="stop", times=100, status=503)
+    emulator.inject_fault("server_error", operation="terminate", times=100, status=502)
+    for action in ("stop", "terminate"):
+        result = hctl(f"{action}-pod", pod["id"], "--yes")
+        assert_clean_error(
+            result, 1, f"Could not {action} hctl-stubborn ({pod['id']}): RunPod's API failed",
+            "It is still running and billing $0.", f"Then run `hctl {action}-pod {pod['id']}` again."
+        )  # fmt: skip
+    assert emulator.pod(pod["id"])["status"] == "RUNNING"

@@ -361,7 +361,8 @@ def stop_pod(
         return
     print_line(STOP_VERSUS_TERMINATE)
     confirm(f"Stop {target.name} ({target.id})?", assume_yes=yes)
-    stopped = provider.stop(target.id)
+    with pod_service.left_as_it_was_on_failure(target, "stop"):
+        stopped = provider.stop(target.id)
     print_line(
         f"Stopped {stopped.name} ({stopped.id}). `hctl start-pod {stopped.id}` starts it again."
     )
@@ -376,7 +377,8 @@ def terminate_pod(
     target = pod_service.resolve_pod(provider, pod)
     print_line(STOP_VERSUS_TERMINATE)
     confirm(f"Terminate {target.name} ({target.id}) and delete its volume?", assume_yes=yes)
-    provider.terminate(target.id)
+    with pod_service.left_as_it_was_on_failure(target, "terminate"):
+        provider.terminate(target.id)
     print_line(f"Terminated {target.name} ({target.id}). Nothing more is billed for it.")
 
 
