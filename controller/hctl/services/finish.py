@@ -201,6 +201,19 @@ def finish_job(
     return record
 
 
+def unsaved_note(record: JobRecord) -> str:
+    """What to do after a Ctrl-C while the trial was chosen or saved (its pods released)."""
+    start = (
+        f"`hctl start-pod {record.pod_id}`, then "
+        if record.target == "pod" and record.after != "keep" and not record.unreleased_pods
+        else ""
+    )
+    return (
+        f"the search is done and kept; no trial was saved: {start}`hctl attach {record.job_id}` "
+        "chooses and saves one"
+    )
+
+
 def next_steps(record: JobRecord) -> list[tuple[str, str]]:
     """What a user can do with a finished job's model: (command to type, what it does)."""
     job = record.job_id

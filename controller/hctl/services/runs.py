@@ -31,7 +31,7 @@ from hctl.errors import (
 from hctl.services import calibration
 from hctl.services.budget import Meter
 from hctl.services.estimate import format_money
-from hctl.services.finish import TrialChooser, finish_job
+from hctl.services.finish import TrialChooser, finish_job, unsaved_note
 from hctl.services.fleet import pod_views
 from hctl.services.fleet_follow import (
     DatabaseLostError,
@@ -338,16 +338,7 @@ def complete(
         raise
     except BaseException:
         # Ctrl-C while choosing or saving the trial: the search is kept, nothing was saved.
-        released = release_pods(record, toolkit, view.note)
-        start = (
-            f"`hctl start-pod {record.pod_id}`, then "
-            if record.target == "pod" and record.after != "keep" and not released.unreleased_pods
-            else ""
-        )
-        view.note(
-            f"the search is done and kept; no trial was saved: {start}`hctl attach "
-            f"{record.job_id}` chooses and saves one"
-        )
+        view.note(unsaved_note(release_pods(record, toolkit, view.note)))
         raise
     record = release_pods(record, toolkit, view.note)
     status = {"finished": "finished", "budget": "budget", "failed": "failed"}[result.outcome]
