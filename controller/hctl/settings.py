@@ -241,18 +241,12 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**given)
     except ValidationError as error:
         unknown = [
-            str(problem["loc"][0])
-            for problem in error.errors()
-            if problem["type"] == "extra_forbidden"
+            str(item["loc"][0]) for item in error.errors() if item["type"] == "extra_forbidden"
         ]
         if unknown:  # only the config file can name one (the environment's extras are ignored)
-            close = difflib.get_close_matches(unknown[0], list(Settings.model_fields), n=1)
             raise ConfigError(
-                f"The config file {config_file()} sets {', '.join(map(repr, unknown))}, which "
-                f"{'is not a setting' if len(unknown) == 1 else 'are not settings'}"
-                + (f" (did you mean {close[0]}?)." if close else "."),
-                f'Remove it: `hctl config set {unknown[0]} ""` (or edit the file); '
-                "`hctl config show` lists the settings.",
+                f"The config file {config_file()} sets {unknown[0]!r}, which is not a setting.",
+                f'{_did_you_mean(unknown[0])}Remove it: `hctl config set {unknown[0]} ""`.',
             ) from None
         problems = "; ".join(
             f"{'.'.join(str(part) for part in problem['loc']) or 'settings'}: "
@@ -289,11 +283,15 @@ def setting_name(given: str) -> str:
     name = name.removeprefix("hctl_")
     if name in Settings.model_fields:
         return name
-    close = difflib.get_close_matches(name, list(Settings.model_fields), n=3)
-    hint = f"Did you mean {' or '.join(close)}? " if close else ""
     raise ConfigError(
-        f"There is no setting called {given!r}.", hint + "`hctl config show` lists them all."
+        f"There is no setting called {given!r}.",
+        _did_you_mean(name) + "`hctl config show` lists them all.",
     )
+
+
+def _did_you_mean(name: str) -> str:
+    close = difflib.get_close_matches(name, list(Settings.model_fields), n=3)
+    return f"Did you mean {' or '.join(close)}? " if close else ""
 
 
 def is_secret(name: str) -> bool:

@@ -141,7 +141,7 @@ def test_a_mistyped_key_in_the_config_file_is_named_and_can_be_removed() -> None
         shown.output
     )
     assert "Extra inputs" not in shown.output
-    assert 'hint: Remove it: `hctl config set colour ""`' in shown.output
+    assert 'Remove it: `hctl config set colour ""`.' in shown.output
     removed = hctl("config", "set", "colour", "")
     assert removed.exit_code == 0, removed.output
     assert file_values() == {"gpu": "NVIDIA RTX A6000"}
