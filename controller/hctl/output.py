@@ -24,9 +24,11 @@ shape to command-line mistakes (an unknown option, a value that is not a number)
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import os
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import typer
 from rich import box
@@ -147,6 +149,43 @@ def print_table(
     for row in rows:
         table.add_row(*(cell if isinstance(cell, Text) else Text(cell) for cell in row))
     output.print(table)
+
+
+# --- streamed output ----------------------------------------------------------------------------
+
+# The exit status of a command whose output was closed under it, as a shell reports one that a
+# closed pipe (SIGPIPE) ended: 128 + 13.
+OUTPUT_CLOSED_EXIT = 141
+
+
+class OutputClosed(Exception):  # noqa: N818 - an event, not a failure: the reader went away
+    """The program reading hctl's streamed output went away (`hctl exec ... | head -1`).
+
+    Not an OSError on purpose: the remotes read an OSError from their callback as a lost
+    connection, and anything else as the caller stopping the command (which they then end)."""
+
+
+def stream_to(stream: IO[str]) -> Callable[[str], None]:
+    """A callback that writes streamed text through at once; OutputClosed when the reader left."""
+
+    def write(text: str) -> None:
+        try:
+            stream.write(text)
+            stream.flush()
+        except BrokenPipeError:
+            raise OutputClosed from None
+
+    return write
+
+
+def silence_closed_output() -> None:
+    """Point stdout at the null device, so the interpreter's last flush into the closed pipe
+    prints no "Exception ignored" message on the way out."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file behind stdout (a test's capture)
+        pass
 
 
 # --- notes and JSON -----------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Pods, below the command line: finding one, planning and creating one, waiting until it answers.
+"""Pods, below the command line: finding one, planning and creating one, waiting until it answers,
+saying what a failed stop or terminate left running.
 
 Provider-independent: everything here works through the `Provider` protocol, so the run command,
 the remote layer and the pod commands share it, and tests can drive it with any provider.
@@ -12,13 +13,20 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from hctl.errors import ConfigError, PodNotFoundError, PodNotReadyError, UnknownGpuError
+from hctl.errors import (
+    ConfigError,
+    PodNotFoundError,
+    PodNotReadyError,
+    ProviderError,
+    UnknownGpuError,
+)
 from hctl.gpus import required_cuda_versions, resolve_gpu
 from hctl.providers.base import (
     CloudType,
@@ -32,7 +40,7 @@ from hctl.providers.base import (
     Provider,
 )
 from hctl.services.lease import lease_environment
-from hctl.settings import MAX_CONTAINER_DISK_GB, MAX_VOLUME_GB, Settings
+from hctl.settings import DEFAULT_IMAGE, MAX_CONTAINER_DISK_GB, MAX_VOLUME_GB, Settings
 
 HCTL_POD_PREFIX = "hctl-"
 MIN_VOLUME_GB = 10  # RunPod's floor for a pod volume
@@ -273,6 +281,11 @@ def plan_pod(
         container_disk_gb=container_disk_gb, volume_gb=volume_gb, max_hours=max_hours,
         bid_per_gpu=bid_per_gpu, spot=spot,
     )  # fmt: skip
+    if at_limit == "terminate" and max_hours is None:
+        raise ConfigError(
+            "--terminate-at-limit needs --max-hours: without a limit there is nothing to act on.",
+            "Add --max-hours HOURS (e.g. --max-hours 4 --terminate-at-limit), or leave it out.",
+        )
     if spot and not provider.capabilities.spot:
         raise ConfigError(
             f"The {provider.name} provider has no spot pods.", provider.capabilities.no_spot_hint
@@ -287,6 +300,11 @@ def plan_pod(
             "Try another --cloud, or another GPU (`hctl gpus`).",
         )
     image = image or settings.image
+    if not image.strip() or any(character.isspace() for character in image):
+        raise ConfigError(
+            f"{image!r} is not a container image.",
+            f"Give one like --image {DEFAULT_IMAGE} (or leave out --image for the image setting).",
+        )
     cuda = required_cuda_versions(image, gpu_type, settings.min_cuda_version)
     names_in_use = {pod.name for pod in provider.list()}
     pod_name = new_pod_name(name)
@@ -349,3 +367,24 @@ def price_note(plan: PodPlan, pod: Pod) -> str | None:
         f"note: RunPod bills this pod ${pod.cost_per_hr:.2f}/h, not the "
         f"${plan.price_per_hour:.2f}/h quoted."
     )
+
+
+@contextmanager
+def left_as_it_was_on_failure(target: Pod, action: LeaseAction) -> Iterator[None]:
+    """A stop or terminate RunPod would not do leaves the pod as it was: say so, and what it
+    goes on costing, not only that the API failed."""
+    try:
+        yield
+    except PodNotFoundError:
+        raise
+    except ProviderError as error:
+        billing = (
+            f" and billing ${target.cost_per_hr:.2f}/h"
+            if target.status in (PodStatus.RUNNING, PodStatus.STARTING)
+            else ""
+        )
+        raise type(error)(
+            f"Could not {action} {target.name} ({target.id}): {error.message} It is still "
+            f"{target.status}{billing}.",
+            f"{error.hint} Then run `hctl {action}-pod {target.id}` again.".strip(),
+        ) from None

@@ -223,6 +223,13 @@ class Settings(BaseSettings):
         )
 
 
+# hctl cannot rewrite a file it cannot read without losing what is in it.
+CONFIG_FILE_UNREADABLE_HINT = (
+    "Fix the line it names, or delete the file (the defaults apply then); `hctl config show` "
+    "reads it again."
+)
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Settings with command-line `overrides` on top (None values are ignored).
 
@@ -233,6 +240,14 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**given)
     except ValidationError as error:
+        unknown = [
+            str(item["loc"][0]) for item in error.errors() if item["type"] == "extra_forbidden"
+        ]
+        if unknown:  # only the config file can name one (the environment's extras are ignored)
+            raise ConfigError(
+                f"The config file {config_file()} sets {unknown[0]!r}, which is not a setting.",
+                f'{_did_you_mean(unknown[0])}Remove it: `hctl config set {unknown[0]} ""`.',
+            ) from None
         problems = "; ".join(
             f"{'.'.join(str(part) for part in problem['loc']) or 'settings'}: "
             + _readable(problem["msg"])
@@ -246,7 +261,7 @@ def load_settings(**overrides: Any) -> Settings:
     except (OSError, ValueError) as error:  # an unreadable or malformed config file
         raise ConfigError(
             f"Cannot read the config file {config_file()}: {error}",
-            "Fix or delete the file; `hctl config set KEY VALUE` rewrites it.",
+            CONFIG_FILE_UNREADABLE_HINT,
         ) from None
 
 
@@ -268,11 +283,15 @@ def setting_name(given: str) -> str:
     name = name.removeprefix("hctl_")
     if name in Settings.model_fields:
         return name
-    close = difflib.get_close_matches(name, list(Settings.model_fields), n=3)
-    hint = f"Did you mean {' or '.join(close)}? " if close else ""
     raise ConfigError(
-        f"There is no setting called {given!r}.", hint + "`hctl config show` lists them all."
+        f"There is no setting called {given!r}.",
+        _did_you_mean(name) + "`hctl config show` lists them all.",
     )
+
+
+def _did_you_mean(name: str) -> str:
+    close = difflib.get_close_matches(name, list(Settings.model_fields), n=3)
+    return f"Did you mean {' or '.join(close)}? " if close else ""
 
 
 def is_secret(name: str) -> bool:
@@ -293,7 +312,7 @@ def read_config_file() -> dict[str, Any]:
     except (OSError, ValueError) as error:
         raise ConfigError(
             f"Cannot read the config file {path}: {error}",
-            "Fix or delete the file; `hctl config set KEY VALUE` rewrites it.",
+            CONFIG_FILE_UNREADABLE_HINT,
         ) from None
 
 
@@ -332,8 +351,12 @@ def set_config_value(name: str, value: str | None) -> Path:
     `value` None (or "") removes the setting from the file, so its default applies again.
     Returns the file's path.
     """
-    name = setting_name(name)
     stored = read_config_file()
+    if not value and name in stored and name not in Settings.model_fields:
+        stored.pop(name)  # a key hctl does not know (a typo, an old setting) can be removed
+        _write_config_file(stored)
+        return config_file()
+    name = setting_name(name)
     if value is None or value == "":
         stored.pop(name, None)
     else:

@@ -122,3 +122,37 @@ def test_an_api_address_must_be_an_http_url() -> None:
     assert refused.exit_code == 2 and "http:// or https://" in refused.output
     assert not config_file().exists()
     assert hctl("config", "set", "runpod_api_url", "http://127.0.0.1:9/graphql").exit_code == 0
+
+
+def test_removing_a_secret_gives_no_tip_about_typing_it() -> None:
+    typed = hctl("config", "set", "hf_token", "hf_0123456789abcdef")
+    assert "Tip: leave the value out" in typed.output
+    removed = hctl("config", "set", "hf_token", "")
+    assert removed.exit_code == 0 and "hf_token removed" in removed.output
+    assert "Tip" not in removed.output and file_values() == {}
+
+
+def test_a_mistyped_key_in_the_config_file_is_named_and_can_be_removed() -> None:
+    config_file().parent.mkdir(parents=True, exist_ok=True)
+    config_file().write_text('colour = 1\ngpu = "NVIDIA RTX A6000"\n')
+    shown = hctl("config", "show")
+    assert shown.exit_code == 2
+    assert f"error: The config file {config_file()} sets 'colour', which is not a setting" in (
+        shown.output
+    )
+    assert "Extra inputs" not in shown.output
+    assert 'Remove it: `hctl config set colour ""`.' in shown.output
+    removed = hctl("config", "set", "colour", "")
+    assert removed.exit_code == 0, removed.output
+    assert file_values() == {"gpu": "NVIDIA RTX A6000"}
+    assert hctl("config", "show").exit_code == 0
+
+
+def test_an_unreadable_config_file_gets_a_hint_that_works() -> None:
+    config_file().parent.mkdir(parents=True, exist_ok=True)
+    config_file().write_text("volume_gb = \n")
+    result = hctl("config", "set", "volume_gb", "60")
+    assert result.exit_code == 2
+    assert "Cannot read the config file" in result.output
+    assert "config set KEY VALUE` rewrites it" not in result.output  # it cannot: see above
+    assert "Fix the line it names, or delete the file" in result.output

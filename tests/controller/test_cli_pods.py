@@ -294,6 +294,13 @@ def test_stop_start_terminate_the_only_pod(emulator: RunPodEmulator) -> None:
     stopped = hctl("stop-pod", "--yes")
     assert stopped.exit_code == 0, stopped.output
     assert "keeps the volume" in stopped.output and emulator.pod(pod["id"])["status"] == "EXITED"
+    stop_requests = len(emulator.requests_for("stop"))
+    again = hctl("stop-pod", pod["id"], "--yes")  # says so, sends nothing
+    assert (again.exit_code, again.output.splitlines()[0]) == (
+        0, f"{pod['name']} ({pod['id']}) is stopped already: its GPU is not billing. "
+        f"`hctl terminate-pod {pod['id']}` deletes its volume too.",
+    )  # fmt: skip
+    assert len(emulator.requests_for("stop")) == stop_requests
     started = hctl("start-pod", "--wait")
     assert started.exit_code == 0, started.output
     new_port = emulator.pod(pod["id"])["publicPort"]
@@ -432,3 +439,35 @@ def test_max_hours_on_a_pod_hctl_cannot_reach_ends_terminated_and_says_so(
         return
     assert_clean_error(result, 6, "--max-hours watchdog", "Terminated hctl-", "not billing")
     assert emulator.pods == []  # the pod table: terminated, nothing left billing
+
+
+def test_ctrl_c_or_end_of_input_at_a_question_is_interrupted_exit_130(
+    emulator: RunPodEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A person at a terminal who answers a question with Ctrl-C (or Ctrl-D): as Ctrl-C
+    anywhere else, not typer's "Aborted!" with exit 1."""
+    from types import SimpleNamespace
+
+    from hctl.cli import common
+
+    pod = emulator.add_pod(name="hctl-asked")
+    monkeypatch.setattr(common, "sys", SimpleNamespace(stdin=SimpleNamespace(isatty=lambda: True)))
+    result = hctl("stop-pod", pod["id"], input="")
+    assert result.exit_code == 130, result.output
+    assert "interrupted" in result.output and "Aborted" not in result.output
+    assert emulator.pod(pod["id"])["status"] == "RUNNING"
+
+
+def test_a_stop_or_terminate_runpod_refuses_says_the_pod_still_bills(
+    emulator: RunPodEmulator,
+) -> None:
+    pod = emulator.add_pod(name="hctl-stubborn")
+    emulator.inject_fault("server_error", operation="stop", times=100, status=503)
+    emulator.inject_fault("server_error", operation="terminate", times=100, status=502)
+    for action in ("stop", "terminate"):
+        result = hctl(f"{action}-pod", pod["id"], "--yes")
+        assert_clean_error(
+            result, 1, f"Could not {action} hctl-stubborn ({pod['id']}): RunPod's API failed",
+            "It is still running and billing $0.", f"Then run `hctl {action}-pod {pod['id']}` again."
+        )  # fmt: skip
+    assert emulator.pod(pod["id"])["status"] == "RUNNING"

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,16 @@ def test_monitor_shows_n_samples_then_stops(ssh_env: None, sshd_proxy: SshdServe
     # The long-lived nvidia-smi was interrupted: the session is clean for the next command.
     again = hctl("exec", sshd_proxy.address, "--", "echo ok")
     assert again.stdout == "ok\n"
+
+
+def test_monitor_piped_writes_one_tab_separated_line_per_gpu_and_sample(
+    ssh_env: None, sshd_pod: SshdServer
+) -> None:
+    result = hctl("monitor", sshd_pod.address, "--count", "2")
+    assert result.exit_code == 0, result.output
+    header, *rows = result.stdout.splitlines()
+    assert header.split("\t") == ["GPU", "name", "util", "memory", "temp", "power"]
+    assert rows == ["0\tNVIDIA GeForce RTX 4090\t97 %\t14870 / 24564 MiB\t63 °C\t312 / 450 W"] * 2
 
 
 def _detached_sleeper() -> int:
@@ -204,7 +215,8 @@ def test_monitor_of_a_pod_shows_its_cost(pod_env: RunPodRestEmulator) -> None:
     pod_env.add_pod(name="hctl-money")
     result = hctl("monitor", "hctl-money", "--count", "1")
     assert result.exit_code == 0, result.output
-    assert "/h," in result.stdout and "since it started" in result.stdout
+    # Piped, the rows are all stdout holds; the cost goes to stderr.
+    assert "/h," in result.stderr and "since it started" in result.stderr
 
 
 def test_monitor_of_a_pod_ssh_cannot_reach_yet_shows_the_apis_gpu_use(
@@ -263,3 +275,26 @@ def test_ssh_config_for_a_pod_pins_its_recorded_key(pod_env: RunPodRestEmulator)
         timeout=30,
     )
     assert (plain.returncode, plain.stdout) == (0, "vscode-ok\n"), plain.stderr
+
+
+def test_exec_piped_into_head_ends_quietly_and_stops_the_remote_command(
+    ssh_env: None, sshd_pod: SshdServer, tmp_path: Path
+) -> None:
+    """`hctl exec ... | head -2`: the reader leaves early; no error about a lost connection."""
+    pid_file = tmp_path / "remote.pid"
+    command = f"echo $$ > {pid_file}; seq 1 200000; sleep 60"
+    process = subprocess.Popen(
+        [sys.executable, "-c", "from hctl.cli import main; main()", "exec", sshd_pod.address,
+         "--", command],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None and process.stderr is not None
+    assert process.stdout.readline() == b"1\n"
+    process.stdout.close()  # what `head -1` does once it has its line
+    assert process.wait(timeout=60) == 141
+    assert b"error:" not in process.stderr.read()
+    remote_pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 15
+    while _running(remote_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(remote_pid)

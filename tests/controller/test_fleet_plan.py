@@ -33,8 +33,8 @@ RTX_4090 = resolve_gpu(CATALOGUE, "RTX 4090")
     [
         ({"pods": 0}, "--pods 0 is not a count", "from 1 to 16"),
         ({"pods": 17}, "--pods 17 is not a count", "from 1 to 16"),
-        ({"pods": 2, "on": "local"}, "--pods only apply to a pod", "leave out --on"),
-        ({"pods": 2, "pod": "abc"}, "--pods only apply to a new pod", "leave out --pod"),
+        ({"pods": 2, "on": "local"}, "--pods only applies to a pod", "leave out --on"),
+        ({"pods": 2, "pod": "abc"}, "--pods only applies to a new pod", "leave out --pod"),
     ],
 )
 def test_pod_counts_are_checked_before_anything_starts(

@@ -107,7 +107,7 @@ def test_monitor_view_shows_samples_and_ctrl_c_ends_it_cleanly() -> None:
 
     row = "0, NVIDIA GeForce RTX 4090, 55, 1000, 24564, 60, 200.00, 450.00\n"
     screen = io.StringIO()
-    console = Console(file=screen, width=120, force_terminal=False)
+    console = Console(file=screen, width=120, force_terminal=True)
     pod = Pod(id="p1", name="n", status=PodStatus.RUNNING, cost_per_hr=0.44, uptime_seconds=3600)
     shown = run_monitor(InterruptedRemote(["1\n", row]), console, pod=pod)  # type: ignore[arg-type]
     assert shown == -1

@@ -114,3 +114,22 @@ def test_on_local_on_windows_is_refused_with_a_hint(monkeypatch: pytest.MonkeyPa
     with pytest.raises(ConfigError) as caught:
         planning.target_kind(planning.RunRequest(model="m", on="local"))
     assert "POSIX" in caught.value.message and "--on ssh://" in caught.value.hint
+
+
+def test_on_local_without_the_workers_libraries_is_refused_before_a_job_exists(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A laptop install's hctl-worker lacks torch: the run stops before any job is recorded."""
+    from typer.testing import CliRunner
+
+    from hctl.cli import app
+    from hctl.services import toolkit
+    from tests.conftest import REPO_ROOT
+
+    monkeypatch.setattr(toolkit, "WORKER_LIBRARIES", ("json", "hctl_no_such_library"))
+    tiny = str(REPO_ROOT / "tests" / "fixtures" / "tiny-refuser")
+    result = CliRunner().invoke(app, ["run", tiny, "--on", "local", "--trials", "2", "--yes"])
+    assert result.exit_code == 2, result.output
+    assert "which lacks hctl_no_such_library (a laptop install" in result.output
+    assert "hint: Install the worker's libraries" in result.output
+    assert JobStore().list() == []

@@ -31,8 +31,8 @@ RTX_4090 = resolve_gpu(CATALOGUE, "RTX 4090")
         ({"workers": 0, "on": "local"}, "--workers 0", "from 1 to"),
         ({"gpus": 9}, "--gpus 9", "from 1 to 8"),
         ({"workers": 2}, "--workers applies to --on", "--gpus N"),
-        ({"gpus": 2, "on": "local"}, "--gpus only apply to a pod", "leave out --on"),
-        ({"gpus": 2, "pod": "abc"}, "--gpus only apply to a new pod", "leave out --pod"),
+        ({"gpus": 2, "on": "local"}, "--gpus only applies to a pod", "leave out --on"),
+        ({"gpus": 2, "pod": "abc"}, "--gpus only applies to a new pod", "leave out --pod"),
     ],
 )
 def test_worker_and_gpu_counts_are_checked_before_anything_starts(

@@ -286,3 +286,23 @@ def test_a_run_on_a_given_pod_with_keep_leaves_it_running_and_says_so(pod_rig: P
     assert "created pod" not in result.output
     assert f"pod {pod['id']} kept running on purpose" in result.output
     assert pod_rig.pod_statuses() == {pod["id"]: "RUNNING"}  # the test meant to keep it
+
+
+def test_ctrl_c_at_the_trial_prompt_stops_the_pod_and_says_how_to_save_a_trial_later(
+    pod_rig: PodRig,
+) -> None:
+    toolkit = default_toolkit(load_settings())
+    record, _ = start(2, toolkit)
+    view = HookedView({})
+
+    def ctrl_c(front: list, suggested: object) -> int:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        runs.complete(record, toolkit, view, worker=record.worker_command, token=None,
+                      chooser=ctrl_c)  # fmt: skip
+    assert pod_rig.pod_statuses() == {record.pod_id: "EXITED"}
+    assert view.lines[-1] == (
+        f"the search is done and kept; no trial was saved: `hctl start-pod {record.pod_id}`, "
+        f"then `hctl attach {record.job_id}` chooses and saves one"
+    )

@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import typer
 
 from hctl.errors import Aborted
 from hctl.output import console, error_console
 
-__all__ = ["confirm", "console", "error_console"]
+__all__ = ["asking", "confirm", "console", "error_console"]
+
+
+@contextmanager
+def asking() -> Iterator[None]:
+    """Around a question: Ctrl-C (or the end of input) there is a Ctrl-C as anywhere else
+    ("interrupted", exit 130), not click's "Aborted!" with exit 1."""
+    try:
+        yield
+    except typer.Abort:
+        raise KeyboardInterrupt from None
 
 
 def confirm(question: str, *, assume_yes: bool) -> None:
@@ -24,5 +36,7 @@ def confirm(question: str, *, assume_yes: bool) -> None:
         raise Aborted(
             f"{question} — no terminal to ask on.", "Add --yes to confirm without being asked."
         )
-    if not typer.confirm(question, default=False):
+    with asking():
+        answer = typer.confirm(question, default=False)
+    if not answer:
         raise Aborted("Cancelled.", "Nothing was changed.")

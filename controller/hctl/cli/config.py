@@ -22,6 +22,7 @@ from hctl.settings import (
     describe_settings,
     is_secret,
     load_settings,
+    read_config_file,
     set_config_value,
     setting_name,
 )
@@ -77,6 +78,9 @@ def set_value(
     For the API key give no value: hctl asks for it on a hidden prompt, so it never lands in your
     shell history; in a script, pipe it in (`hctl config set runpod_api_key < key.txt`).
     """
+    if value == "" and key in read_config_file():  # any key in the file, a mistyped one too
+        print_line(f"{key} removed from {set_config_value(key, '')}")
+        return
     name = setting_name(key)
     given = value
     if value is None:
@@ -92,7 +96,7 @@ def set_value(
                 f"Run `hctl config set {name}` again and paste the value at the prompt "
                 "(or pipe it in).",
             )
-    typed_secret = is_secret(name) and given is not None
+    typed_secret = is_secret(name) and bool(given)  # "" removes it: nothing to keep secret
     path = set_config_value(name, value)
     if typed_secret:
         print_line(

@@ -65,7 +65,9 @@ def machine(record: JobRecord) -> str:
     return record.address or "this machine"
 
 
-def search_state(progress: JobProgress) -> str:
+def search_state(record: JobRecord, progress: JobProgress) -> str:
+    if not progress.events_seen and record.status in {"failed", "cancelled"}:
+        return "never started"  # its machine never came up, or it was stopped before
     return "finished" if progress.done else ("failed" if progress.error else progress.stage)
 
 
@@ -116,7 +118,7 @@ def results_data(
         "job": record.model_dump(mode="json"),
         "billed": billed,
         "machine": machine(record),
-        "search": search_state(progress),
+        "search": search_state(record, progress),
         "trials_done": progress.trials_done,
         "n_trials": progress.n_trials or record.n_trials,
         "front": [trial.model_dump() for trial in progress.front()],
@@ -174,7 +176,7 @@ def results(job: str = typer.Argument(..., help=JOB_HELP), as_json: bool = json_
         print_json(results_data(record, progress, kit, bill))
         return
     print_line(
-        f"{progress.trials_done}/{progress.n_trials} trials; search {search_state(progress)}."
+        f"{progress.trials_done}/{progress.n_trials} trials; search {search_state(record, progress)}."
     )
     show_results(record, progress, kit, from_results=True)
     if bill is not None or record.estimated_cost is not None:
@@ -189,6 +191,10 @@ def logs(
     """The end of the job's log: the worker's messages, its events as readable lines."""
     kit = toolkit()
     record = load_job(kit, job)
+    if not record.remote_job_dir:  # its machine never came up: no worker, no log
+        reason = f" ({record.message})" if record.message else ""
+        print_line(f"Job {record.job_id} never started{reason}: it has no log.")
+        return
     if as_json:
         for line in joblog.raw_events(record, kit, lines=lines):
             typer.echo(line)

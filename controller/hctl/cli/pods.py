@@ -15,6 +15,7 @@ from hctl import sshkeys
 from hctl.cli.common import confirm, console
 from hctl.errors import HctlError, PodNotReadyError
 from hctl.gpus import select_gpu_types
+from hctl.interrupts import interrupts_held
 from hctl.output import (
     Cell,
     Column,
@@ -26,7 +27,7 @@ from hctl.output import (
     print_table,
 )
 from hctl.providers import make_provider
-from hctl.providers.base import GpuType, Pod, PodLease, Provider
+from hctl.providers.base import GpuType, Pod, PodLease, PodStatus, Provider
 from hctl.services import lease
 from hctl.settings import Settings, load_settings
 
@@ -144,7 +145,11 @@ def _describe_plan(plan: pod_service.PodPlan, provider: Provider) -> None:
     print_line(
         f"{spec.name}: {spec.gpu_count}x {plan.gpu.display_name} ({'any' if spec.cloud_type == 'ALL' else spec.cloud_type.lower()} cloud"
         f"{', spot' if spec.spot else ''}), {spec.image}, {spec.container_disk_gb} GB disk + "
-        f"{spec.volume_gb} GB volume at {spec.volume_mount_path}"
+        + (
+            f"{spec.volume_gb} GB volume at {spec.volume_mount_path}"
+            if spec.volume_gb
+            else "no volume"
+        )
     )
     if spec.lease is not None:
         print_line(lease.describe(provider, spec.lease))
@@ -272,13 +277,25 @@ def _arm_lease_or_terminate(
         return ready
     except BaseException as error:
         try:
-            provider.terminate(pod.id)
+            with interrupts_held(
+                lambda: print_line(
+                    f"Still terminating {pod.name} ({pod.id}) so that it does not go on billing; "
+                    "Ctrl-C again leaves it as it is."
+                )
+            ):
+                provider.terminate(pod.id)
             released = f"Terminated {pod.name} ({pod.id}): it is not billing."
         except HctlError as failure:
             released = (
                 f"Could not terminate {pod.name} ({pod.id}) either ({failure.message}): it may "
                 f"still be billing; run `hctl terminate-pod {pod.id}`."
             )
+        except KeyboardInterrupt:
+            print_line(
+                f"Left {pod.name} ({pod.id}) as it was: it may be billing; run "
+                f"`hctl terminate-pod {pod.id}`."
+            )
+            raise
         if isinstance(error, KeyboardInterrupt):
             print_line(released)
             raise
@@ -336,9 +353,16 @@ def stop_pod(
     """Stop a pod: the GPU stops billing, the volume stays (see terminate-pod to delete it)."""
     _, provider = _provider()
     target = pod_service.resolve_pod(provider, pod)
+    if target.status == PodStatus.STOPPED:
+        print_line(
+            f"{target.name} ({target.id}) is stopped already: its GPU is not billing. "
+            f"`hctl terminate-pod {target.id}` deletes its volume too."
+        )
+        return
     print_line(STOP_VERSUS_TERMINATE)
     confirm(f"Stop {target.name} ({target.id})?", assume_yes=yes)
-    stopped = provider.stop(target.id)
+    with pod_service.left_as_it_was_on_failure(target, "stop"):
+        stopped = provider.stop(target.id)
     print_line(
         f"Stopped {stopped.name} ({stopped.id}). `hctl start-pod {stopped.id}` starts it again."
     )
@@ -353,7 +377,8 @@ def terminate_pod(
     target = pod_service.resolve_pod(provider, pod)
     print_line(STOP_VERSUS_TERMINATE)
     confirm(f"Terminate {target.name} ({target.id}) and delete its volume?", assume_yes=yes)
-    provider.terminate(target.id)
+    with pod_service.left_as_it_was_on_failure(target, "terminate"):
+        provider.terminate(target.id)
     print_line(f"Terminated {target.name} ({target.id}). Nothing more is billed for it.")
 
 

@@ -7,6 +7,7 @@ needs (automatic for the proxy's address).
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any
 
@@ -15,12 +16,16 @@ import typer
 from hctl.cli.common import confirm, console, error_console
 from hctl.errors import ConfigError, ConnectError, PodNotReadyError
 from hctl.output import (
+    OUTPUT_CLOSED_EXIT,
     Column,
     HctlCommand,
+    OutputClosed,
     json_option,
     print_json,
     print_line,
     print_table,
+    silence_closed_output,
+    stream_to,
 )
 from hctl.remote.base import Remote
 from hctl.settings import hctl_home, load_settings
@@ -70,14 +75,23 @@ def exec_command(
         target, command_words = (before[0] if before else None), after
     if not "".join(command_words).strip():
         raise ConfigError("No command given.", "Write it after --, e.g. hctl exec -- nvidia-smi")
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        # Checked before the command runs: 0 or less would run it and then call it timed out.
+        raise ConfigError(
+            f"--timeout {timeout:g} is not a number of seconds.", "E.g. --timeout 60."
+        )
     remote, _pod = _open(target, pty)
     try:
         result = remote.run(
             " ".join(command_words),
             timeout=timeout,
-            on_output=lambda text: (sys.stdout.write(text), sys.stdout.flush()),
-            on_stderr=lambda text: (sys.stderr.write(text), sys.stderr.flush()),
+            on_output=stream_to(sys.stdout),
+            on_stderr=stream_to(sys.stderr),
         )
+    except OutputClosed:
+        # The reader went away (`| head -1`): the remote stopped the command; end quietly.
+        silence_closed_output()
+        raise typer.Exit(OUTPUT_CLOSED_EXIT) from None
     finally:
         remote.close()
     raise typer.Exit(result.exit_code)
@@ -165,6 +179,9 @@ def monitor(
             run_monitor(remote, console, pod=pod, count=count, interval_s=interval)
         finally:
             remote.close()
+    except OutputClosed:
+        silence_closed_output()
+        raise typer.Exit(OUTPUT_CLOSED_EXIT) from None
     except (PodNotReadyError, ConnectError) as error:
         _note(f"{error.message} Showing the GPU use RunPod reports instead.")
         settings = load_settings()

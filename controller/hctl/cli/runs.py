@@ -12,7 +12,7 @@ from pathlib import Path
 import tomli_w
 import typer
 
-from hctl.cli.common import confirm
+from hctl.cli.common import asking, confirm
 from hctl.cli.jobs import JOB_HELP, load_job, machine, show_results, toolkit
 from hctl.errors import ConfigError, JobError
 from hctl.output import HctlCommand, console, json_option, print_json, print_line, print_table
@@ -20,6 +20,7 @@ from hctl.services import fleet_launch, launch, lease, runs
 from hctl.services import resume as resume_service
 from hctl.services.budget import check_estimate_within
 from hctl.services.estimate import compare_gpus, format_money
+from hctl.services.finish import unreleased_error
 from hctl.services.jobs import JobRecord
 from hctl.services.models import ModelInfo, format_parameter_count, inspect_model
 from hctl.services.request import RunRequest, parse_assignments
@@ -47,7 +48,8 @@ def _chooser(assume_yes: bool, view: LiveView) -> runs.TrialChooser | None:
         view.pause()  # the live panel would redraw over the question
         default = getattr(suggested, "number", None)
         print_table(pareto_columns(front), pareto_rows(front, chosen=default), title="Pareto front")
-        return typer.prompt("Trial to save", default=default, type=int)
+        with asking():
+            return typer.prompt("Trial to save", default=default, type=int)
 
     return choose
 
@@ -68,11 +70,7 @@ def _follow(
             f"Reattach with `hctl attach {job}`, stop it with `hctl cancel {job}`."
         )
         if record.target == "pod":
-            print_line(
-                f"{machine(record).capitalize()} keep{'' if record.members else 's'} billing "
-                f"{format_money(record.price_per_hour)}/h until the job is followed to its end "
-                "(or cancelled)."
-            )
+            print_line(_billing_while_detached(record, toolkit))
         return
     if outcome == "interrupted":
         raise JobError(
@@ -84,12 +82,30 @@ def _follow(
             "a new pod without redoing any trial.",
         )
     show_results(record, progress, toolkit, status_line=outcome != "failed")
+    if record.unreleased_pods:
+        raise unreleased_error(record)
     if outcome == "failed":
         raise JobError(
             f"Job {job} failed: {record.message or 'see its log'}",
             f"`hctl logs {job}` shows the worker's log; `hctl resume {job}` retries from the "
             "trials already done.",
         )
+
+
+def _billing_while_detached(record: JobRecord, toolkit: Toolkit) -> str:
+    """What a detached job's pods cost from now on, and when that ends by itself."""
+    pods, one = machine(record).capitalize(), not record.members
+    billing = f"{pods} keep{'s' if one else ''} billing {format_money(record.price_per_hour)}/h"
+    if record.after == "keep":
+        stop = f"`hctl stop-pod {record.pod_id if one else 'POD'}`"
+        return f"{billing} until you stop {'it' if one else 'each'} ({stop}): it was kept (--keep)."
+    minutes = max(1, round(toolkit.settings.self_stop_grace_s / 60))
+    return (
+        f"{billing} while the job runs, and stop{'s' if one else ''} by "
+        f"{'itself' if one else 'themselves'} about {minutes} min after it ends; "
+        f"`hctl attach {record.job_id}` saves the result and stops {'it' if one else 'them'} "
+        f"sooner, `hctl cancel {record.job_id}` now."
+    )
 
 
 def _describe_model(model: ModelInfo) -> None:
@@ -253,8 +269,19 @@ def cancel(
     """Stop a job's worker (results so far are kept) and stop, terminate or keep its pod."""
     kit = toolkit()
     record = load_job(kit, job)
+    if record.status in {"finished", "budget", "cancelled"}:
+        # Nothing runs: its worker ended and its pods were released (or kept) at its end.
+        print_line(
+            f"Job {record.job_id} is {record.status} already: nothing to cancel "
+            f"(`hctl results {record.job_id}` shows it)."
+        )
+        if record.unreleased_pods:
+            raise unreleased_error(record)
+        return
     confirm(f"Stop job {record.job_id} on {machine(record)}?", assume_yes=yes)
-    runs.cancel_job(record, kit, print_line)
+    record = runs.cancel_job(record, kit, print_line)
+    if record.unreleased_pods:
+        raise unreleased_error(record)
 
 
 def resume(

@@ -19,7 +19,15 @@ from rich.table import Table
 from rich.text import Text
 
 from hctl.errors import HctlError
-from hctl.output import Cell, Column, error_console, plain_lines, print_line, write_lines
+from hctl.output import (
+    Cell,
+    Column,
+    OutputClosed,
+    error_console,
+    plain_lines,
+    print_line,
+    write_lines,
+)
 from hctl.providers.base import Pod
 from hctl.remote.base import Remote
 from hctl.remote.gpu import GpuSample, MachineStatus, stream_gpu_samples
@@ -30,21 +38,35 @@ def _value(number: float | None, unit: str, digits: int = 0) -> str:
     return "n/a" if number is None else f"{number:.{digits}f}{unit}"
 
 
-def gpu_table(samples: list[GpuSample]) -> Table:
-    table = Table(title="GPUs", title_justify="left")
-    for column in ("GPU", "name", "util", "memory", "temp", "power"):
-        table.add_column(column, justify="left" if column == "name" else "right")
+GPU_COLUMNS = [
+    Column("GPU", justify="right"),
+    Column("name"),
+    Column("util", justify="right"),
+    Column("memory", justify="right"),
+    Column("temp", justify="right"),
+    Column("power", justify="right"),
+]
+
+
+def gpu_rows(samples: list[GpuSample]) -> list[list[Cell]]:
+    """One row per GPU (`GPU_COLUMNS`)."""
+    rows: list[list[Cell]] = []
     for sample in samples:
         memory = f"{_value(sample.memory_used_mib, '')} / {_value(sample.memory_total_mib, ' MiB')}"
         power = f"{_value(sample.power_w, '')} / {_value(sample.power_limit_w, ' W')}"
-        table.add_row(
-            str(sample.index),
-            sample.name,
-            _value(sample.utilization_percent, " %"),
-            memory,
-            _value(sample.temperature_c, " °C"),
-            power,
-        )
+        rows.append(
+            [str(sample.index), sample.name, _value(sample.utilization_percent, " %"), memory,
+             _value(sample.temperature_c, " °C"), power]
+        )  # fmt: skip
+    return rows
+
+
+def gpu_table(samples: list[GpuSample]) -> Table:
+    table = Table(title="GPUs", title_justify="left")
+    for column in GPU_COLUMNS:
+        table.add_column(column.name, justify=column.justify)
+    for row in gpu_rows(samples):
+        table.add_row(*row)
     return table
 
 
@@ -99,8 +121,30 @@ def run_monitor(
     interval_s: int = 1,
     clock: Callable[[], float] = time.monotonic,
 ) -> int:
-    """Show live GPU samples until `count` samples or Ctrl-C; returns how many were shown."""
+    """Show live GPU samples until `count` samples or Ctrl-C; returns how many were shown.
+
+    Piped, every sample adds one tab-separated line per GPU under one header line (the cost goes
+    to stderr), as `monitor_through_api` does: `hctl monitor > gpus.tsv` logs the GPUs.
+    """
     started = clock()
+    if not console.is_terminal:
+        written = 0  # the header goes with the first sample: an unreachable machine writes none
+
+        def write(samples: list[GpuSample]) -> None:
+            nonlocal written
+            lines = plain_lines(GPU_COLUMNS, gpu_rows(samples))
+            try:
+                write_lines(console, lines[1:] if written else lines)
+            except BrokenPipeError:  # `| head`: the remote's nvidia-smi is stopped
+                raise OutputClosed from None
+            written += 1
+            if pod is not None:
+                print_line(cost_line(pod, clock() - started).plain, output=error_console)
+
+        try:
+            return stream_gpu_samples(remote, write, count=count, interval_s=interval_s)
+        except KeyboardInterrupt:
+            return -1
     waiting = Text(f"waiting for nvidia-smi on {remote.description}...")
     with Live(waiting, console=console, auto_refresh=False, transient=False) as live:
 

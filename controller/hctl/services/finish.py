@@ -8,7 +8,8 @@ import shlex
 from collections.abc import Callable
 from pathlib import Path
 
-from hctl.errors import ConfigError, JobError, PodNotFoundError
+from hctl.errors import ConfigError, HctlError, JobError, PodNotFoundError
+from hctl.interrupts import interrupts_held
 from hctl.services.estimate import format_money
 from hctl.services.job_protocol import FINISHING_FILE, with_secrets
 from hctl.services.jobs import JobRecord
@@ -46,10 +47,18 @@ def pick_trial(
                 "--trial K` saves one of those.",
             )
         return chosen
-    if chooser is not None:
+    while chooser is not None:
         number = chooser(front, automatic)
-        if number is not None:
-            return find(front, number) or automatic
+        if number is None:
+            break
+        answer = find(front, number) or progress.trials.get(number)
+        if answer is not None:
+            return answer
+        # Asked again: a typo must not save another trial than the one the user named.
+        notify(
+            f"there is no finished trial {number}: the front holds "
+            f"{', '.join(str(trial.number) for trial in front)} (any finished trial may be saved)"
+        )
     if automatic is not None:
         notify(
             f"chose trial {automatic.number}: the fewest refusals ({automatic.refusals}/"
@@ -192,6 +201,19 @@ def finish_job(
     return record
 
 
+def unsaved_note(record: JobRecord) -> str:
+    """What to do after a Ctrl-C while the trial was chosen or saved (its pods released)."""
+    start = (
+        f"`hctl start-pod {record.pod_id}`, then "
+        if record.target == "pod" and record.after != "keep" and not record.unreleased_pods
+        else ""
+    )
+    return (
+        f"the search is done and kept; no trial was saved: {start}`hctl attach {record.job_id}` "
+        "chooses and saves one"
+    )
+
+
 def next_steps(record: JobRecord) -> list[tuple[str, str]]:
     """What a user can do with a finished job's model: (command to type, what it does)."""
     job = record.job_id
@@ -214,7 +236,7 @@ def next_steps(record: JobRecord) -> list[tuple[str, str]]:
     if record.target == "pod" and record.after == "terminate":
         return steps  # the pod and its volume are gone; only what was downloaded or uploaded stays
     machine = record.pod_id if record.target == "pod" else record.address
-    if record.target == "pod" and record.after != "keep":
+    if record.target == "pod" and record.after != "keep" and not record.unreleased_pods:
         steps.append(
             (f"hctl start-pod {machine} --wait", "start the pod again (its volume kept it)")
         )
@@ -229,28 +251,62 @@ def next_steps(record: JobRecord) -> list[tuple[str, str]]:
 
 
 def release_machine(record: JobRecord, toolkit: Toolkit, notify: Notify) -> JobRecord:
-    """Stop, terminate or keep the pod as the job says, and tell the user which."""
+    """Stop, terminate or keep the pod as the job says, and tell the user which.
+
+    A pod the provider would not stop or terminate (its API failing after every retry) is named
+    with what it costs and what to type, and listed in `unreleased_pods`; nothing is raised, so
+    the job's results are still shown and the other pods of the job are still released.
+    """
     if record.target != "pod" or record.pod_id is None:
         return record
     provider = toolkit.provider()
     pod_id = record.pod_id
     volume_cost = toolkit.settings.volume_gb * 0.20
+    if record.after == "keep":
+        notify(
+            f"pod {pod_id} kept running on purpose: it keeps costing "
+            f"{format_money(record.price_per_hour)}/h until `hctl stop-pod {pod_id}` or "
+            f"`hctl terminate-pod {pod_id}`"
+        )
+        return record
+    verb = "terminate" if record.after == "terminate" else "stop"
+
+    def still_releasing() -> None:
+        doing = "terminating" if verb == "terminate" else "stopping"
+        notify(f"still {doing} pod {pod_id}; Ctrl-C again leaves it running")
+
     try:
-        if record.after == "keep":
-            notify(
-                f"pod {pod_id} kept running on purpose: it keeps costing "
-                f"{format_money(record.price_per_hour)}/h until `hctl stop-pod {pod_id}` or "
-                f"`hctl terminate-pod {pod_id}`"
-            )
-        elif record.after == "terminate":
-            provider.terminate(pod_id)
-            notify(f"terminated pod {pod_id}: it costs nothing more")
-        else:
-            provider.stop(pod_id)
-            notify(
-                f"stopped pod {pod_id}: the GPU no longer bills; its volume costs about "
-                f"{format_money(volume_cost)}/month until `hctl terminate-pod {pod_id}`"
-            )
+        with interrupts_held(still_releasing):
+            if record.after == "terminate":
+                provider.terminate(pod_id)
+                notify(f"terminated pod {pod_id}: it costs nothing more")
+            else:
+                provider.stop(pod_id)
+                notify(
+                    f"stopped pod {pod_id}: the GPU no longer bills; its volume costs about "
+                    f"{format_money(volume_cost)}/month until `hctl terminate-pod {pod_id}`"
+                )
     except PodNotFoundError:
         notify(f"pod {pod_id} is already gone")
+    except KeyboardInterrupt:
+        notify(f"left pod {pod_id} as it was: it may be billing — run `hctl {verb}-pod {pod_id}`")
+        raise
+    except HctlError as error:
+        notify(
+            f"could not {verb} pod {pod_id} ({error.message}): it is still running and billing "
+            f"{format_money(record.price_per_hour)}/h — run `hctl {verb}-pod {pod_id}`"
+        )
+        return record.model_copy(update={"unreleased_pods": [*record.unreleased_pods, pod_id]})
     return record
+
+
+def unreleased_error(record: JobRecord) -> JobError:
+    """The error a command ends with when the job's end left pods billing."""
+    pods = ", ".join(record.unreleased_pods)
+    verb = "terminate" if record.after == "terminate" else "stop"
+    commands = " and ".join(f"`hctl {verb}-pod {pod_id}`" for pod_id in record.unreleased_pods)
+    return JobError(
+        f"Job {record.job_id}'s pod{'s' if len(record.unreleased_pods) > 1 else ''} {pods} could "
+        f"not be {'terminated' if verb == 'terminate' else 'stopped'}: still running and billing.",
+        f"Run {commands} (`hctl list-pods` shows what runs).",
+    )

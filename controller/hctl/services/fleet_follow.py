@@ -246,9 +246,12 @@ def stop_workers(record: JobRecord, toolkit: Toolkit, notify: Notify) -> list[st
 
 
 def release_pods(record: JobRecord, toolkit: Toolkit, notify: Notify) -> JobRecord:
-    """Stop, terminate or keep every pod of the job as it says, and say which, pod by pod."""
+    """Stop, terminate or keep every pod of the job as it says, and say which, pod by pod; a
+    pod the provider would not release is listed in `unreleased_pods` and the rest go on."""
+    record = record.model_copy(update={"unreleased_pods": []})
     if not record.members:
         return release_machine(record, toolkit, notify)
+    unreleased: list[str] = []
     for view, member in zip(pod_views(record, with_lost=True), record.members, strict=True):
         if member.lost:
             try:
@@ -256,11 +259,14 @@ def release_pods(record: JobRecord, toolkit: Toolkit, notify: Notify) -> JobReco
             except PodNotFoundError:
                 notify(f"pod {member.pod_id} is gone (it was {member.lost})")
                 continue
-            if not pod.active and record.after != "terminate":
-                notify(f"pod {member.pod_id} is {pod.status} (it was {member.lost})")
-                continue
-        release_machine(view, toolkit, notify)
-    return record
+            except HctlError:
+                pass  # release_machine says what the provider answers
+            else:
+                if not pod.active and record.after != "terminate":
+                    notify(f"pod {member.pod_id} is {pod.status} (it was {member.lost})")
+                    continue
+        unreleased += release_machine(view, toolkit, notify).unreleased_pods
+    return record.model_copy(update={"unreleased_pods": unreleased})
 
 
 def any_alive(record: JobRecord, alive: Callable[[JobRecord], bool | None]) -> bool | None:

@@ -12,7 +12,7 @@ from hctl.errors import HctlError, JobError, PodNotFoundError
 from hctl.providers.base import Pod, PodStatus, Provider
 from hctl.services.database import Database, new_database, password_line, start_on
 from hctl.services.fleet import FleetPlan, database_address, job_dir_name, pod_view
-from hctl.services.jobs import JobRecord, PodMember
+from hctl.services.jobs import JobRecord, PodMember, failed_to_start
 from hctl.services.launch import WorkerDatabase, launch_workers, new_record
 from hctl.services.planning import Notify, RunPlan
 from hctl.services.provisioning import create_pod, pod_named, release_after_failure
@@ -133,11 +133,7 @@ def _release_all(
     record: JobRecord, names: list[str], toolkit: Toolkit, notify: Notify, error: BaseException
 ) -> None:
     """Terminate every pod created for the job that could not start; mark it failed."""
-    toolkit.store.save(
-        record.model_copy(
-            update={"status": "failed", "message": getattr(error, "message", repr(error))}
-        )
-    )
+    toolkit.store.save(failed_to_start(record, error))
     provider = toolkit.provider()
     pod_ids = [member.pod_id for member in record.members]
     if len(pod_ids) < len(names):

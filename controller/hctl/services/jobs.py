@@ -103,6 +103,8 @@ class JobRecord(BaseModel):
     kl_limit: float | None = None
     spent_before: float = 0.0  # money spent on earlier machines of this job (before a resume)
     message: str = ""
+    # Pods the job's end could not stop or terminate (the provider's API failed): still billing.
+    unreleased_pods: list[str] = Field(default_factory=list)
     # --pods N: every pod of the job, the first (pod_id, remote_job_dir) holding the study's
     # PostgreSQL database in database_dir; the workers reach it at database_url (no password).
     members: list[PodMember] = Field(default_factory=list)
@@ -113,6 +115,15 @@ class JobRecord(BaseModel):
     def all_workers(self) -> int:
         """The workers of the whole job (every pod's)."""
         return self.workers * max(1, len(self.members))
+
+
+def failed_to_start(record: JobRecord, error: BaseException) -> JobRecord:
+    """The record of a job that could not start, saying why (never left "preparing")."""
+    if isinstance(error, KeyboardInterrupt):
+        message = "interrupted (Ctrl-C) before the worker started"
+    else:
+        message = getattr(error, "message", None) or repr(error)
+    return record.model_copy(update={"status": "failed", "message": message})
 
 
 def check_job_id(job_id: str) -> str:

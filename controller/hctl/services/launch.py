@@ -19,10 +19,10 @@ from hctl.errors import JobError, RemoteError
 from hctl.remote.base import Remote
 from hctl.services import lease
 from hctl.services.job_protocol import PGPASS_FILE, check_not_running, launch_command
-from hctl.services.jobs import JobRecord, new_job_id
+from hctl.services.jobs import JobRecord, failed_to_start, new_job_id
 from hctl.services.planning import Notify, RunPlan, RunRequest, hf_token, plan_run
 from hctl.services.provisioning import bring_up_pod, release_after_failure, remote_base_dir
-from hctl.services.toolkit import Toolkit
+from hctl.services.toolkit import Toolkit, check_local_worker
 from hctl.services.uploads import place_inputs, put_text, upload_private, upload_secrets
 from hctl_worker.events import JOURNAL_FILE, SETTINGS_FILE
 
@@ -185,11 +185,18 @@ def local_job_dir(record: JobRecord, request: RunRequest, toolkit: Toolkit) -> s
 
 def start_job(plan: RunPlan, toolkit: Toolkit, notify: Notify) -> JobRecord:
     """Get the machine, start the worker; returns the saved record of a running job."""
+    if plan.target == "local":
+        check_local_worker()
     store = toolkit.store
     record = store.save(new_record(plan, toolkit))
     notify(f"job {record.job_id}")
     if plan.target == "pod":
-        record = bring_up_pod(plan, record, toolkit, notify)
+        try:
+            record = bring_up_pod(plan, record, toolkit, notify)
+        except BaseException as error:
+            # bring_up_pod released the pod; the saved record is the one that names it.
+            store.save(failed_to_start(store.load(record.job_id), error))
+            raise
     try:
         remote = toolkit.connect(record)
         try:
@@ -204,11 +211,7 @@ def start_job(plan: RunPlan, toolkit: Toolkit, notify: Notify) -> JobRecord:
         finally:
             remote.close()
     except BaseException as error:
-        store.save(
-            record.model_copy(
-                update={"status": "failed", "message": getattr(error, "message", repr(error))}
-            )
-        )
+        store.save(failed_to_start(record, error))
         if record.pod_id is not None and plan.target == "pod":
             release_after_failure(
                 toolkit.provider(),

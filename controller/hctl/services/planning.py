@@ -149,6 +149,13 @@ def plan_run(request: RunRequest, toolkit: Toolkit) -> RunPlan:
             if catalogue
             else "Use a machine with more GPU memory or disk.",
         )
+    if request.upload and not token and not _token_on_machine(target, pod):
+        raise ConfigError(
+            f"--upload {request.upload} needs a Hugging Face token with write access, and none "
+            "is set: the search would run and its upload fail.",
+            "Create a write token at https://huggingface.co/settings/tokens, then export HF_TOKEN "
+            "(or run `hctl config set hf_token`).",
+        )
     if model.gated and not token:
         raise ConfigError(
             f"{model.reference} is a gated model and no Hugging Face token is set.",
@@ -169,6 +176,12 @@ def plan_run(request: RunRequest, toolkit: Toolkit) -> RunPlan:
         team=team,
         fleet=fleet,
     )
+
+
+def _token_on_machine(target: TargetKind, pod: Pod | None) -> bool:
+    """Whether the machine may have a hub token of its own: a given pod created with HF_TOKEN in
+    its environment, or an SSH host (whose environment hctl cannot see)."""
+    return target == "ssh" or (pod is not None and "HF_TOKEN" in pod.env)
 
 
 def alternatives_hint(

@@ -6,6 +6,7 @@ created is being brought up terminates that pod: nothing is left billing by acci
 from __future__ import annotations
 
 from hctl.errors import CapacityError, HctlError, JobError, PodNotReadyError
+from hctl.interrupts import interrupts_held
 from hctl.providers.base import Pod, PodLease, Provider
 from hctl.remote.base import Remote
 from hctl.services import lease
@@ -87,18 +88,31 @@ def create_pod(
 def release_after_failure(
     provider: Provider, pod_id: str, *, created_here: bool, started_here: bool, notify: Notify
 ) -> None:
-    """A pod brought up for a job that could not start is not left billing."""
-    try:
-        if created_here:
-            provider.terminate(pod_id)
-            notify(f"terminated pod {pod_id}: it is not billing")
-        elif started_here:
-            provider.stop(pod_id)
-            notify(f"stopped pod {pod_id} again")
-    except HctlError as error:
+    """A pod brought up for a job that could not start is not left billing; a Ctrl-C during the
+    release is held off (see `hctl.interrupts`), and the user is told when it was not released."""
+    if not (created_here or started_here):
+        return
+    verb = "terminate" if created_here else "stop"
+
+    def still_releasing() -> None:
         notify(
-            f"could not release pod {pod_id}: {error.message} — run `hctl terminate-pod {pod_id}`"
+            f"still releasing pod {pod_id} so that it does not go on billing; "
+            "Ctrl-C again leaves it as it is"
         )
+
+    try:
+        with interrupts_held(still_releasing):
+            if created_here:
+                provider.terminate(pod_id)
+                notify(f"terminated pod {pod_id}: it is not billing")
+            else:
+                provider.stop(pod_id)
+                notify(f"stopped pod {pod_id} again")
+    except HctlError as error:
+        notify(f"could not release pod {pod_id}: {error.message} — run `hctl {verb}-pod {pod_id}`")
+    except KeyboardInterrupt:
+        notify(f"left pod {pod_id} as it was: it may be billing — run `hctl {verb}-pod {pod_id}`")
+        raise
 
 
 def bring_up_pod(plan: RunPlan, record: JobRecord, toolkit: Toolkit, notify: Notify) -> JobRecord:

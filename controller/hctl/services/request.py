@@ -137,6 +137,10 @@ def _check_counts(request: RunRequest) -> None:
         )
 
 
+def _apply(options: list[str]) -> str:
+    return "applies" if len(options) == 1 else "apply"
+
+
 def _check_target_options(request: RunRequest) -> None:
     if request.on is not None and request.pod is not None:
         raise ConfigError("--pod and --on cannot be used together.", "Give one of them.")
@@ -160,7 +164,8 @@ def _check_target_options(request: RunRequest) -> None:
         given = [name for name, used in pod_only.items() if used]
         if given:
             raise ConfigError(
-                f"{' and '.join(given)} only apply to a pod; --on {request.on} runs elsewhere.",
+                f"{' and '.join(given)} only {_apply(given)} to a pod; --on {request.on} runs "
+                "elsewhere.",
                 f"Leave out {' and '.join(given)}, or leave out --on to rent a pod.",
             )
     if request.pod is not None:
@@ -168,7 +173,8 @@ def _check_target_options(request: RunRequest) -> None:
         given = [name for name in new_pod_only if pod_only[name]]
         if given:
             raise ConfigError(
-                f"{' and '.join(given)} only apply to a new pod; --pod {request.pod} exists already.",
+                f"{' and '.join(given)} only {_apply(given)} to a new pod; --pod {request.pod} "
+                "exists already.",
                 f"Leave out {' and '.join(given)}, or leave out --pod to rent a new pod.",
             )
     if request.job_dir is not None and request.on != "local":

@@ -31,7 +31,7 @@ from hctl.errors import (
 from hctl.services import calibration
 from hctl.services.budget import Meter
 from hctl.services.estimate import format_money
-from hctl.services.finish import TrialChooser, finish_job
+from hctl.services.finish import TrialChooser, finish_job, unsaved_note
 from hctl.services.fleet import pod_views
 from hctl.services.fleet_follow import (
     DatabaseLostError,
@@ -321,7 +321,8 @@ def complete(
         ) from None
     record, progress = result.record, result.progress
     if result.outcome == "interrupted" and record.members:
-        release_pods(record, toolkit, view.note)  # the database is lost: the rest stop too
+        # The database is lost: the rest stop too.
+        record = store.save(release_pods(record, toolkit, view.note))
     if result.outcome in {"detached", "interrupted"}:
         return result.outcome, record, progress
     try:
@@ -332,10 +333,14 @@ def complete(
             sync_job(record, toolkit)  # the export's own events, so the copy stays complete
     except HctlError as error:
         # The search is kept; `hctl attach` finishes the job again.
-        store.save(record.model_copy(update={"status": "failed", "message": error.message}))
+        failed = {"status": "failed", "message": error.message}
+        store.save(release_pods(record, toolkit, view.note).model_copy(update=failed))
         raise
-    finally:
-        release_pods(record, toolkit, view.note)
+    except BaseException:
+        # Ctrl-C while choosing or saving the trial: the search is kept, nothing was saved.
+        view.note(unsaved_note(release_pods(record, toolkit, view.note)))
+        raise
+    record = release_pods(record, toolkit, view.note)
     status = {"finished": "finished", "budget": "budget", "failed": "failed"}[result.outcome]
     record = store.save(record.model_copy(update={"status": status}))
     if record.target == "local" and status != "failed":
@@ -368,8 +373,8 @@ def cancel_job(record: JobRecord, toolkit: Toolkit, notify: Notify) -> JobRecord
         )
     if states:
         sync_job(record, toolkit)
-    record = toolkit.store.save(record.model_copy(update={"status": "cancelled"}))
-    return release_pods(record, toolkit, notify)
+    record = release_pods(record, toolkit, notify)
+    return toolkit.store.save(record.model_copy(update={"status": "cancelled"}))
 
 
 def sync_job(record: JobRecord, toolkit: Toolkit) -> bool:

@@ -7,6 +7,7 @@ with small fakes and free of module-level state.
 
 from __future__ import annotations
 
+import importlib.util
 import shlex
 import shutil
 import sys
@@ -18,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from hctl.errors import JobError
+from hctl.errors import ConfigError, JobError
 from hctl.providers.base import Pod, Provider
 from hctl.remote.base import Remote
 from hctl.services.jobs import JobRecord, JobStore
@@ -75,6 +76,26 @@ def local_worker_command() -> str:
         "The worker (hctl-worker) is not installed on this machine.",
         "Install it with: pip install 'hctl[worker]'",
     )
+
+
+# The worker extra's libraries (pyproject.toml's `worker`) that hctl-worker imports to search.
+WORKER_LIBRARIES = ("torch", "transformers", "accelerate", "optuna", "safetensors")
+
+
+def check_local_worker() -> None:
+    """Refuse `--on local` before any job exists when the worker beside this controller (same
+    Python environment) would stop at once for lack of its libraries: a laptop install."""
+    if not Path(sys.executable).with_name("hctl-worker").is_file():
+        return  # a worker found on PATH runs in another environment; it reports for itself
+    missing = [name for name in WORKER_LIBRARIES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(
+            f"--on local runs the worker in hctl's own Python environment, which lacks "
+            f"{', '.join(missing)} (a laptop install has the controller only).",
+            "Install the worker's libraries there (CPU torch first: pip install torch "
+            "--index-url https://download.pytorch.org/whl/cpu, then pip install 'hctl[worker]'), "
+            "or run on a pod: leave out --on.",
+        )
 
 
 def default_toolkit(settings: Settings, **replacements: Any) -> Toolkit:
