@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as functional
 
+from hctl_worker.encoding import forward_options, position_ids_for
 from hctl_worker.errors import SettingsError
-from hctl_worker.generation import position_ids_for
 
 if TYPE_CHECKING:
     from hctl_worker.model import LoadedModel
@@ -106,16 +106,18 @@ def _log_likelihoods(
     from that index on, and how many those are."""
     tokenizer = loaded.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    # A pass holds every position's logits: fewer rows than `batch_size` when they would be many.
-    longest = max((len(row) for row, _ in rows), default=1)
+    # A pass holds the logits of the positions it scores (and the one before): the last ones,
+    # as rows are left-padded; fewer rows than `batch_size` when those would be many.
+    kept = max((len(row) - max(first, 1) + 1 for row, first in rows), default=1)
     output = loaded.model.get_output_embeddings()
     vocabulary = output.weight.shape[0] if output is not None else len(tokenizer)
-    batch_size = max(1, min(batch_size, MAX_LOGITS // (longest * vocabulary)))
+    batch_size = max(1, min(batch_size, MAX_LOGITS // (kept * vocabulary)))
     results: list[tuple[float, int]] = []
     with torch.inference_mode():
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size]
             width = max(len(row) for row, _ in batch)
+            keep = min(width, max(len(row) - max(first, 1) + 1 for row, first in batch))
             input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
             scored = torch.zeros((len(batch), width), dtype=torch.bool)
@@ -129,14 +131,16 @@ def _log_likelihoods(
                 attention_mask=mask,
                 position_ids=position_ids_for(mask),
                 use_cache=False,
+                **forward_options(loaded.model, keep),
             ).logits
-            targets = input_ids[:, 1:].to(logits.device)
+            first_logit = width - logits.shape[1]  # 0 where the model gives every position's
+            targets = input_ids[:, first_logit + 1 :].to(logits.device)
             log_probabilities = -functional.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                 targets.reshape(-1),
                 reduction="none",
             ).reshape(targets.shape)
-            predicted = scored[:, 1:].to(logits.device)
+            predicted = scored[:, first_logit + 1 :].to(logits.device)
             for index in range(len(batch)):
                 values = log_probabilities[index][predicted[index]]
                 results.append((float(values.sum()), int(values.numel())))
