@@ -6,6 +6,13 @@ import sys
 
 import typer
 
+from hctl.config_file import (
+    describe_settings,
+    is_secret,
+    read_config_file,
+    set_config_value,
+    setting_name,
+)
 from hctl.errors import ConfigError
 from hctl.output import (
     Column,
@@ -17,15 +24,7 @@ from hctl.output import (
     print_remark,
     print_table,
 )
-from hctl.settings import (
-    config_file,
-    describe_settings,
-    is_secret,
-    load_settings,
-    read_config_file,
-    set_config_value,
-    setting_name,
-)
+from hctl.settings import config_file, load_settings
 
 config_app = typer.Typer(
     name="config",
