@@ -254,3 +254,20 @@ def test_runpod_python_sdk_drives_the_emulator(
     assert graphql_emulator.pods == []
     # Every request the SDK sent inlined its values: no variables at all.
     assert all(not request.variables for request in graphql_emulator.requests)
+
+
+def test_the_emulator_script_takes_faults_from_its_command_line() -> None:
+    """`scripts/runpod_emulator.py --fault KIND[:OPERATION[:TIMES[:STATUS]]]`, for trying hctl
+    against a misbehaving RunPod by hand; a spec it cannot read is refused with the kinds."""
+    from scripts.runpod_emulator import parse_fault
+
+    assert parse_fault("server_error:stop:5:503") == {
+        "kind": "server_error", "operation": "stop", "times": 5, "status": 503,
+    }  # fmt: skip
+    assert parse_fault("capacity") == {
+        "kind": "capacity", "operation": None, "times": 1, "status": 500,
+    }  # fmt: skip
+    assert parse_fault("rate_limited:any:2")["operation"] is None
+    for wrong in ("nope", "server_error:stop:many", "capacity:create:1:500:extra"):
+        with pytest.raises(ValueError, match="KIND|whole numbers"):
+            parse_fault(wrong)
