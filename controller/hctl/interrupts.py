@@ -6,6 +6,7 @@ in that moment would abort the release and leave the pod billing, unseen; and a 
 reached has no lease watchdog yet. So while a release runs, the next Ctrl-C only says what is
 going on, and the one after it gives up on the release (the caller then says what may still bill).
 
+`releasing` is that guard around a pod's stop or terminate, saying what a second Ctrl-C left.
 Signals reach only the main thread: elsewhere the guard does nothing.
 """
 
@@ -40,3 +41,16 @@ def interrupts_held(notice: Callable[[], None]) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
+def releasing(pod_id: str, verb: str, notify: Callable[[str], None], still: str) -> Iterator[None]:
+    """Around a pod's `verb` ("stop" or "terminate"): Ctrl-C held off (the first press notifies
+    `still`); after a second, the user is told the pod was left as it was and what to type, and
+    KeyboardInterrupt goes on."""
+    try:
+        with interrupts_held(lambda: notify(still)):
+            yield
+    except KeyboardInterrupt:
+        notify(f"left pod {pod_id} as it was: it may be billing — run `hctl {verb}-pod {pod_id}`")
+        raise

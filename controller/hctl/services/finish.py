@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hctl.errors import ConfigError, HctlError, JobError, PodNotFoundError
-from hctl.interrupts import interrupts_held
+from hctl.interrupts import releasing
 from hctl.services.estimate import format_money
 from hctl.services.job_protocol import FINISHING_FILE, with_secrets
 from hctl.services.jobs import JobRecord
@@ -271,12 +271,10 @@ def release_machine(record: JobRecord, toolkit: Toolkit, notify: Notify) -> JobR
         return record
     verb = "terminate" if record.after == "terminate" else "stop"
 
-    def still_releasing() -> None:
-        doing = "terminating" if verb == "terminate" else "stopping"
-        notify(f"still {doing} pod {pod_id}; Ctrl-C again leaves it running")
-
+    doing = "terminating" if verb == "terminate" else "stopping"
+    still = f"still {doing} pod {pod_id}; Ctrl-C again leaves it running"
     try:
-        with interrupts_held(still_releasing):
+        with releasing(pod_id, verb, notify, still):
             if record.after == "terminate":
                 provider.terminate(pod_id)
                 notify(f"terminated pod {pod_id}: it costs nothing more")
@@ -288,9 +286,6 @@ def release_machine(record: JobRecord, toolkit: Toolkit, notify: Notify) -> JobR
                 )
     except PodNotFoundError:
         notify(f"pod {pod_id} is already gone")
-    except KeyboardInterrupt:
-        notify(f"left pod {pod_id} as it was: it may be billing — run `hctl {verb}-pod {pod_id}`")
-        raise
     except HctlError as error:
         notify(
             f"could not {verb} pod {pod_id} ({error.message}): it is still running and billing "

@@ -6,7 +6,7 @@ created is being brought up terminates that pod: nothing is left billing by acci
 from __future__ import annotations
 
 from hctl.errors import CapacityError, HctlError, JobError, PodNotReadyError
-from hctl.interrupts import interrupts_held
+from hctl.interrupts import releasing
 from hctl.providers.base import Pod, PodLease, Provider
 from hctl.remote.base import Remote
 from hctl.services import lease
@@ -93,15 +93,12 @@ def release_after_failure(
     if not (created_here or started_here):
         return
     verb = "terminate" if created_here else "stop"
-
-    def still_releasing() -> None:
-        notify(
-            f"still releasing pod {pod_id} so that it does not go on billing; "
-            "Ctrl-C again leaves it as it is"
-        )
-
+    still = (
+        f"still releasing pod {pod_id} so that it does not go on billing; "
+        "Ctrl-C again leaves it as it is"
+    )
     try:
-        with interrupts_held(still_releasing):
+        with releasing(pod_id, verb, notify, still):
             if created_here:
                 provider.terminate(pod_id)
                 notify(f"terminated pod {pod_id}: it is not billing")
@@ -110,9 +107,6 @@ def release_after_failure(
                 notify(f"stopped pod {pod_id} again")
     except HctlError as error:
         notify(f"could not release pod {pod_id}: {error.message} — run `hctl {verb}-pod {pod_id}`")
-    except KeyboardInterrupt:
-        notify(f"left pod {pod_id} as it was: it may be billing — run `hctl {verb}-pod {pod_id}`")
-        raise
 
 
 def bring_up_pod(plan: RunPlan, record: JobRecord, toolkit: Toolkit, notify: Notify) -> JobRecord:
