@@ -26,6 +26,14 @@ GPU = "NVIDIA GeForce RTX 4090"
 TINY = str(REPO_ROOT / "tests" / "fixtures" / "tiny-refuser")
 
 
+def pod_job(pod_id: str, **fields: object) -> JobRecord:
+    """A job of 4 trials on pod `pod_id` (its other fields as given), saved."""
+    record = JobRecord(job_id="1130-0000-abcd", model="m", worker_model="m", n_trials=4,
+                       target="pod", pod_id=pod_id, remote_job_dir="/workspace/hctl/jobs/a",
+                       **fields)  # fmt: skip
+    return JobStore().save(record)
+
+
 class StubbornProvider(FakeProvider):
     """A provider whose API fails every stop of the pods named in `refuse`."""
 
@@ -80,11 +88,7 @@ def test_cancel_says_which_pod_runpod_would_not_stop_and_exits_non_zero(
         probe.bind(("127.0.0.1", 0))
         hctl_rest_env.route_ssh(direct=("127.0.0.1", probe.getsockname()[1]))
     store = JobStore()
-    store.save(
-        JobRecord(job_id="1130-0000-abcd", model="m", worker_model="m", n_trials=4,
-                  target="pod", pod_id=pod["id"], remote_job_dir="/workspace/hctl/jobs/a",
-                  status="running", price_per_hour=0.31)
-    )  # fmt: skip
+    pod_job(pod["id"], status="running", price_per_hour=0.31)
     hctl_rest_env.inject_fault("server_error", operation="stop", times=100, status=503)
     result = CliRunner().invoke(app, ["cancel", "1130-0000-abcd", "--yes"])
     assert result.exit_code == 1, result.output
@@ -184,11 +188,7 @@ def test_a_detached_run_says_until_when_its_pod_bills(
 ) -> None:
     from hctl.services import runs
 
-    record = JobStore().save(
-        JobRecord(job_id="1130-0000-abcd", model="m", worker_model="m", n_trials=4, target="pod",
-                  pod_id="p1", remote_job_dir="/workspace/hctl/jobs/a", status="running",
-                  price_per_hour=0.31, after=after)
-    )  # fmt: skip
+    record = pod_job("p1", status="running", price_per_hour=0.31, after=after)
     monkeypatch.setattr(runs, "complete", lambda *_, **__: ("detached", record, None))
     result = CliRunner().invoke(app, ["attach", record.job_id])
     assert result.exit_code == 0, result.output
@@ -201,11 +201,7 @@ def test_cancel_of_a_finished_job_keeps_it_finished_and_touches_nothing(
 ) -> None:
     pod = hctl_rest_env.add_pod(name="hctl-1130-0000-abcd", status="EXITED")
     store = JobStore()
-    store.save(
-        JobRecord(job_id="1130-0000-abcd", model="m", worker_model="m", n_trials=4,
-                  target="pod", pod_id=pod["id"], remote_job_dir="/workspace/hctl/jobs/a",
-                  status="finished", chosen_trial=2)
-    )  # fmt: skip
+    pod_job(pod["id"], status="finished", chosen_trial=2)
     result = CliRunner().invoke(app, ["cancel", "1130-0000-abcd", "--yes"])
     assert result.exit_code == 0, result.output
     assert "Job 1130-0000-abcd is finished already: nothing to cancel" in result.output
