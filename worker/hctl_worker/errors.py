@@ -85,21 +85,19 @@ class DiskError(JobDirectoryError):
 
 
 # What the system says when it refuses a write, and what to do about it.
+_RUN_AGAIN = (
+    "then run the same command again: a search continues where it stopped, its trials so far "
+    "are kept."
+)
 _REFUSED_WRITES = {
     errno.ENOSPC: (
         "no space left on the disk",
-        "Free space on that volume (or use a bigger one), then run the same command again: a "
-        "search continues where it stopped, its trials so far are kept.",
+        f"Free space on that volume (or use a bigger one), {_RUN_AGAIN}",
     ),
-    errno.EDQUOT: (
-        "the disk quota is used up",
-        "Free space within the quota, then run the same command again: a search continues "
-        "where it stopped, its trials so far are kept.",
-    ),
+    errno.EDQUOT: ("the disk quota is used up", f"Free space within the quota, {_RUN_AGAIN}"),
     errno.EFBIG: (
         "the file grew past the largest size this system allows it",
-        "Raise the limit (ulimit -f), or free space, then run the same command again: a search "
-        "continues where it stopped, its trials so far are kept.",
+        f"Raise the limit (ulimit -f), or free space, {_RUN_AGAIN}",
     ),
     errno.EROFS: (
         "the file system is read-only",
