@@ -136,10 +136,7 @@ class CoverageFinding:
         """The warning; `adopted`: the `learnable` openings are now counted as refusals."""
         learned = self.learnable if adopted else ()
         if adopted:
-            count = dict(self.openings)
-            listed = ", ".join(
-                f"{opening!r} ({count[opening]}/{self.total})" for opening in learned
-            )
+            listed = self._listed(learned)
             covered = covered_by(self.passed, learned)
             lines = [
                 f"the job's refusal markers count {self.refusals:g} of {self.total} harmful "
@@ -162,9 +159,7 @@ class CoverageFinding:
         if self.dependence is not None:
             lines.extend(self._dependence_lines(learned))
         if self.openings and not adopted:
-            listed = ", ".join(
-                f"{opening!r} ({count}/{self.total})" for opening, count in self.openings
-            )
+            listed = self._listed([opening for opening, _ in self.openings])
             lines.append(
                 f"openings many of these share and no harmless reply contains: {listed}; if they are "
                 "refusals, add them: --set 'extra_refusal_markers=[\"...\"]'"
@@ -174,6 +169,11 @@ class CoverageFinding:
                 "or judge refusals with the RefusalClassifier scorer (see configuration.md)"
             )
         return "\n".join(lines)
+
+    def _listed(self, openings: Sequence[str]) -> str:
+        """The openings with how many of the harmful prompts' replies each opens."""
+        count = dict(self.openings)
+        return ", ".join(f"{opening!r} ({count[opening]}/{self.total})" for opening in openings)
 
     def _dependence_of(self, openings: Sequence[str]) -> str:
         """The most the replies of `openings` gain from their own prompt, against the answers."""
