@@ -172,7 +172,9 @@ def test_workers_on_two_machines_share_a_study_in_postgresql(
 
 
 def test_a_worker_killed_mid_trial_loses_nothing(tmp_path: Path) -> None:
-    n_trials = 10
+    # Enough trials that the victim is still searching while the journal is polled for one of
+    # its trials in flight (ten fixture trials can all end between two polls on a busy machine).
+    n_trials = 30
     config_file = config(tmp_path, n_trials)
     job_dir = tmp_path / "job"
     victim = start(config_file, job_dir, "--worker", "victim", read_events_live=True)
