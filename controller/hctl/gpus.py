@@ -13,6 +13,7 @@ driver can run it.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 
 from hctl.errors import ConfigError, UnknownGpuError
@@ -70,6 +71,16 @@ def suggest_gpu_types(catalogue: list[GpuType], query: str, limit: int = 3) -> l
     return [gpu for score, gpu in scored if score >= 0.6][:limit]
 
 
+def check_gpu_filters(min_vram_gb: int | None, max_price: float | None) -> None:
+    """Refuse filters that match nothing anyone means (a NaN or negative price, negative GB)."""
+    if max_price is not None and not (math.isfinite(max_price) and max_price >= 0):
+        raise ConfigError(
+            f"--max-price {max_price:g} is not a price.", "Give USD per GPU-hour, e.g. 2.5."
+        )
+    if min_vram_gb is not None and min_vram_gb < 0:
+        raise ConfigError(f"--min-vram {min_vram_gb} is negative.", "Give GB, e.g. 24.")
+
+
 def select_gpu_types(
     catalogue: list[GpuType],
     *,
@@ -80,6 +91,7 @@ def select_gpu_types(
     spot: bool = False,
 ) -> list[GpuType]:
     """The GPU types that pass the filters, cheapest first (those not offered last)."""
+    check_gpu_filters(min_vram_gb, max_price)
 
     def offered(gpu: GpuType) -> bool:
         offer = gpu.offer(cloud_type, spot)

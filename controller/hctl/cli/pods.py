@@ -14,7 +14,7 @@ from hctl import pods as pod_service
 from hctl import sshkeys
 from hctl.cli.common import confirm, console
 from hctl.errors import HctlError, PodNotReadyError
-from hctl.gpus import select_gpu_types
+from hctl.gpus import check_gpu_filters, select_gpu_types
 from hctl.interrupts import interrupts_held
 from hctl.output import (
     Cell,
@@ -181,6 +181,7 @@ def gpus(
     as_json: bool = json_option(),
 ) -> None:
     """List RunPod's GPU types with VRAM, prices per hour and stock, cheapest first."""
+    check_gpu_filters(min_vram, max_price)
     _, provider = _provider()
     chosen = select_gpu_types(
         provider.gpu_types(),
