@@ -78,10 +78,16 @@ def test_status_shows_gpu_processes_disks_and_cache(ssh_env: None, sshd_pod: Ssh
         sleeper.kill()
         sleeper.wait()
     assert result.exit_code == 0, result.output
-    assert "NVIDIA GeForce RTX 4090" in result.stdout
-    assert "97 %" in result.stdout and "14870 / 24564 MiB" in result.stdout
-    assert str(sleeper.pid) in result.stdout
-    assert "Disks" in result.stdout
+    # Piped: each table's tab-separated lines on stdout, no box drawing; titles on stderr.
+    lines = result.stdout.splitlines()
+    assert lines[0].split("\t") == ["GPU", "name", "util", "memory", "temp", "power"]
+    gpu = lines[1].split("\t")
+    assert gpu[1] == "NVIDIA GeForce RTX 4090" and gpu[2] == "97 %"
+    assert gpu[3] == "14870 / 24564 MiB"
+    assert f"{sleeper.pid}\tpython3\t14000 MiB" in lines
+    assert ["mount", "free", "size"] in [line.split("\t") for line in lines]
+    assert not any(character in result.stdout for character in "┃━─│")
+    assert "Disks" in result.stderr and "Processes using the GPU" in result.stderr
 
 
 def test_monitor_shows_n_samples_then_stops(ssh_env: None, sshd_proxy: SshdServer) -> None:

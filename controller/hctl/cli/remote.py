@@ -23,6 +23,7 @@ from hctl.output import (
     json_option,
     print_json,
     print_line,
+    print_remark,
     print_table,
     silence_closed_output,
     stream_to,
@@ -144,7 +145,7 @@ def status(
 ) -> None:
     """GPU, memory, utilisation, processes on the GPU, free disk and the model cache's size."""
     from hctl.remote.gpu import machine_status
-    from hctl.remote.monitor import cost_line, status_tables
+    from hctl.remote.monitor import cost_line, model_cache_line, status_sections
 
     remote, pod = _open(target, pty)
     try:
@@ -155,11 +156,19 @@ def status(
         print_json({"machine": remote.description, "pod": pod.id if pod else None,
                     **report.model_dump(mode="json")})  # fmt: skip
         return
-    print_line(remote.description, style="bold")
-    for part in status_tables(report):
-        console.print(part)
+    # At a terminal, tables; piped, each table's tab-separated lines (titles and remarks on
+    # stderr). --json is the whole report for scripts.
+    print_remark(remote.description)
+    for section in status_sections(report):
+        if section.rows:
+            print_table(section.columns, section.rows, title=section.title)
+        else:
+            print_remark(section.empty)
+    cache = model_cache_line(report)
+    if cache is not None:
+        print_remark(cache)
     if pod is not None:
-        console.print(cost_line(pod))
+        print_remark(cost_line(pod).plain)
 
 
 def monitor(

@@ -1,6 +1,6 @@
 """`hctl monitor` and `hctl status` views: rich tables built from GpuSample / MachineStatus.
 
-`gpu_table` and `status_tables` are pure (data in, renderable out); `run_monitor` streams
+`gpu_table` and `status_sections` are pure (data in, tables out); `run_monitor` streams
 samples from one long-lived `nvidia-smi -l` channel into a `rich.live.Live` view, for `count`
 samples or until Ctrl-C, and shows the pod's cost so far when the target is a pod.
 `monitor_through_api` is for a pod SSH cannot reach yet: it shows the GPU use the provider
@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -85,31 +86,57 @@ def cost_line(pod: Pod | None, extra_seconds: float = 0.0) -> Text:
     return Text(f"pod {pod.id}: ${pod.cost_per_hr:.2f}/h, {spent_text} since it started")
 
 
-def status_tables(status: MachineStatus) -> list[RenderableType]:
-    parts: list[RenderableType] = []
-    if status.gpus:
-        parts.append(gpu_table(status.gpus))
-    else:
-        parts.append(Text(f"No GPU found ({status.gpu_error or 'nvidia-smi printed nothing'})."))
-    processes = Table(title="Processes using the GPU", title_justify="left")
-    for column in ("pid", "process", "memory"):
-        processes.add_column(column, justify="left" if column == "process" else "right")
-    for process in status.processes:
-        processes.add_row(str(process.pid), process.name, _value(process.used_memory_mib, " MiB"))
-    if status.processes:
-        parts.append(processes)
-    else:
-        parts.append(Text("No process holds GPU memory."))
-    disks = Table(title="Disks", title_justify="left")
-    for column in ("mount", "free", "size"):
-        disks.add_column(column, justify="left" if column == "mount" else "right")
-    for disk in status.disks:
-        disks.add_row(disk.mount, f"{disk.free_gb:.1f} GB", f"{disk.size_gb:.1f} GB")
-    parts.append(disks)
-    if status.model_cache:
-        size = "empty" if status.model_cache_gb is None else f"{status.model_cache_gb:.2f} GB"
-        parts.append(Text(f"Model cache {status.model_cache}: {size}"))
-    return parts
+@dataclass(frozen=True)
+class StatusSection:
+    """One part of `hctl status`: a table, or the line said when it has no rows."""
+
+    title: str
+    columns: list[Column]
+    rows: list[list[Cell]]
+    empty: str
+
+
+def status_sections(status: MachineStatus) -> list[StatusSection]:
+    """The GPUs, the processes holding GPU memory, and the disks."""
+    processes = [
+        [str(process.pid), process.name, _value(process.used_memory_mib, " MiB")]
+        for process in status.processes
+    ]
+    disks = [
+        [disk.mount, f"{disk.free_gb:.1f} GB", f"{disk.size_gb:.1f} GB"] for disk in status.disks
+    ]
+    right = "right"
+    return [
+        StatusSection(
+            "GPUs",
+            GPU_COLUMNS,
+            gpu_rows(status.gpus),
+            f"No GPU found ({status.gpu_error or 'nvidia-smi printed nothing'}).",
+        ),
+        StatusSection(
+            "Processes using the GPU",
+            [Column("pid", justify=right), Column("process"), Column("memory", justify=right)],
+            processes,
+            "No process holds GPU memory.",
+        ),
+        StatusSection(
+            "Disks",
+            [
+                Column("mount", whole=True),
+                Column("free", justify=right),
+                Column("size", justify=right),
+            ],
+            disks,
+            "No disk found.",
+        ),
+    ]
+
+
+def model_cache_line(status: MachineStatus) -> str | None:
+    if not status.model_cache:
+        return None
+    size = "empty" if status.model_cache_gb is None else f"{status.model_cache_gb:.2f} GB"
+    return f"Model cache {status.model_cache}: {size}"
 
 
 def run_monitor(
