@@ -88,6 +88,7 @@ def make_evaluator(kind, loaded, ablator, scoring, prompts, arguments) -> Evalua
         kl_tokens=arguments.kl_tokens,
         harmless_response_length=min(16, arguments.max_response_length),
         share_prefix=not plain,
+        pack=not plain,
         unchanged_layers=None if plain else ablator.unchanged_layers,
         replay_memory=0 if plain else arguments.replay_memory,
         drafts=not (plain or kind == "no-drafts" or arguments.no_drafts),
@@ -101,6 +102,7 @@ def kl_passes_ms(evaluator: Evaluator, ablator: Ablator, params: AblationParams)
         measured["multi_token_kl"] = evaluator.continuation_divergences
     parts = {}
     ablator.apply(params)
+    evaluator.evaluate()  # a new edit: the passes below share its refreshed prefix
     for part, measure in measured.items():
         started = time.perf_counter()
         for _ in range(5):

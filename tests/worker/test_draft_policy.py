@@ -39,6 +39,8 @@ def test_passes_are_counted_as_the_engine_runs_them() -> None:
     # Without drafts: one choice per pass; the first pass runs the 4 prompt columns (half of
     # the layers, the rest replayed), then 2 rows, then 1.
     assert passes_needed(replies, 4, 0.5, 3, None) == (3, 2 * 4 * 0.5 + 2 + 1)
+    # Packed, the first pass computes the prompts' own tokens only (5 here, not 2 x 4).
+    assert passes_needed(replies, 4, 0.5, 3, None, plain_prompt_cells=5) == (3, 5 * 0.5 + 2 + 1)
     # Drafts that are the replies: all in the first pass, which carries them (3 columns wide).
     store = DraftStore()
     assert passes_needed(replies, 4, 1.0, 3, store, [[5, 6, 7], [8]]) == (1, 2 * (4 + 3))
@@ -95,11 +97,11 @@ class _Counting(DraftPolicy):
     def drafting(self) -> bool:
         return self.forced
 
-    def observe_batch(self, replies, columns, share, length, store, first_drafts) -> None:
+    def observe_batch(self, replies, columns, share, length, store, first_drafts, cells) -> None:
         with_drafts = passes_needed(replies, columns, share, length, store, first_drafts)[0]
         plain = passes_needed(replies, columns, share, length, None)[0]
         self.counted.append((with_drafts, plain))
-        super().observe_batch(replies, columns, share, length, store, first_drafts)
+        super().observe_batch(replies, columns, share, length, store, first_drafts, cells)
 
 
 @pytest.mark.parametrize("drafting", [True, False])
@@ -140,7 +142,7 @@ def test_the_kl_pass_is_the_first_pass_of_the_harmless_replies() -> None:
     scoring = scoring_for(DEFAULT_REFUSAL_MARKERS)  # KeywordRate, KLDivergence, HarmlessRefusals
     common = dict(good=good, bad=bad, max_response_length=8, batch_size=8)
     plain = evaluator_for(
-        loaded, scoring, share_prefix=False, replay_memory=0, drafts=False, **common
+        loaded, scoring, share_prefix=False, replay_memory=0, drafts=False, pack=False, **common
     )
     optimised = evaluator_for(loaded, scoring, unchanged_layers=ablator.unchanged_layers, **common)
     assert scored(scoring, plain).scores == scored(scoring, optimised).scores  # KL exactly 0

@@ -13,7 +13,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from hctl_worker import prompt_set
+from hctl_worker import agreement
 from hctl_worker.ablation import AblationParams, Ablator, ComponentKernel
 from hctl_worker.directions import last_token_residuals, refusal_directions
 from hctl_worker.drafts import DraftStore
@@ -55,22 +55,22 @@ def test_the_shortcut_check_reads_logits_in_chunks_and_decides_as_on_all_rows(
     generator = torch.Generator().manual_seed(0)
     plain = torch.randn(23, 50, generator=generator)
     loaded = SimpleNamespace(dtype=torch.float32)
-    monkeypatch.setattr(prompt_set, "AGREEMENT_CHUNK_ELEMENTS", chunk * 50)
+    monkeypatch.setattr(agreement, "AGREEMENT_CHUNK_ELEMENTS", chunk * 50)
     nudged = plain + 1e-3 * torch.randn(plain.shape, generator=generator)
-    assert prompt_set._agree(loaded, plain, plain.clone())
+    assert agreement.agree(loaded, plain, plain.clone())
     whole = torch.nn.functional.kl_div(
         torch.log_softmax(nudged, -1),
         torch.log_softmax(plain, -1),
         reduction="batchmean",
         log_target=True,
     )
-    assert float(whole) < prompt_set.TOLERANCE
-    assert prompt_set._agree(loaded, plain, nudged) == bool(
+    assert float(whole) < agreement.TOLERANCE
+    assert agreement.agree(loaded, plain, nudged) == bool(
         (plain.argmax(-1) == nudged.argmax(-1)).all()
     )
     moved = plain.clone()
     moved[-1] = torch.roll(moved[-1], 1)  # one row, the last chunk's, a different distribution
-    assert not prompt_set._agree(loaded, plain, moved)
+    assert not agreement.agree(loaded, plain, moved)
 
 
 def test_drafts_follow_the_most_frequent_reply_that_starts_like_this_one() -> None:
@@ -183,6 +183,7 @@ def _evaluators(
         good=good,
         bad=bad,
         share_prefix=False,
+        pack=False,
         replay_memory=0,
         drafts=False,
         **common,
@@ -197,6 +198,7 @@ def _evaluators(
 def test_reuse_gives_the_plain_evaluations_refusals_and_kl_in_fewer_passes(name: str) -> None:
     loaded, _, ablator, plain, optimised = _fixture_bench(name, 24, 24)
     assert optimised.reuse.plan.enabled and optimised.shares_prefix > 0
+    assert optimised.reuse.packed and not plain.reuse.packed
     assert plain.baseline() == optimised.baseline()
     generator = random.Random(3)
     starts, refusal_counts, passes = [], set(), {"plain": 0, "optimised": 0}
@@ -247,6 +249,7 @@ def test_models_whose_caches_cannot_be_replayed_fall_back_to_the_same_scores(
     )
     assert optimised.reuse.plan.enabled is (architecture == "qwen3")
     assert optimised.reuse.use_drafts is (architecture == "qwen3")
+    assert optimised.reuse.packed is (architecture == "qwen3")
     kernel = ComponentKernel(1.2, 2.0, 1.2, 0.5)  # layer 2 only
     with ablator.applied(AblationParams(1.5, {"attention": kernel, "mlp": kernel})):
         expected, got = plain.score(), optimised.score()

@@ -78,17 +78,21 @@ def passes_needed(
     max_new_tokens: int,
     store: DraftStore | None,
     first_drafts: Sequence[Sequence[int]] = (),
+    plain_prompt_cells: float | None = None,
 ) -> tuple[int, float]:
     """(passes, cells) the engine needs for one batch's `replies`: without drafts when `store`
     is None, else drafting from `store` (as it was before these replies were added), the first
     pass carrying `first_drafts` (one per row). `first_share` is the share of the layers the
-    first pass computes (the rest are replayed)."""
+    first pass computes (the rest are replayed); `plain_prompt_cells` what the first pass
+    computes without drafts (fewer than rows x `prompt_columns` when the prompts are packed)."""
     rows = len(replies)
     choices = [list(reply.tokens) + ([-1] if reply.stopped else []) for reply in replies]
     drafts = [list(draft) for draft in first_drafts] if store is not None else []
     drafts += [[] for _ in range(rows - len(drafts))]
     width = max((len(draft) for draft in drafts), default=0)
     cells = rows * (prompt_columns + width) * first_share
+    if store is None and plain_prompt_cells is not None:
+        cells = plain_prompt_cells * first_share
     got = [_accepted(draft, wanted) + 1 for draft, wanted in zip(drafts, choices, strict=True)]
     passes = 1
     while True:
@@ -146,11 +150,18 @@ class DraftPolicy:
         max_new_tokens: int,
         store: DraftStore,
         first_drafts: Sequence[Sequence[int]],
+        plain_prompt_cells: float | None = None,
     ) -> None:
         """Price one finished batch both ways (before its replies join `store`)."""
         for slot, chosen in enumerate((store, None)):
             passes, cells = passes_needed(
-                replies, prompt_columns, first_share, max_new_tokens, chosen, first_drafts
+                replies,
+                prompt_columns,
+                first_share,
+                max_new_tokens,
+                chosen,
+                first_drafts,
+                plain_prompt_cells,
             )
             estimate = self.cost.estimate(passes, cells)
             if estimate is None:

@@ -1,7 +1,7 @@
 """Measuring the model as it is now, for the scorers: replies, and divergences from the original.
 
 `Evaluator` is built once per job, on the unmodified model: it batches the evaluation prompts
-into prompt sets that reuse what the unmodified model computes (`prompt_set.py`: the shared
+into prompt sets that reuse what the unmodified model computes (`reuse.py`: the shared
 prefix, the layers below an edit, draft replies), and measures the original's references (the
 first-token distributions and, when a scorer needs them, the greedy continuations and their
 distributions). `Evaluator.evaluate()` then gives a `TrialEvaluation` for the model as it is
@@ -39,7 +39,8 @@ from hctl_worker.continuations import (
 from hctl_worker.errors import OutOfMemoryError
 from hctl_worker.generation import GenerationStats, Verdicts, encode_texts, generate
 from hctl_worker.model import free_memory, is_out_of_memory
-from hctl_worker.prompt_set import DEFAULT_REPLAY_MEMORY, PromptSet, Reuse
+from hctl_worker.prompt_set import PromptSet
+from hctl_worker.reuse import DEFAULT_REPLAY_MEMORY, Reuse
 from hctl_worker.scorers.base import PromptSetName, TokenDivergences
 from hctl_worker.static_decode import DecodeMode
 
@@ -71,7 +72,7 @@ class Evaluator:
     """Measures the model as it is now against the unmodified model measured at construction.
 
     `answered` names the prompt sets whose replies trials read; their first passes carry draft
-    replies. `unchanged_layers`, `replay_memory` and `drafts` are the reuse of `prompt_set.py`;
+    replies. `unchanged_layers`, `replay_memory`, `drafts` and `pack` are the reuse of `reuse.py`;
     none of it changes a measurement.
     """
 
@@ -92,6 +93,7 @@ class Evaluator:
         replay_memory: float = DEFAULT_REPLAY_MEMORY,
         drafts: bool = True,
         decode_graphs: DecodeMode = "off",
+        pack: bool = True,
     ) -> None:
         if not harmless.texts or not harmful.texts:
             raise ValueError("the evaluator needs harmless and harmful prompts")
@@ -117,6 +119,7 @@ class Evaluator:
             replay_memory=replay_memory,
             drafts=drafts,
             decode_graphs=decode_graphs,
+            pack=pack,
         )
         self._sets = {
             name: PromptSet(
@@ -212,6 +215,7 @@ class Evaluator:
         """The context for scoring the model as it is now (call it with the trial's edit on)."""
         for prompt_set in self._sets.values():
             prompt_set.forget_started()  # passes kept under an earlier edit
+        self.reuse.new_edit()
         return TrialEvaluation(self)
 
     # -- what a trial's evaluation computes, each once -----------------------------------------

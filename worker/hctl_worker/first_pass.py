@@ -27,6 +27,7 @@ from hctl_worker.encoding import (
     returned_cache,
 )
 from hctl_worker.model import is_out_of_memory
+from hctl_worker.packing import Packing, plan_packing
 from hctl_worker.prefix import SharedPrefix
 from hctl_worker.replay import Recording, replaying
 from hctl_worker.static_decode import StaticDecoder
@@ -47,15 +48,31 @@ class FirstPass:
     position_ids: torch.Tensor
     drafts: list[list[int]]
     recording: Recording | None = None
+    # Run packed (no drafts), in the padded layout above; or, for a pass with drafts, the
+    # prompts alone, packed (with a recording of its own).
+    packing: Packing | None = None
+    prompts_only: FirstPass | None = None
     _shortened: dict[int, FirstPass] = field(default_factory=dict, repr=False)
 
     @property
     def draft_width(self) -> int:
         return max((len(draft) for draft in self.drafts), default=0)
 
+    @property
+    def cache_rows(self) -> int:
+        """Rows of the cache the pass starts from (a packed pass has fewer)."""
+        return self.packing.rows if self.packing else len(self.batch.indices)
+
+    @property
+    def cells(self) -> int:
+        """Token columns the pass computes, padding included."""
+        return int(self.packing.input_ids.numel() if self.packing else self.input_ids.numel())
+
     def forget_recording(self) -> None:
         self.recording = None
         self._shortened.clear()  # the cut passes hold parts of it
+        if self.prompts_only is not None:
+            self.prompts_only.forget_recording()
 
     def with_drafts_cut(self, width: int) -> FirstPass:
         """The same pass with every draft cut to at most `width` tokens (0: the prompts alone,
@@ -65,6 +82,8 @@ class FirstPass:
         width = max(0, width)
         if width >= self.draft_width:
             return self
+        if width == 0 and self.prompts_only is not None:
+            return self.prompts_only
         if width not in self._shortened:
             columns = self.input_ids.shape[1] - self.draft_width + width
             cut = self.draft_width - width
@@ -86,7 +105,10 @@ class FirstPass:
         prefix: SharedPrefix | None,
         drafts: Sequence[Sequence[int]] | None = None,
         pad_id: int = 0,
+        attention_weight: float | None = None,
     ) -> FirstPass:
+        """With `attention_weight` (see `packing.attention_weight`), the prompts are packed
+        where that saves work."""
         rows, width = batch.input_ids.shape
         device = batch.input_ids.device
         drafts = [list(draft) for draft in drafts] if drafts else [[] for _ in range(rows)]
@@ -102,6 +124,12 @@ class FirstPass:
             input_ids = batch.input_ids.gather(1, source)
             rest_mask = batch.attention_mask.gather(1, source)
             attention_mask = torch.cat([rest_mask.new_ones((rows, prefix.length)), rest_mask], 1)
+        packing = None
+        if attention_weight is not None:
+            rest = attention_mask[:, attention_mask.shape[1] - input_ids.shape[1] :]
+            length = prefix.length if prefix is not None else 0
+            packing = plan_packing(input_ids, rest, length, pad_id, attention_weight)
+        prompts = (input_ids, attention_mask, position_ids_for(attention_mask))
         draft_width = max((len(draft) for draft in drafts), default=0)
         if draft_width:
             padded = torch.full((rows, draft_width), pad_id, dtype=torch.long)
@@ -112,7 +140,16 @@ class FirstPass:
             # so it can stay visible here; it is masked once the pass is over.
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(padded.shape)], 1)
         positions = position_ids_for(attention_mask)[:, -input_ids.shape[1] :]
-        return cls(batch, input_ids, attention_mask, positions, drafts)
+        if not draft_width:
+            return cls(batch, input_ids, attention_mask, positions, drafts, packing=packing)
+        prompts_only = None
+        if packing is not None:
+            ids, mask, prompt_positions = prompts
+            blank = [[] for _ in range(rows)]
+            prompts_only = cls(
+                batch, ids, mask, prompt_positions[:, -ids.shape[1] :], blank, packing=packing
+            )
+        return cls(batch, input_ids, attention_mask, positions, drafts, prompts_only=prompts_only)
 
     def run(
         self,
@@ -121,15 +158,20 @@ class FirstPass:
         layers: Sequence[torch.nn.Module] = (),
         start: int = 0,
         logits: int | None = None,
+        packed_cache: bool = False,
     ):
         """The forward pass, starting at layer `start` when that is not 0, with the logits of
-        the last `logits` columns (default: the prompt's last and every draft column's)."""
+        the last `logits` columns (default: the prompt's last and every draft column's). A
+        packed pass leaves the cache in the padded layout, unless `packed_cache` (to record
+        it)."""
         replay = (
             replaying(layers, self.recording, start, cache)
             if start > 0 and self.recording is not None
             else nullcontext()
         )
         with replay:
+            if self.packing is not None:
+                return self.packing.run(model, cache, _dtype(model), regrid=not packed_cache)
             return model(
                 input_ids=self.input_ids,
                 attention_mask=self.attention_mask,
@@ -201,7 +243,7 @@ def start_batch(loaded: LoadedModel, batch: EncodedBatch, context: Context) -> S
     logits = outputs.logits[:, -(first.draft_width + 1) :, :]
     choices = logits.argmax(dim=-1).tolist()
     if context.cost is not None:
-        cells = len(batch.indices) * first.input_ids.shape[1] * share
+        cells = first.cells * share
         context.cost.observe(cells, time.perf_counter() - started)
     # A copy: a view would keep every column's logits alive while the batch is kept.
     first_logits = logits[:, 0, :].float().clone()
@@ -210,7 +252,7 @@ def start_batch(loaded: LoadedModel, batch: EncodedBatch, context: Context) -> S
 
 def _first_pass_outputs(loaded: LoadedModel, first: FirstPass, context: Context):
     model = loaded.model
-    cache = start_cache(model, context.prefix, len(first.batch.indices))
+    cache = start_cache(model, context.prefix, first.cache_rows)
     try:
         outputs = first.run(model, cache, context.layers, context.start_for(first))
     except Exception as error:
@@ -226,6 +268,11 @@ def _first_pass_outputs(loaded: LoadedModel, first: FirstPass, context: Context)
         )
         cache = None
     return outputs, returned_cache(outputs, cache)
+
+
+def _dtype(model: torch.nn.Module) -> torch.dtype:
+    dtype = getattr(model, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else next(model.parameters()).dtype
 
 
 def pad_id(loaded: LoadedModel) -> int:

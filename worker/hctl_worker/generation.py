@@ -114,7 +114,7 @@ def first_token_logits(
         )
         return outputs.logits[:, -1, :].float()
     first = context.first_pass(batch, pad_id(loaded)).with_drafts_cut(0)
-    cache = start_cache(model, context.prefix, len(batch.indices))
+    cache = start_cache(model, context.prefix, first.cache_rows)
     outputs = first.run(model, cache, context.layers, context.start_for(first))
     return outputs.logits[:, -1, :].float()
 
@@ -276,6 +276,7 @@ def generate_batch(
             max_new_tokens,
             context.drafts,
             started.recorded.drafts,
+            started.recorded.with_drafts_cut(0).cells,
         )
     if context.drafts is not None:
         for reply in replies:

@@ -1,0 +1,337 @@
+"""What every trial reuses of the prompts it is asked, prepared once on the unmodified model.
+
+The evaluator asks the same prompts in every trial: the harmless ones for KL, the harmful ones for
+refusals. `Reuse` prepares, once, what no trial changes:
+
+- the prefix all prompts share (`prefix.py`), checked to give the model's own numbers, and
+  computed once per edit;
+- the unmodified model's greedy reply to each prompt that is generated, which becomes the draft
+  of every trial's reply (`drafts.py`), and the replies of earlier trials, added as they come;
+- each batch's first pass (prompt + draft), packed where that saves padding (`packing.py`) and
+  recorded layer by layer within a memory budget (`replay.py`), so a trial starts computing at
+  its first edited layer.
+
+Each shortcut is compared with the plain computation before it is relied on (`agreement.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from hctl_worker.agreement import agree, passes_agree
+from hctl_worker.architecture import find_layers
+from hctl_worker.draft_policy import DraftPolicy, PassCost
+from hctl_worker.drafts import DraftStore
+from hctl_worker.encoding import (
+    EncodedBatch,
+    cache_option,
+    forward_options,
+    new_cache,
+    returned_cache,
+)
+from hctl_worker.first_pass import Context, FirstPass, start_cache
+from hctl_worker.generation import first_token_logits
+from hctl_worker.model import is_out_of_memory
+from hctl_worker.packing import attention_weight, attention_window
+from hctl_worker.prefix import SharedPrefix
+from hctl_worker.replay import DepthPlan, plan_depth, record, replayable
+from hctl_worker.static_decode import DecodeMode, StaticDecoder
+
+if TYPE_CHECKING:
+    from hctl_worker.model import LoadedModel
+    from hctl_worker.prompt_set import PromptSet
+
+# What the recordings may hold, as a fraction of the model's own size, but at least
+# MINIMUM_REPLAY_BYTES (small models' recordings are small whatever the fraction).
+DEFAULT_REPLAY_MEMORY = 0.25
+MINIMUM_REPLAY_BYTES = 64 * 2**20
+
+# How many draft columns the check of a replay compares (with the prompts' last column).
+CHECKED_DRAFT_COLUMNS = 4
+
+
+class Reuse:
+    """What every trial reuses: the shared prefix, first passes recorded below the edits, drafts.
+
+    `unchanged_layers()` says how many leading layers the model's current edit leaves as they
+    were (the ablator knows); 0 means replay nothing.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        texts: Sequence[str],
+        *,
+        share_prefix: bool = True,
+        unchanged_layers: Callable[[], int] | None = None,
+        replay_memory: float = DEFAULT_REPLAY_MEMORY,
+        drafts: bool = True,
+        decode_graphs: DecodeMode = "off",
+        pack: bool = True,
+    ) -> None:
+        self.loaded = loaded
+        self.layers = find_layers(loaded.model)
+        # Drafts and replays write columns into the cache that later masks hide or fill; only a
+        # plain key/value cache keeps nothing else (a convolution or recurrent state would be
+        # changed by a rejected draft token for good).
+        plain_cache = self.plain_cache = self._plain_cache()
+        self.decoder = StaticDecoder.for_model(loaded, decode_graphs, plain_cache)
+        # A graphed pass of one token per row costs little: drafts would only add tokens.
+        self.use_drafts = drafts and plain_cache and not self.decoder.graphs
+        if not plain_cache:
+            replay_memory = 0
+        self.unchanged_layers = unchanged_layers or (lambda: 0)
+        self.replay_memory = replay_memory
+        self.prefix = SharedPrefix.find(loaded, texts) if share_prefix else None
+        # The start layer the prefix was last refreshed from under the current edit (None: it
+        # must be refreshed; `new_edit` says the edit may have changed).
+        self._prefix_start: int | None = None
+        self.plan = DepthPlan(0, ())
+        self.first_passes: dict[int, FirstPass] = {}
+        # Packed prompts need a plain key/value cache to put back in the padded layout.
+        self.pack = pack and plain_cache
+        self.packed = False  # whether the first passes run packed (checked in `prepare`)
+        self.pass_cost = PassCost()  # what a forward pass costs here, for the draft policies
+
+    def _plain_cache(self) -> bool:
+        model = self.loaded.model
+        token = torch.zeros((1, 1), dtype=torch.long, device=self.loaded.input_device)
+        cache = new_cache(model)
+        try:
+            with torch.inference_mode():
+                outputs = model(
+                    input_ids=token,
+                    attention_mask=torch.ones_like(token),
+                    use_cache=True,
+                    **cache_option(model, cache),
+                    **forward_options(model),
+                )
+        except Exception as error:
+            if is_out_of_memory(error):
+                raise
+            return False
+        return replayable(returned_cache(outputs, cache))
+
+    def new_edit(self) -> None:
+        """The model's edit may have changed since the last pass: refresh the prefix."""
+        self._prefix_start = None
+
+    def check_prefix(self, batch: EncodedBatch) -> None:
+        """Keep the shared prefix only if it gives this model's own first-token logits."""
+        self.new_edit()  # refreshed here, outside `context`
+        if self.prefix is None:
+            return
+        try:
+            self.prefix.refresh(self.loaded.model)
+            if not self.prefix.supported():
+                self.prefix = None
+                return
+            with torch.inference_mode():
+                plain = first_token_logits(self.loaded, batch)
+                shared = first_token_logits(self.loaded, batch, self.prefix)
+        except Exception as error:
+            if is_out_of_memory(error):
+                raise
+            self.prefix = None
+            return
+        if not agree(self.loaded, plain, shared):
+            self.prefix = None
+
+    def context(
+        self, drafts: DraftStore | None = None, policy: DraftPolicy | None = None
+    ) -> Context:
+        """The context of a pass under the model's current edit (the prefix is refreshed once
+        per edit: see `new_edit`)."""
+        start = self.plan.start_for(self.unchanged_layers()) if self.plan.enabled else 0
+        if self.prefix is not None and self._prefix_start != start:
+            self.prefix.refresh(self.loaded.model, self.layers, start)
+            self._prefix_start = start
+        return Context(
+            prefix=self.prefix,
+            layers=self.layers,
+            start=start,
+            drafts=drafts,
+            first_passes=self.first_passes,
+            policy=policy,
+            cost=self.pass_cost if drafts is not None else None,
+            decoder=self.decoder,
+        )
+
+    def prepare(self, sets: Sequence[PromptSet]) -> None:
+        """Build each batch's first pass (with its rows' drafts where the set drafts its first
+        pass) and record them all on the (unmodified) model within the memory budget; keep the
+        recordings only if a replayed pass gives the model's own numbers."""
+        batches = [batch for prompt_set in sets for batch in prompt_set.batches]
+        self.new_edit()  # the checks below refresh the prefix outside `context`
+        self._build_first_passes(sets, pack=self.pack)
+        if self.pack and not self._packing_agrees():
+            self._build_first_passes(sets, pack=False)
+        try:
+            self._record(batches)
+        except Exception as error:
+            if is_out_of_memory(error):
+                raise
+            self._forget_recordings()
+
+    def _build_first_passes(self, sets: Sequence[PromptSet], pack: bool) -> None:
+        pad = self.loaded.tokenizer.pad_token_id or 0
+        weight = attention_weight(self.loaded.model, self.layers) if pack else None
+        window = attention_window(self.loaded.model.config)
+        for prompt_set in sets:
+            drafts = prompt_set.draft_tokens() if prompt_set.draft_first_pass else {}
+            for batch in prompt_set.batches:
+                rows = [drafts.get(index, []) for index in batch.indices]
+                # A sliding window narrower than the padded batch hides keys the packed mask
+                # would show: such a batch runs padded.
+                fits = window is None or batch.input_ids.shape[1] <= window
+                self.first_passes[id(batch)] = FirstPass.build(
+                    batch, self.prefix, rows, pad, weight if fits else None
+                )
+        self.packed = any(
+            (first.prompts_only or first).packing is not None
+            for first in self.first_passes.values()
+        )
+
+    def _packing_agrees(self) -> bool:
+        """A packed pass gives the padded pass's logits, and the next token's (checked on the
+        first batch that packs)."""
+        pad = self.loaded.tokenizer.pad_token_id or 0
+        for first in self.first_passes.values():
+            packed = first.with_drafts_cut(0)
+            if packed.packing is None:
+                continue
+            padded = FirstPass.build(first.batch, self.prefix, None, pad)
+            try:
+                return passes_agree(self.loaded, self.prefix, padded, packed)
+            except Exception as error:
+                if is_out_of_memory(error):
+                    raise
+                return False
+        return True
+
+    def _record(self, batches: Sequence[EncodedBatch]) -> None:
+        n_layers = len(self.layers)
+        if self.replay_memory <= 0 or n_layers < 2 or not batches:
+            return
+        model = self.loaded.model
+        passes = [self.first_passes[id(batch)] for batch in batches]
+        # A pass with drafts and its packed prompts-only pass are recorded each.
+        passes += [first.prompts_only for first in passes if first.prompts_only is not None]
+        every_layer = tuple(range(1, n_layers))
+        with torch.inference_mode():
+            probe = start_cache(model, self.prefix, passes[0].cache_rows)
+            recording = record(
+                self.layers,
+                probe,
+                lambda: passes[0].run(model, probe, logits=1, packed_cache=True),
+                every_layer,
+                n_layers - 1,
+            )
+            if not replayable(probe):
+                return
+            tokens = [first.cells for first in passes]
+            scale = (sum(tokens) + (self.prefix.length if self.prefix else 0)) / tokens[0]
+            key_value = (recording.keys[0].nbytes + recording.values[0].nbytes) * scale
+            hidden = next(iter(recording.hidden.values())).nbytes * scale
+            budget = self.memory_budget()
+            plan = plan_depth(n_layers, int(key_value), int(hidden), budget)
+            plan = DepthPlan(
+                plan.recorded_layers, tuple(c for c in plan.checkpoints if c < n_layers)
+            )
+            if not plan.enabled:
+                return
+            recording.trim(plan)
+            passes[0].recording = recording
+            for first in passes[1:]:
+                cache = start_cache(model, self.prefix, first.cache_rows)
+                first.recording = record(
+                    self.layers,
+                    cache,
+                    lambda first=first, cache=cache: first.run(
+                        model, cache, logits=1, packed_cache=True
+                    ),
+                    plan.checkpoints,
+                    plan.recorded_layers,
+                )
+            if self.prefix is not None:
+                self.prefix.record(model, self.layers, plan.checkpoints, plan.recorded_layers)
+            self.plan = plan
+            if not self._replay_agrees(passes[0]):
+                self._forget_recordings()
+
+    def _replay_agrees(self, first: FirstPass) -> bool:
+        """A replay from the middle checkpoint gives the plain pass's logits: at the prompts'
+        last tokens and the first few draft tokens (every column's logits, twice, can be more
+        than the model: 100 columns x 32 prompts x 49k tokens is 630 MB in float32)."""
+        first = first.with_drafts_cut(CHECKED_DRAFT_COLUMNS)
+        start = self.plan.checkpoints[len(self.plan.checkpoints) // 2]
+        model = self.loaded.model
+        keep = first.draft_width + 1
+        plain = first.run(model, start_cache(model, self.prefix, first.cache_rows))
+        if self.prefix is not None:
+            self.prefix.refresh(model, self.layers, start)
+        replayed = first.run(
+            model, start_cache(model, self.prefix, first.cache_rows), self.layers, start
+        )
+        if self.prefix is not None:
+            self.prefix.refresh(model)
+        return agree(
+            self.loaded,
+            plain.logits[:, -keep:, :].flatten(0, 1),
+            replayed.logits[:, -keep:, :].flatten(0, 1),
+        )
+
+    def _forget_recordings(self) -> None:
+        self.plan = DepthPlan(0, ())
+        for first in self.first_passes.values():
+            first.forget_recording()
+        if self.prefix is not None:
+            self.prefix.recording = None
+
+    def describe(self) -> str:
+        """One log line: what trials reuse."""
+        prefix = f"shared prefix {self.prefix.length} tokens" if self.prefix else "no shared prefix"
+        if self.plan.enabled:
+            spacing = (
+                self.plan.checkpoints[1] - self.plan.checkpoints[0]
+                if len(self.plan.checkpoints) > 1
+                else 1
+            )
+            replay = (
+                f"layers replayed below the first edited one (checkpoints every {spacing} up to "
+                f"layer {self.plan.checkpoints[-1]}, {self.recorded_bytes() / 2**20:.0f} MiB)"
+            )
+        else:
+            replay = "no layer replay"
+        drafts = "draft replies" if self.use_drafts else "no draft replies"
+        packed = "packed prompts" if self.packed else "padded prompts"
+        return f"reuse: {prefix}; {replay}; {packed}; {drafts}; {self.decoder.describe()}"
+
+    def keep_budget(self) -> int:
+        """Bytes a trial may keep of its prompt passes for its replies (the replay budget; none
+        for caches that are not plain keys and values, or with replay off)."""
+        return self.memory_budget() if self.replay_memory > 0 and self.plain_cache else 0
+
+    def memory_budget(self) -> int:
+        """What the recordings may hold: `replay_memory` of the model's size, at least
+        MINIMUM_REPLAY_BYTES."""
+        model = self.loaded.model
+        model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        return int(max(self.replay_memory * model_bytes, MINIMUM_REPLAY_BYTES))
+
+    def recorded_bytes(self) -> int:
+        recordings = [
+            first.recording
+            for outer in self.first_passes.values()
+            for first in (outer, outer.prompts_only)
+            if first is not None
+        ]
+        if self.prefix is not None:
+            recordings.append(self.prefix.recording)
+        return sum(recording.nbytes() for recording in recordings if recording is not None)
+
+
+__all__ = ["DEFAULT_REPLAY_MEMORY", "Reuse"]
