@@ -389,3 +389,26 @@ def test_unchanged_layers_are_those_below_every_edited_one() -> None:
     with ablator.applied(AblationParams(1.0, {"attention": late, "mlp": early})):
         assert ablator.unchanged_layers() == 0
     assert ablator.unchanged_layers() == loaded.n_layers
+
+
+def test_the_shared_prefix_is_computed_once_per_trial() -> None:
+    """A trial's KL pass and its replies share one refreshed prefix; the next trial (a new
+    edit) refreshes it again, and its scores are still the plain evaluation's."""
+    loaded, _, ablator, plain, optimised = _fixture_bench("tiny-refuser", 16, 16)
+    prefix = optimised.reuse.prefix
+    assert prefix is not None
+    refreshes: list[int] = []
+    refresh = prefix.refresh
+
+    def counted(*args, **kwargs) -> None:
+        refreshes.append(1)
+        refresh(*args, **kwargs)
+
+    prefix.refresh = counted
+    generator = random.Random(5)
+    for trial in range(3):
+        with ablator.applied(_random_params(generator, loaded.n_layers)):
+            expected, got = plain.score(), optimised.score()
+        assert got.refusals == expected.refusals
+        assert got.kl == pytest.approx(expected.kl, rel=1e-4, abs=1e-7)
+        assert len(refreshes) == trial + 1

@@ -129,7 +129,7 @@ class FirstPass:
             rest = attention_mask[:, attention_mask.shape[1] - input_ids.shape[1] :]
             length = prefix.length if prefix is not None else 0
             packing = plan_packing(input_ids, rest, length, pad_id, attention_weight)
-        prompts = (input_ids, attention_mask, position_ids_for(attention_mask))
+        prompt_ids, prompt_mask = input_ids, attention_mask
         draft_width = max((len(draft) for draft in drafts), default=0)
         if draft_width:
             padded = torch.full((rows, draft_width), pad_id, dtype=torch.long)
@@ -144,10 +144,10 @@ class FirstPass:
             return cls(batch, input_ids, attention_mask, positions, drafts, packing=packing)
         prompts_only = None
         if packing is not None:
-            ids, mask, prompt_positions = prompts
+            prompt_positions = position_ids_for(prompt_mask)[:, -prompt_ids.shape[1] :]
             blank = [[] for _ in range(rows)]
             prompts_only = cls(
-                batch, ids, mask, prompt_positions[:, -ids.shape[1] :], blank, packing=packing
+                batch, prompt_ids, prompt_mask, prompt_positions, blank, packing=packing
             )
         return cls(batch, input_ids, attention_mask, positions, drafts, prompts_only=prompts_only)
 

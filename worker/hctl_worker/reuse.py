@@ -57,7 +57,9 @@ class Reuse:
     """What every trial reuses: the shared prefix, first passes recorded below the edits, drafts.
 
     `unchanged_layers()` says how many leading layers the model's current edit leaves as they
-    were (the ablator knows); 0 means replay nothing.
+    were (the ablator knows); 0 means replay nothing. `new_edit()` says the edit may have changed
+    (the evaluator calls it for each trial): the shared prefix is then computed again, once.
+    `pack`: pack the first passes' prompts where that saves padding and the check agrees.
     """
 
     def __init__(
