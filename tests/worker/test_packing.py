@@ -10,15 +10,17 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from hctl_worker.ablation import AblationParams, Ablator, ComponentKernel
 from hctl_worker.agreement import passes_agree
 from hctl_worker.architecture import find_layers
+from hctl_worker.directions import last_token_residuals, refusal_directions
 from hctl_worker.encoding import encode_texts
 from hctl_worker.first_pass import FirstPass, start_cache
 from hctl_worker.model import LoadedModel, load_model
 from hctl_worker.packing import attention_weight, attention_window, plan_packing
 from hctl_worker.prefix import SharedPrefix
 from scripts.make_random_model import byte_tokenizer, random_model, tiny_config
-from tests.worker.scoring import evaluator_for, scoring_for
+from tests.worker.scoring import evaluator_for, scored, scoring_for
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 SYSTEM = "You are a helpful assistant."
@@ -161,3 +163,42 @@ def test_the_narrowest_attention_window_is_found_in_the_model_config_or_its_text
     text = SimpleNamespace(sliding_window=1024)
     outer = SimpleNamespace(get_text_config=lambda: text)
     assert attention_window(outer) == 1024
+
+
+@pytest.mark.parametrize(
+    "architecture",
+    [
+        "llama", "qwen2", "mistral", "gemma", "phi", "phi3", "gpt2", "gpt_neox", "qwen3_moe",
+        "mixtral", "gemma2", "falcon", "opt", "gpt_oss", "deepseek_v3",
+    ],
+)  # fmt: skip
+def test_packed_or_padded_every_family_scores_a_trial_alike(architecture: str) -> None:
+    """Whatever the family (its attention, positions, caches), an evaluation that packs where its
+    check allows gives the padded evaluation's refusals and KL under an edit, batch by batch."""
+    tokenizer = byte_tokenizer()
+    tokenizer.padding_side = "left"
+    config = tiny_config(architecture, hidden=32, layers=3, vocab=len(tokenizer))
+    config.eos_token_id = tokenizer.eos_token_id
+    model = random_model(config, seed=11)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20)  # replies that vary with the edit
+    loaded = LoadedModel(model, tokenizer, torch.float32, architecture)
+    texts = loaded.template(PROMPTS, SYSTEM)
+    residuals = last_token_residuals(loaded, texts, 4)
+    ablator = Ablator(loaded, refusal_directions(residuals[:4], residuals[4:]))
+    scoring = scoring_for(["e", "zz"])
+    common = dict(good=texts, bad=texts, max_response_length=6, batch_size=4)
+    evaluators = [
+        evaluator_for(
+            loaded, scoring, unchanged_layers=ablator.unchanged_layers, pack=pack, **common
+        )
+        for pack in (False, True)
+    ]
+    assert not evaluators[0].reuse.packed
+    # Packed unless the cache is a sliding window's (those families run padded, and alike).
+    assert evaluators[1].reuse.packed is (architecture not in ("mistral", "gemma2"))
+    kernel = ComponentKernel(1.2, 1.0, 0.6, 1.5)
+    with ablator.applied(AblationParams(1.0, {"attention": kernel, "mlp": kernel})):
+        padded, packed = (scored(scoring, evaluator) for evaluator in evaluators)
+    assert packed.refusals == padded.refusals
+    assert packed.kl == pytest.approx(padded.kl, rel=1e-4, abs=1e-6)
