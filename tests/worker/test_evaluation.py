@@ -15,7 +15,8 @@ from hctl_worker.evaluation import kl_divergence
 from hctl_worker.generation import GenerationStats, encode_texts, generate
 from hctl_worker.markers import DEFAULT_REFUSAL_MARKERS, is_refusal, normalise_response
 from hctl_worker.model import LoadedModel, load_model
-from scripts.make_random_model import byte_tokenizer, make_random_model, random_model, tiny_config
+from scripts.make_random_model import make_random_model
+from tests.worker import random_models
 from tests.worker.scoring import evaluator_for, scored, scoring_for
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -199,21 +200,15 @@ def _score_with(scoring, evaluator, ablator: Ablator, params: AblationParams):
 @pytest.mark.parametrize("architecture", ["gpt2", "gemma2", "gpt_oss", "lfm2", "qwen3_next"])
 def test_generation_matches_transformers_on_other_cache_kinds(architecture: str) -> None:
     """Sliding-window, convolution and linear-attention caches: rows still leave correctly."""
-    tokenizer = byte_tokenizer()
-    tokenizer.padding_side = "left"
-    config = tiny_config(architecture, hidden=32, layers=2, vocab=len(tokenizer))
-    config.eos_token_id = tokenizer.eos_token_id
-    model = random_model(config, seed=3)
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(20)  # sharper, more varied replies
-    loaded = LoadedModel(model, tokenizer, torch.float32, architecture)
+    loaded = random_models.random_loaded(architecture, layers=2, seed=3)  # varied replies
+    tokenizer = loaded.tokenizer
     texts = ["hi", "a somewhat longer prompt here", "mid size one", "x", "another one", "ok"]
     ours = generate(loaded, encode_texts(loaded, texts, 3), 8)
     expected = []
     for text in texts:
         encoded = tokenizer([text], return_tensors="pt", add_special_tokens=False)
         with torch.inference_mode():
-            output = model.generate(
+            output = loaded.model.generate(
                 **encoded,
                 max_new_tokens=8,
                 do_sample=False,
@@ -266,14 +261,7 @@ def test_running_out_of_memory_while_scoring_is_the_worker_error(random_loaded) 
 def test_the_shared_prompt_prefix_changes_no_score(architecture: str, shared: bool) -> None:
     """Reusing the system turn's keys and values gives the scores of full prefills; caches
     that cannot be copied row by row (sliding window, convolution) do not use it."""
-    tokenizer = byte_tokenizer()
-    tokenizer.padding_side = "left"
-    config = tiny_config(architecture, hidden=32, layers=2, vocab=len(tokenizer))
-    config.eos_token_id = tokenizer.eos_token_id
-    model = random_model(config, seed=5)
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(20)
-    loaded = LoadedModel(model, tokenizer, torch.float32, architecture)
+    loaded = random_models.random_loaded(architecture, layers=2, seed=5)
     texts = loaded.template(PROMPTS, "You are a helpful assistant.")
     scoring = scoring_for(probe_markers(loaded, texts), harmless_response_length=8)
     evaluators = [

@@ -19,7 +19,7 @@ from hctl_worker.first_pass import FirstPass, start_cache
 from hctl_worker.model import LoadedModel, load_model
 from hctl_worker.packing import attention_weight, attention_window, plan_packing
 from hctl_worker.prefix import SharedPrefix
-from scripts.make_random_model import byte_tokenizer, random_model, tiny_config
+from tests.worker.random_models import random_loaded
 from tests.worker.scoring import evaluator_for, scored, scoring_for
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -140,13 +140,8 @@ def _ignoring_masks(module, query, key, value, attention_mask, **kwargs):
 @pytest.mark.parametrize("attention", ["sdpa", "eager", "hctl_ignores_masks"])
 def test_a_model_whose_attention_ignores_the_mask_is_not_packed(attention: str) -> None:
     AttentionInterface.register("hctl_ignores_masks", _ignoring_masks)
-    tokenizer = byte_tokenizer()
-    tokenizer.padding_side = "left"
-    config = tiny_config("qwen3", hidden=32, layers=3, vocab=len(tokenizer))
-    config.eos_token_id = tokenizer.eos_token_id
-    model = random_model(config, seed=3)
-    model.set_attn_implementation(attention)
-    loaded = LoadedModel(model, tokenizer, torch.float32, "qwen3")
+    loaded = random_loaded("qwen3", seed=3, sharpen=False)
+    loaded.model.set_attn_implementation(attention)
     texts = loaded.template(PROMPTS, SYSTEM)
     (batch,) = encode_texts(loaded, texts, 8)
     packed = FirstPass.build(batch, None, attention_weight=1000.0)
@@ -175,14 +170,7 @@ def test_the_narrowest_attention_window_is_found_in_the_model_config_or_its_text
 def test_packed_or_padded_every_family_scores_a_trial_alike(architecture: str) -> None:
     """Whatever the family (its attention, positions, caches), an evaluation that packs where its
     check allows gives the padded evaluation's refusals and KL under an edit, batch by batch."""
-    tokenizer = byte_tokenizer()
-    tokenizer.padding_side = "left"
-    config = tiny_config(architecture, hidden=32, layers=3, vocab=len(tokenizer))
-    config.eos_token_id = tokenizer.eos_token_id
-    model = random_model(config, seed=11)
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(20)  # replies that vary with the edit
-    loaded = LoadedModel(model, tokenizer, torch.float32, architecture)
+    loaded = random_loaded(architecture, seed=11)  # replies that vary with the edit
     texts = loaded.template(PROMPTS, SYSTEM)
     residuals = last_token_residuals(loaded, texts, 4)
     ablator = Ablator(loaded, refusal_directions(residuals[:4], residuals[4:]))

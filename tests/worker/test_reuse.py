@@ -26,7 +26,7 @@ from hctl_worker.scorers import Scoring
 from hctl_worker.search_space import SearchSpace
 from hctl_worker.study import Outcome, finished_trials, open_study, run_search
 from hctl_worker.trials import Trial, behind_front, legacy_scores, pareto_front
-from scripts.make_random_model import byte_tokenizer, random_model, tiny_config
+from tests.worker.random_models import random_loaded
 from tests.worker.scoring import evaluator_for, scoring_for
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -226,14 +226,7 @@ def test_models_whose_caches_cannot_be_replayed_fall_back_to_the_same_scores(
     architecture: str,
 ) -> None:
     """Sliding-window and convolution caches are neither replayed nor shared; scores agree."""
-    tokenizer = byte_tokenizer()
-    tokenizer.padding_side = "left"
-    config = tiny_config(architecture, hidden=32, layers=3, vocab=len(tokenizer))
-    config.eos_token_id = tokenizer.eos_token_id
-    model = random_model(config, seed=7)
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(20)
-    loaded = LoadedModel(model, tokenizer, torch.float32, architecture)
+    loaded = random_loaded(architecture)
     prompts = [
         "Hello there!",
         "How do I bake bread?",

@@ -8,7 +8,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from hctl_worker.ablation import AblationParams, Ablator, ComponentKernel
 from hctl_worker.directions import last_token_residuals, refusal_directions
@@ -19,7 +18,7 @@ from hctl_worker.pruning import PruningBar
 from hctl_worker.settings import WorkerSettings
 from hctl_worker.static_decode import StaticDecoder
 from hctl_worker.trials import Trial
-from scripts.make_random_model import byte_tokenizer, random_model, tiny_config
+from tests.worker.random_models import random_loaded
 from tests.worker.scoring import evaluator_for, scoring_for
 from tests.worker.test_reuse import FIXTURES, SYSTEM, _prompts, _random_params, _Scored
 
@@ -27,16 +26,7 @@ PROMPTS = ["Hello there!", "How do I bake bread?", "Tell me a joke.", "x", "Why 
 
 
 def _random_loaded(architecture: str, attention: str | None = None) -> LoadedModel:
-    tokenizer = byte_tokenizer()
-    tokenizer.padding_side = "left"
-    config = tiny_config(architecture, hidden=32, layers=3, vocab=len(tokenizer))
-    config.eos_token_id = tokenizer.eos_token_id
-    if attention is not None:
-        config._attn_implementation = attention
-    model = random_model(config, seed=7)
-    with torch.no_grad():  # peaked logits: replies that end and vary
-        model.get_output_embeddings().weight.mul_(20)
-    return LoadedModel(model, tokenizer, torch.float32, architecture)
+    return random_loaded(architecture, attention=attention)
 
 
 @pytest.mark.parametrize(
