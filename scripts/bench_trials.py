@@ -9,6 +9,7 @@ import time
 from hctl_worker.ablation import AblationParams, Ablator, ComponentKernel
 from hctl_worker.evaluation import Evaluator
 from hctl_worker.generation import encode_texts
+from hctl_worker.reuse import ReuseOptions
 from hctl_worker.scorers import Scoring, build_scoring
 from hctl_worker.settings import WorkerSettings
 
@@ -75,7 +76,7 @@ def make_scoring(combination: str, loaded, arguments) -> Scoring:
 
 def make_evaluator(kind, loaded, ablator, scoring, prompts, arguments) -> Evaluator:
     """`reuse`: the worker's evaluator; `plain`: no shared prefix, replay, drafts or pruning;
-    `no-drafts`: the worker's without draft replies."""
+    `no-drafts`: the worker's without draft replies; `no-refill`: without refilled batches."""
     plain = kind == "plain"
     good, bad = prompts
     return Evaluator.for_scoring(
@@ -87,11 +88,14 @@ def make_evaluator(kind, loaded, ablator, scoring, prompts, arguments) -> Evalua
         batch_size=arguments.batch_size,
         kl_tokens=arguments.kl_tokens,
         harmless_response_length=min(16, arguments.max_response_length),
-        share_prefix=not plain,
-        pack=not plain,
         unchanged_layers=None if plain else ablator.unchanged_layers,
-        replay_memory=0 if plain else arguments.replay_memory,
-        drafts=not (plain or kind == "no-drafts" or arguments.no_drafts),
+        reuse=ReuseOptions.plain()
+        if plain
+        else ReuseOptions(
+            replay_memory=arguments.replay_memory,
+            drafts=not (kind == "no-drafts" or arguments.no_drafts),
+            refill=not (kind == "no-refill" or arguments.no_refill),
+        ),
     )
 
 

@@ -2,8 +2,8 @@
 
 A trial here is what the search does per Optuna trial: apply an ablation (varied parameters),
 score it with a set of scorers, restore. Every scorer combination (`--scorers`) and evaluation
-kind (`--compare-plain`, `--compare-no-drafts`) scores the same sequence of ablations, so their
-seconds per trial compare directly:
+kind (`--compare-plain`, `--compare-no-drafts`, `--compare-no-refill`) scores the same
+sequence of ablations, so their seconds per trial compare directly:
 
     markers+kl         KeywordRate, KLDivergence (the objectives before the harmless guard)
     default            KeywordRate, KLDivergence, HarmlessRefusals (the worker's default)
@@ -154,6 +154,8 @@ def bench(arguments: argparse.Namespace) -> dict:
     kinds = ["reuse", "plain"] if arguments.compare_plain else ["reuse"]
     if arguments.compare_no_drafts:
         kinds.append("no-drafts")
+    if arguments.compare_no_refill:
+        kinds.append("no-refill")
     variants = [f"{combination} {kind}" for combination in arguments.scorers for kind in kinds]
     scorings = {
         combination: make_scoring(combination, loaded, arguments)
@@ -372,6 +374,12 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         "--bandwidth-gbs", type=float, default=0, help="device memory bandwidth, for the floor"
     )
     parser.add_argument("--no-drafts", action="store_true", help="reuse without draft replies")
+    parser.add_argument(
+        "--compare-no-refill",
+        action="store_true",
+        help="also time reuse without refilling batches as their replies finish",
+    )
+    parser.add_argument("--no-refill", action="store_true", help="reuse without refilling batches")
     parser.add_argument("--prune-margin", type=float, default=0.05, help="negative: no pruning")
     parser.add_argument(
         "--scorers", nargs="+", default=["default"], choices=list(COMBINATIONS),

@@ -12,6 +12,7 @@ import pytest
 from hctl_worker.draft_policy import DraftPolicy, FinishedReply, PassCost, passes_needed
 from hctl_worker.drafts import DraftStore
 from hctl_worker.markers import DEFAULT_REFUSAL_MARKERS
+from hctl_worker.reuse import ReuseOptions
 from hctl_worker.trials import Trial
 from tests.worker.scoring import evaluator_for, scored, scoring_for
 from tests.worker.test_reuse import FIXTURES, SYSTEM, _fixture_bench, _prompts, _random_params
@@ -141,9 +142,7 @@ def test_the_kl_pass_is_the_first_pass_of_the_harmless_replies() -> None:
     good = loaded.template(_prompts(FIXTURES / "tiny-refuser", "harmless_test", 16), SYSTEM)
     scoring = scoring_for(DEFAULT_REFUSAL_MARKERS)  # KeywordRate, KLDivergence, HarmlessRefusals
     common = dict(good=good, bad=bad, max_response_length=8, batch_size=8)
-    plain = evaluator_for(
-        loaded, scoring, share_prefix=False, replay_memory=0, drafts=False, pack=False, **common
-    )
+    plain = evaluator_for(loaded, scoring, reuse=ReuseOptions.plain(), **common)
     optimised = evaluator_for(loaded, scoring, unchanged_layers=ablator.unchanged_layers, **common)
     assert scored(scoring, plain).scores == scored(scoring, optimised).scores  # KL exactly 0
     harmless = optimised._sets["harmless"]

@@ -15,6 +15,7 @@ from hctl_worker.evaluation import kl_divergence
 from hctl_worker.generation import GenerationStats, encode_texts, generate
 from hctl_worker.markers import DEFAULT_REFUSAL_MARKERS, is_refusal, normalise_response
 from hctl_worker.model import LoadedModel, load_model
+from hctl_worker.reuse import ReuseOptions
 from scripts.make_random_model import make_random_model
 from tests.worker import random_models
 from tests.worker.scoring import evaluator_for, scored, scoring_for
@@ -272,7 +273,7 @@ def test_the_shared_prompt_prefix_changes_no_score(architecture: str, shared: bo
             bad=texts,
             max_response_length=8,
             batch_size=4,
-            share_prefix=share,
+            reuse=ReuseOptions(share_prefix=share),
         )
         for share in (True, False)
     ]

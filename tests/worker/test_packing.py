@@ -19,6 +19,7 @@ from hctl_worker.first_pass import FirstPass, start_cache
 from hctl_worker.model import LoadedModel, load_model
 from hctl_worker.packing import attention_weight, attention_window, plan_packing
 from hctl_worker.prefix import SharedPrefix
+from hctl_worker.reuse import ReuseOptions
 from tests.worker.random_models import random_loaded
 from tests.worker.scoring import evaluator_for, scored, scoring_for
 
@@ -178,7 +179,11 @@ def test_packed_or_padded_every_family_scores_a_trial_alike(architecture: str) -
     common = dict(good=texts, bad=texts, max_response_length=6, batch_size=4)
     evaluators = [
         evaluator_for(
-            loaded, scoring, unchanged_layers=ablator.unchanged_layers, pack=pack, **common
+            loaded,
+            scoring,
+            unchanged_layers=ablator.unchanged_layers,
+            reuse=ReuseOptions(pack=pack),
+            **common,
         )
         for pack in (False, True)
     ]

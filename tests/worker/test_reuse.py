@@ -22,6 +22,7 @@ from hctl_worker.markers import DEFAULT_REFUSAL_MARKERS
 from hctl_worker.model import LoadedModel, load_model
 from hctl_worker.pruning import PruningBar
 from hctl_worker.replay import DepthPlan, plan_depth
+from hctl_worker.reuse import ReuseOptions
 from hctl_worker.scorers import Scoring
 from hctl_worker.search_space import SearchSpace
 from hctl_worker.study import Outcome, finished_trials, open_study, run_search
@@ -182,10 +183,7 @@ def _evaluators(
         scoring,
         good=good,
         bad=bad,
-        share_prefix=False,
-        pack=False,
-        replay_memory=0,
-        drafts=False,
+        reuse=ReuseOptions.plain(),
         **common,
     )
     optimised = evaluator_for(

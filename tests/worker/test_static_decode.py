@@ -15,6 +15,7 @@ from hctl_worker.generation import Context, GenerationStats, encode_texts, gener
 from hctl_worker.markers import DEFAULT_REFUSAL_MARKERS
 from hctl_worker.model import LoadedModel, load_model
 from hctl_worker.pruning import PruningBar
+from hctl_worker.reuse import ReuseOptions
 from hctl_worker.settings import WorkerSettings
 from hctl_worker.static_decode import StaticDecoder
 from hctl_worker.trials import Trial
@@ -89,8 +90,7 @@ def test_trials_score_the_same_with_static_steps_on_a_fixture() -> None:
                 max_response_length=12,
                 batch_size=8,
                 unchanged_layers=ablator.unchanged_layers,
-                drafts=False,
-                decode_graphs=mode,
+                reuse=ReuseOptions(drafts=False, decode_graphs=mode),
             ),
         )
         for mode in ("off", "eager")

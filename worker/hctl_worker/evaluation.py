@@ -40,9 +40,8 @@ from hctl_worker.errors import OutOfMemoryError
 from hctl_worker.generation import GenerationStats, Verdicts, encode_texts, generate
 from hctl_worker.model import free_memory, is_out_of_memory
 from hctl_worker.prompt_set import PromptSet
-from hctl_worker.reuse import DEFAULT_REPLAY_MEMORY, Reuse
+from hctl_worker.reuse import Reuse, ReuseOptions
 from hctl_worker.scorers.base import PromptSetName, TokenDivergences
-from hctl_worker.static_decode import DecodeMode
 
 if TYPE_CHECKING:
     from hctl_worker.model import LoadedModel
@@ -72,8 +71,8 @@ class Evaluator:
     """Measures the model as it is now against the unmodified model measured at construction.
 
     `answered` names the prompt sets whose replies trials read; their first passes carry draft
-    replies. `unchanged_layers`, `replay_memory`, `drafts` and `pack` are the reuse of `reuse.py`;
-    none of it changes a measurement.
+    replies. `reuse` and `unchanged_layers` are the shortcuts of `reuse.py`; none of them changes
+    a measurement.
     """
 
     def __init__(
@@ -88,12 +87,8 @@ class Evaluator:
         continuation_tokens: int = 0,
         stop_markers: Mapping[PromptSetName, tuple[str, ...] | None] | None = None,
         answered: Collection[PromptSetName] = BOTH,
-        share_prefix: bool = True,
+        reuse: ReuseOptions = ReuseOptions(),
         unchanged_layers: Callable[[], int] | None = None,
-        replay_memory: float = DEFAULT_REPLAY_MEMORY,
-        drafts: bool = True,
-        decode_graphs: DecodeMode = "off",
-        pack: bool = True,
     ) -> None:
         if not harmless.texts or not harmful.texts:
             raise ValueError("the evaluator needs harmless and harmful prompts")
@@ -112,14 +107,7 @@ class Evaluator:
         self.stats = GenerationStats()
         self.seconds: dict[str, float] = {}  # per measurement, summed (for benchmarks)
         self.reuse = Reuse(
-            loaded,
-            harmless.texts + harmful.texts,
-            share_prefix=share_prefix,
-            unchanged_layers=unchanged_layers,
-            replay_memory=replay_memory,
-            drafts=drafts,
-            decode_graphs=decode_graphs,
-            pack=pack,
+            loaded, harmless.texts + harmful.texts, reuse, unchanged_layers=unchanged_layers
         )
         self._sets = {
             name: PromptSet(

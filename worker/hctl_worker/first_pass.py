@@ -186,7 +186,8 @@ class FirstPass:
 class Context:
     """What a generation may reuse: the shared prefix (already refreshed for the model as it is),
     the layers below `start` replayed from each first pass's recording, drafts (when `policy`
-    says they pay; `cost` times the passes for it), and how passes without drafts run."""
+    says they pay; `cost` times the passes for it), how passes without drafts run, and whether
+    batches are refilled."""
 
     prefix: SharedPrefix | None = None
     layers: Sequence[torch.nn.Module] = ()
@@ -196,6 +197,7 @@ class Context:
     policy: DraftPolicy | None = None
     cost: PassCost | None = None
     decoder: StaticDecoder | None = None  # whether width-1 passes run statically
+    refill: bool = False  # whether finishing batches take in the next ones' rows (`refill.py`)
 
     @property
     def drafting(self) -> bool:

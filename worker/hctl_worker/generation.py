@@ -3,8 +3,8 @@
 Speed matters here more than anywhere: refusal scoring is most of a trial's time. Prompts are
 tokenised once and grouped by length (`encoding.py`), and generated greedily in a hand-written
 loop that drops a row from the batch as soon as its verdict is certain (a refusal marker
-appeared, or the row ended), and stops the batch when every row is decided. Three things make a
-trial cheaper without changing its replies:
+appeared, or the row ended), and stops the batch when every row is decided (`replies.py`).
+These make a trial cheaper without changing its replies:
 
 - the prefix all prompts share is run once per model state (`prefix.py`);
 - a batch's first pass (its prompts and a draft reply per row, `first_pass.py`) can start above
@@ -13,7 +13,9 @@ trial cheaper without changing its replies:
   token is the model's own greedy choice, so one pass can produce many tokens; a prompt set
   drafts only while that measures cheaper (`draft_policy.py`: on a CPU, rarely);
 - a batch whose first pass already ran (the KL pass over the harmless prompts, kept) continues
-  from it (`started`).
+  from it (`started`);
+- as a batch's rows finish, the next batch's rows join it (`refill.py`), so the decode steps,
+  each of which reads every weight, are shared by more rows.
 
 `Verdicts` counts the refusals decided so far, so a caller can stop a trial that can no longer
 matter (`pruning.py`).
@@ -22,7 +24,8 @@ matter (`pruning.py`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -45,16 +48,14 @@ from hctl_worker.first_pass import (
     start_batch,
     start_cache,
 )
-from hctl_worker.markers import contains_marker, normalise_response
 from hctl_worker.prefix import SharedPrefix
+from hctl_worker.refill import REFILL_SHARE, join_rows, joinable
+from hctl_worker.replies import Reply, accept
 from hctl_worker.static_decode import Decoding
 from hctl_worker.stop_tokens import stop_token_ids
 
 if TYPE_CHECKING:
     from hctl_worker.model import LoadedModel
-
-# How many of a reply's latest tokens are decoded each step to look for a marker.
-MARKER_WINDOW_TOKENS = 32
 
 
 @dataclass
@@ -119,81 +120,98 @@ def first_token_logits(
     return outputs.logits[:, -1, :].float()
 
 
-class _Reply:
-    """One row's reply as it grows, and whether (and how) it is finished."""
-
-    def __init__(self, index: int, position: int) -> None:
-        self.index = index  # the prompt's index in the caller's list
-        self.tokens: list[int] = []
-        self.position = position  # position id of the next token to feed
-        self.done = False
-        self.refused = False
-        self.stopped = False  # ended by the model's stop token
-
-
-def generate_batch(
+def _generate_batch(
     loaded: LoadedModel,
     batch: EncodedBatch,
     max_new_tokens: int,
     markers: tuple[str, ...] | None = None,
     stats: GenerationStats | None = None,
     first_logits: list[torch.Tensor] | None = None,
-    prefix: SharedPrefix | None = None,
     context: Context | None = None,
     verdicts: Verdicts | None = None,
-    started: StartedBatch | None = None,
-) -> list[str]:
+    started: Mapping[int, StartedBatch] | None = None,
+    following: deque[EncodedBatch] | None = None,
+) -> list[Reply]:
     """Greedy replies for one batch; rows leave the batch at EOS or, with `markers`, as soon as
-    their normalised text contains one (the reply is then a refusal whatever follows). With
-    `started`, the batch's first pass has run already (under the same edit)."""
-    context = context or Context(prefix=prefix)
+    their normalised text contains one (the reply is then a refusal whatever follows). A batch
+    in `started` (by id) has had its first pass run already (under the same edit). With
+    `following` and a context that refills, batches from its front join this one as its rows
+    finish (`refill.py`); the replies of every batch that ran are returned."""
+    context = context or Context()
+    started = started or {}
     model, tokenizer = loaded.model, loaded.tokenizer
     stats = stats if stats is not None else GenerationStats()
     stop_ids = stop_token_ids(loaded)
     pad = pad_id(loaded)
-    rows = len(batch.indices)
     if max_new_tokens <= 0 and first_logits is None:
-        return ["" for _ in range(rows)]
-    started = started or start_batch(loaded, batch, context)
-    first, cache, drafting = started.first, started.cache, started.drafting
+        return [Reply(index, 0) for index in batch.indices]
     depth = loaded.n_layers
-    fed = int(first.attention_mask[:, -first.input_ids.shape[1] :].sum())
-    stats.count_pass(fed, fed * depth * started.share)
-    if first_logits is not None:
-        # The prompt's last logits are the first-token distribution KL needs: one pass for both.
-        first_logits.append(started.first_logits)
+    groups: list[tuple[StartedBatch, list[Reply]]] = []  # each batch's first pass and replies
+
+    def begin(batch: EncodedBatch) -> tuple[StartedBatch, list[Reply]]:
+        begun = started.get(id(batch)) or start_batch(loaded, batch, context)
+        first = begun.first
+        fed = int(first.attention_mask[:, -first.input_ids.shape[1] :].sum())
+        stats.count_pass(fed, fed * depth * begun.share)
+        if first_logits is not None:
+            # The prompt's last logits are the first-token distribution KL needs: one pass.
+            first_logits.append(begun.first_logits)
+        begun_replies = [
+            Reply(index, int(first.position_ids[row, -first.draft_width - 1]) + 1)
+            for row, index in enumerate(batch.indices)
+        ]
+        groups.append((begun, begun_replies))
+        return begun, begun_replies
+
+    opening, replies = begin(batch)
     if max_new_tokens <= 0:
-        return ["" for _ in range(rows)]
-    replies = [
-        _Reply(index, int(first.position_ids[row, -first.draft_width - 1]) + 1)
-        for row, index in enumerate(batch.indices)
-    ]
+        return replies
+    replies = list(replies)
+    first, cache, drafting = opening.first, opening.cache, opening.drafting
+    rows = capacity = len(replies)
     attention_mask = first.attention_mask.clone()
     active = list(range(rows))  # the reply held in each cache slot
     pending_drafts = first.drafts
     can_drop_rows = hasattr(cache, "batch_select_indices")
     stopped_early = False
-    choices = started.choices  # [slots, 1 + draft width]: the greedy token at each column
+    choices = opening.choices  # [slots, 1 + draft width]: the greedy token at each column
     # Passes of one token per row (no drafts follow) may run on static buffers, or a CUDA graph.
     decoder = context.decoder
     static = (
         decoder is not None and decoder.static and not (context.drafts is not None and drafting)
     )
+    # Batches join only one made of passes of one token per row, on a cache that can take them.
+    refilling = bool(following) and context.refill and not static and not drafting and can_drop_rows
     decoding: Decoding | None = None
 
-    def finish(reply: _Reply, refused: bool) -> None:
+    def finish(reply: Reply, refused: bool) -> None:
         reply.done, reply.refused = True, refused
         if verdicts is not None:
             verdicts.decide(refused)
 
     while True:
+        while refilling and following and len(active) <= capacity * REFILL_SHARE:
+            queued = started.get(id(following[0]))
+            if (queued is not None and queued.drafting) or not joinable(cache, attention_mask):
+                refilling = False
+                break
+            begun, joined = begin(following.popleft())
+            if not joinable(begun.cache, begun.first.attention_mask):
+                raise RuntimeError("a batch's first pass left a cache that cannot be joined")
+            attention_mask = join_rows(
+                cache, attention_mask, begun.cache, begun.first.attention_mask
+            )
+            active.extend(range(len(replies), len(replies) + len(joined)))
+            replies.extend(joined)
+            choices = [*choices, *begun.choices]  # accepted below, like the others'
+            rows += len(joined)
         width = len(choices[0])
         for slot, row in enumerate(active):
             reply = replies[row]
             if reply.done:  # a finished row the cache could not drop
                 continue
             draft = pending_drafts[slot] if slot < len(pending_drafts) else []
-            kept = _accept(
+            kept = accept(
                 reply, choices[slot], draft, stop_ids, max_new_tokens, tokenizer, markers, finish
             )
             stats.drafted += len(draft)
@@ -224,7 +242,7 @@ def generate_batch(
             try:
                 cache.batch_select_indices(selection)
             except Exception:  # A cache kind that cannot drop rows: keep computing them.
-                can_drop_rows = False
+                can_drop_rows = refilling = False
             else:
                 attention_mask = attention_mask[selection.to(attention_mask.device)]
                 active = [active[slot] for slot in keep]
@@ -268,74 +286,21 @@ def generate_batch(
         pending_drafts = drafts
     stats.tokens += sum(len(reply.tokens) for reply in replies)
     stats.rows += rows
-    if context.drafts is not None and context.policy is not None and not stopped_early:
-        context.policy.observe_batch(
-            [FinishedReply(reply.index, reply.tokens, reply.stopped) for reply in replies],
-            started.recorded.input_ids.shape[1] - started.recorded.draft_width,
-            started.share,
-            max_new_tokens,
-            context.drafts,
-            started.recorded.drafts,
-            started.recorded.with_drafts_cut(0).cells,
-        )
+    for begun, group in groups:
+        if context.drafts is not None and context.policy is not None and not stopped_early:
+            context.policy.observe_batch(
+                [FinishedReply(reply.index, reply.tokens, reply.stopped) for reply in group],
+                begun.recorded.input_ids.shape[1] - begun.recorded.draft_width,
+                begun.share,
+                max_new_tokens,
+                context.drafts,
+                begun.recorded.drafts,
+                begun.recorded.with_drafts_cut(0).cells,
+            )
     if context.drafts is not None:
         for reply in replies:
             context.drafts.add(reply.index, reply.tokens)
-    return [tokenizer.decode(reply.tokens, skip_special_tokens=True) for reply in replies]
-
-
-def _accept(
-    reply: _Reply,
-    choices: list[int],
-    draft: list[int],
-    stop_ids: set[int],
-    max_new_tokens: int,
-    tokenizer,
-    markers: tuple[str, ...] | None,
-    finish: Callable[[_Reply, bool], None],
-) -> int:
-    """Add a pass's greedy tokens to `reply`: the model's choice at each position, for as long as
-    it equals the drafted token there (then the next position's choice counts too). Stops at the
-    end of the reply (EOS, a marker, the length). Returns how many drafted tokens were kept."""
-    kept = 0
-    for offset, token in enumerate(choices):
-        if token in stop_ids:
-            reply.stopped = True
-            finish(reply, _refused(tokenizer, reply.tokens, markers))
-            break
-        reply.tokens.append(token)
-        if markers is not None and _marker_in(tokenizer, reply.tokens, markers):
-            finish(reply, True)
-            break
-        if len(reply.tokens) >= max_new_tokens:
-            finish(reply, _refused(tokenizer, reply.tokens, markers))
-            break
-        if offset < len(draft) and draft[offset] == token:
-            kept += 1
-            continue
-        break
-    return kept
-
-
-def _refused(tokenizer, tokens: list[int], markers: tuple[str, ...] | None) -> bool:
-    """The verdict on a finished reply: empty or holding a marker (never, without markers)."""
-    if markers is None:
-        return False
-    normalised = normalise_response(tokenizer.decode(tokens, skip_special_tokens=True))
-    return not normalised or contains_marker(normalised, markers)
-
-
-def _marker_in(tokenizer, tokens: list[int], markers: tuple[str, ...]) -> bool:
-    """Whether the reply so far contains a marker. Only the recent tokens can complete one, so
-    only they are decoded first; a hit is confirmed on the whole reply."""
-    recent = normalise_response(
-        tokenizer.decode(tokens[-MARKER_WINDOW_TOKENS:], skip_special_tokens=True)
-    )
-    if not contains_marker(recent, markers):
-        return False
-    return contains_marker(
-        normalise_response(tokenizer.decode(tokens, skip_special_tokens=True)), markers
-    )
+    return replies
 
 
 def generate(
@@ -355,31 +320,30 @@ def generate(
     `verdicts`, generation stops once its limit of refusals is reached (the replies not yet
     finished are then cut short, and `verdicts.stopped` says so). `started` holds batches
     (by id) whose first pass has run already under the same edit."""
-    started = started or {}
+    context = context or Context(prefix=prefix)
     total = sum(len(batch.indices) for batch in batches)
     replies = [""] * total
+    queue = deque(batches)
     with torch.inference_mode():
-        for batch in batches:
+        while queue:
             if verdicts is not None and verdicts.stop():
                 verdicts.stopped = True
                 break
-            for index, reply in zip(
-                batch.indices,
-                generate_batch(
-                    loaded,
-                    batch,
-                    max_new_tokens,
-                    markers,
-                    stats,
-                    first_logits,
-                    prefix,
-                    context,
-                    verdicts,
-                    started.get(id(batch)),
-                ),
-                strict=True,
+            for reply in _generate_batch(
+                loaded,
+                queue.popleft(),
+                max_new_tokens,
+                markers,
+                stats,
+                first_logits,
+                context,
+                verdicts,
+                started,
+                following=queue,
             ):
-                replies[index] = reply
+                replies[reply.index] = loaded.tokenizer.decode(
+                    reply.tokens, skip_special_tokens=True
+                )
     return replies
 
 
@@ -395,6 +359,5 @@ __all__ = [
     "first_token_logits",
     "forward_options",
     "generate",
-    "generate_batch",
     "position_ids_for",
 ]

@@ -17,6 +17,7 @@ Each shortcut is compared with the plain computation before it is relied on (`ag
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -53,48 +54,70 @@ MINIMUM_REPLAY_BYTES = 64 * 2**20
 CHECKED_DRAFT_COLUMNS = 4
 
 
+@dataclass(frozen=True)
+class ReuseOptions:
+    """Which shortcuts a job's trials take; none of them changes a measurement.
+
+    `share_prefix`: compute the prompts' shared prefix once per edit. `replay_memory`: what the
+    recordings of the layers below the first edited one may hold (a fraction of the model's
+    size; 0 records nothing). `drafts`: verify earlier replies as drafts. `decode_graphs`: how
+    passes of one token per row run (`static_decode.py`). `pack`: pack the first passes' prompts
+    where that saves padding and the check agrees. `refill`: a batch whose replies finish takes
+    in the next batch's rows (`refill.py`).
+    """
+
+    share_prefix: bool = True
+    replay_memory: float = DEFAULT_REPLAY_MEMORY
+    drafts: bool = True
+    decode_graphs: DecodeMode = "off"
+    pack: bool = True
+    refill: bool = True
+
+    @classmethod
+    def plain(cls) -> ReuseOptions:
+        """No shortcut at all: what the shortcuts are compared with."""
+        return cls(share_prefix=False, replay_memory=0, drafts=False, pack=False, refill=False)
+
+
 class Reuse:
     """What every trial reuses: the shared prefix, first passes recorded below the edits, drafts.
 
     `unchanged_layers()` says how many leading layers the model's current edit leaves as they
     were (the ablator knows); 0 means replay nothing. `new_edit()` says the edit may have changed
     (the evaluator calls it for each trial): the shared prefix is then computed again, once.
-    `pack`: pack the first passes' prompts where that saves padding and the check agrees.
+    `options` says which shortcuts to take (`ReuseOptions`).
     """
 
     def __init__(
         self,
         loaded: LoadedModel,
         texts: Sequence[str],
+        options: ReuseOptions = ReuseOptions(),
         *,
-        share_prefix: bool = True,
         unchanged_layers: Callable[[], int] | None = None,
-        replay_memory: float = DEFAULT_REPLAY_MEMORY,
-        drafts: bool = True,
-        decode_graphs: DecodeMode = "off",
-        pack: bool = True,
     ) -> None:
         self.loaded = loaded
+        self.options = options
         self.layers = find_layers(loaded.model)
         # Drafts and replays write columns into the cache that later masks hide or fill; only a
         # plain key/value cache keeps nothing else (a convolution or recurrent state would be
         # changed by a rejected draft token for good).
         plain_cache = self.plain_cache = self._plain_cache()
-        self.decoder = StaticDecoder.for_model(loaded, decode_graphs, plain_cache)
+        self.decoder = StaticDecoder.for_model(loaded, options.decode_graphs, plain_cache)
         # A graphed pass of one token per row costs little: drafts would only add tokens.
-        self.use_drafts = drafts and plain_cache and not self.decoder.graphs
-        if not plain_cache:
-            replay_memory = 0
+        self.use_drafts = options.drafts and plain_cache and not self.decoder.graphs
         self.unchanged_layers = unchanged_layers or (lambda: 0)
-        self.replay_memory = replay_memory
-        self.prefix = SharedPrefix.find(loaded, texts) if share_prefix else None
+        self.replay_memory = options.replay_memory if plain_cache else 0
+        self.prefix = SharedPrefix.find(loaded, texts) if options.share_prefix else None
         # The start layer the prefix was last refreshed from under the current edit (None: it
         # must be refreshed; `new_edit` says the edit may have changed).
         self._prefix_start: int | None = None
         self.plan = DepthPlan(0, ())
         self.first_passes: dict[int, FirstPass] = {}
         # Packed prompts need a plain key/value cache to put back in the padded layout.
-        self.pack = pack and plain_cache
+        self.pack = options.pack and plain_cache
+        # Joining a batch's rows to a running one needs a plain key/value cache too.
+        self.refill = options.refill and plain_cache
         self.packed = False  # whether the first passes run packed (checked in `prepare`)
         self.pass_cost = PassCost()  # what a forward pass costs here, for the draft policies
 
@@ -160,6 +183,7 @@ class Reuse:
             policy=policy,
             cost=self.pass_cost if drafts is not None else None,
             decoder=self.decoder,
+            refill=self.refill,
         )
 
     def prepare(self, sets: Sequence[PromptSet]) -> None:

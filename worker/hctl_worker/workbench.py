@@ -44,6 +44,7 @@ from hctl_worker.priors import RefusalProfile
 from hctl_worker.prompts import PromptSets
 from hctl_worker.provenance import record_learned_markers
 from hctl_worker.reporter import Reporter
+from hctl_worker.reuse import ReuseOptions
 from hctl_worker.scorers import Scoring, build_scoring
 from hctl_worker.settings import WorkerSettings
 from hctl_worker.startup import CANONICAL_DIRECTIONS
@@ -191,9 +192,11 @@ def evaluator_for(
             settings.harmless_response_length, settings.max_response_length
         ),
         unchanged_layers=unchanged_layers,
-        replay_memory=settings.replay_memory,
-        drafts=settings.draft_replies,
-        decode_graphs=settings.decode_graphs,
+        reuse=ReuseOptions(
+            replay_memory=settings.replay_memory,
+            drafts=settings.draft_replies,
+            decode_graphs=settings.decode_graphs,
+        ),
     )
 
 

@@ -1,0 +1,65 @@
+"""Refilling a batch as its replies finish.
+
+A batch's replies end at different lengths (a refusal at its first marker, others at the stop
+token or the length limit), and a batch takes as many decode steps as its longest reply. Each
+step reads every weight, however few rows are left. So once at most `REFILL_SHARE` of a batch's
+rows are still generating, the next batch's first pass runs and its rows join the running batch:
+their keys and values are appended to the cache, the shorter side padded on the left and masked,
+and the decode steps carry on with both. Every row keeps its own positions and attention mask,
+so its reply is the one it gets alone (`tests/worker/test_refill.py` compares them).
+
+Only plain key/value caches can be joined like this (`replay.replayable`), and only batches
+decoded one token per row: drafts and static decoding keep their batches apart.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as functional
+
+from hctl_worker.replay import replayable
+
+# The next batch joins once at most this share of a batch's rows is left (so a decode step has
+# at most 1 + REFILL_SHARE times a batch's rows).
+REFILL_SHARE = 0.5
+
+
+def joinable(cache, attention_mask: torch.Tensor) -> bool:
+    """Whether `cache` is a plain key/value cache holding `attention_mask`'s columns."""
+    if not replayable(cache):
+        return False
+    columns = attention_mask.shape[1]
+    return all(
+        layer.keys is not None and layer.keys.dim() == 4 and layer.keys.shape[-2] == columns
+        for layer in cache.layers
+    )
+
+
+def join_rows(
+    cache, attention_mask: torch.Tensor, joining_cache, joining_mask: torch.Tensor
+) -> torch.Tensor:
+    """Append `joining_cache`'s rows to `cache` (in place) and return the joint attention mask.
+    The side with fewer columns is padded on its left: masked columns attended by no row."""
+    columns = max(attention_mask.shape[1], joining_mask.shape[1])
+    for layer, joining in zip(cache.layers, joining_cache.layers, strict=True):
+        device = layer.keys.device
+        layer.keys = torch.cat(
+            [_pad_left(layer.keys, columns), _pad_left(joining.keys.to(device), columns)]
+        )
+        layer.values = torch.cat(
+            [_pad_left(layer.values, columns), _pad_left(joining.values.to(device), columns)]
+        )
+    joining_mask = joining_mask.to(attention_mask.device, attention_mask.dtype)
+    return torch.cat([_pad_left(attention_mask, columns), _pad_left(joining_mask, columns)])
+
+
+def _pad_left(tensor: torch.Tensor, columns: int) -> torch.Tensor:
+    """Zeros in front of the column dimension (the last of a mask, the third of keys/values)."""
+    missing = columns - (tensor.shape[1] if tensor.dim() == 2 else tensor.shape[-2])
+    if missing <= 0:
+        return tensor
+    padding = (missing, 0) if tensor.dim() == 2 else (0, 0, missing, 0)
+    return functional.pad(tensor, padding)
+
+
+__all__ = ["REFILL_SHARE", "join_rows", "joinable"]
