@@ -156,3 +156,36 @@ def test_an_unreadable_config_file_gets_a_hint_that_works() -> None:
     assert "Cannot read the config file" in result.output
     assert "config set KEY VALUE` rewrites it" not in result.output  # it cannot: see above
     assert "Fix the line it names, or delete the file" in result.output
+
+
+def test_a_gpu_is_looked_up_when_set_and_an_unknown_one_is_refused(
+    hctl_runpod_env,  # noqa: ANN001 - the emulator, both APIs
+) -> None:
+    """`config set gpu` asks the provider's catalogue: a short name is stored as the type's id,
+    a name of no type is refused with the nearest ones, and the file keeps the last good one."""
+    short = hctl("config", "set", "gpu", "4090")
+    assert short.exit_code == 0, short.output
+    assert file_values() == {"gpu": "NVIDIA GeForce RTX 4090"}
+    assert "'4090' is the GPU type 'NVIDIA GeForce RTX 4090'" in short.output
+    unknown = hctl("config", "set", "gpu", "RTX 9999")
+    assert unknown.exit_code == 2, unknown.output
+    assert "There is no GPU type 'RTX 9999'" in unknown.output
+    assert "hint: Did you mean" in unknown.output and "hctl gpus" in unknown.output
+    assert file_values() == {"gpu": "NVIDIA GeForce RTX 4090"}
+
+
+def test_a_gpu_set_without_a_key_or_network_is_kept_and_said_to_be_unchecked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("RUNPOD_API_KEY", raising=False)
+    result = hctl("config", "set", "gpu", "RTX 9999")
+    assert result.exit_code == 0, result.output
+    assert "Not checked against the provider's GPU types (No RunPod API key" in result.output
+    assert file_values() == {"gpu": "RTX 9999"}
+    # A key but no network: one attempt, no retries, and the value is kept as typed.
+    monkeypatch.setenv("RUNPOD_API_KEY", "rpa_EMULATOR0TEST0KEY0000000000000000000000")
+    monkeypatch.setenv("HCTL_RUNPOD_REST_URL", "http://127.0.0.1:9")
+    offline = hctl("config", "set", "gpu", "4090")
+    assert offline.exit_code == 0, offline.output
+    assert "Cannot reach RunPod's API" in offline.output and "Retrying" not in offline.output
+    assert file_values() == {"gpu": "4090"}

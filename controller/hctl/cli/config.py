@@ -13,7 +13,8 @@ from hctl.config_file import (
     set_config_value,
     setting_name,
 )
-from hctl.errors import ConfigError
+from hctl.errors import ConfigError, ProviderError, UnknownGpuError
+from hctl.gpus import resolve_gpu
 from hctl.output import (
     Column,
     HctlCommand,
@@ -24,6 +25,7 @@ from hctl.output import (
     print_remark,
     print_table,
 )
+from hctl.providers import make_provider
 from hctl.settings import config_file, load_settings
 
 config_app = typer.Typer(
@@ -96,6 +98,9 @@ def set_value(
                 "(or pipe it in).",
             )
     typed_secret = is_secret(name) and bool(given)  # "" removes it: nothing to keep secret
+    remark = None
+    if name == "gpu" and value:
+        value, remark = _gpu_type(value)
     path = set_config_value(name, value)
     if typed_secret:
         print_line(
@@ -104,6 +109,29 @@ def set_value(
         )
     shown = "(hidden)" if is_secret(name) else repr(value)
     print_line(f"{name} = {shown} written to {path}" if value else f"{name} removed from {path}")
+    if remark:
+        print_remark(remark)
+
+
+def _gpu_type(value: str) -> tuple[str, str | None]:
+    """The id of the GPU type `value` names in the provider's catalogue (an unknown or ambiguous
+    name is refused with the candidates), and a remark. When the provider cannot be asked now
+    (no API key yet, no network), `value` as given, said to be unchecked: it is checked when
+    it is used."""
+    settings = load_settings()
+    try:
+        catalogue = make_provider(settings.model_copy(update={"api_retries": 0})).gpu_types()
+    except UnknownGpuError:
+        raise
+    except (ConfigError, ProviderError) as error:
+        return value, (
+            f"Not checked against the provider's GPU types ({error.message.rstrip('.')}); "
+            "hctl checks it when a pod is made. `hctl gpus` lists them."
+        )
+    gpu = resolve_gpu(catalogue, value)
+    if gpu.id == value:
+        return value, None
+    return gpu.id, f"{value!r} is the GPU type {gpu.id!r} ({gpu.display_name})."
 
 
 def register(app: typer.Typer) -> None:
