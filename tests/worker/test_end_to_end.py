@@ -67,8 +67,9 @@ def harmless_refusals(job_dir: Path, trial: dict, harmful: bool = False) -> int:
     """Refusals on the harmless (or `harmful`) held-out prompts with the trial's edit applied,
     counted here with heretic's markers from full greedy replies (not by the worker's scorer)."""
     from hctl_worker.ablation import AblationParams, Ablator
+    from hctl_worker.direction_cache import load_cached_directions
     from hctl_worker.evaluation import EvaluationPrompts, Evaluator
-    from hctl_worker.job_directory import JobPaths, load_cached_directions, stored_settings
+    from hctl_worker.job_directory import JobPaths, stored_settings
     from hctl_worker.markers import DEFAULT_REFUSAL_MARKERS, is_refusal
     from hctl_worker.model import load_model
     from hctl_worker.prompts import load_prompts

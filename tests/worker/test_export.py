@@ -97,8 +97,9 @@ def test_exported_model_computes_what_the_trial_computed(tmp_path: Path) -> None
 
     from hctl_worker.ablation import AblationParams, Ablator
     from hctl_worker.cli import app
+    from hctl_worker.direction_cache import load_cached_directions
     from hctl_worker.events import EVENTS_FILE, DoneEvent, StageEvent, read_events
-    from hctl_worker.job_directory import JobPaths, load_cached_directions
+    from hctl_worker.job_directory import JobPaths
     from hctl_worker.model import load_model
     from tests.worker.test_end_to_end import FIXTURES, run_events, write_fixture_config
 

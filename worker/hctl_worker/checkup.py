@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING
 
 from hctl_worker.ablation import AblationParams, Ablator
 from hctl_worker.benchmarks import INSTALL_HINT, lm_eval_installed, run_benchmarks
+from hctl_worker.direction_cache import load_cached_directions
 from hctl_worker.events import EvaluationEvent, Measure
 from hctl_worker.job_directory import (
     JobPaths,
     existing_job_directory,
     find_trial,
     finished_trials,
-    load_cached_directions,
     stored_settings,
     write_evaluation,
 )

@@ -30,7 +30,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import tomli_w
 from pydantic import ValidationError
@@ -50,9 +50,6 @@ from hctl_worker.locks import FileLock
 from hctl_worker.settings import WorkerSettings, read_config_file
 from hctl_worker.storage import StudyStorage, open_storage, without_password
 from hctl_worker.trials import Trial, find, pareto_front
-
-if TYPE_CHECKING:
-    import torch
 
 DIRECTIONS_FILE = "directions.safetensors"
 PARETO_FILE = "pareto.json"
@@ -350,66 +347,13 @@ def _write_json(path: Path, value: Any) -> None:
     _replace_text(path, json.dumps(value, indent=2) + "\n")
 
 
-def _partial(path: Path) -> Path:
+def partial_path(path: Path) -> Path:
     """A file to write before it replaces `path`; its own per process, as several workers of
     a job may write the same file at once (each one whole: a reader sees one or the other)."""
     return path.with_name(f".{path.name}.{os.getpid()}.partial")
 
 
 def _replace_text(path: Path, text: str) -> None:
-    partial = _partial(path)
+    partial = partial_path(path)
     partial.write_text(text, encoding="utf-8")
     partial.replace(path)
-
-
-# ----------------------------------------------------------------------------------------------
-# The refusal directions, computed once per job (safetensors, so torch is imported only here).
-
-
-# What the directions cache holds: the directions, the separation per hidden state, and the
-# harmful-minus-harmless writes per layer and component (see directions.py).
-CACHED_MEASUREMENTS = ("directions", "separation", "writes")
-
-
-def read_cached_directions(paths: JobPaths, key: str) -> dict[str, torch.Tensor] | None:
-    """The job's cached measurements when they were made for `key` and are complete."""
-    from safetensors import safe_open
-
-    if paths.directions.exists():
-        # A damaged or older cache is recomputed, never trusted.
-        with contextlib.suppress(Exception), safe_open(str(paths.directions), "pt") as handle:
-            if (handle.metadata() or {}).get("key") == key:
-                return {name: handle.get_tensor(name) for name in CACHED_MEASUREMENTS}
-    return None
-
-
-def write_cached_directions(
-    paths: JobPaths, key: str, model: str, measurements: dict[str, torch.Tensor]
-) -> None:
-    from safetensors.torch import save_file
-
-    partial = _partial(paths.directions)
-    save_file(
-        {name: measurements[name].contiguous() for name in CACHED_MEASUREMENTS},
-        str(partial),
-        metadata={"key": key, "model": model},
-    )
-    partial.replace(paths.directions)
-
-
-def directions_lock(paths: JobPaths) -> FileLock:
-    """Held while a worker reads or computes the job's directions: workers starting together on
-    one job compute them once, the others wait and read the cache."""
-    return FileLock(paths.root / "directions.lock")
-
-
-def load_cached_directions(paths: JobPaths) -> torch.Tensor:
-    """The job's directions for export; an error when the job never computed them."""
-    from safetensors.torch import load_file
-
-    if not paths.directions.exists():
-        raise JobDirectoryError(
-            f"job {paths.job_id} has no refusal directions yet",
-            "Run the search first (hctl-worker run --job-dir ...).",
-        )
-    return load_file(str(paths.directions))["directions"]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from hctl_worker.ablation import Ablator
 from hctl_worker.checkup import capability_check
+from hctl_worker.direction_cache import load_cached_directions
 from hctl_worker.errors import SettingsError
 from hctl_worker.events import DoneEvent
 from hctl_worker.export import check_save_directory, export_trial
@@ -17,7 +18,6 @@ from hctl_worker.job_directory import (
     existing_job_directory,
     find_trial,
     finished_trials,
-    load_cached_directions,
     stored_settings,
 )
 from hctl_worker.pipeline import JobOutcome

@@ -23,6 +23,11 @@ from hctl_worker.baseline_check import (
     refusal_coverage,
 )
 from hctl_worker.batching import cached_batch_size
+from hctl_worker.direction_cache import (
+    directions_lock,
+    read_cached_directions,
+    write_cached_directions,
+)
 from hctl_worker.directions import (
     last_token_activations,
     layer_separation,
@@ -31,12 +36,7 @@ from hctl_worker.directions import (
 )
 from hctl_worker.evaluation import EvaluationPrompts, Evaluator, TrialEvaluation
 from hctl_worker.events import BaselineEvent
-from hctl_worker.job_directory import (
-    JobPaths,
-    directions_lock,
-    read_cached_directions,
-    write_cached_directions,
-)
+from hctl_worker.job_directory import JobPaths
 from hctl_worker.job_prompts import SharedRecord, load_prompt_sets
 from hctl_worker.model import LoadedModel, load_model
 from hctl_worker.perplexity import reply_log_likelihoods
