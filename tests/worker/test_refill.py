@@ -10,13 +10,12 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from hctl_worker import generation
 from hctl_worker.ablation import AblationParams, Ablator, ComponentKernel
 from hctl_worker.directions import last_token_residuals, refusal_directions
 from hctl_worker.generation import Context, GenerationStats, encode_texts, generate
 from hctl_worker.markers import DEFAULT_REFUSAL_MARKERS, contains_marker, normalise_response
 from hctl_worker.model import load_model
-from hctl_worker.refill import join_rows, joinable
+from hctl_worker.refill import MAX_ROWS_FACTOR, cache_bytes, join_rows, joinable, row_limit
 from hctl_worker.reuse import ReuseOptions
 from tests.worker.random_models import random_loaded
 from tests.worker.scoring import evaluator_for, scoring_for
@@ -83,7 +82,7 @@ def test_the_refusers_replies_are_its_own_with_refilled_batches() -> None:
     runs = {}
     for refill in (False, True):
         stats = GenerationStats()
-        context = Context(refill=refill)
+        context = Context(refill_bytes=2**30 if refill else 0)
         replies = generate(loaded, batches, 16, DEFAULT_REFUSAL_MARKERS, stats, context=context)
         runs[refill] = replies, stats
     assert runs[True][0] == runs[False][0]
@@ -101,14 +100,11 @@ def test_the_refusers_replies_are_its_own_with_refilled_batches() -> None:
     ["llama", "qwen2", "gpt2", "gpt_neox", "opt", "falcon", "phi3", "qwen3_moe", "gemma2",
      "mistral"],
 )  # fmt: skip
-def test_refilled_or_not_every_family_replies_alike_under_an_edit(
-    architecture: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_refilled_or_not_every_family_replies_alike_under_an_edit(architecture: str) -> None:
     """The worker's evaluation (shared prefix, replayed layers, packed prompts) with and without
     refilling gives the same replies, word for word, to an edited model; families whose cache
-    cannot be joined (sliding windows) run their batches apart. Random models' replies all
-    run to the limit, so here a batch takes in the next one while all its rows still run."""
-    monkeypatch.setattr(generation, "REFILL_SHARE", 1.0)
+    cannot be joined (sliding windows) run their batches apart. (Random models' replies
+    all run to the limit; their caches are small, so batches join before their first step.)"""
     loaded = random_loaded(architecture, seed=11)
     texts = loaded.template(PROMPTS, SYSTEM)
     residuals = last_token_residuals(loaded, texts, 4)
@@ -141,3 +137,13 @@ def test_refilled_or_not_every_family_replies_alike_under_an_edit(
         assert passes[True] < passes[False]
     else:
         assert passes[True] == passes[False]
+
+
+def test_a_joint_batch_grows_as_far_as_the_budget_holds_its_keys_and_values() -> None:
+    cache = _cache(4, 10, 1.0)  # 2 layers x (keys + values) x 4 rows x 2 heads x 10 x 4 floats
+    per_row_now = cache_bytes(cache) / 4
+    assert per_row_now == 2 * 2 * 2 * 10 * 4 * 4
+    per_row_full = per_row_now * (10 + 30) / 10  # 30 tokens to come
+    assert row_limit(cache, 4, 10, 30, int(7 * per_row_full)) == 7
+    assert row_limit(cache, 4, 10, 30, int(2 * per_row_full)) == 4  # never below the batch
+    assert row_limit(cache, 4, 10, 30, 2**40) == 4 * MAX_ROWS_FACTOR  # nor above the factor

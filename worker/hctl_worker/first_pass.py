@@ -29,6 +29,7 @@ from hctl_worker.encoding import (
 from hctl_worker.model import is_out_of_memory
 from hctl_worker.packing import Packing, plan_packing
 from hctl_worker.prefix import SharedPrefix
+from hctl_worker.refill import cache_bytes
 from hctl_worker.replay import Recording, replaying
 from hctl_worker.static_decode import StaticDecoder
 
@@ -197,7 +198,9 @@ class Context:
     policy: DraftPolicy | None = None
     cost: PassCost | None = None
     decoder: StaticDecoder | None = None  # whether width-1 passes run statically
-    refill: bool = False  # whether finishing batches take in the next ones' rows (`refill.py`)
+    # What the keys and values of a batch that takes in the next ones' rows may hold at most
+    # (`refill.py`); 0: batches are not refilled.
+    refill_bytes: int = 0
 
     @property
     def drafting(self) -> bool:
@@ -226,12 +229,7 @@ class StartedBatch:
     share: float  # of the layers, the share the pass computed (the rest replayed)
 
     def cache_bytes(self) -> int:
-        layers = getattr(self.cache, "layers", None) or []
-        return sum(
-            layer.keys.nbytes + layer.values.nbytes
-            for layer in layers
-            if getattr(layer, "keys", None) is not None
-        )
+        return cache_bytes(self.cache)
 
 
 def start_batch(loaded: LoadedModel, batch: EncodedBatch, context: Context) -> StartedBatch:

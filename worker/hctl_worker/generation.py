@@ -49,7 +49,7 @@ from hctl_worker.first_pass import (
     start_cache,
 )
 from hctl_worker.prefix import SharedPrefix
-from hctl_worker.refill import REFILL_SHARE, join_rows, joinable
+from hctl_worker.refill import join_rows, joinable, row_limit
 from hctl_worker.replies import Reply, accept
 from hctl_worker.static_decode import Decoding
 from hctl_worker.stop_tokens import stop_token_ids
@@ -168,7 +168,7 @@ def _generate_batch(
         return replies
     replies = list(replies)
     first, cache, drafting = opening.first, opening.cache, opening.drafting
-    rows = capacity = len(replies)
+    rows = len(replies)
     attention_mask = first.attention_mask.clone()
     active = list(range(rows))  # the reply held in each cache slot
     pending_drafts = first.drafts
@@ -181,7 +181,18 @@ def _generate_batch(
         decoder is not None and decoder.static and not (context.drafts is not None and drafting)
     )
     # Batches join only one made of passes of one token per row, on a cache that can take them.
-    refilling = bool(following) and context.refill and not static and not drafting and can_drop_rows
+    refilling = (
+        bool(following)
+        and context.refill_bytes > 0
+        and not static
+        and not drafting
+        and can_drop_rows
+    )
+    limit = (  # the rows the batch may grow to
+        row_limit(cache, rows, attention_mask.shape[1], max_new_tokens, context.refill_bytes)
+        if refilling
+        else rows
+    )
     decoding: Decoding | None = None
 
     def finish(reply: Reply, refused: bool) -> None:
@@ -190,7 +201,7 @@ def _generate_batch(
             verdicts.decide(refused)
 
     while True:
-        while refilling and following and len(active) <= capacity * REFILL_SHARE:
+        while refilling and following and len(active) + len(following[0].indices) <= limit:
             queued = started.get(id(following[0]))
             if (queued is not None and queued.drafting) or not joinable(cache, attention_mask):
                 refilling = False

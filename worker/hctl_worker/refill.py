@@ -2,10 +2,11 @@
 
 A batch's replies end at different lengths (a refusal at its first marker, others at the stop
 token or the length limit), and a batch takes as many decode steps as its longest reply. Each
-step reads every weight, however few rows are left. So once at most `REFILL_SHARE` of a batch's
-rows are still generating, the next batch's first pass runs and its rows join the running batch:
-their keys and values are appended to the cache, the shorter side padded on the left and masked,
-and the decode steps carry on with both. Every row keeps its own positions and attention mask,
+step reads every weight, however few rows are left. So whenever the rows still generating and
+the next batch's rows fit in the joint batch's limit (`row_limit`: as many rows as the memory
+budget holds keys and values for, at the replies' full length), the next batch's first pass runs
+and its rows join the running batch: their keys and values are appended to the cache, the
+shorter side padded on the left and masked, and the decode steps carry on with both. Every row keeps its own positions and attention mask,
 so its reply is the one it gets alone (`tests/worker/test_refill.py` compares them).
 
 Only plain key/value caches can be joined like this (`replay.replayable`), and only batches
@@ -19,9 +20,27 @@ import torch.nn.functional as functional
 
 from hctl_worker.replay import replayable
 
-# The next batch joins once at most this share of a batch's rows is left (so a decode step has
-# at most 1 + REFILL_SHARE times a batch's rows).
-REFILL_SHARE = 0.5
+# A joint batch holds at most this many times a batch's rows, whatever the memory budget allows.
+MAX_ROWS_FACTOR = 4
+
+
+def cache_bytes(cache) -> int:
+    """The bytes of a key/value cache's keys and values (0 for any other cache)."""
+    layers = getattr(cache, "layers", None) or []
+    return sum(
+        layer.keys.nbytes + layer.values.nbytes
+        for layer in layers
+        if getattr(layer, "keys", None) is not None
+    )
+
+
+def row_limit(cache, rows: int, columns: int, new_tokens: int, budget: int) -> int:
+    """How many rows a batch of `rows` rows may grow to by taking in others: as many as `budget`
+    bytes of keys and values hold at the replies' full length (`columns` now, `new_tokens`
+    more), at least `rows`, at most MAX_ROWS_FACTOR times as many."""
+    per_row = cache_bytes(cache) / max(rows, 1) * (columns + new_tokens) / max(columns, 1)
+    fitting = int(budget // per_row) if per_row > 0 else rows
+    return max(rows, min(MAX_ROWS_FACTOR * rows, fitting))
 
 
 def joinable(cache, attention_mask: torch.Tensor) -> bool:
@@ -62,4 +81,4 @@ def _pad_left(tensor: torch.Tensor, columns: int) -> torch.Tensor:
     return functional.pad(tensor, padding)
 
 
-__all__ = ["REFILL_SHARE", "join_rows", "joinable"]
+__all__ = ["MAX_ROWS_FACTOR", "cache_bytes", "join_rows", "joinable", "row_limit"]

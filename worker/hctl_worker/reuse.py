@@ -183,7 +183,7 @@ class Reuse:
             policy=policy,
             cost=self.pass_cost if drafts is not None else None,
             decoder=self.decoder,
-            refill=self.refill,
+            refill_bytes=self.memory_budget() if self.refill else 0,
         )
 
     def prepare(self, sets: Sequence[PromptSet]) -> None:
