@@ -147,3 +147,23 @@ def test_a_joint_batch_grows_as_far_as_the_budget_holds_its_keys_and_values() ->
     assert row_limit(cache, 4, 10, 30, int(7 * per_row_full)) == 7
     assert row_limit(cache, 4, 10, 30, int(2 * per_row_full)) == 4  # never below the batch
     assert row_limit(cache, 4, 10, 30, 2**40) == 4 * MAX_ROWS_FACTOR  # nor above the factor
+
+
+def test_with_replay_off_a_batch_never_grows_past_its_rows() -> None:
+    """replay_memory = 0 asks for no memory beyond a batch's own: batches are still refilled, but
+    only as far as the batch size (the last, smaller batch joins the rows left)."""
+    loaded = random_loaded("llama", seed=11)
+    texts = loaded.template(PROMPTS, SYSTEM)
+    scoring = scoring_for(["zz"])
+    common = dict(good=texts, bad=texts, max_response_length=10, batch_size=4)
+    budgets = {
+        memory: evaluator_for(
+            loaded, scoring, reuse=ReuseOptions(replay_memory=memory), **common
+        ).reuse.refill_budget()
+        for memory in (0.0, 0.25)
+    }
+    assert budgets[0.0] == 1 and budgets[0.25] >= 64 * 2**20
+    cache = _cache(4, 10, 1.0)
+    assert row_limit(cache, 4, 10, 30, budgets[0.0]) == 4
+    plain = evaluator_for(loaded, scoring, reuse=ReuseOptions.plain(), **common)
+    assert plain.reuse.refill_budget() == 0

@@ -183,7 +183,7 @@ class Reuse:
             policy=policy,
             cost=self.pass_cost if drafts is not None else None,
             decoder=self.decoder,
-            refill_bytes=self.memory_budget() if self.refill else 0,
+            refill_bytes=self.refill_budget(),
         )
 
     def prepare(self, sets: Sequence[PromptSet]) -> None:
@@ -340,6 +340,13 @@ class Reuse:
         """Bytes a trial may keep of its prompt passes for its replies (the replay budget; none
         for caches that are not plain keys and values, or with replay off)."""
         return self.memory_budget() if self.replay_memory > 0 and self.plain_cache else 0
+
+    def refill_budget(self) -> int:
+        """Bytes the keys and values of a batch that takes in others' rows may hold (1 with
+        replay off: a batch never grows past its rows; 0 when batches are not refilled)."""
+        if not self.refill:
+            return 0
+        return self.memory_budget() if self.replay_memory > 0 else 1
 
     def memory_budget(self) -> int:
         """What the recordings may hold: `replay_memory` of the model's size, at least
