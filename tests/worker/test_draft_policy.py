@@ -87,7 +87,7 @@ def test_the_policy_drafts_only_where_measurement_says_it_is_cheaper() -> None:
 
 class _Counting(DraftPolicy):
     """Drafts or not as told; records, per batch, the passes counted for both ways (at the
-    moment the engine asks)."""
+    moment the engine asks), and the passes refilled batches share without drafts."""
 
     def __init__(self, cost, drafting: bool) -> None:
         super().__init__(cost)
@@ -103,6 +103,10 @@ class _Counting(DraftPolicy):
         plain = passes_needed(replies, columns, share, length, None)[0]
         self.counted.append((with_drafts, plain))
         super().observe_batch(replies, columns, share, length, store, first_drafts, cells)
+
+    def share_passes(self, passes: int) -> None:
+        self.counted.append((0, -passes))  # refilled, the plain way needs that many fewer
+        super().share_passes(passes)
 
 
 @pytest.mark.parametrize("drafting", [True, False])

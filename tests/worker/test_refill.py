@@ -15,7 +15,14 @@ from hctl_worker.directions import last_token_residuals, refusal_directions
 from hctl_worker.generation import Context, GenerationStats, encode_texts, generate
 from hctl_worker.markers import DEFAULT_REFUSAL_MARKERS, contains_marker, normalise_response
 from hctl_worker.model import load_model
-from hctl_worker.refill import MAX_ROWS_FACTOR, cache_bytes, join_rows, joinable, row_limit
+from hctl_worker.refill import (
+    MAX_ROWS_FACTOR,
+    cache_bytes,
+    join_rows,
+    joinable,
+    refilled_passes,
+    row_limit,
+)
 from hctl_worker.reuse import ReuseOptions
 from tests.worker.random_models import random_loaded
 from tests.worker.scoring import evaluator_for, scoring_for
@@ -167,3 +174,15 @@ def test_with_replay_off_a_batch_never_grows_past_its_rows() -> None:
     assert row_limit(cache, 4, 10, 30, budgets[0.0]) == 4
     plain = evaluator_for(loaded, scoring, reuse=ReuseOptions.plain(), **common)
     assert plain.reuse.refill_budget() == 0
+
+
+def test_the_passes_of_refilled_batches_are_counted_as_the_engine_runs_them() -> None:
+    """(The draft policy prices the way not taken with this; test_draft_policy checks it against
+    the engine's own count.) Rows need 3 and 1 tokens, then 2 and 2, then 1; the first run may
+    hold 3 rows: the second batch joins once the first's short row has left."""
+    batches = [([3, 1], 3), ([2, 2], 0), ([1], 0)]
+    # pass 1: batch 1's first; pass 2: a step (row of 3); pass 3: batch 2's first pass, joined;
+    # pass 4: a step for all three; pass 5: batch 3's first, alone (4 rows would not fit).
+    assert refilled_passes(batches) == 5
+    assert refilled_passes([(need, 0) for need, _ in batches]) == 3 + 2 + 1  # one by one
+    assert refilled_passes([([1, 1], 8), ([1], 8), ([4], 8)]) == 3 + 3

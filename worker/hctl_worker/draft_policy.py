@@ -169,6 +169,15 @@ class DraftPolicy:
             else:
                 self._pending[slot] += estimate
 
+    def share_passes(self, passes: int) -> None:
+        """The batches priced one by one without drafts share `passes` of their passes when run
+        refilled (`refill.py`): that many fewer passes, the same tokens."""
+        fit = self.cost.fitted()
+        if fit is None:
+            self._priced = False
+        else:
+            self._pending[1] -= fit[0] * passes
+
     def finish(self, drafted: bool, complete: bool) -> None:
         """One generation is over: count it, and keep its estimates if every batch ran."""
         if drafted:

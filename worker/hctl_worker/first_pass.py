@@ -250,6 +250,30 @@ def start_batch(loaded: LoadedModel, batch: EncodedBatch, context: Context) -> S
     return StartedBatch(recorded, first, drafting, cache, choices, first_logits, share)
 
 
+def first_token_logits(
+    loaded: LoadedModel,
+    batch: EncodedBatch,
+    prefix: SharedPrefix | None = None,
+    context: Context | None = None,
+) -> torch.Tensor:
+    """Raw next-token logits after each prompt: [rows, vocab], float32."""
+    context = context or Context(prefix=prefix)
+    model = loaded.model
+    if context.prefix is None and not context.first_passes:
+        outputs = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=position_ids_for(batch.attention_mask),
+            use_cache=False,
+            **forward_options(model),
+        )
+        return outputs.logits[:, -1, :].float()
+    first = context.first_pass(batch, pad_id(loaded)).with_drafts_cut(0)
+    cache = start_cache(model, context.prefix, first.cache_rows)
+    outputs = first.run(model, cache, context.layers, context.start_for(first))
+    return outputs.logits[:, -1, :].float()
+
+
 def _first_pass_outputs(loaded: LoadedModel, first: FirstPass, context: Context):
     model = loaded.model
     cache = start_cache(model, context.prefix, first.cache_rows)
@@ -284,4 +308,12 @@ def start_cache(model: torch.nn.Module, prefix: SharedPrefix | None, rows: int):
     return prefix.copy_for(model, rows) if prefix is not None else new_cache(model)
 
 
-__all__ = ["Context", "FirstPass", "StartedBatch", "pad_id", "start_batch", "start_cache"]
+__all__ = [
+    "Context",
+    "FirstPass",
+    "StartedBatch",
+    "first_token_logits",
+    "pad_id",
+    "start_batch",
+    "start_cache",
+]

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hctl_worker.draft_policy import FinishedReply
+from hctl_worker.draft_policy import DraftPolicy, FinishedReply
 from hctl_worker.encoding import (
     EncodedBatch,
     cache_option,
@@ -46,10 +46,9 @@ from hctl_worker.first_pass import (
     StartedBatch,
     pad_id,
     start_batch,
-    start_cache,
 )
 from hctl_worker.prefix import SharedPrefix
-from hctl_worker.refill import join_rows, joinable, row_limit
+from hctl_worker.refill import join_rows, joinable, refilled_passes, row_limit
 from hctl_worker.replies import Reply, accept
 from hctl_worker.static_decode import Decoding
 from hctl_worker.stop_tokens import stop_token_ids
@@ -96,28 +95,14 @@ class Verdicts:
         return self.limit is not None and self.refusals >= self.limit
 
 
-def first_token_logits(
-    loaded: LoadedModel,
-    batch: EncodedBatch,
-    prefix: SharedPrefix | None = None,
-    context: Context | None = None,
-) -> torch.Tensor:
-    """Raw next-token logits after each prompt: [rows, vocab], float32."""
-    context = context or Context(prefix=prefix)
-    model = loaded.model
-    if context.prefix is None and not context.first_passes:
-        outputs = model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=position_ids_for(batch.attention_mask),
-            use_cache=False,
-            **forward_options(model),
-        )
-        return outputs.logits[:, -1, :].float()
-    first = context.first_pass(batch, pad_id(loaded)).with_drafts_cut(0)
-    cache = start_cache(model, context.prefix, first.cache_rows)
-    outputs = first.run(model, cache, context.layers, context.start_for(first))
-    return outputs.logits[:, -1, :].float()
+@dataclass
+class _Group:
+    """One batch of a generation: its first pass, its replies, and the rows a run that it opens
+    may grow to without drafts (0: it takes in no other batch)."""
+
+    begun: StartedBatch
+    replies: list[Reply]
+    limit: int
 
 
 def _generate_batch(
@@ -131,12 +116,12 @@ def _generate_batch(
     verdicts: Verdicts | None = None,
     started: Mapping[int, StartedBatch] | None = None,
     following: deque[EncodedBatch] | None = None,
-) -> list[Reply]:
+) -> list[_Group]:
     """Greedy replies for one batch; rows leave the batch at EOS or, with `markers`, as soon as
     their normalised text contains one (the reply is then a refusal whatever follows). A batch
     in `started` (by id) has had its first pass run already (under the same edit). With
     `following` and a context that refills, batches from its front join this one as its rows
-    finish (`refill.py`); the replies of every batch that ran are returned."""
+    finish (`refill.py`); every batch that ran is returned, with its replies."""
     context = context or Context()
     started = started or {}
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -144,9 +129,12 @@ def _generate_batch(
     stop_ids = stop_token_ids(loaded)
     pad = pad_id(loaded)
     if max_new_tokens <= 0 and first_logits is None:
-        return [Reply(index, 0) for index in batch.indices]
+        return []
     depth = loaded.n_layers
-    groups: list[tuple[StartedBatch, list[Reply]]] = []  # each batch's first pass and replies
+    groups: list[_Group] = []
+    decoder = context.decoder
+    # Passes of one token per row (no drafts follow) may run on static buffers, or a CUDA graph.
+    static_plain = decoder is not None and decoder.static
 
     def begin(batch: EncodedBatch) -> tuple[StartedBatch, list[Reply]]:
         begun = started.get(id(batch)) or start_batch(loaded, batch, context)
@@ -160,12 +148,25 @@ def _generate_batch(
             Reply(index, int(first.position_ids[row, -first.draft_width - 1]) + 1)
             for row, index in enumerate(batch.indices)
         ]
-        groups.append((begun, begun_replies))
+        # The rows a run this batch opens may grow to, run without drafts (for the policy too).
+        refills = context.refill_bytes > 0 and not static_plain
+        limit = (
+            row_limit(
+                begun.cache,
+                len(begun_replies),
+                first.attention_mask.shape[1],
+                max_new_tokens,
+                context.refill_bytes,
+            )
+            if refills and joinable(begun.cache, first.attention_mask)
+            else 0
+        )
+        groups.append(_Group(begun, begun_replies, limit))
         return begun, begun_replies
 
     opening, replies = begin(batch)
     if max_new_tokens <= 0:
-        return replies
+        return groups
     replies = list(replies)
     first, cache, drafting = opening.first, opening.cache, opening.drafting
     rows = len(replies)
@@ -173,13 +174,8 @@ def _generate_batch(
     active = list(range(rows))  # the reply held in each cache slot
     pending_drafts = first.drafts
     can_drop_rows = hasattr(cache, "batch_select_indices")
-    stopped_early = False
     choices = opening.choices  # [slots, 1 + draft width]: the greedy token at each column
-    # Passes of one token per row (no drafts follow) may run on static buffers, or a CUDA graph.
-    decoder = context.decoder
-    static = (
-        decoder is not None and decoder.static and not (context.drafts is not None and drafting)
-    )
+    static = static_plain and not (context.drafts is not None and drafting)
     # Batches join only one made of passes of one token per row, on a cache that can take them.
     refilling = (
         bool(following)
@@ -188,11 +184,7 @@ def _generate_batch(
         and not drafting
         and can_drop_rows
     )
-    limit = (  # the rows the batch may grow to
-        row_limit(cache, rows, attention_mask.shape[1], max_new_tokens, context.refill_bytes)
-        if refilling
-        else rows
-    )
+    limit = groups[0].limit if refilling else rows  # the rows the batch may grow to
     decoding: Decoding | None = None
 
     def finish(reply: Reply, refused: bool) -> None:
@@ -232,7 +224,7 @@ def _generate_batch(
             attention_mask[slot, first_rejected:] = 0
             reply.position += kept
         if verdicts is not None and verdicts.stop():
-            verdicts.stopped = stopped_early = True
+            verdicts.stopped = True
             break
         keep = [slot for slot, row in enumerate(active) if not replies[row].done]
         if not keep:
@@ -297,21 +289,30 @@ def _generate_batch(
         pending_drafts = drafts
     stats.tokens += sum(len(reply.tokens) for reply in replies)
     stats.rows += rows
-    for begun, group in groups:
-        if context.drafts is not None and context.policy is not None and not stopped_early:
-            context.policy.observe_batch(
-                [FinishedReply(reply.index, reply.tokens, reply.stopped) for reply in group],
-                begun.recorded.input_ids.shape[1] - begun.recorded.draft_width,
-                begun.share,
-                max_new_tokens,
-                context.drafts,
-                begun.recorded.drafts,
-                begun.recorded.with_drafts_cut(0).cells,
-            )
-    if context.drafts is not None:
-        for reply in replies:
-            context.drafts.add(reply.index, reply.tokens)
-    return replies
+    return groups
+
+
+def _observe(policy: DraftPolicy, groups: Sequence[_Group], max_new_tokens: int, store) -> None:
+    """Price a finished generation both ways for `policy`, batch by batch; without drafts its
+    batches would be refilled, so they share some passes (`refill.refilled_passes`)."""
+    needs = []
+    for group in groups:
+        finished = [
+            FinishedReply(reply.index, reply.tokens, reply.stopped) for reply in group.replies
+        ]
+        recorded = group.begun.recorded
+        policy.observe_batch(
+            finished,
+            recorded.input_ids.shape[1] - recorded.draft_width,
+            group.begun.share,
+            max_new_tokens,
+            store,
+            recorded.drafts,
+            recorded.with_drafts_cut(0).cells,
+        )
+        needs.append(([len(reply.tokens) + reply.stopped for reply in finished], group.limit))
+    alone = sum(max(need) for need, _ in needs if need)
+    policy.share_passes(alone - refilled_passes(needs))
 
 
 def generate(
@@ -335,12 +336,13 @@ def generate(
     total = sum(len(batch.indices) for batch in batches)
     replies = [""] * total
     queue = deque(batches)
+    groups: list[_Group] = []
     with torch.inference_mode():
         while queue:
             if verdicts is not None and verdicts.stop():
                 verdicts.stopped = True
                 break
-            for reply in _generate_batch(
+            groups += _generate_batch(
                 loaded,
                 queue.popleft(),
                 max_new_tokens,
@@ -351,10 +353,18 @@ def generate(
                 verdicts,
                 started,
                 following=queue,
-            ):
-                replies[reply.index] = loaded.tokenizer.decode(
-                    reply.tokens, skip_special_tokens=True
-                )
+            )
+    for group in groups:
+        for reply in group.replies:
+            replies[reply.index] = loaded.tokenizer.decode(reply.tokens, skip_special_tokens=True)
+    store = context.drafts
+    if store is not None and max_new_tokens > 0:
+        complete = verdicts is None or not verdicts.stopped
+        if context.policy is not None and complete:
+            _observe(context.policy, groups, max_new_tokens, store)
+        for group in groups:  # after pricing: the drafts were what the store held before
+            for reply in group.replies:
+                store.add(reply.index, reply.tokens)
     return replies
 
 
@@ -367,7 +377,6 @@ __all__ = [
     "Verdicts",
     "cache_option",
     "encode_texts",
-    "first_token_logits",
     "forward_options",
     "generate",
     "position_ids_for",

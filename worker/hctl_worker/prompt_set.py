@@ -12,8 +12,8 @@ import torch
 from hctl_worker.draft_policy import DraftPolicy
 from hctl_worker.drafts import DraftStore
 from hctl_worker.encoding import encode_texts
-from hctl_worker.first_pass import StartedBatch, start_batch
-from hctl_worker.generation import GenerationStats, Verdicts, first_token_logits, generate
+from hctl_worker.first_pass import StartedBatch, first_token_logits, start_batch
+from hctl_worker.generation import GenerationStats, Verdicts, generate
 from hctl_worker.reuse import Reuse
 
 

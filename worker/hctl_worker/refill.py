@@ -15,6 +15,9 @@ decoded one token per row: drafts and static decoding keep their batches apart.
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as functional
 
@@ -72,6 +75,30 @@ def join_rows(
     return torch.cat([_pad_left(attention_mask, columns), _pad_left(joining_mask, columns)])
 
 
+def refilled_passes(batches: Sequence[tuple[Sequence[int], int]]) -> int:
+    """The passes a generation without drafts takes when batches are refilled, as the engine
+    (`generation._generate_batch`) runs them: each batch is the tokens each of its rows needs
+    (its first from the batch's first pass, one more per pass after it) and the rows a run it
+    opens may grow to (0: it takes in no batch). For pricing the way not taken."""
+    queue = deque(batches)
+    passes = 0
+    while queue:
+        needs, limit = queue.popleft()
+        passes += 1
+        left = [need - 1 for need in needs]  # passes each row needs after its first
+        while True:
+            while queue and len(left) + len(queue[0][0]) <= limit:
+                joined, _ = queue.popleft()
+                passes += 1
+                left += [need - 1 for need in joined]
+            left = [steps for steps in left if steps > 0]
+            if not left:
+                break
+            passes += 1
+            left = [steps - 1 for steps in left]
+    return passes
+
+
 def _pad_left(tensor: torch.Tensor, columns: int) -> torch.Tensor:
     """Zeros in front of the column dimension (the last of a mask, the third of keys/values)."""
     missing = columns - (tensor.shape[1] if tensor.dim() == 2 else tensor.shape[-2])
@@ -81,4 +108,11 @@ def _pad_left(tensor: torch.Tensor, columns: int) -> torch.Tensor:
     return functional.pad(tensor, padding)
 
 
-__all__ = ["MAX_ROWS_FACTOR", "cache_bytes", "join_rows", "joinable", "row_limit"]
+__all__ = [
+    "MAX_ROWS_FACTOR",
+    "cache_bytes",
+    "join_rows",
+    "joinable",
+    "refilled_passes",
+    "row_limit",
+]

@@ -33,8 +33,7 @@ from hctl_worker.encoding import (
     new_cache,
     returned_cache,
 )
-from hctl_worker.first_pass import Context, FirstPass, start_cache
-from hctl_worker.generation import first_token_logits
+from hctl_worker.first_pass import Context, FirstPass, first_token_logits, start_cache
 from hctl_worker.model import is_out_of_memory
 from hctl_worker.packing import attention_weight, attention_window
 from hctl_worker.prefix import SharedPrefix
