@@ -295,11 +295,13 @@ def test_a_trial_the_front_beats_gets_no_guard_measured_and_could_not_have_made_
     scoring.set_baseline(scoring.score(evaluator.evaluate()))
     guard = next(name for name in scoring.names if name in scoring.limits)
 
-    def trial(number: int, params: AblationParams, front=None) -> tuple[Trial, int]:
-        passes_before = evaluator.stats.forward_passes
+    def trial(number: int, params: AblationParams, front=None) -> tuple[Trial, bool]:
+        """The trial, and whether its harmless replies were generated."""
+        generating = evaluator.seconds.get("harmless_replies", 0.0)
         with ablator.applied(params):
             scores = scoring.score(evaluator.evaluate(), front=front)
-        return Trial(number=number, scores=scores), evaluator.stats.forward_passes - passes_before
+        answered = evaluator.seconds.get("harmless_replies", 0.0) > generating
+        return Trial(number=number, scores=scores), answered
 
     late = ComponentKernel(1.5, 3.0, 1.0, 0.5)
     best, _ = trial(1, AblationParams(3.0, {"attention": late, "mlp": late}))
@@ -311,18 +313,20 @@ def test_a_trial_the_front_beats_gets_no_guard_measured_and_could_not_have_made_
     skipped = measured = 0
     for number in range(3, 13):
         params = _random_params(generator, loaded.n_layers)
-        fast, fast_passes = trial(number, params, front)
-        full, full_passes = trial(number, params)
+        fast, fast_answered = trial(number, params, front)
+        full, full_answered = trial(number, params)
+        assert full_answered
         # The objectives are measured alike; only the guard (and its replies) may be left out.
         assert fast.refusals == full.refusals
         assert fast.kl == pytest.approx(full.kl, rel=1e-5, abs=1e-8)
         if fast.scores[guard].value is None:
             skipped += 1
-            assert fast_passes < full_passes  # the harmless replies were not generated
+            assert not fast_answered  # the harmless replies were not generated
             # The fully measured trial could not have made the front either.
             assert pareto_front([*front, full]) == front
         else:
             measured += 1
+            assert fast_answered
             assert fast.scores[guard].value == full.scores[guard].value
             assert not behind_front(front, full.objectives())
     assert skipped > 0 and measured > 0
