@@ -109,7 +109,15 @@ def test_trials_score_the_same_with_static_steps_on_a_fixture() -> None:
             limit = PruningBar(front, margin=1).refusal_limit
             expected_pruned, got_pruned = plain.score(limit), static.score(limit)
         for full, fast in ((expected, got), (expected_pruned, got_pruned)):
-            assert fast.refusals == full.refusals and fast.pruned == full.pruned
+            assert fast.pruned == full.pruned
+            if full.pruned:
+                # Each stopped at `limit` refusals; how many more were decided in that step
+                # depends on which rows decode together (static steps never refill batches).
+                stopped_at = limit(full.kl)
+                assert stopped_at is not None
+                assert min(fast.refusals, full.refusals) >= stopped_at
+            else:
+                assert fast.refusals == full.refusals
             assert fast.kl == pytest.approx(full.kl, rel=1e-4, abs=1e-7)
             assert fast.scores.keys() == full.scores.keys()
         refusals.add(expected.refusals)
