@@ -6,8 +6,9 @@ step reads every weight, however few rows are left. So whenever the rows still g
 the next batch's rows fit in the joint batch's limit (`row_limit`: as many rows as the memory
 budget holds keys and values for, at the replies' full length), the next batch's first pass runs
 and its rows join the running batch: their keys and values are appended to the cache, the
-shorter side padded on the left and masked, and the decode steps carry on with both. Every row keeps its own positions and attention mask,
-so its reply is the one it gets alone (`tests/worker/test_refill.py` compares them).
+shorter side padded on the left and masked, and the decode steps carry on with both. Every row
+keeps its own positions and attention mask, so its reply is the one it gets alone
+(`tests/worker/test_refill.py` compares them).
 
 Only plain key/value caches can be joined like this (`replay.replayable`), and only batches
 decoded one token per row: drafts and static decoding keep their batches apart.
