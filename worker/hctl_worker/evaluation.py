@@ -37,6 +37,7 @@ from hctl_worker.continuations import (
     position_divergences,
 )
 from hctl_worker.errors import OutOfMemoryError
+from hctl_worker.first_pass import pad_id
 from hctl_worker.generation import GenerationStats, Verdicts, encode_texts, generate
 from hctl_worker.model import free_memory, is_out_of_memory
 from hctl_worker.prompt_set import PromptSet
@@ -172,7 +173,7 @@ class Evaluator:
         """The original's greedy continuations of the harmless prompts and its distributions
         along them (kept on the CPU: they can be large)."""
         batches = self._sets["harmless"].batches
-        pad = self.loaded.tokenizer.pad_token_id or 0
+        pad = pad_id(self.loaded)
         with _translated_out_of_memory():
             continuations = greedy_continuations(self.loaded, batches, tokens)
             self._forced = forced_batches(batches, continuations, pad)

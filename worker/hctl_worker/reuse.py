@@ -33,7 +33,13 @@ from hctl_worker.encoding import (
     new_cache,
     returned_cache,
 )
-from hctl_worker.first_pass import Context, FirstPass, first_token_logits, start_cache
+from hctl_worker.first_pass import (
+    Context,
+    FirstPass,
+    first_token_logits,
+    pad_id,
+    start_cache,
+)
 from hctl_worker.model import is_out_of_memory
 from hctl_worker.packing import attention_weight, attention_window
 from hctl_worker.prefix import SharedPrefix
@@ -96,7 +102,6 @@ class Reuse:
         unchanged_layers: Callable[[], int] | None = None,
     ) -> None:
         self.loaded = loaded
-        self.options = options
         self.layers = find_layers(loaded.model)
         # Drafts and replays write columns into the cache that later masks hide or fill; only a
         # plain key/value cache keeps nothing else (a convolution or recurrent state would be
@@ -119,6 +124,8 @@ class Reuse:
         self.refill = options.refill and plain_cache
         self.packed = False  # whether the first passes run packed (checked in `prepare`)
         self.pass_cost = PassCost()  # what a forward pass costs here, for the draft policies
+        # The budgets are read for every pass of every trial; the model's size never changes.
+        self._model_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
 
     def _plain_cache(self) -> bool:
         model = self.loaded.model
@@ -202,7 +209,7 @@ class Reuse:
             self._forget_recordings()
 
     def _build_first_passes(self, sets: Sequence[PromptSet], pack: bool) -> None:
-        pad = self.loaded.tokenizer.pad_token_id or 0
+        pad = pad_id(self.loaded)
         weight = attention_weight(self.loaded.model, self.layers) if pack else None
         window = attention_window(self.loaded.model.config)
         for prompt_set in sets:
@@ -223,7 +230,7 @@ class Reuse:
     def _packing_agrees(self) -> bool:
         """A packed pass gives the padded pass's logits, and the next token's (checked on the
         first batch that packs)."""
-        pad = self.loaded.tokenizer.pad_token_id or 0
+        pad = pad_id(self.loaded)
         for first in self.first_passes.values():
             packed = first.with_drafts_cut(0)
             if packed.packing is None:
@@ -350,9 +357,7 @@ class Reuse:
     def memory_budget(self) -> int:
         """What the recordings may hold: `replay_memory` of the model's size, at least
         MINIMUM_REPLAY_BYTES."""
-        model = self.loaded.model
-        model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        return int(max(self.replay_memory * model_bytes, MINIMUM_REPLAY_BYTES))
+        return int(max(self.replay_memory * self._model_bytes, MINIMUM_REPLAY_BYTES))
 
     def recorded_bytes(self) -> int:
         recordings = [
@@ -366,4 +371,4 @@ class Reuse:
         return sum(recording.nbytes() for recording in recordings if recording is not None)
 
 
-__all__ = ["DEFAULT_REPLAY_MEMORY", "Reuse"]
+__all__ = ["DEFAULT_REPLAY_MEMORY", "Reuse", "ReuseOptions"]
