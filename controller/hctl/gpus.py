@@ -90,8 +90,8 @@ def select_gpu_types(
     cloud_type: CloudType = "ALL",
     spot: bool = False,
 ) -> list[GpuType]:
-    """The GPU types that pass the filters, cheapest first (those not offered last)."""
-    check_gpu_filters(min_vram_gb, max_price)
+    """The GPU types that pass the filters (`check_gpu_filters` them before asking the
+    provider), cheapest first (those not offered last)."""
 
     def offered(gpu: GpuType) -> bool:
         offer = gpu.offer(cloud_type, spot)
