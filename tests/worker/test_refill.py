@@ -4,8 +4,6 @@ others must run their batches apart, with the same replies."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from transformers import DynamicCache
@@ -26,9 +24,8 @@ from hctl_worker.refill import (
 from hctl_worker.reuse import ReuseOptions
 from tests.worker.random_models import random_loaded
 from tests.worker.scoring import evaluator_for, scoring_for
+from tests.worker.test_reuse import FIXTURES, SYSTEM, _prompts
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
-SYSTEM = "You are a helpful assistant."
 # Lengths that differ within and across batches (batches are grouped by length).
 PROMPTS = [
     "Hi",
@@ -76,12 +73,9 @@ def test_joined_rows_are_padded_on_the_left_and_masked_there() -> None:
 def test_the_refusers_replies_are_its_own_with_refilled_batches() -> None:
     """On a model that refuses harmful prompts (a marker, early) and answers harmless ones (to
     the length limit), batches of both thin out, and the next ones join them."""
-    loaded = load_model(str(FIXTURES / "tiny-refuser"), dtypes=["float32"], device_map="cpu")
-    fixture = FIXTURES / "tiny-refuser" / "prompts"
-    harmful, harmless = (
-        [line for line in (fixture / name).read_text().splitlines() if line.strip()][:12]
-        for name in ("harmful_test.txt", "harmless_test.txt")
-    )
+    fixture = FIXTURES / "tiny-refuser"
+    loaded = load_model(str(fixture), dtypes=["float32"], device_map="cpu")
+    harmful, harmless = (_prompts(fixture, name, 12) for name in ("harmful_test", "harmless_test"))
     texts = loaded.template(
         [p for pair in zip(harmful, harmless, strict=True) for p in pair], SYSTEM
     )
