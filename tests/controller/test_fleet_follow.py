@@ -217,7 +217,7 @@ def test_the_trials_shown_before_a_restart_are_not_read_again(tmp_path: Path) ->
     _, record, _, store = _follow(tmp_path, pods, {}, lambda: study)
     store.append_events(record.job_id, _trial_poll("2", 2).raw)
     record.members[1].lost = "terminated mid-search"
-    shown = trial_numbers(read_events(store.events_path(record.job_id))[0])  # as runs.py does
+    shown = trial_numbers(read_events(store.events_path(record.job_id))[0])  # as sync.py does
     again = FleetFollower(record, SimpleNamespace(store=store), lambda view, offset: pods[0],  # type: ignore[arg-type]
                           lambda message: None, shown, read_study=lambda: study)  # fmt: skip
     assert [event.number for event in again.recover().events] == [1, 3]

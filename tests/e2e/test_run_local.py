@@ -10,7 +10,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from hctl.cli import app
-from hctl.services import launch, runs
+from hctl.services import launch, sync
 from hctl.services.jobs import JobStore
 from hctl.services.request import RunRequest, parse_assignments
 from hctl.services.toolkit import default_toolkit
@@ -85,8 +85,8 @@ def test_cancel_stops_a_running_job_and_keeps_its_results(monkeypatch) -> None:
     record = launch.start_job(plan, toolkit, lambda message: None)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # until the first trial is reported
-        runs.sync_job(record, toolkit)
-        if runs.local_progress(record, toolkit).trials_done:
+        sync.sync_job(record, toolkit)
+        if sync.local_progress(record, toolkit).trials_done:
             break
         time.sleep(0.3)
     runner = CliRunner()
@@ -97,7 +97,7 @@ def test_cancel_stops_a_running_job_and_keeps_its_results(monkeypatch) -> None:
     assert '"type":"trial"' in raw.stdout
     result = runner.invoke(app, ["cancel", record.job_id, "--yes"], catch_exceptions=False)
     assert result.exit_code == 0 and "worker stopped" in result.output
-    assert runs.worker_alive(record, toolkit) is False
+    assert sync.worker_alive(record, toolkit) is False
     assert JobStore().load(record.job_id).status == "cancelled"
     assert JobStore().journal_path(record.job_id).stat().st_size > 0
 

@@ -21,7 +21,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from hctl.cli import app
-from hctl.services import fleet_launch, planning, runs
+from hctl.services import fleet_launch, planning, sync
 from hctl.services.database import stop_command
 from hctl.services.jobs import JobRecord, JobStore
 from hctl.services.request import RunRequest, parse_assignments
@@ -281,15 +281,15 @@ def test_cancel_stops_every_pods_workers_and_releases_every_pod(two_pods: TwoPod
     record = fleet_launch.start_fleet(plan, toolkit, lambda message: None)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:  # until a worker of each pod has reported a trial
-        runs.sync_job(record, toolkit)
-        trials = runs.local_progress(record, toolkit).trials.values()
+        sync.sync_job(record, toolkit)
+        trials = sync.local_progress(record, toolkit).trials.values()
         if {trial.run_by for trial in trials} == {"1", "2"}:
             break
         time.sleep(0.2)
     pids = [int(path.read_text()) for index in (0, 1)
             for path in (two_pods.job_dir(record, index) / "workers").glob("*.pid")]  # fmt: skip
     assert len(pids) == 2 and all(alive(pid) for pid in pids)
-    assert runs.worker_alive(record, toolkit) is True
+    assert sync.worker_alive(record, toolkit) is True
     result = CliRunner().invoke(app, ["cancel", record.job_id, "--yes"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert not any(alive(pid) for pid in pids)

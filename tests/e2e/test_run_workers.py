@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from hctl.cli import app
-from hctl.services import launch, runs
+from hctl.services import launch, sync
 from hctl.services.jobs import JobStore
 from hctl.services.request import RunRequest, parse_assignments
 from hctl.services.toolkit import default_toolkit
@@ -51,7 +51,7 @@ def test_two_local_workers_show_one_search_and_resume_goes_on_with_both(monkeypa
     (record,) = JobStore().list()
     assert record.status == "finished" and record.workers == 2
     # The front shown is the front of the study (the journal copied home).
-    shown = runs.local_progress(record, default_toolkit(load_settings())).front()
+    shown = sync.local_progress(record, default_toolkit(load_settings())).front()
     study = load_trials(journal_storage(JobStore().journal_path(record.job_id)))
     assert [trial.number for trial in shown] == [trial.number for trial in pareto_front(study)]
     assert len(study) == 12 and {trial.run_by for trial in study} == {"1", "2"}
@@ -85,8 +85,8 @@ def test_cancel_stops_every_worker_of_the_job(monkeypatch) -> None:
     job_dir = Path(record.remote_job_dir)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # both workers in the search (where SIGTERM is taken)
-        runs.sync_job(record, toolkit)
-        trials = runs.local_progress(record, toolkit).trials.values()
+        sync.sync_job(record, toolkit)
+        trials = sync.local_progress(record, toolkit).trials.values()
         if {trial.run_by for trial in trials} == {"1", "2"}:
             break
         time.sleep(0.2)
@@ -97,7 +97,7 @@ def test_cancel_stops_every_worker_of_the_job(monkeypatch) -> None:
     assert result.exit_code == 0, result.output
     assert "worker stopped" in result.output or "worker killed" in result.output
     assert not any(alive(pid) for pid in pids)
-    assert runs.worker_alive(record, toolkit) is False
+    assert sync.worker_alive(record, toolkit) is False
     assert JobStore().load(record.job_id).status == "cancelled"
     assert os.path.getsize(JobStore().journal_path(record.job_id)) > 0
 
@@ -136,8 +136,8 @@ def test_a_worker_killed_mid_search_loses_no_trial_in_the_view(monkeypatch) -> N
     victim = Path(record.remote_job_dir) / "workers" / "2.pid"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # until worker 2 has reported a trial of its own
-        runs.sync_job(record, toolkit)
-        trials = runs.local_progress(record, toolkit).trials.values()
+        sync.sync_job(record, toolkit)
+        trials = sync.local_progress(record, toolkit).trials.values()
         if any(trial.run_by == "2" for trial in trials):
             break
         time.sleep(0.2)

@@ -22,7 +22,7 @@ from hctl.output import (
     print_remark,
     print_table,
 )
-from hctl.services import billing, joblog, runs
+from hctl.services import billing, joblog, sync
 from hctl.services.estimate import format_money
 from hctl.services.finish import next_steps
 from hctl.services.jobs import JobRecord, check_job_id
@@ -134,7 +134,7 @@ def jobs(
     """List the jobs on this computer: where they run, how far they got, what they cost."""
     kit = toolkit()
     listed = [
-        (record, runs.local_progress(record, kit))
+        (record, sync.local_progress(record, kit))
         for record in kit.store.list()
         if pod is None or record.pod_id == pod
     ]
@@ -168,9 +168,9 @@ def results(job: str = typer.Argument(..., help=JOB_HELP), as_json: bool = json_
     """The job's Pareto front, chosen trial and saved model (fresh from its machine if reachable)."""
     kit = toolkit()
     record = load_job(kit, job)
-    if record.status == "running" and not runs.sync_job(record, kit):
+    if record.status == "running" and not sync.sync_job(record, kit):
         error_console.print("(machine not reachable: showing the copy on this computer)")
-    progress = runs.local_progress(record, kit)
+    progress = sync.local_progress(record, kit)
     bill = billing.billed_by_job([record], kit.provider).get(record.job_id)
     if as_json:
         print_json(results_data(record, progress, kit, bill))

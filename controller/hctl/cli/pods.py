@@ -1,7 +1,8 @@
 """Pod commands: `gpus`, `create-pod`, `list-pods`, `start-pod`, `stop-pod`, `terminate-pod`, `ssh-key`.
 
 Each command parses, calls one function below the CLI (`hctl.pods`, `hctl.sshkeys`, the provider)
-and renders the result with rich. A command that takes a pod defaults to the only running hctl pod.
+and renders the result with rich (the tables and a pod's plan: `pod_display`). A command that
+takes a pod defaults to the only running hctl pod.
 """
 
 from __future__ import annotations
@@ -13,12 +14,19 @@ import typer
 from hctl import pods as pod_service
 from hctl import sshkeys
 from hctl.cli.common import confirm, console
+from hctl.cli.pod_display import (
+    GPU_COLUMNS,
+    POD_COLUMNS,
+    describe_plan,
+    describe_ready,
+    gpu_rows,
+    money,
+    pod_rows,
+)
 from hctl.errors import HctlError, PodNotReadyError
 from hctl.gpus import check_gpu_filters, select_gpu_types
 from hctl.interrupts import interrupts_held
 from hctl.output import (
-    Cell,
-    Column,
     HctlCommand,
     json_option,
     print_json,
@@ -27,7 +35,7 @@ from hctl.output import (
     print_table,
 )
 from hctl.providers import make_provider
-from hctl.providers.base import GpuType, Pod, PodLease, PodStatus, Provider
+from hctl.providers.base import Pod, PodLease, PodStatus, Provider
 from hctl.services import lease
 from hctl.settings import Settings, load_settings
 
@@ -51,78 +59,6 @@ def _provider(**overrides: object) -> tuple[Settings, Provider]:
     return settings, make_provider(settings)
 
 
-def _money(value: float | None) -> str:
-    return "-" if value is None else f"${value:.2f}"
-
-
-def _uptime(seconds: int | None) -> str:
-    if seconds is None:
-        return "-"
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
-
-
-def _endpoints(pod: Pod) -> str:
-    lines = [
-        f"{endpoint.kind}: {endpoint.user}@{endpoint.host} -p {endpoint.port}"
-        for endpoint in pod.ssh
-    ]
-    return "\n".join(lines) or "-"
-
-
-GPU_COLUMNS = [
-    Column("GPU id", whole=True),
-    Column("name"),
-    Column("VRAM", justify="right"),
-    Column("secure", justify="right"),
-    Column("community", justify="right"),
-    Column("spot", justify="right"),
-    Column("stock"),
-]
-POD_COLUMNS = [
-    Column("name", whole=True),
-    Column("id", whole=True),
-    Column("status"),
-    Column("GPU"),
-    Column("$/h", justify="right"),
-    Column("uptime", justify="right"),
-    Column("SSH", whole=True),
-]
-
-
-def _gpu_rows(gpus: list[GpuType]) -> list[list[Cell]]:
-    return [
-        [
-            gpu.id,
-            gpu.display_name,
-            f"{gpu.memory_gb} GB",
-            _money(gpu.price("SECURE")),
-            _money(gpu.price("COMMUNITY")),
-            _money(gpu.price("ALL", spot=True)),
-            gpu.stock or "none",
-        ]
-        for gpu in gpus
-    ]
-
-
-def _pod_rows(pods: list[Pod]) -> list[list[Cell]]:
-    rows: list[list[Cell]] = []
-    for pod in pods:
-        gpu = f"{pod.gpu_count}x {pod.gpu_display_name or pod.gpu_type_id or '?'}"
-        rows.append(
-            [
-                pod.name,
-                pod.id,
-                str(pod.status),
-                gpu + (" spot" if pod.spot else ""),
-                _money(pod.cost_per_hr),
-                _uptime(pod.uptime_seconds),
-                _endpoints(pod),
-            ]
-        )
-    return rows
-
-
 def _wait_with_spinner(provider: Provider, pod: Pod, settings: Settings) -> Pod:
     with console.status(f"Waiting for {pod.name} to come up…") as status:
 
@@ -138,32 +74,6 @@ def _wait_with_spinner(provider: Provider, pod: Pod, settings: Settings) -> Pod:
             interval_s=settings.ready_poll_interval_s,
             on_poll=on_poll,
         )
-
-
-def _describe_plan(plan: pod_service.PodPlan, provider: Provider) -> None:
-    spec = plan.spec
-    print_line(
-        f"{spec.name}: {spec.gpu_count}x {plan.gpu.display_name} ({'any' if spec.cloud_type == 'ALL' else spec.cloud_type.lower()} cloud"
-        f"{', spot' if spec.spot else ''}), {spec.image}, {spec.container_disk_gb} GB disk + "
-        + (
-            f"{spec.volume_gb} GB volume at {spec.volume_mount_path}"
-            if spec.volume_gb
-            else "no volume"
-        )
-    )
-    if spec.lease is not None:
-        print_line(lease.describe(provider, spec.lease))
-    for note in plan.notes:
-        print_line(note)
-    print_line(
-        f"Price: {_money(plan.price_per_hour)}/h for the GPU"
-        f" + about {_money(plan.storage_per_hour)}/h for the disks."
-    )
-
-
-def _describe_ready(pod: Pod) -> None:
-    print_line(f"{pod.name} ({pod.id}) is reachable.", style="green")
-    print_line(_endpoints(pod))
 
 
 def gpus(
@@ -197,7 +107,7 @@ def gpus(
     if not chosen:
         print_remark("No GPU type matches those filters.")
         return
-    print_table(GPU_COLUMNS, _gpu_rows(chosen), title="RunPod GPU types (prices per GPU-hour)")
+    print_table(GPU_COLUMNS, gpu_rows(chosen), title="RunPod GPU types (prices per GPU-hour)")
 
 
 def create_pod(
@@ -246,10 +156,10 @@ def create_pod(
     if created:
         print_line(f"Made a new SSH key for hctl: {settings.ssh_key_path}")
     plan.spec.env["PUBLIC_KEY"] = sshkeys.pod_public_keys(provider, key)
-    _describe_plan(plan, provider)
-    confirm(f"Create this pod for about {_money(plan.price_per_hour)}/h?", assume_yes=yes)
+    describe_plan(plan, provider)
+    confirm(f"Create this pod for about {money(plan.price_per_hour)}/h?", assume_yes=yes)
     pod = pod_service.create_pod(provider, plan)
-    print_line(f"Created {pod.name} ({pod.id}) at {_money(pod.cost_per_hr)}/h.", style="green")
+    print_line(f"Created {pod.name} ({pod.id}) at {money(pod.cost_per_hr)}/h.", style="green")
     mismatch = pod_service.price_note(plan, pod)
     if mismatch:
         print_line(mismatch)
@@ -261,9 +171,9 @@ def create_pod(
     if plan.spec.lease is not None and lease.kept_by_pod(provider):
         ready = _arm_lease_or_terminate(provider, pod, plan.spec.lease, settings)
         print_line("Its lease watchdog runs on the pod.")
-        _describe_ready(ready)
+        describe_ready(ready)
     elif wait:
-        _describe_ready(_wait_with_spinner(provider, pod, settings))
+        describe_ready(_wait_with_spinner(provider, pod, settings))
 
 
 def _arm_lease_or_terminate(
@@ -320,9 +230,9 @@ def list_pods(as_json: bool = json_option()) -> None:
     if not pods:
         print_remark("No pods. `hctl create-pod` makes one.")
         return
-    print_table(POD_COLUMNS, _pod_rows(pods))
+    print_table(POD_COLUMNS, pod_rows(pods))
     running = sum(pod.cost_per_hr for pod in pods if pod.active)
-    print_remark(f"Running pods cost {_money(running)}/h in all.")
+    print_remark(f"Running pods cost {money(running)}/h in all.")
 
 
 def start_pod(
@@ -340,11 +250,11 @@ def start_pod(
     else:
         started = provider.start(target.id)
         print_line(
-            f"Started {started.name} ({started.id}) at {_money(started.cost_per_hr)}/h.",
+            f"Started {started.name} ({started.id}) at {money(started.cost_per_hr)}/h.",
             style="green",
         )
     if wait:
-        _describe_ready(_wait_with_spinner(provider, started, settings))
+        describe_ready(_wait_with_spinner(provider, started, settings))
 
 
 def stop_pod(

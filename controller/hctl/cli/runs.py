@@ -16,7 +16,7 @@ from hctl.cli.common import asking, confirm
 from hctl.cli.jobs import JOB_HELP, load_job, machine, show_results, toolkit
 from hctl.errors import ConfigError, JobError
 from hctl.output import HctlCommand, console, json_option, print_json, print_line, print_table
-from hctl.services import fleet_launch, launch, lease, runs
+from hctl.services import fleet_launch, launch, lease, runs, sync
 from hctl.services import resume as resume_service
 from hctl.services.budget import check_estimate_within
 from hctl.services.estimate import compare_gpus, format_money
@@ -257,7 +257,7 @@ def attach(
                                       "saved_model_dir": None, "downloaded_to": None})
         )  # fmt: skip
     if record.status in {"finished", "cancelled", "budget"} and trial is None:
-        show_results(record, runs.local_progress(record, kit), kit)
+        show_results(record, sync.local_progress(record, kit), kit)
         return
     _follow(record, kit, assume_yes=yes, replay=True)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from hctl.errors import HctlError
 from hctl.services.jobs import JobRecord
 from hctl.services.progress import JobProgress
-from hctl.services.runs import sync_job, worker_log_tail
+from hctl.services.sync import sync_job, worker_log_tail
 from hctl.services.toolkit import Toolkit
 from hctl.services.view import event_line
 from hctl_worker.events import decode

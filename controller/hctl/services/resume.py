@@ -15,7 +15,8 @@ from hctl.services.fleet_launch import resume_fleet
 from hctl.services.jobs import JobRecord
 from hctl.services.planning import Notify, hf_token
 from hctl.services.provisioning import release_after_failure
-from hctl.services.runs import local_progress, meter_for, worker_alive
+from hctl.services.runs import meter_for
+from hctl.services.sync import local_progress, worker_alive
 from hctl.services.toolkit import Toolkit
 from hctl_worker.events import EVENTS_FILE, JOURNAL_FILE
 

@@ -1,4 +1,4 @@
-"""A running job, followed to its end: follow, then finish and release; also cancel and sync.
+"""A running job, followed to its end: follow, then finish and release; also cancel.
 
 ```
 follow_job   events (and the journal) by offset → progress → live view, copied home as read;
@@ -10,15 +10,14 @@ cancel_job   stop the worker, keep its results, release the machine
 ```
 
 Every step records its outcome in the local job record, so `hctl attach` and `hctl resume`
-pick up where an interrupted controller left off.
+pick up where an interrupted controller left off. The copy at home they read, the followers
+that keep it in step with the machine and whether the workers still run are in `services.sync`.
 """
 
 from __future__ import annotations
 
-import shlex
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from hctl.errors import (
     ConnectError,
@@ -32,25 +31,22 @@ from hctl.services import calibration
 from hctl.services.budget import Meter
 from hctl.services.estimate import format_money
 from hctl.services.finish import TrialChooser, finish_job, unsaved_note
-from hctl.services.fleet import pod_views
 from hctl.services.fleet_follow import (
     DatabaseLostError,
-    FleetFollower,
-    any_alive,
     check_database_pod,
     release_pods,
     stop_workers,
-    trial_numbers,
 )
-from hctl.services.follow import Follower, Poll, RemoteJobChannel
+from hctl.services.follow import Poll
 from hctl.services.follow_policies import BudgetWatch, Liveness, mirror
 from hctl.services.job_protocol import MAX_READ_BYTES
 from hctl.services.jobs import JobRecord
 from hctl.services.planning import Notify
 from hctl.services.progress import JobProgress
+from hctl.services.sync import follower_for, sync_job, worker_log_tail
 from hctl.services.toolkit import Toolkit
 from hctl.services.view import LiveView, Money
-from hctl_worker.events import EVENTS_FILE, LOG_FILE, StartEvent, TrialEvent, read_events
+from hctl_worker.events import EVENTS_FILE, StartEvent, TrialEvent, read_events
 
 Outcome = Literal["finished", "failed", "budget", "detached", "cancelled", "interrupted"]
 
@@ -60,17 +56,6 @@ class FollowResult:
     outcome: Outcome
     progress: JobProgress
     record: JobRecord
-
-
-def local_progress(record: JobRecord, toolkit: Toolkit) -> JobProgress:
-    """The progress the local copy of the events shows."""
-    progress = JobProgress(
-        n_trials=record.n_trials, model=record.model, expected_workers=record.all_workers
-    )
-    events, _ = read_events(toolkit.store.events_path(record.job_id))
-    for event in events:
-        progress.apply(event)
-    return progress
 
 
 def meter_for(record: JobRecord, toolkit: Toolkit) -> Meter:
@@ -92,41 +77,6 @@ def money_now(record: JobRecord, progress: JobProgress, toolkit: Toolkit) -> Mon
         max_cost=record.max_cost,
         eta_seconds=remaining,
     )
-
-
-def follower_for(
-    record: JobRecord, toolkit: Toolkit, offset: int, shown: set[int], **options: Any
-) -> Follower | FleetFollower:
-    """A follower of the job's events from `offset`, mirroring its journal after the copy home;
-    a job on several pods: one for all its pods (each pod from its own copy's size), told the
-    trials the copy home already holds (`shown`)."""
-    if record.members:
-        notify = options.get("on_reconnect") or (lambda message: None)
-        return FleetFollower(
-            record,
-            toolkit,
-            lambda view, start: Follower(
-                channel_factory(view, toolkit),
-                offset=start,
-                sleep=toolkit.sleep,
-                clock=toolkit.clock,
-                give_up_after_s=0,
-            ),  # fmt: skip
-            notify,
-            shown,
-        )
-    return Follower(
-        channel_factory(record, toolkit),
-        offset=offset,
-        journal_offset=toolkit.store.journal_size(record.job_id),
-        sleep=toolkit.sleep,
-        clock=toolkit.clock,
-        **options,
-    )
-
-
-def channel_factory(record: JobRecord, toolkit: Toolkit) -> Callable[[], RemoteJobChannel]:
-    return lambda: RemoteJobChannel(toolkit.connect(record), record.remote_job_dir)
 
 
 def follow_job(
@@ -269,29 +219,6 @@ def _stop_for_budget(
     return FollowResult("budget", progress, record)
 
 
-def worker_log_tail(record: JobRecord, toolkit: Toolkit, *, lines: int = 50) -> str:
-    """The end of the workers' log (of every pod, for a job on several)."""
-    if not record.members:
-        return _log_tail(record, toolkit, lines)
-    tails = []
-    for view in pod_views(record, with_lost=True):
-        try:
-            tail = _log_tail(view, toolkit, lines)
-        except HctlError as error:
-            tail = f"(not reachable: {error.message})\n"
-        tails.append(f"pod {view.pod_id}:\n{tail}")
-    return "".join(tails)
-
-
-def _log_tail(record: JobRecord, toolkit: Toolkit, lines: int) -> str:
-    remote = toolkit.connect(record)
-    try:
-        path = shlex.quote(f"{record.remote_job_dir}/{LOG_FILE}")
-        return remote.run(f"tail -n {int(lines)} {path} 2>/dev/null", timeout=60).output
-    finally:
-        remote.close()
-
-
 # --- Whole flows ----------------------------------------------------------------------------
 
 
@@ -377,40 +304,4 @@ def cancel_job(record: JobRecord, toolkit: Toolkit, notify: Notify) -> JobRecord
     return toolkit.store.save(record.model_copy(update={"status": "cancelled"}))
 
 
-def sync_job(record: JobRecord, toolkit: Toolkit) -> bool:
-    """Copy any events and journal lines not yet home (once, best effort); False when the
-    machine cannot be reached."""
-    store = toolkit.store
-    events, offset = read_events(store.events_path(record.job_id))
-    try:
-        follower = follower_for(record, toolkit, offset, trial_numbers(events), give_up_after_s=0)
-        try:
-            while True:
-                poll = follower.poll()
-                mirror(store, record, poll)
-                if not poll.raw and not poll.journal_raw:
-                    break
-        finally:
-            follower.close()
-    except HctlError:
-        return False
-    return True
-
-
-def worker_alive(record: JobRecord, toolkit: Toolkit) -> bool | None:
-    """Whether the job's workers run now (any pod's); None when no machine can be reached."""
-    if record.members:
-        return any_alive(record, lambda view: worker_alive(view, toolkit))
-    try:
-        channel = channel_factory(record, toolkit)()
-    except HctlError:
-        return None
-    try:
-        return channel.read(10**15).worker_alive is True
-    except HctlError:
-        return None
-    finally:
-        channel.close()
-
-
-__all__ = ["EVENTS_FILE", "TrialChooser", "cancel_job", "complete", "follow_job", "sync_job"]
+__all__ = ["EVENTS_FILE", "TrialChooser", "cancel_job", "complete", "follow_job"]
