@@ -12,11 +12,11 @@ from hctl_worker.ablation import (
     AblationParams,
     Ablator,
     ComponentKernel,
-    edited_matrix,
     kernel_weights,
 )
 from hctl_worker.architecture import COMPONENTS, find_layers, find_projections
 from hctl_worker.errors import SettingsError
+from hctl_worker.merging import edited_matrix
 from hctl_worker.model import LoadedModel
 from scripts.make_random_model import TINY_ARCHITECTURES, byte_tokenizer, random_model, tiny_config
 

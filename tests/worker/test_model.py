@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from hctl_worker.errors import ModelLoadError, NoChatTemplateError, OutOfMemoryError
-from hctl_worker.model import load_model, translate_error
+from hctl_worker.model import load_model
+from hctl_worker.model_errors import translate_error
 from scripts.make_random_model import make_random_model
 
 

@@ -5,7 +5,7 @@ computes as if W were (I - w v vᵀ) W (heretic's rank-1 edit). Trials do not to
 each edited projection gets a forward hook that applies the same rank-1 correction to its output
 (y - w v (vᵀ W x)), so applying a trial costs a few small tensor operations, and `restore()` just
 removes the hooks, which gives back the original model bit for bit. `merge()` writes the very same
-edit into the weights for export.
+edit into the weights for export (the maths of that is `merging.py`).
 
 Which modules are edited is the model's architecture (`architecture.py`): its layers, and in each
 the projections through which attention and the MLP write into the residual stream.
@@ -31,6 +31,7 @@ from hctl_worker.architecture import (
 )
 from hctl_worker.directions import interpolate_direction
 from hctl_worker.errors import ModelLoadError, SettingsError
+from hctl_worker.merging import merge_edits, merge_fused
 
 if TYPE_CHECKING:
     from hctl_worker.model import LoadedModel
@@ -107,27 +108,7 @@ def kernel_weights(kernel: ComponentKernel, n_layers: int) -> list[float]:
 
 
 # ----------------------------------------------------------------------------------------------
-# The edit.
-
-
-def edited_matrix(
-    matrix: torch.Tensor, direction: torch.Tensor, weight: float, row_normalization: str
-) -> torch.Tensor:
-    """The ablated matrix in float32: (I - w v vᵀ) W, optionally norm-preserving per row.
-
-    `matrix` is [out, in] with out = hidden size. "pre" removes w v vᵀŴ scaled back by the row
-    norms (Ŵ = W with unit rows); "full" renormalises each edited row to its original norm.
-    """
-    matrix = matrix.to(torch.float32)
-    vector = direction.to(matrix.device, torch.float32)
-    if row_normalization == "none":
-        return matrix - weight * torch.outer(vector, vector @ matrix)
-    norms = matrix.norm(dim=1, keepdim=True).clamp(min=1e-12)
-    unit_rows = matrix / norms
-    edited = unit_rows - weight * torch.outer(vector, vector @ unit_rows)
-    if row_normalization == "pre":
-        return edited * norms
-    return edited / edited.norm(dim=1, keepdim=True).clamp(min=1e-12) * norms
+# The edit during trials: hooks on the projections' outputs (merging.py writes it into weights).
 
 
 @dataclass
@@ -334,7 +315,7 @@ class Ablator:
         # Per-expert row norms cannot be expressed on the summed output: edit the tensor in
         # place, keeping an exact copy on the CPU to restore from.
         self._backups.append((parameter.data, parameter.data.to("cpu", copy=True)))
-        _merge_fused(fused, direction, weight, self.row_normalization, self.hidden_size)
+        merge_fused(fused, direction, weight, self.row_normalization)
 
     def restore(self) -> None:
         """Back to the original model exactly (hooks removed, in-place edits copied back)."""
@@ -359,39 +340,8 @@ class Ablator:
         """Write the trial's edit into the weights (for export). Afterwards the model computes
         what it computed during the trial, without hooks; it cannot be restored."""
         self.restore()
-        with torch.no_grad():
-            for target, direction, weight in self._plan(params):
-                if isinstance(target, FusedExperts):
-                    _merge_fused(
-                        target, direction, weight, self.row_normalization, self.hidden_size
-                    )
-                    bias_name = target.bias_name(self.hidden_size)
-                    if (
-                        bias_name is not None
-                        and self.row_normalization == "none"
-                        and target.output_is_linear_in_down
-                    ):
-                        bias = getattr(target.module, bias_name)
-                        vector = direction.to(bias.device, torch.float32)
-                        edited = bias.float() - weight * torch.outer(bias.float() @ vector, vector)
-                        bias.copy_(edited.to(bias.dtype))
-                    continue
-                matrix = weight_matrix(target)
-                edited = edited_matrix(matrix, direction, weight, self.row_normalization)
-                matrix.copy_(edited.to(matrix.dtype))
+        merge_edits(self._plan(params), self.row_normalization, self.hidden_size)
         self._row_norms.clear()
-
-
-def _merge_fused(
-    fused: FusedExperts, direction: torch.Tensor, weight: float, row_normalization: str, hidden: int
-) -> None:
-    parameter = fused.parameter
-    with torch.no_grad():
-        for expert in range(parameter.shape[0]):
-            matrix = parameter.data[expert]
-            as_out_in = matrix.t() if fused.output_last else matrix
-            edited = edited_matrix(as_out_in, direction, weight, row_normalization)
-            as_out_in.copy_(edited.to(matrix.dtype))
 
 
 RowNormalization = Literal["none", "pre", "full"]
@@ -401,6 +351,5 @@ __all__ = [
     "AblationParams",
     "Ablator",
     "ComponentKernel",
-    "edited_matrix",
     "kernel_weights",
 ]

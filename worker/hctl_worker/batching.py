@@ -24,7 +24,7 @@ import torch
 
 from hctl_worker.errors import OutOfMemoryError
 from hctl_worker.generation import GenerationStats, encode_texts, generate
-from hctl_worker.model import free_memory, is_out_of_memory
+from hctl_worker.model_errors import free_memory, is_out_of_memory
 
 if TYPE_CHECKING:
     from hctl_worker.model import LoadedModel

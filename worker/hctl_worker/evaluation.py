@@ -39,7 +39,7 @@ from hctl_worker.continuations import (
 from hctl_worker.errors import OutOfMemoryError
 from hctl_worker.first_pass import pad_id
 from hctl_worker.generation import GenerationStats, Verdicts, encode_texts, generate
-from hctl_worker.model import free_memory, is_out_of_memory
+from hctl_worker.model_errors import free_memory, is_out_of_memory
 from hctl_worker.prompt_set import PromptSet
 from hctl_worker.reuse import Reuse, ReuseOptions
 from hctl_worker.scorers.base import PromptSetName, TokenDivergences

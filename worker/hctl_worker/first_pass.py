@@ -26,7 +26,7 @@ from hctl_worker.encoding import (
     position_ids_for,
     returned_cache,
 )
-from hctl_worker.model import is_out_of_memory
+from hctl_worker.model_errors import is_out_of_memory
 from hctl_worker.packing import Packing, plan_packing
 from hctl_worker.prefix import SharedPrefix
 from hctl_worker.refill import cache_bytes

@@ -2,14 +2,13 @@
 
 Every failure that a user can fix (a missing folder, an architecture this transformers does not
 know, a tokenizer without a chat template, a GPU that is too small) leaves this module as a
-`ModelLoadError` / `NoChatTemplateError` / `OutOfMemoryError` with a hint, never as a traceback.
+`ModelLoadError` / `NoChatTemplateError` / `OutOfMemoryError` with a hint, never as a traceback;
+`model_errors.py` holds the translation of transformers', torch's and the hub's exceptions.
 """
 
 from __future__ import annotations
 
-import gc
 import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -20,6 +19,7 @@ import torch
 
 from hctl_worker.architecture import find_layers, model_hidden_size
 from hctl_worker.errors import ModelLoadError, NoChatTemplateError, OutOfMemoryError, WorkerError
+from hctl_worker.model_errors import free_memory, translate_error
 from hctl_worker.model_folder import check_model_file, check_model_folder
 
 if TYPE_CHECKING:
@@ -36,12 +36,6 @@ _DTYPES_BY_NAME: dict[str, torch.dtype] = {
     "float": torch.float32,
     "float64": torch.float64,
 }
-
-_UNKNOWN_ARCHITECTURE = re.compile(
-    r"Could not find \w+|does not recognize this architecture|Unrecognized model|"
-    r"model type `?\w+`? .*not recognized|Unrecognized configuration class",
-    re.IGNORECASE,
-)
 
 
 @dataclass
@@ -122,83 +116,6 @@ def normalise_max_memory(max_memory: dict[str, str] | None) -> dict[int | str, s
     if max_memory is None:
         return None
     return {int(key) if str(key).isdigit() else key: value for key, value in max_memory.items()}
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """True for CUDA/MPS/CPU allocation failures, which all surface as RuntimeError variants."""
-    if isinstance(error, OutOfMemoryError):
-        return True
-    if hasattr(torch.cuda, "OutOfMemoryError") and isinstance(error, torch.cuda.OutOfMemoryError):
-        return True
-    text = str(error).lower()
-    return isinstance(error, (RuntimeError, MemoryError)) and (
-        "out of memory" in text
-        or "can't allocate memory" in text
-        or "cannot allocate memory" in text
-        or isinstance(error, MemoryError)
-    )
-
-
-def free_memory() -> None:
-    """Give cached accelerator memory back after a failure, so the next attempt can use it."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    gc.collect()
-
-
-def translate_error(error: BaseException, source: str) -> WorkerError:
-    """Map a transformers/torch/hub exception met while loading to the worker's error tree."""
-    if isinstance(error, WorkerError):
-        return error
-    if is_out_of_memory(error):
-        return OutOfMemoryError(f"out of memory while loading {source}: {_first_line(error)}")
-    text = str(error)
-    if _UNKNOWN_ARCHITECTURE.search(text) or isinstance(error, (ImportError, AttributeError)):
-        return ModelLoadError(
-            f"cannot load {source}: {_first_line(error)}",
-            hint=(
-                "This transformers version does not know the model's architecture: upgrade it "
-                "(pip install -U transformers), or set trust_remote_code = true if the model "
-                "ships its own code and you trust it."
-            ),
-        )
-    if "trust_remote_code" in text:
-        return ModelLoadError(
-            f"{source} needs its own code to load",
-            hint="Set trust_remote_code = true if you trust this model's code.",
-        )
-    if "couldn't connect" in text:  # transformers' words for a hub it cannot reach
-        return ModelLoadError(
-            f"cannot download the model {source}: {_first_line(error)}",
-            hint=(
-                "This machine cannot reach the Hugging Face hub: check its network (or "
-                "HF_ENDPOINT), or give a model folder that is already on it."
-            ),
-        )
-    if isinstance(error, OSError) or "not a valid model identifier" in text:
-        return ModelLoadError(
-            f"cannot find the model {source}: {_first_line(error)}",
-            hint=(
-                "Give a local model folder (with config.json) or a Hugging Face id like "
-                "Qwen/Qwen3-0.6B; for gated or private models set HF_TOKEN."
-            ),
-        )
-    if "cuda" in text.lower() or "device" in text.lower():
-        return ModelLoadError(
-            f"cannot load {source}: {_first_line(error)}",
-            hint=f"Check device_map: this machine has {torch.cuda.device_count()} GPU(s) torch "
-            'can use; "auto" puts the model on those there are (and the CPU).',
-        )
-    return ModelLoadError(
-        f"cannot load {source}: {_first_line(error)}",
-        hint='Try another dtype (dtypes = ["float32"]) or check the model folder.',
-    )
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 def _looks_like_local_path(source: str) -> bool:
@@ -393,10 +310,7 @@ __all__ = [
     "LoadedModel",
     "apply_chat_template",
     "configure_threads",
-    "free_memory",
-    "is_out_of_memory",
     "load_model",
     "load_tokenizer",
     "smoke_test",
-    "translate_error",
 ]

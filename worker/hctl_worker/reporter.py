@@ -131,9 +131,9 @@ def report_error(reporter: Reporter, error: WorkerError) -> None:
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
-    # Imported here: the model module needs torch, and this one is used before torch is needed.
+    # Imported here: model_errors needs torch, and this module is used before torch is needed.
     try:
-        from hctl_worker.model import is_out_of_memory
+        from hctl_worker.model_errors import is_out_of_memory
     except ImportError:  # pragma: no cover - the engine is always there in a full install
         return False
     return is_out_of_memory(error)

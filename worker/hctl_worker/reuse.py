@@ -40,7 +40,7 @@ from hctl_worker.first_pass import (
     pad_id,
     start_cache,
 )
-from hctl_worker.model import is_out_of_memory
+from hctl_worker.model_errors import is_out_of_memory
 from hctl_worker.packing import attention_weight, attention_window
 from hctl_worker.prefix import SharedPrefix
 from hctl_worker.replay import DepthPlan, plan_depth, record, replayable

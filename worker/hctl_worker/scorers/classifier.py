@@ -28,7 +28,7 @@ class ClassifierDetector:
     def __init__(self, settings: ClassifierSettings, device: torch.device | str = "cpu") -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from hctl_worker.model import translate_error
+        from hctl_worker.model_errors import translate_error
 
         if not settings.model:
             raise SettingsError(
