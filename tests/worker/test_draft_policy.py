@@ -83,6 +83,15 @@ def test_the_policy_drafts_only_where_measurement_says_it_is_cheaper() -> None:
     passes.finish(drafted=True, complete=False)  # a stopped generation teaches nothing
     assert passes.drafting
     assert passes.describe() == "1 drafted, 3 plain"
+    # Each way is priced with its own first pass: drafts that would pay from a first pass as
+    # cheap as the plain one do not when only the plain one is recorded (the drafted one then
+    # computes every layer, the plain one a quarter of them).
+    even, uneven = DraftPolicy(cost_of(0.5)), DraftPolicy(cost_of(0.5))
+    even.observe_batch(replies, 400, 1.0, 3, right, [[1, 2, 3]])
+    uneven.observe_batch(replies, 400, 1.0, 3, right, [[1, 2, 3]], None, 0.25)
+    for policy in (even, uneven):
+        policy.finish(drafted=False, complete=True)
+    assert even.drafting and not uneven.drafting
 
 
 class _Counting(DraftPolicy):
@@ -98,11 +107,11 @@ class _Counting(DraftPolicy):
     def drafting(self) -> bool:
         return self.forced
 
-    def observe_batch(self, replies, columns, share, length, store, first_drafts, cells) -> None:
+    def observe_batch(self, replies, columns, share, length, store, first_drafts, *plain_way):
         with_drafts = passes_needed(replies, columns, share, length, store, first_drafts)[0]
         plain = passes_needed(replies, columns, share, length, None)[0]
         self.counted.append((with_drafts, plain))
-        super().observe_batch(replies, columns, share, length, store, first_drafts, cells)
+        super().observe_batch(replies, columns, share, length, store, first_drafts, *plain_way)
 
     def share_passes(self, passes: int) -> None:
         self.counted.append((0, -passes))  # refilled, the plain way needs that many fewer

@@ -13,9 +13,10 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from hctl_worker import agreement
+from hctl_worker import agreement, reuse
 from hctl_worker.ablation import AblationParams, Ablator, ComponentKernel
 from hctl_worker.directions import last_token_residuals, refusal_directions
+from hctl_worker.draft_policy import DraftPolicy
 from hctl_worker.drafts import DraftStore
 from hctl_worker.evaluation import Evaluator
 from hctl_worker.markers import DEFAULT_REFUSAL_MARKERS
@@ -384,6 +385,78 @@ def test_unchanged_layers_are_those_below_every_edited_one() -> None:
     with ablator.applied(AblationParams(1.0, {"attention": late, "mlp": early})):
         assert ablator.unchanged_layers() == 0
     assert ablator.unchanged_layers() == loaded.n_layers
+
+
+class _Drafting(DraftPolicy):
+    """Always drafts."""
+
+    @property
+    def drafting(self) -> bool:
+        return True
+
+
+def _recorded(first) -> int:
+    return first.recording.nbytes() if first.recording is not None else 0
+
+
+@pytest.mark.parametrize("drafting", [False, True])
+def test_a_tight_budget_records_the_passes_without_drafts_first(
+    monkeypatch: pytest.MonkeyPatch, drafting: bool
+) -> None:
+    """In a budget too small for every recording, the passes trials run without drafts keep
+    the whole plan and the passes with drafts get none: a trial that drafts runs those from
+    layer 0. Every trial scores as the plain evaluation, drafted or not."""
+    fixture = FIXTURES / "tiny-refuser"
+    loaded = load_model(str(fixture), dtypes=["float32"], device_map="cpu")
+    good = loaded.template(_prompts(fixture, "harmless_test", 12), SYSTEM)
+    # Prompts of very different lengths in one batch: its first pass is packed.
+    words = [*_prompts(fixture, "harmful_test", 12), "Hi", "Why?", "Do it.", "Now"]
+    bad = loaded.template(words, SYSTEM)
+    residuals = [last_token_residuals(loaded, texts, 8) for texts in (bad, good)]
+    ablator = Ablator(loaded, refusal_directions(*residuals))
+    common = dict(markers=DEFAULT_REFUSAL_MARKERS, max_response_length=12, batch_size=16)
+    plain, roomy = _evaluators(loaded, ablator, good, bad, **common)
+    passes = list(roomy.reuse.first_passes.values())
+    drafted = [first for first in passes if first.prompts_only is not None]
+    assert drafted and all(first.recording is not None for first in drafted)
+    without = sum(_recorded(first.prompts_only or first) for first in passes)
+    without += roomy.reuse.prefix.recording.nbytes()
+    with_drafts = sum(_recorded(first) for first in drafted)
+    monkeypatch.setattr(reuse, "MINIMUM_REPLAY_BYTES", 0)
+    fraction = (without + with_drafts / 2) / roomy.reuse._model_bytes
+    tight = _Scored(
+        plain.scoring,
+        evaluator_for(
+            loaded,
+            plain.scoring,
+            good=good,
+            bad=bad,
+            max_response_length=12,
+            batch_size=16,
+            unchanged_layers=ablator.unchanged_layers,
+            reuse=ReuseOptions(replay_memory=fraction),
+        ),
+    )
+    assert tight.reuse.plan == roomy.reuse.plan and tight.reuse.plan.enabled
+    for first in tight.reuse.first_passes.values():
+        assert (first.prompts_only or first).recording is not None
+        if first.prompts_only is not None:
+            assert first.recording is None
+    assert tight.reuse.recorded_bytes() <= tight.reuse.memory_budget()
+    harmful = tight.evaluator._sets["harmful"]
+    if drafting:
+        harmful.policy = _Drafting(tight.reuse.pass_cost)
+    generator = random.Random(8)
+    starts = []
+    for _ in range(5):
+        params = _random_params(generator, loaded.n_layers)
+        with ablator.applied(params):
+            starts.append(tight.reuse.plan.start_for(ablator.unchanged_layers()))
+            expected, got = plain.score(), tight.score()
+        assert got.refusals == expected.refusals
+        assert got.kl == pytest.approx(expected.kl, rel=1e-4, abs=1e-7)
+    assert any(start > 0 for start in starts)
+    assert harmful.policy.drafted == (5 if drafting else 0)
 
 
 def test_the_shared_prefix_is_computed_once_per_trial() -> None:

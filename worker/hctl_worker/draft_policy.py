@@ -151,13 +151,17 @@ class DraftPolicy:
         store: DraftStore,
         first_drafts: Sequence[Sequence[int]],
         plain_prompt_cells: float | None = None,
+        plain_share: float | None = None,
     ) -> None:
-        """Price one finished batch both ways (before its replies join `store`)."""
+        """Price one finished batch both ways (before its replies join `store`): `first_share`
+        is the share of the layers its first pass computes with drafts, `plain_share` without
+        (when its recordings differ: a pass with drafts may have none)."""
+        shares = (first_share, first_share if plain_share is None else plain_share)
         for slot, chosen in enumerate((store, None)):
             passes, cells = passes_needed(
                 replies,
                 prompt_columns,
-                first_share,
+                shares[slot],
                 max_new_tokens,
                 chosen,
                 first_drafts,

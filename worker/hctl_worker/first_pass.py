@@ -210,6 +210,10 @@ class Context:
         """Where `first` starts computing: `start` when it was recorded, else layer 0."""
         return self.start if first.recording is not None else 0
 
+    def share_for(self, first: FirstPass, n_layers: int) -> float:
+        """The share of the layers `first` computes (the rest are replayed)."""
+        return (n_layers - self.start_for(first)) / n_layers
+
     def first_pass(self, batch: EncodedBatch, pad_id: int) -> FirstPass:
         found = self.first_passes.get(id(batch))
         return found if found is not None else FirstPass.build(batch, self.prefix, None, pad_id)
@@ -237,7 +241,7 @@ def start_batch(loaded: LoadedModel, batch: EncodedBatch, context: Context) -> S
     drafting = context.drafting
     recorded = context.first_pass(batch, pad_id(loaded))
     first = recorded if drafting else recorded.with_drafts_cut(0)
-    share = (loaded.n_layers - context.start_for(first)) / loaded.n_layers
+    share = context.share_for(first, loaded.n_layers)
     started = time.perf_counter()
     outputs, cache = _first_pass_outputs(loaded, first, context)
     logits = outputs.logits[:, -(first.draft_width + 1) :, :]

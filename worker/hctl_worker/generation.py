@@ -292,23 +292,32 @@ def _generate_batch(
     return groups
 
 
-def _observe(policy: DraftPolicy, groups: Sequence[_Group], max_new_tokens: int, store) -> None:
-    """Price a finished generation both ways for `policy`, batch by batch; without drafts its
-    batches would be refilled, so they share some passes (`refill.refilled_passes`)."""
+def _observe(
+    policy: DraftPolicy,
+    groups: Sequence[_Group],
+    max_new_tokens: int,
+    context: Context,
+    n_layers: int,
+) -> None:
+    """Price a finished generation both ways for `policy`, batch by batch (each way's first pass
+    from its own recording, if any); without drafts its batches would be refilled, so they share
+    some passes (`refill.refilled_passes`)."""
     needs = []
     for group in groups:
         finished = [
             FinishedReply(reply.index, reply.tokens, reply.stopped) for reply in group.replies
         ]
         recorded = group.begun.recorded
+        plain = recorded.with_drafts_cut(0)
         policy.observe_batch(
             finished,
             recorded.input_ids.shape[1] - recorded.draft_width,
-            group.begun.share,
+            context.share_for(recorded, n_layers),
             max_new_tokens,
-            store,
+            context.drafts,
             recorded.drafts,
-            recorded.with_drafts_cut(0).cells,
+            plain.cells,
+            context.share_for(plain, n_layers),
         )
         needs.append(([len(reply.tokens) + reply.stopped for reply in finished], group.limit))
     alone = sum(max(need) for need, _ in needs if need)
@@ -361,7 +370,7 @@ def generate(
     if store is not None and max_new_tokens > 0:
         complete = verdicts is None or not verdicts.stopped
         if context.policy is not None and complete:
-            _observe(context.policy, groups, max_new_tokens, store)
+            _observe(context.policy, groups, max_new_tokens, context, loaded.n_layers)
         for group in groups:  # after pricing: the drafts were what the store held before
             for reply in group.replies:
                 store.add(reply.index, reply.tokens)

@@ -245,54 +245,66 @@ class Reuse:
         return True
 
     def _record(self, batches: Sequence[EncodedBatch]) -> None:
+        """Record the first passes within the budget, those that passes without drafts run
+        first: the plan (how deep, how many checkpoints) is bought for them, and a pass with
+        drafts beside a packed prompts-only pass of its own is recorded too only if it fits
+        what is left. Unrecorded, it starts at layer 0 when it drafts (`Context.start_for`)."""
         n_layers = len(self.layers)
         if self.replay_memory <= 0 or n_layers < 2 or not batches:
             return
         model = self.loaded.model
         passes = [self.first_passes[id(batch)] for batch in batches]
-        # A pass with drafts and its packed prompts-only pass are recorded each.
-        passes += [first.prompts_only for first in passes if first.prompts_only is not None]
+        plain = [first.prompts_only or first for first in passes]
+        drafted = [first for first in passes if first.prompts_only is not None]
         every_layer = tuple(range(1, n_layers))
         with torch.inference_mode():
-            probe = start_cache(model, self.prefix, passes[0].cache_rows)
+            probe = start_cache(model, self.prefix, plain[0].cache_rows)
             recording = record(
                 self.layers,
                 probe,
-                lambda: passes[0].run(model, probe, logits=1, packed_cache=True),
+                lambda: plain[0].run(model, probe, logits=1, packed_cache=True),
                 every_layer,
                 n_layers - 1,
             )
             if not replayable(probe):
                 return
-            tokens = [first.cells for first in passes]
-            scale = (sum(tokens) + (self.prefix.length if self.prefix else 0)) / tokens[0]
-            key_value = (recording.keys[0].nbytes + recording.values[0].nbytes) * scale
-            hidden = next(iter(recording.hidden.values())).nbytes * scale
-            budget = self.memory_budget()
-            plan = plan_depth(n_layers, int(key_value), int(hidden), budget)
-            plan = DepthPlan(
-                plan.recorded_layers, tuple(c for c in plan.checkpoints if c < n_layers)
+            # What one layer's keys and values, and one checkpoint, cost per token.
+            key_value = (recording.keys[0].nbytes + recording.values[0].nbytes) / plain[0].cells
+            hidden = next(iter(recording.hidden.values())).nbytes / plain[0].cells
+            tokens = sum(first.cells for first in plain) + (
+                self.prefix.length if self.prefix else 0
             )
+            budget = self.memory_budget()
+            plan = plan_depth(n_layers, int(key_value * tokens), int(hidden * tokens), budget)
             if not plan.enabled:
                 return
             recording.trim(plan)
-            passes[0].recording = recording
-            for first in passes[1:]:
-                cache = start_cache(model, self.prefix, first.cache_rows)
-                first.recording = record(
-                    self.layers,
-                    cache,
-                    lambda first=first, cache=cache: first.run(
-                        model, cache, logits=1, packed_cache=True
-                    ),
-                    plan.checkpoints,
-                    plan.recorded_layers,
-                )
+            plain[0].recording = recording
+            per_token = key_value * plan.recorded_layers + hidden * len(plan.checkpoints)
+            left = budget - per_token * tokens
+            for first in plain[1:]:
+                first.recording = self._recorded(first, plan)
+            for first in drafted:
+                if per_token * first.cells <= left:
+                    left -= per_token * first.cells
+                    first.recording = self._recorded(first, plan)
             if self.prefix is not None:
                 self.prefix.record(model, self.layers, plan.checkpoints, plan.recorded_layers)
             self.plan = plan
-            if not self._replay_agrees(passes[0]):
+            checked = passes[0] if passes[0].recording is not None else plain[0]
+            if not self._replay_agrees(checked):
                 self._forget_recordings()
+
+    def _recorded(self, first: FirstPass, plan: DepthPlan):
+        model = self.loaded.model
+        cache = start_cache(model, self.prefix, first.cache_rows)
+        return record(
+            self.layers,
+            cache,
+            lambda: first.run(model, cache, logits=1, packed_cache=True),
+            plan.checkpoints,
+            plan.recorded_layers,
+        )
 
     def _replay_agrees(self, first: FirstPass) -> bool:
         """A replay from the middle checkpoint gives the plain pass's logits: at the prompts'
