@@ -12,7 +12,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from hctl_worker.ablation import AblationParams, Ablator, ComponentKernel
 from hctl_worker.agreement import passes_agree
-from hctl_worker.architecture import find_layers
+from hctl_worker.architecture import find_layers, mlp_block
 from hctl_worker.directions import last_token_residuals, refusal_directions
 from hctl_worker.encoding import encode_texts
 from hctl_worker.first_pass import FirstPass, start_cache
@@ -106,11 +106,22 @@ def test_a_packed_pass_leaves_the_padded_pass_logits_and_keys(shared_prefix: boo
     packed = FirstPass.build(batch, prefix, attention_weight=weight)
     assert packed.packing is not None and packed.cells < padded.cells
     model = loaded.model
+    last_mlp = mlp_block(find_layers(model)[-1])
+    assert last_mlp is find_layers(model)[-1].mlp
+    seen: list[tuple[int, ...]] = []
+    # What it computed on (its forward hooks see the inputs after every pre-hook).
+    handle = last_mlp.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
     with torch.inference_mode():
         caches = [start_cache(model, prefix, first.cache_rows) for first in (padded, packed)]
         outputs = [
             first.run(model, cache) for first, cache in zip((padded, packed), caches, strict=True)
         ]
+    handle.remove()
+    # Packed, the last layer's MLP computed each prompt's last token and nothing else.
+    assert [tuple(shape[:2]) for shape in seen] == [
+        tuple(padded.input_ids.shape),
+        (len(PROMPTS), 1),
+    ]
     torch.testing.assert_close(
         outputs[1].logits[:, -1], outputs[0].logits[:, -1], rtol=1e-4, atol=1e-4
     )
@@ -190,6 +201,9 @@ def test_packed_or_padded_every_family_scores_a_trial_alike(architecture: str) -
     assert not evaluators[0].reuse.packed
     # Packed unless the cache is a sliding window's (those families run padded, and alike).
     assert evaluators[1].reuse.packed is (architecture not in ("mistral", "gemma2"))
+    # Packed passes run the last layer's MLP on the prompts' last tokens only, where the MLP is
+    # a block of its own (OPT's fc1 and fc2 lie in the layer itself).
+    assert (mlp_block(find_layers(loaded.model)[-1]) is None) is (architecture == "opt")
     kernel = ComponentKernel(1.2, 1.0, 0.6, 1.5)
     with ablator.applied(AblationParams(1.0, {"attention": kernel, "mlp": kernel})):
         padded, packed = (scored(scoring, evaluator) for evaluator in evaluators)

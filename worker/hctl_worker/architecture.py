@@ -316,6 +316,21 @@ def edit_targets(layer: nn.Module, hidden_size: int) -> dict[str, list[nn.Module
     return described
 
 
+def mlp_block(layer: nn.Module, hidden_size: int | None = None) -> nn.Module | None:
+    """The child of a decoder layer that holds its MLP whole (every MLP output projection, no
+    attention one), or None (an MLP laid out in the layer itself, as OPT's, or none found)."""
+    projections = find_projections(layer, hidden_size)
+    mlp = {id(module) for module in projections["mlp"]}
+    attention = {id(module) for module in projections["attention"]}
+    if not mlp:
+        return None
+    for child in layer.children():
+        inside = {id(module) for module in child.modules()}
+        if mlp <= inside and not attention & inside and not is_linear_like(child):
+            return child
+    return None
+
+
 def weight_matrix(module: nn.Module) -> torch.Tensor:
     """The module's weight as [out, in] (a view; Conv1D stores it transposed)."""
     return module.weight if isinstance(module, nn.Linear) else module.weight.t()
@@ -328,6 +343,7 @@ __all__ = [
     "find_layers",
     "find_projections",
     "is_linear_like",
+    "mlp_block",
     "model_hidden_size",
     "weight_matrix",
 ]

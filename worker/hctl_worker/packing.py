@@ -9,7 +9,8 @@ positions it has in the padded batch. Same computation, fewer columns.
 What the pass leaves is put back in the padded batch's layout, so the rest of a generation never
 knows: the logits of each prompt's last token (gathered before the output head, which then runs
 on one column per prompt, not on every column), and the keys and values, moved row by row into
-the padded rows (`regrid`). `Reuse` compares a packed pass and the next token with the padded
+the padded rows (`regrid`). Since only the last tokens reach the head, the last layer's MLP runs
+on them alone too (the keys and values of that layer come before it). `Reuse` compares a packed pass and the next token with the padded
 ones on the unmodified model before it packs anything (a model whose attention ignores 4-D
 masks, or that adds position biases of its own, would not match).
 """
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hctl_worker.architecture import find_layers, mlp_block
 from hctl_worker.encoding import cache_option, forward_options, returned_cache
 
 # A packing is used only if it costs at most this share of the padded pass (estimated).
@@ -46,6 +48,7 @@ class Packing:
     grid_width: int  # the padded batch's columns after the prefix
     _masks: dict = field(default_factory=dict, repr=False)
     _indices: dict = field(default_factory=dict, repr=False)
+    _last_mlp: dict = field(default_factory=dict, repr=False)  # id(model) -> module or None
 
     @property
     def rows(self) -> int:
@@ -103,6 +106,14 @@ class Packing:
             layer.keys = layer.keys[rows, :, columns, :].transpose(1, 2).contiguous()
             layer.values = layer.values[rows, :, columns, :].transpose(1, 2).contiguous()
 
+    def _last_tokens(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each prompt's last token, in padded-row order: (packed rows, packed columns)."""
+        rows = torch.tensor(self.bins, dtype=torch.long)
+        ends = torch.tensor(
+            [start + length - 1 for start, length in zip(self.starts, self.lengths, strict=True)]
+        )
+        return rows.to(device), ends.to(device)
+
     @contextmanager
     def last_tokens_only(self, model: torch.nn.Module) -> Iterator[None]:
         """The output head sees only each prompt's last token, in padded-row order: the logits
@@ -110,17 +121,13 @@ class Packing:
         head = model.get_output_embeddings()
         if head is None:
             raise ValueError("the model has no output head to gather before")
-        rows = torch.tensor(self.bins, dtype=torch.long)
-        ends = torch.tensor(
-            [start + length - 1 for start, length in zip(self.starts, self.lengths, strict=True)]
-        )
 
         def gather(module, args):
             hidden = args[0]
             if tuple(hidden.shape[:2]) != (self.rows, self.width):
                 raise ValueError("the output head was not given every packed column")
-            picked = hidden[rows.to(hidden.device), ends.to(hidden.device)]
-            return (picked[:, None, :], *args[1:])
+            rows, ends = self._last_tokens(hidden.device)
+            return (hidden[rows, ends][:, None, :], *args[1:])
 
         handle = head.register_forward_pre_hook(gather)
         try:
@@ -128,11 +135,49 @@ class Packing:
         finally:
             handle.remove()
 
+    @contextmanager
+    def last_mlp_on_last_tokens(self, model: torch.nn.Module) -> Iterator[None]:
+        """The last layer's MLP computes each prompt's last token only: at every other column
+        its output reaches nothing but the output head, which reads the last tokens alone. The
+        other columns get zeros. (A layer whose MLP is not one block of its own runs whole.)"""
+        if id(model) not in self._last_mlp:
+            self._last_mlp[id(model)] = mlp_block(find_layers(model)[-1])
+        block = self._last_mlp[id(model)]
+        if block is None:
+            yield
+            return
+        trimmed: list[bool] = []
+
+        def pick(module, args):
+            hidden = args[0] if args else None
+            if not torch.is_tensor(hidden) or tuple(hidden.shape[:2]) != (self.rows, self.width):
+                return None
+            trimmed.append(True)
+            rows, ends = self._last_tokens(hidden.device)
+            return (hidden[rows, ends][:, None, :], *args[1:])
+
+        def spread(module, args, output):
+            if not trimmed:
+                return None
+            trimmed.clear()
+            picked = output[0] if isinstance(output, tuple) else output
+            full = picked.new_zeros((self.rows, self.width, picked.shape[-1]))
+            rows, ends = self._last_tokens(picked.device)
+            full[rows, ends] = picked[:, 0]
+            return (full, *output[1:]) if isinstance(output, tuple) else full
+
+        handles = [block.register_forward_pre_hook(pick), block.register_forward_hook(spread)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def run(self, model: torch.nn.Module, cache, dtype: torch.dtype, regrid: bool = True):
         """The packed forward pass into `cache` (which holds `bins` rows of the prefix); the
         cache is left in the padded layout (with `regrid`), the logits are each prompt's
         last."""
-        with self.last_tokens_only(model):
+        with self.last_tokens_only(model), self.last_mlp_on_last_tokens(model):
             outputs = model(
                 input_ids=self.input_ids,
                 attention_mask=self.attention_mask(dtype),
