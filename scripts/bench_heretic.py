@@ -46,6 +46,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from heretic_comparison import (
+    exit_note,
     heretic_trials,
     journal_trial_seconds,
     print_table,
@@ -252,7 +253,11 @@ def run_heretic(model: Path, prompts: dict[str, Path], arguments, scratch: Path)
     result["trial_seconds"] = durations
     if len(durations) < arguments.trials:
         result["log_tail"] = (scratch / "heretic.log").read_text()[-1500:]
-    for line in (scratch / "heretic.log").read_text(errors="replace").splitlines():
+    log = (scratch / "heretic.log").read_text(errors="replace")
+    result["exit"] = exit_note(
+        "heretic", result["returncode"], len(durations), arguments.trials, log
+    )
+    for line in log.splitlines():
         if "Initial refusals:" in line:
             result["baseline"] = line.split("Initial refusals:")[1].strip()
     result["quality"] = quality(heretic_trials(journals[0]) if journals else [])
@@ -288,7 +293,8 @@ def bench(arguments) -> dict:
                 runs[name][tool].append(run)
                 print(
                     f"[{repeat + 1}/{arguments.repeats}] {name} {tool}: {run['wall_s']:.1f} s, "
-                    f"{len(run['trial_seconds'])} trials, exit {run['returncode']}",
+                    f"{len(run['trial_seconds'])} trials, "
+                    f"{run.get('exit', 'exit ' + str(run['returncode']))}",
                     flush=True,
                 )
                 if run.get("log_tail"):

@@ -74,6 +74,16 @@ def journal_trial_seconds(journal: Path) -> list[float]:
     return [durations[trial] for trial in sorted(durations)]
 
 
+def exit_note(tool: str, returncode: int, trials: int, wanted: int, log: str) -> str:
+    """What a run's exit code means: heretic asks which trial to keep once its search is over,
+    and with no terminal (stdin closed) that question ends it with EOFError and exit 1, after
+    every trial is in its journal."""
+    closing_menu = "EOFError" in log and "Which trial do you want" in log
+    if tool == "heretic" and returncode != 0 and trials >= wanted and closing_menu:
+        return f"exit {returncode} at its closing menu (no terminal), every trial done"
+    return f"exit {returncode}"
+
+
 def summary(runs: Sequence[dict]) -> dict:
     per_trial = [seconds for run in runs for seconds in run.get("trial_seconds", [])]
     return {

@@ -11,7 +11,7 @@ import pytest
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
-from scripts.heretic_comparison import heretic_trials, journal_trial_seconds, quality
+from scripts.heretic_comparison import exit_note, heretic_trials, journal_trial_seconds, quality
 
 
 def _journal(path: Path, outcomes: list[tuple[int, float] | None]) -> None:
@@ -75,3 +75,14 @@ def _quiet_optuna():
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     yield
     optuna.logging.set_verbosity(level)
+
+
+def test_heretics_exit_at_its_closing_menu_is_told_apart_from_a_failure() -> None:
+    """With stdin closed, heretic's question of which trial to keep ends it with EOFError and
+    exit 1 once every trial is done: the bench says so, and calls anything else an exit."""
+    menu = '...\n❱ 781 trial = prompt_select("Which trial do you want to use\n...\nEOFError\n'
+    assert exit_note("heretic", 1, 10, 10, menu).startswith("exit 1 at its closing menu")
+    assert exit_note("heretic", 1, 7, 10, menu) == "exit 1"  # stopped before its last trial
+    assert exit_note("heretic", 1, 10, 10, "Traceback\nRuntimeError: boom\n") == "exit 1"
+    assert exit_note("heretic", 0, 10, 10, "") == "exit 0"
+    assert exit_note("hctl", 1, 10, 10, menu) == "exit 1"
