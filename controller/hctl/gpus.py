@@ -90,8 +90,8 @@ def select_gpu_types(
     cloud_type: CloudType = "ALL",
     spot: bool = False,
 ) -> list[GpuType]:
-    """The GPU types that pass the filters (`check_gpu_filters` them before asking the
-    provider), cheapest first (those not offered last)."""
+    """The GPU types that pass the filters, cheapest first (those not offered last). The
+    filters are not checked here: callers run `check_gpu_filters` before asking the provider."""
 
     def offered(gpu: GpuType) -> bool:
         offer = gpu.offer(cloud_type, spot)

@@ -10,9 +10,10 @@ What the pass leaves is put back in the padded batch's layout, so the rest of a 
 knows: the logits of each prompt's last token (gathered before the output head, which then runs
 on one column per prompt, not on every column), and the keys and values, moved row by row into
 the padded rows (`regrid`). Since only the last tokens reach the head, the last layer's MLP runs
-on them alone too (the keys and values of that layer come before it). `Reuse` compares a packed pass and the next token with the padded
-ones on the unmodified model before it packs anything (a model whose attention ignores 4-D
-masks, or that adds position biases of its own, would not match).
+on them alone too (the keys and values of that layer come before it). `Reuse` compares a packed
+pass and the next token with the padded ones on the unmodified model before it packs anything (a
+model whose attention ignores 4-D masks, or that adds position biases of its own, would not
+match).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class Packing:
     _masks: dict = field(default_factory=dict, repr=False)
     _indices: dict = field(default_factory=dict, repr=False)
     _last_mlp: dict = field(default_factory=dict, repr=False)  # id(model) -> module or None
+    _ends: dict = field(default_factory=dict, repr=False)  # device -> each prompt's last token
 
     @property
     def rows(self) -> int:
@@ -108,11 +110,16 @@ class Packing:
 
     def _last_tokens(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Each prompt's last token, in padded-row order: (packed rows, packed columns)."""
-        rows = torch.tensor(self.bins, dtype=torch.long)
-        ends = torch.tensor(
-            [start + length - 1 for start, length in zip(self.starts, self.lengths, strict=True)]
-        )
-        return rows.to(device), ends.to(device)
+        if device not in self._ends:
+            rows = torch.tensor(self.bins, dtype=torch.long)
+            ends = torch.tensor(
+                [
+                    start + length - 1
+                    for start, length in zip(self.starts, self.lengths, strict=True)
+                ]
+            )
+            self._ends[device] = (rows.to(device), ends.to(device))
+        return self._ends[device]
 
     @contextmanager
     def last_tokens_only(self, model: torch.nn.Module) -> Iterator[None]:

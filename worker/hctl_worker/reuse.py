@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -43,7 +43,7 @@ from hctl_worker.first_pass import (
 from hctl_worker.model_errors import is_out_of_memory
 from hctl_worker.packing import attention_weight, attention_window
 from hctl_worker.prefix import SharedPrefix
-from hctl_worker.replay import DepthPlan, plan_depth, record, replayable
+from hctl_worker.replay import DepthPlan, Recording, plan_depth, record, replayable
 from hctl_worker.static_decode import DecodeMode, StaticDecoder
 
 if TYPE_CHECKING:
@@ -256,16 +256,9 @@ class Reuse:
         passes = [self.first_passes[id(batch)] for batch in batches]
         plain = [first.prompts_only or first for first in passes]
         drafted = [first for first in passes if first.prompts_only is not None]
-        every_layer = tuple(range(1, n_layers))
         with torch.inference_mode():
-            probe = start_cache(model, self.prefix, plain[0].cache_rows)
-            recording = record(
-                self.layers,
-                probe,
-                lambda: plain[0].run(model, probe, logits=1, packed_cache=True),
-                every_layer,
-                n_layers - 1,
-            )
+            every_layer = DepthPlan(n_layers - 1, tuple(range(1, n_layers)))
+            recording, probe = self._recorded(plain[0], every_layer)
             if not replayable(probe):
                 return
             # What one layer's keys and values, and one checkpoint, cost per token.
@@ -283,11 +276,11 @@ class Reuse:
             per_token = key_value * plan.recorded_layers + hidden * len(plan.checkpoints)
             left = budget - per_token * tokens
             for first in plain[1:]:
-                first.recording = self._recorded(first, plan)
+                first.recording, _ = self._recorded(first, plan)
             for first in drafted:
                 if per_token * first.cells <= left:
                     left -= per_token * first.cells
-                    first.recording = self._recorded(first, plan)
+                    first.recording, _ = self._recorded(first, plan)
             if self.prefix is not None:
                 self.prefix.record(model, self.layers, plan.checkpoints, plan.recorded_layers)
             self.plan = plan
@@ -295,16 +288,18 @@ class Reuse:
             if not self._replay_agrees(checked):
                 self._forget_recordings()
 
-    def _recorded(self, first: FirstPass, plan: DepthPlan):
+    def _recorded(self, first: FirstPass, plan: DepthPlan) -> tuple[Recording, Any]:
+        """`first` run on the unmodified model, recorded as `plan` says, and the cache it left."""
         model = self.loaded.model
         cache = start_cache(model, self.prefix, first.cache_rows)
-        return record(
+        recording = record(
             self.layers,
             cache,
             lambda: first.run(model, cache, logits=1, packed_cache=True),
             plan.checkpoints,
             plan.recorded_layers,
         )
+        return recording, cache
 
     def _replay_agrees(self, first: FirstPass) -> bool:
         """A replay from the middle checkpoint gives the plain pass's logits: at the prompts'
