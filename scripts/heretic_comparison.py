@@ -52,10 +52,11 @@ def heretic_trials(journal: Path) -> list[dict]:
 
 
 def journal_trial_seconds(journal: Path) -> list[float]:
-    """Each finished (complete or pruned) trial's start-to-end seconds, from an Optuna journal."""
+    """Each finished (complete or pruned) trial's start-to-end seconds, from an Optuna journal;
+    trials that ran at once share their stretch of time (`_shared`)."""
     create_trial, set_state, complete, pruned = 4, 6, 1, 2  # Optuna's journal codes
     starts: dict[int, datetime] = {}
-    durations: dict[int, float] = {}
+    spans: dict[int, tuple[datetime, datetime]] = {}
     created = 0
     for line in journal.read_text().splitlines():
         operation = json.loads(line)
@@ -70,8 +71,29 @@ def journal_trial_seconds(journal: Path) -> list[float]:
             trial = operation["trial_id"]
             if trial in starts and operation.get("datetime_complete"):
                 end = datetime.fromisoformat(operation["datetime_complete"])
-                durations[trial] = (end - starts[trial]).total_seconds()
-    return [durations[trial] for trial in sorted(durations)]
+                spans[trial] = (starts[trial], end)
+    return _shared(spans)
+
+
+def _shared(spans: dict[int, tuple[datetime, datetime]]) -> list[float]:
+    """Each trial's seconds, in trial order, where trials may have run at once (hctl's
+    `trials_together`): trials whose start-to-end spans overlap form one stretch of time,
+    shared evenly among them; a trial run alone keeps its own span."""
+    seconds: dict[int, float] = {}
+    group: list[int] = []
+    begun = end = None
+    for trial in sorted(spans, key=lambda trial: spans[trial][0]):
+        start, finish = spans[trial]
+        if group and start >= end:
+            seconds.update({member: (end - begun).total_seconds() / len(group) for member in group})
+            group = []
+        if not group:
+            begun, end = start, finish
+        group.append(trial)
+        end = max(end, finish)
+    if group:
+        seconds.update({member: (end - begun).total_seconds() / len(group) for member in group})
+    return [seconds[trial] for trial in sorted(seconds)]
 
 
 def exit_note(tool: str, returncode: int, trials: int, wanted: int, log: str) -> str:

@@ -4,6 +4,7 @@ under the bar. Checked on journals Optuna itself writes."""
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import optuna
@@ -11,7 +12,13 @@ import pytest
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
-from scripts.heretic_comparison import exit_note, heretic_trials, journal_trial_seconds, quality
+from scripts.heretic_comparison import (
+    _shared,
+    exit_note,
+    heretic_trials,
+    journal_trial_seconds,
+    quality,
+)
 
 
 def _journal(path: Path, outcomes: list[tuple[int, float] | None]) -> None:
@@ -86,3 +93,15 @@ def test_heretics_exit_at_its_closing_menu_is_told_apart_from_a_failure() -> Non
     assert exit_note("heretic", 1, 10, 10, "Traceback\nRuntimeError: boom\n") == "exit 1"
     assert exit_note("heretic", 0, 10, 10, "") == "exit 0"
     assert exit_note("hctl", 1, 10, 10, menu) == "exit 1"
+
+
+def test_trials_that_ran_at_once_share_their_stretch_of_time() -> None:
+    """hctl evaluates trials together: trials whose spans overlap share their stretch of time
+    evenly; a trial that ran alone keeps its own span."""
+    at = datetime(2026, 1, 1)
+
+    def span(start: float, end: float) -> tuple[datetime, datetime]:
+        return at + timedelta(seconds=start), at + timedelta(seconds=end)
+
+    spans = {0: span(0, 6), 1: span(0, 6.2), 2: span(6.2, 9), 3: span(9.5, 10), 4: span(9.5, 12)}
+    assert _shared(spans) == pytest.approx([3.1, 3.1, 2.8, 1.25, 1.25])

@@ -5,7 +5,9 @@ computes as if W were (I - w v vᵀ) W (heretic's rank-1 edit). Trials do not to
 each edited projection gets a forward hook that applies the same rank-1 correction to its output
 (y - w v (vᵀ W x)), so applying a trial costs a few small tensor operations, and `restore()` just
 removes the hooks, which gives back the original model bit for bit. `merge()` writes the very same
-edit into the weights for export (the maths of that is `merging.py`).
+edit into the weights for export (the maths of that is `merging.py`). Several trials can be
+applied at once (`apply_together`), each to the rows of a batch that `select` gives it, so they
+share every pass's weight reads (`edit_hooks.py`, `together.py`).
 
 Which modules are edited is the model's architecture (`architecture.py`): its layers, and in each
 the projections through which attention and the MLP write into the residual stream.
@@ -13,7 +15,7 @@ the projections through which attention and the MLP write into the residual stre
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -30,6 +32,7 @@ from hctl_worker.architecture import (
     weight_matrix,
 )
 from hctl_worker.directions import interpolate_direction
+from hctl_worker.edit_hooks import Lanes, LinearEdit, fused_hook, lanes_hook, linear_hook
 from hctl_worker.errors import ModelLoadError, SettingsError
 from hctl_worker.merging import merge_edits, merge_fused
 
@@ -107,70 +110,6 @@ def kernel_weights(kernel: ComponentKernel, n_layers: int) -> list[float]:
     return weights
 
 
-# ----------------------------------------------------------------------------------------------
-# The edit during trials: hooks on the projections' outputs (merging.py writes it into weights).
-
-
-@dataclass
-class _LinearEdit:
-    """What a hook needs to apply one projection's edit to its output (all on its device)."""
-
-    direction: torch.Tensor  # v, in the activation dtype
-    scaled: torch.Tensor  # the vector the correction is along, times the weight
-    bias_along: torch.Tensor | None = None  # "none": vᵀb (the bias itself is not edited)
-    input_row: torch.Tensor | None = None  # "pre"/"full": a = vᵀŴ, read against the input
-    output_scale: torch.Tensor | None = None  # "full": 1 / m, the rows' renormalisation
-    bias_shift: torch.Tensor | None = None  # "full": b (1 - 1/m), so the bias stays as it was
-
-
-def _linear_hook(edit: _LinearEdit):
-    """A forward hook computing the edited projection's output from the original one.
-
-    The output tensor is fresh from the projection and used nowhere else yet, so it is edited
-    in place (one fused multiply-add) unless autograd is recording.
-    """
-
-    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        if edit.input_row is None:
-            along = output @ edit.direction
-            if edit.bias_along is not None:
-                along = along - edit.bias_along
-        else:
-            along = inputs[0] @ edit.input_row
-        if output.requires_grad:
-            if edit.output_scale is not None:
-                output = output * edit.output_scale
-                if edit.bias_shift is not None:
-                    output = output + edit.bias_shift
-            return torch.addcmul(output, along.unsqueeze(-1), edit.scaled, value=-1)
-        if edit.output_scale is not None:
-            output.mul_(edit.output_scale)
-            if edit.bias_shift is not None:
-                output.add_(edit.bias_shift)
-        return output.addcmul_(along.unsqueeze(-1), edit.scaled, value=-1)
-
-    return hook
-
-
-def _fused_hook(direction: torch.Tensor, weight: float):
-    # The experts module sums router-weighted expert outputs, so projecting the sum equals
-    # projecting every expert's down projection (and its bias, which merge edits too).
-    scaled = weight * direction
-
-    def project(output: torch.Tensor) -> torch.Tensor:
-        along = (output @ direction).unsqueeze(-1)
-        if output.requires_grad:
-            return torch.addcmul(output, along, scaled, value=-1)
-        return output.addcmul_(along, scaled, value=-1)
-
-    def hook(module: nn.Module, inputs: tuple, output):
-        if isinstance(output, tuple):
-            return (project(output[0]), *output[1:])
-        return project(output)
-
-    return hook
-
-
 class Ablator:
     """Applies and removes trials on a loaded model, and merges the chosen one for export."""
 
@@ -204,7 +143,10 @@ class Ablator:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._backups: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._row_norms: dict[int, torch.Tensor] = {}
-        self.active: AblationParams | None = None
+        # The trials the next passes run (none: the original model); with trials applied
+        # together, the lanes the selection gives the passes.
+        self.active: list[AblationParams] = []
+        self._together: tuple[list[AblationParams], Lanes] | None = None
 
     @property
     def n_layers(self) -> int:
@@ -235,13 +177,12 @@ class Ablator:
                     yield target, direction, weight
 
     def unchanged_layers(self) -> int:
-        """How many leading layers the active trial leaves as they were (all without a trial):
-        their activations are the unmodified model's, so passes may replay them."""
-        if self.active is None:
-            return self.n_layers
+        """How many leading layers the trials the next passes run leave as they were (all without
+        a trial): their activations are the unmodified model's, so passes may replay them."""
         edited = [
             layer
-            for kernel in self.active.kernels.values()
+            for params in self.active
+            for kernel in params.kernels.values()
             for layer, weight in enumerate(kernel_weights(kernel, self.n_layers))
             if weight != 0.0
         ]
@@ -256,16 +197,61 @@ class Ablator:
                     self._apply_fused(target, direction, weight)
                 else:
                     self._apply_linear(target, direction, weight)
-        self.active = params
+        self.active = [params]
+
+    def can_apply_together(self, trials: Sequence[AblationParams]) -> bool:
+        """Whether these trials can be applied at once (`apply_together`): every edit of theirs
+        is a hook on a projection's output, one per projection."""
+        for params in trials:
+            seen: set[int] = set()
+            for target, _, _ in self._plan(params):
+                if isinstance(target, FusedExperts) or id(target) in seen:
+                    return False
+                seen.add(id(target))
+        return True
+
+    def apply_together(self, trials: Sequence[AblationParams]) -> None:
+        """Apply several trials at once, one per lane (`edit_hooks.Lanes`): each pass then runs
+        the lane `select` chose, or each row its own, so the trials share the passes' weight
+        reads. Lane 0 is selected first; `restore()` undoes it all."""
+        if not self.can_apply_together(trials):
+            raise ValueError("these trials cannot be applied together (see can_apply_together)")
+        self.restore()
+        lanes = Lanes(len(trials))
+        edits: dict[int, tuple[nn.Module, list[LinearEdit | None]]] = {}
+        with torch.inference_mode():
+            for lane, params in enumerate(trials):
+                for target, direction, weight in self._plan(params):
+                    module, per_lane = edits.setdefault(id(target), (target, [None] * len(trials)))
+                    per_lane[lane] = self._linear_edit(module, direction, weight)
+        for module, per_lane in edits.values():
+            self._handles.append(module.register_forward_hook(lanes_hook(per_lane, lanes)))
+        self._together = (list(trials), lanes)
+        self.select(0)
+
+    def select(self, lanes: int | Sequence[int]) -> None:
+        """Which of the trials applied together the next passes run: one lane for every row, or
+        a lane per row of the batch."""
+        if self._together is None:
+            raise ValueError("no trials are applied together")
+        trials, selector = self._together
+        selector.select(lanes)
+        chosen = {lanes} if isinstance(lanes, int) else set(lanes)
+        self.active = [trials[lane] for lane in sorted(chosen)]
 
     def _apply_linear(self, module: nn.Module, direction: torch.Tensor, weight: float) -> None:
+        edit = self._linear_edit(module, direction, weight)
+        self._handles.append(module.register_forward_hook(linear_hook(edit)))
+
+    def _linear_edit(self, module: nn.Module, direction: torch.Tensor, weight: float) -> LinearEdit:
+        """What the hook of one projection needs to apply one trial's edit to it."""
         matrix = weight_matrix(module)
         device, dtype = matrix.device, matrix.dtype
         vector = direction.to(device, torch.float32)
         bias = getattr(module, "bias", None)
         bias = bias.detach().float() if isinstance(bias, torch.Tensor) else None
         if self.row_normalization == "none":
-            edit = _LinearEdit(
+            edit = LinearEdit(
                 direction=vector.to(dtype),
                 scaled=(weight * vector).to(dtype),
                 bias_along=None if bias is None else (bias @ vector).to(dtype),
@@ -276,7 +262,7 @@ class Ablator:
             input_row = (vector / norms) @ matrix32  # a = vᵀŴ with Ŵ = diag(1/n) W
             if self.row_normalization == "pre":
                 # W' = W - w diag(n) v a
-                edit = _LinearEdit(
+                edit = LinearEdit(
                     direction=vector.to(dtype),
                     scaled=(weight * norms * vector).to(dtype),
                     input_row=input_row.to(dtype),
@@ -291,14 +277,14 @@ class Ablator:
                     + (weight * vector) ** 2 * input_row.dot(input_row)
                 )
                 new_norms = squared.clamp(min=1e-24).sqrt()
-                edit = _LinearEdit(
+                edit = LinearEdit(
                     direction=vector.to(dtype),
                     scaled=(weight * norms / new_norms * vector).to(dtype),
                     input_row=input_row.to(dtype),
                     output_scale=(1.0 / new_norms).to(dtype),
                     bias_shift=None if bias is None else (bias * (1.0 - 1.0 / new_norms)).to(dtype),
                 )
-        self._handles.append(module.register_forward_hook(_linear_hook(edit)))
+        return edit
 
     def _row_norm(self, module: nn.Module) -> torch.Tensor:
         key = id(module)
@@ -310,7 +296,7 @@ class Ablator:
         parameter = fused.parameter
         if self.row_normalization == "none" and fused.output_is_linear_in_down:
             vector = direction.to(parameter.device, parameter.dtype)
-            self._handles.append(fused.module.register_forward_hook(_fused_hook(vector, weight)))
+            self._handles.append(fused.module.register_forward_hook(fused_hook(vector, weight)))
             return
         # Per-expert row norms cannot be expressed on the summed output: edit the tensor in
         # place, keeping an exact copy on the CPU to restore from.
@@ -326,7 +312,8 @@ class Ablator:
             for live, backup in self._backups:
                 live.copy_(backup)
         self._backups.clear()
-        self.active = None
+        self.active = []
+        self._together = None
 
     @contextmanager
     def applied(self, params: AblationParams) -> Iterator[None]:

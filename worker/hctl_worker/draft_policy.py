@@ -22,8 +22,13 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from hctl_worker.drafts import DraftStore
+from hctl_worker.refill import refilled_passes
+
+if TYPE_CHECKING:
+    from hctl_worker.first_pass import Context
 
 # How many recent trials' estimates decide (the search's trials change slowly).
 RECENT_TRIALS = 8
@@ -198,4 +203,37 @@ class DraftPolicy:
         return f"{self.drafted} drafted, {self.plain} plain"
 
 
-__all__ = ["DraftPolicy", "FinishedReply", "PassCost", "passes_needed"]
+def observe_generation(
+    policy: DraftPolicy,
+    groups: Sequence[Any],
+    max_new_tokens: int,
+    context: Context,
+    n_layers: int,
+) -> None:
+    """Price a finished generation both ways for `policy`, batch by batch (each way's first pass
+    from its own recording, if any); without drafts its batches would be refilled, so they share
+    some passes (`refill.refilled_passes`). `groups` are the generation's batches
+    (`generation._Group`: their first pass, replies and refill limit)."""
+    needs = []
+    for group in groups:
+        finished = [
+            FinishedReply(reply.index, reply.tokens, reply.stopped) for reply in group.replies
+        ]
+        recorded = group.begun.recorded
+        plain = recorded.with_drafts_cut(0)
+        policy.observe_batch(
+            finished,
+            recorded.input_ids.shape[1] - recorded.draft_width,
+            context.share_for(recorded, n_layers),
+            max_new_tokens,
+            context.drafts,
+            recorded.drafts,
+            plain.cells,
+            context.share_for(plain, n_layers),
+        )
+        needs.append(([len(reply.tokens) + reply.stopped for reply in finished], group.limit))
+    alone = sum(max(need) for need, _ in needs if need)
+    policy.share_passes(alone - refilled_passes(needs))
+
+
+__all__ = ["DraftPolicy", "FinishedReply", "PassCost", "observe_generation", "passes_needed"]

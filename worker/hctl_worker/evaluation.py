@@ -38,7 +38,14 @@ from hctl_worker.continuations import (
 )
 from hctl_worker.errors import OutOfMemoryError
 from hctl_worker.first_pass import pad_id
-from hctl_worker.generation import GenerationStats, Verdicts, encode_texts, generate
+from hctl_worker.generation import (
+    GenerationStats,
+    Lane,
+    Select,
+    Verdicts,
+    encode_texts,
+    generate,
+)
 from hctl_worker.model_errors import free_memory, is_out_of_memory
 from hctl_worker.prompt_set import PromptSet
 from hctl_worker.reuse import Reuse, ReuseOptions
@@ -202,10 +209,32 @@ class Evaluator:
 
     def evaluate(self) -> TrialEvaluation:
         """The context for scoring the model as it is now (call it with the trial's edit on)."""
+        self.edit_changed()
+        return TrialEvaluation(self)
+
+    def edit_changed(self) -> None:
+        """The model's edit changed: forget what was kept under the last one."""
         for prompt_set in self._sets.values():
             prompt_set.forget_started()  # passes kept under an earlier edit
         self.reuse.new_edit()
-        return TrialEvaluation(self)
+
+    def lane(self, prompt_set: PromptSetName, verdicts: Verdicts | None = None) -> Lane:
+        """The model's current trial's part in replies shared with other trials."""
+        return self._sets[prompt_set].lane(verdicts)
+
+    def replies_together(
+        self, prompt_set: PromptSetName, lanes: Sequence[Lane], select: Select
+    ) -> list[list[str]]:
+        """Greedy replies to one prompt set for trials applied together, one lane each (see
+        `replies`; each lane's verdicts stop that lane alone)."""
+        with self._timed(f"{prompt_set}_replies"), _translated_out_of_memory():
+            return self._sets[prompt_set].replies_together(
+                lanes,
+                self.reply_lengths[prompt_set],
+                select,
+                self.stop_markers.get(prompt_set),
+                self.stats,
+            )
 
     # -- what a trial's evaluation computes, each once -----------------------------------------
 
@@ -304,13 +333,26 @@ class TrialEvaluation:
     def limit_refusals(self, limit: int | None) -> None:
         self._refusal_limit = limit
 
+    def harmful_verdicts(self) -> Verdicts | None:
+        """What counts the harmful replies' refusals against the limit (None: no limit)."""
+        limit = self._refusal_limit
+        return Verdicts(limit=limit) if limit is not None else None
+
+    def keep_replies(
+        self, prompt_set: PromptSetName, replies: list[str], verdicts: Verdicts | None = None
+    ) -> None:
+        """The replies to a prompt set, made for this trial elsewhere (with other trials')."""
+        self._replies[prompt_set] = replies
+        if verdicts is not None and verdicts.stopped:
+            self.pruned, self.refusals_so_far = True, verdicts.refusals
+
+    def has_replies(self, prompt_set: PromptSetName) -> bool:
+        return prompt_set in self._replies
+
     def harmful_replies(self) -> list[str]:
         if "harmful" not in self._replies:
-            limit = self._refusal_limit
-            verdicts = Verdicts(limit=limit) if limit is not None else None
-            self._replies["harmful"] = self._evaluator.replies("harmful", verdicts)
-            if verdicts is not None and verdicts.stopped:
-                self.pruned, self.refusals_so_far = True, verdicts.refusals
+            verdicts = self.harmful_verdicts()
+            self.keep_replies("harmful", self._evaluator.replies("harmful", verdicts), verdicts)
         return self._replies["harmful"]
 
     def harmless_replies(self) -> list[str]:

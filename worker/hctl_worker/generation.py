@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
-from hctl_worker.draft_policy import DraftPolicy, FinishedReply
+from hctl_worker.draft_policy import observe_generation
 from hctl_worker.encoding import (
     EncodedBatch,
     cache_option,
@@ -48,58 +48,53 @@ from hctl_worker.first_pass import (
     start_batch,
 )
 from hctl_worker.prefix import SharedPrefix
-from hctl_worker.refill import join_rows, joinable, refilled_passes, row_limit
+from hctl_worker.refill import join_rows, joinable, row_limit
 from hctl_worker.replies import Reply, accept
 from hctl_worker.static_decode import Decoding
 from hctl_worker.stop_tokens import stop_token_ids
+from hctl_worker.tallies import GenerationStats, Verdicts
 
 if TYPE_CHECKING:
     from hctl_worker.model import LoadedModel
 
 
 @dataclass
-class GenerationStats:
-    """Counters for benchmarks: tokens generated, forward passes run, work done."""
+class Lane:
+    """One trial's part of a generation: what its batches' first passes run with (`context`: its
+    prefix and start layer), its verdicts, and its batches whose first pass already ran (by
+    id). Several lanes share a generation when their trials are applied together
+    (`Ablator.apply_together`): each batch's first pass runs for its own lane, and the decode
+    steps carry rows of every lane, so the lanes share each step's weight reads."""
 
-    tokens: int = 0
-    forward_passes: int = 0
-    rows: int = 0
-    input_tokens: int = 0  # tokens fed to the model (prompts, drafts, generated)
-    layer_tokens: int = 0  # input tokens times the layers that computed them (not replayed)
-    drafted: int = 0  # draft tokens fed
-    accepted: int = 0  # draft tokens that were the model's own choice
-    static_passes: int = 0  # passes run on static buffers (or replayed as a CUDA graph)
+    context: Context
+    verdicts: Verdicts | None = None
+    started: Mapping[int, StartedBatch] = field(default_factory=dict)
+    first_logits: list[torch.Tensor] | None = None  # the batches' first-token logits go here
 
-    def count_pass(self, fed: int, layer_tokens: float, static: bool = False) -> None:
-        """One forward pass: `fed` tokens, through `layer_tokens` token-layers (not replayed)."""
-        self.forward_passes += 1
-        self.static_passes += int(static)
-        self.input_tokens += fed
-        self.layer_tokens += round(layer_tokens)
+    @property
+    def shares_steps(self) -> bool:
+        """Whether its decode steps can carry other lanes' rows: not while it drafts (its rows'
+        passes carry drafts) or decodes on static buffers (a fixed batch)."""
+        decoder = self.context.decoder
+        return not self.context.drafting and not (decoder is not None and decoder.static)
+
+    def stopped(self) -> bool:
+        """Whether the lane's verdicts reached their limit (then they say so, `stopped`)."""
+        if self.verdicts is not None and self.verdicts.stop():
+            self.verdicts.stopped = True
+        return self.verdicts is not None and self.verdicts.stopped
 
 
-@dataclass
-class Verdicts:
-    """Replies decided so far; `stop()` once `limit` of them are refusals (None: never)."""
-
-    limit: int | None = None
-    refusals: int = 0
-    decided: int = 0
-    stopped: bool = False
-
-    def decide(self, refused: bool) -> None:
-        self.decided += 1
-        self.refusals += int(refused)
-
-    def stop(self) -> bool:
-        return self.limit is not None and self.refusals >= self.limit
+# Which lane every row of the next pass runs: one lane for the whole pass, or one per row.
+Select = Callable[[int | Sequence[int]], None]
 
 
 @dataclass
 class _Group:
-    """One batch of a generation: its first pass, its replies, and the rows a run that it opens
-    may grow to without drafts (0: it takes in no other batch)."""
+    """One batch of a generation: its lane, its first pass, its replies, and the rows a run that
+    it opens may grow to without drafts (0: it takes in no other batch)."""
 
+    lane: int
     begun: StartedBatch
     replies: list[Reply]
     limit: int
@@ -107,28 +102,27 @@ class _Group:
 
 def _generate_batch(
     loaded: LoadedModel,
-    batch: EncodedBatch,
+    lanes: Sequence[Lane],
+    item: tuple[int, EncodedBatch],
     max_new_tokens: int,
     markers: tuple[str, ...] | None = None,
     stats: GenerationStats | None = None,
-    first_logits: list[torch.Tensor] | None = None,
-    context: Context | None = None,
-    verdicts: Verdicts | None = None,
-    started: Mapping[int, StartedBatch] | None = None,
-    following: deque[EncodedBatch] | None = None,
+    following: deque[tuple[int, EncodedBatch]] | None = None,
+    select: Select | None = None,
 ) -> list[_Group]:
-    """Greedy replies for one batch; rows leave the batch at EOS or, with `markers`, as soon as
-    their normalised text contains one (the reply is then a refusal whatever follows). A batch
-    in `started` (by id) has had its first pass run already (under the same edit). With
-    `following` and a context that refills, batches from its front join this one as its rows
-    finish (`refill.py`); every batch that ran is returned, with its replies."""
-    context = context or Context()
-    started = started or {}
+    """Greedy replies for one batch of one lane (`item`); rows leave the batch at EOS or, with
+    `markers`, as soon as their normalised text contains one (the reply is then a refusal
+    whatever follows). A batch in its lane's `started` (by id) has had its first pass run
+    already (under the same edit). With `following` and a context that refills, batches from
+    its front join this one as its rows finish (`refill.py`), whatever their lane (`select`
+    then gives each row of a pass its lane's edit); a lane whose verdicts reach their limit
+    stops. Every batch that ran is returned, with its replies."""
+    context = lanes[item[0]].context
     model, tokenizer = loaded.model, loaded.tokenizer
     stats = stats if stats is not None else GenerationStats()
     stop_ids = stop_token_ids(loaded)
     pad = pad_id(loaded)
-    if max_new_tokens <= 0 and first_logits is None:
+    if max_new_tokens <= 0 and lanes[item[0]].first_logits is None:
         return []
     depth = loaded.n_layers
     groups: list[_Group] = []
@@ -136,19 +130,24 @@ def _generate_batch(
     # Passes of one token per row (no drafts follow) may run on static buffers, or a CUDA graph.
     static_plain = decoder is not None and decoder.static
 
-    def begin(batch: EncodedBatch) -> tuple[StartedBatch, list[Reply]]:
-        begun = started.get(id(batch)) or start_batch(loaded, batch, context)
+    def begin(item: tuple[int, EncodedBatch]) -> tuple[StartedBatch, list[Reply]]:
+        lane_index, batch = item
+        lane = lanes[lane_index]
+        if select is not None:
+            select(lane_index)
+        begun = lane.started.get(id(batch)) or start_batch(loaded, batch, lane.context)
         first = begun.first
         fed = int(first.attention_mask[:, -first.input_ids.shape[1] :].sum())
         stats.count_pass(fed, fed * depth * begun.share)
-        if first_logits is not None:
+        if lane.first_logits is not None:
             # The prompt's last logits are the first-token distribution KL needs: one pass.
-            first_logits.append(begun.first_logits)
+            lane.first_logits.append(begun.first_logits)
         begun_replies = [
-            Reply(index, int(first.position_ids[row, -first.draft_width - 1]) + 1)
+            Reply(index, int(first.position_ids[row, -first.draft_width - 1]) + 1, lane_index)
             for row, index in enumerate(batch.indices)
         ]
-        # The rows a run this batch opens may grow to, run without drafts (for the policy too).
+        # The rows a run this batch opens may grow to, run without drafts (for the policy too);
+        # trials sharing it hold each a batch they would have held alone (a budget each).
         refills = context.refill_bytes > 0 and not static_plain
         limit = (
             row_limit(
@@ -156,15 +155,15 @@ def _generate_batch(
                 len(begun_replies),
                 first.attention_mask.shape[1],
                 max_new_tokens,
-                context.refill_bytes,
+                context.refill_bytes * len(lanes),
             )
             if refills and joinable(begun.cache, first.attention_mask)
             else 0
         )
-        groups.append(_Group(begun, begun_replies, limit))
+        groups.append(_Group(lane_index, begun, begun_replies, limit))
         return begun, begun_replies
 
-    opening, replies = begin(batch)
+    opening, replies = begin(item)
     if max_new_tokens <= 0:
         return groups
     replies = list(replies)
@@ -189,12 +188,16 @@ def _generate_batch(
 
     def finish(reply: Reply, refused: bool) -> None:
         reply.done, reply.refused = True, refused
+        verdicts = lanes[reply.lane].verdicts
         if verdicts is not None:
             verdicts.decide(refused)
 
     while True:
-        while refilling and following and len(active) + len(following[0].indices) <= limit:
-            queued = started.get(id(following[0]))
+        while refilling and _drop_stopped(following, lanes):
+            if len(active) + len(following[0][1].indices) > limit:
+                break
+            index, batch = following[0]
+            queued = lanes[index].started.get(id(batch))
             if (queued is not None and queued.drafting) or not joinable(cache, attention_mask):
                 refilling = False
                 break
@@ -223,9 +226,9 @@ def _generate_batch(
             first_rejected = attention_mask.shape[1] - width + 1 + kept
             attention_mask[slot, first_rejected:] = 0
             reply.position += kept
-        if verdicts is not None and verdicts.stop():
-            verdicts.stopped = True
-            break
+        for reply in replies:  # a lane at its limit stops: its replies stay as they are
+            if not reply.done and lanes[reply.lane].stopped():
+                reply.done = True
         keep = [slot for slot, row in enumerate(active) if not replies[row].done]
         if not keep:
             break
@@ -256,8 +259,8 @@ def _generate_batch(
             if reply.done or context.drafts is None or not drafting:
                 drafts.append([])
                 continue
-            limit = max_new_tokens - len(reply.tokens) - 1
-            drafts.append(context.drafts.draft(reply.index, reply.tokens, limit))
+            room = max_new_tokens - len(reply.tokens) - 1
+            drafts.append(context.drafts.draft(reply.index, reply.tokens, room))
         draft_width = max(len(draft) for draft in drafts)
         inputs = torch.full((len(active), 1 + draft_width), pad, dtype=torch.long)
         new_mask = torch.zeros_like(inputs)
@@ -271,6 +274,8 @@ def _generate_batch(
             reply.position += 1
         device = first.input_ids.device
         attention_mask = torch.cat([attention_mask, new_mask.to(attention_mask.device)], dim=1)
+        if select is not None:
+            select([replies[row].lane for row in active])
         pass_started, pass_cells = time.perf_counter(), inputs.numel()
         outputs = model(
             input_ids=inputs.to(device),
@@ -292,36 +297,13 @@ def _generate_batch(
     return groups
 
 
-def _observe(
-    policy: DraftPolicy,
-    groups: Sequence[_Group],
-    max_new_tokens: int,
-    context: Context,
-    n_layers: int,
-) -> None:
-    """Price a finished generation both ways for `policy`, batch by batch (each way's first pass
-    from its own recording, if any); without drafts its batches would be refilled, so they share
-    some passes (`refill.refilled_passes`)."""
-    needs = []
-    for group in groups:
-        finished = [
-            FinishedReply(reply.index, reply.tokens, reply.stopped) for reply in group.replies
-        ]
-        recorded = group.begun.recorded
-        plain = recorded.with_drafts_cut(0)
-        policy.observe_batch(
-            finished,
-            recorded.input_ids.shape[1] - recorded.draft_width,
-            context.share_for(recorded, n_layers),
-            max_new_tokens,
-            context.drafts,
-            recorded.drafts,
-            plain.cells,
-            context.share_for(plain, n_layers),
-        )
-        needs.append(([len(reply.tokens) + reply.stopped for reply in finished], group.limit))
-    alone = sum(max(need) for need, _ in needs if need)
-    policy.share_passes(alone - refilled_passes(needs))
+def _drop_stopped(queue: deque[tuple[int, EncodedBatch]] | None, lanes: Sequence[Lane]) -> bool:
+    """Drop the batches of lanes that stopped from `queue`; whether any batch is left."""
+    if queue and any(lane.stopped() for lane in lanes):
+        kept = [item for item in queue if not lanes[item[0]].stopped()]
+        queue.clear()
+        queue.extend(kept)
+    return bool(queue)
 
 
 def generate(
@@ -341,39 +323,53 @@ def generate(
     `verdicts`, generation stops once its limit of refusals is reached (the replies not yet
     finished are then cut short, and `verdicts.stopped` says so). `started` holds batches
     (by id) whose first pass has run already under the same edit."""
-    context = context or Context(prefix=prefix)
+    lane = Lane(context or Context(prefix=prefix), verdicts, started or {}, first_logits)
+    return generate_together(loaded, [lane], batches, max_new_tokens, markers, stats)[0]
+
+
+def generate_together(
+    loaded: LoadedModel,
+    lanes: Sequence[Lane],
+    batches: Sequence[EncodedBatch],
+    max_new_tokens: int,
+    markers: tuple[str, ...] | None = None,
+    stats: GenerationStats | None = None,
+    select: Select | None = None,
+) -> list[list[str]]:
+    """Every lane's replies to the same batches (see `generate`), each in the callers' order.
+    With several lanes, `select` gives each pass's rows their lane's edit, and the lanes'
+    batches take turns, so a batch's decode steps take in the other lanes' rows as soon as
+    the refill budget allows; the lanes must not draft or decode on static buffers."""
+    if len(lanes) > 1:
+        if select is None:
+            raise ValueError("lanes sharing a generation need `select`")
+        if not all(lane.shares_steps for lane in lanes):
+            raise ValueError("lanes sharing a generation cannot draft or decode statically")
     total = sum(len(batch.indices) for batch in batches)
-    replies = [""] * total
-    queue = deque(batches)
+    replies = [[""] * total for _ in lanes]
+    queue = deque((index, batch) for batch in batches for index in range(len(lanes)))
     groups: list[_Group] = []
     with torch.inference_mode():
-        while queue:
-            if verdicts is not None and verdicts.stop():
-                verdicts.stopped = True
-                break
+        while _drop_stopped(queue, lanes):
             groups += _generate_batch(
-                loaded,
-                queue.popleft(),
-                max_new_tokens,
-                markers,
-                stats,
-                first_logits,
-                context,
-                verdicts,
-                started,
-                following=queue,
+                loaded, lanes, queue.popleft(), max_new_tokens, markers, stats, queue, select
             )
     for group in groups:
         for reply in group.replies:
-            replies[reply.index] = loaded.tokenizer.decode(reply.tokens, skip_special_tokens=True)
-    store = context.drafts
-    if store is not None and max_new_tokens > 0:
-        complete = verdicts is None or not verdicts.stopped
-        if context.policy is not None and complete:
-            _observe(context.policy, groups, max_new_tokens, context, loaded.n_layers)
-        for group in groups:  # after pricing: the drafts were what the store held before
-            for reply in group.replies:
-                store.add(reply.index, reply.tokens)
+            text = loaded.tokenizer.decode(reply.tokens, skip_special_tokens=True)
+            replies[group.lane][reply.index] = text
+    for index, lane in enumerate(lanes):
+        store, policy = lane.context.drafts, lane.context.policy
+        complete = not lane.stopped()
+        if store is not None and max_new_tokens > 0:
+            own = [group for group in groups if group.lane == index]
+            if policy is not None and complete:
+                observe_generation(policy, own, max_new_tokens, lane.context, loaded.n_layers)
+            for group in own:  # after pricing: the drafts were what the store held before
+                for reply in group.replies:
+                    store.add(reply.index, reply.tokens)
+        if policy is not None:
+            policy.finish(lane.context.drafting, complete)
     return replies
 
 
@@ -387,6 +383,9 @@ __all__ = [
     "cache_option",
     "encode_texts",
     "forward_options",
+    "Lane",
+    "Select",
     "generate",
+    "generate_together",
     "position_ids_for",
 ]

@@ -4,7 +4,9 @@ The search space follows the settings (the whole depth, or heretic's ranges); th
 measured startup trials are queued once per study, whichever worker gets there first; then this
 worker takes part in the trial loop (`study.run_search`) until the study has `n_trials` finished
 trials, reporting every trial numbered in its turn (its event, the front, results/pareto.json).
-A trial whose refusals already put it behind the front stops early (`pruning.py`).
+A trial whose refusals already put it behind the front stops early (`pruning.py`), and
+`trials_together` trials are drawn and evaluated at once, sharing their decode steps
+(`together.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from hctl_worker.search_space import SearchSpace, to_ablation_params
 from hctl_worker.settings import WorkerSettings
 from hctl_worker.startup import describe_plan, enqueue_once, plan_startup, superseded
 from hctl_worker.teamwork import Teamwork, forget_reports, mark_reported, reported_numbers
+from hctl_worker.together import score_together
 from hctl_worker.trials import Trial, pareto_front
 from hctl_worker.workbench import Workbench
 
@@ -69,7 +72,7 @@ def run_search(
         with studies.study_storage(study).exclusive():  # once per study, whichever worker
             _queue_first_trials(settings, reporter, study, bench)
 
-    def evaluate(values: dict[str, float | str]) -> studies.Outcome:
+    def evaluate_together(points: list[dict[str, float | str]]) -> list[studies.Outcome]:
         assert bench is not None
         limit, front = None, None
         if settings.prune_trials:  # stop measuring what cannot matter: see `pruning.py`
@@ -79,9 +82,9 @@ def run_search(
                 harmful = len(bench.evaluator.prompts["harmful"].texts)
                 bar = PruningBar.for_prompts(finished, harmful, settings.prune_margin)
                 limit = bar.refusal_limit
-        with bench.ablator.applied(to_ablation_params(values, COMPONENTS)):
-            scores, pruned = bench.score(refusal_limit=limit, front=front)
-        return studies.Outcome(scores=scores, pruned=pruned)
+        trials = [to_ablation_params(values, COMPONENTS) for values in points]
+        scored = score_together(bench, trials, refusal_limit=limit, front=front)
+        return [studies.Outcome(scores=scores, pruned=pruned) for scores, pruned in scored]
 
     ran: list[Trial] = []
     with reporter.stage("search", f"{settings.n_trials} trials") as stage:
@@ -96,13 +99,15 @@ def run_search(
         finished = studies.run_search(
             study,
             space,  # type: ignore[arg-type]  # never sampled once the search has all its trials
-            evaluate,
+            lambda values: evaluate_together([values])[0],
             n_trials=settings.n_trials,
             on_trial=ran.append,
             report=report,
             describe=lambda values: to_ablation_params(values, COMPONENTS).to_dict(),
             team=team,
             skip=superseded,
+            evaluate_together=evaluate_together,
+            at_once=settings.trials_together,
         )
         front = pareto_front(finished)
         write_results(paths, front)

@@ -9,6 +9,7 @@ left-padded prompt. The evaluator checks that on the model before it relies on i
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import TYPE_CHECKING
@@ -91,6 +92,12 @@ class SharedPrefix:
             **cache_option(model, cache),
             **forward_options(model),
         )
+
+    def kept(self) -> SharedPrefix:
+        """A copy that keeps the keys and values as they are now: a later `refresh` gives the
+        original new ones and leaves the copy's (for a trial sharing a generation with others,
+        `generation.Lane`)."""
+        return copy.copy(self)
 
     def supported(self) -> bool:
         """Only full-attention key/value caches can be copied row by row like this."""

@@ -5,6 +5,7 @@ What every trial reuses of them is `reuse.py`'s.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -13,7 +14,14 @@ from hctl_worker.draft_policy import DraftPolicy
 from hctl_worker.drafts import DraftStore
 from hctl_worker.encoding import encode_texts
 from hctl_worker.first_pass import StartedBatch, first_token_logits, start_batch
-from hctl_worker.generation import GenerationStats, Verdicts, generate
+from hctl_worker.generation import (
+    GenerationStats,
+    Lane,
+    Select,
+    Verdicts,
+    generate,
+    generate_together,
+)
 from hctl_worker.reuse import Reuse
 
 
@@ -100,9 +108,31 @@ class PromptSet:
             verdicts=verdicts,
             started=started,
         )
-        if policy is not None:
-            policy.finish(context.drafting, complete=verdicts is None or not verdicts.stopped)
         return replies
+
+    def lane(self, verdicts: Verdicts | None = None) -> Lane:
+        """This set's part in a generation shared with other trials (`replies_together`), for the
+        trial the model runs now: the context of its passes (with the shared prefix as it is
+        refreshed now, kept) and its verdicts."""
+        context = self.reuse.context(self.drafts, self._policy())
+        if context.prefix is not None:
+            context = dataclasses.replace(context, prefix=context.prefix.kept())
+        return Lane(context, verdicts)
+
+    def replies_together(
+        self,
+        lanes: Sequence[Lane],
+        max_new_tokens: int,
+        select: Select,
+        markers: tuple[str, ...] | None = None,
+        stats: GenerationStats | None = None,
+    ) -> list[list[str]]:
+        """Each lane's greedy replies (see `replies`), the lanes sharing every decode step;
+        `select` gives a pass's rows their lane's edit."""
+        self.forget_started()
+        return generate_together(
+            self.reuse.loaded, lanes, self.batches, max_new_tokens, markers, stats, select
+        )
 
     def draft_tokens(self) -> dict[int, list[int]]:
         """The most frequent reply seen so far to each prompt (for the first passes' drafts)."""

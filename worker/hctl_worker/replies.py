@@ -18,8 +18,9 @@ MARKER_WINDOW_TOKENS = 32
 class Reply:
     """One row's reply as it grows, and whether (and how) it is finished."""
 
-    def __init__(self, index: int, position: int) -> None:
+    def __init__(self, index: int, position: int, lane: int = 0) -> None:
         self.index = index  # the prompt's index in the caller's list
+        self.lane = lane  # the trial it answers for, of those sharing a generation
         self.tokens: list[int] = []
         self.position = position  # position id of the next token to feed
         self.done = False

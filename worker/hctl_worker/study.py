@@ -19,6 +19,9 @@ interleave, and know of each other only through the study (`teamwork.py`), so th
 
 - a trial starts only while finished + running trials are fewer than `n_trials`, so the
   finished ones stop at exactly `n_trials`, whatever the races;
+- a worker may ask several trials in one turn (`at_once`, never more than the free slots) and
+  evaluate them together; they are sampled one after the other with the constant liar in place,
+  so the second point is drawn knowing the first is running;
 - a finished trial gets its number (1, 2, 3... in the order trials finished, unique across
   workers) and is reported (its events) in the same turn, then marked reported in the study; a
   worker that died between the two has its trial reported by the next turn's holder;
@@ -230,6 +233,8 @@ def run_search(
     team: Teamwork | None = None,
     skip: Callable[[optuna.Study, optuna.Trial], bool] | None = None,
     clock: Callable[[], float] = time.monotonic,
+    evaluate_together: Callable[[list[dict[str, float | str]]], list[Outcome]] | None = None,
+    at_once: int = 1,
 ) -> list[Trial]:
     """Take part in the search until `n_trials` have finished (counting those from earlier runs
     and from other workers); returns every finished trial.
@@ -242,9 +247,18 @@ def run_search(
     trials. A trial that raises is marked failed, then the error goes up: an interrupted trial is
     never counted. A pruned outcome is told to Optuna as PRUNED (TPE counts it among the poor
     trials) and counts as finished.
+
+    With `evaluate_together` and `at_once` > 1, each turn asks up to `at_once` trials (never more
+    than the free slots) and evaluates them in one call, which returns one outcome per point, in
+    order; a turn that gets a single trial evaluates it with `evaluate`. The points are sampled
+    one after the other with the constant liar in place (`constant_liar=True`), so the second is
+    drawn knowing the first is running. A trial's seconds are its outcome's, else an even share
+    of the call's wall time. The trials are numbered in the order they were asked; if the call
+    raises, or returns the wrong number of outcomes, all of them are marked failed.
     """
     team = team or Teamwork()
     storage = study_storage(study)
+    want = max(1, at_once) if evaluate_together is not None else 1
     while True:
         with storage.exclusive():
             finished = _report_missing(study, report)
@@ -253,28 +267,55 @@ def run_search(
             for running in _running(study):
                 if team.stale(running):
                     _requeue(study, running)
-            free = len(finished) + len(_running(study)) < n_trials
-            trial = study.ask() if free else None
-            if trial is not None and skip is not None and skip(study, trial):
-                study.tell(trial, state=TrialState.FAIL)
-                continue
-            if trial is not None:
-                team.claim(study, trial._trial_id)
-        if trial is None:
+            free = n_trials - len(finished) - len(_running(study))
+            trials = _ask(study, team, skip, min(want, free))
+        if not trials:
             team.sleep(team.wait_s)  # every slot is taken: one may come free if its worker died
             continue
         started = clock()
         try:
-            with team.beating(study, trial._trial_id):
-                values = space.sample(trial)
-                outcome = evaluate(values)
+            with contextlib.ExitStack() as beats:
+                for trial in trials:
+                    beats.enter_context(team.beating(study, trial._trial_id))
+                points = [space.sample(trial) for trial in trials]
+                if len(trials) == 1 or evaluate_together is None:
+                    outcomes = [evaluate(point) for point in points]
+                else:
+                    outcomes = list(evaluate_together(points))
+                    if len(outcomes) != len(points):
+                        raise ValueError(
+                            f"evaluate_together returned {len(outcomes)} outcomes "
+                            f"for {len(points)} points"
+                        )
         except BaseException:
-            with contextlib.suppress(Exception):
-                study.tell(trial, state=TrialState.FAIL)
+            for trial in trials:
+                with contextlib.suppress(Exception):
+                    study.tell(trial, state=TrialState.FAIL)
             raise
-        result = _finish(study, trial, values, outcome, team, report, describe, clock() - started)
-        if result is not None and on_trial is not None:
-            on_trial(result)
+        seconds = (clock() - started) / len(trials)
+        for trial, values, outcome in zip(trials, points, outcomes, strict=True):
+            result = _finish(study, trial, values, outcome, team, report, describe, seconds)
+            if result is not None and on_trial is not None:
+                on_trial(result)
+
+
+def _ask(
+    study: optuna.Study,
+    team: Teamwork,
+    skip: Callable[[optuna.Study, optuna.Trial], bool] | None,
+    slots: int,
+) -> list[optuna.Trial]:
+    """Ask and claim up to `slots` trials; a drawn trial `skip` says yes to is marked failed
+    and another drawn in its place. Called holding the lock."""
+    trials: list[optuna.Trial] = []
+    while len(trials) < slots:
+        trial = study.ask()
+        if skip is not None and skip(study, trial):
+            study.tell(trial, state=TrialState.FAIL)
+            continue
+        team.claim(study, trial._trial_id)
+        trials.append(trial)
+    return trials
 
 
 def _finish(

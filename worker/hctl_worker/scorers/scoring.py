@@ -27,6 +27,15 @@ from hctl_worker.trials import Direction, Score, Trial, behind_front
 
 
 @dataclass(frozen=True)
+class Begun:
+    """A trial's scoring half done (`Scoring.begin`): the values so far, and whether the reply
+    scorers are skipped (a broken model)."""
+
+    values: dict[str, float | None]
+    skip: bool
+
+
+@dataclass(frozen=True)
 class ActiveScorer:
     scorer: Scorer
     direction: Direction
@@ -90,6 +99,15 @@ class Scoring:
         only when `can_prune`). With `front` (the current Pareto front), the guards are not
         measured for a trial that front already beats on every objective: whether it is
         acceptable cannot change the front, now or later (`trials.behind_front`)."""
+        return self.finish(context, self.begin(context, refusal_limit), front)
+
+    def begin(
+        self,
+        context: ScoringContext,
+        refusal_limit: Callable[[float], int | None] | None = None,
+    ) -> Begun:
+        """The first half of `score`: the scores that need no replies, and from the damage the
+        refusal limit (set on the context) and whether the reply scorers are skipped."""
         values: dict[str, float | None] = {}
         cheap = [entry for entry in self.active if not entry.scorer.reads & REPLIES]
         for entry in cheap:
@@ -102,19 +120,43 @@ class Scoring:
         )
         if refusal_limit is not None and damage is not None and self.can_prune and not skip:
             context.limit_refusals(refusal_limit(damage))
+        return Begun(values, skip)
+
+    def reads_next(self, begun: Begun) -> frozenset[Reading]:
+        """What `finish` reads whatever the replies say: the replies the scorers other than the
+        guards read (nothing when they are skipped)."""
+        if begun.skip:
+            return frozenset()
+        rest = [
+            entry
+            for entry in self.active
+            if entry.scorer.name not in begun.values and entry.scorer.name not in self.limits
+        ]
+        return frozenset().union(*(entry.scorer.reads for entry in rest))
+
+    def finish(
+        self, context: ScoringContext, begun: Begun, front: Sequence[Trial] | None = None
+    ) -> dict[str, Score]:
+        """The second half of `score`: the reply scorers, then the guards."""
+        values, skip = dict(begun.values), begun.skip
+        stopped = False  # a scorer met the harmful replies stopped at the limit
         guards = [entry for entry in self.active if entry.scorer.name in self.limits]
         for entry in [entry for entry in self.active if entry not in guards] + guards:
-            if entry.scorer.name in values:
+            name = entry.scorer.name
+            if name in values:
                 continue
-            if skip or context.pruned:
-                values[entry.scorer.name] = None
+            if skip or stopped:
+                values[name] = None
                 continue
             if entry in guards and front is not None and self._behind(front, values, context):
-                values[entry.scorer.name] = None
+                values[name] = None
                 continue
-            value = entry.scorer.score(context)
+            # Replies made before (for trials evaluated together) may have stopped already.
+            reads_harmful = "harmful_replies" in entry.scorer.reads
+            value = None if context.pruned and reads_harmful else entry.scorer.score(context)
             # The replies stopped at the limit: the count that stopped them is what is known.
-            values[entry.scorer.name] = context.refusals_so_far if context.pruned else value
+            stopped = context.pruned and reads_harmful
+            values[name] = context.refusals_so_far if stopped else value
         return {
             entry.scorer.name: self._record(entry, values[entry.scorer.name], context)
             for entry in self.active
