@@ -24,6 +24,9 @@ fixture's test prompts (86 harmful for refusals, 62 harmless for KL) and train p
 directions; the classifier is the committed tiny one unless `--classifier` names another (e.g.
 NousResearch/Minos-v1), multi-token KL follows 16 tokens. No timing is asserted anywhere; this
 prints a table and writes JSON.
+
+Trials are scored here one at a time; the worker's search scores `trials_together` of them at
+once, sharing their decode steps: `bench_together.py` times that against the same trials alone.
 """
 
 from __future__ import annotations

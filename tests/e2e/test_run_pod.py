@@ -215,7 +215,8 @@ def test_a_stopped_pod_is_started_again_by_resume_and_the_search_goes_on(
     pod_rig: PodRig,
 ) -> None:
     toolkit = default_toolkit(load_settings())
-    record, _ = start(5, toolkit)
+    # Trials 1-4 are evaluated together (`trials_together`), so trial 2 shows while 5-8 run.
+    record, _ = start(9, toolkit)
 
     def pod_stops() -> None:
         # RunPod stops the pod (a spot preemption, a stop from the console): its processes die,
@@ -236,7 +237,7 @@ def test_a_stopped_pod_is_started_again_by_resume_and_the_search_goes_on(
     assert f"pod {record.pod_id} still exists" in result.output
     assert f"started pod {record.pod_id}" in result.output
     numbers = [e.number for e in JobStore().events(record.job_id) if isinstance(e, TrialEvent)]
-    assert sorted(numbers) == [1, 2, 3, 4, 5], numbers
+    assert sorted(numbers) == list(range(1, 10)), numbers
     assert JobStore().load(record.job_id).status == "finished"
     assert pod_rig.pod_statuses() == {record.pod_id: "EXITED"}  # the same pod, stopped again
 
@@ -246,7 +247,8 @@ def test_the_budget_cap_stops_after_the_current_trial_and_keeps_the_results(
 ) -> None:
     later = {"hours": 0.0}
     toolkit = default_toolkit(load_settings(), clock=lambda: time.time() + later["hours"] * 3600)
-    record, _ = start(8, toolkit, max_cost=0.5)
+    # Trials run four at a time (`trials_together`): trial 2 shows while 5-8 run, and 9-12 wait.
+    record, _ = start(12, toolkit, max_cost=0.5)
 
     def an_hour_passes() -> None:
         later["hours"] += 2.0  # at $0.31/h the $0.50 cap is now spent
@@ -257,7 +259,7 @@ def test_the_budget_cap_stops_after_the_current_trial_and_keeps_the_results(
     )
     assert outcome == "budget" and record.status == "budget"
     assert any(line.startswith("budget reached") for line in view.lines)
-    assert progress.trials_done < 8
+    assert progress.trials_done < 12
     assert record.chosen_trial is not None and record.saved_model_dir is not None
     assert pod_rig.pod_statuses() == {record.pod_id: "EXITED"}
 
