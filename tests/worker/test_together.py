@@ -10,6 +10,7 @@ import torch
 
 from hctl_worker.ablation import AblationParams, Ablator, ComponentKernel
 from hctl_worker.directions import last_token_residuals, refusal_directions
+from hctl_worker.edit_hooks import Lanes, LinearEdit, RowsNotShared, lanes_hook
 from hctl_worker.encoding import encode_texts
 from hctl_worker.generation import GenerationStats
 from hctl_worker.markers import DEFAULT_REFUSAL_MARKERS
@@ -212,3 +213,31 @@ def test_every_family_replies_together_as_alone(architecture: str) -> None:
     finally:
         ablator.restore()
     assert together == alone
+
+
+def test_a_model_whose_rows_cannot_carry_different_edits_runs_its_trials_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A projection whose output does not keep the batch's rows first cannot tell the lanes'
+    rows apart: the hook says so, and the trials are scored alone, then and from then on."""
+    edit = LinearEdit(direction=torch.ones(3), scaled=torch.ones(3))
+    lanes = Lanes(2)
+    lanes.select([0, 1])
+    hook = lanes_hook([edit, None], lanes)
+    with pytest.raises(RowsNotShared):
+        hook(torch.nn.Identity(), (torch.zeros(3, 3),), torch.zeros(3, 3))
+
+    bench = _bench("tiny-refuser", 8)
+    trials = [_edit(0.5, 2.0, None), _edit(1.0, 2.0, None)]
+    alone = _values([score_together(bench, [params])[0] for params in trials])
+
+    def unshared(*args, **kwargs):
+        raise RowsNotShared("rows flattened")
+
+    monkeypatch.setattr(bench.evaluator, "replies_together", unshared)
+    assert _values(score_together(bench, trials)) == alone
+    assert bench.ablator.shares_rows is False
+    calls = []
+    monkeypatch.setattr(bench.ablator, "apply_together", lambda *args: calls.append(args))
+    assert _values(score_together(bench, trials)) == alone
+    assert not calls  # no second try

@@ -147,6 +147,7 @@ class Ablator:
         # together, the lanes the selection gives the passes.
         self.active: list[AblationParams] = []
         self._together: tuple[list[AblationParams], Lanes] | None = None
+        self.shares_rows = True  # whether a pass's rows can carry different trials' edits
 
     @property
     def n_layers(self) -> int:

@@ -78,6 +78,11 @@ def fused_hook(direction: torch.Tensor, weight: float):
     return hook
 
 
+class RowsNotShared(RuntimeError):
+    """A projection's output does not keep the batch's rows first: its rows cannot be given
+    their lanes' edits, so the trials run one by one."""
+
+
 class Lanes:
     """Which applied trial (lane) each row of the next passes belongs to.
 
@@ -108,7 +113,7 @@ class Lanes:
         return self._devices[device]
 
 
-def _stacked(edits: Sequence[LinearEdit | None], field: str, like: torch.Tensor, fill: float):
+def _stacked(edits: Sequence[LinearEdit | None], field: str, fill: float):
     """One field of every lane's edit as rows of one tensor ([lanes, ...]); a lane that does not
     edit the projection (None) gets `fill`, which leaves the output as it is."""
     present = [getattr(edit, field) if edit is not None else None for edit in edits]
@@ -123,14 +128,13 @@ def _stacked(edits: Sequence[LinearEdit | None], field: str, like: torch.Tensor,
 def lanes_hook(edits: Sequence[LinearEdit | None], lanes: Lanes):
     """A forward hook applying each lane's edit of one projection (None: the lane leaves it as
     it is) to that lane's rows; with one lane for the pass, exactly that lane's edit."""
-    like = next(edit.direction for edit in edits if edit is not None)
     # A lane without an edit: a zero direction (no correction), scale 1 and no shift.
-    directions = _stacked(edits, "direction", like, 0.0)
-    scaled = _stacked(edits, "scaled", like, 0.0)
-    bias_along = _stacked(edits, "bias_along", like, 0.0)
-    input_rows = _stacked(edits, "input_row", like, 0.0)
-    output_scales = _stacked(edits, "output_scale", like, 1.0)
-    bias_shifts = _stacked(edits, "bias_shift", like, 0.0)
+    directions = _stacked(edits, "direction", 0.0)
+    scaled = _stacked(edits, "scaled", 0.0)
+    bias_along = _stacked(edits, "bias_along", 0.0)
+    input_rows = _stacked(edits, "input_row", 0.0)
+    output_scales = _stacked(edits, "output_scale", 1.0)
+    bias_shifts = _stacked(edits, "bias_shift", 0.0)
 
     def per_row(table: torch.Tensor, lane: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         # [rows, features] → [rows, 1, ..., features], broadcasting over the positions.
@@ -142,7 +146,7 @@ def lanes_hook(edits: Sequence[LinearEdit | None], lanes: Lanes):
             return output if edit is None else edit.apply(inputs, output)
         lane = lanes.on(output.device)
         if output.dim() < 2 or output.shape[0] != lane.shape[0]:
-            raise RuntimeError(
+            raise RowsNotShared(
                 f"{type(module).__name__} gave an output of shape {tuple(output.shape)} for "
                 f"{lane.shape[0]} rows: trials cannot share its passes"
             )
@@ -165,4 +169,4 @@ def lanes_hook(edits: Sequence[LinearEdit | None], lanes: Lanes):
     return hook
 
 
-__all__ = ["Lanes", "LinearEdit", "fused_hook", "lanes_hook", "linear_hook"]
+__all__ = ["Lanes", "LinearEdit", "RowsNotShared", "fused_hook", "lanes_hook", "linear_hook"]

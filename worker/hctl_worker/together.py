@@ -11,7 +11,9 @@ trial whose refusals reach its limit stops alone. The rest of its scoring (the g
 each trial as `Workbench.score` does. The scores are those of each trial evaluated alone, up to
 the rounding of batched matrix products.
 
-A joint batch that runs out of memory is given up, and each trial's replies are made alone.
+A joint batch that runs out of memory is given up, and each trial's replies are made alone; so
+are they when a projection's output does not keep a batch's rows first (`RowsNotShared`), and
+for that model from then on.
 Trials are evaluated alone when they cannot share: an edit that is not a hook on a projection
 (fused experts edited in place), replies that draft or decode on static buffers, or fewer than
 two trials that generate harmful replies at all.
@@ -22,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from hctl_worker.ablation import AblationParams
+from hctl_worker.edit_hooks import RowsNotShared
 from hctl_worker.errors import OutOfMemoryError
 from hctl_worker.model_errors import free_memory
 from hctl_worker.trials import Score, Trial
@@ -39,7 +42,7 @@ def score_together(
     """Each trial's scores and whether it was pruned (see `Workbench.score`), the trials sharing
     their harmful replies' decode steps where they can."""
     ablator = bench.ablator
-    if len(trials) < 2 or not ablator.can_apply_together(trials):
+    if len(trials) < 2 or not ablator.shares_rows or not ablator.can_apply_together(trials):
         return [_alone(bench, params, refusal_limit, front) for params in trials]
     evaluator, scoring = bench.evaluator, bench.scoring
     ablator.apply_together(trials)
@@ -60,6 +63,8 @@ def score_together(
                 )
             except OutOfMemoryError:  # the joint batch did not fit: each trial's alone, below
                 free_memory()
+            except RowsNotShared:  # a model whose rows cannot be told apart: never again
+                ablator.shares_rows = False
             else:
                 for (index, lane), replies in zip(lanes, made, strict=True):
                     contexts[index].keep_replies("harmful", replies, lane.verdicts)
