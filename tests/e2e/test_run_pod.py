@@ -215,7 +215,8 @@ def test_a_stopped_pod_is_started_again_by_resume_and_the_search_goes_on(
     pod_rig: PodRig,
 ) -> None:
     toolkit = default_toolkit(load_settings())
-    # Trials 1-4 are evaluated together (`trials_together`), so trial 2 shows while 5-8 run.
+    # Trials run several at a time (`trials_together`, up to 4 here): trial 2 shows while 5-8
+    # still have to run.
     record, _ = start(9, toolkit)
 
     def pod_stops() -> None:
@@ -247,7 +248,8 @@ def test_the_budget_cap_stops_after_the_current_trial_and_keeps_the_results(
 ) -> None:
     later = {"hours": 0.0}
     toolkit = default_toolkit(load_settings(), clock=lambda: time.time() + later["hours"] * 3600)
-    # Trials run four at a time (`trials_together`): trial 2 shows while 5-8 run, and 9-12 wait.
+    # Trials run several at a time (`trials_together`, up to 4 here): trial 2 shows while
+    # 9-12 still wait.
     record, _ = start(12, toolkit, max_cost=0.5)
 
     def an_hour_passes() -> None:

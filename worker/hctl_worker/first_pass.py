@@ -201,10 +201,14 @@ class Context:
     # What the keys and values of a batch that takes in the next ones' rows may hold at most
     # (`refill.py`); 0: batches are not refilled.
     refill_bytes: int = 0
+    # Never draft: the decode steps carry several trials' rows instead (`generation.Lane`).
+    no_drafts: bool = False
 
     @property
     def drafting(self) -> bool:
-        return self.drafts is not None and (self.policy is None or self.policy.drafting)
+        if self.drafts is None or self.no_drafts:
+            return False
+        return self.policy is None or self.policy.drafting
 
     def start_for(self, first: FirstPass) -> int:
         """Where `first` starts computing: `start` when it was recorded, else layer 0."""

@@ -113,11 +113,11 @@ class PromptSet:
     def lane(self, verdicts: Verdicts | None = None) -> Lane:
         """This set's part in a generation shared with other trials (`replies_together`), for the
         trial the model runs now: the context of its passes (with the shared prefix as it is
-        refreshed now, kept) and its verdicts."""
+        refreshed now, kept) and its verdicts. It does not draft: sharing the decode steps cuts
+        the passes instead, exactly (a drafted token costs its compute when it is rejected)."""
         context = self.reuse.context(self.drafts, self._policy())
-        if context.prefix is not None:
-            context = dataclasses.replace(context, prefix=context.prefix.kept())
-        return Lane(context, verdicts)
+        prefix = context.prefix.kept() if context.prefix is not None else None
+        return Lane(dataclasses.replace(context, prefix=prefix, no_drafts=True), verdicts)
 
     def replies_together(
         self,

@@ -103,7 +103,7 @@ class WorkerSettings(BaseSettings):
     replay_memory: float = Field(default=0.25, ge=0)  # of the model's size; 0 = no replay
     draft_replies: bool = True
     decode_graphs: Literal["auto", "off"] = "off"  # "auto": not yet run on a GPU
-    trials_together: int = Field(default=4, ge=1, le=16)  # trials sharing decode steps
+    trials_together: int = Field(default=2, ge=1, le=16)  # trials sharing decode steps
 
     # Scorers: what a trial is judged by.
     scorers: list[ScorerChoice] = Field(

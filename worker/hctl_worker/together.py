@@ -15,8 +15,9 @@ A joint batch that runs out of memory is given up, and each trial's replies are 
 are they when a projection's output does not keep a batch's rows first (`RowsNotShared`), and
 for that model from then on.
 Trials are evaluated alone when they cannot share: an edit that is not a hook on a projection
-(fused experts edited in place), replies that draft or decode on static buffers, or fewer than
-two trials that generate harmful replies at all.
+(fused experts edited in place), replies that decode on static buffers, or fewer than two
+trials that generate harmful replies at all. Replies shared so do not draft (`draft_replies`):
+the shared steps cut the passes instead.
 """
 
 from __future__ import annotations
