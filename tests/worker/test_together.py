@@ -245,3 +245,21 @@ def test_a_model_whose_rows_cannot_carry_different_edits_runs_its_trials_alone(
     monkeypatch.setattr(bench.ablator, "apply_together", lambda *args: calls.append(args))
     assert _values(score_together(bench, trials)) == alone
     assert not calls  # no second try
+
+
+def test_trials_that_skip_their_replies_leave_the_others_their_own_edits() -> None:
+    """A trial whose KL is over `kl_skip_threshold` generates no replies, so the shared
+    generation has fewer lanes than trials applied: each lane must still run its own trial's
+    edit (the skipped trials first in the group, so lane and trial numbers differ)."""
+    bench = _bench("tiny-refuser", 16, kl_skip_threshold=0.01)
+    n_layers = bench.ablator.n_layers
+
+    def everywhere(peak: float, index: float | None = None) -> AblationParams:
+        kernel = ComponentKernel(peak, n_layers / 2, peak, n_layers)
+        return AblationParams(index, {"attention": kernel, "mlp": kernel})
+
+    skipped = [everywhere(2.0), everywhere(2.0, n_layers - 1.0)]  # KL 0.028, 0.027: over 0.01
+    answered = [everywhere(0.5), everywhere(1.0, n_layers - 1.0)]  # 16/16 and 0/16 refusals
+    alone = _values([score_together(bench, [params])[0] for params in skipped + answered])
+    assert [values["KeywordRate"] for values, _ in alone] == [None, None, 16, 0]
+    assert _values(score_together(bench, skipped + answered)) == alone

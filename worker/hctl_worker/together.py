@@ -58,10 +58,15 @@ def score_together(
             if "harmful_replies" in scoring.reads_next(opened):
                 lanes.append((index, evaluator.lane("harmful", context.harmful_verdicts())))
         if len(lanes) > 1 and all(lane.shares_steps for _, lane in lanes):
-            try:
-                made = evaluator.replies_together(
-                    "harmful", [lane for _, lane in lanes], ablator.select
+            order = [index for index, _ in lanes]  # the generation's lanes are these trials
+
+            def select(chosen: int | Sequence[int]) -> None:
+                ablator.select(
+                    order[chosen] if isinstance(chosen, int) else [order[c] for c in chosen]
                 )
+
+            try:
+                made = evaluator.replies_together("harmful", [lane for _, lane in lanes], select)
             except OutOfMemoryError:  # the joint batch did not fit: each trial's alone, below
                 free_memory()
             except RowsNotShared:  # a model whose rows cannot be told apart: never again
