@@ -79,20 +79,19 @@ def _shared(spans: dict[int, tuple[datetime, datetime]]) -> list[float]:
     """Each trial's seconds, in trial order, where trials may have run at once (hctl's
     `trials_together`): trials whose start-to-end spans overlap form one stretch of time,
     shared evenly among them; a trial run alone keeps its own span."""
-    seconds: dict[int, float] = {}
-    group: list[int] = []
-    begun = end = None
+    stretches: list[tuple[list[int], datetime, datetime]] = []
     for trial in sorted(spans, key=lambda trial: spans[trial][0]):
         start, finish = spans[trial]
-        if group and start >= end:
-            seconds.update({member: (end - begun).total_seconds() / len(group) for member in group})
-            group = []
-        if not group:
-            begun, end = start, finish
-        group.append(trial)
-        end = max(end, finish)
-    if group:
-        seconds.update({member: (end - begun).total_seconds() / len(group) for member in group})
+        if stretches and start < stretches[-1][2]:
+            members, begun, end = stretches[-1]
+            stretches[-1] = ([*members, trial], begun, max(end, finish))
+        else:
+            stretches.append(([trial], start, finish))
+    seconds = {
+        trial: (end - begun).total_seconds() / len(members)
+        for members, begun, end in stretches
+        for trial in members
+    }
     return [seconds[trial] for trial in sorted(seconds)]
 
 

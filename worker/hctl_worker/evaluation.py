@@ -346,9 +346,6 @@ class TrialEvaluation:
         if verdicts is not None and verdicts.stopped:
             self.pruned, self.refusals_so_far = True, verdicts.refusals
 
-    def has_replies(self, prompt_set: PromptSetName) -> bool:
-        return prompt_set in self._replies
-
     def harmful_replies(self) -> list[str]:
         if "harmful" not in self._replies:
             verdicts = self.harmful_verdicts()

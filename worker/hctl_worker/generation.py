@@ -226,8 +226,9 @@ def _generate_batch(
             first_rejected = attention_mask.shape[1] - width + 1 + kept
             attention_mask[slot, first_rejected:] = 0
             reply.position += kept
+        stopped = {index for index, lane in enumerate(lanes) if lane.stopped()}
         for reply in replies:  # a lane at its limit stops: its replies stay as they are
-            if not reply.done and lanes[reply.lane].stopped():
+            if reply.lane in stopped:
                 reply.done = True
         keep = [slot for slot, row in enumerate(active) if not replies[row].done]
         if not keep:
