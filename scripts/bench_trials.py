@@ -76,7 +76,8 @@ def make_scoring(combination: str, loaded, arguments) -> Scoring:
 
 def make_evaluator(kind, loaded, ablator, scoring, prompts, arguments) -> Evaluator:
     """`reuse`: the worker's evaluator; `plain`: no shared prefix, replay, drafts or pruning;
-    `no-drafts`: the worker's without draft replies; `no-refill`: without refilled batches."""
+    `no-drafts`: the worker's without draft replies; `no-refill`: without refilled batches;
+    `no-screen`: the output head computes every logit in decode steps."""
     plain = kind == "plain"
     good, bad = prompts
     return Evaluator.for_scoring(
@@ -95,6 +96,7 @@ def make_evaluator(kind, loaded, ablator, scoring, prompts, arguments) -> Evalua
             replay_memory=arguments.replay_memory,
             drafts=not (kind == "no-drafts" or arguments.no_drafts),
             refill=not (kind == "no-refill" or arguments.no_refill),
+            screen_head=kind != "no-screen",
         ),
     )
 

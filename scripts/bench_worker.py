@@ -2,7 +2,8 @@
 
 A trial here is what the search does per Optuna trial: apply an ablation (varied parameters),
 score it with a set of scorers, restore. Every scorer combination (`--scorers`) and evaluation
-kind (`--compare-plain`, `--compare-no-drafts`, `--compare-no-refill`) scores the same
+kind (`--compare-plain`, `--compare-no-drafts`, `--compare-no-refill`,
+`--compare-no-screen`) scores the same
 sequence of ablations, so their seconds per trial compare directly:
 
     markers+kl         KeywordRate, KLDivergence (the objectives before the harmless guard)
@@ -159,6 +160,8 @@ def bench(arguments: argparse.Namespace) -> dict:
         kinds.append("no-drafts")
     if arguments.compare_no_refill:
         kinds.append("no-refill")
+    if arguments.compare_no_screen:
+        kinds.append("no-screen")
     variants = [f"{combination} {kind}" for combination in arguments.scorers for kind in kinds]
     scorings = {
         combination: make_scoring(combination, loaded, arguments)
@@ -383,6 +386,11 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         help="also time reuse without refilling batches as their replies finish",
     )
     parser.add_argument("--no-refill", action="store_true", help="reuse without refilling batches")
+    parser.add_argument(
+        "--compare-no-screen",
+        action="store_true",
+        help="also time reuse with every logit of the output head computed in decode steps",
+    )
     parser.add_argument("--prune-margin", type=float, default=0.05, help="negative: no pruning")
     parser.add_argument(
         "--scorers", nargs="+", default=["default"], choices=list(COMBINATIONS),

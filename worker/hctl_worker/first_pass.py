@@ -34,6 +34,7 @@ from hctl_worker.replay import Recording, replaying
 from hctl_worker.static_decode import StaticDecoder
 
 if TYPE_CHECKING:
+    from hctl_worker.head_screen import ArgmaxHead
     from hctl_worker.model import LoadedModel
 
 
@@ -187,8 +188,8 @@ class FirstPass:
 class Context:
     """What a generation may reuse: the shared prefix (already refreshed for the model as it is),
     the layers below `start` replayed from each first pass's recording, drafts (when `policy`
-    says they pay; `cost` times the passes for it), how passes without drafts run, and whether
-    batches are refilled."""
+    says they pay; `cost` times the passes for it), how passes without drafts run, whether
+    batches are refilled, and the output head's screen for decode steps."""
 
     prefix: SharedPrefix | None = None
     layers: Sequence[torch.nn.Module] = ()
@@ -203,6 +204,8 @@ class Context:
     refill_bytes: int = 0
     # Never draft: the decode steps carry several trials' rows instead (`generation.Lane`).
     no_drafts: bool = False
+    # How decode steps find their greedy tokens without every float32 logit (`head_screen.py`).
+    head: ArgmaxHead | None = None
 
     @property
     def drafting(self) -> bool:

@@ -15,7 +15,9 @@ These make a trial cheaper without changing its replies:
 - a batch whose first pass already ran (the KL pass over the harmless prompts, kept) continues
   from it (`started`);
 - as a batch's rows finish, the next batch's rows join it (`refill.py`), so the decode steps,
-  each of which reads every weight, are shared by more rows.
+  each of which reads every weight, are shared by more rows;
+- a decode step's output head computes in float32 only the tokens that can be the greedy one
+  (`head_screen.py`, where that measured faster).
 
 `Verdicts` counts the refusals decided so far, so a caller can stop a trial that can no longer
 matter (`pruning.py`).
@@ -47,6 +49,7 @@ from hctl_worker.first_pass import (
     pad_id,
     start_batch,
 )
+from hctl_worker.head_screen import choosing
 from hctl_worker.prefix import SharedPrefix
 from hctl_worker.refill import join_rows, joinable, row_limit
 from hctl_worker.replies import Reply, accept
@@ -278,14 +281,15 @@ def _generate_batch(
         if select is not None:
             select([replies[row].lane for row in active])
         pass_started, pass_cells = time.perf_counter(), inputs.numel()
-        outputs = model(
-            input_ids=inputs.to(device),
-            attention_mask=attention_mask,
-            position_ids=positions.to(device),
-            use_cache=True,
-            **cache_option(model, cache),
-            **forward_options(model, 1 + draft_width),
-        )
+        with choosing(context.head):  # only the greedy tokens are read of these logits
+            outputs = model(
+                input_ids=inputs.to(device),
+                attention_mask=attention_mask,
+                position_ids=positions.to(device),
+                use_cache=True,
+                **cache_option(model, cache),
+                **forward_options(model, 1 + draft_width),
+            )
         cache = returned_cache(outputs, cache)
         choices = outputs.logits[:, -(1 + draft_width) :, :].argmax(dim=-1).tolist()
         if context.cost is not None:

@@ -13,11 +13,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from hctl_worker.architecture import find_layers, model_hidden_size
+from hctl_worker.cpu_linear import install as install_cpu_linear
 from hctl_worker.errors import ModelLoadError, NoChatTemplateError, OutOfMemoryError, WorkerError
 from hctl_worker.model_errors import free_memory, translate_error
 from hctl_worker.model_folder import check_model_file, check_model_folder
@@ -36,6 +37,10 @@ _DTYPES_BY_NAME: dict[str, torch.dtype] = {
     "float": torch.float32,
     "float64": torch.float64,
 }
+
+
+# How float32 linear layers compute on a CPU: "auto" measures oneDNN against torch's default.
+CpuLinear = Literal["auto", "torch"]
 
 
 @dataclass
@@ -157,11 +162,14 @@ def load_model(
     on_message: Callable[[str], None] | None = None,
     require_chat_template: bool = True,
     threads: int | None = None,
+    cpu_linear: CpuLinear = "auto",
 ) -> LoadedModel:
     """Load `source` (local folder or hub id), trying each dtype until one passes a smoke test.
 
     The smoke test greedily generates one token; it catches dtypes that load but compute inf/nan
     (float16 overflow), which otherwise only shows up later as a crash inside the search.
+    `cpu_linear="auto"` computes float32 linear layers on the CPU with oneDNN where it measures
+    faster than torch's default (`cpu_linear.py`); "torch" keeps torch's.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -238,6 +246,8 @@ def load_model(
             free_memory()
             continue
         threads = configure_threads(loaded, threads)
+        if cpu_linear == "auto" and (line := install_cpu_linear(model)):
+            say(line)
         say(
             f"loaded {source} as {loaded.dtype} ({loaded.n_layers} layers"
             + (f", {threads} CPU threads)" if threads else ")")

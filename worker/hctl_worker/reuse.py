@@ -40,6 +40,7 @@ from hctl_worker.first_pass import (
     pad_id,
     start_cache,
 )
+from hctl_worker.head_screen import ArgmaxHead
 from hctl_worker.model_errors import is_out_of_memory
 from hctl_worker.packing import attention_weight, attention_window
 from hctl_worker.prefix import SharedPrefix
@@ -68,7 +69,8 @@ class ReuseOptions:
     size; 0 records nothing). `drafts`: verify earlier replies as drafts. `decode_graphs`: how
     passes of one token per row run (`static_decode.py`). `pack`: pack the first passes' prompts
     where that saves padding and the check agrees. `refill`: a batch whose replies finish takes
-    in the next batch's rows (`refill.py`).
+    in the next batch's rows (`refill.py`). `screen_head`: decode steps find their greedy tokens
+    through the output head's screen where that measures faster (`head_screen.py`).
     """
 
     share_prefix: bool = True
@@ -77,11 +79,19 @@ class ReuseOptions:
     decode_graphs: DecodeMode = "off"
     pack: bool = True
     refill: bool = True
+    screen_head: bool = True
 
     @classmethod
     def plain(cls) -> ReuseOptions:
         """No shortcut at all: what the shortcuts are compared with."""
-        return cls(share_prefix=False, replay_memory=0, drafts=False, pack=False, refill=False)
+        return cls(
+            share_prefix=False,
+            replay_memory=0,
+            drafts=False,
+            pack=False,
+            refill=False,
+            screen_head=False,
+        )
 
 
 class Reuse:
@@ -118,6 +128,8 @@ class Reuse:
         self._prefix_start: int | None = None
         self.plan = DepthPlan(0, ())
         self.first_passes: dict[int, FirstPass] = {}
+        self.screen_head = options.screen_head
+        self.head: ArgmaxHead | None = None
         # Packed prompts need a plain key/value cache to put back in the padded layout.
         self.pack = options.pack and plain_cache
         # Joining a batch's rows to a running one needs a plain key/value cache too.
@@ -190,6 +202,7 @@ class Reuse:
             cost=self.pass_cost if drafts is not None else None,
             decoder=self.decoder,
             refill_bytes=self.refill_budget(),
+            head=self.head,
         )
 
     def prepare(self, sets: Sequence[PromptSet]) -> None:
@@ -207,6 +220,10 @@ class Reuse:
             if is_out_of_memory(error):
                 raise
             self._forget_recordings()
+        if self.screen_head and batches:  # measured on the first batch's first tokens
+            self.head = ArgmaxHead.probed(
+                self.loaded.model, lambda: first_token_logits(self.loaded, batches[0])
+            )
 
     def _build_first_passes(self, sets: Sequence[PromptSet], pack: bool) -> None:
         pad = pad_id(self.loaded)
@@ -347,7 +364,8 @@ class Reuse:
             replay = "no layer replay"
         drafts = "draft replies" if self.use_drafts else "no draft replies"
         packed = "packed prompts" if self.packed else "padded prompts"
-        return f"reuse: {prefix}; {replay}; {packed}; {drafts}; {self.decoder.describe()}"
+        head = "; output head screened in bfloat16" if self.head is not None else ""
+        return f"reuse: {prefix}; {replay}; {packed}; {drafts}; {self.decoder.describe()}{head}"
 
     def keep_budget(self) -> int:
         """Bytes a trial may keep of its prompt passes for its replies (the replay budget; none

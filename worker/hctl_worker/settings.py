@@ -104,6 +104,7 @@ class WorkerSettings(BaseSettings):
     draft_replies: bool = True
     decode_graphs: Literal["auto", "off"] = "off"  # "auto": not yet run on a GPU
     trials_together: int = Field(default=2, ge=1, le=16)  # trials sharing decode steps
+    cpu_linear: Literal["auto", "torch"] = "auto"  # float32 linear layers on a CPU: oneDNN?
 
     # Scorers: what a trial is judged by.
     scorers: list[ScorerChoice] = Field(

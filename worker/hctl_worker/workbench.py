@@ -307,6 +307,7 @@ def load(settings: WorkerSettings, reporter: Reporter) -> LoadedModel:
     with reporter.stage("loading", settings.model) as stage:
         loaded = load_model(
             settings.model,
+            cpu_linear=settings.cpu_linear,
             dtypes=settings.dtypes,
             device_map=settings.device_map,
             max_memory=settings.max_memory,
