@@ -26,7 +26,7 @@ from hctl.services.request import RunRequest, parse_assignments
 from hctl.services.toolkit import default_toolkit
 from hctl.services.view import LiveView
 from hctl.settings import load_settings
-from hctl_worker.events import StartEvent, TrialEvent
+from hctl_worker.events import DoneEvent, StartEvent, TrialEvent
 from tests.e2e.conftest import FAST, TINY, PodRig
 
 
@@ -91,14 +91,16 @@ def test_a_run_through_the_pty_only_proxy_works_the_same(
 class HookedView(LiveView):
     """The live view, plus actions run right after chosen trials are shown (a test's hands)."""
 
-    def __init__(self, hooks: dict[int, Callable[[], None]]) -> None:
+    def __init__(self, hooks: dict[int | str, Callable[[], None]]) -> None:
         super().__init__(Console(file=io.StringIO(), width=200), job_id="test", machine="pod")
-        self.hooks = hooks
+        self.hooks = hooks  # by trial number, or "done" for the search's end
 
     def event(self, event: object, progress, money) -> None:  # noqa: ANN001
         super().event(event, progress, money)
         if isinstance(event, TrialEvent) and event.number in self.hooks:
             self.hooks.pop(event.number)()
+        if isinstance(event, DoneEvent) and "done" in self.hooks:
+            self.hooks.pop("done")()
 
 
 def start(trials: int, toolkit, **request) -> tuple:  # noqa: ANN001, ANN003
@@ -209,6 +211,37 @@ def test_a_terminated_pod_is_resumed_on_a_new_pod_without_redoing_trials(
     assert sorted(numbers) == [1, 2, 3, 4, 5, 6], numbers  # none redone, none missing
     starts = [event for event in events if isinstance(event, StartEvent)]
     assert len(starts) == 2 and starts[1].resumed_trials >= 3
+
+
+def test_a_pod_terminated_after_the_search_before_the_save_is_finished_by_resume(
+    pod_rig: PodRig,
+) -> None:
+    """The pod goes away once the search has ended but before the chosen model is saved: the
+    job is interrupted (not failed, no traceback), and `hctl resume` finishes it on a new pod
+    without running any trial again."""
+    toolkit = default_toolkit(load_settings())
+    record, _ = start(3, toolkit)
+    old_pod = record.pod_id
+
+    def pod_dies() -> None:
+        toolkit.provider().terminate(old_pod)
+        shutil.rmtree(record.remote_job_dir)
+        pod_rig.sshd.drop_connections()
+
+    view = HookedView({"done": pod_dies})
+    outcome, record, _ = runs.complete(
+        record, toolkit, view, worker=record.worker_command, token=None
+    )
+    assert outcome == "interrupted" and record.status == "interrupted", view.lines
+    assert any(f"hctl resume {record.job_id}" in line for line in view.lines)
+    assert record.saved_model_dir is None
+    result = CliRunner().invoke(app, ["resume", record.job_id, "--yes"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    resumed = JobStore().load(record.job_id)
+    assert resumed.status == "finished" and resumed.pod_id != old_pod
+    assert resumed.saved_model_dir is not None
+    numbers = [e.number for e in JobStore().events(record.job_id) if isinstance(e, TrialEvent)]
+    assert sorted(numbers) == [1, 2, 3], numbers  # none redone
 
 
 def test_a_stopped_pod_is_started_again_by_resume_and_the_search_goes_on(

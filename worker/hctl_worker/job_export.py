@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hctl_worker.ablation import Ablator
 from hctl_worker.checkup import capability_check
@@ -20,10 +21,21 @@ from hctl_worker.job_directory import (
     finished_trials,
     stored_settings,
 )
+from hctl_worker.job_prompts import load_prompt_sets
 from hctl_worker.pipeline import JobOutcome
 from hctl_worker.provenance import measurement_notes
 from hctl_worker.reporter import Listener, Reporter, guarded
-from hctl_worker.workbench import load
+from hctl_worker.workbench import directions_for, load
+
+if TYPE_CHECKING:
+    import torch
+
+    from hctl_worker.model import LoadedModel
+    from hctl_worker.settings import WorkerSettings
+
+# The batch for directions measured at export (the search's own size is not kept): the
+# batch changes only the rounding of the activations.
+EXPORT_DIRECTIONS_BATCH = 8
 
 
 def export_job(
@@ -69,8 +81,8 @@ def _export(
     if save_directory or settings.save_directory:
         assert settings.model is not None  # a stored job's settings name its model
         check_save_directory(save_directory or settings.save_directory, settings.model, paths.root)
-    directions = load_cached_directions(paths)
     loaded = load(settings, reporter)
+    directions = _directions(settings, paths, reporter, loaded)
     ablator = Ablator(loaded, directions, row_normalization=settings.row_normalization)
     check = None
     if settings.evaluate_after_export:
@@ -104,6 +116,25 @@ def _export(
         model_dir=exported.directory,
         uploaded_repo=exported.repo,
     )
+
+
+def _directions(
+    settings: WorkerSettings, paths: JobPaths, reporter: Reporter, loaded: LoadedModel
+) -> torch.Tensor:
+    """The job's directions: from its cache, else measured again from its prompts, as its
+    search did (a search that ended on a pod that went away leaves none on the next pod)."""
+    if paths.directions.exists():
+        return load_cached_directions(paths)
+    prompts = load_prompt_sets(
+        settings, paths.root, lambda note: reporter.log(note, level="warning")
+    )
+    batch_size = settings.batch_size or EXPORT_DIRECTIONS_BATCH
+    with reporter.stage("directions", "measured again for the export") as stage:
+        measured = directions_for(
+            paths, loaded, prompts, settings, batch_size, on_progress=stage.progress
+        )
+        stage.result = "measured again: this job directory had none"
+    return measured.directions
 
 
 __all__ = ["export_job"]

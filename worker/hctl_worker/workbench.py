@@ -120,13 +120,7 @@ def prepare(
 
     with reporter.stage("directions") as stage:
         measured = directions_for(
-            paths,
-            loaded,
-            loaded.template(prompts.good, system_prompt),
-            loaded.template(prompts.bad, system_prompt),
-            settings,
-            batch_size,
-            on_progress=stage.progress,
+            paths, loaded, prompts, settings, batch_size, on_progress=stage.progress
         )
         profile = refusal_profile(measured)
         stage.result = (
@@ -307,13 +301,13 @@ def load(settings: WorkerSettings, reporter: Reporter) -> LoadedModel:
     with reporter.stage("loading", settings.model) as stage:
         loaded = load_model(
             settings.model,
-            cpu_linear=settings.cpu_linear,
             dtypes=settings.dtypes,
             device_map=settings.device_map,
             max_memory=settings.max_memory,
             trust_remote_code=settings.trust_remote_code,
             revision=settings.model_commit,
             on_message=reporter.log,
+            cpu_linear=settings.cpu_linear,
         )
         stage.result = f"{loaded.n_layers} layers, {str(loaded.dtype).removeprefix('torch.')}"
     return loaded
@@ -332,13 +326,16 @@ class Measurements:
 def directions_for(
     paths: JobPaths,
     loaded: LoadedModel,
-    good_texts: Sequence[str],
-    bad_texts: Sequence[str],
+    prompts: PromptSets,
     settings: WorkerSettings,
     batch_size: int,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> Measurements:
-    """Refusal directions, per-layer separation and writes, from the job's cache when it matches."""
+    """Refusal directions, per-layer separation and writes, from the job's cache when it matches
+    (measured on the job's direction prompts, in its chat template)."""
+    system_prompt = settings.system_prompt or None  # "" means no system turn
+    good_texts = loaded.template(prompts.good, system_prompt)
+    bad_texts = loaded.template(prompts.bad, system_prompt)
     key = _directions_key(loaded.source, good_texts, bad_texts, settings.orthogonalize_direction)
     with directions_lock(paths):  # workers starting together: one computes, the others read
         cached = read_cached_directions(paths, key)

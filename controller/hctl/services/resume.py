@@ -50,8 +50,12 @@ def resume_job(
     total = n_trials if n_trials is not None else record.n_trials
     if total < 1:
         raise JobError("--trials must be at least 1.", "Give the total number of trials.")
+    # A search that ended on a pod that went away before the model was saved is finished on a
+    # new pod: the worker there finds every trial done and goes on to the export.
     finished = record.status == "finished" or (
-        progress.done is not None and progress.trials_done >= record.n_trials
+        record.status != "interrupted"
+        and progress.done is not None
+        and progress.trials_done >= record.n_trials
     )
     if finished and total <= progress.trials_done:
         raise JobError(

@@ -163,16 +163,7 @@ def follow_job(
     except KeyboardInterrupt:
         return FollowResult("detached", progress, record)
     except (PodNotFoundError, PodNotReadyError) as error:
-        view.note(
-            error.message
-            if isinstance(error, DatabaseLostError)
-            else f"the job's pod is gone or stopped ({error.message}); its journal and events "
-            f"are safe on this computer: `hctl resume {record.job_id}` continues on a new pod"
-        )
-        record = store.save(
-            record.model_copy(update={"status": "interrupted", "message": error.message})
-        )
-        return FollowResult("interrupted", progress, record)
+        return FollowResult("interrupted", progress, _interrupted(record, error, toolkit, view))
     finally:
         follower.close()
     outcome: Outcome = "finished" if progress.done is not None else "failed"
@@ -181,6 +172,21 @@ def follow_job(
             record.model_copy(update={"status": "failed", "message": progress.error.message})
         )
     return FollowResult(outcome, progress, record)
+
+
+def _interrupted(
+    record: JobRecord, error: PodNotFoundError | PodNotReadyError, toolkit: Toolkit, view: LiveView
+) -> JobRecord:
+    """The job's pod went away (terminated, stopped): the record says so, the user what next."""
+    view.note(
+        error.message
+        if isinstance(error, DatabaseLostError)
+        else f"the job's pod is gone or stopped ({error.message}); its journal and events "
+        f"are safe on this computer: `hctl resume {record.job_id}` continues on a new pod"
+    )
+    return toolkit.store.save(
+        record.model_copy(update={"status": "interrupted", "message": error.message})
+    )
 
 
 def _reported_again(event: object, progress: JobProgress) -> bool:
@@ -258,6 +264,10 @@ def complete(
                 record, progress, toolkit, view.note, worker=worker, token=token, chooser=chooser
             )
             sync_job(record, toolkit)  # the export's own events, so the copy stays complete
+    except (PodNotFoundError, PodNotReadyError) as error:
+        # The pod went away between the search's end and the saved model: nothing was saved,
+        # and `hctl resume` finishes the job on a new pod from the trials kept here.
+        return "interrupted", _interrupted(record, error, toolkit, view), progress
     except HctlError as error:
         # The search is kept; `hctl attach` finishes the job again.
         failed = {"status": "failed", "message": error.message}
