@@ -107,6 +107,19 @@ def test_flat_logits_run_the_plain_head() -> None:
     assert torch.equal(chosen, screen.plain(hidden))
 
 
+def test_a_head_edited_after_the_screen_was_made_runs_plain() -> None:
+    """The screen's bfloat16 copy is of the weights as they were: after an edit in place (or a
+    new weight), every step runs the plain head, on the new weights."""
+    head = _head(4096, 32, 8)
+    screen = _screen(head)
+    hidden = torch.randn(3, 32, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        head.weight[:, 0] += 5.0
+    with torch.inference_mode():
+        assert torch.equal(screen.choose(hidden), screen.plain(hidden))
+    assert screen.plain_rows == 3 and screen.screened_rows == 0
+
+
 def test_heads_the_screen_does_not_take() -> None:
     assert ArgmaxHead.build(HeadOnly(torch.nn.Linear(16, 4096, bias=True))) is None
     assert ArgmaxHead.build(HeadOnly(_head(4096, 16, 0, dtype=torch.bfloat16))) is None

@@ -39,19 +39,24 @@ def _onednn_kernel() -> Callable | None:
         return None
 
 
+_KERNEL = _onednn_kernel()
+
+
 def onednn_linear(
     input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """`functional.linear` through oneDNN where it applies (see MIN_ROWS), else torch's own."""
     if (
-        input.shape[:-1].numel() < MIN_ROWS
+        _KERNEL is None
+        or input.shape[:-1].numel() < MIN_ROWS
         or input.dtype != torch.float32
         or weight.dtype != torch.float32
         or not weight.is_contiguous()
+        or weight.device.type != "cpu"
         or (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad))
     ):
         return functional.linear(input, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(input, weight, bias, "none", [], "")
+    return _KERNEL(input, weight, bias, "none", [], "")
 
 
 def linear_of(module: torch.nn.Module) -> Linear:

@@ -3,8 +3,10 @@
 A decode step needs each row's greedy token, not its logits, and a small model's output head is
 a large part of the step: on SmolLM2-135M (49,152 tokens) a fifth of a step's matrix products.
 `ArgmaxHead` computes every logit in bfloat16, which a CPU with bfloat16 dot-product
-instructions does about four times faster than float32, bounds each one's error, and computes in
-float32 only the few tokens whose bound reaches the leader's. What the model gets back: the plain
+instructions does about twice as fast as float32 through oneDNN (`cpu_linear.py`) and four times
+as fast as through MKL, bounds each one's error, and computes in float32 only the few tokens whose
+bound reaches the leader's. (SmolLM2's head at 64 rows: 13.2 ms screened, 20.0 through oneDNN,
+46.0 through MKL.) What the model gets back: the plain
 head's float32 logit at those tokens and the lowest float elsewhere, so the greedy choice (and
 any order-keeping transform a model applies after its head, such as logit soft-capping) is the
 plain head's.
@@ -65,6 +67,8 @@ class ArgmaxHead:
         self._logits = torch.empty(0, vocabulary)
         self.screened_rows = 0
         self.plain_rows = 0
+        # The weight the copy was made of, as it was: an edit in place makes the copy stale.
+        self._made_of = (weight.data_ptr(), weight._version)
 
     @classmethod
     def build(cls, model: torch.nn.Module) -> ArgmaxHead | None:
@@ -125,6 +129,10 @@ class ArgmaxHead:
         shape = hidden.shape
         rows = hidden.reshape(-1, shape[-1])
         count = rows.shape[0]
+        weight = self.head.weight
+        if (weight.data_ptr(), weight._version) != self._made_of:  # edited since: no screen
+            self.plain_rows += count
+            return self.plain(hidden)
         approximate = self._buffer("_approximate", count)
         torch.mm(rows.to(torch.bfloat16), self._weight.t(), out=approximate)
         approximate[:, self.vocabulary :].fill_(-torch.inf)  # the padding rows never lead
