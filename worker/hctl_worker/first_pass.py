@@ -206,12 +206,22 @@ class Context:
     no_drafts: bool = False
     # How decode steps find their greedy tokens without every float32 logit (`head_screen.py`).
     head: ArgmaxHead | None = None
+    # The most (row, column) logit vectors one pass may compute (0: no limit): a pass checking
+    # drafts computes logits at every drafted column, so longer drafts are cut to fit (the rest
+    # is checked in the next passes).
+    most_logits: int = 0
 
     @property
     def drafting(self) -> bool:
         if self.drafts is None or self.no_drafts:
             return False
         return self.policy is None or self.policy.drafting
+
+    def draft_room(self, rows: int) -> int | None:
+        """The most draft tokens each of `rows` rows may carry in one pass (None: no limit)."""
+        if self.most_logits <= 0:
+            return None
+        return max(0, self.most_logits // max(rows, 1) - 1)
 
     def start_for(self, first: FirstPass) -> int:
         """Where `first` starts computing: `start` when it was recorded, else layer 0."""
@@ -247,7 +257,8 @@ def start_batch(loaded: LoadedModel, batch: EncodedBatch, context: Context) -> S
     """Run a batch's first pass (prompts, and drafts when the context drafts) into a new cache."""
     drafting = context.drafting
     recorded = context.first_pass(batch, pad_id(loaded))
-    first = recorded if drafting else recorded.with_drafts_cut(0)
+    room = context.draft_room(len(batch.indices)) if drafting else 0
+    first = recorded if room is None else recorded.with_drafts_cut(room)
     share = context.share_for(first, loaded.n_layers)
     started = time.perf_counter()
     outputs, cache = _first_pass_outputs(loaded, first, context)

@@ -258,12 +258,14 @@ def _generate_batch(
                 active = [active[slot] for slot in keep]
         # The next pass: each live row's newest token, then its draft (if any).
         drafts = []
+        most = context.draft_room(len(active))
         for row in active:
             reply = replies[row]
             if reply.done or context.drafts is None or not drafting:
                 drafts.append([])
                 continue
             room = max_new_tokens - len(reply.tokens) - 1
+            room = room if most is None else min(room, most)
             drafts.append(context.drafts.draft(reply.index, reply.tokens, room))
         draft_width = max(len(draft) for draft in drafts)
         inputs = torch.full((len(active), 1 + draft_width), pad, dtype=torch.long)

@@ -138,6 +138,7 @@ class Reuse:
         self.pass_cost = PassCost()  # what a forward pass costs here, for the draft policies
         # The budgets are read for every pass of every trial; the model's size never changes.
         self._model_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+        self._logit_bytes = _logit_bytes(loaded.model)
 
     def _plain_cache(self) -> bool:
         model = self.loaded.model
@@ -203,6 +204,7 @@ class Reuse:
             decoder=self.decoder,
             refill_bytes=self.refill_budget(),
             head=self.head,
+            most_logits=self.memory_budget() // self._logit_bytes,
         )
 
     def prepare(self, sets: Sequence[PromptSet]) -> None:
@@ -394,6 +396,15 @@ class Reuse:
         if self.prefix is not None:
             recordings.append(self.prefix.recording)
         return sum(recording.nbytes() for recording in recordings if recording is not None)
+
+
+def _logit_bytes(model: torch.nn.Module) -> int:
+    """The bytes of one position's logits, taken as float32 (some models upcast them)."""
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    vocabulary = weight.shape[0] if torch.is_tensor(weight) else None
+    vocabulary = vocabulary or getattr(getattr(model, "config", None), "vocab_size", None) or 1
+    return 4 * int(vocabulary)
 
 
 __all__ = ["DEFAULT_REPLAY_MEMORY", "Reuse", "ReuseOptions"]
