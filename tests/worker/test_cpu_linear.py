@@ -68,10 +68,39 @@ def test_install_says_what_it_measured_and_routes_only_when_faster() -> None:
     loaded = random_loaded("llama")
     line = install(loaded.model)
     assert line is not None and line.startswith("CPU linear layers: ")
-    routed = all(
-        linear_of(layer) is cpu_linear.onednn_linear for layer in cpu_float32_linears(loaded.model)
+    layers = cpu_float32_linears(loaded.model)
+    routed = [layer for layer in layers if linear_of(layer) is cpu_linear.onednn_linear]
+    assert bool(routed) == line.startswith("CPU linear layers: oneDNN")
+    for layer in layers:  # every shape is named in the line, with its measurements
+        assert "x".join(map(str, layer.weight.shape)) + ": " in line
+
+
+def test_each_shape_takes_onednn_only_where_it_pays(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As measured on a Zen 4 machine: only the output head's wide product is faster."""
+    loaded = random_loaded("llama")
+    head = loaded.model.get_output_embeddings()
+    measured = {tuple(head.weight.shape): [1.40, 1.15]}  # the rest: [1.04, 1.01]
+    monkeypatch.setattr(
+        cpu_linear,
+        "_speedup",
+        lambda weight, rows: measured.get(tuple(weight.shape), [1.04, 1.01])[
+            cpu_linear.MEASURED_ROWS.index(rows)
+        ],
     )
-    assert routed == line.startswith("CPU linear layers: oneDNN")
+    line = install(loaded.model)
+    layers = cpu_float32_linears(loaded.model)
+    assert line.startswith(f"CPU linear layers: oneDNN for 1 of {len(layers)} (")
+    assert "torch's default for the rest" in line
+    for layer in layers:
+        expected = cpu_linear.onednn_linear if layer is head else functional.linear
+        assert linear_of(layer) is expected
+
+
+def test_onednn_pays_on_average_and_never_slower() -> None:
+    assert cpu_linear.pays([2.19, 2.07])
+    assert cpu_linear.pays([1.40, 1.15])  # the head on Zen 4: 1.27x on average
+    assert not cpu_linear.pays([1.04, 1.05])  # about as fast: nothing to take
+    assert not cpu_linear.pays([2.0, 0.95])  # slower at one of the rows
 
 
 def test_without_onednn_nothing_changes(monkeypatch: pytest.MonkeyPatch) -> None:

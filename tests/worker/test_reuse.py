@@ -110,6 +110,12 @@ def _prompts(fixture: Path, name: str, count: int) -> list[str]:
     return [line for line in lines if line.strip()][:count]
 
 
+def assert_same_scores(expected: Trial, got: Trial) -> None:
+    """The optimised evaluation's refusals are the plain one's, its KL within float rounding."""
+    assert got.refusals == expected.refusals
+    assert got.kl == pytest.approx(expected.kl, rel=1e-4, abs=1e-7)
+
+
 def _random_params(generator: random.Random, n_layers: int) -> AblationParams:
     last = max(n_layers - 1, 1)
 
@@ -208,8 +214,7 @@ def test_reuse_gives_the_plain_evaluations_refusals_and_kl_in_fewer_passes(name:
         with ablator.applied(params):
             starts.append(optimised.reuse.plan.start_for(ablator.unchanged_layers()))
             expected, got = plain.score(), optimised.score()
-        assert got.refusals == expected.refusals
-        assert got.kl == pytest.approx(expected.kl, rel=1e-4, abs=1e-7)
+        assert_same_scores(expected, got)
         passes["plain"] += plain.stats.forward_passes
         passes["optimised"] += optimised.stats.forward_passes
         refusal_counts.add(expected.refusals)
@@ -245,8 +250,7 @@ def test_models_whose_caches_cannot_be_replayed_fall_back_to_the_same_scores(
     kernel = ComponentKernel(1.2, 2.0, 1.2, 0.5)  # layer 2 only
     with ablator.applied(AblationParams(1.5, {"attention": kernel, "mlp": kernel})):
         expected, got = plain.score(), optimised.score()
-    assert got.refusals == expected.refusals
-    assert got.kl == pytest.approx(expected.kl, rel=1e-4, abs=1e-7)
+    assert_same_scores(expected, got)
 
 
 def test_a_pruned_trial_is_one_the_plain_evaluation_ranks_behind_the_front() -> None:
@@ -460,8 +464,7 @@ def test_a_tight_budget_records_the_passes_without_drafts_first(
         with ablator.applied(params):
             starts.append(tight.reuse.plan.start_for(ablator.unchanged_layers()))
             expected, got = plain.score(), tight.score()
-        assert got.refusals == expected.refusals
-        assert got.kl == pytest.approx(expected.kl, rel=1e-4, abs=1e-7)
+        assert_same_scores(expected, got)
     assert any(start > 0 for start in starts)
     assert harmful.policy.drafted == (5 if drafting else 0)
 
@@ -484,6 +487,5 @@ def test_the_shared_prefix_is_computed_once_per_trial() -> None:
     for trial in range(3):
         with ablator.applied(_random_params(generator, loaded.n_layers)):
             expected, got = plain.score(), optimised.score()
-        assert got.refusals == expected.refusals
-        assert got.kl == pytest.approx(expected.kl, rel=1e-4, abs=1e-7)
+        assert_same_scores(expected, got)
         assert len(refreshes) == trial + 1

@@ -1,28 +1,31 @@
 """Float32 linear layers on a CPU through oneDNN, where that measures faster than torch's default.
 
 torch computes a float32 `Linear` on a CPU with MKL's sgemm, and MKL takes its AVX2 path on AMD
-CPUs. On the AMD EPYC (Zen 5) machine this project is built on, one thread, a [64 x 576] by
-[576 x 1536] product ran at 107 GFLOPS through MKL and 224 through oneDNN (the kernel behind
-`torch.ops.mkldnn._linear_pointwise`, which torch.compile uses on CPUs); at 608 rows, 112
-against 246; at one row, 38 against 35. Both compute in float32 and differ only in the order of
-their sums, so they agree to float rounding, as two thread counts do.
+CPUs. On an AMD EPYC Zen 5 machine, one thread, a [64 x 576] by [576 x 1536] product ran at 107
+GFLOPS through MKL and 224 through oneDNN (the kernel behind `torch.ops.mkldnn._linear_pointwise`,
+which torch.compile uses on CPUs); at 608 rows, 112 against 246; at one row, 38 against 35. On a
+Zen 4 machine (AVX-512 on 256-bit units) the same product ran at about the same speed both ways,
+and only the output head's wide product gained (1.4x at 64 rows, 1.15x at 512). Both compute in
+float32 and differ only in the order of their sums, so they agree to float rounding, as two
+thread counts do.
 
-`install(model)` measures the two on the model's largest linear layer (at a decode step's rows
-and a prompt pass's) and, where oneDNN agrees and is at least FASTER times as fast at both, makes
-every float32 `Linear` of the model on the CPU compute through it from then on: the modules keep
-their weights (an edit made in place is seen at the next call) and their hooks. Inputs of fewer
-than MIN_ROWS rows, and inputs that need gradients, still go through torch's own.
+`install(model)` measures the two on one layer of each weight shape (at a decode step's rows and
+a prompt pass's, in turn) and makes the float32 `Linear` layers of the shapes where oneDNN agrees
+and pays (`pays`) compute through it from then on: the modules keep their weights (an edit made
+in place is seen at the next call) and their hooks. Inputs of fewer than MIN_ROWS rows, and
+inputs that need gradients, still go through torch's own.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
 import torch
 from torch.nn import functional
 
-# oneDNN is taken only if it is at least this many times as fast as torch's default.
+# oneDNN is taken for a shape only if it is on average at least this many times as fast.
 FASTER = 1.15
 # Fewer rows than this go through torch's default (oneDNN measured slower at one row).
 MIN_ROWS = 4
@@ -65,30 +68,51 @@ def linear_of(module: torch.nn.Module) -> Linear:
 
 
 def install(model: torch.nn.Module) -> str | None:
-    """Route `model`'s float32 CPU linear layers through oneDNN if it measures faster; a line
-    for the log saying what was measured (None where nothing could be: no such layer, no
-    oneDNN)."""
+    """Route each shape of `model`'s float32 CPU linear layers through oneDNN where it measures
+    faster for that shape (`pays`); a line for the log saying what was measured (None where
+    nothing could be: no such layer, no oneDNN)."""
     layers = cpu_float32_linears(model)
     if not layers or _onednn_kernel() is None:
         return None
-    largest = max(layers, key=lambda module: module.weight.numel())
-    speedups = []
+    shapes: dict[tuple[int, ...], list[torch.nn.Linear]] = {}
+    for module in layers:
+        shapes.setdefault(tuple(module.weight.shape), []).append(module)
+    measured: list[tuple[tuple[int, ...], list[float]]] = []
     try:
-        for rows in MEASURED_ROWS:
-            speedup = _speedup(largest.weight.detach(), rows)
-            if speedup is None:
+        for shape, group in sorted(shapes.items(), key=lambda item: -math.prod(item[0])):
+            speedups = [_speedup(group[0].weight.detach(), rows) for rows in MEASURED_ROWS]
+            if any(speedup is None for speedup in speedups):
                 return "CPU linear layers: torch's default (oneDNN's products disagree)"
-            speedups.append(speedup)
+            measured.append((shape, speedups))
     except RuntimeError as error:  # a kernel this build or CPU does not run
         return f"CPU linear layers: torch's default (oneDNN failed: {error})"
-    measured = " and ".join(
-        f"{speedup:.2f}x at {rows} rows"
-        for speedup, rows in zip(speedups, MEASURED_ROWS, strict=True)
-    )
-    if min(speedups) < FASTER:
-        return f"CPU linear layers: torch's default (oneDNN measured {measured})"
-    route(layers)
-    return f"CPU linear layers: oneDNN ({measured} torch's default)"
+    taken = [shape for shape, speedups in measured if pays(speedups)]
+    for shape in taken:
+        route(shapes[shape])
+    rows = " and ".join(str(count) for count in MEASURED_ROWS)
+
+    def listed(which: list[tuple[tuple[int, ...], list[float]]]) -> str:
+        return "; ".join(
+            "x".join(map(str, shape)) + ": " + ", ".join(f"{value:.2f}x" for value in speedups)
+            for shape, speedups in which
+        )
+
+    routed = [item for item in measured if item[0] in taken]
+    kept = [item for item in measured if item[0] not in taken]
+    if not routed:
+        return f"CPU linear layers: torch's default (oneDNN at {rows} rows: {listed(kept)})"
+    count = sum(len(shapes[shape]) for shape in taken)
+    line = f"CPU linear layers: oneDNN for {count} of {len(layers)} ({listed(routed)}"
+    if kept:
+        line += f"; torch's default for the rest: {listed(kept)}"
+    return line + f"; speed against torch's default at {rows} rows)"
+
+
+def pays(speedups: list[float]) -> bool:
+    """oneDNN is worth taking for a shape: on average (geometric) at least FASTER times as fast
+    as torch's default over the measured rows, and slower at none of them."""
+    mean = math.prod(speedups) ** (1 / len(speedups))
+    return mean >= FASTER and min(speedups) >= 1.0
 
 
 def cpu_float32_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
@@ -128,9 +152,26 @@ def _speedup(weight: torch.Tensor, rows: int) -> float | None:
         scale = float(plain.abs().max()) or 1.0
         if not torch.allclose(fast, plain, rtol=1e-4, atol=1e-5 * scale):
             return None
-        return best_time(lambda: functional.linear(input, weight)) / best_time(
-            lambda: onednn_linear(input, weight)
+        plain_seconds, fast_seconds = paired_best_times(
+            lambda: functional.linear(input, weight), lambda: onednn_linear(input, weight)
         )
+        return plain_seconds / fast_seconds
+
+
+def paired_best_times(
+    first: Callable[[], object], second: Callable[[], object], repeats: int = 5
+) -> tuple[float, float]:
+    """The shortest of `repeats` timed calls of each of `first` and `second`, taken in turn (so a
+    busy moment on a shared machine slows both), after one untimed call of each."""
+    first()
+    second()
+    best = [float("inf"), float("inf")]
+    for _ in range(repeats):
+        for index, run in enumerate((first, second)):
+            started = time.perf_counter()
+            run()
+            best[index] = min(best[index], time.perf_counter() - started)
+    return best[0], best[1]
 
 
 def best_time(run: Callable[[], object], repeats: int = 5) -> float:
@@ -150,5 +191,7 @@ __all__ = [
     "install",
     "linear_of",
     "onednn_linear",
+    "paired_best_times",
+    "pays",
     "route",
 ]
